@@ -1,0 +1,62 @@
+"""The ``reasontune`` command: turns flags and config files into calls of the entry points.
+
+Each subcommand names the module that holds its config dataclass and its entry function;
+modules are imported only when their subcommand runs, so ``reasontune --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from reasontune.config import add_dataclass_arguments, config_from_namespace
+
+# name -> (module, config class, entry function, one-line help)
+COMMANDS: dict[str, tuple[str, str, str, str]] = {
+    "demo": ("reasontune.demo", "DemoConfig", "run_demo",
+             "the embedded default: synthetic arithmetic task, tiny model, SFT, eval before/after, report (CPU, no download)"),
+    "sft": ("reasontune.training.sft", "SFTConfig", "run_sft",
+            "supervised fine-tuning on prompt/response traces, loss on response tokens only"),
+    "eval": ("reasontune.evaluation", "EvalConfig", "run_eval",
+             "generate answers for a dataset, grade them, write records.jsonl and summary.json"),
+    "filter": ("reasontune.data", "FilterConfig", "run_filter",
+               "keep SFT examples whose response earns answer reward 1 against the reference"),
+    "report": ("reasontune.report", "ReportConfig", "run_report",
+               "plots and a summary page for a run directory"),
+}
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """Returns the top-level parser; only ``command``'s module is imported to add its flags."""
+    parser = argparse.ArgumentParser(prog="reasontune", description="Teach language models to reason on math with verified rewards.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, config_name, _, help_text) in COMMANDS.items():
+        sub = subparsers.add_parser(name, help=help_text, description=help_text,
+                                    )
+        if name == command:
+            config_cls = getattr(importlib.import_module(module_name), config_name)
+            add_dataclass_arguments(sub, config_cls)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in COMMANDS:
+        command = None
+    parser = build_parser(command)
+    namespace = parser.parse_args(argv)
+    if namespace.command is None:
+        parser.print_help()
+        return 2
+    module_name, config_name, function_name, _ = COMMANDS[namespace.command]
+    module = importlib.import_module(module_name)
+    config = config_from_namespace(argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k != "command"}),
+                                   getattr(module, config_name))
+    result = getattr(module, function_name)(config)
+    return int(result) if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

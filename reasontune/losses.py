@@ -1,0 +1,305 @@
+"""Masked reductions, SFT and policy-gradient losses, and the microbatch train steps.
+
+Gradient-accumulation scaling and loss aggregation live here and nowhere else: the trainers
+(SFT, expert iteration, GRPO) call the microbatch steps and never re-derive them.
+Pure functions of their arguments (the train steps also call ``backward``).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Literal, Sequence
+
+import torch
+
+PolicyGradientLossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip"]
+SFTNormalization = Literal["constant", "token_mean"]
+GRPOAggregation = Literal["sequence_mean", "sequence_sum_constant", "token_mean"]
+
+
+def masked_normalize(
+    tensor: torch.Tensor,
+    mask: torch.Tensor,
+    normalize_constant: float,
+    dim: int | None = None,
+) -> torch.Tensor:
+    """Returns the sum of ``tensor`` where ``mask`` is true, over ``dim`` (all if None), / ``normalize_constant``.
+
+    Args:
+        tensor: (...) float.
+        mask: same shape, bool or 0/1. Masked-out entries are ignored even if they are inf/nan.
+        normalize_constant: the divisor.
+        dim: dimension to sum over; None sums every element (a 0-d result).
+    """
+    selected = torch.where(mask.bool(), tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+    total = selected.sum() if dim is None else selected.sum(dim=dim)
+    return total / normalize_constant
+
+
+def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Returns the mean of ``tensor`` over the entries where ``mask`` is true, over ``dim`` (all if None).
+
+    A slice with no true entry gives nan (0 / 0), as an empty mean should.
+
+    Args:
+        tensor: (...) float.
+        mask: same shape, bool or 0/1.
+        dim: dimension to average over; None averages over every masked element.
+    """
+    mask = mask.bool()
+    selected = torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device))
+    if dim is None:
+        return selected.sum() / mask.sum()
+    return selected.sum(dim=dim) / mask.sum(dim=dim)
+
+
+def sft_microbatch_train_step(
+    policy_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    gradient_accumulation_steps: int,
+    normalize_constant: float = 1.0,
+    normalization: SFTNormalization = "constant",
+    tokens_in_step: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Returns ``(loss, metadata)`` of one SFT microbatch after calling ``loss.backward()``.
+
+    With ``normalization="constant"`` (the default, the design's semantics)::
+
+        loss = masked_normalize(-policy_log_probs, response_mask, normalize_constant, dim=-1).mean()
+               / gradient_accumulation_steps
+
+    With ``normalization="token_mean"`` the loss is the mean NLL over the response tokens of the
+    whole optimizer step: the masked sum of this microbatch divided by ``tokens_in_step`` (the
+    response-token count of all microbatches of the step). Without ``tokens_in_step`` it falls
+    back to this microbatch's own count times ``gradient_accumulation_steps``, which weights
+    microbatches equally rather than tokens.
+
+    Args:
+        policy_log_probs: (batch, seq) float, per-token log-probabilities of the labels.
+        response_mask: (batch, seq) bool, True on response tokens.
+        gradient_accumulation_steps: microbatches per optimizer step.
+        normalize_constant: divisor of the per-sequence sum (constant normalisation only).
+        normalization: "constant" or "token_mean".
+        tokens_in_step: response tokens in the whole optimizer step (token_mean only).
+
+    Returns:
+        loss: 0-d tensor, the value that was back-propagated.
+        metadata: ``masked_nll_sum`` (0-d, detached: summed NLL of this microbatch's response
+            tokens), ``num_response_tokens`` (0-d int64) and ``mean_token_nll`` (0-d, detached).
+    """
+    if policy_log_probs.shape != response_mask.shape:
+        raise ValueError(f"policy_log_probs {tuple(policy_log_probs.shape)} and response_mask "
+                         f"{tuple(response_mask.shape)} must have the same shape")
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    if normalization == "constant":
+        per_sequence = masked_normalize(-policy_log_probs, response_mask, normalize_constant, dim=-1)
+        loss = per_sequence.mean() / gradient_accumulation_steps
+    elif normalization == "token_mean":
+        denominator = tokens_in_step if tokens_in_step is not None else (
+            int(response_mask.sum()) * gradient_accumulation_steps)
+        if denominator <= 0:
+            raise ValueError("token_mean normalisation needs at least one response token in the step")
+        loss = masked_normalize(-policy_log_probs, response_mask, float(denominator))
+    else:
+        raise ValueError(f"unknown SFT normalization {normalization!r}; expected 'constant' or 'token_mean'")
+    loss.backward()
+    num_tokens = response_mask.sum()
+    nll_sum = masked_normalize(-policy_log_probs.detach(), response_mask, 1.0)
+    return loss.detach(), {
+        "masked_nll_sum": nll_sum,
+        "num_response_tokens": num_tokens,
+        "mean_token_nll": nll_sum / num_tokens.clamp(min=1),
+    }
+
+
+def compute_group_normalized_rewards(
+    reward_fn: Callable[[str, str], dict[str, float]],
+    rollout_responses: Sequence[str],
+    repeated_ground_truths: Sequence[str],
+    group_size: int,
+    advantage_eps: float,
+    normalize_by_std: bool,
+) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
+    """Returns ``(advantages, raw_rewards, metadata)`` with rewards normalised within each group.
+
+    ``advantages = (r - group mean) / (group std + advantage_eps)`` with the unbiased std, or
+    ``r - group mean`` when ``normalize_by_std`` is False.
+
+    Args:
+        reward_fn: (response, ground_truth) -> dict with "reward" (and optionally
+            "format_reward", "answer_reward").
+        rollout_responses: n_prompts * group_size responses, each group contiguous.
+        repeated_ground_truths: the ground truth of each response (repeated per group).
+        group_size: responses per prompt.
+        advantage_eps: added to the std to avoid dividing by zero.
+        normalize_by_std: divide by the group std or not.
+
+    Returns:
+        advantages: (rollout_batch_size,) float32.
+        raw_rewards: (rollout_batch_size,) float32.
+        metadata: reward mean/std/min/max and the mean format/answer rewards.
+    """
+    if len(rollout_responses) != len(repeated_ground_truths):
+        raise ValueError(f"got {len(rollout_responses)} responses but {len(repeated_ground_truths)} ground truths")
+    if group_size < 1 or len(rollout_responses) % group_size != 0:
+        raise ValueError(f"{len(rollout_responses)} responses do not split into groups of {group_size}")
+    scores = [reward_fn(response, truth) for response, truth in zip(rollout_responses, repeated_ground_truths)]
+    raw_rewards = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)
+    grouped = raw_rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if normalize_by_std:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + advantage_eps)
+    metadata = {
+        "reward_mean": float(raw_rewards.mean()),
+        "reward_std": float(raw_rewards.std()) if raw_rewards.numel() > 1 else 0.0,
+        "reward_min": float(raw_rewards.min()),
+        "reward_max": float(raw_rewards.max()),
+    }
+    for key in ("format_reward", "answer_reward"):
+        if all(key in s for s in scores):
+            metadata[f"{key}_mean"] = sum(float(s[key]) for s in scores) / len(scores)
+    return centred.reshape(-1), raw_rewards, metadata
+
+
+def compute_naive_policy_gradient_loss(
+    raw_rewards_or_advantages: torch.Tensor,
+    policy_log_probs: torch.Tensor,
+) -> torch.Tensor:
+    """Returns the per-token REINFORCE loss ``-A * log_probs``, (batch, seq).
+
+    Args:
+        raw_rewards_or_advantages: (batch, 1) or (batch,) float, one scalar per response.
+        policy_log_probs: (batch, seq) float.
+    """
+    advantages = raw_rewards_or_advantages.reshape(-1, 1).to(policy_log_probs.dtype)
+    return -advantages * policy_log_probs
+
+
+def compute_grpo_clip_loss(
+    advantages: torch.Tensor,
+    policy_log_probs: torch.Tensor,
+    old_log_probs: torch.Tensor,
+    cliprange: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Returns ``(-min(ratio * A, clip(ratio, 1 - eps, 1 + eps) * A), metadata)``, per token.
+
+    Args:
+        advantages: (batch, 1) or (batch,) float.
+        policy_log_probs: (batch, seq) float, current policy (with gradient).
+        old_log_probs: (batch, seq) float, the policy that sampled the rollouts (no gradient).
+        cliprange: epsilon of the clip.
+
+    Returns:
+        loss: (batch, seq).
+        metadata: ``clipped`` (batch, seq) bool, True where the clipped term was the smaller
+            (the token's gradient is cut), and ``ratio`` (batch, seq), detached.
+    """
+    advantages = advantages.reshape(-1, 1).to(policy_log_probs.dtype)
+    ratio = torch.exp(policy_log_probs - old_log_probs)
+    unclipped = ratio * advantages
+    clipped = torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange) * advantages
+    loss = -torch.minimum(unclipped, clipped)
+    return loss, {"clipped": clipped < unclipped, "ratio": ratio.detach()}
+
+
+def compute_policy_gradient_loss(
+    policy_log_probs: torch.Tensor,
+    loss_type: PolicyGradientLossType,
+    raw_rewards: torch.Tensor | None = None,
+    advantages: torch.Tensor | None = None,
+    old_log_probs: torch.Tensor | None = None,
+    cliprange: float | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Returns the per-token policy-gradient loss (batch, seq) of ``loss_type`` and its metadata.
+
+    - ``no_baseline``: needs ``raw_rewards`` (batch, 1).
+    - ``reinforce_with_baseline``: needs ``advantages`` (batch, 1).
+    - ``grpo_clip``: needs ``advantages``, ``old_log_probs`` (batch, seq) and ``cliprange``.
+    """
+    def require(**arguments):
+        missing = [name for name, value in arguments.items() if value is None]
+        if missing:
+            raise ValueError(f"loss_type {loss_type!r} needs {', '.join(missing)}")
+
+    if loss_type == "no_baseline":
+        require(raw_rewards=raw_rewards)
+        return compute_naive_policy_gradient_loss(raw_rewards, policy_log_probs), {}
+    if loss_type == "reinforce_with_baseline":
+        require(advantages=advantages)
+        return compute_naive_policy_gradient_loss(advantages, policy_log_probs), {}
+    if loss_type == "grpo_clip":
+        require(advantages=advantages, old_log_probs=old_log_probs, cliprange=cliprange)
+        return compute_grpo_clip_loss(advantages, policy_log_probs, old_log_probs, cliprange)
+    raise ValueError(f"unknown loss_type {loss_type!r}; expected no_baseline, reinforce_with_baseline or grpo_clip")
+
+
+def grpo_microbatch_train_step(
+    policy_log_probs: torch.Tensor,
+    response_mask: torch.Tensor,
+    gradient_accumulation_steps: int,
+    loss_type: PolicyGradientLossType,
+    raw_rewards: torch.Tensor | None = None,
+    advantages: torch.Tensor | None = None,
+    old_log_probs: torch.Tensor | None = None,
+    cliprange: float | None = None,
+    loss_aggregation: GRPOAggregation = "sequence_mean",
+    normalize_constant: float | None = None,
+    tokens_in_step: int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Returns ``(loss, metadata)`` of one policy-gradient microbatch after ``loss.backward()``.
+
+    Aggregation of the per-token loss (named, never silent):
+
+    - ``sequence_mean`` (default, GRPO): ``masked_mean(loss, mask, dim=-1)``, then the batch mean.
+    - ``sequence_sum_constant`` (Dr. GRPO): ``masked_normalize(loss, mask, normalize_constant,
+      dim=-1)``, then the batch mean; ``normalize_constant`` is required (e.g. the max
+      response length).
+    - ``token_mean`` (DAPO): the masked sum over the microbatch divided by ``tokens_in_step``,
+      the response tokens of the whole optimizer step (or this microbatch's count times the
+      accumulation steps when not given).
+
+    Every aggregation is divided by ``gradient_accumulation_steps`` except ``token_mean`` with
+    ``tokens_in_step``, whose denominator already spans the step.
+
+    Args:
+        policy_log_probs: (batch, seq) float, with gradient.
+        response_mask: (batch, seq) bool.
+        gradient_accumulation_steps: microbatches per optimizer step.
+        loss_type, raw_rewards, advantages, old_log_probs, cliprange: as in
+            ``compute_policy_gradient_loss``.
+
+    Returns:
+        loss: 0-d detached tensor, the back-propagated value.
+        metadata: the loss function's metadata plus ``clip_fraction`` (grpo_clip: fraction of
+            response tokens clipped) and ``num_response_tokens``.
+    """
+    if policy_log_probs.shape != response_mask.shape:
+        raise ValueError(f"policy_log_probs {tuple(policy_log_probs.shape)} and response_mask "
+                         f"{tuple(response_mask.shape)} must have the same shape")
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    per_token, metadata = compute_policy_gradient_loss(
+        policy_log_probs, loss_type, raw_rewards=raw_rewards, advantages=advantages,
+        old_log_probs=old_log_probs, cliprange=cliprange,
+    )
+    if loss_aggregation == "sequence_mean":
+        loss = masked_mean(per_token, response_mask, dim=-1).mean() / gradient_accumulation_steps
+    elif loss_aggregation == "sequence_sum_constant":
+        if normalize_constant is None:
+            raise ValueError("loss_aggregation 'sequence_sum_constant' needs normalize_constant")
+        loss = masked_normalize(per_token, response_mask, normalize_constant, dim=-1).mean() / gradient_accumulation_steps
+    elif loss_aggregation == "token_mean":
+        denominator = tokens_in_step if tokens_in_step is not None else (
+            int(response_mask.sum()) * gradient_accumulation_steps)
+        if denominator <= 0:
+            raise ValueError("token_mean aggregation needs at least one response token in the step")
+        loss = masked_normalize(per_token, response_mask, float(denominator))
+    else:
+        raise ValueError(f"unknown loss_aggregation {loss_aggregation!r}; expected sequence_mean, "
+                         "sequence_sum_constant or token_mean")
+    loss.backward()
+    metadata = dict(metadata)
+    metadata["num_response_tokens"] = response_mask.sum()
+    if "clipped" in metadata:
+        metadata["clip_fraction"] = masked_mean(metadata["clipped"].float(), response_mask)
+    return loss.detach(), metadata
