@@ -59,6 +59,7 @@ def sft_microbatch_train_step(
     normalize_constant: float = 1.0,
     normalization: SFTNormalization = "constant",
     tokens_in_step: int | None = None,
+    examples_in_step: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns ``(loss, metadata)`` of one SFT microbatch after calling ``loss.backward()``.
 
@@ -73,6 +74,12 @@ def sft_microbatch_train_step(
     back to this microbatch's own count times ``gradient_accumulation_steps``, which weights
     microbatches equally rather than tokens.
 
+    ``examples_in_step`` (constant normalisation) serves microbatches whose rows are not
+    examples (packing) or whose sizes vary (dynamic batching): the loss becomes the masked sum
+    / ``normalize_constant`` / ``examples_in_step``, which equals the formula above when every
+    microbatch holds ``batch`` unpacked examples and ``examples_in_step = batch *
+    gradient_accumulation_steps``.
+
     Args:
         policy_log_probs: (batch, seq) float, per-token log-probabilities of the labels.
         response_mask: (batch, seq) bool, True on response tokens.
@@ -80,6 +87,7 @@ def sft_microbatch_train_step(
         normalize_constant: divisor of the per-sequence sum (constant normalisation only).
         normalization: "constant" or "token_mean".
         tokens_in_step: response tokens in the whole optimizer step (token_mean only).
+        examples_in_step: examples in the whole optimizer step (constant only; see above).
 
     Returns:
         loss: 0-d tensor, the value that was back-propagated.
@@ -91,7 +99,11 @@ def sft_microbatch_train_step(
                          f"{tuple(response_mask.shape)} must have the same shape")
     if gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
-    if normalization == "constant":
+    if normalization == "constant" and examples_in_step is not None:
+        if examples_in_step <= 0:
+            raise ValueError(f"examples_in_step must be positive, got {examples_in_step}")
+        loss = masked_normalize(-policy_log_probs, response_mask, normalize_constant) / examples_in_step
+    elif normalization == "constant":
         per_sequence = masked_normalize(-policy_log_probs, response_mask, normalize_constant, dim=-1)
         loss = per_sequence.mean() / gradient_accumulation_steps
     elif normalization == "token_mean":
