@@ -1,0 +1,233 @@
+"""Where a run's numbers go: ``metrics.jsonl`` always, Weights & Biases and TensorBoard on request.
+
+``MetricsLogger`` is the one writer of a run directory's ``metrics.jsonl`` (the contract that
+``reasontune report`` reads): one JSON object per line with ``"kind"`` (``train``, ``eval``,
+``data``, ``event``) and ``"step"``, flushed at every line so a crash loses nothing already
+logged. ``Progress`` is the terminal bar of a training loop (step, loss, tokens/s, ETA).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+from numbers import Number
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+WANDB_RUN_ID_FILE = "wandb_run_id"
+
+
+def _json_default(value: Any) -> Any:
+    """Turns tensors and numpy scalars into plain numbers (anything else into its str)."""
+    item = getattr(value, "item", None)
+    if callable(item):
+        try:
+            return item()
+        except (TypeError, ValueError, RuntimeError):
+            pass
+    tolist = getattr(value, "tolist", None)
+    if callable(tolist):
+        return tolist()
+    return str(value)
+
+
+def _plain_value(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=_json_default))
+
+
+class MetricsLogger:
+    """Appends one JSON line per ``log`` call to ``run_dir/metrics.jsonl`` and mirrors numbers to wandb/TensorBoard.
+
+    Without ``resume`` the file is started afresh; with it, lines are appended and the caller
+    drops what was logged after the checkpoint it resumes from with ``truncate_after(step)``.
+    Non-finite floats are written as Python's json writes them (``NaN``, ``Infinity``) so a
+    diverged loss stays visible.
+    """
+
+    def __init__(self, run_dir: str | Path, wandb_project: str | None = None, tensorboard: bool = False,
+                 config: dict[str, Any] | None = None, resume: bool = False):
+        self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.run_dir / METRICS_FILE
+        # Optional backends are imported first so that a missing package fails before any file is touched.
+        summary_writer_cls = _import_summary_writer() if tensorboard else None
+        wandb = _import_wandb() if wandb_project else None
+        self._file = open(self.path, "a" if resume else "w", encoding="utf-8")
+        self._tensorboard_cls = summary_writer_cls
+        self._tensorboard = None
+        self._tensorboard_purge_step: int | None = None
+        self._wandb = None
+        if wandb is not None:
+            self._wandb = self._start_wandb(wandb, wandb_project, config, resume)
+
+    def _start_wandb(self, wandb: Any, project: str, config: dict[str, Any] | None, resume: bool) -> Any:
+        # The run id is kept in the run directory so that --resume continues the same wandb run.
+        id_file = self.run_dir / WANDB_RUN_ID_FILE
+        run_id = id_file.read_text().strip() if resume and id_file.exists() else None
+        run = wandb.init(project=project, config=_plain_value(config or {}), dir=str(self.run_dir),
+                         id=run_id, resume="allow" if run_id else None)
+        id_file.write_text(run.id + "\n")
+        # Train and eval points are logged at their own step counters, so each gets its own x-axis.
+        wandb.define_metric("train_step")
+        wandb.define_metric("train/*", step_metric="train_step")
+        wandb.define_metric("eval_step")
+        wandb.define_metric("eval/*", step_metric="eval_step")
+        return run
+
+    def log(self, kind: str, step: int | None = None, **values: Any) -> dict[str, Any]:
+        """Returns the record written: ``{"kind": kind, "step": step, **values}`` as one flushed JSON line."""
+        record: dict[str, Any] = {"kind": kind}
+        if step is not None:
+            record["step"] = int(step)
+        record.update(_plain_value(values))
+        self._file.write(json.dumps(record, default=_json_default) + "\n")
+        self._file.flush()
+        numbers = {key: value for key, value in record.items()
+                   if key not in ("kind", "step") and isinstance(value, Number) and not isinstance(value, bool)}
+        if self._wandb is not None:
+            self._log_wandb(kind, step, numbers, record)
+        if self._tensorboard_cls is not None:
+            self._log_tensorboard(kind, step, numbers, record)
+        return record
+
+    def _log_wandb(self, kind: str, step: int | None, numbers: dict[str, Any], record: dict[str, Any]) -> None:
+        if kind in ("train", "eval") and step is not None:
+            self._wandb.log({**{f"{kind}/{key}": value for key, value in numbers.items()}, f"{kind}_step": step})
+        elif kind == "event":
+            self._wandb.summary[f"event/step-{step}"] = record.get("message", "")
+        else:
+            for key, value in numbers.items():
+                self._wandb.summary[f"{kind}/{key}"] = value
+
+    def _log_tensorboard(self, kind: str, step: int | None, numbers: dict[str, Any], record: dict[str, Any]) -> None:
+        if self._tensorboard is None:
+            # Created at the first line so that a truncate_after() before it can purge the old events.
+            self._tensorboard = self._tensorboard_cls(log_dir=str(self.run_dir / "tensorboard"),
+                                                      purge_step=self._tensorboard_purge_step)
+        if kind == "event":
+            self._tensorboard.add_text("events", str(record.get("message", "")), global_step=step)
+            return
+        for key, value in numbers.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                continue
+            self._tensorboard.add_scalar(f"{kind}/{key}", value, global_step=step)
+        self._tensorboard.flush()
+
+    def truncate_after(self, step: int) -> int:
+        """Returns how many lines were dropped: those of ``metrics.jsonl`` whose step is beyond ``step``.
+
+        A resumed run calls this with its checkpoint's step so that the steps it redoes are not
+        logged twice. Lines without a step (``data``) and lines that are not JSON are kept, except
+        an unterminated last line (a write cut short by a crash), which is dropped.
+        """
+        self._file.flush()
+        text = self.path.read_text(encoding="utf-8")
+        lines = text.splitlines(keepends=True)
+        if lines and not lines[-1].endswith("\n"):
+            lines.pop()
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+                line_step = record.get("step") if isinstance(record, dict) else None
+                beyond = isinstance(line_step, Number) and line_step > step
+            except json.JSONDecodeError:
+                beyond = False
+            if not beyond:
+                kept.append(line)
+        dropped = len(text.splitlines()) - len(kept)
+        self._file.close()
+        temporary = self.path.with_name(self.path.name + ".tmp")
+        temporary.write_text("".join(kept), encoding="utf-8")
+        os.replace(temporary, self.path)
+        self._file = open(self.path, "a", encoding="utf-8")
+        # TensorBoard cannot rewrite its files; it hides events from this step on instead.
+        self._tensorboard_purge_step = step + 1
+        return dropped
+
+    def close(self) -> None:
+        """Flushes and closes every destination (safe to call twice)."""
+        if not self._file.closed:
+            self._file.close()
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+    def __enter__(self) -> MetricsLogger:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+
+def _import_wandb() -> Any:
+    try:
+        import wandb
+    except ImportError as error:
+        raise ImportError("--wandb-project needs the wandb package: pip install 'reasontune[wandb]' "
+                          f"(or leave --wandb-project unset); importing it failed with: {error}") from error
+    return wandb
+
+
+def _import_summary_writer() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:
+        raise ImportError("--tensorboard needs the tensorboard package: pip install 'reasontune[tensorboard]' "
+                          f"(or pass --no-tensorboard); importing it failed with: {error}") from error
+    return SummaryWriter
+
+
+class Progress:
+    """A terminal progress bar over optimizer steps showing step/total, loss, tokens/s and ETA.
+
+    Silent when ``enabled`` is false or when stderr is not a terminal (logs of batch jobs stay
+    clean; ``metrics.jsonl`` holds the numbers).
+    """
+
+    def __init__(self, total_steps: int | None, initial_step: int = 0, enabled: bool = True,
+                 description: str = "train", stream: Any = None):
+        from tqdm.auto import tqdm
+
+        stream = sys.stderr if stream is None else stream
+        is_terminal = bool(getattr(stream, "isatty", lambda: False)())
+        self.enabled = enabled and is_terminal
+        # tqdm computes the rate, hence the ETA, from steps done since `initial`, so a resumed run's ETA is right.
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc=description, unit="step",
+                         file=stream, dynamic_ncols=True, disable=not self.enabled)
+        self.step = initial_step
+
+    def update(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
+        """Moves the bar to ``step`` and shows the latest loss and throughput."""
+        if step > self.step:
+            self._bar.update(step - self.step)
+            self.step = step
+        postfix = {}
+        if loss is not None:
+            postfix["loss"] = f"{loss:.4g}"
+        if tokens_per_s is not None:
+            postfix["tok/s"] = f"{tokens_per_s:,.0f}"
+        if postfix:
+            self._bar.set_postfix(postfix, refresh=False)
+
+    def write(self, message: str) -> None:
+        """Prints a line above the bar (or plainly when the bar is off)."""
+        if self.enabled:
+            self._bar.write(message)
+        else:
+            print(message, file=sys.stderr)
+
+    def close(self) -> None:
+        self._bar.close()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
