@@ -1,0 +1,216 @@
+"""The Hugging Face backend: batched ``model.generate`` with left padding, stop strings, log-probs and entropy."""
+
+from __future__ import annotations
+
+import copy
+from typing import Sequence
+
+import torch
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+
+from reasontune.generation import Completion, Generator, SamplingOptions, cut_at_stop
+from reasontune.logprobs import compute_entropy
+
+
+class _StopOnStrings(StoppingCriteria):
+    """Marks a row finished once the text of its newest tokens contains a stop string.
+
+    Only a window of the last tokens is decoded each step (a stop string of c characters
+    completed by the newest token lies within its last c tokens), so a step costs
+    O(rows × window), not O(rows × generated length).
+    """
+
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int, min_new_tokens: int):
+        self.tokenizer = tokenizer
+        self.stop = tuple(stop)
+        self.prompt_width = prompt_width
+        self.min_new_tokens = max(1, min_new_tokens)
+        self.window = max(len(s) for s in self.stop) + 1
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        generated = input_ids.shape[1] - self.prompt_width
+        if generated < self.min_new_tokens:
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        tails = self.tokenizer.batch_decode(input_ids[:, -min(self.window, generated):], skip_special_tokens=True)
+        done = [any(s in tail for s in self.stop) for tail in tails]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _TokenStatsRecorder(LogitsProcessor):
+    """Records, per generated position, the log-prob of the sampled token and the entropy, from raw logits.
+
+    It sees the model's float32 next-token logits before temperature / top-p. The sampled
+    token is known only at the next call (or after ``generate`` returns), so one step of
+    log-softmax ``(rows, vocab)`` is kept: memory stays O(rows × vocab), never O(steps × vocab).
+    """
+
+    def __init__(self, want_logprobs: bool, want_entropy: bool):
+        self.want_logprobs = want_logprobs
+        self.want_entropy = want_entropy
+        self.previous_log_probs: torch.Tensor | None = None
+        self.logprobs: list[torch.Tensor] = []  # each (rows,) float32
+        self.entropies: list[torch.Tensor] = []  # each (rows,) float32
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        self._record_sampled(input_ids[:, -1])
+        # Processors before this one (min_new_tokens) may set -inf; a finite floor keeps p·logit at 0, not NaN.
+        logits = torch.nan_to_num(scores.float(), neginf=torch.finfo(torch.float32).min)
+        if self.want_logprobs:
+            self.previous_log_probs = torch.log_softmax(logits, dim=-1)
+        if self.want_entropy:
+            self.entropies.append(compute_entropy(logits))
+        return scores
+
+    def _record_sampled(self, tokens: torch.Tensor) -> None:
+        if self.previous_log_probs is not None:
+            self.logprobs.append(self.previous_log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+            self.previous_log_probs = None
+
+    def finish(self, sequences: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Returns (logprobs (rows, steps) float32 or None, entropies (rows, steps) float32 or None)."""
+        self._record_sampled(sequences[:, -1])
+        logprobs = torch.stack(self.logprobs, dim=1).cpu() if self.want_logprobs and self.logprobs else None
+        entropies = torch.stack(self.entropies, dim=1).cpu() if self.want_entropy and self.entropies else None
+        return logprobs, entropies
+
+
+class HFGenerator(Generator):
+    """Generates with a Hugging Face causal LM (any device) in length-sorted, left-padded batches.
+
+    ``batch_size`` bounds the sequences per ``generate`` call: ``batch_size // n`` prompts with
+    their ``n`` samples each (at least one prompt). The model is put in eval mode for
+    generation and returned to its previous mode; the KV cache is used even when the training
+    config turned ``use_cache`` off. Sampling uses exactly ``options`` (top-k off, no
+    repetition penalty), ignoring sampling defaults in the model's ``generation_config``.
+    """
+
+    def __init__(self, model, tokenizer, batch_size: int = 32):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if self.pad_token_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
+        eos = set()
+        for candidate in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+            if isinstance(candidate, int):
+                eos.add(candidate)
+            elif isinstance(candidate, (list, tuple)):
+                eos.update(int(c) for c in candidate)
+        self.eos_token_ids = sorted(eos)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    def generate(self, prompts: Sequence[str], options: SamplingOptions) -> list[list[Completion]]:
+        """Returns one list of ``options.n`` completions per prompt, in prompt order."""
+        prompts = list(prompts)
+        if not prompts:
+            return []
+        prompt_ids: list[list[int]] = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        rows_per_prompt = 1 if options.greedy else options.n  # greedy samples are identical: compute one
+        prompts_per_batch = max(1, self.batch_size // rows_per_prompt)
+        # Longest first: similar lengths share a batch (less padding), and an OOM shows up on the first batch.
+        order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
+        results: list[list[Completion] | None] = [None] * len(prompts)
+
+        if options.seed is not None:
+            torch.manual_seed(options.seed)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            for start in range(0, len(order), prompts_per_batch):
+                batch = order[start:start + prompts_per_batch]
+                completions = self._generate_batch([prompt_ids[i] for i in batch], options, rows_per_prompt)
+                for position, index in enumerate(batch):
+                    group = completions[position * rows_per_prompt:(position + 1) * rows_per_prompt]
+                    if rows_per_prompt < options.n:
+                        group = [copy.deepcopy(group[0]) for _ in range(options.n)]
+                    results[index] = group
+        finally:
+            self.model.train(was_training)
+        return results  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _generate_batch(self, batch_ids: list[list[int]], options: SamplingOptions, rows_per_prompt: int
+                        ) -> list[Completion]:
+        """Returns ``len(batch_ids) * rows_per_prompt`` completions, prompt-major."""
+        width = max(len(ids) for ids in batch_ids)
+        input_ids = torch.full((len(batch_ids), width), self.pad_token_id, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
+        for row, ids in enumerate(batch_ids):  # LEFT padding: every prompt ends at the same column
+            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[row, width - len(ids):] = 1
+        stopping = StoppingCriteriaList()
+        if options.stop:
+            stopping.append(_StopOnStrings(self.tokenizer, options.stop, width, options.min_new_tokens))
+        recorder = None
+        processors = LogitsProcessorList()
+        if options.return_logprobs or options.return_entropy:
+            recorder = _TokenStatsRecorder(options.return_logprobs, options.return_entropy)
+            processors.append(recorder)
+        # top_k=0 and repetition_penalty=1 override sampling defaults a checkpoint's generation_config may carry.
+        sampling = dict(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0) \
+            if not options.greedy else dict(do_sample=False)
+        device = self.device
+        sequences = self.model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            max_new_tokens=options.max_new_tokens, min_new_tokens=options.min_new_tokens or None,
+            num_return_sequences=rows_per_prompt, repetition_penalty=1.0,
+            eos_token_id=self.eos_token_ids or None, pad_token_id=self.pad_token_id, use_cache=True,
+            stopping_criteria=stopping, logits_processor=processors, return_dict_in_generate=False,
+            **sampling,
+        )
+        logprobs, entropies = recorder.finish(sequences) if recorder is not None else (None, None)
+        generated = sequences[:, width:].cpu()
+        completions = []
+        for row in range(generated.shape[0]):
+            prompt_length = len(batch_ids[row // rows_per_prompt])
+            completion = self._completion(generated[row].tolist(), options, prompt_length)
+            count = completion.num_tokens
+            if logprobs is not None:
+                completion.logprobs = logprobs[row, :count].tolist()
+            if entropies is not None:
+                completion.entropies = entropies[row, :count].tolist()
+            completions.append(completion)
+        return completions
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _completion(self, ids: list[int], options: SamplingOptions, prompt_length: int) -> Completion:
+        """Returns the completion of one generated row: cut at the first EOS or stop string."""
+        eos_ids = set(self.eos_token_ids)
+        end = len(ids)
+        finish = "length"
+        for position in range(options.min_new_tokens, len(ids)):
+            if ids[position] in eos_ids:
+                end, finish = position + 1, "eos"
+                break
+        content_end = end - 1 if finish == "eos" else end
+        text = self._decode(ids[:content_end])
+        stop_string = None
+        if options.stop:
+            # Stop strings count only once min_new_tokens are out (as the stopping criterion enforces).
+            search_from = len(self._decode(ids[:max(0, options.min_new_tokens - 1)])) if options.min_new_tokens else 0
+            cut, stop_string = cut_at_stop(text[search_from:], options.stop)
+            if stop_string is not None:
+                text = text[:search_from] + cut
+                end = self._tokens_covering(ids, len(text), content_end)
+                finish = "stop"
+        return Completion(text=text, token_ids=ids[:end], finish_reason=finish, stop_string=stop_string,
+                          prompt_token_count=prompt_length)
+
+    def _tokens_covering(self, ids: list[int], characters: int, upper: int) -> int:
+        """Returns the fewest leading tokens (≤ upper) whose text has at least ``characters`` characters."""
+        low, high = 1, upper
+        while low < high:  # binary search: O(log n) decodes instead of one per token
+            middle = (low + high) // 2
+            if len(self._decode(ids[:middle])) >= characters:
+                high = middle
+            else:
+                low = middle + 1
+        return low
