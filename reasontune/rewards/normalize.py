@@ -1,0 +1,121 @@
+"""String normalisation of answers: what a grader strips before it compares.
+
+Only string operations with linear-time regular expressions live here; nothing parses or
+evaluates. The output is a plain string plus a flag saying whether a percent sign was seen.
+"""
+
+from __future__ import annotations
+
+import re
+
+from reasontune.rewards.extract import MAX_ANSWER_CHARS, extract_boxed_answer
+
+# Commands that only change how something looks.
+_DROP_COMMANDS = re.compile(
+    r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg|displaystyle|textstyle"
+    r"|scriptstyle|limits|nolimits|mathstrut|strut|phantom\{[^{}]*\})(?![a-zA-Z])"
+)
+_SPACING = re.compile(r"\\(?:,|!|;|:|>|quad|qquad|thinspace|medspace|thickspace|enspace|hspace\{[^{}]*\})|~|\\ ")
+_TEXT_COMMANDS = re.compile(
+    r"\\(?:text|textbf|textit|textrm|textsf|texttt|mbox|mathrm|mathbf|mathit|mathsf|mathtt|mathnormal"
+    r"|operatorname|emph|textnormal|hbox)\s*\{([^{}]*)\}"
+)
+_DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree(?![a-zA-Z])|\^\s*\{\s*o\s*\}")
+_PERCENT = re.compile(r"\\%|%|\\text\{\s*percent\s*\}|\bpercent\b")
+_DOLLAR = re.compile(r"\\\$|\$|\\\(|\\\)|\\\[|\\\]")
+_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])")
+_BRACED_COMMA = re.compile(r"\{,\}")
+_FRAC_VARIANTS = re.compile(r"\\[dt]frac(?![a-zA-Z])|\\cfrac(?![a-zA-Z])")
+_BINOM_VARIANTS = re.compile(r"\\[dt]binom(?![a-zA-Z])")
+_SHORT_FRAC = re.compile(r"\\frac\s*(\d)\s*(\d)")
+_SHORT_FRAC_FIRST = re.compile(r"\\frac\s*(\d)\s*\{")
+_SHORT_FRAC_SECOND = re.compile(r"\\frac\s*\{([^{}]*)\}\s*(\d)")
+_SHORT_SQRT = re.compile(r"\\sqrt\s*(\d+|[a-zA-Z])(?![a-zA-Z])")
+_IN_PREFIX = re.compile(r"^\s*[a-zA-Z]\s*\\in\s*")
+_TRAILING_PUNCT = re.compile(r"[\s.;:]+$")
+_TRAILING_WORD = re.compile(r"(?:^|(?<=[\s}]))([a-zA-Z]+)\.?\s*$")
+
+# Words that carry mathematical meaning and so are never stripped as units.
+_MATH_WORDS = frozenset(
+    "pi e i or and sqrt sin cos tan sec csc cot log ln exp arcsin arccos arctan infty inf "
+    "infinity no none undefined true false yes".split()
+)
+
+
+def strip_text_commands(text: str) -> str:
+    """Return ``text`` with ``\\text{…}``-style commands replaced by their padded contents."""
+    for _ in range(4):  # nested \text{\textbf{…}} unwraps from the inside out
+        new = _TEXT_COMMANDS.sub(lambda match: " " + match.group(1) + " ", text)
+        if new == text:
+            break
+        text = new
+    return text
+
+
+def strip_unit_words(text: str) -> str:
+    """Return ``text`` without trailing unit words (``5 apples`` → ``5``, ``12 sq ft`` → ``12``).
+
+    A word is stripped only when a space separates it from a number, a closed group or
+    another strippable word, and never a word with mathematical meaning such as ``or`` or a
+    ``\\command``; ``2ab`` and ``3 \\pi`` stay whole.
+    """
+    words: list[str] = []
+    rest = text.rstrip()
+    while True:
+        match = _TRAILING_WORD.search(rest)
+        if match is None:
+            break
+        word = match.group(1)
+        if len(word) < 2 or word.lower() in _MATH_WORDS:
+            break
+        words.append(word)
+        rest = rest[: match.start()].rstrip()
+    if words and rest and (rest[-1].isdigit() or rest[-1] in "})"):
+        return rest
+    return text.rstrip()
+
+
+def normalize_answer(text: str) -> tuple[str, bool] | None:
+    """Return ``(normalised answer, had_percent_sign)``, or None when the answer is refused.
+
+    Refused: longer than ``MAX_ANSWER_CHARS``. The normalised string has ``\\boxed{}``
+    unwrapped, ``$``, ``\\left``/``\\right``, spacing commands, degree marks, ``\\text{}``
+    wrappers, trailing unit words, thousands separators and trailing punctuation removed,
+    and ``\\dfrac``/``\\tfrac`` spelled ``\\frac``.
+    """
+    if len(text) > MAX_ANSWER_CHARS:
+        return None
+    if "\\boxed" in text or "\\fbox" in text:
+        boxed = extract_boxed_answer(text)
+        if boxed is not None:
+            text = boxed
+    text = _DOLLAR.sub(" ", text)
+    text = _DROP_COMMANDS.sub("", text)
+    text = _SPACING.sub(" ", text)
+    text = _DEGREES.sub(" ", text)
+    had_percent = _PERCENT.search(text) is not None
+    if had_percent:
+        text = _PERCENT.sub(" ", text)
+    text = strip_text_commands(text)
+    text = _FRAC_VARIANTS.sub(r"\\frac", text)
+    text = _BINOM_VARIANTS.sub(r"\\binom", text)
+    text = _SHORT_FRAC.sub(r"\\frac{\1}{\2}", text)
+    text = _SHORT_FRAC_FIRST.sub(r"\\frac{\1}{", text)
+    text = _SHORT_FRAC_SECOND.sub(r"\\frac{\1}{\2}", text)
+    text = _SHORT_SQRT.sub(r"\\sqrt{\1}", text)
+    text = _BRACED_COMMA.sub(",", text)
+    text = _IN_PREFIX.sub("", text)
+    text = text.replace("\\dots", "").replace("\\ldots", "").replace("\\cdots,", "")
+    text = _TRAILING_PUNCT.sub("", text).strip()
+    text = strip_unit_words(text)
+    if not any(char in text for char in "([{"):
+        text = _THOUSANDS.sub(lambda match: match.group(0).replace(",", ""), text)
+    text = re.sub(r"\s+", " ", text).strip()
+    return text, had_percent
+
+
+def normalize_text(text: str) -> str:
+    """Return ``text`` folded for comparing word answers: lower case, no spaces or braces."""
+    text = strip_text_commands(text)
+    text = re.sub(r"[\s{}$]|\\(?=[a-zA-Z])", "", text).lower()
+    return text.strip(".")
