@@ -146,7 +146,7 @@ def read_run(run_dir: str | Path) -> RunData:
                 if isinstance(record.get("dir"), str):
                     result.directory = run_dir / record["dir"]
             elif kind == "data":
-                run.data.append({k: v for k, v in record.items() if k != "kind"})
+                run.data.append({k: v for k, v in record.items() if k not in ("kind", "step")})
             elif kind == "event":
                 run.events.append(record)
         run.train = [train_by_step[step] for step in sorted(train_by_step)]

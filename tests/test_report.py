@@ -33,7 +33,7 @@ def run_dir(tmp_path):
         "model": "Qwen/Qwen2.5-Math-1.5B", "learning_rate": 3e-05, "batch_size": 4, "gradient_accumulation_steps": 8,
         "num_epochs": 2, "max_length": 1024, "loss_normalization": "token_mean", "packing": False, "dtype": "bfloat16",
         "seed": 17, "eval_every": 12}))
-    lines = [json.dumps({"kind": "data", "train_examples": 480, "truncated_examples": 3})]
+    lines = [json.dumps({"kind": "data", "step": 0, "train_examples": 480, "truncated_examples": 3})]
     lines.append(json.dumps({"kind": "eval", "step": 0, "accuracy": 0.27, "format_rate": 0.45,
                              "mean_response_length": 187.5, "mean_entropy": 1.9, "dir": "eval/step-000000"}))
     for step in range(1, 13):
@@ -85,7 +85,7 @@ def test_report_writes_valid_pngs_and_a_page_with_the_run(run_dir):
     assert "2 correct / 1 formatted but wrong / 1 unformatted of 4" in page
     assert "1 correct / 0 formatted but wrong / 1 unformatted of 2" in page
     assert "metrics.jsonl line 8 skipped: not valid JSON" in page
-    assert "resumed from checkpoint-5" in page and "train_examples 480" in page
+    assert "resumed from checkpoint-5" in page and "train_examples 480, truncated_examples 3</li>" in page
     assert "Qwen/Qwen2.5-Math-1.5B" in page and "token_mean" in page and "bfloat16" in page
     assert "1,007 (median over logged steps)" in page  # tokens/s 1001..1012: the upper median, 7th of 12
     assert "0:02:00" in page  # elapsed 120 s at step 12
