@@ -103,7 +103,7 @@ def fused_unsupported_reason(model: Any) -> str | None:
 def _transformed_float32(raw: torch.Tensor, transform: LogitTransform, fresh: bool,
                          keep_softcap_derivative: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Returns ``(z, dz/du or None)``: float32 logits of a chunk, never aliasing ``raw`` unless ``fresh``."""
-    z = raw.to(torch.float32, copy=not fresh)
+    z = raw.to(_work_dtype(raw.dtype), copy=not fresh)
     if transform.scale != 1.0:
         z.mul_(transform.scale)
     derivative = None
@@ -165,8 +165,13 @@ def _chunk_grad_raw(raw: torch.Tensor, labels: torch.Tensor | None, transform: L
     return grad
 
 
-def _float32_grad(grad: torch.Tensor | None) -> torch.Tensor | None:
-    return None if grad is None else grad.to(torch.float32)
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Returns float32 for float32 and lower precisions; float64 stays float64 (for gradcheck)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _float32_grad(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if grad is None else grad.to(_work_dtype(dtype))
 
 
 class _FusedLinearLogProbs(torch.autograd.Function):
@@ -181,8 +186,8 @@ class _FusedLinearLogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, chunk_size, transform, with_entropy):
         tokens = hidden.shape[0]
-        log_probs = hidden.new_empty(tokens, dtype=torch.float32)
-        entropy = hidden.new_empty(tokens if with_entropy else 0, dtype=torch.float32)
+        log_probs = hidden.new_empty(tokens, dtype=_work_dtype(hidden.dtype))
+        entropy = hidden.new_empty(tokens if with_entropy else 0, dtype=_work_dtype(hidden.dtype))
         for start in range(0, tokens, chunk_size):
             stop = min(start + chunk_size, tokens)
             raw = F.linear(hidden[start:stop], weight, bias)
@@ -203,13 +208,15 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         hidden, weight, bias, labels, entropy = ctx.saved_tensors
         if not ctx.with_entropy:
             grad_entropy = None
-        grad_log_probs, grad_entropy = _float32_grad(grad_log_probs), _float32_grad(grad_entropy)
+        grad_log_probs = _float32_grad(grad_log_probs, hidden.dtype)
+        grad_entropy = _float32_grad(grad_entropy, hidden.dtype)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # Accumulated in the weight's dtype, one rounding per chunk (as Liger's fused kernels do):
         # a float32 buffer for a bf16 weight would cost as much as several chunks.
         grad_weight = torch.zeros_like(weight) if need_weight else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=_work_dtype(weight.dtype), device=weight.device) \
+            if need_bias else None
         if grad_log_probs is None and grad_entropy is None:
             return (None if grad_hidden is None else grad_hidden.zero_(), grad_weight,
                     None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
@@ -248,8 +255,8 @@ class _ChunkedLogitsStatistics(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, rows, labels, chunk_size, transform, with_log_probs, with_entropy):
         tokens = logits.shape[0] if rows is None else rows.shape[0]
-        log_probs = logits.new_empty(tokens if with_log_probs else 0, dtype=torch.float32)
-        entropy = logits.new_empty(tokens if with_entropy else 0, dtype=torch.float32)
+        log_probs = logits.new_empty(tokens if with_log_probs else 0, dtype=_work_dtype(logits.dtype))
+        entropy = logits.new_empty(tokens if with_entropy else 0, dtype=_work_dtype(logits.dtype))
         for start in range(0, tokens, chunk_size):
             stop = min(start + chunk_size, tokens)
             raw = logits[start:stop] if rows is None else logits[rows[start:stop]]
@@ -272,8 +279,8 @@ class _ChunkedLogitsStatistics(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy):
         logits, rows, labels, entropy = ctx.saved_tensors
-        grad_log_probs = _float32_grad(grad_log_probs) if ctx.with_log_probs else None
-        grad_entropy = _float32_grad(grad_entropy) if ctx.with_entropy else None
+        grad_log_probs = _float32_grad(grad_log_probs, logits.dtype) if ctx.with_log_probs else None
+        grad_entropy = _float32_grad(grad_entropy, logits.dtype) if ctx.with_entropy else None
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
         grad_logits = torch.zeros_like(logits) if rows is not None or (
