@@ -1,0 +1,255 @@
+"""The embedded default: a synthetic arithmetic task, a tiny tokenizer and model, SFT, eval before/after.
+
+``reasontune demo`` needs no download and no GPU. It writes column-addition questions with
+step-by-step traces in the R1-Zero format, builds a byte-level BPE tokenizer (digits one token
+each) and a tiny randomly initialised Qwen2-style model from scratch, saves both as a normal
+Hugging Face model directory, and hands that directory to the SFT trainer, which evaluates
+before and after training with the same generator and reward code as real runs and writes the
+report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+from reasontune.config import help_field
+
+DEMO_TEMPLATE_PATH = Path(__file__).resolve().parent / "templates" / "demo_arithmetic.prompt"
+# Tags of the R1-Zero format, each one token so the model never has to spell them.
+FORMAT_TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+EOS_TOKEN = "<|endoftext|>"
+PAD_TOKEN = "<|pad|>"
+
+
+def load_demo_template() -> str:
+    """Returns the demo's prompt template (a compact R1-Zero prompt with ``{question}``, ending in ``<think>``)."""
+    return DEMO_TEMPLATE_PATH.read_text()
+
+
+def addition_trace(a: int, b: int) -> str:
+    """Returns the column-addition reasoning for ``a + b``, least significant digit first.
+
+    Each column is written ``x+y+c=s`` with the carry ``c`` in (0 for the first column) and the
+    column sum ``s`` in two digits, so the digit written down is always the second one and the
+    carry out the first: 457 + 368 gives ``7+8+0=15 5+6+1=12 4+3+1=08``.
+    """
+    digits_a, digits_b = str(a)[::-1], str(b)[::-1]
+    carry, steps = 0, []
+    for column in range(max(len(digits_a), len(digits_b))):
+        x = int(digits_a[column]) if column < len(digits_a) else 0
+        y = int(digits_b[column]) if column < len(digits_b) else 0
+        total = x + y + carry
+        steps.append(f"{x}+{y}+{carry}={total:02d}")
+        carry = total // 10
+    return " ".join(steps)
+
+
+def make_arithmetic_example(a: int, b: int, template: str) -> dict[str, str]:
+    """Returns one record ``{question, prompt, response, ground_truth}`` for ``a + b``."""
+    question = f"What is {a}+{b}?"
+    answer = str(a + b)
+    return {
+        "question": question,
+        "prompt": template.format(question=question),
+        "response": f" {addition_trace(a, b)} </think> <answer>{answer}</answer>",
+        "ground_truth": answer,
+    }
+
+
+def make_arithmetic_examples(n: int, seed: int, num_digits: int = 3, template: str | None = None,
+                             exclude: Sequence[dict[str, Any]] = ()) -> list[dict[str, str]]:
+    """Returns ``n`` distinct seeded addition examples of two ``num_digits``-digit numbers.
+
+    Records are ``{"question", "prompt", "response", "ground_truth"}``; the response is the
+    column-addition trace after a space (the prompt ends in ``<think>``), then
+    `` </think> <answer>SUM</answer>``. Questions of ``exclude`` (e.g. the training set when making the held-out
+    set) are never drawn, so two calls can give disjoint splits.
+    """
+    template = load_demo_template() if template is None else template
+    low, high = 10 ** (num_digits - 1), 10 ** num_digits - 1
+    available = (high - low + 1) ** 2 - len(exclude)
+    if n > available:
+        raise ValueError(f"asked for {n} distinct {num_digits}-digit additions but only {available} exist")
+    taken = {record["question"] for record in exclude}
+    rng = random.Random(seed)
+    examples = []
+    while len(examples) < n:
+        example = make_arithmetic_example(rng.randint(low, high), rng.randint(low, high), template)
+        if example["question"] not in taken:
+            taken.add(example["question"])
+            examples.append(example)
+    return examples
+
+
+def make_demo_splits(n_train: int, n_eval: int, seed: int, num_digits: int = 3,
+                     template: str | None = None) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
+    """Returns (train, held-out) example lists with no question in common, both seeded by ``seed``."""
+    held_out = make_arithmetic_examples(n_eval, seed=seed + 1, num_digits=num_digits, template=template)
+    train = make_arithmetic_examples(n_train, seed=seed, num_digits=num_digits, template=template, exclude=held_out)
+    return train, held_out
+
+
+def build_demo_tokenizer(texts: Sequence[str], vocab_size: int = 384):
+    """Returns a ``PreTrainedTokenizerFast``: byte-level BPE trained on ``texts``, digits one token each.
+
+    The pre-tokenizer is Qwen2's pattern (every digit its own piece, spaces kept), applied
+    before byte-level mapping, so any string round-trips: ``decode(encode(x)) == x``. The
+    R1-Zero tags are added tokens (one id each, not special, so decoding keeps them); EOS is
+    ``<|endoftext|>`` and padding ``<|pad|>``. No BOS is added.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from reasontune.modeling import QWEN2_PATTERN
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    tokenizer.add_tokens(list(FORMAT_TAGS))
+    wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
+                                      clean_up_tokenization_spaces=False)
+    wrapped.model_max_length = 512
+    return wrapped
+
+
+def build_demo_model(tokenizer, hidden_size: int = 192, num_layers: int = 4, num_heads: int = 6,
+                     num_kv_heads: int = 2, intermediate_size: int | None = None, seed: int = 0,
+                     max_position_embeddings: int = 256):
+    """Returns a randomly initialised tiny Qwen2 causal LM (fp32, SDPA, tied embeddings) for ``tokenizer``.
+
+    Generation ends at the stop string ``</answer>`` (the generator's default, kept in the
+    text), not at an EOS token: the demo's training targets end in ``</answer>`` with no EOS
+    after it. ``</answer>`` is deliberately not an EOS id, since generators drop the EOS token
+    from the completion text and the grader needs the closing tag.
+    """
+    from reasontune.modeling import build_model_from_config, tiny_qwen2_config
+
+    config = tiny_qwen2_config(
+        vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+        num_kv_heads=num_kv_heads, intermediate_size=intermediate_size, tie_word_embeddings=True,
+        max_position_embeddings=max_position_embeddings,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=None,
+    )
+    model = build_model_from_config(config, seed=seed)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.bos_token_id = None
+    return model
+
+
+@dataclasses.dataclass
+class DemoConfig:
+    """Options of ``reasontune demo`` (the defaults are tuned to reach >= 90% on a 2-core CPU in minutes)."""
+
+    output_dir: str = help_field("runs/demo", "directory for data/, base-model/ and the SFT run (sft/: checkpoints, eval/, report/)")
+    seed: int = help_field(0, "seed of the task, tokenizer corpus, initialisation and data order")
+    n_train: int = help_field(16000, "training examples (each seen once: SFT runs one epoch of batch-size examples a step)")
+    n_eval: int = help_field(256, "held-out examples evaluated before and after training (disjoint from training)")
+    num_digits: int = help_field(3, "digits of each operand of the additions")
+    hidden_size: int = help_field(192, "width of the tiny Qwen2 model")
+    num_layers: int = help_field(4, "transformer layers of the tiny model")
+    num_heads: int = help_field(6, "attention heads")
+    num_kv_heads: int = help_field(2, "key/value heads (grouped-query attention, as in Qwen2.5)")
+    vocab_size: int = help_field(384, "upper bound on the BPE vocabulary trained on the task's text")
+    batch_size: int = help_field(32, "examples per optimizer step")
+    learning_rate: float = help_field(2e-3, "peak AdamW learning rate (warmup then cosine decay)")
+    warmup_ratio: float = help_field(0.05, "fraction of steps spent warming up")
+    eval_max_new_tokens: int = help_field(48, "token budget of each generated answer (a trace is about 36 tokens)")
+    eval_batch_size: int = help_field(128, "prompts per generation batch")
+    num_threads: int | None = help_field(None, "torch CPU threads (default: torch's choice)")
+    progress: bool = help_field(True, "show a progress bar")
+
+    def validate(self) -> None:
+        if self.n_train < self.batch_size:
+            raise SystemExit(f"error: --n-train ({self.n_train}) must be at least --batch-size ({self.batch_size})")
+        if self.n_eval < 1:
+            raise SystemExit("error: --n-eval must be at least 1")
+
+
+def write_jsonl(records: Sequence[dict[str, Any]], path: Path) -> None:
+    """Writes one JSON object a line."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as handle:
+        for record in records:
+            handle.write(json.dumps(record) + "\n")
+
+
+def prepare_demo(config: DemoConfig) -> tuple[Path, Path, Path]:
+    """Writes data/train.jsonl, data/val.jsonl and base-model/ under ``config.output_dir``; returns their paths."""
+    output_dir = Path(config.output_dir)
+    template = load_demo_template()
+    train, held_out = make_demo_splits(config.n_train, config.n_eval, config.seed, config.num_digits, template)
+    train_path, val_path = output_dir / "data" / "train.jsonl", output_dir / "data" / "val.jsonl"
+    write_jsonl(train, train_path)
+    write_jsonl(held_out, val_path)
+
+    # A few thousand traces already hold every word and digit pattern the task can produce.
+    corpus = [template] + [example["prompt"] + example["response"] for example in train[:4000]]
+    tokenizer = build_demo_tokenizer(corpus, vocab_size=config.vocab_size)
+    model = build_demo_model(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
+                             num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, seed=config.seed)
+    model_dir = output_dir / "base-model"
+    model.save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    return train_path, val_path, model_dir
+
+
+def demo_sft_config(config: DemoConfig, train_path: Path, val_path: Path, model_dir: Path):
+    """Returns the ``SFTConfig`` of the demo's training run (one epoch over the training examples)."""
+    from reasontune.training.sft import SFTConfig
+
+    return SFTConfig(
+        train_data=str(train_path), val_data=str(val_path), prompt_template=str(DEMO_TEMPLATE_PATH),
+        model=str(model_dir), output_dir=str(Path(config.output_dir) / "sft"), dtype="float32",
+        attn_implementation="sdpa", device="cpu",
+        num_epochs=1, batch_size=config.batch_size, gradient_accumulation_steps=1,
+        learning_rate=config.learning_rate, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
+        lr_scheduler="cosine", warmup_ratio=config.warmup_ratio, min_lr_ratio=0.0, max_length=None,
+        loss_normalization="token_mean", seed=config.seed,
+        eval_every=0, eval_examples=config.n_eval, eval_before_training=True, eval_backend="hf",
+        eval_batch_size=config.eval_batch_size, eval_max_new_tokens=config.eval_max_new_tokens, eval_temperature=0.0,
+        save_every=0, progress=config.progress, write_report=True, num_threads=config.num_threads,
+    )
+
+
+def eval_summaries(run_dir: Path) -> list[tuple[int, dict[str, Any]]]:
+    """Returns ``(step, summary)`` of each ``eval/step-N/summary.json`` in ``run_dir``, by step."""
+    found = []
+    for path in (run_dir / "eval").glob("step-*/summary.json"):
+        try:
+            found.append((int(path.parent.name.split("-", 1)[1]), json.loads(path.read_text())))
+        except (ValueError, json.JSONDecodeError):
+            continue
+    return sorted(found, key=lambda item: item[0])
+
+
+def run_demo(config: DemoConfig) -> int:
+    """Runs the embedded demo end to end; prints held-out accuracy before -> after and the run directory."""
+    from reasontune.training.sft import run_sft
+
+    started = time.time()
+    print(f"demo: writing {config.n_train} training and {config.n_eval} held-out additions, "
+          f"tokenizer and tiny model under {config.output_dir}", flush=True)
+    train_path, val_path, model_dir = prepare_demo(config)
+    run_dir = Path(run_sft(demo_sft_config(config, train_path, val_path, model_dir)))
+    summaries = eval_summaries(run_dir)
+    elapsed = time.time() - started
+    if len(summaries) >= 2:
+        (_, before), (last_step, after) = summaries[0], summaries[-1]
+        print(f"demo: held-out accuracy {before.get('accuracy', float('nan')):.1%} before training -> "
+              f"{after.get('accuracy', float('nan')):.1%} after {last_step} steps ({elapsed / 60:.1f} min)")
+    else:
+        print(f"demo: finished in {elapsed / 60:.1f} min (no before/after evaluations found in {run_dir / 'eval'})")
+    print(f"demo: run directory {run_dir} (report: {run_dir / 'report'})")
+    return 0

@@ -1,0 +1,160 @@
+"""The embedded demo's task, tokenizer and model (fast: no training)."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+from reasontune.demo import (
+    DEMO_TEMPLATE_PATH,
+    FORMAT_TAGS,
+    addition_trace,
+    build_demo_model,
+    build_demo_tokenizer,
+    load_demo_template,
+    make_arithmetic_examples,
+    make_demo_splits,
+)
+
+STEP = re.compile(r"^(\d)\+(\d)\+(\d)=(\d\d)$")
+RESPONSE = re.compile(r"^ (?P<steps>[0-9+= ]+) </think> <answer>(?P<answer>\d+)</answer>$")
+
+
+@pytest.fixture(scope="module")
+def splits():
+    return make_demo_splits(n_train=300, n_eval=120, seed=7)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(splits):
+    train, _ = splits
+    return build_demo_tokenizer([load_demo_template()] + [e["prompt"] + e["response"] for e in train])
+
+
+def check_trace(question: str, response: str, ground_truth: str) -> None:
+    """Re-does the column addition of ``question`` with int arithmetic and compares every step."""
+    a, b = map(int, re.fullmatch(r"What is (\d+)\+(\d+)\?", question).groups())
+    assert ground_truth == str(a + b)
+    match = RESPONSE.fullmatch(response)
+    assert match, response
+    assert match["answer"] == ground_truth
+    steps = match["steps"].split(" ")
+    assert len(steps) == max(len(str(a)), len(str(b)))
+    carry, written = 0, []
+    for column, step in enumerate(steps):
+        x, y, c, s = STEP.fullmatch(step).groups()
+        assert int(x) == a // 10 ** column % 10 and int(y) == b // 10 ** column % 10
+        assert int(c) == carry
+        assert int(s) == int(x) + int(y) + int(c)
+        carry, written = int(s) // 10, [int(s) % 10] + written
+    assert int("".join(map(str, [carry] + written))) == a + b
+
+
+def test_trace_of_a_hand_worked_sum():
+    # 457 + 368: 7+8 = 15 (write 5, carry 1), 5+6+1 = 12 (write 2, carry 1), 4+3+1 = 8 -> 825.
+    assert addition_trace(457, 368) == "7+8+0=15 5+6+1=12 4+3+1=08"
+    # 999 + 999 = 1998: the last column's carry becomes the leading digit.
+    assert addition_trace(999, 999) == "9+9+0=18 9+9+1=19 9+9+1=19"
+
+
+def test_traces_are_arithmetically_right(splits):
+    for example in splits[0] + splits[1]:
+        check_trace(example["question"], example["response"], example["ground_truth"])
+        assert example["prompt"] == load_demo_template().format(question=example["question"])
+        assert example["prompt"].endswith("Assistant: <think>")
+        # The strict R1-Zero format the grader requires.
+        assert "</think> <answer>" in example["response"] and example["response"].endswith("</answer>")
+
+
+def test_other_widths_are_right():
+    for example in make_arithmetic_examples(50, seed=3, num_digits=5):
+        check_trace(example["question"], example["response"], example["ground_truth"])
+        a, b = map(int, re.findall(r"\d+", example["question"]))
+        assert 10_000 <= a <= 99_999 and 10_000 <= b <= 99_999
+
+
+def test_splits_are_disjoint_seeded_and_distinct(splits):
+    train, held_out = splits
+    assert len(train) == 300 and len(held_out) == 120
+    train_questions = {e["question"] for e in train}
+    assert len(train_questions) == 300 and len({e["question"] for e in held_out}) == 120
+    assert not train_questions & {e["question"] for e in held_out}
+    assert make_demo_splits(n_train=300, n_eval=120, seed=7) == splits
+    assert make_demo_splits(n_train=300, n_eval=120, seed=8)[0] != train
+
+
+def test_asking_for_more_examples_than_exist_fails():
+    with pytest.raises(ValueError, match="only 81"):
+        make_arithmetic_examples(82, seed=0, num_digits=1)
+
+
+def test_template_file_is_a_compact_r1_zero_prompt():
+    text = DEMO_TEMPLATE_PATH.read_text()
+    assert "{question}" in text and text.endswith("Assistant: <think>")
+    assert "</think> <answer>" not in text.replace("</think> and", "")  # describes the tags, shows no answer
+
+
+def test_tokenizer_round_trips_task_text_and_arbitrary_text(splits, tokenizer):
+    texts = [e["prompt"] for e in splits[1]] + [e["response"] for e in splits[1]] + [
+        "anything a model might emit: ÄÖÜ ∑ 12,345.6  \n\t<answer> x</answer>zz</think>",
+    ]
+    for text in texts:
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        assert tokenizer.decode(ids) == text
+        assert tokenizer.decode(ids, skip_special_tokens=True) == text
+
+
+def test_digits_and_tags_are_single_tokens(splits, tokenizer):
+    digit_ids = set()
+    for digit in "0123456789":
+        ids = tokenizer(digit, add_special_tokens=False)["input_ids"]
+        assert len(ids) == 1
+        digit_ids.add(ids[0])
+    for tag in FORMAT_TAGS:
+        assert len(tokenizer(tag, add_special_tokens=False)["input_ids"]) == 1
+    # In context too: every digit of a trace is its own token (no merged "15" or " 7").
+    response = splits[0][0]["response"]
+    tokens = [tokenizer.decode([i]) for i in tokenizer(response, add_special_tokens=False)["input_ids"]]
+    assert sum(t.isdigit() for t in tokens) == sum(ch.isdigit() for ch in response)
+    assert all(len(t) == 1 for t in tokens if any(ch.isdigit() for ch in t))
+    assert " </think> <answer>" in tokenizer.decode(tokenizer(response, add_special_tokens=False)["input_ids"])
+
+
+def test_tokenizer_has_eos_and_pad_and_adds_no_bos(tokenizer):
+    assert tokenizer.eos_token == "<|endoftext|>" and tokenizer.pad_token == "<|pad|>"
+    assert tokenizer.eos_token_id != tokenizer.pad_token_id
+    assert tokenizer("7+8", add_special_tokens=True)["input_ids"] == tokenizer("7+8", add_special_tokens=False)["input_ids"]
+    assert len(tokenizer) <= 384
+
+
+def test_saved_model_and_tokenizer_load_and_run(tmp_path, splits, tokenizer):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = build_demo_model(tokenizer, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, seed=1)
+    model.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    loaded_tokenizer = AutoTokenizer.from_pretrained(tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert loaded.config.model_type == "qwen2" and loaded.config.vocab_size == len(loaded_tokenizer)
+
+    prompts = [e["prompt"] for e in splits[1][:3]]
+    assert [loaded_tokenizer(p)["input_ids"] for p in prompts] == [tokenizer(p)["input_ids"] for p in prompts]
+    batch = loaded_tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        logits = loaded(**batch).logits
+        original = model(**batch).logits
+    assert logits.shape == (3, batch["input_ids"].shape[1], len(tokenizer))
+    torch.testing.assert_close(logits, original)
+    # Generation ends at EOS or at the stop string </answer>, which must not be an EOS id
+    # (generators drop EOS from the completion text, and the grader needs the closing tag).
+    assert loaded.generation_config.eos_token_id == tokenizer.eos_token_id
+    assert loaded.generation_config.pad_token_id == tokenizer.pad_token_id
+
+
+def test_default_model_is_small(tokenizer):
+    model = build_demo_model(tokenizer)
+    parameters = sum(p.numel() for p in model.parameters())
+    assert 1_000_000 < parameters < 4_000_000
+    assert model.config._attn_implementation == "sdpa" and next(model.parameters()).dtype == torch.float32
