@@ -330,3 +330,26 @@ def test_token_budget_batches_respect_budget_and_cover_everything():
     padded = sum(len(b) * max(lengths[i] for i in b) for b in batches)
     fixed = sum(len(lengths[s:s + 4]) * max(lengths[s:s + 4]) for s in range(0, 500, 4))
     assert padded < fixed
+
+
+def test_packed_kwargs_through_get_response_log_probs():
+    # The trainer's path: reasontune.logprobs with the packed mask/positions and the response
+    # mask (fused projection on response tokens only) gives each example's unpacked log-probs.
+    from reasontune.logprobs import get_response_log_probs
+
+    prompts, outputs = random_examples(9, seed=1)
+    batches = pack_examples(prompts, outputs, PAD, tokens_per_row=24, rows_per_batch=2, shuffle_seed=0)
+    model = tiny_model("sdpa")
+    with torch.no_grad():
+        for batch in batches:
+            kwargs = packed_forward_kwargs(batch, "sdpa")
+            log_probs = get_response_log_probs(model, batch["input_ids"], batch["labels"],
+                                               attention_mask=kwargs["attention_mask"],
+                                               position_ids=kwargs["position_ids"],
+                                               response_mask=batch["response_mask"])["log_probs"]
+            masks = split_packed(batch["response_mask"], batch)
+            for k, piece in enumerate(split_packed(log_probs, batch)):
+                index = int(batch["example_indices"][k])
+                reference = alone_log_probs(model, prompts[index] + outputs[index])
+                torch.testing.assert_close(piece[masks[k]], reference[masks[k]], rtol=0, atol=1e-5)
+                assert masks[k].any()
