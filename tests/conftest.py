@@ -44,3 +44,41 @@ def tiny_qwen2():
     from reasontune.modeling import build_model_from_config, tiny_qwen2_config
 
     return build_model_from_config(tiny_qwen2_config(vocab_size=97, hidden_size=32, num_heads=4, num_kv_heads=2), seed=0)
+
+
+TINY_CORPUS = [
+    "A conversation between User and Assistant. User: What is 12 + 30? Assistant: <think>",
+    " 12 + 30 = 42 </think> <answer>42</answer>",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
+    "How many clips did Natalia sell altogether in April and May? 48 / 2 = 24 and 48 + 24 = 72",
+]
+
+
+def build_tiny_model_dir(path: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
+    """Saves a tiny byte-level BPE tokenizer and a seeded random Qwen2 model as a Hugging Face model directory."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from reasontune.modeling import build_model_from_config, tiny_qwen2_config
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(TINY_CORPUS * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    config = tiny_qwen2_config(vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=num_layers,
+                               num_heads=4, num_kv_heads=2, eos_token_id=tokenizer.eos_token_id,
+                               pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
+    model = build_model_from_config(config, seed=seed)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny model + tokenizer directory (byte-level BPE, vocab ~320), loadable with from_pretrained."""
+    return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model") / "model")

@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import time
+from pathlib import Path
 from typing import Literal
+
+import torch
 
 from reasontune.config import help_field
 
@@ -15,6 +20,7 @@ class SFTConfig:
     # data
     train_data: str = help_field("", "training data: JSONL of {prompt, response}, chat messages, GSM8K/MATH, JSON/Parquet or a hub name")
     val_data: str | None = help_field(None, "validation data with references for periodic evaluation (default: a split of the training data)")
+    reward: Literal["r1_zero", "question_only"] = help_field("r1_zero", "reward function of evaluation: r1_zero (<think>…</think> <answer>…</answer>) or question_only (last \\boxed{})")
     prompt_template: str = help_field("r1_zero", "template turning a question into a prompt for data without a prompt field, and for evaluation: r1_zero, question_only or a file with {question}")
     max_train_examples: int | None = help_field(None, "use a seeded random subset of this many training examples (dataset-size sweeps)")
     val_fraction: float = help_field(0.0, "hold out this fraction of the training data as validation when --val-data is not given")
@@ -57,6 +63,7 @@ class SFTConfig:
     vllm_device: str | None = help_field(None, "device of the vLLM engine (default: the policy's)")
     save_every: int = help_field(0, "write checkpoint-N/ every N optimizer steps (0: only final/)")
     save_total_limit: int | None = help_field(None, "keep only the newest N checkpoint-N/ directories")
+    overwrite: bool = help_field(False, "start afresh in an --output-dir that already holds a run (its files are replaced)")
     resume: bool = help_field(False, "continue from the newest checkpoint-N/ in --output-dir (model, optimizer, scheduler, RNG, data position)")
     log_every: int = help_field(1, "write a metrics line every N optimizer steps")
     wandb_project: str | None = help_field(None, "also log to this Weights & Biases project (needs the wandb extra)")
@@ -64,3 +71,389 @@ class SFTConfig:
     progress: bool = help_field(True, "show a progress bar (step, loss, tokens/s, ETA)")
     write_report: bool = help_field(True, "write report/ (plots and summary page) at the end")
     num_threads: int | None = help_field(None, "torch CPU threads (default: torch's choice)")
+
+    def validate(self) -> None:
+        """Raises SystemExit naming the option when a value cannot work."""
+        problems = []
+        if not self.train_data:
+            problems.append("--train-data is required")
+        if self.batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_epochs < 1:
+            problems.append("--batch-size, --gradient-accumulation-steps and --num-epochs must be >= 1")
+        if self.max_length is not None and self.max_length < 2:
+            problems.append("--max-length must be at least 2")
+        if self.packing and self.max_length is None and self.tokens_per_batch is None:
+            problems.append("--packing needs --max-length (the row width) or --tokens-per-batch")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append("--warmup-ratio must be in [0, 1)")
+        if self.resume and self.overwrite:
+            problems.append("--resume and --overwrite contradict each other")
+        if problems:
+            raise SystemExit("error: " + "; ".join(problems))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: examples → token ids → a deterministic plan of optimizer steps
+
+
+@dataclasses.dataclass
+class TokenizedData:
+    """Token ids of the training examples that keep at least one response token after truncation."""
+
+    prompt_ids: list[list[int]]
+    output_ids: list[list[int]]
+    counts: dict[str, int]
+
+
+def load_sft_examples(config: SFTConfig):
+    """Returns (train examples with responses, validation examples, data counts) for ``config``."""
+    from reasontune.data import load_examples, train_validation_split, with_r1_zero_targets
+
+    train_set = load_examples(config.train_data, max_examples=config.max_train_examples, seed=config.seed,
+                              skip_bad=config.skip_bad)
+    train = with_r1_zero_targets(train_set.examples)
+    counts = {"train_records": train_set.total_records, "train_skipped_bad": train_set.n_skipped}
+    if config.val_data:
+        validation = load_examples(config.val_data, seed=config.seed, skip_bad=config.skip_bad).examples
+    elif config.val_fraction > 0:
+        train, validation = train_validation_split(train, config.val_fraction, seed=config.seed)
+    else:
+        validation = []
+    validation = [e for e in validation if e.ground_truth is not None]
+    if config.eval_examples and len(validation) > config.eval_examples:
+        validation = validation[: config.eval_examples]
+    counts.update(train_examples=len(train), validation_examples=len(validation))
+    return train, validation, counts
+
+
+def tokenize_examples(examples, tokenizer, template: str, max_length: int | None) -> TokenizedData:
+    """Returns the examples' prompt/response ids, cut to ``max_length``; those left without a response token are dropped and counted."""
+    from reasontune.data import example_prompt
+
+    prompts = [example_prompt(e, template) for e in examples]
+    prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    output_ids = tokenizer([e.response for e in examples], add_special_tokens=False)["input_ids"]
+    kept_prompts, kept_outputs = [], []
+    counts = {"truncated": 0, "dropped_empty_response": 0, "dropped_response_truncated_away": 0}
+    for p, o in zip(prompt_ids, output_ids):
+        if not o:
+            counts["dropped_empty_response"] += 1
+            continue
+        if max_length is not None and len(p) + len(o) > max_length:
+            counts["truncated"] += 1
+            if len(p) >= max_length:
+                counts["dropped_response_truncated_away"] += 1
+                continue
+            o = o[: max_length - len(p)]
+        kept_prompts.append(list(p))
+        kept_outputs.append(list(o))
+    if not kept_prompts:
+        raise SystemExit(f"error: no training example keeps a response token (counts: {counts}); raise --max-length")
+    counts["trained_examples"] = len(kept_prompts)
+    return TokenizedData(kept_prompts, kept_outputs, counts)
+
+
+def plan_microbatches(data: TokenizedData, config: SFTConfig, epoch: int, pad_token_id: int) -> list[dict]:
+    """Returns one epoch's microbatches (dicts of tensors), a pure function of the data, config and epoch."""
+    from reasontune.batching import pack_examples, token_budget_batches
+    from reasontune.tokenization import pad_and_shift
+
+    seed = config.seed * 100_003 + epoch
+    if config.packing:
+        row_width = (config.max_length or config.tokens_per_batch) - 1
+        rows = max(1, (config.tokens_per_batch or config.batch_size * row_width) // row_width)
+        return pack_examples(data.prompt_ids, data.output_ids, pad_token_id, tokens_per_row=row_width,
+                             rows_per_batch=rows, max_length=config.max_length, shuffle_seed=seed)
+    lengths = [len(p) + len(o) for p, o in zip(data.prompt_ids, data.output_ids)]
+    if config.tokens_per_batch:
+        groups = token_budget_batches(lengths, config.tokens_per_batch, shuffle_seed=seed)
+    else:
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed)).tolist()
+        groups = [order[i:i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+    microbatches = []
+    for group in groups:
+        batch = pad_and_shift([data.prompt_ids[i] for i in group], [data.output_ids[i] for i in group], pad_token_id)
+        batch["num_examples"] = len(group)
+        microbatches.append(batch)
+    return microbatches
+
+
+def plan_steps(data: TokenizedData, config: SFTConfig, pad_token_id: int) -> list[tuple[float, list[dict]]]:
+    """Returns every optimizer step of the run as (epoch progress, microbatches); steps never span epochs."""
+    steps = []
+    for epoch in range(config.num_epochs):
+        microbatches = plan_microbatches(data, config, epoch, pad_token_id)
+        accumulation = config.gradient_accumulation_steps
+        per_epoch = math.ceil(len(microbatches) / accumulation)
+        for k in range(per_epoch):
+            steps.append((epoch + (k + 1) / per_epoch, microbatches[k * accumulation:(k + 1) * accumulation]))
+    if config.max_steps is not None:
+        steps = steps[: config.max_steps]
+    return steps
+
+
+def learning_rate_lambda(config: SFTConfig, total_steps: int):
+    """Returns the multiplier of the peak learning rate at each step: linear warmup, then cosine/linear/constant."""
+    warmup = int(round(config.warmup_ratio * total_steps))
+
+    def multiplier(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        if config.lr_scheduler == "constant":
+            return 1.0
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        decay = 0.5 * (1.0 + math.cos(math.pi * progress)) if config.lr_scheduler == "cosine" else 1.0 - progress
+        return config.min_lr_ratio + (1.0 - config.min_lr_ratio) * decay
+
+    return multiplier
+
+
+# ---------------------------------------------------------------------------------------------
+# One optimizer step
+
+
+def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch.device) -> dict[str, float]:
+    """Returns the step's metrics after forward and backward of every microbatch (gradients accumulated, no optimizer step)."""
+    from reasontune.batching import packed_forward_kwargs
+    from reasontune.logprobs import get_response_log_probs
+    from reasontune.losses import sft_microbatch_train_step
+
+    examples_in_step = sum(mb["num_examples"] for mb in microbatches)
+    tokens_in_step = int(sum(int(mb["response_mask"].sum()) for mb in microbatches))
+    totals = {"loss": 0.0, "nll_sum": 0.0, "response_tokens": 0, "tokens": 0, "entropy_sum": 0.0}
+    for mb in microbatches:
+        input_ids, labels = mb["input_ids"].to(device), mb["labels"].to(device)
+        response_mask = mb["response_mask"].to(device)
+        if "position_ids" in mb:
+            forward = packed_forward_kwargs(mb, model.config._attn_implementation, dtype=model.dtype)
+            forward = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in forward.items()}
+            totals["tokens"] += int((mb["sequence_ids"] >= 0).sum())
+        else:
+            # Right padding under a causal mask: real tokens never attend to the padding after
+            # them, so no attention mask is needed (and sdpa keeps its fast causal kernel).
+            forward = {}
+            totals["tokens"] += int((mb["prompt_lengths"] + mb["response_lengths"] - 1).sum())
+        outputs = get_response_log_probs(model, input_ids, labels, return_token_entropy=True,
+                                         response_mask=response_mask, **forward)
+        loss, metadata = sft_microbatch_train_step(
+            outputs["log_probs"], response_mask, config.gradient_accumulation_steps,
+            normalize_constant=config.normalize_constant, normalization=config.loss_normalization,
+            tokens_in_step=tokens_in_step, examples_in_step=examples_in_step,
+        )
+        totals["loss"] += float(loss)
+        totals["nll_sum"] += float(metadata["masked_nll_sum"])
+        totals["response_tokens"] += int(metadata["num_response_tokens"])
+        totals["entropy_sum"] += float(outputs["token_entropy"].detach()[response_mask].float().sum())
+    tokens = max(totals["response_tokens"], 1)
+    return {"loss": totals["loss"], "mean_token_nll": totals["nll_sum"] / tokens,
+            "token_entropy": totals["entropy_sum"] / tokens, "response_tokens": totals["response_tokens"],
+            "tokens": totals["tokens"], "examples": examples_in_step}
+
+
+# ---------------------------------------------------------------------------------------------
+# Evaluation, checkpoints and the run directory
+
+
+def make_generator(config: SFTConfig, model, tokenizer):
+    """Returns the evaluation generator: HF ``generate`` on the policy itself, or a vLLM engine."""
+    if config.eval_backend == "vllm":
+        from reasontune.generation.vllm import VLLMGenerator
+
+        return VLLMGenerator(config.model, device=config.vllm_device,
+                             gpu_memory_utilization=config.vllm_gpu_memory_utilization, seed=config.seed,
+                             dtype=config.dtype)
+    from reasontune.generation.hf import HFGenerator
+
+    return HFGenerator(model, tokenizer, batch_size=config.eval_batch_size)
+
+
+def evaluate_policy(step: int, model, generator, validation, template: str, config: SFTConfig, run_dir: Path) -> dict:
+    """Returns the summary of generating and grading the validation examples with the current weights.
+
+    Writes ``eval/step-<N>/records.jsonl`` and ``summary.json`` as ``reasontune eval`` does. The
+    RNG is forked so that sampling in evaluation never changes the training run's random stream.
+    """
+    from reasontune.evaluation import evaluate
+    from reasontune.generation import SamplingOptions
+    from reasontune.rewards import question_only_reward_fn, r1_zero_reward_fn
+
+    if hasattr(generator, "load_policy_weights"):
+        generator.load_policy_weights(model)
+    options = SamplingOptions(temperature=config.eval_temperature, max_new_tokens=config.eval_max_new_tokens,
+                              stop=("</answer>",), n=1, seed=config.seed, return_entropy=config.eval_backend == "hf")
+    reward_fn = r1_zero_reward_fn if config.reward == "r1_zero" else question_only_reward_fn
+    with torch.random.fork_rng(devices=[]):
+        summary = evaluate(generator, validation, reward_fn, options, output_dir=run_dir / "eval" / f"step-{step:06d}",
+                           template=template)
+    return summary
+
+
+def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str) -> dict:
+    """Returns everything besides the weights that an exact resume needs."""
+    from reasontune.checkpoint import rng_state
+
+    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng_state(), "plan_fingerprint": plan_fingerprint}
+
+
+def fingerprint(steps) -> str:
+    """Returns a short hash of the data plan, so a resume with other data or batching is refused."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for _, microbatches in steps:
+        for mb in microbatches:
+            digest.update(mb["input_ids"].numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def prepare_run_dir(config: SFTConfig) -> Path:
+    """Returns the run directory, refusing to mix a new run into an old one unless asked."""
+    import shutil
+
+    run_dir = Path(config.output_dir)
+    if run_dir.exists() and (run_dir / "config.json").exists() and not config.resume:
+        if not config.overwrite:
+            raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it, "
+                             "--overwrite to start afresh, or another --output-dir")
+        for child in run_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the message says where the last good weights are."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def run_sft(config: SFTConfig) -> Path:
+    """Returns the run directory after SFT of ``config.model`` on ``config.train_data``.
+
+    The loop: microbatches → get_response_log_probs → sft_microbatch_train_step → gradient
+    accumulation → clipping → AdamW step → LR schedule → metrics → periodic evaluation →
+    checkpoint. Writes config.json, metrics.jsonl, checkpoint-N/, final/, eval/ and report/.
+    """
+    from reasontune.checkpoint import (latest_checkpoint, load_trainer_state, prune_checkpoints,
+                                       remove_stale_temporaries, save_checkpoint, set_rng_state)
+    from reasontune.config import save_config
+    from reasontune.data import load_template
+    from reasontune.modeling import load_model, load_tokenizer
+    from reasontune.tokenization import pad_token_id_of
+    from reasontune.tracking import MetricsLogger, Progress
+
+    # --- setup: run dir, seeds, model, data, optimizer, plan
+    run_dir = prepare_run_dir(config)
+    remove_stale_temporaries(run_dir)
+    save_config(config, run_dir / "config.json")
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
+    torch.manual_seed(config.seed)
+    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    checkpoint = latest_checkpoint(run_dir) if config.resume else None
+    weights = str(checkpoint) if checkpoint is not None else config.model
+    tokenizer = load_tokenizer(weights)
+    model = load_model(weights, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    template = load_template(config.prompt_template)
+    train_examples, validation, data_counts = load_sft_examples(config)
+    data = tokenize_examples(train_examples, tokenizer, template, config.max_length)
+    steps = plan_steps(data, config, pad_token_id_of(tokenizer))
+    plan_id = fingerprint(steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
+                                  betas=(config.adam_beta1, config.adam_beta2))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config, len(steps)))
+    generator = make_generator(config, model, tokenizer) if validation else None
+
+    start_step = 0
+    logger = MetricsLogger(run_dir, wandb_project=config.wandb_project, tensorboard=config.tensorboard,
+                           config=dataclasses.asdict(config), resume=checkpoint is not None)
+    if checkpoint is not None:
+        state = load_trainer_state(checkpoint)
+        if state["plan_fingerprint"] != plan_id:
+            raise SystemExit(f"error: {checkpoint} was written for other data or batching options; cannot resume")
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_step = state["step"]
+        logger.truncate_after(start_step)
+        logger.log("event", start_step, message=f"resumed from {checkpoint.name}")
+    elif config.resume:
+        print(f"no checkpoint in {run_dir}; starting from step 0")
+    if start_step == 0:
+        logger.log("data", 0, **data_counts, **data.counts, loss_normalization=config.loss_normalization)
+    print(f"training {config.model} on {data.counts['trained_examples']} examples: {len(steps)} optimizer steps "
+          f"({data.counts['truncated']} truncated, {data.counts['dropped_response_truncated_away']} dropped: "
+          f"response cut away by --max-length); loss normalisation: {config.loss_normalization}")
+
+    def save(step: int, name: str) -> Path:
+        state = trainer_state(step, optimizer, scheduler, plan_id)
+        config_text = (run_dir / "config.json").read_text()
+        path = save_checkpoint(run_dir / name, model, tokenizer, state, {"reasontune_config.json": config_text})
+        prune_checkpoints(run_dir, config.save_total_limit)
+        return path
+
+    def evaluate_and_log(step: int) -> None:
+        summary = evaluate_policy(step, model, generator, validation, template, config, run_dir)
+        logger.log("eval", step, accuracy=summary["accuracy"], format_rate=summary["format_rate"],
+                   mean_response_length=summary.get("mean_response_length"),
+                   mean_entropy=summary.get("mean_entropy"), dir=f"eval/step-{step:06d}")
+        progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
+
+    progress = Progress(len(steps), initial_step=start_step, enabled=config.progress)
+    if generator is not None and config.eval_before_training and start_step == 0:
+        evaluate_and_log(0)
+    model.train()
+    started = time.perf_counter()
+    for step in range(start_step + 1, len(steps) + 1):
+        epoch, microbatches = steps[step - 1]
+        # --- forward and backward of every microbatch (accumulating gradients)
+        tick = time.perf_counter()
+        metrics = train_step(model, microbatches, config, device)
+        # --- clip, check, step
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
+            optimizer.zero_grad(set_to_none=True)
+            path = save(step - 1, f"checkpoint-{step - 1}")
+            message = (f"loss {metrics['loss']} / gradient norm {float(grad_norm)} at step {step} is not finite; "
+                       f"stopped. The last good weights (after step {step - 1}) are in {path}; "
+                       "lower --learning-rate or check the data, then --resume")
+            logger.log("event", step, message=message)
+            logger.close()
+            progress.close()
+            raise TrainingDiverged(message)
+        learning_rate = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        # --- log
+        seconds = time.perf_counter() - tick
+        if step % config.log_every == 0 or step == len(steps):
+            logger.log("train", step, epoch=round(epoch, 4), lr=learning_rate, grad_norm=float(grad_norm),
+                       tokens_per_s=metrics["tokens"] / seconds, response_tokens_per_s=metrics["response_tokens"] / seconds,
+                       elapsed_s=time.perf_counter() - started, **metrics)
+        progress.update(step, loss=metrics["loss"], tokens_per_s=metrics["tokens"] / seconds)
+        # --- evaluate
+        if generator is not None and config.eval_every and step % config.eval_every == 0 and step != len(steps):
+            evaluate_and_log(step)
+        # --- checkpoint
+        if config.save_every and step % config.save_every == 0 and step != len(steps):
+            save(step, f"checkpoint-{step}")
+    progress.close()
+
+    # --- final weights, final evaluation, report
+    save(len(steps), "final")
+    if generator is not None:
+        evaluate_and_log(len(steps))
+    logger.close()
+    if config.write_report:
+        from reasontune.report import write_report
+
+        print(f"report: {write_report(run_dir) / 'index.html'}")
+    print(f"run directory: {run_dir}")
+    return run_dir
