@@ -27,6 +27,9 @@ from reasontune.rewards.parse import (
     symbols_of,
 )
 
+MAX_EXPONENT = 1000
+"""Numeric exponents beyond this on a non-rational base are refused before any sympy work."""
+
 MAX_ITEMS = 64
 """Lists, tuples and matrices with more elements than this are refused."""
 
@@ -217,6 +220,11 @@ def trees_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_sy
         pass
     except (Refused, ParseError, ZeroDivisionError, OverflowError):
         return False
+    try:
+        check_exponents(left)
+        check_exponents(right)
+    except (Refused, ParseError, ZeroDivisionError):
+        return False
     names = sorted((symbols_of(left) | symbols_of(right)) - {"i", "e"})
     try:
         left_values, right_values = sample_values(left, names), sample_values(right, names)
@@ -226,6 +234,28 @@ def trees_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_sy
         if abs(a - b) > 1e-9 * max(1.0, abs(a), abs(b)):
             return False
     return exact_equal(left, right)
+
+
+def check_exponents(tree: tuple) -> None:
+    """Raise Refused when ``tree`` has a numeric exponent beyond ``MAX_EXPONENT`` (x^{10^{10}})."""
+    kind = tree[0]
+    if kind == "pow":
+        try:
+            exponent = rational_value(tree[2])
+        except NotRational:
+            exponent = None
+        if exponent is not None and abs(exponent) > MAX_EXPONENT:
+            raise Refused("exponent too large")
+    if kind in ("add", "mul"):
+        for child in tree[1]:
+            check_exponents(child)
+    elif kind in ("neg", "fact"):
+        check_exponents(tree[1])
+    elif kind in ("div", "pow", "root", "binom"):
+        check_exponents(tree[1])
+        check_exponents(tree[2])
+    elif kind == "func":
+        check_exponents(tree[2])
 
 
 def _scaled(tree: tuple, percent: bool) -> list[tuple]:

@@ -33,7 +33,9 @@ def extract_r1_zero_answer(response: str) -> str | None:
     close = response.rfind(ANSWER_CLOSE)
     if close < start + len(THINK_ANSWER_OPEN):
         return None
+    # The last <answer> that some </answer> follows, paired with the first </answer> after it.
     open_ = response.rfind(ANSWER_OPEN, 0, close)
+    close = response.find(ANSWER_CLOSE, open_)
     return response[open_ + len(ANSWER_OPEN) : close]
 
 

@@ -15,7 +15,9 @@ _DROP_COMMANDS = re.compile(
     r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg|displaystyle|textstyle"
     r"|scriptstyle|limits|nolimits|mathstrut|strut|phantom\{[^{}]*\})(?![a-zA-Z])"
 )
-_SPACING = re.compile(r"\\(?:,|!|;|:|>|quad|qquad|thinspace|medspace|thickspace|enspace|hspace\{[^{}]*\})|~|\\ ")
+_THIN_SPACING = re.compile(r"(?<!\\)\\(?:,|!|;|:|>|thinspace|medspace|thickspace)")
+_SPACING = re.compile(r"\\(?:quad|qquad|enspace|hspace\{[^{}]*\})|~|(?<!\\)\\ ")
+_UNICODE = str.maketrans({"−": "-", "–": "-", "×": "*", "·": "*", "÷": "/", "π": "\\pi ", "∞": "\\infty "})
 _TEXT_COMMANDS = re.compile(
     r"\\(?:text|textbf|textit|textrm|textsf|texttt|mbox|mathrm|mathbf|mathit|mathsf|mathtt|mathnormal"
     r"|operatorname|emph|textnormal|hbox)\s*\{([^{}]*)\}"
@@ -33,7 +35,7 @@ _SHORT_FRAC_SECOND = re.compile(r"\\frac\s*\{([^{}]*)\}\s*(\d)")
 _SHORT_SQRT = re.compile(r"\\sqrt\s*(\d+|[a-zA-Z])(?![a-zA-Z])")
 _IN_PREFIX = re.compile(r"^\s*[a-zA-Z]\s*\\in\s*")
 _TRAILING_PUNCT = re.compile(r"[\s.;:]+$")
-_TRAILING_WORD = re.compile(r"(?:^|(?<=[\s}]))([a-zA-Z]+)\.?\s*$")
+_TRAILING_WORD = re.compile(r"(?:^|(?<=[\s}]))([a-zA-Z]+)\.?\s*(?:\^\s*\{?\s*[23]\s*\}?)?\s*$")
 
 # Words that carry mathematical meaning and so are never stripped as units.
 _MATH_WORDS = frozenset(
@@ -91,6 +93,8 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
             text = boxed
     text = _DOLLAR.sub(" ", text)
     text = _DROP_COMMANDS.sub("", text)
+    text = text.translate(_UNICODE)
+    text = _THIN_SPACING.sub("", text)  # 1\\,000 is one thousand
     text = _SPACING.sub(" ", text)
     text = _DEGREES.sub(" ", text)
     had_percent = _PERCENT.search(text) is not None
@@ -117,5 +121,5 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
 def normalize_text(text: str) -> str:
     """Return ``text`` folded for comparing word answers: lower case, no spaces or braces."""
     text = strip_text_commands(text)
-    text = re.sub(r"[\s{}$]|\\(?=[a-zA-Z])", "", text).lower()
-    return text.strip(".")
+    text = re.sub(r"[{}$]|\\(?=[a-zA-Z])", "", text).lower()
+    return " ".join(text.split()).strip(".")

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import atexit
 import importlib
+import importlib.util
 import os
 import pickle
 import subprocess
@@ -62,18 +63,30 @@ class WorkerFailedToLoad(RuntimeError):
     """The worker could not import the function it was asked to run."""
 
 
-def _restore_real_package() -> None:
-    """Replace the bare ``reasontune`` stand-in by the real package (for callers' functions)."""
-    package = sys.modules.get("reasontune")
-    if package is not None and not hasattr(package, "__file__"):
-        del sys.modules["reasontune"]
-        importlib.import_module("reasontune")
+def _real_package_attribute(name: str):
+    """Return ``reasontune.<name>``, loading the real package ``__init__`` on first need.
+
+    Installed as the stand-in package's module ``__getattr__``: a caller's reward function
+    that does ``from reasontune import X`` still works, and only then pays for torch.
+    """
+    if os.path.exists(os.path.join(_PACKAGE_DIR, name + ".py")) or os.path.isdir(os.path.join(_PACKAGE_DIR, name)):
+        raise AttributeError(name)  # a submodule: let the import system load it
+    package = sys.modules["reasontune"]
+    del package.__getattr__
+    spec = importlib.util.spec_from_file_location(
+        "reasontune", os.path.join(_PACKAGE_DIR, "__init__.py"), submodule_search_locations=[_PACKAGE_DIR]
+    )
+    spec.loader.exec_module(package)
+    return getattr(package, name)
 
 
 def worker_main(fd: int, memory_limit_bytes: int) -> None:
     """Serve requests on the socket ``fd`` until the parent closes it (worker side)."""
     global _in_worker
     _in_worker = True
+    package = sys.modules.get("reasontune")
+    if package is not None and not hasattr(package, "__file__"):
+        package.__getattr__ = _real_package_attribute
     if memory_limit_bytes > 0:
         import resource
 
@@ -93,8 +106,6 @@ def worker_main(fd: int, memory_limit_bytes: int) -> None:
         function = functions.get(blob)
         if function is None:
             try:
-                if not module.startswith("reasontune.rewards"):
-                    _restore_real_package()
                 function = functions[blob] = pickle.loads(blob)
             except Exception as error:  # noqa: BLE001 - reported to the parent, which raises
                 connection.send(("load_error", f"{type(error).__name__}: {error}"))
