@@ -81,6 +81,7 @@ class ExampleSet(Sequence[Example]):
     skipped_lines: list[str] = field(default_factory=list)
     total_records: int = 0
     source: str = ""
+    valid_records: int = 0  # well-formed records before a max_examples subset was drawn
 
     def __len__(self) -> int:
         return len(self.examples)
@@ -97,12 +98,16 @@ class ExampleSet(Sequence[Example]):
 
     def report(self) -> str:
         """Returns a one-paragraph account: records read, kept, skipped by reason."""
-        text = f"{self.source}: {self.total_records} records read, {len(self.examples)} kept"
+        text = f"{self.source}: {self.total_records} records read"
         if self.skipped:
             reasons = ", ".join(f"{count} {reason}" for reason, count in sorted(self.skipped.items()))
-            text += f", {self.n_skipped} skipped ({reasons})"
-            if self.skipped_lines:
-                text += "; first: " + " | ".join(self.skipped_lines)
+            text += f", {self.n_skipped} malformed skipped ({reasons})"
+        if self.valid_records != len(self.examples):
+            text += f", {len(self.examples)} of {self.valid_records} drawn (max_examples)"
+        else:
+            text += f", {len(self.examples)} examples"
+        if self.skipped_lines:
+            text += "; first skipped: " + " | ".join(self.skipped_lines)
         return text
 
 
@@ -332,10 +337,11 @@ def load_examples(source: str | Path, *, split: str | None = None, hub_config: s
             skipped[_reason(str(problem))] += 1
             if len(skipped_lines) < _MAX_SKIP_EXAMPLES:
                 skipped_lines.append(str(problem))
+    valid = len(examples)
     if max_examples is not None and max_examples < len(examples):
         chosen = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
         examples = [examples[i] for i in chosen]
-    result = ExampleSet(examples, dict(skipped), skipped_lines, total, source_text)
+    result = ExampleSet(examples, dict(skipped), skipped_lines, total, source_text, valid)
     if skipped:
         print(f"warning: {result.report()}", file=sys.stderr)
     return result

@@ -9,7 +9,6 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from reasontune.generation import Completion, Generator, SamplingOptions, cut_at_stop
-from reasontune.logprobs import compute_entropy
 
 
 class _StopOnStrings(StoppingCriteria):
@@ -55,10 +54,12 @@ class _TokenStatsRecorder(LogitsProcessor):
         self._record_sampled(input_ids[:, -1])
         # Processors before this one (min_new_tokens) may set -inf; a finite floor keeps p·logit at 0, not NaN.
         logits = torch.nan_to_num(scores.float(), neginf=torch.finfo(torch.float32).min)
+        log_probs = torch.log_softmax(logits, dim=-1)
         if self.want_logprobs:
-            self.previous_log_probs = torch.log_softmax(logits, dim=-1)
+            self.previous_log_probs = log_probs
         if self.want_entropy:
-            self.entropies.append(compute_entropy(logits))
+            # H = -Σ p log p from the log-softmax already at hand: one pass instead of a second reduction.
+            self.entropies.append(-(log_probs.exp() * log_probs).sum(dim=-1))
         return scores
 
     def _record_sampled(self, tokens: torch.Tensor) -> None:
