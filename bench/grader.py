@@ -1,0 +1,172 @@
+"""Benchmark our answer grader against math-verify on the hand-labeled set, in one run.
+
+    python bench/grader.py [--rounds N] [--workers W]
+
+Both graders see the same answers: the R1-Zero format rule (or, for question-only cases, the
+last \\boxed{}) is applied by ``reasontune.rewards.extract`` to every response, and each
+library then judges the extracted answer against the reference(s). Printed per grader:
+accuracy, false positives (graded right, labeled wrong), false negatives, median and p99
+time per answer single-process, and throughput pooled across worker processes. Ratios are
+ours / math-verify's. math-verify reads LaTeX with sympy's ``parse_latex`` (which hands
+text to Python's evaluator); that is acceptable for a baseline here, never in reasontune.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from importlib.metadata import version
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from reasontune.rewards import grade_batch, question_only_reward_fn, r1_zero_reward_fn  # noqa: E402
+from reasontune.rewards.extract import extract_boxed_answer, extract_r1_zero_answer  # noqa: E402
+from reasontune.rewards.grading import _parse_cached  # noqa: E402
+
+CASES_PATH = ROOT / "tests" / "data" / "reward_cases.jsonl"
+
+
+def load_cases() -> list[dict]:
+    """Return the labeled cases that have a formatted response (unformatted ones test format only)."""
+    cases = [json.loads(line) for line in CASES_PATH.read_text().splitlines() if line.strip()]
+    return [case for case in cases if case["format_reward"] == 1.0]
+
+
+def ours(case: dict) -> float:
+    """Return our answer reward for a case (parse caches cleared: every answer is graded cold)."""
+    _parse_cached.cache_clear()
+    reward_fn = question_only_reward_fn if case["reward_fn"] == "question_only" else r1_zero_reward_fn
+    return reward_fn(case["response"], case["ground_truth"])["answer_reward"]
+
+
+def math_verify(case: dict) -> float:
+    """Return math-verify's answer reward for a case, after the same answer extraction."""
+    from math_verify import parse, verify
+
+    extract = extract_boxed_answer if case["reward_fn"] == "question_only" else extract_r1_zero_answer
+    answer = extract(case["response"])
+    if answer is None or not answer.strip():
+        return 0.0
+    truths = case["ground_truth"] if isinstance(case["ground_truth"], list) else [case["ground_truth"]]
+    given = parse(f"\\boxed{{{answer}}}")
+    return 1.0 if any(verify(parse(f"\\boxed{{{truth}}}"), given) for truth in truths) else 0.0
+
+
+def _case_pair(case: dict) -> tuple[str, object]:
+    return case["response"], case["ground_truth"]
+
+
+def single_process(grader, cases: list[dict], rounds: int) -> tuple[list[float], list[float]]:
+    """Return (answer rewards, per-case median seconds) grading every case ``rounds`` times."""
+    times: list[list[float]] = [[] for _ in cases]
+    rewards: list[float] = []
+    for round_index in range(rounds):
+        for index, case in enumerate(cases):
+            start = time.perf_counter()
+            reward = grader(case)
+            times[index].append(time.perf_counter() - start)
+            if round_index == 0:
+                rewards.append(reward)
+    return rewards, [statistics.median(case_times) for case_times in times]
+
+
+def pooled_throughput_ours(cases: list[dict], workers: int) -> float:
+    """Return answers per second of ``grade_batch`` over the set (workers already started)."""
+    r1 = [case for case in cases if case["reward_fn"] == "r1_zero"]
+    question_only = [case for case in cases if case["reward_fn"] == "question_only"]
+    grade_batch(["x </think> <answer>1</answer>"] * workers, ["1"] * workers, workers=workers)  # start workers
+    start = time.perf_counter()
+    grade_batch([c["response"] for c in r1], [c["ground_truth"] for c in r1], workers=workers)
+    grade_batch([c["response"] for c in question_only], [c["ground_truth"] for c in question_only],
+                reward_fn=question_only_reward_fn, workers=workers)
+    return len(cases) / (time.perf_counter() - start)
+
+
+def pooled_throughput_math_verify(cases: list[dict], workers: int) -> float:
+    """Return answers per second of math-verify in a ProcessPoolExecutor (workers already started)."""
+    with ProcessPoolExecutor(workers) as pool:
+        list(pool.map(math_verify, cases[:workers]))  # start and import in every worker
+        start = time.perf_counter()
+        list(pool.map(math_verify, cases, chunksize=max(1, len(cases) // (4 * workers))))
+        return len(cases) / (time.perf_counter() - start)
+
+
+def quality(rewards: list[float], cases: list[dict]) -> dict:
+    """Return accuracy, false positives and false negatives against the labels."""
+    labels = [case["answer_reward"] for case in cases]
+    false_positives = [c for r, c in zip(rewards, cases) if r == 1.0 and c["answer_reward"] == 0.0]
+    false_negatives = [c for r, c in zip(rewards, cases) if r == 0.0 and c["answer_reward"] == 1.0]
+    positives = sum(labels)
+    return {
+        "accuracy": sum(r == label for r, label in zip(rewards, labels)) / len(cases),
+        "false_positives": false_positives,
+        "false_negatives": false_negatives,
+        "recall": (positives - len(false_negatives)) / positives,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=1, help="times each answer is graded single-process")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes for throughput")
+    parser.add_argument("--show-misses", action="store_true", help="list every misgraded case")
+    args = parser.parse_args()
+
+    cases = load_cases()
+    r1_zero_reward_fn("x </think> <answer>\\sqrt{2}</answer>", "\\frac{2}{\\sqrt{2}}")  # start our sympy worker
+    math_verify(cases[0])  # import math-verify and sympy's LaTeX parser
+    results = {}
+    for name, grader in (("reasontune", ours), ("math-verify", math_verify)):
+        rewards, seconds = single_process(grader, cases, args.rounds)
+        results[name] = quality(rewards, cases) | {
+            "median_ms": 1000 * statistics.median(seconds),
+            "p99_ms": 1000 * sorted(seconds)[int(0.99 * (len(seconds) - 1))],
+        }
+    results["reasontune"]["pooled"] = pooled_throughput_ours(cases, args.workers)
+    results["math-verify"]["pooled"] = pooled_throughput_math_verify(cases, args.workers)
+    for result in results.values():
+        result["single"] = 1000 / result["median_ms"]
+
+    print(f"machine: {platform.machine()} {platform.processor() or ''} {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, sympy {version('sympy')}, math-verify {version('math-verify')}")
+    print(f"labeled set: {len(cases)} formatted cases ({sum(c['answer_reward'] for c in cases):.0f} correct), "
+          f"{args.rounds} round(s), {args.workers} workers pooled\n")
+    ours_, theirs = results["reasontune"], results["math-verify"]
+    rows = [
+        ("accuracy", "{:.1%}", "accuracy"),
+        ("recall", "{:.1%}", "recall"),
+        ("false positives", "{}", "false_positives"),
+        ("false negatives", "{}", "false_negatives"),
+        ("median ms / answer", "{:.3f}", "median_ms"),
+        ("p99 ms / answer", "{:.2f}", "p99_ms"),
+        ("answers/s pooled", "{:.0f}", "pooled"),
+    ]
+    print(f"{'':22}{'reasontune':>12}{'math-verify':>13}{'ratio':>9}")
+    for label, fmt, key in rows:
+        a, b = ours_[key], theirs[key]
+        if isinstance(a, list):
+            a, b = len(a), len(b)
+        ratio = f"{a / b:.2f}" if b else "-"
+        print(f"{label:22}{fmt.format(a):>12}{fmt.format(b):>13}{ratio:>9}")
+    for name, result in results.items():
+        misses = result["false_positives"] + result["false_negatives"]
+        if misses and (args.show_misses or name == "reasontune"):
+            print(f"\n{name} misgraded:")
+            for case in misses:
+                answer = case["response"].split("<answer>")[-1].replace("</answer>", "")
+                print(f"  [{case['category']}] {answer!r} vs {case['ground_truth']!r} (label {case['answer_reward']:.0f})")
+    print(f"\ndone when: no false positives ({len(ours_['false_positives']) == 0}), recall >= math-verify's "
+          f"({ours_['recall'] >= theirs['recall']}), median time <= half of math-verify's "
+          f"({ours_['median_ms'] <= theirs['median_ms'] / 2})")
+
+
+if __name__ == "__main__":
+    main()
