@@ -96,3 +96,11 @@ def test_run_bounded_kills_an_overrunning_call_from_a_thread():
     assert result["value"] == ("timeout", None)
     assert time.monotonic() - start < 15
     assert sandbox.run_bounded(_sleep, (0,), timeout=5) == ("ok", "done")
+
+
+def test_symbolic_items_are_graded_inside_the_workers():
+    # (x-1)(x+1) = x^2 - 1 and sqrt(12) = 2 sqrt(3) by hand; x^2 + 1 differs from (x+1)^2 by 2x.
+    results = grade_batch(
+        [_ok("(x-1)(x+1)"), _ok("2\\sqrt{3}"), _ok("x^2+1")], ["x^2-1", "\\sqrt{12}", "(x+1)^2"], workers=2
+    )
+    assert [r["answer_reward"] for r in results] == [1.0, 1.0, 0.0]

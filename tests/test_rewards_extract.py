@@ -32,3 +32,17 @@ def test_r1_zero_extraction_follows_the_format_rule():
     assert extract_r1_zero_answer("a </think><answer>5</answer>") is None
     assert extract_r1_zero_answer("a <answer>5</answer>") is None
     assert extract_r1_zero_answer("a </think> <answer>5") is None
+
+
+def test_gsm8k_references_grade_themselves_right_and_neighbours_wrong(gsm8k_dir):
+    import json
+
+    from reasontune.rewards import r1_zero_reward_fn
+
+    lines = (gsm8k_dir / "test.jsonl").read_text().splitlines()[:200]
+    for line in lines:
+        answer = extract_gsm8k_answer(json.loads(line)["answer"])
+        assert answer is not None and answer.lstrip("-").replace(".", "").isdigit(), answer
+        assert r1_zero_reward_fn(f"t </think> <answer>{answer}</answer>", answer)["reward"] == 1.0
+        wrong = str(int(float(answer)) + 1)
+        assert r1_zero_reward_fn(f"t </think> <answer>{wrong}</answer>", answer)["reward"] == 0.0
