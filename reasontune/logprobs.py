@@ -29,7 +29,7 @@ from torch import nn
 Implementation = Literal["auto", "fused", "chunked", "naive"]
 
 # One float32 chunk of logits is at most this many bytes (441 tokens at vocabulary 151,936).
-# A chunk's working set is about three such tensors; smaller chunks save little time.
+# A chunk's working set is two such tensors (z / log p and p); smaller chunks save little time.
 DEFAULT_CHUNK_BYTES = 256 * 2**20
 
 
@@ -115,28 +115,30 @@ def _transformed_float32(raw: torch.Tensor, transform: LogitTransform, fresh: bo
     return z, derivative
 
 
-def _log_softmax_inplace(z: torch.Tensor) -> torch.Tensor:
-    """Turns float32 logits ``z`` (n, V) into log-probabilities in place and returns them.
+def _softmax_inplace(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(log p, p)`` of float32 logits ``z`` (n, V); ``log p`` is ``z``'s buffer, rewritten.
 
-    Shifting by the row maximum first keeps ``log p`` exact-ish even at logits of ±1e4, where
-    ``z - logsumexp(z)`` would lose ~1e-3 to the rounding of the large logsumexp.
+    Shifting by the row maximum first keeps ``log p`` exact to float32 rounding even at logits
+    of ±1e4, where ``z - logsumexp(z)`` would lose ~1e-3 to the rounding of the large logsumexp.
+    Two (n, V) buffers in all: no temporary beyond ``p``.
     """
     z.sub_(z.amax(dim=-1, keepdim=True))
-    z.sub_(torch.logsumexp(z, dim=-1, keepdim=True))
-    return z
+    p = z.exp()
+    total = p.sum(dim=-1, keepdim=True)
+    p.div_(total)
+    return z.sub_(total.log_()), p
 
 
 def _chunk_statistics(raw: torch.Tensor, labels: torch.Tensor | None, transform: LogitTransform,
                       fresh: bool, with_entropy: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Returns ``(log_prob (n,) float32 or None, entropy (n,) float32 or None)`` of a logits chunk (n, V)."""
-    log_p, _ = _transformed_float32(raw, transform, fresh, keep_softcap_derivative=False)
-    _log_softmax_inplace(log_p)
+    z, _ = _transformed_float32(raw, transform, fresh, keep_softcap_derivative=False)
+    del raw
+    log_p, p = _softmax_inplace(z)
     log_prob = None if labels is None else log_p.gather(1, labels.unsqueeze(1)).squeeze(1)
-    entropy = None
-    if with_entropy:
-        # H = -sum p log p; a row-wise dot product keeps the p * log p product out of memory.
-        p = log_p.exp()
-        entropy = -torch.linalg.vecdot(p, log_p)
+    # H = -sum p log p, the product built in p's buffer (p is not needed after) and summed by
+    # torch's pairwise reduction: a bmm dot product accumulates serially and loses ~1e-5.
+    entropy = -p.mul_(log_p).sum(dim=-1) if with_entropy else None
     return log_prob, entropy
 
 
@@ -144,15 +146,16 @@ def _chunk_grad_raw(raw: torch.Tensor, labels: torch.Tensor | None, transform: L
                     grad_log_prob: torch.Tensor | None, grad_entropy: torch.Tensor | None,
                     entropy: torch.Tensor | None) -> torch.Tensor:
     """Returns d loss / d raw logits (n, V) float32 for a chunk, from the output gradients (n,)."""
-    log_p, softcap_derivative = _transformed_float32(raw, transform, fresh, keep_softcap_derivative=True)
-    _log_softmax_inplace(log_p)
-    p = log_p.exp()
+    z, softcap_derivative = _transformed_float32(raw, transform, fresh, keep_softcap_derivative=True)
+    del raw
+    log_p, p = _softmax_inplace(z)
     if grad_entropy is not None:
         # coefficient_j = g_lp + g_H (log p_j + H), built in the log_p buffer.
         coefficient = log_p.add_(entropy.unsqueeze(1)).mul_(grad_entropy.unsqueeze(1))
         if grad_log_prob is not None:
             coefficient.add_(grad_log_prob.unsqueeze(1))
         grad = p.mul_(coefficient).neg_()
+        del coefficient
     else:
         del log_p
         grad = p.mul_(-grad_log_prob.unsqueeze(1))
@@ -190,9 +193,10 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         entropy = hidden.new_empty(tokens if with_entropy else 0, dtype=_work_dtype(hidden.dtype))
         for start in range(0, tokens, chunk_size):
             stop = min(start + chunk_size, tokens)
-            raw = F.linear(hidden[start:stop], weight, bias)
+            # The chunk's logits are passed without a local name so the callee can free them.
             chunk_log_probs, chunk_entropy = _chunk_statistics(
-                raw, labels[start:stop], transform, fresh=True, with_entropy=with_entropy)
+                F.linear(hidden[start:stop], weight, bias), labels[start:stop], transform, fresh=True,
+                with_entropy=with_entropy)
             log_probs[start:stop] = chunk_log_probs
             if with_entropy:
                 entropy[start:stop] = chunk_entropy
@@ -224,14 +228,12 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         for start in range(0, tokens, ctx.chunk_size):
             stop = min(start + ctx.chunk_size, tokens)
             rows = slice(start, stop)
-            raw = F.linear(hidden[rows], weight, bias)
             grad_raw = _chunk_grad_raw(
-                raw, labels[rows], ctx.transform, fresh=True,
+                F.linear(hidden[rows], weight, bias), labels[rows], ctx.transform, fresh=True,
                 grad_log_prob=None if grad_log_probs is None else grad_log_probs[rows],
                 grad_entropy=None if grad_entropy is None else grad_entropy[rows],
                 entropy=entropy[rows] if grad_entropy is not None else None,
             )
-            del raw
             if need_bias:
                 grad_bias += grad_raw.sum(dim=0)
             grad_raw = grad_raw.to(weight.dtype)
@@ -259,9 +261,9 @@ class _ChunkedLogitsStatistics(torch.autograd.Function):
         entropy = logits.new_empty(tokens if with_entropy else 0, dtype=_work_dtype(logits.dtype))
         for start in range(0, tokens, chunk_size):
             stop = min(start + chunk_size, tokens)
-            raw = logits[start:stop] if rows is None else logits[rows[start:stop]]
             chunk_log_probs, chunk_entropy = _chunk_statistics(
-                raw, labels[start:stop] if with_log_probs else None, transform,
+                logits[start:stop] if rows is None else logits[rows[start:stop]],
+                labels[start:stop] if with_log_probs else None, transform,
                 fresh=rows is not None, with_entropy=with_entropy)
             if with_log_probs:
                 log_probs[start:stop] = chunk_log_probs

@@ -289,19 +289,19 @@ def test_bf16_fused_is_as_close_to_float64_as_naive():
     lp, entropy, grads = run(model, input_ids, labels, weights, implementation="fused", chunk_size=5)
     assert lp.dtype == torch.float32
     # Both paths share the bf16 body (identical hidden states) and round the bf16 logits alike;
-    # they differ in the projection's accumulation order and in the bf16 rounding of
-    # grad_weight once per chunk. So ours may be no further from the float64 truth than the
-    # naive bf16 result is, up to a margin of half its error plus bf16's resolution at the
-    # values' scale (2^-8 relative).
+    # they differ only in the projection's accumulation order and in grad_weight being rounded
+    # to bf16 once per chunk (7 chunks here) instead of once. So ours must be no further from
+    # the float64 truth than the naive bf16 result, up to half its error again (measured: equal
+    # errors for log-probs, entropy and the body's grads; lm_head 5.5e-3 vs 4.6e-3 relative).
     for name, ours, naive, truth in (("log_probs", lp, lp_naive, lp_64), ("entropy", entropy, entropy_naive, entropy_64)):
         error_ours = (ours.double() - truth).abs().max()
         error_naive = (naive.double() - truth).abs().max()
-        assert error_naive > 0, name  # the comparison means something only if bf16 is inexact
-        assert error_ours <= 1.5 * error_naive + 2**-8 * truth.abs().max(), name
+        assert error_naive > 1e-6, name  # the comparison means something only if bf16 is inexact
+        assert error_ours <= 1.5 * error_naive + 1e-6, name
     for name, truth in grads_64.items():
         error_ours = (grads[name].double() - truth).norm() / truth.norm()
         error_naive = (grads_naive[name].double() - truth).norm() / truth.norm()
-        assert error_ours <= 1.5 * error_naive + 2**-8, name
+        assert error_ours <= 1.5 * error_naive, name
 
 
 def _tiny_config(model_type: str):
