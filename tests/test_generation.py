@@ -1,0 +1,166 @@
+"""Generation: the HF backend on real forward passes of tiny Qwen2 models with the real Qwen2.5 tokenizer."""
+
+from __future__ import annotations
+
+import importlib.util
+
+import pytest
+import torch
+
+from reasontune.generation import Completion, SamplingOptions, cut_at_stop
+from reasontune.generation.hf import HFGenerator
+from reasontune.modeling import QWEN2_5_VOCAB_SIZE, build_model_from_config, tiny_qwen2_config
+
+CHAIN_TEXT = " so the result is 7 </answer> and more words"
+OTHER_CHAIN_TEXT = " Five plus five equals ten"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Two shared cores: tiny matmuls on two contended OpenMP threads run ~10x slower than on one.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def bigram_model(tokenizer, sequences: list[str], hidden_size: int = 32):
+    """Returns a real Qwen2 model that deterministically continues token a with token b for each (a, b) in the texts.
+
+    Attention and MLP outputs are zeroed, so the residual stream at a position is the
+    embedding of its token; each source token gets its own basis direction, and the LM head
+    maps that direction to its successor with logit ~10·sqrt(hidden) (every other logit 0),
+    so even sampling at temperature 1 picks the successor (p(other) < 1e-15).
+    """
+    model = build_model_from_config(tiny_qwen2_config(vocab_size=QWEN2_5_VOCAB_SIZE, hidden_size=hidden_size,
+                                                      num_layers=1, num_heads=2, num_kv_heads=1), seed=0)
+    successor: dict[int, int] = {}
+    for text in sequences:
+        ids = tokenizer.encode(text)
+        for a, b in zip(ids, ids[1:]):
+            assert successor.setdefault(a, b) == b, f"token {a} has two successors; pick other test texts"
+    assert len(successor) <= hidden_size
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.lm_head.weight.zero_()
+        for direction, (a, b) in enumerate(successor.items()):
+            basis = torch.zeros(hidden_size)
+            basis[direction] = 1.0
+            model.model.embed_tokens.weight[a] = basis
+            model.lm_head.weight[b] = 10.0 * basis
+    return model
+
+
+@pytest.fixture(scope="module")
+def random_model():
+    return build_model_from_config(tiny_qwen2_config(vocab_size=QWEN2_5_VOCAB_SIZE, hidden_size=16, num_layers=2,
+                                                     num_heads=2, num_kv_heads=1), seed=3)
+
+
+def test_stops_at_answer_tag_and_keeps_it(qwen_tokenizer):
+    prompt = "What is 3 + 4? Answer:"  # ends with the token the chain starts from
+    model = bigram_model(qwen_tokenizer, [":" + CHAIN_TEXT])
+    generator = HFGenerator(model, qwen_tokenizer, batch_size=4)
+    [[completion]] = generator.generate([prompt], SamplingOptions(temperature=0.0, max_new_tokens=20))
+    assert completion.text == " so the result is 7 </answer>"
+    assert completion.finish_reason == "stop" and completion.stop_string == "</answer>"
+    # ' so',' the',' result',' is',' ','7',' </','answer','>' — through the token completing the stop string.
+    assert completion.token_ids == qwen_tokenizer.encode(" so the result is 7 </answer>")
+    assert len(completion.token_ids) == 9
+
+    [[unstopped]] = generator.generate([prompt], SamplingOptions(temperature=0.0, max_new_tokens=12, stop=()))
+    assert unstopped.finish_reason == "length" and len(unstopped.token_ids) == 12
+    assert unstopped.text == CHAIN_TEXT
+
+
+def test_stop_string_inside_a_token_cuts_the_text_right_after_it(qwen_tokenizer):
+    model = bigram_model(qwen_tokenizer, [":" + CHAIN_TEXT])
+    generator = HFGenerator(model, qwen_tokenizer)
+    [[completion]] = generator.generate(["Answer:"], SamplingOptions(temperature=0.0, max_new_tokens=20,
+                                                                       stop=("resu",)))
+    assert completion.text == " so the resu"  # the token ' result' completes the stop string and stays in token_ids
+    assert completion.token_ids == qwen_tokenizer.encode(" so the result")
+
+
+def test_n_samples_come_back_grouped_in_prompt_order(qwen_tokenizer):
+    prompts = ["Question one?", "A much longer, second question, sorted first by length!"]
+    model = bigram_model(qwen_tokenizer, ["?" + CHAIN_TEXT, "!" + OTHER_CHAIN_TEXT])
+    generator = HFGenerator(model, qwen_tokenizer, batch_size=2)  # one prompt (3 rows) per generate call
+    groups = generator.generate(prompts, SamplingOptions(temperature=1.0, n=3, max_new_tokens=5, stop=(), seed=1))
+    assert [len(group) for group in groups] == [3, 3]
+    assert all(c.text == " so the result is " for c in groups[0])  # 5 tokens: " so"," the"," result"," is"," "
+    assert all(c.text == OTHER_CHAIN_TEXT for c in groups[1])
+    flat = generator.generate_flat(prompts, SamplingOptions(temperature=0.0, n=2, max_new_tokens=2, stop=()))
+    assert [c.text for c in flat] == [" so the"] * 2 + [" Five plus"] * 2
+
+
+def test_batched_left_padded_generation_matches_one_prompt_at_a_time(qwen_tokenizer, random_model):
+    prompts = ["Hi", "Natalia sold clips to 48 of her friends in April.", "What is 2 + 2?"]
+    options = SamplingOptions(temperature=0.0, max_new_tokens=6, stop=())
+    batched = HFGenerator(random_model, qwen_tokenizer, batch_size=8).generate(prompts, options)
+    single = HFGenerator(random_model, qwen_tokenizer, batch_size=1).generate(prompts, options)
+    assert [g[0].token_ids for g in batched] == [g[0].token_ids for g in single]
+    assert all(len(g[0].token_ids) == 6 for g in batched)
+
+
+def test_logprobs_and_entropy_equal_a_full_forward_pass(qwen_tokenizer, random_model):
+    prompts = ["Hi", "Natalia sold clips to 48 of her friends in April."]
+    options = SamplingOptions(temperature=0.7, top_p=0.9, max_new_tokens=5, stop=(), seed=0,
+                              return_logprobs=True, return_entropy=True)
+    groups = HFGenerator(random_model, qwen_tokenizer, batch_size=8).generate(prompts, options)
+    for prompt, [completion] in zip(prompts, groups):
+        prompt_ids = qwen_tokenizer.encode(prompt)
+        ids = torch.tensor([prompt_ids + completion.token_ids])
+        with torch.no_grad():
+            logits = random_model(ids).logits[0, len(prompt_ids) - 1:-1].float()  # predicts each generated token
+        # Reference: the model's raw distribution (no temperature / top-p), as get_response_log_probs sees it.
+        log_probs = torch.log_softmax(logits, dim=-1)
+        expected = log_probs.gather(-1, torch.tensor(completion.token_ids)[:, None]).squeeze(-1)
+        expected_entropy = -(log_probs.exp() * log_probs).sum(-1)
+        torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=2e-4, rtol=1e-4)
+        torch.testing.assert_close(torch.tensor(completion.entropies), expected_entropy, atol=2e-4, rtol=1e-4)
+        assert completion.mean_entropy == pytest.approx(expected_entropy.mean().item(), abs=2e-4)
+
+
+def test_training_mode_restored_and_cache_used_when_training_disabled_it(qwen_tokenizer, random_model):
+    random_model.train()
+    random_model.config.use_cache = False
+    HFGenerator(random_model, qwen_tokenizer).generate(["Hi"], SamplingOptions(temperature=0.0, max_new_tokens=2))
+    assert random_model.training
+    random_model.eval()
+    random_model.config.use_cache = True
+
+
+def test_sampling_options_validation_and_cut_at_stop():
+    assert SamplingOptions(stop="</answer>").stop == ("</answer>",)
+    with pytest.raises(ValueError):
+        SamplingOptions(temperature=-1)
+    with pytest.raises(ValueError):
+        SamplingOptions(n=0)
+    with pytest.raises(ValueError):
+        SamplingOptions(max_new_tokens=4, min_new_tokens=5)
+    assert cut_at_stop("a </answer> b </answer>", ["</answer>"]) == ("a </answer>", "</answer>")
+    assert cut_at_stop("a STOP b </answer>", ["</answer>", "STOP"]) == ("a STOP", "STOP")
+    assert cut_at_stop("nothing", ["</answer>"]) == ("nothing", None)
+    assert Completion(text="", token_ids=[], finish_reason="length").mean_entropy is None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
+def test_vllm_generator_loads_policy_weights(tmp_path, qwen_tokenizer):
+    from reasontune.generation.vllm import VLLMGenerator
+
+    model = bigram_model(qwen_tokenizer, [":" + CHAIN_TEXT])
+    model.save_pretrained(tmp_path)
+    qwen_tokenizer.save_pretrained(tmp_path)
+    generator = VLLMGenerator(str(tmp_path), dtype="float32", gpu_memory_utilization=0.3, max_model_len=256,
+                              enforce_eager=True)
+    options = SamplingOptions(temperature=0.0, max_new_tokens=20, return_logprobs=True)
+    [[completion]] = generator.generate(["Answer:"], options)
+    assert completion.text == " so the result is 7 </answer>" and completion.finish_reason == "stop"
+    other = bigram_model(qwen_tokenizer, [":" + OTHER_CHAIN_TEXT])
+    assert generator.load_policy_weights(other) > 0
+    [[completion]] = generator.generate(["Answer:"], options.replace(stop=(), max_new_tokens=5))
+    assert completion.text == OTHER_CHAIN_TEXT
