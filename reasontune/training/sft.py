@@ -258,9 +258,11 @@ def make_generator(config: SFTConfig, model, tokenizer):
     if config.eval_backend == "vllm":
         from reasontune.generation.vllm import VLLMGenerator
 
-        return VLLMGenerator(config.model, device=config.vllm_device,
+        # The engine starts from the base weights; evaluate_policy loads the policy's current ones.
+        shared_device = config.vllm_device is None
+        return VLLMGenerator(config.model, device=config.vllm_device, dtype=config.dtype,
                              gpu_memory_utilization=config.vllm_gpu_memory_utilization, seed=config.seed,
-                             dtype=config.dtype)
+                             enable_sleep_mode=shared_device)
     from reasontune.generation.hf import HFGenerator
 
     return HFGenerator(model, tokenizer, batch_size=config.eval_batch_size)
@@ -282,9 +284,11 @@ def evaluate_policy(step: int, model, generator, validation, template: str, conf
                               stop=("</answer>",), n=1, seed=config.seed, return_entropy=config.eval_backend == "hf")
     reward_fn = r1_zero_reward_fn if config.reward == "r1_zero" else question_only_reward_fn
     with torch.random.fork_rng(devices=[]):
-        summary = evaluate(generator, validation, reward_fn, options, output_dir=run_dir / "eval" / f"step-{step:06d}",
-                           template=template)
-    return summary
+        result = evaluate(generator, validation, reward_fn, options, output_dir=run_dir / "eval" / f"step-{step:06d}",
+                          template=template)
+    if getattr(generator, "enable_sleep_mode", False):
+        generator.sleep()  # give the shared GPU's KV cache back to training
+    return result["summary"]
 
 
 def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str) -> dict:
