@@ -1,0 +1,117 @@
+"""Evaluation: records and summary against a hand-computed example; log_generations; the eval command end to end."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from reasontune.data import Example
+from reasontune.evaluation import EvalConfig, evaluate, log_generations, run_eval
+from reasontune.generation import Completion, Generator, SamplingOptions
+
+rewards = pytest.importorskip("reasontune.rewards")
+
+
+class ScriptedGenerator(Generator):
+    """Returns fixed completions per prompt (generation itself is tested in test_generation.py)."""
+
+    def __init__(self, by_prompt: dict[str, list[Completion]]):
+        self.by_prompt = by_prompt
+        self.seen: list[str] = []
+
+    def generate(self, prompts, options):
+        self.seen.extend(prompts)
+        return [self.by_prompt[p][: options.n] for p in prompts]
+
+
+def completion(text: str, tokens: int, entropies=None, finish="stop") -> Completion:
+    return Completion(text=text, token_ids=list(range(tokens)), finish_reason=finish, entropies=entropies)
+
+
+def scripted():
+    return ScriptedGenerator({
+        "Q: a": [completion(" a </think> <answer>7</answer>", 4, [1.0, 3.0, 2.0, 2.0]),  # correct, entropy 2
+                 completion(" b </think> <answer>8</answer>", 6, [4.0] * 6)],  # formatted, wrong; entropy 4
+        "Q: b": [completion("no tags 12", 3, finish="length"),  # unformatted
+                 completion(" </think> <answer>12</answer>", 5)],  # correct
+        "Q: c": [completion("x", 1, finish="eos"), completion("y", 2, finish="eos")],  # unformatted twice
+    })
+
+
+EXAMPLES = [Example(question="a", ground_truth="7", source="f.jsonl", line=1),
+            Example(question="b", ground_truth="12", source="f.jsonl", line=2),
+            Example(question="c", ground_truth="3", source="f.jsonl", line=3)]
+
+
+def test_records_and_summary_match_a_hand_computed_example(tmp_path):
+    generator = scripted()
+    result = evaluate(generator, EXAMPLES, rewards.r1_zero_reward_fn, SamplingOptions(n=2), output_dir=tmp_path,
+                      template="Q: {question}", workers=0)
+    summary = result["summary"]
+    assert generator.seen == ["Q: a", "Q: b", "Q: c"]
+    assert summary["n_examples"] == 3 and summary["n_samples"] == 6
+    assert summary["counts"] == {"correct": 2, "formatted_wrong": 1, "unformatted": 3}
+    assert summary["accuracy"] == pytest.approx(2 / 6)
+    assert summary["format_rate"] == pytest.approx(3 / 6)
+    assert summary["pass_at_n"] == pytest.approx(2 / 3)  # examples a and b have a correct sample
+    assert summary["mean_response_tokens"] == pytest.approx((4 + 6 + 3 + 5 + 1 + 2) / 6)  # 3.5
+    assert summary["mean_response_tokens_correct"] == pytest.approx((4 + 5) / 2)  # 4.5
+    assert summary["mean_response_tokens_incorrect"] == pytest.approx((6 + 3 + 1 + 2) / 4)  # 3.0
+    assert summary["mean_entropy"] == pytest.approx((2.0 + 4.0) / 2)  # only two samples carry entropies
+    assert summary["finish_reasons"] == {"stop": 3, "length": 1, "eos": 2}
+    assert summary["generated_tokens"] == 21 and summary["grading_errors"] == 0
+
+    lines = [json.loads(line) for line in (tmp_path / "records.jsonl").read_text().splitlines()]
+    assert lines == result["records"] and len(lines) == 6
+    assert [(r["index"], r["sample"], r["category"]) for r in lines] == [
+        (0, 0, "correct"), (0, 1, "formatted_wrong"), (1, 0, "unformatted"),
+        (1, 1, "correct"), (2, 0, "unformatted"), (2, 1, "unformatted")]
+    first = lines[0]
+    assert first["prompt"] == "Q: a" and first["ground_truth"] == "7" and first["response_tokens"] == 4
+    assert (first["format_reward"], first["answer_reward"], first["reward"]) == (1.0, 1.0, 1.0)
+    assert first["mean_entropy"] == pytest.approx(2.0) and lines[2]["mean_entropy"] is None
+    assert (first["source"], first["line"]) == ("f.jsonl", 1)
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_log_generations_has_seed_001_fields():
+    logged = log_generations(scripted(), ["Q: a", "Q: b"], ["7", "12"], rewards.r1_zero_reward_fn,
+                             SamplingOptions(n=1), workers=0)
+    assert [r["response_length"] for r in logged["records"]] == [4, 3]
+    assert logged["records"][0]["avg_token_entropy"] == pytest.approx(2.0)
+    assert set(logged["records"][0]) >= {"prompt", "response", "ground_truth", "format_reward", "answer_reward",
+                                         "reward", "avg_token_entropy", "response_length"}
+    summary = logged["summary"]
+    assert summary["accuracy"] == pytest.approx(0.5)
+    assert summary["mean_response_length_correct"] == 4 and summary["mean_response_length_incorrect"] == 3
+    assert summary["mean_token_entropy"] == pytest.approx(2.0)
+
+
+def test_eval_command_writes_readable_records_and_summary(tmp_path, qwen_tokenizer):
+    from reasontune.cli import main
+    from reasontune.modeling import QWEN2_5_VOCAB_SIZE, build_model_from_config, tiny_qwen2_config
+
+    model_dir = tmp_path / "tiny"
+    build_model_from_config(tiny_qwen2_config(vocab_size=QWEN2_5_VOCAB_SIZE, hidden_size=16, num_layers=1,
+                                              num_heads=2, num_kv_heads=1), seed=0).save_pretrained(model_dir)
+    qwen_tokenizer.save_pretrained(model_dir)
+    data = tmp_path / "test.jsonl"
+    data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"})
+                            + "\n" for i in range(5)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        code = main(["eval", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "out"),
+                     "--max-examples", "3", "--max-new-tokens", "4", "--batch-size", "2", "--workers", "0"])
+    finally:
+        torch.set_num_threads(threads)
+    assert code == 0
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    assert summary["n_examples"] == 3 and len(records) == 3
+    assert sum(summary["counts"].values()) == 3 and summary["mean_entropy"] is not None
+    assert all(r["response_tokens"] <= 4 and r["prompt"].endswith("Assistant: <think>") for r in records)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["max_examples"] == 3
+    assert EvalConfig().prompt == "r1_zero"
