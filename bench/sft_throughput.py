@@ -1,0 +1,438 @@
+"""Response tokens per second and peak memory of our SFT step vs TRL's ``SFTTrainer`` (completion-only loss).
+
+Both trainers train the same tiny Qwen2 (real Qwen2.5 tokenizer and vocabulary, random seeded
+weights saved once) on the same data (the first ``--examples`` GSM8K training examples in
+R1-Zero form: prompt = the r1_zero template applied to the question, response = the R1-Zero
+target plus ``<|endoftext|>``, which is what TRL appends to a completion, so both tokenise to the
+same ids), with the same effective batch, learning rate, optimizer settings, thread count and
+hardware, with and without packing:
+
+    ours-packed   run_sft(packing=True): rows of --max-length tokens, --batch-size rows per
+                  microbatch, block-causal sdpa mask per row.
+    trl-packed    SFTTrainer(packing=True): TRL's default "bfd" packing into rows of
+                  --max-length tokens, which turns on padding_free: the --batch-size rows of a
+                  microbatch are flattened into ONE sequence with restarting position_ids.
+    ours-padded   run_sft(packing=False): --batch-size examples right-padded per microbatch.
+    trl-padded    SFTTrainer(packing=False): the same, with an attention mask.
+
+Every variant runs in a fresh process (this script re-runs itself with ``--variant``) so that
+peak RSS (``ru_maxrss``, the whole process: imports, model, data, training) belongs to it alone.
+Throughput is measured in steady state: response tokens of optimizer steps 2..N divided by the
+wall time between the end of step 1 and the end of step N, so model loading, data preparation,
+the first step's warm-up and saving are excluded alike for both. Our response tokens and step
+ends come from metrics.jsonl (``response_tokens``, ``elapsed_s``); TRL's from a TrainerCallback at
+each step end and a count of label tokens != -100 in ``compute_loss``.
+
+A separate process checks equivalence before any update: the tokenised data (TRL's input_ids
+and completion mask vs ours, every example), and the loss of one batch (the first
+--batch-size examples, padded and packed) by our get_response_log_probs +
+sft_microbatch_train_step(normalization="token_mean") vs TRL's compute_loss, each against a
+float64 reference that runs every example alone. The loss check must agree to rtol 1e-4.
+
+TRL settings that differ from its defaults to match ours: gradient_checkpointing=False and
+bf16=False (TRL's SFTConfig turns both on by default), constant learning rate without warmup,
+adam_beta2=0.95, logging every step.
+
+Usage: python bench/sft_throughput.py [--examples 96 --max-length 512 --batch-size 4
+       --gradient-accumulation-steps 2 --hidden 64 --layers 2 --threads 1 --repeats 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+VARIANTS = ("ours-packed", "trl-packed", "ours-padded", "trl-padded")
+LOSS_RTOL = 1e-4
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K-format JSONL (question, answer with '#### N'), read in place")
+    parser.add_argument("--examples", type=int, default=96, help="train on the first N examples of --data")
+    parser.add_argument("--max-length", type=int, default=512, help="truncation length, and the packed row width")
+    parser.add_argument("--batch-size", type=int, default=4, help="examples (padded) or rows (packed) per microbatch")
+    parser.add_argument("--gradient-accumulation-steps", type=int, default=2, help="microbatches per optimizer step")
+    parser.add_argument("--learning-rate", type=float, default=1e-4, help="constant learning rate of AdamW")
+    parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny Qwen2 model")
+    parser.add_argument("--layers", type=int, default=2, help="decoder layers")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of every variant (the machine is shared)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs of each variant, interleaved (ours, TRL, ours, TRL ...); the best throughput is reported")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated subset of {', '.join(VARIANTS)}")
+    parser.add_argument("--skip-loss-check", action="store_true", help="skip the tokenisation and first-batch loss check")
+    parser.add_argument("--workdir", help="keep model, data and runs here (default: a temporary directory)")
+    parser.add_argument("--variant", help=argparse.SUPPRESS)  # child mode: one variant, or "loss-check"
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared inputs: model directory and prompt/completion data
+
+
+def prepare_inputs(args: argparse.Namespace, workdir: Path) -> dict:
+    """Returns data counts after writing the tiny model (with tokenizer) and prompt/completion JSONL into ``workdir``."""
+    from reasontune.data import example_prompt, load_examples, load_template, with_r1_zero_targets
+    from reasontune.modeling import build_model_from_config, qwen2_tokenizer_offline, tiny_qwen2_config
+
+    tokenizer = qwen2_tokenizer_offline()
+    config = tiny_qwen2_config(vocab_size=151936, hidden_size=args.hidden, num_layers=args.layers,
+                               max_position_embeddings=max(2048, args.max_length))
+    model = build_model_from_config(config, seed=0)
+    model.save_pretrained(workdir / "model")
+    tokenizer.save_pretrained(workdir / "model")
+
+    examples = load_examples(args.data).examples[: args.examples]
+    examples = with_r1_zero_targets(examples)
+    template = load_template("r1_zero")
+    with open(workdir / "train.jsonl", "w") as handle:
+        for example in examples:
+            # TRL appends EOS to every completion that lacks it; writing it here gives both trainers the same ids.
+            record = {"prompt": example_prompt(example, template), "completion": example.response + tokenizer.eos_token}
+            handle.write(json.dumps(record) + "\n")
+    return {"examples": len(examples)}
+
+
+def read_records(workdir: Path) -> list[dict]:
+    return [json.loads(line) for line in (workdir / "train.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# The two trainers (child processes)
+
+
+def run_ours(args: argparse.Namespace, workdir: Path, packed: bool, run_name: str) -> dict:
+    """Returns per-step end times and response tokens of ``run_sft`` on the bench data."""
+    from reasontune.training.sft import SFTConfig, run_sft
+
+    config = SFTConfig(
+        train_data=str(workdir / "train.jsonl"), model=str(workdir / "model"), output_dir=str(workdir / run_name),
+        overwrite=True, dtype="float32", attn_implementation="sdpa", num_epochs=1,
+        batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
+        learning_rate=args.learning_rate, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
+        lr_scheduler="constant", warmup_ratio=0.0, max_length=args.max_length, loss_normalization="token_mean",
+        packing=packed, seed=0, eval_before_training=False, val_fraction=0.0, save_every=0, log_every=1,
+        progress=False, write_report=False, num_threads=args.threads,
+    )
+    run_dir = run_sft(config)
+    lines = map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+    train_lines = [line for line in lines if line["kind"] == "train"]
+    return {"step_end_s": [line["elapsed_s"] for line in train_lines],
+            "response_tokens": [line["response_tokens"] for line in train_lines],
+            "losses": [line["loss"] for line in train_lines]}
+
+
+def trl_config(args: argparse.Namespace, output_dir: Path, packed: bool, batch_size: int | None = None):
+    """Returns TRL's SFTConfig with our settings (TRL's checkpointing and bf16 defaults turned off)."""
+    from trl import SFTConfig as TRLSFTConfig
+
+    return TRLSFTConfig(
+        output_dir=str(output_dir), per_device_train_batch_size=batch_size or args.batch_size,
+        gradient_accumulation_steps=args.gradient_accumulation_steps, num_train_epochs=1,
+        learning_rate=args.learning_rate, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
+        lr_scheduler_type="constant", warmup_steps=0, max_length=args.max_length, packing=packed,
+        completion_only_loss=True, gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=True,
+        dataloader_num_workers=0, save_strategy="no", eval_strategy="no", report_to=[], logging_steps=1,
+        disable_tqdm=True, seed=0,
+    )
+
+
+def load_trl_model(workdir: Path):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(workdir / "model", dtype="float32", attn_implementation="sdpa")
+
+
+def make_trl_trainer(args: argparse.Namespace, workdir: Path, records: list[dict], packed: bool, run_name: str,
+                     batch_size: int | None = None):
+    """Returns a TRL SFTTrainer on ``records`` that counts the label tokens it trains on (``response_tokens_seen``)."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    class CountingSFTTrainer(SFTTrainer):
+        response_tokens_seen = 0
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            # TRL's fused head scores labels[:, 1:] (the model shifts); -100 marks prompt, padding and row starts.
+            self.response_tokens_seen += int((inputs["labels"][:, 1:] != -100).sum())
+            return super().compute_loss(model, inputs, return_outputs=return_outputs,
+                                        num_items_in_batch=num_items_in_batch)
+
+    tokenizer = AutoTokenizer.from_pretrained(workdir / "model")
+    return CountingSFTTrainer(model=load_trl_model(workdir), args=trl_config(args, workdir / run_name, packed, batch_size),
+                              train_dataset=Dataset.from_list(records), processing_class=tokenizer)
+
+
+def run_trl(args: argparse.Namespace, workdir: Path, packed: bool, run_name: str) -> dict:
+    """Returns per-step end times and response tokens of TRL's SFTTrainer on the bench data."""
+    from transformers import TrainerCallback
+
+    trainer = make_trl_trainer(args, workdir, read_records(workdir), packed, run_name)
+    started = time.perf_counter()
+    steps = {"step_end_s": [], "response_tokens": [], "losses": []}
+    counted = [0]
+
+    class StepClock(TrainerCallback):
+        def on_step_end(self, train_args, state, control, **kwargs):
+            steps["step_end_s"].append(time.perf_counter() - started)
+            steps["response_tokens"].append(trainer.response_tokens_seen - counted[0])
+            counted[0] = trainer.response_tokens_seen
+
+        def on_log(self, train_args, state, control, logs=None, **kwargs):
+            if logs and "loss" in logs:
+                steps["losses"].append(logs["loss"])
+
+    trainer.add_callback(StepClock())
+    set_threads(args.threads)
+    trainer.train()
+    return steps
+
+
+def run_variant(args: argparse.Namespace) -> None:
+    """Child: runs one variant (or the loss check) and writes its result JSON to ``--result``."""
+    set_threads(args.threads)
+    workdir = Path(args.workdir)
+    if args.variant == "loss-check":
+        result = check_first_batch(args, workdir)
+    else:
+        trainer, layout = args.variant.split("-")
+        run = run_ours if trainer == "ours" else run_trl
+        result = run(args, workdir, layout == "packed", f"run-{args.variant}")
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    Path(args.result).write_text(json.dumps(result))
+
+
+# ---------------------------------------------------------------------------------------------
+# Equivalence: tokenisation and first-batch loss
+
+
+def reference_loss(model, prompt_ids: list[list[int]], output_ids: list[list[int]]) -> float:
+    """Returns the mean NLL over all response tokens, each example run alone, log-softmax in float64."""
+    import torch
+
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt, output in zip(prompt_ids, output_ids):
+            ids = torch.tensor([prompt + output])
+            logits = model(input_ids=ids[:, :-1]).logits.double()
+            log_probs = torch.log_softmax(logits, dim=-1)[0, len(prompt) - 1:]
+            total -= float(log_probs.gather(1, torch.tensor(output).unsqueeze(1)).sum())
+            count += len(output)
+    return total / count
+
+
+def ours_batch_loss(model, prompt_ids, output_ids, pad_token_id: int, packed: bool, max_length: int) -> float:
+    """Returns our token-mean loss of one microbatch of these examples (padded, or packed into one microbatch)."""
+    from reasontune.batching import pack_examples, packed_forward_kwargs
+    from reasontune.logprobs import get_response_log_probs
+    from reasontune.losses import sft_microbatch_train_step
+    from reasontune.tokenization import pad_and_shift
+
+    if packed:
+        microbatches = pack_examples(prompt_ids, output_ids, pad_token_id, tokens_per_row=max_length - 1,
+                                     rows_per_batch=len(prompt_ids), max_length=max_length)
+        assert len(microbatches) == 1, "the check batch must pack into one microbatch"
+        batch = microbatches[0]
+        forward = packed_forward_kwargs(batch, model.config._attn_implementation, dtype=model.dtype)
+    else:
+        batch, forward = pad_and_shift(prompt_ids, output_ids, pad_token_id, max_length=max_length), {}
+    outputs = get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy=True,
+                                     response_mask=batch["response_mask"], **forward)
+    loss, _ = sft_microbatch_train_step(outputs["log_probs"], batch["response_mask"], 1, normalization="token_mean",
+                                        tokens_in_step=int(batch["response_mask"].sum()))
+    model.zero_grad(set_to_none=True)
+    return float(loss)
+
+
+def trl_batch_loss(args, workdir: Path, records: list[dict], packed: bool) -> tuple[float, dict]:
+    """Returns TRL's compute_loss on the first batch of a trainer over ``records`` (one batch holds them all), and its shape."""
+    import torch
+
+    trainer = make_trl_trainer(args, workdir, records, packed, "check-trl", batch_size=len(records))
+    batch = next(iter(trainer.get_train_dataloader()))
+    trainer.model.train()
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, batch)
+    return float(loss), {key: list(value.shape) for key, value in batch.items() if torch.is_tensor(value)}
+
+
+def check_tokenisation(args, workdir: Path, records: list[dict], prompt_ids, output_ids) -> int:
+    """Returns the number of examples whose TRL input_ids or completion start differ from ours."""
+    trainer = make_trl_trainer(args, workdir, records, packed=False, run_name="check-trl")
+    mismatches = 0
+    for row, prompt, output in zip(trainer.train_dataset, prompt_ids, output_ids):
+        trl_prompt_length = next(i for i, label in enumerate(row["labels"]) if label != -100)
+        if row["input_ids"] != prompt + output or trl_prompt_length != len(prompt):
+            mismatches += 1
+    return mismatches + abs(len(trainer.train_dataset) - len(prompt_ids))
+
+
+def check_first_batch(args: argparse.Namespace, workdir: Path) -> dict:
+    """Returns tokenisation mismatches and the first-batch losses of ours and TRL, padded and packed, with a reference."""
+    from reasontune.data import load_examples
+    from reasontune.modeling import load_model, load_tokenizer
+    from reasontune.tokenization import pad_token_id_of
+    from reasontune.training.sft import tokenize_examples
+
+    records = read_records(workdir)
+    tokenizer = load_tokenizer(str(workdir / "model"))
+    data = tokenize_examples(load_examples(workdir / "train.jsonl").examples, tokenizer, "{question}", args.max_length)
+    if data.counts["truncated"]:
+        print(f"note: {data.counts['truncated']} examples truncated to --max-length {args.max_length}")
+    result = {"tokenisation_mismatches": check_tokenisation(args, workdir, records, data.prompt_ids, data.output_ids)}
+
+    size = args.batch_size
+    prompt_ids, output_ids = data.prompt_ids[:size], data.output_ids[:size]
+    model = load_model(str(workdir / "model"), attn_implementation="sdpa")
+    model.train()
+    result["reference"] = reference_loss(model, prompt_ids, output_ids)
+    result["check_response_tokens"] = sum(len(o) for o in output_ids)
+    for layout in ("padded", "packed"):
+        packed = layout == "packed"
+        result[f"ours-{layout}"] = ours_batch_loss(model, prompt_ids, output_ids, pad_token_id_of(tokenizer),
+                                                   packed, args.max_length)
+        result[f"trl-{layout}"], result[f"trl-{layout}-batch"] = trl_batch_loss(args, workdir, records[:size], packed)
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Parent: run the variants, print the table
+
+
+def run_child(args: argparse.Namespace, variant: str, workdir: Path) -> dict:
+    result_path = workdir / f"result-{variant}.json"
+    command = [sys.executable, __file__, "--variant", variant, "--result", str(result_path), "--workdir", str(workdir)]
+    for name in ("examples", "max_length", "batch_size", "gradient_accumulation_steps", "learning_rate", "hidden",
+                 "layers", "threads"):
+        command.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
+    threads = str(args.threads)
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+           "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TRANSFORMERS_VERBOSITY": "error", "HF_DATASETS_DISABLE_PROGRESS_BARS": "1"}
+    started = time.perf_counter()
+    completed = subprocess.run(command, env=env, capture_output=True, text=True)
+    if completed.returncode != 0:
+        sys.stderr.write(completed.stdout[-4000:] + completed.stderr[-8000:])
+        raise SystemExit(f"variant {variant} failed (exit {completed.returncode})")
+    result = json.loads(result_path.read_text())
+    result["process_wall_s"] = time.perf_counter() - started
+    return result
+
+
+def steady_state(result: dict) -> dict:
+    """Returns response tokens/s over steps 2..N and the token and step counts behind it."""
+    ends, tokens = result["step_end_s"], result["response_tokens"]
+    if len(ends) < 2:
+        raise SystemExit("a run needs at least 2 optimizer steps to measure steady state; raise --examples")
+    seconds = ends[-1] - ends[0]
+    return {"tokens_per_s": sum(tokens[1:]) / seconds, "seconds": seconds, "steps": len(ends),
+            "response_tokens": sum(tokens)}
+
+
+def print_report(args, variants, throughput, peaks, check) -> None:
+    mib = 2 ** 20
+    print(f"\n{'variant':<12} {'resp tok/s':>11} {'steps':>6} {'resp tokens':>12} {'timed s':>8} "
+          f"{'peak RSS MiB':>13} {'first-batch loss':>17}")
+    for variant in variants:
+        best = max(throughput[variant], key=lambda t: t["tokens_per_s"])
+        loss = f"{check[variant]:.6f}" if check else "-"
+        print(f"{variant:<12} {best['tokens_per_s']:>11.1f} {best['steps']:>6} {best['response_tokens']:>12} "
+              f"{best['seconds']:>8.1f} {max(peaks[variant]) / mib:>13.0f} {loss:>17}")
+    print("\nratios ours / TRL (throughput: higher is better; peak RSS: lower is better)")
+    for layout in ("packed", "padded"):
+        ours, trl = f"ours-{layout}", f"trl-{layout}"
+        if ours in throughput and trl in throughput:
+            speed = max(t["tokens_per_s"] for t in throughput[ours]) / max(t["tokens_per_s"] for t in throughput[trl])
+            memory = max(peaks[ours]) / max(peaks[trl])
+            all_runs = "; per repeat " + ", ".join(
+                f"{o['tokens_per_s'] / t['tokens_per_s']:.2f}x" for o, t in zip(throughput[ours], throughput[trl])
+            ) if args.repeats > 1 else ""
+            print(f"  {layout:<7} response tok/s {speed:.2f}x, peak RSS {memory:.2f}x{all_runs}")
+
+
+def main() -> None:
+    args = parse_args()
+    if args.variant:
+        run_variant(args)
+        return
+    import torch
+    import transformers
+    import trl
+
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, python {platform.python_version()}, "
+          f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}, "
+          f"{args.threads} thread(s) per run")
+    with tempfile.TemporaryDirectory() as scratch:
+        workdir = Path(args.workdir or scratch)
+        workdir.mkdir(parents=True, exist_ok=True)
+        counts = prepare_inputs(args, workdir)
+        print(f"config: tiny Qwen2 (hidden {args.hidden}, {args.layers} layers, vocab 151936, float32, sdpa), "
+              f"{counts['examples']} GSM8K examples in R1-Zero form (+EOS), max length {args.max_length}, "
+              f"batch {args.batch_size} x accumulation {args.gradient_accumulation_steps}, "
+              f"lr {args.learning_rate} constant, 1 epoch")
+
+        check = None
+        if not args.skip_loss_check:
+            check = run_child(args, "loss-check", workdir)
+            print(f"equivalence check: process {check['process_wall_s']:.0f} s")
+            print(f"tokenisation: {check['tokenisation_mismatches']} of {counts['examples']} examples differ "
+                  "between TRL and ours")
+            print(f"first batch ({args.batch_size} examples, {check['check_response_tokens']} response tokens), "
+                  f"token-mean NLL before any update: reference (each example alone, float64) {check['reference']:.6f}")
+            for layout in ("padded", "packed"):
+                print(f"  {layout}: ours {check[f'ours-{layout}']:.6f}, TRL {check[f'trl-{layout}']:.6f} "
+                      f"(TRL batch {check[f'trl-{layout}-batch']['input_ids']})")
+
+        throughput = {v: [] for v in variants}
+        peaks = {v: [] for v in variants}
+        for repeat in range(args.repeats):
+            # Interleaved, alternating who goes first, so drift on a shared machine hits both sides.
+            order = variants if repeat % 2 == 0 else variants[::-1]
+            for variant in order:
+                result = run_child(args, variant, workdir)
+                throughput[variant].append(steady_state(result))
+                peaks[variant].append(result["peak_rss_bytes"])
+                print(f"  ran {variant} (repeat {repeat + 1}): {throughput[variant][-1]['tokens_per_s']:.1f} "
+                      f"response tok/s, first-step loss {result['losses'][0]:.4f}, "
+                      f"process {result['process_wall_s']:.0f} s", flush=True)
+        print_report(args, variants, throughput, peaks, check)
+
+    failures = []
+    if check is not None:
+        if check["tokenisation_mismatches"]:
+            failures.append(f"{check['tokenisation_mismatches']} examples tokenise differently")
+        for variant in variants:
+            if abs(check[variant] - check["reference"]) > LOSS_RTOL * abs(check["reference"]):
+                failures.append(f"{variant} first-batch loss {check[variant]:.6f} != reference {check['reference']:.6f}")
+    if failures:
+        raise SystemExit("FAILED: " + "; ".join(failures))
+
+
+if __name__ == "__main__":
+    main()
