@@ -28,9 +28,10 @@ from torch import nn
 
 Implementation = Literal["auto", "fused", "chunked", "naive"]
 
-# One float32 chunk of logits is at most this many bytes (441 tokens at vocabulary 151,936).
-# A chunk's working set is two such tensors (z / log p and p); smaller chunks save little time.
-DEFAULT_CHUNK_BYTES = 256 * 2**20
+# One float32 chunk of logits is at most this many bytes (220 tokens at vocabulary 151,936).
+# A chunk's working set is two such tensors (z / log p and p). Halving it from 256 MB cost no
+# time in bench/logprobs.py (CPU) and a 220 x 151,936 projection still fills a GPU.
+DEFAULT_CHUNK_BYTES = 128 * 2**20
 
 
 def default_chunk_size(vocab_size: int) -> int:
@@ -241,6 +242,7 @@ class _FusedLinearLogProbs(torch.autograd.Function):
                 grad_hidden[rows] = grad_raw @ weight
             if need_weight:
                 grad_weight.addmm_(grad_raw.t(), hidden[rows].to(weight.dtype))
+            del grad_raw  # before the next chunk's logits exist, or two chunks' buffers overlap
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
         return grad_hidden, grad_weight, grad_bias, None, None, None, None
@@ -301,6 +303,7 @@ class _ChunkedLogitsStatistics(torch.autograd.Function):
                 entropy=entropy[start:stop] if grad_entropy is not None else None,
             )
             grad_logits[selected] = grad_raw.to(logits.dtype)
+            del grad_raw
         return (grad_logits,) + (None,) * 6
 
 
@@ -315,7 +318,7 @@ def compute_entropy(logits: torch.Tensor, chunk_size: int | None = None) -> torc
     Computed in float32 (any input dtype), shifted by each row's maximum, so it is exact to
     float32 rounding at logits of ±1e4; uniform logits give log V, a one-hot (one finite logit
     far above the rest) gives 0. Rows are processed ``chunk_size`` at a time (default: a float32
-    chunk of ~256 MB), so a bf16 ``[batch, seq, vocab]`` input never has a full float32 copy.
+    chunk of ~128 MB), so a bf16 ``[batch, seq, vocab]`` input never has a full float32 copy.
     Differentiable.
 
     Args:
@@ -368,8 +371,8 @@ def get_response_log_probs(
             float32 softmax chunk by chunk), ``"naive"`` (full float32 log-softmax, reference
             only), or ``"auto"``: fused when ``fused_unsupported_reason(model)`` is None, else
             chunked. ``"fused"`` on an unsupported model raises ValueError.
-        chunk_size: tokens per chunk; None picks ``default_chunk_size(vocab)`` (441 tokens at
-            vocabulary 151,936, a 256 MB float32 chunk).
+        chunk_size: tokens per chunk; None picks ``default_chunk_size(vocab)`` (220 tokens at
+            vocabulary 151,936, a 128 MB float32 chunk).
 
     Returns:
         log_probs: (batch, seq) float32.
