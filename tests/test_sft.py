@@ -138,3 +138,33 @@ def test_truncation_drops_and_counts_examples_whose_response_is_cut_away(tiny_mo
     assert tokenized.counts["trained_examples"] == 2
     assert [len(p) for p in tokenized.prompt_ids] == [prompt_lengths[0], prompt_lengths[2]]
     assert all(1 <= len(o) and len(p) + len(o) <= cap for p, o in zip(tokenized.prompt_ids, tokenized.output_ids))
+
+
+def test_run_directory_holds_config_metrics_evals_checkpoints_and_report(tiny_model_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = write_sft_data(tmp_path / "train.jsonl", count=24)
+    config = SFTConfig(model=str(tiny_model_dir), train_data=str(data), output_dir=str(tmp_path / "run"),
+                       batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3, max_length=64,
+                       val_fraction=0.25, eval_examples=4, eval_every=1, eval_max_new_tokens=6, save_every=2,
+                       save_total_limit=1, progress=False, num_threads=1, packing=True, tokens_per_batch=126)
+    run_dir = run_sft(config)
+    # 18 training examples packed into rows of 63 tokens; 6 held out for evaluation.
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    data_line = next(r for r in records if r["kind"] == "data")
+    assert data_line["train_examples"] == 18 and data_line["validation_examples"] == 4
+    assert data_line["loss_normalization"] == "constant"
+    train_steps = [r["step"] for r in records if r["kind"] == "train"]
+    eval_steps = [r["step"] for r in records if r["kind"] == "eval"]
+    assert train_steps == list(range(1, len(train_steps) + 1))
+    assert eval_steps == list(range(0, len(train_steps) + 1))  # before training, each step, and after
+    assert sum(r["examples"] for r in records if r["kind"] == "train") == 18
+    for step in eval_steps:
+        summary = json.loads((run_dir / "eval" / f"step-{step:06d}" / "summary.json").read_text())
+        assert 0.0 <= summary["accuracy"] <= summary["format_rate"] <= 1.0 and summary["n_examples"] == 4
+        assert len((run_dir / "eval" / f"step-{step:06d}" / "records.jsonl").read_text().splitlines()) == 4
+    checkpoints = sorted(p.name for p in run_dir.glob("checkpoint-*"))
+    assert len(checkpoints) == 1  # save_total_limit
+    model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert model.config.model_type == "qwen2"
+    assert (run_dir / "report" / "index.html").exists() and (run_dir / "report" / "loss.png").exists()
