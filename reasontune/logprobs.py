@@ -44,7 +44,8 @@ class LogitTransform:
     """What a model applies to ``lm_head(hidden)`` before returning logits.
 
     ``logits = softcap * tanh(scale * raw / softcap)`` when ``softcap`` is set, else
-    ``scale * raw``. Applied in float32.
+    ``scale * raw``. Applied in float32 (models apply it in their own dtype; for a bf16 model
+    ours rounds once less).
     """
 
     scale: float = 1.0
@@ -174,7 +175,7 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def _float32_grad(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+def _work_grad(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
     return None if grad is None else grad.to(_work_dtype(dtype))
 
 
@@ -183,8 +184,8 @@ class _FusedLinearLogProbs(torch.autograd.Function):
 
     Forward saves only ``hidden``, ``weight``, ``bias``, ``labels`` and the entropies; backward
     recomputes each chunk's logits and accumulates the gradients of ``hidden``, ``weight`` and
-    ``bias``. Peak extra memory: a few ``(chunk_size, V)`` float32 tensors plus one gradient
-    buffer the size of ``weight``.
+    ``bias``. Peak extra memory: two ``(chunk_size, V)`` float32 buffers (plus the chunk's logits
+    in the weight's dtype when that is not float32) and one gradient buffer the size of ``weight``.
     """
 
     @staticmethod
@@ -213,8 +214,8 @@ class _FusedLinearLogProbs(torch.autograd.Function):
         hidden, weight, bias, labels, entropy = ctx.saved_tensors
         if not ctx.with_entropy:
             grad_entropy = None
-        grad_log_probs = _float32_grad(grad_log_probs, hidden.dtype)
-        grad_entropy = _float32_grad(grad_entropy, hidden.dtype)
+        grad_log_probs = _work_grad(grad_log_probs, hidden.dtype)
+        grad_entropy = _work_grad(grad_entropy, hidden.dtype)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # Accumulated in the weight's dtype, one rounding per chunk (as Liger's fused kernels do):
@@ -283,8 +284,8 @@ class _ChunkedLogitsStatistics(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy):
         logits, rows, labels, entropy = ctx.saved_tensors
-        grad_log_probs = _float32_grad(grad_log_probs, logits.dtype) if ctx.with_log_probs else None
-        grad_entropy = _float32_grad(grad_entropy, logits.dtype) if ctx.with_entropy else None
+        grad_log_probs = _work_grad(grad_log_probs, logits.dtype) if ctx.with_log_probs else None
+        grad_entropy = _work_grad(grad_entropy, logits.dtype) if ctx.with_entropy else None
         if not ctx.needs_input_grad[0]:
             return (None,) * 7
         grad_logits = torch.zeros_like(logits) if rows is not None or (
