@@ -347,6 +347,7 @@ def get_response_log_probs(
     response_mask: torch.Tensor | None = None,
     implementation: Implementation = "auto",
     chunk_size: int | None = None,
+    **model_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """Returns per-token log-probabilities of ``labels`` (and entropies) under ``model``.
 
@@ -364,6 +365,8 @@ def get_response_log_probs(
         return_token_entropy: also return the entropy of each position's next-token distribution.
         attention_mask: (batch, seq) 0/1, passed to the model (None: all ones).
         position_ids: (batch, seq) int64, passed to the model (packing restarts them per sequence).
+        **model_kwargs: further keyword arguments of the model forward, e.g. the flash-attention
+            varlen boundaries (``cu_seq_lens_q/k``, ``max_length_q/k``) from ``packed_forward_kwargs``.
         response_mask: (batch, seq) bool; when given, only the True positions go through the
             output projection and softmax, and every other position gets log-prob 0, entropy 0
             and no gradient. Pass the SFT ``response_mask`` to skip prompt and padding tokens.
@@ -385,7 +388,7 @@ def get_response_log_probs(
         raise ValueError(f"response_mask {tuple(response_mask.shape)} must match labels {tuple(labels.shape)}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
-    model_inputs = {"attention_mask": attention_mask, "position_ids": position_ids}
+    model_inputs = {"attention_mask": attention_mask, "position_ids": position_ids, **model_kwargs}
 
     if implementation == "auto":
         implementation = "fused" if fused_unsupported_reason(model) is None else "chunked"
@@ -415,7 +418,7 @@ def get_response_log_probs(
             chunk_size or default_chunk_size(head.out_features),
             _FUSED_MODELS[type(model).__name__](model.config), return_token_entropy)
     else:
-        logits = model(input_ids=input_ids, **model_inputs).logits
+        logits = model(input_ids=input_ids, use_cache=False, **model_inputs).logits
         vocab_size = logits.shape[-1]
         _check_labels(selected_labels, vocab_size)
         log_probs, entropy = _ChunkedLogitsStatistics.apply(
@@ -443,7 +446,7 @@ def _scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, batch: int, s
 
 def _naive_log_probs(model, input_ids, labels, return_token_entropy, response_mask, model_inputs):
     """The seeds' straightforward version: full float32 log-softmax, gather, entropy via log-softmax."""
-    logits = model(input_ids=input_ids, **model_inputs).logits.float()
+    logits = model(input_ids=input_ids, use_cache=False, **model_inputs).logits.float()
     log_probs_all = F.log_softmax(logits, dim=-1)
     log_probs = torch.gather(log_probs_all, dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
     result = {"log_probs": log_probs}
