@@ -300,7 +300,7 @@ def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str) -> dic
 
 
 def fingerprint(steps) -> str:
-    """Returns a short hash of the data plan, so a resume with other data or batching is refused."""
+    """Returns a short hash of the planned steps' tokens, so a resume whose finished steps would differ is refused."""
     import hashlib
 
     digest = hashlib.sha256()
@@ -367,7 +367,6 @@ def run_sft(config: SFTConfig) -> Path:
     train_examples, validation, data_counts = load_sft_examples(config)
     data = tokenize_examples(train_examples, tokenizer, template, config.max_length)
     steps = plan_steps(data, config, pad_token_id_of(tokenizer))
-    plan_id = fingerprint(steps)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(config.adam_beta1, config.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config, len(steps)))
@@ -378,8 +377,9 @@ def run_sft(config: SFTConfig) -> Path:
                            config=dataclasses.asdict(config), resume=checkpoint is not None)
     if checkpoint is not None:
         state = load_trainer_state(checkpoint)
-        if state["plan_fingerprint"] != plan_id:
-            raise SystemExit(f"error: {checkpoint} was written for other data or batching options; cannot resume")
+        if state["plan_fingerprint"] != fingerprint(steps[: state["step"]]):
+            raise SystemExit(f"error: {checkpoint} was trained on other data or batches than these options plan "
+                             "for its steps; resume with the same data, seed and batching options")
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
@@ -395,7 +395,7 @@ def run_sft(config: SFTConfig) -> Path:
           f"response cut away by --max-length); loss normalisation: {config.loss_normalization}")
 
     def save(step: int, name: str) -> Path:
-        state = trainer_state(step, optimizer, scheduler, plan_id)
+        state = trainer_state(step, optimizer, scheduler, fingerprint(steps[:step]))
         config_text = (run_dir / "config.json").read_text()
         path = save_checkpoint(run_dir / name, model, tokenizer, state, {"reasontune_config.json": config_text})
         prune_checkpoints(run_dir, config.save_total_limit)
