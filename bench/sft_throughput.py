@@ -33,7 +33,7 @@ TRL settings that differ from its defaults to match ours: gradient_checkpointing
 bf16=False (TRL's SFTConfig turns both on by default), constant learning rate without warmup,
 adam_beta2=0.95, logging every step.
 
-Usage: python bench/sft_throughput.py [--examples 96 --max-length 512 --batch-size 4
+Usage: python bench/sft_throughput.py [--examples 48 --max-length 512 --batch-size 4
        --gradient-accumulation-steps 2 --hidden 64 --layers 2 --threads 1 --repeats 1]
 """
 
@@ -59,7 +59,7 @@ LOSS_RTOL = 1e-4
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K-format JSONL (question, answer with '#### N'), read in place")
-    parser.add_argument("--examples", type=int, default=96, help="train on the first N examples of --data")
+    parser.add_argument("--examples", type=int, default=48, help="train on the first N examples of --data")
     parser.add_argument("--max-length", type=int, default=512, help="truncation length, and the packed row width")
     parser.add_argument("--batch-size", type=int, default=4, help="examples (padded) or rows (packed) per microbatch")
     parser.add_argument("--gradient-accumulation-steps", type=int, default=2, help="microbatches per optimizer step")
@@ -266,27 +266,24 @@ def ours_batch_loss(model, prompt_ids, output_ids, pad_token_id: int, packed: bo
     return float(loss)
 
 
-def trl_batch_loss(args, workdir: Path, records: list[dict], packed: bool) -> tuple[float, dict]:
-    """Returns TRL's compute_loss on the first batch of a trainer over ``records`` (one batch holds them all), and its shape."""
+def trl_batch_loss(trainer, batch: dict) -> tuple[float, list[int]]:
+    """Returns TRL's compute_loss of ``batch`` before any update, and the batch's input_ids shape."""
     import torch
 
-    trainer = make_trl_trainer(args, workdir, records, packed, "check-trl", batch_size=len(records))
-    batch = next(iter(trainer.get_train_dataloader()))
     trainer.model.train()
     with torch.no_grad():
         loss = trainer.compute_loss(trainer.model, batch)
-    return float(loss), {key: list(value.shape) for key, value in batch.items() if torch.is_tensor(value)}
+    return float(loss), list(batch["input_ids"].shape)
 
 
-def check_tokenisation(args, workdir: Path, records: list[dict], prompt_ids, output_ids) -> int:
-    """Returns the number of examples whose TRL input_ids or completion start differ from ours."""
-    trainer = make_trl_trainer(args, workdir, records, packed=False, run_name="check-trl")
-    mismatches = 0
+def count_tokenisation_mismatches(trainer, prompt_ids, output_ids) -> int:
+    """Returns the number of examples whose TRL input_ids or completion start differ from ours (row for row)."""
+    mismatches = abs(len(trainer.train_dataset) - len(prompt_ids))
     for row, prompt, output in zip(trainer.train_dataset, prompt_ids, output_ids):
         trl_prompt_length = next(i for i, label in enumerate(row["labels"]) if label != -100)
         if row["input_ids"] != prompt + output or trl_prompt_length != len(prompt):
             mismatches += 1
-    return mismatches + abs(len(trainer.train_dataset) - len(prompt_ids))
+    return mismatches
 
 
 def check_first_batch(args: argparse.Namespace, workdir: Path) -> dict:
@@ -301,7 +298,10 @@ def check_first_batch(args: argparse.Namespace, workdir: Path) -> dict:
     data = tokenize_examples(load_examples(workdir / "train.jsonl").examples, tokenizer, "{question}", args.max_length)
     if data.counts["truncated"]:
         print(f"note: {data.counts['truncated']} examples truncated to --max-length {args.max_length}")
-    result = {"tokenisation_mismatches": check_tokenisation(args, workdir, records, data.prompt_ids, data.output_ids)}
+    # Unpacked, TRL keeps the file order (shuffle_dataset=False): its first rows are our first examples.
+    padded_trainer = make_trl_trainer(args, workdir, records, packed=False, run_name="check-trl")
+    result = {"tokenisation_mismatches": count_tokenisation_mismatches(padded_trainer, data.prompt_ids, data.output_ids),
+              "all_response_tokens": sum(len(o) for o in data.output_ids)}
 
     size = args.batch_size
     prompt_ids, output_ids = data.prompt_ids[:size], data.output_ids[:size]
@@ -310,10 +310,15 @@ def check_first_batch(args: argparse.Namespace, workdir: Path) -> dict:
     result["reference"] = reference_loss(model, prompt_ids, output_ids)
     result["check_response_tokens"] = sum(len(o) for o in output_ids)
     for layout in ("padded", "packed"):
-        packed = layout == "packed"
         result[f"ours-{layout}"] = ours_batch_loss(model, prompt_ids, output_ids, pad_token_id_of(tokenizer),
-                                                   packed, args.max_length)
-        result[f"trl-{layout}"], result[f"trl-{layout}-batch"] = trl_batch_loss(args, workdir, records[:size], packed)
+                                                   layout == "packed", args.max_length)
+    # TRL's collator on its first rows; packed: a trainer over just these examples, whose one batch holds them all.
+    batch = padded_trainer.data_collator([padded_trainer.train_dataset[i] for i in range(size)])
+    result["trl-padded"], result["trl-padded-batch"] = trl_batch_loss(padded_trainer, batch)
+    packed_trainer = make_trl_trainer(args, workdir, records[:size], packed=True, run_name="check-trl",
+                                      batch_size=size)
+    batch = next(iter(packed_trainer.get_train_dataloader()))
+    result["trl-packed"], result["trl-packed-batch"] = trl_batch_loss(packed_trainer, batch)
     return result
 
 
@@ -407,7 +412,7 @@ def main() -> None:
                   f"token-mean NLL before any update: reference (each example alone, float64) {check['reference']:.6f}")
             for layout in ("padded", "packed"):
                 print(f"  {layout}: ours {check[f'ours-{layout}']:.6f}, TRL {check[f'trl-{layout}']:.6f} "
-                      f"(TRL batch {check[f'trl-{layout}-batch']['input_ids']})")
+                      f"(TRL batch {check[f'trl-{layout}-batch']})")
 
         throughput = {v: [] for v in variants}
         peaks = {v: [] for v in variants}
