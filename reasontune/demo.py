@@ -123,7 +123,7 @@ def build_demo_tokenizer(texts: Sequence[str], vocab_size: int = 384):
     return wrapped
 
 
-def build_demo_model(tokenizer, hidden_size: int = 192, num_layers: int = 4, num_heads: int = 6,
+def build_demo_model(tokenizer, hidden_size: int = 256, num_layers: int = 3, num_heads: int = 8,
                      num_kv_heads: int = 2, intermediate_size: int | None = None, seed: int = 0,
                      max_position_embeddings: int = 256):
     """Returns a randomly initialised tiny Qwen2 causal LM (fp32, SDPA, tied embeddings) for ``tokenizer``.
@@ -157,13 +157,13 @@ class DemoConfig:
     n_train: int = help_field(16000, "training examples (each seen once: SFT runs one epoch of batch-size examples a step)")
     n_eval: int = help_field(256, "held-out examples evaluated before and after training (disjoint from training)")
     num_digits: int = help_field(3, "digits of each operand of the additions")
-    hidden_size: int = help_field(192, "width of the tiny Qwen2 model")
-    num_layers: int = help_field(4, "transformer layers of the tiny model")
-    num_heads: int = help_field(6, "attention heads")
+    hidden_size: int = help_field(256, "width of the tiny Qwen2 model")
+    num_layers: int = help_field(3, "transformer layers of the tiny model")
+    num_heads: int = help_field(8, "attention heads")
     num_kv_heads: int = help_field(2, "key/value heads (grouped-query attention, as in Qwen2.5)")
     vocab_size: int = help_field(384, "upper bound on the BPE vocabulary trained on the task's text")
     batch_size: int = help_field(32, "examples per optimizer step")
-    learning_rate: float = help_field(2e-3, "peak AdamW learning rate (warmup then cosine decay)")
+    learning_rate: float = help_field(1e-3, "peak AdamW learning rate (warmup then cosine decay)")
     warmup_ratio: float = help_field(0.05, "fraction of steps spent warming up")
     eval_max_new_tokens: int = help_field(48, "token budget of each generated answer (a trace is about 36 tokens)")
     eval_batch_size: int = help_field(128, "prompts per generation batch")
@@ -210,8 +210,9 @@ def demo_sft_config(config: DemoConfig, train_path: Path, val_path: Path, model_
     from reasontune.training.sft import SFTConfig
 
     return SFTConfig(
-        train_data=str(train_path), val_data=str(val_path), prompt_template=str(DEMO_TEMPLATE_PATH),
-        model=str(model_dir), output_dir=str(Path(config.output_dir) / "sft"), dtype="float32",
+        train_data=str(train_path), val_data=str(val_path), reward="r1_zero", prompt_template=str(DEMO_TEMPLATE_PATH),
+        # The demo regenerates its data and base model on every run, so its SFT run starts afresh too.
+        model=str(model_dir), output_dir=str(Path(config.output_dir) / "sft"), overwrite=True, dtype="float32",
         attn_implementation="sdpa", device="cpu",
         num_epochs=1, batch_size=config.batch_size, gradient_accumulation_steps=1,
         learning_rate=config.learning_rate, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
