@@ -124,6 +124,26 @@ def test_logprobs_and_entropy_equal_a_full_forward_pass(qwen_tokenizer, random_m
         assert completion.mean_entropy == pytest.approx(expected_entropy.mean().item(), abs=2e-4)
 
 
+def test_min_new_tokens_forbids_eos_while_logprobs_stay_those_of_the_raw_model(qwen_tokenizer):
+    # After ' the' the model puts ~all mass on EOS (logit 10·sqrt(32) vs 0 for every other token).
+    model = bigram_model(qwen_tokenizer, [": so the<|endoftext|>"])
+    eos = qwen_tokenizer.eos_token_id
+    generator = HFGenerator(model, qwen_tokenizer)
+    [[free]] = generator.generate(["Answer:"], SamplingOptions(temperature=0.0, max_new_tokens=8, stop=()))
+    assert free.token_ids == qwen_tokenizer.encode(" so the") + [eos] and free.finish_reason == "eos"
+
+    options = SamplingOptions(temperature=0.0, max_new_tokens=8, min_new_tokens=5, stop=(), return_logprobs=True)
+    [[forced]] = generator.generate(["Answer:"], options)
+    assert eos not in forced.token_ids[:5] and forced.token_ids[:2] == qwen_tokenizer.encode(" so the")
+    prompt_ids = qwen_tokenizer.encode("Answer:")
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids + forced.token_ids])).logits[0, len(prompt_ids) - 1:-1]
+    expected = torch.log_softmax(logits.float(), -1).gather(-1, torch.tensor(forced.token_ids)[:, None]).squeeze(-1)
+    # Unsuppressed, the token chosen instead of EOS is ~e^-56 likely; with EOS at -inf it would read log(1/151935) ≈ -11.9.
+    assert expected[2] < -40
+    torch.testing.assert_close(torch.tensor(forced.logprobs), expected, atol=2e-4, rtol=1e-4)
+
+
 def test_training_mode_restored_and_cache_used_when_training_disabled_it(qwen_tokenizer, random_model):
     random_model.train()
     random_model.config.use_cache = False

@@ -35,10 +35,31 @@ class _StopOnStrings(StoppingCriteria):
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
+class _SuppressEOSUntil(LogitsProcessor):
+    """Sets the EOS logits to -inf in place while fewer than ``min_new_tokens`` tokens are generated.
+
+    Replaces ``generate(min_new_tokens=...)``, whose processor clones the whole ``(rows, vocab)``
+    score matrix and rebuilds a vocab-sized EOS mask every step, even after ``min_new_tokens``:
+    three vocab-wide passes a step, more than the LM head itself at Qwen's vocab on CPU. This
+    one writes ``rows × len(eos)`` entries, and nothing once the minimum is reached.
+    """
+
+    def __init__(self, eos_token_ids: Sequence[int], prompt_width: int, min_new_tokens: int):
+        self.eos_token_ids = list(eos_token_ids)
+        self.prompt_width = prompt_width
+        self.min_new_tokens = min_new_tokens
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if input_ids.shape[1] - self.prompt_width < self.min_new_tokens:
+            scores[:, self.eos_token_ids] = -float("inf")  # generate hands us its own float32 copy of the logits
+        return scores
+
+
 class _TokenStatsRecorder(LogitsProcessor):
     """Records, per generated position, the log-prob of the sampled token and the entropy, from raw logits.
 
-    It sees the model's float32 next-token logits before temperature / top-p. The sampled
+    It sees the model's float32 next-token logits before EOS suppression, temperature and
+    top-p (it runs first among our processors, and generate's own come after ours). The sampled
     token is known only at the next call (or after ``generate`` returns), so one step of
     log-softmax ``(rows, vocab)`` is kept: memory stays O(rows × vocab), never O(steps × vocab).
     """
@@ -52,7 +73,7 @@ class _TokenStatsRecorder(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         self._record_sampled(input_ids[:, -1])
-        # Processors before this one (min_new_tokens) may set -inf; a finite floor keeps p·logit at 0, not NaN.
+        # A model may emit -inf logits itself (masked vocab rows); a finite floor keeps p·logit at 0, not NaN.
         logits = torch.nan_to_num(scores.float(), neginf=torch.finfo(torch.float32).min)
         log_probs = torch.log_softmax(logits, dim=-1)
         if self.want_logprobs:
@@ -152,14 +173,16 @@ class HFGenerator(Generator):
         processors = LogitsProcessorList()
         if options.return_logprobs or options.return_entropy:
             recorder = _TokenStatsRecorder(options.return_logprobs, options.return_entropy)
-            processors.append(recorder)
+            processors.append(recorder)  # first: it records the raw distribution, before EOS suppression
+        if options.min_new_tokens and self.eos_token_ids:
+            processors.append(_SuppressEOSUntil(self.eos_token_ids, width, options.min_new_tokens))
         # top_k=0 and repetition_penalty=1 override sampling defaults a checkpoint's generation_config may carry.
         sampling = dict(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0) \
             if not options.greedy else dict(do_sample=False)
         device = self.device
         sequences = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            max_new_tokens=options.max_new_tokens, min_new_tokens=options.min_new_tokens or None,
+            max_new_tokens=options.max_new_tokens, min_new_tokens=None, min_length=0,
             num_return_sequences=rows_per_prompt, repetition_penalty=1.0,
             eos_token_id=self.eos_token_ids or None, pad_token_id=self.pad_token_id, use_cache=True,
             stopping_criteria=stopping, logits_processor=processors, return_dict_in_generate=False,
