@@ -165,9 +165,9 @@ class DemoConfig:
     batch_size: int = help_field(32, "examples per optimizer step")
     learning_rate: float = help_field(1e-3, "peak AdamW learning rate (warmup then cosine decay)")
     warmup_ratio: float = help_field(0.05, "fraction of steps spent warming up")
-    eval_max_new_tokens: int = help_field(48, "token budget of each generated answer (a trace is about 36 tokens)")
+    eval_max_new_tokens: int | None = help_field(None, "token budget of each generated answer (none: 10 x num-digits + 18, a trace's 10 x num-digits + 6 tokens plus margin)")
     eval_batch_size: int = help_field(128, "prompts per generation batch")
-    num_threads: int | None = help_field(None, "torch CPU threads (default: torch's choice)")
+    num_threads: int | None = help_field(None, "torch CPU threads (none: torch's choice)")
     progress: bool = help_field(True, "show a progress bar")
 
     def validate(self) -> None:
@@ -205,6 +205,16 @@ def prepare_demo(config: DemoConfig) -> tuple[Path, Path, Path]:
     return train_path, val_path, model_dir
 
 
+def demo_max_new_tokens(config: DemoConfig) -> int:
+    """Returns the generation budget: ``--eval-max-new-tokens``, else a trace's length plus 12 tokens.
+
+    A trace of d-digit operands is 10d + 6 tokens: a space, d columns of 8 (``x+y+c=ss``) with
+    d - 1 spaces between them, `` </think> <answer>`` (4), at most d + 1 answer digits and
+    ``</answer>``.
+    """
+    return config.eval_max_new_tokens if config.eval_max_new_tokens is not None else 10 * config.num_digits + 18
+
+
 def demo_sft_config(config: DemoConfig, train_path: Path, val_path: Path, model_dir: Path):
     """Returns the ``SFTConfig`` of the demo's training run (one epoch over the training examples)."""
     from reasontune.training.sft import SFTConfig
@@ -219,7 +229,7 @@ def demo_sft_config(config: DemoConfig, train_path: Path, val_path: Path, model_
         lr_scheduler="cosine", warmup_ratio=config.warmup_ratio, min_lr_ratio=0.0, max_length=None,
         loss_normalization="token_mean", seed=config.seed,
         eval_every=0, eval_examples=config.n_eval, eval_before_training=True, eval_backend="hf",
-        eval_batch_size=config.eval_batch_size, eval_max_new_tokens=config.eval_max_new_tokens, eval_temperature=0.0,
+        eval_batch_size=config.eval_batch_size, eval_max_new_tokens=demo_max_new_tokens(config), eval_temperature=0.0,
         save_every=0, progress=config.progress, write_report=True, num_threads=config.num_threads,
     )
 

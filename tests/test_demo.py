@@ -10,10 +10,14 @@ import torch
 from reasontune.demo import (
     DEMO_TEMPLATE_PATH,
     FORMAT_TAGS,
+    DemoConfig,
     addition_trace,
     build_demo_model,
     build_demo_tokenizer,
+    demo_max_new_tokens,
+    demo_sft_config,
     load_demo_template,
+    make_arithmetic_example,
     make_arithmetic_examples,
     make_demo_splits,
 )
@@ -158,3 +162,26 @@ def test_default_model_is_small(tokenizer):
     parameters = sum(p.numel() for p in model.parameters())
     assert 1_000_000 < parameters < 4_000_000
     assert model.config._attn_implementation == "sdpa" and next(model.parameters()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("num_digits", [1, 3, 5])
+def test_generation_budget_covers_the_longest_trace(num_digits):
+    examples = make_arithmetic_examples(40, seed=num_digits, num_digits=num_digits)
+    # The longest trace has a carry out of the last column (one more answer digit): 99..9 + 99..9.
+    nines = int("9" * num_digits)
+    examples.append(make_arithmetic_example(nines, nines, load_demo_template()))
+    tokenizer = build_demo_tokenizer([e["prompt"] + e["response"] for e in examples])
+    lengths = [len(tokenizer(e["response"], add_special_tokens=False)["input_ids"]) for e in examples]
+    assert max(lengths) == 10 * num_digits + 6
+    assert demo_max_new_tokens(DemoConfig(num_digits=num_digits)) >= max(lengths) + 8
+    assert demo_max_new_tokens(DemoConfig(num_digits=num_digits, eval_max_new_tokens=99)) == 99
+
+
+def test_sft_config_trains_one_epoch_on_the_demo_files(tmp_path):
+    config = DemoConfig(output_dir=str(tmp_path), n_train=640, batch_size=32, n_eval=200)
+    sft = demo_sft_config(config, tmp_path / "data" / "train.jsonl", tmp_path / "data" / "val.jsonl", tmp_path / "base-model")
+    assert sft.model == str(tmp_path / "base-model") and sft.output_dir == str(tmp_path / "sft")
+    assert sft.prompt_template == str(DEMO_TEMPLATE_PATH) and sft.reward == "r1_zero"
+    assert (sft.num_epochs, sft.max_steps, sft.batch_size, sft.gradient_accumulation_steps) == (1, None, 32, 1)
+    assert sft.eval_before_training and sft.eval_examples == 200 and sft.eval_temperature == 0.0
+    assert sft.eval_max_new_tokens == 48 and sft.device == "cpu" and sft.dtype == "float32"
