@@ -175,6 +175,12 @@ class DemoConfig:
             raise SystemExit(f"error: --n-train ({self.n_train}) must be at least --batch-size ({self.batch_size})")
         if self.n_eval < 1:
             raise SystemExit("error: --n-eval must be at least 1")
+        if self.num_digits < 1:
+            raise SystemExit("error: --num-digits must be at least 1")
+        distinct = (9 * 10 ** (self.num_digits - 1)) ** 2
+        if self.n_train + self.n_eval > distinct:
+            raise SystemExit(f"error: --n-train + --n-eval ({self.n_train + self.n_eval}) exceeds the {distinct} distinct "
+                             f"{self.num_digits}-digit additions; lower them or raise --num-digits")
 
 
 def write_jsonl(records: Sequence[dict[str, Any]], path: Path) -> None:

@@ -185,3 +185,11 @@ def test_sft_config_trains_one_epoch_on_the_demo_files(tmp_path):
     assert (sft.num_epochs, sft.max_steps, sft.batch_size, sft.gradient_accumulation_steps) == (1, None, 32, 1)
     assert sft.eval_before_training and sft.eval_examples == 200 and sft.eval_temperature == 0.0
     assert sft.eval_max_new_tokens == 48 and sft.device == "cpu" and sft.dtype == "float32"
+
+
+def test_config_rejects_more_examples_than_the_task_has():
+    from reasontune.config import config_from_dict
+
+    with pytest.raises(SystemExit, match="81 distinct 1-digit"):
+        config_from_dict({"num_digits": 1, "n_train": 64, "n_eval": 32}, DemoConfig)
+    assert config_from_dict({"num_digits": 2, "n_train": 64, "n_eval": 32}, DemoConfig).n_train == 64
