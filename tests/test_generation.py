@@ -84,6 +84,34 @@ def test_stop_string_inside_a_token_cuts_the_text_right_after_it(qwen_tokenizer)
     assert completion.token_ids == qwen_tokenizer.encode(" so the result")
 
 
+@pytest.mark.parametrize("stop, pieces", [
+    (("</answer>",), [" </", "</", "answer", ">", " 7"]),  # the stop string spans three tokens
+    (("resu", "\n\n"), ["\n", " result"] + [f" {word}" for word in "so the is a b c d e f g h i j k l m n".split()]),
+    (("é!",), ["Ã", "©", "é", "!", " 7"]),  # 'é' whole, or split into its two bytes 'Ã' '©'
+])
+def test_stop_criterion_finishes_each_row_at_the_first_step_its_text_holds_a_stop_string(qwen_tokenizer, stop, pieces):
+    from reasontune.generation.hf import _StopOnStrings
+
+    pool = sorted({i for piece in pieces
+                   for i in ([qwen_tokenizer.convert_tokens_to_ids(piece)] if piece in "Ã©" else qwen_tokenizer.encode(piece))})
+    generator = torch.Generator().manual_seed(5)
+    rows, prompt_width, steps, min_new_tokens = 64, 3, 16, 3
+    ids = torch.tensor(pool)[torch.randint(len(pool), (rows, prompt_width + steps), generator=generator)]
+    criterion = _StopOnStrings(qwen_tokenizer, stop, prompt_width, min_new_tokens)
+    finished_at = [None] * rows
+    for step in range(1, steps + 1):
+        done = criterion(ids[:, :prompt_width + step], None)
+        for row in range(rows):
+            if done[row] and finished_at[row] is None:
+                finished_at[row] = step
+    # Reference: decode each row's whole generated text at each step, from the first step stop strings count.
+    expected = [next((step for step in range(min_new_tokens, steps + 1)
+                      if any(s in qwen_tokenizer.decode(ids[row, prompt_width:prompt_width + step]) for s in stop)), None)
+                for row in range(rows)]
+    assert finished_at == expected
+    assert sum(step is not None for step in expected) >= 5 and sum(step is None for step in expected) >= 5
+
+
 def test_n_samples_come_back_grouped_in_prompt_order(qwen_tokenizer):
     prompts = ["Question one?", "A much longer, second question, sorted first by length!"]
     model = bigram_model(qwen_tokenizer, ["?" + CHAIN_TEXT, "!" + OTHER_CHAIN_TEXT])

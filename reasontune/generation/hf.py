@@ -14,25 +14,48 @@ from reasontune.generation import Completion, Generator, SamplingOptions, cut_at
 class _StopOnStrings(StoppingCriteria):
     """Marks a row finished once the text of its newest tokens contains a stop string.
 
-    Only a window of the last tokens is decoded each step (a stop string of c characters
-    completed by the newest token lies within its last c tokens), so a step costs
-    O(rows × window), not O(rows × generated length).
+    Only a window of the last tokens is decoded (a stop string of c characters completed by
+    the newest token lies within its last c tokens), and after the first step where stop
+    strings count, only rows whose newest token could have completed one: a stop string found
+    earlier already ended its row, so a new one ends in the newest token's text. When every
+    stop string ends in a printable ASCII character, that token's text must contain it (or a
+    U+FFFD of a split multi-byte character, kept to stay safe); which tokens do is cached per
+    token id in ``could_end_cache``. A step then costs a lookup per row and a decode per candidate.
     """
 
-    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int, min_new_tokens: int):
+    def __init__(self, tokenizer, stop: Sequence[str], prompt_width: int, min_new_tokens: int,
+                 could_end_cache: dict[int, bool] | None = None):
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self.prompt_width = prompt_width
         self.min_new_tokens = max(1, min_new_tokens)
         self.window = max(len(s) for s in self.stop) + 1
+        self.last_characters = {s[-1] for s in self.stop}
+        self.filter_rows = all(c.isascii() and c.isprintable() and not c.isspace() for c in self.last_characters)
+        self.could_end_cache = {} if could_end_cache is None else could_end_cache
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs) -> torch.BoolTensor:
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool)
         generated = input_ids.shape[1] - self.prompt_width
-        if generated < self.min_new_tokens:
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        tails = self.tokenizer.batch_decode(input_ids[:, -min(self.window, generated):], skip_special_tokens=True)
-        done = [any(s in tail for s in self.stop) for tail in tails]
-        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+        if generated >= self.min_new_tokens:
+            rows = list(range(input_ids.shape[0]))
+            if self.filter_rows and generated > self.min_new_tokens:
+                newest = input_ids[:, -1].tolist()
+                rows = [row for row in rows if self._could_end_stop(newest[row])]
+            if rows:
+                tails = self.tokenizer.batch_decode(input_ids[rows, -min(self.window, generated):],
+                                                    skip_special_tokens=True)
+                for row, tail in zip(rows, tails):
+                    done[row] = any(s in tail for s in self.stop)
+        return done.to(input_ids.device)
+
+    def _could_end_stop(self, token_id: int) -> bool:
+        could_end = self.could_end_cache.get(token_id)
+        if could_end is None:
+            text = self.tokenizer.decode([token_id], skip_special_tokens=True)
+            could_end = "\ufffd" in text or any(c in text for c in self.last_characters)
+            self.could_end_cache[token_id] = could_end
+        return could_end
 
 
 class _SuppressEOSUntil(LogitsProcessor):
@@ -122,6 +145,7 @@ class HFGenerator(Generator):
             elif isinstance(candidate, (list, tuple)):
                 eos.update(int(c) for c in candidate)
         self.eos_token_ids = sorted(eos)
+        self._could_end_caches: dict[str, dict[int, bool]] = {}  # stop strings' last characters → token id → bool
 
     @property
     def device(self) -> torch.device:
@@ -168,7 +192,9 @@ class HFGenerator(Generator):
             attention_mask[row, width - len(ids):] = 1
         stopping = StoppingCriteriaList()
         if options.stop:
-            stopping.append(_StopOnStrings(self.tokenizer, options.stop, width, options.min_new_tokens))
+            last_characters = "".join(sorted({s[-1] for s in options.stop}))
+            stopping.append(_StopOnStrings(self.tokenizer, options.stop, width, options.min_new_tokens,
+                                           self._could_end_caches.setdefault(last_characters, {})))
         recorder = None
         processors = LogitsProcessorList()
         if options.return_logprobs or options.return_entropy:
