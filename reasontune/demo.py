@@ -154,7 +154,7 @@ class DemoConfig:
 
     output_dir: str = help_field("runs/demo", "directory for data/, base-model/ and the SFT run (sft/: checkpoints, eval/, report/)")
     seed: int = help_field(0, "seed of the task, tokenizer corpus, initialisation and data order")
-    n_train: int = help_field(16000, "training examples (each seen once: SFT runs one epoch of batch-size examples a step)")
+    n_train: int = help_field(12800, "training examples (each seen once: SFT runs one epoch of batch-size examples a step)")
     n_eval: int = help_field(256, "held-out examples evaluated before and after training (disjoint from training)")
     num_digits: int = help_field(3, "digits of each operand of the additions")
     hidden_size: int = help_field(256, "width of the tiny Qwen2 model")
