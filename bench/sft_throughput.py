@@ -368,7 +368,7 @@ def print_report(args, variants, throughput, peaks, check) -> None:
     for variant in variants:
         best = max(throughput[variant], key=lambda t: t["tokens_per_s"])
         loss = f"{check[variant]:.6f}" if check else "-"
-        print(f"{variant:<12} {best['tokens_per_s']:>11.1f} {best['steps']:>6} {best['response_tokens']:>12} "
+        print(f"{variant:<12} {best['tokens_per_s']:>11.1f} {best['steps']:>6} {best['timed_tokens']:>13} "
               f"{best['seconds']:>8.1f} {max(peaks[variant]) / mib:>13.0f} {loss:>17}")
     print("\nratios ours / TRL (throughput: higher is better; peak RSS: lower is better)")
     for layout in ("packed", "padded"):
