@@ -250,53 +250,7 @@ def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch
 
 
 # ---------------------------------------------------------------------------------------------
-# Evaluation, checkpoints and the run directory
-
-
-def make_generator(config: SFTConfig, model, tokenizer):
-    """Returns the evaluation generator: HF ``generate`` on the policy itself, or a vLLM engine."""
-    if config.eval_backend == "vllm":
-        from reasontune.generation.vllm import VLLMGenerator
-
-        # The engine starts from the base weights; evaluate_policy loads the policy's current ones.
-        shared_device = config.vllm_device is None
-        return VLLMGenerator(config.model, device=config.vllm_device, dtype=config.dtype,
-                             gpu_memory_utilization=config.vllm_gpu_memory_utilization, seed=config.seed,
-                             enable_sleep_mode=shared_device)
-    from reasontune.generation.hf import HFGenerator
-
-    return HFGenerator(model, tokenizer, batch_size=config.eval_batch_size)
-
-
-def evaluate_policy(step: int, model, generator, validation, template: str, config: SFTConfig, run_dir: Path) -> dict:
-    """Returns the summary of generating and grading the validation examples with the current weights.
-
-    Writes ``eval/step-<N>/records.jsonl`` and ``summary.json`` as ``reasontune eval`` does. The
-    RNG is forked so that sampling in evaluation never changes the training run's random stream.
-    """
-    from reasontune.evaluation import evaluate
-    from reasontune.generation import SamplingOptions
-    from reasontune.rewards import question_only_reward_fn, r1_zero_reward_fn
-
-    if hasattr(generator, "load_policy_weights"):
-        generator.load_policy_weights(model)
-    options = SamplingOptions(temperature=config.eval_temperature, max_new_tokens=config.eval_max_new_tokens,
-                              stop=("</answer>",), n=1, seed=config.seed, return_entropy=config.eval_backend == "hf")
-    reward_fn = r1_zero_reward_fn if config.reward == "r1_zero" else question_only_reward_fn
-    with torch.random.fork_rng(devices=[]):
-        result = evaluate(generator, validation, reward_fn, options, output_dir=run_dir / "eval" / f"step-{step:06d}",
-                          template=template)
-    if getattr(generator, "enable_sleep_mode", False):
-        generator.sleep()  # give the shared GPU's KV cache back to training
-    return result["summary"]
-
-
-def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str) -> dict:
-    """Returns everything besides the weights that an exact resume needs."""
-    from reasontune.checkpoint import rng_state
-
-    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng_state(), "plan_fingerprint": plan_fingerprint}
+# Resume safety (the run directory, generator, evaluation and trainer state: training/common.py)
 
 
 def fingerprint(steps) -> str:
@@ -308,21 +262,6 @@ def fingerprint(steps) -> str:
         for mb in microbatches:
             digest.update(mb["input_ids"].numpy().tobytes())
     return digest.hexdigest()[:16]
-
-
-def prepare_run_dir(config: SFTConfig) -> Path:
-    """Returns the run directory, refusing to mix a new run into an old one unless asked."""
-    import shutil
-
-    run_dir = Path(config.output_dir)
-    if run_dir.exists() and (run_dir / "config.json").exists() and not config.resume:
-        if not config.overwrite:
-            raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it, "
-                             "--overwrite to start afresh, or another --output-dir")
-        for child in run_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
 
 
 class TrainingDiverged(RuntimeError):
@@ -347,9 +286,10 @@ def run_sft(config: SFTConfig) -> Path:
     from reasontune.modeling import load_model, load_tokenizer
     from reasontune.tokenization import pad_token_id_of
     from reasontune.tracking import MetricsLogger, Progress
+    from reasontune.training.common import evaluate_policy, make_generator, prepare_run_dir, trainer_state
 
     # --- setup: run dir, seeds, model, data, optimizer, plan
-    run_dir = prepare_run_dir(config)
+    run_dir = prepare_run_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     remove_stale_temporaries(run_dir)
     save_config(config, run_dir / "config.json")
     if config.num_threads:
@@ -370,7 +310,9 @@ def run_sft(config: SFTConfig) -> Path:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
                                   betas=(config.adam_beta1, config.adam_beta2))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config, len(steps)))
-    generator = make_generator(config, model, tokenizer) if validation else None
+    generator = make_generator(config.eval_backend, model, tokenizer, model_name=config.model, dtype=config.dtype,
+                               seed=config.seed, batch_size=config.eval_batch_size, vllm_device=config.vllm_device,
+                               vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization) if validation else None
 
     start_step = 0
     logger = MetricsLogger(run_dir, wandb_project=config.wandb_project, tensorboard=config.tensorboard,
@@ -402,7 +344,9 @@ def run_sft(config: SFTConfig) -> Path:
         return path
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, model, generator, validation, template, config, run_dir)
+        summary = evaluate_policy(step, model, generator, validation, template, run_dir, reward=config.reward,
+                                  temperature=config.eval_temperature, max_new_tokens=config.eval_max_new_tokens,
+                                  seed=config.seed)
         logger.log("eval", step, accuracy=summary["accuracy"], format_rate=summary["format_rate"],
                    mean_response_length=summary.get("mean_response_length"),
                    mean_entropy=summary.get("mean_entropy"), dir=f"eval/step-{step:06d}")

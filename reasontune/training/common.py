@@ -1,0 +1,77 @@
+"""What every trainer's loop shares: the run directory, the generator, in-loop evaluation, trainer state.
+
+Plain arguments only (configs stop at the entry points): SFT, expert iteration and GRPO each
+pass their own config's values.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Sequence
+
+import torch
+
+
+def prepare_run_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Returns the run directory, refusing to mix a new run into an old one unless asked."""
+    import shutil
+
+    run_dir = Path(output_dir)
+    if run_dir.exists() and (run_dir / "config.json").exists() and not resume:
+        if not overwrite:
+            raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it, "
+                             "--overwrite to start afresh, or another --output-dir")
+        for child in run_dir.iterdir():
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def make_generator(backend: Literal["hf", "vllm"], model, tokenizer, *, model_name: str, dtype: str, seed: int,
+                   batch_size: int, vllm_device: str | None = None, vllm_gpu_memory_utilization: float = 0.3):
+    """Returns a generator: HF ``generate`` on the policy object itself, or a vLLM engine built from ``model_name``.
+
+    The vLLM engine starts from the base weights; callers load the policy's current ones
+    (``generator.load_policy_weights(model)``) before each rollout or evaluation. Sharing the
+    policy's GPU (``vllm_device`` None) turns on sleep mode so training gets the KV cache back.
+    """
+    if backend == "vllm":
+        from reasontune.generation.vllm import VLLMGenerator
+
+        shared_device = vllm_device is None
+        return VLLMGenerator(model_name, device=vllm_device, dtype=dtype, gpu_memory_utilization=vllm_gpu_memory_utilization,
+                             seed=seed, enable_sleep_mode=shared_device)
+    from reasontune.generation.hf import HFGenerator
+
+    return HFGenerator(model, tokenizer, batch_size=batch_size)
+
+
+def evaluate_policy(step: int, model, generator, validation: Sequence, template: str, run_dir: Path, *,
+                    reward: str, temperature: float, max_new_tokens: int, seed: int) -> dict:
+    """Returns the summary of generating and grading the validation examples with the current weights.
+
+    Writes ``eval/step-<N>/records.jsonl`` and ``summary.json`` as ``reasontune eval`` does. The
+    RNG is forked so that sampling in evaluation never changes the training run's random stream.
+    """
+    from reasontune.evaluation import evaluate, reward_fn_by_name
+    from reasontune.generation import SamplingOptions
+
+    if hasattr(generator, "load_policy_weights"):
+        generator.load_policy_weights(model)
+    hf_backend = not hasattr(generator, "load_policy_weights")
+    options = SamplingOptions(temperature=temperature, max_new_tokens=max_new_tokens, stop=("</answer>",), n=1,
+                              seed=seed, return_entropy=hf_backend)
+    with torch.random.fork_rng(devices=[]):
+        result = evaluate(generator, validation, reward_fn_by_name(reward), options,
+                          output_dir=run_dir / "eval" / f"step-{step:06d}", template=template)
+    if getattr(generator, "enable_sleep_mode", False):
+        generator.sleep()  # give the shared GPU's KV cache back to training
+    return result["summary"]
+
+
+def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str) -> dict:
+    """Returns everything besides the weights that an exact resume needs."""
+    from reasontune.checkpoint import rng_state
+
+    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "rng": rng_state(), "plan_fingerprint": plan_fingerprint}
