@@ -245,6 +245,21 @@ def compute_policy_gradient_loss(
     raise ValueError(f"unknown loss_type {loss_type!r}; expected no_baseline, reinforce_with_baseline or grpo_clip")
 
 
+def compute_k3_kl(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -> torch.Tensor:
+    """Returns the per-token k3 estimate of KL(policy || reference), (batch, seq), >= 0.
+
+    ``k3 = exp(ref - policy) - (ref - policy) - 1`` (Schulman's unbiased, non-negative
+    estimator, as in DeepSeekMath's GRPO). It is 0 with gradient 0 wherever the two agree:
+    d k3 / d policy = 1 - exp(ref - policy).
+
+    Args:
+        policy_log_probs: (batch, seq) float, with gradient.
+        ref_log_probs: (batch, seq) float, the frozen reference model's (no gradient).
+    """
+    delta = ref_log_probs.to(policy_log_probs.dtype) - policy_log_probs
+    return torch.exp(delta) - delta - 1.0
+
+
 def grpo_microbatch_train_step(
     policy_log_probs: torch.Tensor,
     response_mask: torch.Tensor,
@@ -257,8 +272,14 @@ def grpo_microbatch_train_step(
     loss_aggregation: GRPOAggregation = "sequence_mean",
     normalize_constant: float | None = None,
     tokens_in_step: int | None = None,
+    ref_log_probs: torch.Tensor | None = None,
+    kl_coef: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns ``(loss, metadata)`` of one policy-gradient microbatch after ``loss.backward()``.
+
+    With ``kl_coef > 0``, ``kl_coef * compute_k3_kl(policy_log_probs, ref_log_probs)`` is added
+    to each token's policy-gradient loss before aggregation, so the penalty is aggregated and
+    scaled exactly like the loss it regularises.
 
     Aggregation of the per-token loss (named, never silent):
 
@@ -279,11 +300,16 @@ def grpo_microbatch_train_step(
         gradient_accumulation_steps: microbatches per optimizer step.
         loss_type, raw_rewards, advantages, old_log_probs, cliprange: as in
             ``compute_policy_gradient_loss``.
+        loss_aggregation, normalize_constant, tokens_in_step: see above.
+        ref_log_probs: (batch, seq) float, the reference model's log-probs (needed when
+            ``kl_coef > 0``; when given with ``kl_coef == 0`` the KL is only reported).
+        kl_coef: weight of the per-token k3 KL penalty (0: off).
 
     Returns:
         loss: 0-d detached tensor, the back-propagated value.
         metadata: the loss function's metadata plus ``clip_fraction`` (grpo_clip: fraction of
-            response tokens clipped) and ``num_response_tokens``.
+            response tokens clipped), ``num_response_tokens`` and, with ``ref_log_probs``, ``kl``
+            (0-d, the mean k3 KL over response tokens, detached).
     """
     if policy_log_probs.shape != response_mask.shape:
         raise ValueError(f"policy_log_probs {tuple(policy_log_probs.shape)} and response_mask "
@@ -294,6 +320,15 @@ def grpo_microbatch_train_step(
         policy_log_probs, loss_type, raw_rewards=raw_rewards, advantages=advantages,
         old_log_probs=old_log_probs, cliprange=cliprange,
     )
+    kl = None
+    if kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0, got {kl_coef}")
+    if kl_coef > 0 and ref_log_probs is None:
+        raise ValueError("kl_coef > 0 needs ref_log_probs (the reference model's per-token log-probs)")
+    if ref_log_probs is not None:
+        kl = compute_k3_kl(policy_log_probs, ref_log_probs)
+        if kl_coef > 0:
+            per_token = per_token + kl_coef * kl
     if loss_aggregation == "sequence_mean":
         loss = masked_mean(per_token, response_mask, dim=-1).mean() / gradient_accumulation_steps
     elif loss_aggregation == "sequence_sum_constant":
@@ -314,4 +349,6 @@ def grpo_microbatch_train_step(
     metadata["num_response_tokens"] = response_mask.sum()
     if "clipped" in metadata:
         metadata["clip_fraction"] = masked_mean(metadata["clipped"].float(), response_mask)
+    if kl is not None:
+        metadata["kl"] = masked_mean(kl.detach(), response_mask)
     return loss.detach(), metadata
