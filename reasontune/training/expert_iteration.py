@@ -171,18 +171,6 @@ def write_jsonl(records: Sequence[dict[str, Any]], path: Path) -> Path:
 # Edges: run directory, generator, SFT of one step, evaluation
 
 
-def prepare_run_dir(config: ExpertIterationConfig) -> Path:
-    """Returns the run directory, refusing to mix a new run into an old one unless ``overwrite``."""
-    run_dir = Path(config.output_dir)
-    if run_dir.exists() and (run_dir / "config.json").exists():
-        if not config.overwrite:
-            raise SystemExit(f"error: {run_dir} already holds a run; pass --overwrite to start afresh or another --output-dir")
-        for child in run_dir.iterdir():
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    return run_dir
-
-
 def sft_config_for_step(config: ExpertIterationConfig, policy: str, data_path: Path, output_dir: Path, step: int):
     """Returns the ``SFTConfig`` that fine-tunes ``policy`` on one EI step's kept responses (no evaluation inside)."""
     from reasontune.training.sft import SFTConfig
@@ -211,8 +199,13 @@ def last_train_metrics(run_dir: Path) -> dict[str, Any]:
     return last
 
 
-class PolicyGenerator:
-    """Holds the current policy and its generator; ``load`` swaps in new weights from a directory."""
+class Policy:
+    """The current policy for rollouts and evaluation: a model loaded from a directory and a generator on it.
+
+    ``load`` swaps in the weights of a new directory (HF: a generator on the new model; vLLM: one
+    engine for the run, the new weights pushed into it); ``release`` frees the in-loop model and
+    puts the vLLM engine to sleep, so that each step's SFT has the memory to itself.
+    """
 
     def __init__(self, config: ExpertIterationConfig, device: torch.device):
         self.config = config
@@ -220,51 +213,30 @@ class PolicyGenerator:
         self.model = None
         self.generator = None
 
-    def load(self, policy: str):
-        """Returns the generator for the policy saved in ``policy`` (HF: a model loaded from it; vLLM: its weights pushed into the engine)."""
+    def load(self, directory: str):
+        """Returns the generator of the policy saved in ``directory``."""
         from reasontune.modeling import load_model, load_tokenizer
+        from reasontune.training.common import make_generator
 
         self.release()
-        self.model = load_model(policy, dtype=self.config.dtype, device=self.device)
-        if self.config.backend == "vllm":
-            if self.generator is None:
-                from reasontune.generation.vllm import VLLMGenerator
-
-                self.generator = VLLMGenerator(self.config.model, dtype=self.config.dtype, seed=self.config.seed,
-                                               gpu_memory_utilization=self.config.vllm_gpu_memory_utilization,
-                                               enable_sleep_mode=True)
-            else:
-                self.generator.wake_up()
+        self.model = load_model(directory, dtype=self.config.dtype, device=self.device)
+        if self.config.backend == "hf" or self.generator is None:
+            self.generator = make_generator(self.config.backend, self.model, load_tokenizer(directory),
+                                            model_name=directory, dtype=self.config.dtype, seed=self.config.seed,
+                                            batch_size=self.config.generation_batch_size,
+                                            vllm_gpu_memory_utilization=self.config.vllm_gpu_memory_utilization)
+        if hasattr(self.generator, "load_policy_weights"):
             self.generator.load_policy_weights(self.model)
-        else:
-            from reasontune.generation.hf import HFGenerator
-
-            self.generator = HFGenerator(self.model, load_tokenizer(policy), batch_size=self.config.generation_batch_size)
         return self.generator
 
     def release(self) -> None:
-        """Frees the in-loop model (and the vLLM engine's KV cache) so that SFT has the memory."""
         self.model = None
-        if self.config.backend == "vllm" and self.generator is not None:
+        if getattr(self.generator, "enable_sleep_mode", False):
             self.generator.sleep()
         elif self.config.backend == "hf":
             self.generator = None
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-
-
-def evaluate_held_out(step: int, generator, validation, template: str, reward_fn, config: ExpertIterationConfig,
-                      run_dir: Path) -> dict[str, Any]:
-    """Returns the summary of greedy generation on the held-out examples; writes ``eval/step-<N>/``."""
-    from reasontune.evaluation import evaluate
-    from reasontune.generation import SamplingOptions
-
-    options = SamplingOptions(temperature=0.0, max_new_tokens=config.eval_max_new_tokens, stop=("</answer>",), n=1,
-                              seed=config.seed, return_entropy=config.backend == "hf")
-    with torch.random.fork_rng(devices=[]):
-        result = evaluate(generator, validation, reward_fn, options, output_dir=run_dir / "eval" / f"step-{step:06d}",
-                          template=template)
-    return result["summary"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -283,11 +255,12 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
     from reasontune.evaluation import grade, reward_fn_by_name
     from reasontune.generation import SamplingOptions
     from reasontune.tracking import MetricsLogger
+    from reasontune.training.common import evaluate_policy, prepare_run_dir
     from reasontune.training.sft import run_sft
 
     # --- setup: run dir, seeds, data, policy
     config.validate()
-    run_dir = prepare_run_dir(config)
+    run_dir = prepare_run_dir(config.output_dir, overwrite=config.overwrite)
     save_config(config, run_dir / "config.json")
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
@@ -311,11 +284,12 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
     logger.log("data", 0, train_records=train_set.total_records, train_skipped_bad=train_set.n_skipped,
                questions=len(questions), validation_examples=len(validation))
     policy = config.model
-    policy_generator = PolicyGenerator(config, device)
-    generator = policy_generator.load(policy)
+    current = Policy(config, device)
+    generator = current.load(policy)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_held_out(step, generator, validation, template, reward_fn, config, run_dir)
+        summary = evaluate_policy(step, current.model, generator, validation, template, run_dir, reward=config.reward,
+                                  temperature=0.0, max_new_tokens=config.eval_max_new_tokens, seed=config.seed)
         logger.log("eval", step, accuracy=summary["accuracy"], format_rate=summary["format_rate"],
                    mean_response_length=summary.get("mean_response_tokens"), mean_entropy=summary.get("mean_entropy"),
                    dir=f"eval/step-{step:06d}")
@@ -345,11 +319,11 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
         # --- SFT on the kept samples: the SFT loop of sft.py, whose final/ becomes the next policy
         sft_metrics: dict[str, Any] = {}
         if kept:
-            policy_generator.release()
+            current.release()  # SFT loads the policy itself
             sft_dir = run_sft(sft_config_for_step(config, policy, data_path, step_dir / "sft", step))
             sft_metrics = last_train_metrics(Path(sft_dir))
             policy = str(Path(sft_dir) / "final")
-            generator = policy_generator.load(policy)
+            generator = current.load(policy)
         else:
             logger.log("event", step, message=f"EI step {step}: no correct sample among {rollout['samples']}; SFT skipped, policy unchanged")
             print(f"EI step {step}: no correct sample among {rollout['samples']}; SFT skipped", flush=True)
@@ -365,7 +339,7 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
             evaluate_and_log(step)
 
     # --- final policy, report
-    policy_generator.release()
+    current.release()
     if Path(policy).is_dir():  # the last SFT's final/ (or the starting model when no step kept anything)
         shutil.copytree(policy, run_dir / "final", ignore=shutil.ignore_patterns("trainer_state.pt"))
     logger.close()
