@@ -15,7 +15,7 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 from reasontune.config import help_field
 
@@ -148,11 +148,22 @@ def build_demo_model(tokenizer, hidden_size: int = 256, num_layers: int = 3, num
     return model
 
 
+# Tuned on a 2-core CPU (see run_demo): an under-trained SFT, then EI that lifts it.
+WARMUP_SFT_STEPS = 200
+EI_STEPS = 4
+EI_QUESTIONS = 256
+EI_SAMPLES = 4
+EI_TEMPERATURE = 1.0
+EI_LEARNING_RATE = 5e-4
+EI_EPOCHS = 1
+
+
 @dataclasses.dataclass
 class DemoConfig:
     """Options of ``reasontune demo`` (the defaults are tuned to reach >= 90% on a 2-core CPU in minutes)."""
 
-    output_dir: str = help_field("runs/demo", "directory for data/, base-model/ and the SFT run (sft/: checkpoints, eval/, report/)")
+    algorithm: Literal["sft", "ei", "grpo"] = help_field("sft", "sft: SFT on the traces; ei / grpo: a deliberately under-trained SFT (--warmup-sft-steps), then expert iteration or GRPO from its final/")
+    output_dir: str = help_field("runs/demo", "directory for data/, base-model/ and the runs (sft/, and ei/ or grpo/: checkpoints, eval/, report/)")
     seed: int = help_field(0, "seed of the task, tokenizer corpus, initialisation and data order")
     n_train: int = help_field(12800, "training examples (each seen once: SFT runs one epoch of batch-size examples a step)")
     n_eval: int = help_field(256, "held-out examples evaluated before and after training (disjoint from training)")
@@ -169,12 +180,22 @@ class DemoConfig:
     eval_batch_size: int = help_field(128, "prompts per generation batch")
     num_threads: int | None = help_field(None, "torch CPU threads (none: torch's choice)")
     progress: bool = help_field(True, "show a progress bar")
+    # --algorithm ei / grpo
+    warmup_sft_steps: int = help_field(WARMUP_SFT_STEPS, "ei/grpo: optimizer steps of the under-trained SFT they start from (the schedule decays over these)")
+    ei_steps: int = help_field(EI_STEPS, "ei: expert-iteration steps")
+    ei_questions: int = help_field(EI_QUESTIONS, "ei: training questions sampled per EI step")
+    ei_samples: int = help_field(EI_SAMPLES, "ei: responses sampled per question (G)")
+    ei_temperature: float = help_field(EI_TEMPERATURE, "ei: sampling temperature of the rollouts")
+    ei_learning_rate: float = help_field(EI_LEARNING_RATE, "ei: peak learning rate of each EI step's SFT on the kept responses")
+    ei_epochs: int = help_field(EI_EPOCHS, "ei: SFT epochs over each step's kept responses (E)")
 
     def validate(self) -> None:
         if self.n_train < self.batch_size:
             raise SystemExit(f"error: --n-train ({self.n_train}) must be at least --batch-size ({self.batch_size})")
         if self.n_eval < 1:
             raise SystemExit("error: --n-eval must be at least 1")
+        if self.algorithm != "sft" and self.warmup_sft_steps < 1:
+            raise SystemExit("error: --warmup-sft-steps must be at least 1")
         if self.num_digits < 1:
             raise SystemExit("error: --num-digits must be at least 1")
         distinct = (9 * 10 ** (self.num_digits - 1)) ** 2
@@ -251,14 +272,39 @@ def eval_summaries(run_dir: Path) -> list[tuple[int, dict[str, Any]]]:
     return sorted(found, key=lambda item: item[0])
 
 
+def demo_ei_config(config: DemoConfig, train_path: Path, val_path: Path, policy_dir: Path):
+    """Returns the ``ExpertIterationConfig`` of the demo's EI run, starting from the under-trained SFT's ``final/``."""
+    from reasontune.training.expert_iteration import ExpertIterationConfig
+
+    budget = demo_max_new_tokens(config)
+    return ExpertIterationConfig(
+        model=str(policy_dir), train_data=str(train_path), val_data=str(val_path),
+        prompt_template=str(DEMO_TEMPLATE_PATH), reward="r1_zero", output_dir=str(Path(config.output_dir) / "ei"),
+        overwrite=True, n_ei_steps=config.ei_steps, questions_per_step=config.ei_questions,
+        samples_per_question=config.ei_samples, sampling_temperature=config.ei_temperature, sampling_top_p=1.0,
+        sampling_min_tokens=1, sampling_max_tokens=budget, sft_epochs=config.ei_epochs,
+        learning_rate=config.ei_learning_rate, batch_size=config.batch_size, gradient_accumulation_steps=1,
+        max_length=None, loss_normalization="token_mean", lr_scheduler="constant", warmup_ratio=0.0,
+        eval_examples=config.n_eval, eval_max_new_tokens=budget, generation_batch_size=config.eval_batch_size,
+        seed=config.seed, dtype="float32", device="cpu", backend="hf", num_threads=config.num_threads,
+        progress=config.progress, write_report=True,
+    )
+
+
+def accuracy_of(summary: dict[str, Any]) -> str:
+    return f"{summary.get('accuracy', float('nan')):.1%}"
+
+
 def run_demo(config: DemoConfig) -> int:
-    """Runs the embedded demo end to end; prints held-out accuracy before -> after and the run directory."""
+    """Runs the embedded demo end to end; prints held-out accuracy (base -> SFT [-> EI/GRPO]) and the run directory."""
     from reasontune.training.sft import run_sft
 
     started = time.time()
     print(f"demo: writing {config.n_train} training and {config.n_eval} held-out additions, "
           f"tokenizer and tiny model under {config.output_dir}", flush=True)
     train_path, val_path, model_dir = prepare_demo(config)
+    if config.algorithm != "sft":
+        return run_demo_rl(config, train_path, val_path, model_dir, started)
     run_dir = Path(run_sft(demo_sft_config(config, train_path, val_path, model_dir)))
     summaries = eval_summaries(run_dir)
     elapsed = time.time() - started
@@ -269,4 +315,36 @@ def run_demo(config: DemoConfig) -> int:
     else:
         print(f"demo: finished in {elapsed / 60:.1f} min (no before/after evaluations found in {run_dir / 'eval'})")
     print(f"demo: run directory {run_dir} (report: {run_dir / 'report'})")
+    return 0
+
+
+def run_demo_rl(config: DemoConfig, train_path: Path, val_path: Path, model_dir: Path, started: float) -> int:
+    """``--algorithm ei|grpo``: under-trained SFT, then EI or GRPO from its final/; prints base -> SFT -> after."""
+    from reasontune.training.sft import run_sft
+
+    sft_config = dataclasses.replace(demo_sft_config(config, train_path, val_path, model_dir),
+                                     max_steps=config.warmup_sft_steps)
+    print(f"demo: under-trained SFT ({config.warmup_sft_steps} steps), then {config.algorithm} from its final/", flush=True)
+    sft_dir = Path(run_sft(sft_config))
+    sft_minutes = (time.time() - started) / 60
+    rl_started = time.time()
+    if config.algorithm == "ei":
+        from reasontune.training.expert_iteration import run_expert_iteration
+
+        run_dir = Path(run_expert_iteration(demo_ei_config(config, train_path, val_path, sft_dir / "final")))
+    else:
+        from reasontune.training.grpo import demo_grpo_config, run_grpo
+
+        run_dir = Path(run_grpo(demo_grpo_config(sft_run_dir=sft_dir, data_dir=train_path.parent,
+                                                 output_dir=Path(config.output_dir) / "grpo", seed=config.seed,
+                                                 num_threads=config.num_threads)))
+    sft_summaries, rl_summaries = eval_summaries(sft_dir), eval_summaries(run_dir)
+    if not sft_summaries or not rl_summaries:
+        print(f"demo: finished, but evaluations are missing in {sft_dir / 'eval'} or {run_dir / 'eval'}")
+        return 1
+    base, sft, after = sft_summaries[0][1], sft_summaries[-1][1], rl_summaries[-1][1]
+    print(f"demo: held-out accuracy {accuracy_of(base)} base -> {accuracy_of(sft)} after {config.warmup_sft_steps} "
+          f"SFT steps ({sft_minutes:.1f} min) -> {accuracy_of(after)} after {config.algorithm} "
+          f"({(time.time() - rl_started) / 60:.1f} min; {(time.time() - started) / 60:.1f} min in all)")
+    print(f"demo: runs {sft_dir} and {run_dir} (report: {run_dir / 'report'})")
     return 0

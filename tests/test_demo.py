@@ -193,3 +193,26 @@ def test_config_rejects_more_examples_than_the_task_has():
     with pytest.raises(SystemExit, match="81 distinct 1-digit"):
         config_from_dict({"num_digits": 1, "n_train": 64, "n_eval": 32}, DemoConfig)
     assert config_from_dict({"num_digits": 2, "n_train": 64, "n_eval": 32}, DemoConfig).n_train == 64
+
+
+def test_ei_config_starts_from_the_under_trained_sft(tmp_path):
+    from reasontune.demo import demo_ei_config
+
+    config = DemoConfig(output_dir=str(tmp_path), algorithm="ei", ei_steps=3, ei_questions=100, ei_samples=5,
+                        ei_temperature=0.9, ei_learning_rate=2e-4, ei_epochs=2, n_eval=200)
+    ei = demo_ei_config(config, tmp_path / "data" / "train.jsonl", tmp_path / "data" / "val.jsonl", tmp_path / "sft" / "final")
+    assert ei.model == str(tmp_path / "sft" / "final") and ei.output_dir == str(tmp_path / "ei")
+    assert ei.train_data == str(tmp_path / "data" / "train.jsonl") and ei.val_data == str(tmp_path / "data" / "val.jsonl")
+    assert (ei.n_ei_steps, ei.questions_per_step, ei.samples_per_question, ei.sft_epochs) == (3, 100, 5, 2)
+    assert (ei.sampling_temperature, ei.learning_rate, ei.eval_examples) == (0.9, 2e-4, 200)
+    assert ei.sampling_max_tokens == ei.eval_max_new_tokens == 48 and ei.sampling_min_tokens >= 1
+    assert ei.prompt_template == str(DEMO_TEMPLATE_PATH) and ei.device == "cpu" and ei.backend == "hf"
+
+
+def test_config_rejects_a_warmup_sft_of_no_steps():
+    from reasontune.config import config_from_dict
+
+    with pytest.raises(SystemExit, match="--warmup-sft-steps"):
+        config_from_dict({"algorithm": "ei", "warmup_sft_steps": 0}, DemoConfig)
+    assert config_from_dict({"algorithm": "grpo"}, DemoConfig).algorithm == "grpo"
+    assert DemoConfig().algorithm == "sft"

@@ -152,3 +152,20 @@ def test_policy_that_answers_gets_fine_tuned_on_its_correct_samples(tiny_model_d
     assert torch.equal(final["model.norm.weight"], load_file(run_dir / "ei-step-2" / "sft" / "final" / "model.safetensors")["model.norm.weight"])
     summary = json.loads((run_dir / "eval" / "step-000002" / "summary.json").read_text())
     assert summary["n_examples"] == 3
+
+
+def test_demo_with_ei_runs_end_to_end(tmp_path, capsys):
+    """``reasontune demo --algorithm ei`` at toy size: under-trained SFT, EI from its final/, base -> SFT -> EI printed."""
+    from reasontune.demo import DemoConfig, run_demo
+
+    config = DemoConfig(algorithm="ei", output_dir=str(tmp_path), n_train=64, n_eval=4, hidden_size=32, num_layers=1,
+                        num_heads=4, num_kv_heads=2, batch_size=16, eval_max_new_tokens=12, warmup_sft_steps=2,
+                        ei_steps=1, ei_questions=3, ei_samples=2, num_threads=1, progress=False)
+    assert run_demo(config) == 0
+    assert sorted(p.name for p in (tmp_path / "sft" / "eval").iterdir()) == ["step-000000", "step-000002"]
+    assert sorted(p.name for p in (tmp_path / "ei" / "eval").iterdir()) == ["step-000000", "step-000001"]
+    for summary in [tmp_path / "sft" / "eval" / "step-000002" / "summary.json", tmp_path / "ei" / "eval" / "step-000001" / "summary.json"]:
+        assert json.loads(summary.read_text())["n_examples"] == 4
+    assert json.loads((tmp_path / "ei" / "config.json").read_text())["model"] == str(tmp_path / "sft" / "final")
+    assert (tmp_path / "ei" / "report" / "index.html").exists()
+    assert "base ->" in capsys.readouterr().out
