@@ -61,7 +61,9 @@ def loss_weights_for(labels: torch.Tensor, seed: int = 7):
     return torch.randn(labels.shape, generator=generator), torch.randn(labels.shape, generator=generator)
 
 
-def assert_grads_close(actual, expected, atol, rtol=0.0):
+def assert_grads_close(actual, expected, atol, rtol=1e-5):
+    # Gradient entries reach ~20 (embedding rows hit by many tokens); float32 summation in another
+    # order moves such an entry by ~1e-5 absolute, i.e. 6e-7 relative, so the bound is relative too.
     assert actual.keys() == expected.keys()
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=rtol, msg=lambda m: f"{name}: {m}")
