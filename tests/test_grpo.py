@@ -190,3 +190,12 @@ def test_run_grpo_writes_metrics_evals_checkpoints_and_final(tiny_model_dir, tmp
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final").config.model_type == "qwen2"
     assert json.loads((run_dir / "config.json").read_text())["loss_type"] == "grpo_clip"
     assert (run_dir / "report" / "index.html").exists()
+
+
+def test_demo_grpo_config_is_valid_and_starts_from_the_sft_final_weights(tmp_path):
+    from reasontune.training.grpo import demo_grpo_config
+
+    config = demo_grpo_config(tmp_path / "sft", tmp_path / "data", tmp_path / "grpo", seed=3, num_threads=2)
+    config.validate()
+    assert config.model == str(tmp_path / "sft" / "final") and config.val_data == str(tmp_path / "data" / "val.jsonl")
+    assert config.seed == 3 and config.num_threads == 2 and config.eval_temperature == 0.0

@@ -390,3 +390,36 @@ def run_grpo(config: GRPOConfig) -> Path:
         print(f"report: {write_report(run_dir) / 'index.html'}")
     print(f"run directory: {run_dir}")
     return run_dir
+
+
+# ---------------------------------------------------------------------------------------------
+# The demo's GRPO stage
+
+
+def demo_grpo_config(sft_run_dir: Path, data_dir: Path, output_dir: Path, seed: int = 0, num_threads: int | None = None,
+                     max_new_tokens: int = 48, progress: bool = True) -> GRPOConfig:
+    """Returns the GRPOConfig that continues the demo's (under-trained) SFT run with GRPO on the arithmetic task.
+
+    ``sft_run_dir/final`` is the starting policy; ``data_dir`` holds the demo's ``train.jsonl``
+    (questions with references; their SFT responses are ignored) and ``val.jsonl`` (held-out,
+    evaluated greedily before, every few steps and after). ``max_new_tokens`` is the demo's
+    generation budget (``demo_max_new_tokens``: 48 for 3-digit operands). Tuned on a 2-core CPU
+    (see the commit that set these values).
+    """
+    from reasontune.demo import DEMO_TEMPLATE_PATH
+
+    data_dir = Path(data_dir)
+    return GRPOConfig(
+        model=str(Path(sft_run_dir) / "final"), train_data=str(data_dir / "train.jsonl"),
+        val_data=str(data_dir / "val.jsonl"), prompt_template=str(DEMO_TEMPLATE_PATH), reward="r1_zero",
+        # The demo regenerates its data and models on every run, so its GRPO run starts afresh too.
+        output_dir=str(output_dir), overwrite=True, dtype="float32", device="cpu",
+        n_grpo_steps=30, learning_rate=2e-4, rollout_batch_size=128, group_size=8, train_batch_size=128,
+        gradient_accumulation_steps=1, epochs_per_rollout_batch=1, sampling_temperature=1.0,
+        sampling_min_tokens=1, sampling_max_tokens=max_new_tokens, loss_type="reinforce_with_baseline",
+        use_std_normalization=True, loss_aggregation="sequence_mean", kl_coef=0.0, max_grad_norm=1.0,
+        # Integer answers grade in microseconds: worker processes would only compete for the CPU.
+        grading_workers=0, backend="hf", generation_batch_size=256,
+        eval_every=10, eval_examples=256, eval_max_new_tokens=max_new_tokens, eval_temperature=0.0,
+        save_every=0, seed=seed, num_threads=num_threads, progress=progress, write_report=True,
+    )
