@@ -158,6 +158,7 @@ def test_run_directory_holds_config_metrics_evals_checkpoints_and_report(tiny_mo
     eval_steps = [r["step"] for r in records if r["kind"] == "eval"]
     assert train_steps == list(range(1, len(train_steps) + 1))
     assert eval_steps == list(range(0, len(train_steps) + 1))  # before training, each step, and after
+    assert all(r["mean_response_length"] > 0 for r in records if r["kind"] == "eval")
     assert sum(r["examples"] for r in records if r["kind"] == "train") == 18
     for step in eval_steps:
         summary = json.loads((run_dir / "eval" / f"step-{step:06d}" / "summary.json").read_text())

@@ -69,6 +69,13 @@ def evaluate_policy(step: int, model, generator, validation: Sequence, template:
     return result["summary"]
 
 
+def eval_metrics(summary: dict, step: int) -> dict:
+    """Returns the fields of an evaluation summary that a trainer logs as its ``eval`` metrics line."""
+    return {"accuracy": summary["accuracy"], "format_rate": summary["format_rate"],
+            "mean_response_length": summary.get("mean_response_tokens"), "mean_entropy": summary.get("mean_entropy"),
+            "dir": f"eval/step-{step:06d}"}
+
+
 def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str) -> dict:
     """Returns everything besides the weights that an exact resume needs."""
     from reasontune.checkpoint import rng_state

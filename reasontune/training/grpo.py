@@ -254,7 +254,7 @@ def run_grpo(config: GRPOConfig) -> Path:
     from reasontune.rewards import grade_batch
     from reasontune.tokenization import pad_token_id_of
     from reasontune.tracking import MetricsLogger, Progress
-    from reasontune.training.common import evaluate_policy, make_generator, prepare_run_dir, trainer_state
+    from reasontune.training.common import eval_metrics, evaluate_policy, make_generator, prepare_run_dir, trainer_state
     from reasontune.training.sft import TrainingDiverged
 
     # --- setup: run dir, seeds, policy (and frozen reference), data, optimizer, generator
@@ -303,9 +303,7 @@ def run_grpo(config: GRPOConfig) -> Path:
         summary = evaluate_policy(step, model, generator, validation, template, run_dir, reward=config.reward,
                                   temperature=config.eval_temperature, max_new_tokens=config.eval_max_new_tokens,
                                   seed=config.seed)
-        logger.log("eval", step, accuracy=summary["accuracy"], format_rate=summary["format_rate"],
-                   mean_response_length=summary.get("mean_response_tokens"),
-                   mean_entropy=summary.get("mean_entropy"), dir=f"eval/step-{step:06d}")
+        logger.log("eval", step, **eval_metrics(summary, step))
         progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
 
     progress = Progress(config.n_grpo_steps, enabled=config.progress, description="grpo")

@@ -286,7 +286,7 @@ def run_sft(config: SFTConfig) -> Path:
     from reasontune.modeling import load_model, load_tokenizer
     from reasontune.tokenization import pad_token_id_of
     from reasontune.tracking import MetricsLogger, Progress
-    from reasontune.training.common import evaluate_policy, make_generator, prepare_run_dir, trainer_state
+    from reasontune.training.common import eval_metrics, evaluate_policy, make_generator, prepare_run_dir, trainer_state
 
     # --- setup: run dir, seeds, model, data, optimizer, plan
     run_dir = prepare_run_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
@@ -347,9 +347,7 @@ def run_sft(config: SFTConfig) -> Path:
         summary = evaluate_policy(step, model, generator, validation, template, run_dir, reward=config.reward,
                                   temperature=config.eval_temperature, max_new_tokens=config.eval_max_new_tokens,
                                   seed=config.seed)
-        logger.log("eval", step, accuracy=summary["accuracy"], format_rate=summary["format_rate"],
-                   mean_response_length=summary.get("mean_response_length"),
-                   mean_entropy=summary.get("mean_entropy"), dir=f"eval/step-{step:06d}")
+        logger.log("eval", step, **eval_metrics(summary, step))
         progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
 
     progress = Progress(len(steps), initial_step=start_step, enabled=config.progress)
