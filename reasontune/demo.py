@@ -149,13 +149,13 @@ def build_demo_model(tokenizer, hidden_size: int = 256, num_layers: int = 3, num
 
 
 # Tuned on a 2-core CPU (see run_demo): an under-trained SFT, then EI that lifts it.
-WARMUP_SFT_STEPS = 200
+WARMUP_SFT_STEPS = 270
 EI_STEPS = 4
 EI_QUESTIONS = 256
 EI_SAMPLES = 4
-EI_TEMPERATURE = 1.0
-EI_LEARNING_RATE = 5e-4
-EI_EPOCHS = 1
+EI_TEMPERATURE = 0.7
+EI_LEARNING_RATE = 2e-4
+EI_EPOCHS = 2
 
 
 @dataclasses.dataclass
@@ -284,9 +284,10 @@ def demo_ei_config(config: DemoConfig, train_path: Path, val_path: Path, policy_
         samples_per_question=config.ei_samples, sampling_temperature=config.ei_temperature, sampling_top_p=1.0,
         sampling_min_tokens=1, sampling_max_tokens=budget, sft_epochs=config.ei_epochs,
         learning_rate=config.ei_learning_rate, batch_size=config.batch_size, gradient_accumulation_steps=1,
-        max_length=None, loss_normalization="token_mean", lr_scheduler="constant", warmup_ratio=0.0,
+        max_length=None, loss_normalization="token_mean", lr_scheduler="constant", warmup_ratio=0.1,
         eval_examples=config.n_eval, eval_max_new_tokens=budget, generation_batch_size=config.eval_batch_size,
-        seed=config.seed, dtype="float32", device="cpu", backend="hf", num_threads=config.num_threads,
+        # Integer answers grade in microseconds: worker processes would only compete for the CPU.
+        grading_workers=0, seed=config.seed, dtype="float32", device="cpu", backend="hf", num_threads=config.num_threads,
         progress=config.progress, write_report=True,
     )
 
@@ -337,7 +338,8 @@ def run_demo_rl(config: DemoConfig, train_path: Path, val_path: Path, model_dir:
 
         run_dir = Path(run_grpo(demo_grpo_config(sft_run_dir=sft_dir, data_dir=train_path.parent,
                                                  output_dir=Path(config.output_dir) / "grpo", seed=config.seed,
-                                                 num_threads=config.num_threads)))
+                                                 num_threads=config.num_threads, max_new_tokens=demo_max_new_tokens(config),
+                                                 progress=config.progress)))
     sft_summaries, rl_summaries = eval_summaries(sft_dir), eval_summaries(run_dir)
     if not sft_summaries or not rl_summaries:
         print(f"demo: finished, but evaluations are missing in {sft_dir / 'eval'} or {run_dir / 'eval'}")

@@ -66,6 +66,7 @@ class ExpertIterationConfig:
     eval_examples: int = help_field(256, "held-out examples per evaluation (0: no evaluation)")
     eval_max_new_tokens: int = help_field(1024, "token budget of each evaluation response (greedy)")
     generation_batch_size: int = help_field(64, "sequences per generate call (hf backend)")
+    grading_workers: int | None = help_field(None, "grading worker processes (0: grade in this process; none: the grader's choice)")
     seed: int = help_field(0, "seed of question batches, sampling and SFT data order")
     dtype: Literal["float32", "bfloat16", "float16"] = help_field("float32", "parameter dtype (bfloat16 on a GPU)")
     device: str | None = help_field(None, "torch device (default: cuda when available, else cpu)")
@@ -311,7 +312,8 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
         rollout_seconds = time.perf_counter() - tick
         # --- grade and keep exactly the correct samples
         rewards = grade([c.text for group in completions for c in group],
-                        [truth for truth, group in zip(ground_truths, completions) for _ in group], reward_fn)
+                        [truth for truth, group in zip(ground_truths, completions) for _ in group], reward_fn,
+                        workers=config.grading_workers)
         kept = keep_correct(prompts, ground_truths, completions, rewards)
         rollout = rollout_statistics(completions, rewards)
         write_jsonl(rollout_records(prompts, ground_truths, completions, rewards), step_dir / "rollouts.jsonl")
