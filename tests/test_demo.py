@@ -216,3 +216,21 @@ def test_config_rejects_a_warmup_sft_of_no_steps():
         config_from_dict({"algorithm": "ei", "warmup_sft_steps": 0}, DemoConfig)
     assert config_from_dict({"algorithm": "grpo"}, DemoConfig).algorithm == "grpo"
     assert DemoConfig().algorithm == "sft"
+
+
+def test_the_start_is_the_checkpoint_closest_to_the_target_accuracy(tmp_path):
+    import json
+
+    from reasontune.demo import pick_under_trained
+
+    # step: accuracy; 60 is the last evaluation (final/), 20 has no checkpoint directory left.
+    for step, accuracy in {0: 0.0, 20: 0.5, 40: 0.25, 50: 0.75, 60: 0.875}.items():
+        (tmp_path / "eval" / f"step-{step:06d}").mkdir(parents=True)
+        (tmp_path / "eval" / f"step-{step:06d}" / "summary.json").write_text(json.dumps({"accuracy": accuracy}))
+    for name in ("checkpoint-40", "checkpoint-50", "final"):
+        (tmp_path / name).mkdir()
+    # |0.25 - 0.5| = |0.75 - 0.5| = 0.25 exactly (binary fractions): the earlier one wins.
+    assert pick_under_trained(tmp_path, 0.5)[:2] == (tmp_path / "checkpoint-40", 40)
+    assert pick_under_trained(tmp_path, 0.7)[:2] == (tmp_path / "checkpoint-50", 50)
+    assert pick_under_trained(tmp_path, 1.0)[:2] == (tmp_path / "final", 60)
+    assert pick_under_trained(tmp_path, 0.0)[:2] == (tmp_path / "checkpoint-40", 40)  # never the untrained step 0

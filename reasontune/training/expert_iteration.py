@@ -334,8 +334,9 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
                    grad_norm=sft_metrics.get("grad_norm"), sft_steps=sft_metrics.get("step", 0), kept=len(kept),
                    **rollout, policy=policy, rollout_seconds=rollout_seconds,
                    step_seconds=time.perf_counter() - tick, elapsed_s=time.perf_counter() - started)
+        entropy = "n/a" if rollout["token_entropy"] is None else f"{rollout['token_entropy']:.3f}"
         print(f"EI step {step}: kept {len(kept)} of {rollout['samples']} samples "
-              f"(sample accuracy {rollout['sample_accuracy']:.3f}, entropy {rollout['token_entropy']})", flush=True)
+              f"(sample accuracy {rollout['sample_accuracy']:.3f}, token entropy {entropy})", flush=True)
         # --- evaluate
         if validation:
             evaluate_and_log(step)
