@@ -154,7 +154,7 @@ def build_demo_model(tokenizer, hidden_size: int = 256, num_layers: int = 3, num
 WARMUP_SFT_STEPS = 280
 WARMUP_EVAL_EVERY = 20
 WARMUP_TARGET_ACCURACY = 0.45
-EI_STEPS = 4
+EI_STEPS = 8
 EI_QUESTIONS = 256
 EI_SAMPLES = 4
 EI_TEMPERATURE = 0.7
