@@ -375,7 +375,7 @@ def run_demo_rl(config: DemoConfig, train_path: Path, val_path: Path, model_dir:
         return 1
     base, after = sft_summaries[0][1], rl_summaries[-1][1]
     print(f"demo: held-out accuracy {accuracy_of(base)} base -> {accuracy_of(sft)} after {start_step} "
-          f"SFT steps ({sft_minutes:.1f} min) -> {accuracy_of(after)} after {config.algorithm} "
+          f"SFT steps (SFT stage {sft_minutes:.1f} min) -> {accuracy_of(after)} after {config.algorithm} "
           f"({(time.time() - rl_started) / 60:.1f} min; {(time.time() - started) / 60:.1f} min in all)")
     print(f"demo: runs {sft_dir} and {run_dir} (report: {run_dir / 'report'})")
     return 0

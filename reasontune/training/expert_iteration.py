@@ -256,7 +256,7 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
     from reasontune.evaluation import grade, reward_fn_by_name
     from reasontune.generation import SamplingOptions
     from reasontune.tracking import MetricsLogger
-    from reasontune.training.common import evaluate_policy, prepare_run_dir
+    from reasontune.training.common import eval_metrics, evaluate_policy, prepare_run_dir
     from reasontune.training.sft import run_sft
 
     # --- setup: run dir, seeds, data, policy
@@ -291,9 +291,7 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
     def evaluate_and_log(step: int) -> None:
         summary = evaluate_policy(step, current.model, generator, validation, template, run_dir, reward=config.reward,
                                   temperature=0.0, max_new_tokens=config.eval_max_new_tokens, seed=config.seed)
-        logger.log("eval", step, accuracy=summary["accuracy"], format_rate=summary["format_rate"],
-                   mean_response_length=summary.get("mean_response_tokens"), mean_entropy=summary.get("mean_entropy"),
-                   dir=f"eval/step-{step:06d}")
+        logger.log("eval", step, **eval_metrics(summary, step))
         print(f"EI step {step}: held-out accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}",
               flush=True)
 
