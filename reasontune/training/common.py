@@ -1,4 +1,4 @@
-"""What every trainer's loop shares: the run directory, the generator, in-loop evaluation, trainer state.
+"""What every trainer's loop shares: the run directory, the generator, in-loop evaluation, the optimizer step, trainer state.
 
 Plain arguments only (configs stop at the entry points): SFT, expert iteration and GRPO each
 pass their own config's values.
@@ -6,6 +6,7 @@ pass their own config's values.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal, Sequence
 
@@ -82,3 +83,28 @@ def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str) -> dic
 
     return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
             "rng": rng_state(), "plan_fingerprint": plan_fingerprint}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or gradient norm became NaN/inf; the message says where the last good weights are."""
+
+
+class NonFiniteStep(ArithmeticError):
+    """An optimizer step was refused because its loss or gradient norm is not finite (gradients dropped)."""
+
+
+def clip_and_step(model, optimizer, scheduler, max_grad_norm: float, loss: float) -> float:
+    """Returns the gradient norm (before clipping) after clipping, the optimizer step and the schedule step.
+
+    A loss or gradient norm that is not finite takes no step: the gradients are dropped and
+    ``NonFiniteStep`` is raised, so the weights stay those of the last good step.
+    """
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        raise NonFiniteStep(f"loss {loss} / gradient norm {grad_norm} is not finite")
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return grad_norm

@@ -10,7 +10,6 @@ gradient-accumulation scaling live in ``reasontune.losses.grpo_microbatch_train_
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
 import time
 from pathlib import Path
@@ -254,8 +253,8 @@ def run_grpo(config: GRPOConfig) -> Path:
     from reasontune.rewards import grade_batch
     from reasontune.tokenization import pad_token_id_of
     from reasontune.tracking import MetricsLogger, Progress
-    from reasontune.training.common import eval_metrics, evaluate_policy, make_generator, prepare_run_dir, trainer_state
-    from reasontune.training.sft import TrainingDiverged
+    from reasontune.training.common import (NonFiniteStep, TrainingDiverged, clip_and_step, eval_metrics,
+                                            evaluate_policy, make_generator, prepare_run_dir, trainer_state)
 
     # --- setup: run dir, seeds, policy (and frozen reference), data, optimizer, generator
     config.validate()
@@ -345,21 +344,17 @@ def run_grpo(config: GRPOConfig) -> Path:
             for k in range(optimizer_steps_per_epoch):
                 train_batch = microbatches[k * config.gradient_accumulation_steps:(k + 1) * config.gradient_accumulation_steps]
                 metrics = train_step(model, train_batch, config, device)
-                grad_norm = torch.nn.utils.clip_grad_norm_(
-                    model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
-                if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
-                    optimizer.zero_grad(set_to_none=True)
+                try:
+                    grad_norm = clip_and_step(model, optimizer, scheduler, config.max_grad_norm, metrics["loss"])
+                except NonFiniteStep as problem:
                     path = save(step - 1, f"checkpoint-{step - 1}")
-                    message = (f"loss {metrics['loss']} / gradient norm {float(grad_norm)} at GRPO step {step} is not "
-                               f"finite; stopped. The weights after step {step - 1} are in {path}; lower --learning-rate")
+                    message = (f"{problem} at GRPO step {step}; stopped. The weights after step {step - 1} are in "
+                               f"{path}; lower --learning-rate")
                     logger.log("event", step, message=message)
                     logger.close()
                     progress.close()
-                    raise TrainingDiverged(message)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step_metrics.append({**metrics, "grad_norm": float(grad_norm)})
+                    raise TrainingDiverged(message) from None
+                step_metrics.append({**metrics, "grad_norm": grad_norm})
         # --- log (means over the step's optimizer steps; rewards and lengths of the rollouts)
         mean = {key: sum(m[key] for m in step_metrics) / len(step_metrics)
                 for key in ("loss", "grad_norm", "token_entropy", "clip_fraction", "kl")}

@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 from reasontune.config import help_field
+from reasontune.training.common import TrainingDiverged  # noqa: F401  (raised by run_sft; importable from here)
 
 
 @dataclasses.dataclass
@@ -264,10 +265,6 @@ def fingerprint(steps) -> str:
     return digest.hexdigest()[:16]
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss or gradient norm became NaN/inf; the message says where the last good weights are."""
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
@@ -286,7 +283,8 @@ def run_sft(config: SFTConfig) -> Path:
     from reasontune.modeling import load_model, load_tokenizer
     from reasontune.tokenization import pad_token_id_of
     from reasontune.tracking import MetricsLogger, Progress
-    from reasontune.training.common import eval_metrics, evaluate_policy, make_generator, prepare_run_dir, trainer_state
+    from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
+                                            make_generator, prepare_run_dir, trainer_state)
 
     # --- setup: run dir, seeds, model, data, optimizer, plan
     run_dir = prepare_run_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
@@ -361,26 +359,21 @@ def run_sft(config: SFTConfig) -> Path:
         tick = time.perf_counter()
         metrics = train_step(model, microbatches, config, device)
         # --- clip, check, step
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            model.parameters(), config.max_grad_norm if config.max_grad_norm > 0 else float("inf"))
-        if not (math.isfinite(metrics["loss"]) and math.isfinite(float(grad_norm))):
-            optimizer.zero_grad(set_to_none=True)
+        learning_rate = scheduler.get_last_lr()[0]
+        try:
+            grad_norm = clip_and_step(model, optimizer, scheduler, config.max_grad_norm, metrics["loss"])
+        except NonFiniteStep as problem:
             path = save(step - 1, f"checkpoint-{step - 1}")
-            message = (f"loss {metrics['loss']} / gradient norm {float(grad_norm)} at step {step} is not finite; "
-                       f"stopped. The last good weights (after step {step - 1}) are in {path}; "
-                       "lower --learning-rate or check the data, then --resume")
+            message = (f"{problem} at step {step}; stopped. The last good weights (after step {step - 1}) are in "
+                       f"{path}; lower --learning-rate or check the data, then --resume")
             logger.log("event", step, message=message)
             logger.close()
             progress.close()
-            raise TrainingDiverged(message)
-        learning_rate = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+            raise TrainingDiverged(message) from None
         # --- log
         seconds = time.perf_counter() - tick
         if step % config.log_every == 0 or step == len(steps):
-            logger.log("train", step, epoch=round(epoch, 4), lr=learning_rate, grad_norm=float(grad_norm),
+            logger.log("train", step, epoch=round(epoch, 4), lr=learning_rate, grad_norm=grad_norm,
                        tokens_per_s=metrics["tokens"] / seconds, response_tokens_per_s=metrics["response_tokens"] / seconds,
                        elapsed_s=time.perf_counter() - started, **metrics)
         progress.update(step, loss=metrics["loss"], tokens_per_s=metrics["tokens"] / seconds)
