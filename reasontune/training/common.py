@@ -108,3 +108,11 @@ def clip_and_step(model, optimizer, scheduler, max_grad_norm: float, loss: float
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
+
+
+def stop_diverged(message: str, step: int, logger, progress) -> None:
+    """Raises ``TrainingDiverged(message)`` after logging it as an event and closing the logger and progress bar."""
+    logger.log("event", step, message=message)
+    logger.close()
+    progress.close()
+    raise TrainingDiverged(message)

@@ -253,8 +253,8 @@ def run_grpo(config: GRPOConfig) -> Path:
     from reasontune.rewards import grade_batch
     from reasontune.tokenization import pad_token_id_of
     from reasontune.tracking import MetricsLogger, Progress
-    from reasontune.training.common import (NonFiniteStep, TrainingDiverged, clip_and_step, eval_metrics,
-                                            evaluate_policy, make_generator, prepare_run_dir, trainer_state)
+    from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
+                                            make_generator, prepare_run_dir, stop_diverged, trainer_state)
 
     # --- setup: run dir, seeds, policy (and frozen reference), data, optimizer, generator
     config.validate()
@@ -350,10 +350,7 @@ def run_grpo(config: GRPOConfig) -> Path:
                     path = save(step - 1, f"checkpoint-{step - 1}")
                     message = (f"{problem} at GRPO step {step}; stopped. The weights after step {step - 1} are in "
                                f"{path}; lower --learning-rate")
-                    logger.log("event", step, message=message)
-                    logger.close()
-                    progress.close()
-                    raise TrainingDiverged(message) from None
+                    stop_diverged(message, step, logger, progress)
                 step_metrics.append({**metrics, "grad_norm": grad_norm})
         # --- log (means over the step's optimizer steps; rewards and lengths of the rollouts)
         mean = {key: sum(m[key] for m in step_metrics) / len(step_metrics)

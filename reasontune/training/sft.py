@@ -284,7 +284,7 @@ def run_sft(config: SFTConfig) -> Path:
     from reasontune.tokenization import pad_token_id_of
     from reasontune.tracking import MetricsLogger, Progress
     from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
-                                            make_generator, prepare_run_dir, trainer_state)
+                                            make_generator, prepare_run_dir, stop_diverged, trainer_state)
 
     # --- setup: run dir, seeds, model, data, optimizer, plan
     run_dir = prepare_run_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
@@ -366,10 +366,7 @@ def run_sft(config: SFTConfig) -> Path:
             path = save(step - 1, f"checkpoint-{step - 1}")
             message = (f"{problem} at step {step}; stopped. The last good weights (after step {step - 1}) are in "
                        f"{path}; lower --learning-rate or check the data, then --resume")
-            logger.log("event", step, message=message)
-            logger.close()
-            progress.close()
-            raise TrainingDiverged(message) from None
+            stop_diverged(message, step, logger, progress)
         # --- log
         seconds = time.perf_counter() - tick
         if step % config.log_every == 0 or step == len(steps):
