@@ -28,6 +28,14 @@ def prepare_run_dir(output_dir: str | Path, resume: bool = False, overwrite: boo
     return run_dir
 
 
+def seed_and_device(seed: int, num_threads: int | None, device: str | None) -> torch.device:
+    """Returns the training device (``device``, else cuda when available, else cpu) after seeding torch and setting its CPU threads."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch.manual_seed(seed)
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def make_generator(backend: Literal["hf", "vllm"], model, tokenizer, *, model_name: str, dtype: str, seed: int,
                    batch_size: int, vllm_device: str | None = None, vllm_gpu_memory_utilization: float = 0.3):
     """Returns a generator: HF ``generate`` on the policy object itself, or a vLLM engine built from ``model_name``.

@@ -256,17 +256,14 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
     from reasontune.evaluation import grade, reward_fn_by_name
     from reasontune.generation import SamplingOptions
     from reasontune.tracking import MetricsLogger
-    from reasontune.training.common import eval_metrics, evaluate_policy, prepare_run_dir
+    from reasontune.training.common import eval_metrics, evaluate_policy, prepare_run_dir, seed_and_device
     from reasontune.training.sft import run_sft
 
     # --- setup: run dir, seeds, data, policy
     config.validate()
     run_dir = prepare_run_dir(config.output_dir, overwrite=config.overwrite)
     save_config(config, run_dir / "config.json")
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = seed_and_device(config.seed, config.num_threads, config.device)
     template = load_template(config.prompt_template)
     reward_fn = reward_fn_by_name(config.reward)
     train_set = load_examples(config.train_data, seed=config.seed)

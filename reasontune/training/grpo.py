@@ -254,17 +254,15 @@ def run_grpo(config: GRPOConfig) -> Path:
     from reasontune.tokenization import pad_token_id_of
     from reasontune.tracking import MetricsLogger, Progress
     from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
-                                            make_generator, prepare_run_dir, stop_diverged, trainer_state)
+                                            make_generator, prepare_run_dir, seed_and_device, stop_diverged,
+                                            trainer_state)
 
     # --- setup: run dir, seeds, policy (and frozen reference), data, optimizer, generator
     config.validate()
     run_dir = prepare_run_dir(config.output_dir, overwrite=config.overwrite)
     remove_stale_temporaries(run_dir)
     save_config(config, run_dir / "config.json")
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = seed_and_device(config.seed, config.num_threads, config.device)
     tokenizer = load_tokenizer(config.model)
     model = load_model(config.model, dtype=config.dtype, device=device)
     if config.gradient_checkpointing:

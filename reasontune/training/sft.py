@@ -284,16 +284,14 @@ def run_sft(config: SFTConfig) -> Path:
     from reasontune.tokenization import pad_token_id_of
     from reasontune.tracking import MetricsLogger, Progress
     from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
-                                            make_generator, prepare_run_dir, stop_diverged, trainer_state)
+                                            make_generator, prepare_run_dir, seed_and_device, stop_diverged,
+                                            trainer_state)
 
     # --- setup: run dir, seeds, model, data, optimizer, plan
     run_dir = prepare_run_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     remove_stale_temporaries(run_dir)
     save_config(config, run_dir / "config.json")
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    torch.manual_seed(config.seed)
-    device = torch.device(config.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = seed_and_device(config.seed, config.num_threads, config.device)
     checkpoint = latest_checkpoint(run_dir) if config.resume else None
     weights = str(checkpoint) if checkpoint is not None else config.model
     tokenizer = load_tokenizer(weights)
