@@ -91,6 +91,18 @@ def batched(generator: HFGenerator, prompts: list[str], max_new_tokens: int) -> 
     return sum(group[0].num_tokens for group in generator.generate(prompts, options))
 
 
+def interleaved(sides: dict, repeats: int) -> tuple[dict[str, float], dict[str, int]]:
+    """Returns (median tokens/s, tokens of the last run) per side; the sides alternate ``repeats`` times."""
+    rates: dict[str, list[float]] = {side: [] for side in sides}
+    tokens: dict[str, int] = {}
+    for _ in range(repeats):
+        for side, run in sides.items():
+            start = time.perf_counter()
+            tokens[side] = run()
+            rates[side].append(tokens[side] / (time.perf_counter() - start))
+    return {side: statistics.median(values) for side, values in rates.items()}, tokens
+
+
 def measure(setup, args) -> dict:
     """Returns tokens and median tokens/s of both sides for one model, runs interleaved."""
     model, tokenizer, prompts = setup(args.prompts)
@@ -98,17 +110,11 @@ def measure(setup, args) -> dict:
     generator = HFGenerator(model, tokenizer, batch_size=args.batch_size)
     one_at_a_time(model, tokenizer, prompts[:2], 4)  # warm-up: first-call allocations and lazy imports
     batched(generator, prompts[:2], 4)
-    rates: dict[str, list[float]] = {"one_at_a_time": [], "batched": []}
-    tokens: dict[str, int] = {}
-    for _ in range(args.repeats):
-        for side, run in (("one_at_a_time", lambda: one_at_a_time(model, tokenizer, prompts, args.max_new_tokens)),
-                          ("batched", lambda: batched(generator, prompts, args.max_new_tokens))):
-            start = time.perf_counter()
-            tokens[side] = run()
-            rates[side].append(tokens[side] / (time.perf_counter() - start))
-    one, many = statistics.median(rates["one_at_a_time"]), statistics.median(rates["batched"])
+    rates, tokens = interleaved({"one_at_a_time": lambda: one_at_a_time(model, tokenizer, prompts, args.max_new_tokens),
+                                 "batched": lambda: batched(generator, prompts, args.max_new_tokens)}, args.repeats)
     return {"vocab": model.config.vocab_size, "params_m": sum(p.numel() for p in model.parameters()) / 1e6,
-            "one_at_a_time": one, "batched": many, "speedup": many / one,
+            "one_at_a_time": rates["one_at_a_time"], "batched": rates["batched"],
+            "speedup": rates["batched"] / rates["one_at_a_time"],
             "tokens": (tokens["one_at_a_time"], tokens["batched"])}
 
 
@@ -128,18 +134,18 @@ def measure_samples(setup, args) -> dict:
     model.eval()
     generator = HFGenerator(model, tokenizer, batch_size=args.batch_size)
     sample_tokens(generator, prompts[:1], 4, 2, 1)  # warm-up
-    sides = {"independent": lambda: sample_tokens(generator, prompts, args.max_new_tokens, 1, args.samples),
-             "one_call": lambda: sample_tokens(generator, prompts, args.max_new_tokens, args.samples, 1)}
-    rates: dict[str, list[float]] = {side: [] for side in sides}
-    tokens: dict[str, int] = {}
-    for _ in range(args.repeats):
-        for side, run in sides.items():
-            start = time.perf_counter()
-            tokens[side] = run()
-            rates[side].append(tokens[side] / (time.perf_counter() - start))
-    independent, one_call = statistics.median(rates["independent"]), statistics.median(rates["one_call"])
-    return {"independent": independent, "one_call": one_call, "speedup": one_call / independent,
-            "tokens": (tokens["independent"], tokens["one_call"])}
+    rates, tokens = interleaved(
+        {"independent": lambda: sample_tokens(generator, prompts, args.max_new_tokens, 1, args.samples),
+         "one_call": lambda: sample_tokens(generator, prompts, args.max_new_tokens, args.samples, 1)}, args.repeats)
+    return {"independent": rates["independent"], "one_call": rates["one_call"],
+            "speedup": rates["one_call"] / rates["independent"], "tokens": (tokens["independent"], tokens["one_call"])}
+
+
+def print_table(header: str, measure_row, format_row, args) -> None:
+    """Prints ``header`` and one row per model setup: ``format_row(measure_row(setup, args))``."""
+    print(header)
+    for name, setup in SETUPS:
+        print(f"{name:<12} {format_row(measure_row(setup, args))}", flush=True)
 
 
 def main() -> None:
@@ -162,23 +168,19 @@ def main() -> None:
     print(f"\n{args.samples} samples per prompt, temperature 1, {args.sample_prompts} prompts, exactly "
           f"{args.max_new_tokens} new tokens each, batch size {args.batch_size}: one generate call with n={args.samples} "
           f"vs {args.samples} calls with n=1")
-    print(f"{'configuration':<12} {f'{args.samples} calls n=1 tok/s':>20} {f'1 call n={args.samples} tok/s':>20} "
-          f"{'speedup':>8}  tokens (calls/one)")
-    for name, setup in SETUPS:
-        row = measure_samples(setup, args)
-        print(f"{name:<12} {row['independent']:>20.0f} {row['one_call']:>20.0f} {row['speedup']:>7.1f}x  "
-              f"{row['tokens'][0]}/{row['tokens'][1]}", flush=True)
+    print_table(f"{'configuration':<12} {f'{args.samples} calls n=1 tok/s':>20} {f'1 call n={args.samples} tok/s':>20} "
+                f"{'speedup':>8}  tokens (calls/one)", measure_samples,
+                lambda row: f"{row['independent']:>20.0f} {row['one_call']:>20.0f} {row['speedup']:>7.1f}x  "
+                            f"{row['tokens'][0]}/{row['tokens'][1]}", args)
 
 
 def greedy_table(args) -> None:
     """Prints the first table: batched greedy ``HFGenerator`` against one-prompt-at-a-time ``model.generate``."""
     print(f"{args.prompts} prompts, greedy, max_new_tokens {args.max_new_tokens}, batch size {args.batch_size}")
-    print(f"{'configuration':<12} {'vocab':>7} {'params':>7} {'one-at-a-time tok/s':>20} {'batched tok/s':>14} "
-          f"{'speedup':>8}  tokens (one/batched)")
-    for name, setup in SETUPS:
-        row = measure(setup, args)
-        print(f"{name:<12} {row['vocab']:>7} {row['params_m']:>6.1f}M {row['one_at_a_time']:>20.0f} "
-              f"{row['batched']:>14.0f} {row['speedup']:>7.1f}x  {row['tokens'][0]}/{row['tokens'][1]}", flush=True)
+    print_table(f"{'configuration':<12} {'vocab':>7} {'params':>7} {'one-at-a-time tok/s':>20} {'batched tok/s':>14} "
+                f"{'speedup':>8}  tokens (one/batched)", measure,
+                lambda row: f"{row['vocab']:>7} {row['params_m']:>6.1f}M {row['one_at_a_time']:>20.0f} "
+                            f"{row['batched']:>14.0f} {row['speedup']:>7.1f}x  {row['tokens'][0]}/{row['tokens'][1]}", args)
 
 
 if __name__ == "__main__":
