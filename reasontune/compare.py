@@ -216,7 +216,7 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     axes.set_ylim(0, 100)
     axes.set_title("runs compared (bars: 95% bootstrap intervals over matched questions)")
     axes.grid(True, axis="y", alpha=0.35)
-    axes.legend()
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: bars reach 100%
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)

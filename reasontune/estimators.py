@@ -253,13 +253,15 @@ def summarize_samples(records: Sequence[Mapping[str, Any]], ks: Sequence[int] = 
     """Returns pass@k / maj@k / avg@k of one benchmark's records, each ``{"value", "low", "high"}``, plus the settings.
 
     ``records`` are ``reasontune eval``'s per-sample records (``answer_reward``, ``sample``,
-    ``question_id`` or ``prompt``; ``answer`` for maj@k). Each k must not exceed the samples per
+    ``question_id`` or ``prompt``; ``answer`` for maj@k); ``equivalent`` clusters answers for
+    maj@k (default: ``default_equivalent()``). Each k must not exceed the samples per
     question. maj@k is left out (with ``"maj_missing"`` saying why) when records carry no
     ``answer``. ``n_samples``, ``temperature`` and ``prompt`` are stored beside the figures so a
     table always shows how they were made; ``n_samples`` is checked against the records.
     """
     if not records:
         raise ValueError("summarize_samples: no records")
+    equivalent = equivalent or default_equivalent()
     grouped = group_samples(records)
     counts = sorted({len(g["correct"]) for g in grouped.values()})
     if len(counts) != 1:
