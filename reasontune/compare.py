@@ -22,7 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from reasontune.config import help_field
+from reasontune.config import help_field, positional_field
+from reasontune.rollouts import read_records
 from reasontune.data import DataError
 from reasontune.estimators import (
     METRICS,
@@ -44,20 +45,12 @@ SUMMARY = "summary.json"
 # Finding and reading evaluations
 
 
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Returns the records of a ``records.jsonl``; a malformed line raises ``DataError`` naming path:line."""
-    path = Path(path)
-    records = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: invalid JSON: {error.msg} at column {error.colno}") from None
-        if not isinstance(record, dict) or "answer_reward" not in record:
-            raise DataError(f"{path}:{number}: field 'answer_reward' missing (not an eval record)")
-        records.append(record)
+def read_eval_records(path: str | Path) -> list[dict[str, Any]]:
+    """Returns the records of an evaluation's ``records.jsonl`` (``rollouts.read_records``), each checked to be graded."""
+    records = read_records(path)
+    for number, record in enumerate(records, start=1):
+        if "answer_reward" not in record:
+            raise DataError(f"{path}: record {number}: field 'answer_reward' missing (not an eval record)")
     return records
 
 
@@ -168,7 +161,7 @@ def compare_runs(paths: list[str | Path], ks: str | list[int] = (1,), metrics: s
         raise ValueError("the runs share no benchmark: " + "; ".join(
             f"{label}: {', '.join(found)}" for label, found in zip(labels, evaluations)))
     for benchmark in benchmarks:
-        grouped_runs = [group_samples(read_records(found[benchmark] / RECORDS)) for found in evaluations]
+        grouped_runs = [group_samples(read_eval_records(found[benchmark] / RECORDS)) for found in evaluations]
         _compare_benchmark(benchmark, grouped_runs, ks, metrics, n_bootstrap, seed, equivalent, comparison)
     return comparison
 
@@ -231,7 +224,7 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
 class CompareConfig:
     """Options of ``reasontune compare``."""
 
-    runs: list[str] = help_field([], "run directories, eval output directories or eval directories; the first is the baseline")
+    runs: list[str] = positional_field("run directories, eval output directories or eval directories; the first is the baseline")
     labels: list[str] | None = help_field(None, "a name per run for the table and plot (default: directory names)")
     k: str = help_field("1", "comma-separated k values of pass@k, maj@k and avg@k, e.g. 1,4,16")
     metrics: str = help_field("pass,maj,avg", "comma-separated metrics among pass, maj, avg")

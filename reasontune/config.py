@@ -92,7 +92,11 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -
             field.default_factory() if field.default_factory is not dataclasses.MISSING else None
         )
         if field.metadata.get("positional"):
-            parser.add_argument(field.name, type=_parser_for(annotation, allows_none), help=help_text)
+            if typing.get_origin(annotation) is list:  # several values: reasontune compare RUN_A RUN_B …
+                (item_type,) = typing.get_args(annotation) or (str,)
+                parser.add_argument(field.name, nargs="+", type=item_type, help=help_text)
+            else:
+                parser.add_argument(field.name, type=_parser_for(annotation, allows_none), help=help_text)
             continue
         group_name = field.metadata.get("group") or "options"
         if group_name not in groups:

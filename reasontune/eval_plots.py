@@ -14,7 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from reasontune.estimators import bootstrap_interval, group_samples, question_scores
-from reasontune.evaluation import CATEGORIES  # the one definition of the outcome categories
+from reasontune.rollouts import CATEGORIES  # the one definition of the outcome categories
 
 
 def curve_ks(n: int) -> list[int]:

@@ -7,6 +7,7 @@ and the files of an evaluation directory.
 
 from __future__ import annotations
 
+import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,8 +15,11 @@ from typing import Any, Sequence
 
 import torch
 
+from reasontune.benchmarks import BENCHMARKS, STANDARD_PROMPT, STANDARD_REWARD, load_benchmarks, resolve_benchmarks
 from reasontune.config import help_field, same_field, save_config
 from reasontune.data import Example, load_examples, load_template
+from reasontune.estimators import parse_ks, results_table, summarize_samples
+from reasontune.eval_plots import write_eval_plots
 from reasontune.generation import Generator, SamplingOptions, build_generator
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import (EvaluationOptions, GenerationOptions, GradingOptions, ModelOptions, RunOptions,
@@ -63,25 +67,107 @@ def log_generations(generator: Generator, prompts: Sequence[str], ground_truths:
 
 
 @dataclass
+class EvalSet:
+    """One named set of examples to evaluate, with its prompt template (text) and reward name."""
+
+    name: str
+    examples: list[Example]
+    template: str
+    reward: str
+    question_ids: list[str] | None = None
+
+
+def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: SamplingOptions, output_dir: str | Path, *,
+                  ks: Sequence[int] = (1,), n_bootstrap: int = 1000, seed: int = 0, grading_workers: int | None = None,
+                  plots: bool = True, stop: Sequence[str] | None = None,
+                  extra_summary: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Returns ``{set name: summary}`` after generating, grading and writing each set; with several sets, one table too.
+
+    Each set's ``records.jsonl`` and ``summary.json`` go to ``output_dir/<name>/`` (straight into
+    ``output_dir`` for a single set named ``""``); every summary carries ``estimates``: pass@k,
+    maj@k and avg@k for each k (up to the samples drawn) with 95% bootstrap intervals over
+    questions, beside the sample count, seed, temperature and prompt they were made with.
+    ``results.md`` / ``results.json`` and the plots (pass@k against k, accuracy by length,
+    length by outcome) are written into ``output_dir``. ``stop`` strings (default: ``</answer>``
+    for a set graded by the r1_zero reward, none otherwise) end each response.
+    """
+    out = Path(output_dir)
+    summaries: dict[str, dict[str, Any]] = {}
+    records_by_set: dict[str, list[dict[str, Any]]] = {}
+    for eval_set in sets:
+        default_stop = ("</answer>",) if eval_set.reward == "r1_zero" else ()
+        options = sampling.replace(stop=tuple(stop) if stop is not None else default_stop)
+        rollouts = rollouts_for_examples(generator, eval_set.examples, eval_set.template, options,
+                                         reward_fn_by_name(eval_set.reward), grading_workers=grading_workers)
+        rollouts.question_ids = eval_set.question_ids
+        records = rollouts.records()
+        usable_ks = [k for k in ks if k <= sampling.n] or [1]
+        estimates = summarize_samples(records, usable_ks, n_bootstrap=n_bootstrap, seed=seed, n_samples=sampling.n,
+                                      temperature=sampling.temperature, prompt=eval_set.template) if records else None
+        summaries[eval_set.name or "eval"] = rollouts.write(out / eval_set.name, extra_summary={
+            "benchmark": eval_set.name or None, "reward": eval_set.reward, "estimates": estimates,
+            **(extra_summary or {})})
+        records_by_set[eval_set.name or "eval"] = records
+    with_estimates = {name: summary["estimates"] for name, summary in summaries.items() if summary["estimates"]}
+    if with_estimates:
+        markdown, table = results_table(with_estimates)
+        (out / "results.md").write_text(markdown, encoding="utf-8")
+        (out / "results.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    if plots and any(records_by_set.values()):
+        write_eval_plots({name: records for name, records in records_by_set.items() if records}, out,
+                         n_bootstrap=min(n_bootstrap, 200), seed=seed)
+    return summaries
+
+
+@dataclass
 class EvalConfig(GenerationOptions, GradingOptions, EvaluationOptions, TaskOptions, ModelOptions, RunOptions):
     """Options of ``reasontune eval``."""
 
-    data: str = help_field("", "evaluation data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name", group="data")
-    output_dir: str = help_field("", "directory for records.jsonl, summary.json and config.json", group="data")
-    max_examples: int | None = help_field(None, "evaluate a seeded random subset of this many examples", group="data")
+    data: str | None = help_field(None, "evaluation data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name (or use --benchmarks)", group="data")
+    benchmarks: str | None = help_field(None, f"comma-separated benchmarks, or all: {', '.join(BENCHMARKS)} (hub datasets, or --benchmark-dir)", group="data")
+    benchmark_dir: str | None = help_field(None, "read the benchmarks from local files <dir>/<name>.jsonl|.json|.parquet in each dataset's own schema instead of the hub", group="data")
+    output_dir: str = help_field("", "directory for records.jsonl, summary.json and config.json (one subdirectory per benchmark, results.md/json)", group="data")
+    max_examples: int | None = help_field(None, "evaluate a seeded random subset of this many examples (per benchmark)", group="data")
     split: str | None = help_field(None, "split of a hub dataset (default train)", group="data")
     data_config: str | None = help_field(None, "config (subset) name of a hub dataset, e.g. main for openai/gsm8k", group="data")
+    prompt_template: str = help_field("auto", "prompt template: r1_zero, question_only, a file containing {question}, or auto (r1_zero for --data; each benchmark's standard prompt, with the question_only reward, for --benchmarks)", group="data")
     eval_n_samples: int = same_field(EvaluationOptions, "eval_n_samples", 1, aliases=("n-samples",))
+    k: str = help_field("1", "comma-separated k of pass@k, maj@k and avg@k (each at most --n-samples), e.g. 1,4,16", group="evaluation")
+    n_bootstrap: int = help_field(1000, "bootstrap resamples over questions for the 95% intervals", group="evaluation")
     stop: list[str] | None = help_field(None, "stop strings, kept in the output (default: </answer> for r1_zero rewards, none otherwise)", group="evaluation")
     entropy: bool = help_field(True, "hf backend: record per-token entropy (mean per response in records)", group="evaluation")
     generation_batch_size: int = same_field(GenerationOptions, "generation_batch_size", 32)
     vllm_gpu_memory_utilization: float = same_field(GenerationOptions, "vllm_gpu_memory_utilization", 0.85)
 
     def validate(self) -> None:
-        if not self.model or not self.data or not self.output_dir:
-            raise SystemExit("error: reasontune eval needs --model PATH --data PATH --output-dir DIR")
+        problems = []
+        if not self.model or not self.output_dir or not (self.data or self.benchmarks):
+            problems.append("reasontune eval needs --model PATH, --output-dir DIR and --data PATH or --benchmarks NAMES")
+        if self.data and self.benchmarks:
+            problems.append("give --data or --benchmarks, not both")
         if self.eval_n_samples < 1 or self.eval_max_new_tokens < 1 or self.generation_batch_size < 1:
-            raise SystemExit("error: --eval-n-samples, --eval-max-new-tokens and --generation-batch-size must be >= 1")
+            problems.append("--eval-n-samples, --eval-max-new-tokens and --generation-batch-size must be >= 1")
+        try:
+            ks = parse_ks(self.k)
+            if ks[-1] > self.eval_n_samples:
+                problems.append(f"--k {self.k}: k = {ks[-1]} exceeds --n-samples {self.eval_n_samples}; "
+                                f"draw at least {ks[-1]} samples")
+        except ValueError as error:
+            problems.append(f"--k: {error}")
+        if self.benchmarks:
+            try:
+                resolve_benchmarks(self.benchmarks)
+            except ValueError as error:
+                problems.append(f"--benchmarks: {error}")
+        if problems:
+            raise SystemExit("error: " + "; ".join(problems))
+
+    @property
+    def reward_name(self) -> str:
+        """Returns the reward of --data (``auto``: question_only for the question_only template, else r1_zero)."""
+        if self.reward != "auto":
+            return self.reward
+        return "question_only" if self.prompt_template == "question_only" else "r1_zero"
 
 
 def build_eval_generator(config: EvalConfig) -> Generator:
@@ -95,6 +181,27 @@ def build_eval_generator(config: EvalConfig) -> Generator:
     model = load_model(config.model, dtype=dtype, attn_implementation=config.attn_implementation, device=device)
     return build_generator("hf", model=model, tokenizer=load_tokenizer(config.model),
                            batch_size=config.generation_batch_size)
+
+
+def eval_sets(config: EvalConfig) -> tuple[list[EvalSet], dict[str, Any]]:
+    """Returns (the sets ``config`` asks for, what was read of the data) after loading them (counts printed)."""
+    template_name = "r1_zero" if config.prompt_template == "auto" else config.prompt_template
+    if not config.benchmarks:
+        examples = load_examples(config.data, split=config.split, hub_config=config.data_config,
+                                 max_examples=config.max_examples, seed=config.seed, skip_bad=config.skip_bad)
+        print(examples.report(), file=sys.stderr)
+        data = {"source": config.data, "records_read": examples.total_records, "skipped": examples.skipped}
+        return [EvalSet("", examples.examples, load_template(template_name), config.reward_name)], {"data": data}
+    sets, read = [], {}
+    for name, benchmark in load_benchmarks(config.benchmarks, config.benchmark_dir, config.max_examples,
+                                           config.seed).items():
+        print(benchmark.examples.report(), file=sys.stderr)
+        standard = config.prompt_template == "auto"
+        template = STANDARD_PROMPT if standard else load_template(config.prompt_template)
+        reward = config.reward if config.reward != "auto" else (STANDARD_REWARD if standard else config.reward_name)
+        sets.append(EvalSet(name, benchmark.examples.examples, template, reward, benchmark.question_ids))
+        read[name] = {"records_read": benchmark.examples.total_records, "skipped": benchmark.examples.skipped}
+    return sets, {"data": read}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -118,27 +225,25 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def run_eval(config: EvalConfig) -> int:
-    """Returns 0 after evaluating ``config.model`` on ``config.data``; writes records.jsonl, summary.json, config.json."""
+    """Returns 0 after evaluating ``config.model`` on ``config.data`` or ``config.benchmarks``; writes records, summaries, results and config.json."""
     config.validate()
-    reward = config.reward_name
-    stop = tuple(config.stop) if config.stop is not None else (("</answer>",) if reward == "r1_zero" else ())
-    template = load_template(config.prompt_template)
-    examples = load_examples(config.data, split=config.split, hub_config=config.data_config,
-                             max_examples=config.max_examples, seed=config.seed, skip_bad=config.skip_bad)
-    print(examples.report(), file=sys.stderr)
+    sets, read = eval_sets(config)
     options = SamplingOptions(temperature=config.eval_temperature, top_p=config.eval_top_p,
-                              max_new_tokens=config.eval_max_new_tokens, stop=stop, n=config.eval_n_samples,
-                              seed=config.seed, return_entropy=config.entropy and config.backend == "hf")
+                              max_new_tokens=config.eval_max_new_tokens, n=config.eval_n_samples, seed=config.seed,
+                              return_entropy=config.entropy and config.backend == "hf")
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, output_dir / "config.json")
     generator = build_eval_generator(config)
-    rollouts = rollouts_for_examples(generator, examples.examples, template, options, reward_fn_by_name(reward),
-                                     grading_workers=config.grading_workers)
+    summaries = evaluate_sets(generator, sets, options, output_dir, ks=parse_ks(config.k), n_bootstrap=config.n_bootstrap,
+                              seed=config.seed, grading_workers=config.grading_workers, stop=config.stop,
+                              extra_summary={"template": config.prompt_template, **read})
     generator.close()
-    summary = rollouts.write(output_dir, extra_summary={
-        "data": {"source": config.data, "records_read": examples.total_records, "skipped": examples.skipped},
-        "template": config.prompt_template, "reward": reward})
-    print(format_summary(summary))
-    print(f"wrote {output_dir / 'records.jsonl'} and {output_dir / 'summary.json'}")
+    for name, summary in summaries.items():
+        if config.benchmarks:
+            print(f"== {name}")
+        print(format_summary(summary))
+    if (output_dir / "results.md").exists():
+        print((output_dir / "results.md").read_text(encoding="utf-8"))
+    print(f"wrote {output_dir}")
     return 0

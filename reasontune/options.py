@@ -88,6 +88,8 @@ class InLoopEvaluationOptions(EvaluationOptions):
     eval_examples: int = help_field(256, "held-out examples per evaluation (0: no evaluation)", group="evaluation")
     eval_every: int = help_field(0, "evaluate every N steps (0: only before and after training)", group="evaluation")
     eval_before_training: bool = help_field(True, "evaluate once before the first step", group="evaluation")
+    eval_benchmarks: str | None = help_field(None, "also evaluate on these benchmarks (comma-separated, or all; see reasontune eval --help), with the run's prompt template and reward", group="evaluation")
+    benchmark_dir: str | None = help_field(None, "read --eval-benchmarks from local files <dir>/<name>.jsonl|.json|.parquet instead of the hub", group="evaluation")
 
 
 @dataclass

@@ -24,7 +24,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from reasontune.data import DataError, Example, example_prompt
 from reasontune.generation import Completion, Generator, SamplingOptions
-from reasontune.rewards import grade_batch, question_only_reward_fn, r1_zero_reward_fn
+from reasontune.rewards import (extract_boxed_answer, extract_r1_zero_answer, grade_batch, question_only_reward_fn,
+                                r1_zero_reward_fn)
 
 RewardFn = Callable[[str, Any], dict[str, float]]
 CATEGORIES = ("correct", "formatted_wrong", "unformatted")
@@ -38,6 +39,15 @@ def reward_fn_by_name(name: str) -> RewardFn:
     if name not in functions:
         raise ValueError(f"unknown reward {name!r}; expected r1_zero or question_only")
     return functions[name]
+
+
+def final_answer(response: str, reward_fn: RewardFn | None) -> str | None:
+    """Returns the answer ``reward_fn`` grades in ``response`` (the last <answer> of r1_zero, the last box of question_only), or None."""
+    if reward_fn is r1_zero_reward_fn:
+        return extract_r1_zero_answer(response)
+    if reward_fn is question_only_reward_fn:
+        return extract_boxed_answer(response)
+    return None
 
 
 def category(rewards: Mapping[str, Any]) -> str:
@@ -97,7 +107,7 @@ class Rollouts:
     """Prompt-major results of sampling and grading: ``completions[i]`` and ``rewards[i]`` belong to ``prompts[i]``.
 
     ``examples[i]`` (when the prompts came from examples) gives each record its source, line
-    and question id; ``timing`` holds generation and grading seconds and token throughput;
+    and question id (``question_ids[i]`` overrides the id, e.g. a benchmark's own); ``timing`` holds generation and grading seconds and token throughput;
     ``sampling`` the options the completions were drawn with.
     """
 
@@ -108,6 +118,8 @@ class Rollouts:
     examples: list[Example] | None = None
     timing: dict[str, Any] = field(default_factory=dict)
     sampling: SamplingOptions | None = None
+    reward_fn: RewardFn | None = None
+    question_ids: list[str] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -127,14 +139,16 @@ class Rollouts:
             prompts=[self.prompts[i] for i in indices], ground_truths=[self.ground_truths[i] for i in indices],
             completions=[self.completions[i] for i in indices], rewards=[self.rewards[i] for i in indices],
             examples=None if self.examples is None else [self.examples[i] for i in indices],
-            timing=dict(self.timing), sampling=self.sampling)
+            timing=dict(self.timing), sampling=self.sampling, reward_fn=self.reward_fn,
+            question_ids=None if self.question_ids is None else [self.question_ids[i] for i in indices])
 
     def records(self) -> list[dict[str, Any]]:
         """Returns one record per sample, prompt-major: the format of ``records.jsonl``.
 
-        Fields: index, sample, question_id, source, line, prompt, response, ground_truth,
-        format_reward, answer_reward, reward, category, response_tokens, prompt_tokens,
-        finish_reason, mean_entropy (and grading_error when grading failed).
+        Fields: index, sample, question_id, source, line, prompt, response, answer (the extracted
+        final answer the reward graded, None when there is none), ground_truth, format_reward,
+        answer_reward, reward, category, response_tokens, prompt_tokens, finish_reason,
+        mean_entropy (and grading_error when grading failed).
         """
         records = []
         for index, (prompt, truth, group, rewards) in enumerate(zip(self.prompts, self.ground_truths,
@@ -142,10 +156,13 @@ class Rollouts:
             example = self.examples[index] if self.examples is not None else None
             source, line = (example.source, example.line) if example is not None else ("", 0)
             question_id = f"{source}:{line}" if source else str(index)
+            if self.question_ids is not None:
+                question_id = self.question_ids[index]
             for sample, (completion, reward) in enumerate(zip(group, rewards)):
                 record = {
                     "index": index, "sample": sample, "question_id": question_id, "source": source, "line": line,
-                    "prompt": prompt, "response": completion.text, "ground_truth": truth,
+                    "prompt": prompt, "response": completion.text,
+                    "answer": final_answer(completion.text, self.reward_fn), "ground_truth": truth,
                     "format_reward": reward["format_reward"], "answer_reward": reward["answer_reward"],
                     "reward": reward["reward"], "category": category(reward),
                     "response_tokens": completion.num_tokens, "prompt_tokens": completion.prompt_token_count,
@@ -214,7 +231,7 @@ def grade_completions(prompts: Sequence[str], ground_truths: Sequence[Any], comp
         start += len(group)
     return Rollouts(prompts=list(prompts), ground_truths=list(ground_truths), completions=[list(g) for g in completions],
                     rewards=rewards, examples=None if examples is None else list(examples),
-                    timing={"grading_seconds": time.perf_counter() - started})
+                    timing={"grading_seconds": time.perf_counter() - started}, reward_fn=reward_fn)
 
 
 def generate_rollouts(generator: Generator, prompts: Sequence[str], ground_truths: Sequence[Any],

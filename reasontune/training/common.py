@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 import shutil
+import statistics
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -18,12 +19,14 @@ import torch
 
 from reasontune.checkpoint import (latest_checkpoint, load_trainer_state, prune_checkpoints, remove_stale_temporaries,
                                    rng_state, save_checkpoint, set_rng_state)
+from reasontune.benchmarks import load_benchmarks
 from reasontune.config import save_config
 from reasontune.data import Example, load_examples
+from reasontune.evaluation import EvalSet, evaluate_sets
 from reasontune.generation import Generator, SamplingOptions, build_generator
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import RolloutOptions, TrainerOptions, resolved_dtype
-from reasontune.rollouts import RewardFn, rollouts_for_examples
+from reasontune.rollouts import RewardFn
 from reasontune.tracking import MetricsLogger
 
 
@@ -141,7 +144,7 @@ class PolicySession:
     device: torch.device
     generator: Generator
     questions: list[Example]
-    validation: list[Example]
+    validation: list[EvalSet]
     template: str
     reward_fn: RewardFn
     rollouts: SamplingOptions
@@ -158,28 +161,45 @@ def evaluation_sampling(config: TrainerOptions, backend: str) -> SamplingOptions
                            return_entropy=backend == "hf")
 
 
-def evaluate_policy(step: int, model, generator: Generator, validation: Sequence[Example], template: str,
-                    run_dir: Path, *, reward_fn: RewardFn, sampling: SamplingOptions,
-                    grading_workers: int | None = None) -> dict:
-    """Returns the summary of generating and grading the validation examples with the current weights.
+def evaluation_sets(config: TrainerOptions, validation: Sequence[Example], template: str) -> list[EvalSet]:
+    """Returns what in-loop evaluation covers: the validation examples, then each of ``--eval-benchmarks`` (run's template and reward)."""
+    sets = [EvalSet("", list(validation), template, config.reward_name)] if validation else []
+    if config.eval_benchmarks and config.eval_examples:
+        for name, benchmark in load_benchmarks(config.eval_benchmarks, config.benchmark_dir, config.eval_examples,
+                                               config.seed).items():
+            sets.append(EvalSet(name, benchmark.examples.examples, template, config.reward_name, benchmark.question_ids))
+    return sets
 
-    Writes ``eval/step-<N>/records.jsonl`` and ``summary.json`` as ``reasontune eval`` does. The
-    RNG is forked so that sampling in evaluation never changes the training run's random stream;
-    the generator sleeps afterwards (giving a shared GPU back to training).
+
+def evaluate_policy(step: int, model, generator: Generator, sets: Sequence[EvalSet], run_dir: Path, *,
+                    sampling: SamplingOptions, grading_workers: int | None = None) -> dict:
+    """Returns the summary of generating and grading every evaluation set with the current weights.
+
+    Writes ``eval/step-<N>/records.jsonl`` and ``summary.json`` as ``reasontune eval`` does (a
+    benchmark's under ``eval/step-<N>/<name>/``). With several sets the summary holds the mean
+    accuracy, format rate and length over the sets and ``sets`` with each one's. The RNG is
+    forked so that sampling in evaluation never changes the training run's random stream; the
+    generator sleeps afterwards (giving a shared GPU back to training).
     """
     generator.sync_weights(model)
     with torch.random.fork_rng(devices=[]):
-        rollouts = rollouts_for_examples(generator, validation, template, sampling, reward_fn,
-                                         grading_workers=grading_workers)
+        summaries = evaluate_sets(generator, sets, sampling, run_dir / "eval" / f"step-{step:06d}",
+                                  ks=sorted({1, sampling.n}), n_bootstrap=200, seed=sampling.seed or 0,
+                                  grading_workers=grading_workers, plots=False)
     generator.sleep()
-    return rollouts.write(run_dir / "eval" / f"step-{step:06d}")
+    if len(summaries) == 1:
+        return next(iter(summaries.values()))
+    mean = {key: statistics.fmean(s[key] for s in summaries.values() if s[key] is not None)
+            for key in ("accuracy", "format_rate", "mean_response_tokens")}
+    return {**mean, "mean_entropy": None, "sets": summaries}
 
 
 def eval_metrics(summary: dict, step: int) -> dict:
-    """Returns the fields of an evaluation summary that a trainer logs as its ``eval`` metrics line."""
+    """Returns the fields of an evaluation summary that a trainer logs as its ``eval`` metrics line (per set: ``accuracy/<name>``)."""
+    per_set = {f"accuracy/{name}": each["accuracy"] for name, each in summary.get("sets", {}).items()}
     return {"accuracy": summary["accuracy"], "format_rate": summary["format_rate"],
             "mean_response_tokens": summary.get("mean_response_tokens"), "mean_entropy": summary.get("mean_entropy"),
-            "dir": f"eval/step-{step:06d}"}
+            **per_set, "dir": f"eval/step-{step:06d}"}
 
 
 def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str, **extra: Any) -> dict:

@@ -27,10 +27,10 @@ from reasontune.losses import LossAggregation
 from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
                                 TrainerOptions)
 from reasontune.rollouts import generate_rollouts, reward_fn_by_name, write_jsonl
-from reasontune.training.common import (PolicySession, eval_metrics, evaluate_policy, evaluation_sampling, finish_run,
-                                        load_policy, load_questions, make_generator, make_logger, question_batch,
-                                        restore_training_state, rollout_sampling, save_training_checkpoint, start_run,
-                                        trainer_state)
+from reasontune.training.common import (PolicySession, eval_metrics, evaluate_policy, evaluation_sampling,
+                                        evaluation_sets, finish_run, load_policy, load_questions, make_generator,
+                                        make_logger, question_batch, restore_training_state, rollout_sampling,
+                                        save_training_checkpoint, start_run, trainer_state)
 from reasontune.training.sft import SFTConfig, prepare_session, train_sft
 
 
@@ -100,7 +100,8 @@ def setup_expert_iteration(config: ExpertIterationConfig) -> ExpertIterationSess
     questions, validation, data_counts = load_questions(config)
     session = ExpertIterationSession(
         config=config, model=model, tokenizer=tokenizer, device=device,
-        generator=make_generator(config, model, tokenizer, device), questions=questions, validation=validation,
+        generator=make_generator(config, model, tokenizer, device), questions=questions,
+        validation=evaluation_sets(config, validation, load_template(config.prompt_template)),
         template=load_template(config.prompt_template), reward_fn=reward_fn_by_name(config.reward_name),
         rollouts=rollout_sampling(config, config.reward_name, return_entropy=config.backend == "hf"), run_dir=run_dir,
         logger=make_logger(run_dir, config, resume=checkpoint is not None))
@@ -129,8 +130,7 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
     eval_sampling = evaluation_sampling(config, config.backend)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, model, session.generator, session.validation, session.template, run_dir,
-                                  reward_fn=session.reward_fn, sampling=eval_sampling,
+        summary = evaluate_policy(step, model, session.generator, session.validation, run_dir, sampling=eval_sampling,
                                   grading_workers=config.grading_workers)
         logger.log("eval", step, **eval_metrics(summary, step))
         print(f"EI step {step}: held-out accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}",

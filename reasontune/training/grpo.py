@@ -28,10 +28,10 @@ from reasontune.rollouts import Rollouts, generate_rollouts, reward_fn_by_name
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.tracking import Progress
 from reasontune.training.common import (NonFiniteStep, PolicySession, clip_and_step, eval_metrics, evaluate_policy,
-                                        evaluation_sampling, finish_run, load_policy, load_questions, make_generator,
-                                        make_logger, make_optimizer, question_batch, restore_training_state,
-                                        rollout_sampling, save_training_checkpoint, start_run, stop_diverged,
-                                        trainer_state)
+                                        evaluation_sampling, evaluation_sets, finish_run, load_policy, load_questions,
+                                        make_generator, make_logger, make_optimizer, question_batch,
+                                        restore_training_state, rollout_sampling, save_training_checkpoint, start_run,
+                                        stop_diverged, trainer_state)
 
 
 @dataclasses.dataclass
@@ -206,7 +206,8 @@ def setup_grpo(config: GRPOConfig) -> GRPOSession:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, kept for the trainer state
     session = GRPOSession(
         config=config, model=model, tokenizer=tokenizer, device=device,
-        generator=make_generator(config, model, tokenizer, device), questions=questions, validation=validation,
+        generator=make_generator(config, model, tokenizer, device), questions=questions,
+        validation=evaluation_sets(config, validation, load_template(config.prompt_template)),
         template=load_template(config.prompt_template), reward_fn=reward_fn_by_name(config.reward_name),
         rollouts=rollout_sampling(config, config.reward_name), run_dir=run_dir,
         logger=make_logger(run_dir, config, resume=checkpoint is not None),
@@ -290,8 +291,7 @@ def train_grpo(session: GRPOSession) -> Path:
         return save_training_checkpoint(run_dir, name, model, session.tokenizer, state, keep=config.save_total_limit)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, model, session.generator, session.validation, session.template, run_dir,
-                                  reward_fn=session.reward_fn, sampling=eval_sampling,
+        summary = evaluate_policy(step, model, session.generator, session.validation, run_dir, sampling=eval_sampling,
                                   grading_workers=config.grading_workers)
         logger.log("eval", step, **eval_metrics(summary, step))
         progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")

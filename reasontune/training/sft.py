@@ -22,6 +22,7 @@ from reasontune.batching import pack_examples, packed_forward_kwargs, token_budg
 from reasontune.config import help_field, same_field
 from reasontune.data import (Example, example_prompt, load_examples, load_template, train_validation_split,
                              with_r1_zero_targets)
+from reasontune.evaluation import EvalSet
 from reasontune.generation import Generator
 from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import LossAggregation, sft_microbatch_train_step
@@ -31,9 +32,9 @@ from reasontune.rollouts import RewardFn, reward_fn_by_name
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.tracking import MetricsLogger, Progress
 from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
-                                        evaluation_sampling, finish_run, load_policy, make_generator, make_logger,
-                                        make_optimizer, restore_training_state, save_training_checkpoint, start_run,
-                                        stop_diverged, trainer_state)
+                                        evaluation_sampling, evaluation_sets, finish_run, load_policy, make_generator,
+                                        make_logger, make_optimizer, restore_training_state, save_training_checkpoint,
+                                        start_run, stop_diverged, trainer_state)
 from reasontune.training.common import TrainingDiverged  # noqa: F401  (raised by train_sft; importable from here)
 
 
@@ -259,7 +260,7 @@ class SFTSession:
     template: str
     reward_fn: RewardFn
     generator: Generator | None = None
-    validation: list[Example] = dataclasses.field(default_factory=list)
+    validation: list[EvalSet] = dataclasses.field(default_factory=list)
     run_dir: Path | None = None
     logger: MetricsLogger | None = None
     start_step: int = 0
@@ -285,8 +286,8 @@ def setup_sft(config: SFTConfig) -> SFTSession:
     template = load_template(config.prompt_template)
     train_examples, validation, data_counts = load_sft_examples(config)
     session = prepare_session(config, model, tokenizer, train_examples, device, template)
-    session.run_dir, session.validation = run_dir, validation
-    session.generator = make_generator(config, model, tokenizer, device) if validation else None
+    session.run_dir, session.validation = run_dir, evaluation_sets(config, validation, template)
+    session.generator = make_generator(config, model, tokenizer, device) if session.validation else None
     session.logger = make_logger(run_dir, config, resume=checkpoint is not None)
     if checkpoint is not None:
         state = restore_training_state(checkpoint, session.optimizer, session.scheduler,
@@ -321,8 +322,8 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
         return save_training_checkpoint(run_dir, name, model, session.tokenizer, state, keep=config.save_total_limit)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, model, session.generator, session.validation, session.template, run_dir,
-                                  reward_fn=session.reward_fn, sampling=sampling, grading_workers=config.grading_workers)
+        summary = evaluate_policy(step, model, session.generator, session.validation, run_dir, sampling=sampling,
+                                  grading_workers=config.grading_workers)
         logger.log("eval", step, **eval_metrics(summary, step))
         progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
 
