@@ -36,7 +36,9 @@ def parse_sft(argv):
     return config_from_namespace(argparse.Namespace(**values), SFTConfig)
 
 
-def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
+def test_flags_override_the_config_file_which_overrides_defaults(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # validation checks that the data file exists
+    (tmp_path / "a.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
     config_file = tmp_path / "sft.yaml"
     config_file.write_text("train-data: a.jsonl\nlearning_rate: 3e-5\nbatch-size: 8\npacking: true\nmax_length: null\n")
     config = parse_sft(["--config", str(config_file), "--batch-size", "2", "--no-packing"])
@@ -52,7 +54,7 @@ def test_config_errors_name_the_problem(tmp_path):
     bad.write_text("learning-rate: 1e-5\nlearnin_rate: 2\n")
     with pytest.raises(SystemExit, match="unknown option 'learnin_rate'"):
         parse_sft(["--config", str(bad), "--train-data", "x"])
-    with pytest.raises(SystemExit, match="--train-data is required"):
+    with pytest.raises(SystemExit, match="--train-data: required"):
         parse_sft([])
     with pytest.raises(SystemExit):
         parse_sft(["--train-data", "x", "--loss-normalization", "per_token"])

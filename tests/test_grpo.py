@@ -23,7 +23,7 @@ def _grads(model) -> dict[str, torch.Tensor]:
 
 
 def _config(**overrides) -> GRPOConfig:
-    base = dict(train_data="unused.jsonl", rollout_batch_size=4, group_size=2, train_batch_size=4,
+    base = dict(train_data=str(Path(__file__).parent / "data" / "reward_cases.jsonl"), rollout_batch_size=4, group_size=2, train_batch_size=4,
                 gradient_accumulation_steps=2, sampling_max_tokens=8, loss_type="reinforce_with_baseline")
     return GRPOConfig(**{**base, **overrides})
 
@@ -59,7 +59,7 @@ def test_config_invariants_have_clear_errors():
         (dict(epochs_per_rollout_batch=2), "off-policy"),
         (dict(train_batch_size=2, gradient_accumulation_steps=1), "off-policy"),
         (dict(sampling_min_tokens=0), "sampling-min-tokens"),
-        (dict(train_data=""), "--train-data is required"),
+        (dict(train_data=""), "--train-data: required"),
     ]
     for overrides, message in cases:
         with pytest.raises(SystemExit, match=message):

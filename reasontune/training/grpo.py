@@ -17,13 +17,13 @@ from typing import Any, Literal
 
 import torch
 
-from reasontune.config import help_field, same_field
+from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import example_prompt, load_template
 from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import LossAggregation, compute_group_normalized_rewards, grpo_microbatch_train_step
 from reasontune.modeling import load_model
 from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
-                                TrainerOptions, resolved_dtype)
+                                TrainerOptions, resolved_dtype, validate_common)
 from reasontune.rollouts import Rollouts, generate_rollouts, reward_fn_by_name
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.tracking import Progress
@@ -31,7 +31,7 @@ from reasontune.training.common import (NonFiniteStep, PolicySession, clip_and_s
                                         evaluation_sampling, evaluation_sets, finish_run, load_policy, load_questions,
                                         make_generator, make_logger, make_optimizer, question_batch,
                                         restore_training_state, rollout_sampling, save_training_checkpoint, start_run,
-                                        stop_diverged, trainer_state)
+                                        stop_diverged, stop_for_signal, stop_requested, trainer_state)
 
 
 @dataclasses.dataclass
@@ -69,17 +69,16 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
         return self.epochs_per_rollout_batch > 1 or self.train_batch_size < self.rollout_batch_size
 
     def validate(self) -> None:
-        """Raises SystemExit naming the options when the batch sizes or loss settings cannot work together."""
-        problems = []
-        if not self.train_data:
-            problems.append("--train-data is required")
-        if self.sampling_temperature <= 0:
-            problems.append("--sampling-temperature must be > 0 (GRPO needs different responses within a group)")
+        """Raises ``UserError`` naming every option whose value cannot work (shared groups: ``validate_common``)."""
+        problems = validate_common(self)
         positive = ("n_grpo_steps", "rollout_batch_size", "group_size", "train_batch_size",
-                    "gradient_accumulation_steps", "epochs_per_rollout_batch", "generation_batch_size")
-        problems += [f"--{name.replace('_', '-')} must be >= 1" for name in positive if getattr(self, name) < 1]
-        if problems:
-            raise SystemExit("error: " + "; ".join(problems))
+                    "gradient_accumulation_steps", "epochs_per_rollout_batch")
+        problems += [f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}"
+                     for name in positive if getattr(self, name) < 1]
+        if self.group_size == 1:
+            problems.append("--group-size 1: a group of one response has no baseline (its advantage is always 0, "
+                            "nothing is learned); use --group-size 2 or more")
+        raise_problems(problems)
         if self.train_batch_size % self.gradient_accumulation_steps:
             problems.append(f"--train-batch-size ({self.train_batch_size}) must be divisible by "
                             f"--gradient-accumulation-steps ({self.gradient_accumulation_steps})")
@@ -99,13 +98,9 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
         if self.off_policy and self.loss_type != "grpo_clip":
             problems.append(f"epochs-per-rollout-batch > 1 or train-batch-size < rollout-batch-size is off-policy; "
                             f"--loss-type {self.loss_type} has no importance ratio for it: use grpo_clip")
-        if not 1 <= self.sampling_min_tokens <= self.sampling_max_tokens:
-            problems.append(f"need 1 <= --sampling-min-tokens ({self.sampling_min_tokens}) <= --sampling-max-tokens "
-                            f"({self.sampling_max_tokens}): an empty response has no token to train")
         if self.kl_coef < 0:
-            problems.append("--kl-coef must be >= 0")
-        if problems:
-            raise SystemExit("error: " + "; ".join(problems))
+            problems.append(f"--kl-coef: must be >= 0, got {self.kl_coef:g}")
+        raise_problems(problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -337,6 +332,8 @@ def train_grpo(session: GRPOSession) -> Path:
         # --- checkpoint
         if config.save_every and step % config.save_every == 0 and step != config.n_grpo_steps:
             save(step, f"checkpoint-{step}")
+        if stop_requested() and step < config.n_grpo_steps:  # SIGINT/SIGTERM: saved, exit 130
+            stop_for_signal(config, run_dir, step, save, logger, progress)
     progress.close()
 
     # --- final weights, final evaluation, report
