@@ -103,7 +103,7 @@ def _run_dir_snapshot(config) -> tuple[Path | None, bool]:
 
 
 # What a start writes before its first step: removed again when a fresh directory's start fails.
-START_FILES = {"config.json", "metrics.jsonl", "tensorboard", "wandb", "wandb_run_id", ".reasontune"}
+START_FILES = {"config.json", "metrics.jsonl", "tensorboard", "wandb", "wandb_run_id", ".reasontune-demo"}
 
 
 def _undo_failed_start(path: Path | None, existed: bool) -> None:
