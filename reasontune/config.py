@@ -197,11 +197,11 @@ def config_from_namespace(namespace: argparse.Namespace, config_cls: type[Config
     if not config_file and flags.get("resume") and "output_dir" in flags:
         saved = Path(flags["output_dir"]) / "config.json"
         config_file = saved if saved.is_file() else None
-    merged: dict[str, Any] = {}
-    if config_file:
-        merged.update(load_config_file(config_file, config_cls))
-    merged.update(flags)
-    return config_from_dict(merged, config_cls, where=f"{config_file}: " if config_file else "")
+    file_values, problems = typed_values(load_config_file(config_file, config_cls), config_cls,
+                                         where=f"{config_file}: ") if config_file else ({}, [])
+    flag_values, flag_problems = typed_values(flags, config_cls)
+    raise_problems(problems + flag_problems)  # a wrong value in the file is named even when a flag overrides it
+    return config_from_dict({**file_values, **flag_values}, config_cls)
 
 
 def _one_line(error: Exception) -> str:
@@ -266,10 +266,20 @@ def config_from_dict(values: dict[str, Any], config_cls: type[ConfigT], *, where
     e.g. the config file); then, with ``validate``, ``check_config`` checks ranges,
     combinations, files, the model and packages.
     """
+    kwargs, problems = typed_values(values, config_cls, where)
+    raise_problems(problems)
+    config = config_cls(**kwargs)
+    if validate:
+        check_config(config)
+    return config
+
+
+def typed_values(values: dict[str, Any], config_cls: type, where: str = "") -> tuple[dict[str, Any], list[str]]:
+    """Returns (the values converted to their fields' types, a problem for each wrong value or unknown name)."""
     hints = typing.get_type_hints(config_cls)
     kwargs, problems = {}, []
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
-    for name, field in fields.items():
+    for name in fields:
         if name not in values:
             continue
         value = values[name]
@@ -287,11 +297,7 @@ def config_from_dict(values: dict[str, Any], config_cls: type[ConfigT], *, where
     for name in sorted(set(values) - set(fields)):
         close = difflib.get_close_matches(name, sorted(fields), n=1)
         problems.append(f"{where}unknown option {name!r}" + (f"; did you mean {_flag(close[0])}?" if close else ""))
-    raise_problems(problems)
-    config = config_cls(**kwargs)
-    if validate:
-        check_config(config)
-    return config
+    return kwargs, problems
 
 
 def check_config(config: Any) -> None:

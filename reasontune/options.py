@@ -181,8 +181,11 @@ def looks_like_path(text: str) -> bool:
 
 def data_source_problems(flag: str, source: str | None) -> list[str]:
     """Returns what is wrong with a data flag's value: a local file that is missing, a directory or empty (hub names pass)."""
-    if not source or not looks_like_path(source):
+    if not source:
         return []
+    if not looks_like_path(source):
+        nearby = _nearby(source, files=True)
+        return [f"{flag} {source}: no such file (did you mean {nearby}?), and it would be tried as a hub dataset"] if nearby else []
     path = Path(source).expanduser()
     if not path.exists():
         return [f"{flag} {source}: no such file; check the path (or give a hub dataset name)"]
@@ -209,6 +212,17 @@ def model_problems(flag: str, model: str) -> list[str]:
     return []
 
 
+def _nearby(name: str, files: bool) -> str | None:
+    """Returns the local file (or directory) whose path is closest to ``name``, when one is close enough to be a typo of it."""
+    parent = Path(name).parent
+    if not parent.is_dir():
+        return None
+    candidates = [str(child) if str(parent) != "." else child.name for child in parent.iterdir()
+                  if (child.is_file() if files else child.is_dir())]
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
 def hub_model_problems(flag: str, model: str) -> list[str]:
     """Returns what is wrong with a hub id that is not in the local cache: a likely typo of a local directory, or offline mode."""
     try:
@@ -218,9 +232,9 @@ def hub_model_problems(flag: str, model: str) -> list[str]:
     repo_id = model.split("@")[0]
     if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
         return []
-    nearby = difflib.get_close_matches(model, [child.name for child in Path(".").iterdir() if child.is_dir()], n=1)
+    nearby = _nearby(model, files=False)
     if nearby:
-        return [f"{flag} {model}: no such directory (did you mean {nearby[0]}?) and not a downloaded hub model"]
+        return [f"{flag} {model}: no such directory (did you mean {nearby}?) and not a downloaded hub model"]
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return [f"{flag} {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first "
                 "or give a local model directory"]
