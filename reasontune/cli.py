@@ -120,7 +120,7 @@ def user_error_message(error: BaseException) -> str | None:
 
     if isinstance(error, DataError):
         text = " ".join(str(error).split())
-        if re.match(r"\S+:\d+: ", text) and "--skip-bad" not in text:
+        if re.match(r"\S+:\d+: ", text) and "--skip-bad" not in text and "reference answer to grade" not in text:
             text += " (fix the record, or pass --skip-bad to skip malformed records, counted and reported)"
         return text if text.startswith("error: ") else f"error: {text}"
     if isinstance(error, SystemExit) and isinstance(error.code, str) and error.code.startswith("error:"):

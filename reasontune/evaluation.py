@@ -17,7 +17,7 @@ import torch
 
 from reasontune.benchmarks import BENCHMARKS, STANDARD_PROMPT, STANDARD_REWARD, load_benchmarks, resolve_benchmarks
 from reasontune.config import UserError, check_config, help_field, raise_problems, same_field, save_config
-from reasontune.data import Example, load_examples, load_template
+from reasontune.data import Example, load_examples, load_template, with_chat_template
 from reasontune.estimators import parse_ks, results_table, summarize_samples
 from reasontune.eval_plots import write_eval_plots
 from reasontune.generation import Generator, SamplingOptions, build_generator
@@ -224,6 +224,8 @@ def eval_sets(config: EvalConfig) -> tuple[list[EvalSet], dict[str, Any]]:
         print(examples.report(), file=sys.stderr)
         if not examples.examples:
             raise UserError(f"--data {config.data}: no example to evaluate ({examples.report()})")
+        if config.chat_template != "none" and any(isinstance(e.raw, dict) and "messages" in e.raw for e in examples):
+            examples.examples = with_chat_template(examples.examples, load_tokenizer(config.model), config.chat_template)
         data = {"source": config.data, "records_read": examples.total_records, "skipped": examples.skipped}
         return [EvalSet("", examples.examples, load_template(template_name), config.reward_name)], {"data": data}
     sets, read = [], {}

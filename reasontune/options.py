@@ -54,6 +54,7 @@ class TaskOptions:
     prompt_template: str = help_field("r1_zero", "template turning a question into a prompt (data with a prompt field keeps it): r1_zero, question_only or a file containing {question}", group="data")
     reward: str = help_field("auto", "reward function: r1_zero (<think>…</think> <answer>…</answer>), question_only (last \\boxed{}), auto (question_only for the question_only template, else r1_zero), or module:function of your own, called as function(response, ground_truth) -> {'format_reward', 'answer_reward', 'reward'} in the grading workers", group="data")
     skip_bad: bool = help_field(False, "skip malformed data records (counted and reported) instead of stopping at the first", group="data")
+    chat_template: Literal["auto", "none"] = help_field("auto", "chat data ({\"messages\": [...]}): auto renders its system/user turns with the tokenizer's chat template when the model has one; none uses the user turn's text as the prompt", group="data")
     split: str | None = help_field(None, "split of a hub dataset (default: train)", group="data")
     data_config: str | None = help_field(None, "config (subset) name of a hub dataset, e.g. main for openai/gsm8k", group="data")
 

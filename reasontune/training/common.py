@@ -26,7 +26,7 @@ from reasontune.checkpoint import (TRAINER_STATE, latest_checkpoint, load_traine
                                    remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from reasontune.benchmarks import load_benchmarks
 from reasontune.config import UserError, check_config, save_config
-from reasontune.data import Example, load_examples
+from reasontune.data import Example, load_examples, with_chat_template
 from reasontune.evaluation import EvalSet, evaluate_sets
 from reasontune.generation import Generator, SamplingOptions, build_generator
 from reasontune.modeling import load_model, load_tokenizer
@@ -159,12 +159,14 @@ def make_logger(run_dir: Path, config: TrainerOptions, resume: bool) -> MetricsL
                          resume=resume)
 
 
-def load_questions(config: TrainerOptions, needed: int = 1) -> tuple[list[Example], list[Example], dict[str, int]]:
+def load_questions(config: TrainerOptions, needed: int = 1, tokenizer=None
+                   ) -> tuple[list[Example], list[Example], dict[str, int]]:
     """Returns (training questions with a reference, validation examples, data counts) of an RL trainer (EI, GRPO).
 
     Fewer than ``needed`` questions with a reference answer is an error naming the file;
     validation is the first ``eval_examples`` of ``val_data`` that have a reference (none when
-    either is unset or 0).
+    either is unset or 0). With ``tokenizer``, chat records are rendered with its chat template
+    as ``--chat-template`` says.
     """
     train_set = load_examples(config.train_data, split=config.split, hub_config=config.data_config, seed=config.seed,
                               skip_bad=config.skip_bad)
@@ -178,6 +180,9 @@ def load_questions(config: TrainerOptions, needed: int = 1) -> tuple[list[Exampl
                       if e.ground_truth is not None][: config.eval_examples]
     counts = {"train_records": train_set.total_records, "train_skipped_bad": train_set.n_skipped,
               "train_questions": len(questions), "validation_examples": len(validation)}
+    if tokenizer is not None:
+        questions = with_chat_template(questions, tokenizer, config.chat_template)
+        validation = with_chat_template(validation, tokenizer, config.chat_template)
     return questions, validation, counts
 
 

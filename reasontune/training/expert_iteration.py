@@ -96,7 +96,7 @@ def setup_expert_iteration(config: ExpertIterationConfig) -> ExpertIterationSess
     config.validate()
     run_dir, device, checkpoint = start_run(config)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
-    questions, validation, data_counts = load_questions(config)
+    questions, validation, data_counts = load_questions(config, tokenizer=tokenizer)
     session = ExpertIterationSession(
         config=config, model=model, tokenizer=tokenizer, device=device,
         generator=make_generator(config, model, tokenizer, device), questions=questions,

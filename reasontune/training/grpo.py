@@ -196,7 +196,8 @@ def setup_grpo(config: GRPOConfig) -> GRPOSession:
     if config.kl_coef > 0:  # the reference is the starting model, also after a resume
         reference = load_model(config.model, dtype=resolved_dtype(config.dtype, str(device)),
                                device=device).eval().requires_grad_(False)
-    questions, validation, data_counts = load_questions(config, needed=config.rollout_batch_size // config.group_size)
+    questions, validation, data_counts = load_questions(config, needed=config.rollout_batch_size // config.group_size,
+                                                        tokenizer=tokenizer)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, kept for the trainer state
     session = GRPOSession(

@@ -21,7 +21,7 @@ import torch
 from reasontune.batching import pack_examples, packed_forward_kwargs, token_budget_batches
 from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import (Example, example_prompt, load_examples, load_template, train_validation_split,
-                             with_r1_zero_targets)
+                             with_chat_template, with_r1_zero_targets)
 from reasontune.evaluation import EvalSet
 from reasontune.generation import Generator
 from reasontune.logprobs import get_response_log_probs
@@ -298,6 +298,8 @@ def setup_sft(config: SFTConfig) -> SFTSession:
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     template = load_template(config.prompt_template)
     train_examples, validation, data_counts = load_sft_examples(config)
+    train_examples = with_chat_template(train_examples, tokenizer, config.chat_template)
+    validation = with_chat_template(validation, tokenizer, config.chat_template)
     session = prepare_session(config, model, tokenizer, train_examples, device, template)
     session.run_dir, session.validation = run_dir, evaluation_sets(config, validation, template)
     session.generator = make_generator(config, model, tokenizer, device) if session.validation else None
