@@ -326,7 +326,7 @@ def train_grpo(session: GRPOSession) -> Path:
             logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean, optimizer_steps=len(step_metrics),
                        **rollout_metrics(rollouts, reward_stats), rollout_s=rollout_seconds,
                        step_s=time.perf_counter() - tick, elapsed_s=time.perf_counter() - started)
-        progress.update(step, loss=mean["loss"])
+        progress.update(step, loss=mean["loss"], reward=reward_stats["reward_mean"], accuracy=rollouts.summary()["accuracy"])
         # --- evaluate
         if session.validation and config.eval_every and step % config.eval_every == 0 and step != config.n_grpo_steps:
             evaluate_and_log(step)
