@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from reasontune import __version__
-from reasontune.config import UserError, add_dataclass_arguments, config_from_namespace
+from reasontune.config import add_dataclass_arguments, config_from_namespace
 
 # name -> (module, config class, entry function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -154,7 +154,7 @@ def main(argv: list[str] | None = None) -> int:
         _undo_failed_start(output_dir, existed)
         print("\ninterrupted", file=sys.stderr)
         return 130
-    except (Exception, SystemExit) as error:  # noqa: BLE001 - sorted into user errors and internal ones below
+    except (Exception, SystemExit) as error:
         if isinstance(error, SystemExit) and isinstance(error.code, int):
             return error.code  # an interrupted run (130, checkpoint saved) or a finished one (0) said so already
         message = user_error_message(error)

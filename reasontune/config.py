@@ -35,7 +35,7 @@ class UserError(SystemExit):
     """
 
     def __init__(self, *problems: str):
-        self.problems = [p[len("error: "):] if p.startswith("error: ") else p for p in problems]
+        self.problems = [p.removeprefix("error: ") for p in problems]
         super().__init__("\n".join(f"error: {p}" for p in self.problems))
 
 
@@ -317,7 +317,7 @@ def check_config(config: Any) -> None:
         except SystemExit as error:
             if not (isinstance(error.code, str) and error.code.startswith("error:")):
                 raise
-            problems += [line[len("error: "):] if line.startswith("error: ") else line for line in error.code.splitlines()]
+            problems += [line.removeprefix("error: ") for line in error.code.splitlines()]
     raise_problems(problems + environment_problems(config))
 
 

@@ -182,16 +182,16 @@ def eval_output_problems(output_dir: str) -> list[str]:
     if path is None or not path.is_dir() or not any(path.iterdir()):
         return []
     if (path / "metrics.jsonl").exists() or (path / "final").is_dir() or any(path.glob("checkpoint-*")):
-        return [f"--output-dir {output_dir}: is a training run's directory, whose config.json eval would replace; "
-                f"write under it instead, e.g. --output-dir {path / 'eval' / 'mine'}"]
+        return [(f"--output-dir {output_dir}: is a training run's directory, whose config.json eval would replace; "
+                 f"write under it instead, e.g. --output-dir {path / 'eval' / 'mine'}")]
     ours = {"config.json", "summary.json", "records.jsonl", "results.md", "results.json"}
-    if (path / "config.json").exists() and any((path / name).exists() for name in ours - {"config.json"}) \
-            or any(child.is_dir() and (child / "summary.json").exists() for child in path.iterdir()):
+    earlier_eval = (path / "config.json").exists() and any((path / name).exists() for name in ours - {"config.json"})
+    if earlier_eval or any(child.is_dir() and (child / "summary.json").exists() for child in path.iterdir()):
         return []
     strangers = sorted(child.name for child in path.iterdir() if child.name not in ours)
     if strangers:
-        return [f"--output-dir {output_dir}: holds files reasontune eval did not write ({', '.join(strangers[:5])}); "
-                "choose an empty or new directory"]
+        return [(f"--output-dir {output_dir}: holds files reasontune eval did not write ({', '.join(strangers[:5])}); "
+                 "choose an empty or new directory")]
     return []
 
 

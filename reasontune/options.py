@@ -208,8 +208,8 @@ def model_problems(flag: str, model: str) -> list[str]:
     if not path.exists():
         return [f"{flag} {model}: no such directory, and not a hub id (organisation/name); check the path"]
     if not path.is_dir() or not (path / "config.json").exists():
-        return [f"{flag} {model}: not a model directory (no config.json); give the directory save_pretrained wrote, "
-                "e.g. a run's final/"]
+        return [(f"{flag} {model}: not a model directory (no config.json); give the directory save_pretrained wrote, "
+                 "e.g. a run's final/")]
     return []
 
 
@@ -237,16 +237,16 @@ def hub_model_problems(flag: str, model: str) -> list[str]:
     if nearby:
         return [f"{flag} {model}: no such directory (did you mean {nearby}?) and not a downloaded hub model"]
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
-        return [f"{flag} {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first "
-                "or give a local model directory"]
+        return [(f"{flag} {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first "
+                 "or give a local model directory")]
     return []
 
 
 def package_problems(flag: str, package: str, extra: str) -> list[str]:
     """Returns a problem naming ``flag`` when the optional ``package`` is not installed."""
     if importlib.util.find_spec(package) is None:
-        return [f"{flag}: needs the {package} package, which is not installed; pip install 'reasontune[{extra}]' "
-                f"or drop {flag}"]
+        return [(f"{flag}: needs the {package} package, which is not installed; pip install 'reasontune[{extra}]' "
+                 f"or drop {flag}")]
     return []
 
 
@@ -260,7 +260,7 @@ def reward_problems(reward: str) -> list[str]:
 
     try:
         reward_fn_by_name(reward)
-    except (ValueError, ImportError, AttributeError) as error:
+    except (ValueError, ImportError, TypeError) as error:
         return [f"--reward {reward}: {error}"]
     return []
 
@@ -271,8 +271,8 @@ def template_problems(template: str) -> list[str]:
         return []
     path = Path(template).expanduser()
     if not path.is_file():
-        return [f"--prompt-template {template}: neither a shipped template ({', '.join(SHIPPED_TEMPLATES)}) "
-                "nor an existing file"]
+        return [(f"--prompt-template {template}: neither a shipped template ({', '.join(SHIPPED_TEMPLATES)}) "
+                 "nor an existing file")]
     if "{question}" not in path.read_text(encoding="utf-8", errors="replace"):
         return [f"--prompt-template {template}: the file has no {{question}} placeholder; add one where the question goes"]
     return []

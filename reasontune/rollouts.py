@@ -59,7 +59,7 @@ def reward_fn_by_name(name: str) -> RewardFn:
                           "directory or on PYTHONPATH") from None
     function = getattr(module, function_name, None)
     if not callable(function):
-        raise AttributeError(f"module {module_name!r} has no function {function_name!r}")
+        raise TypeError(f"module {module_name!r} has no function {function_name!r}")
     return function
 
 

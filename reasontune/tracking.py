@@ -271,7 +271,7 @@ class Progress:
 
 def _duration(seconds: float) -> str:
     """Returns ``seconds`` as ``1h02m``, ``3m20s`` or ``42s``."""
-    seconds = int(round(seconds))
+    seconds = round(seconds)
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

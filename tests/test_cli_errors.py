@@ -13,8 +13,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import build_tiny_model_dir
+
 from reasontune.cli import main
 
 SFT_RECORDS = [{"prompt": f"What is {i} + 30?", "response": f" {i} + 30 = {i + 30} </think> <answer>{i + 30}</answer>",

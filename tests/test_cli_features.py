@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import io
 import json
-from pathlib import Path
 
 import pytest
-
 from conftest import build_tiny_model_dir
+
 from reasontune.cli import COMMANDS, main
 from reasontune.data import Example, with_chat_template
 from reasontune.tracking import Progress

@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import build_tiny_model_dir
 from safetensors.torch import load_file
 
-from conftest import build_tiny_model_dir
 from reasontune.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
