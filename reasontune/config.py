@@ -224,28 +224,17 @@ def _coerce(value: Any, annotation: Any) -> Any:
             except argparse.ArgumentTypeError as error:
                 raise ValueError(str(error)) from None
         raise ValueError(f"expected true or false, got {value!r}")
-    if annotation is int:
-        if isinstance(value, bool):
-            raise ValueError(f"expected an integer, got {value!r}")
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, int):
-            return value
+    if annotation in (int, float):
+        # int: whole numbers only (12.5 or "two" is a mistake, not 12); float: any number; never a boolean
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric and (annotation is float or float(value).is_integer()):
+            return annotation(value)
         if isinstance(value, str):
             try:
-                return int(value)
+                return annotation(value)
             except ValueError:
                 pass
-        raise ValueError(f"expected an integer, got {value!r}")
-    if annotation is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ValueError(f"expected a number, got {value!r}")
+        raise ValueError(f"expected {'an integer' if annotation is int else 'a number'}, got {value!r}")
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

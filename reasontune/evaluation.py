@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -23,7 +23,7 @@ from reasontune.eval_plots import write_eval_plots
 from reasontune.generation import Generator, SamplingOptions, build_generator
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import (EvaluationOptions, GenerationOptions, GradingOptions, ModelOptions, RunOptions,
-                                TaskOptions, data_source_problems, resolved_dtype, validate_common)
+                                TaskOptions, TrackingOptions, data_source_problems, resolved_dtype, validate_common)
 from reasontune.rollouts import RewardFn, generate_rollouts, reward_fn_by_name, rollouts_for_examples
 
 
@@ -120,7 +120,8 @@ def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: Sampl
 
 
 @dataclass
-class EvalConfig(GenerationOptions, GradingOptions, EvaluationOptions, TaskOptions, ModelOptions, RunOptions):
+class EvalConfig(TrackingOptions, GenerationOptions, GradingOptions, EvaluationOptions, TaskOptions, ModelOptions,
+                 RunOptions):
     """Options of ``reasontune eval``."""
 
     data: str | None = help_field(None, "evaluation data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name (or use --benchmarks)", group="data")
@@ -184,7 +185,8 @@ def eval_output_problems(output_dir: str) -> list[str]:
     if (path / "metrics.jsonl").exists() or (path / "final").is_dir() or any(path.glob("checkpoint-*")):
         return [(f"--output-dir {output_dir}: is a training run's directory, whose config.json eval would replace; "
                  f"write under it instead, e.g. --output-dir {path / 'eval' / 'mine'}")]
-    ours = {"config.json", "summary.json", "records.jsonl", "results.md", "results.json"}
+    ours = {"config.json", "summary.json", "records.jsonl", "results.md", "results.json", EVAL_METRICS_FILE, "wandb",
+            "tensorboard", "report"}
     earlier_eval = (path / "config.json").exists() and any((path / name).exists() for name in ours - {"config.json"})
     if earlier_eval or any(child.is_dir() and (child / "summary.json").exists() for child in path.iterdir()):
         return []
@@ -260,6 +262,22 @@ def format_summary(summary: dict[str, Any]) -> str:
     ])
 
 
+EVAL_METRICS_FILE = "eval_metrics.jsonl"
+
+
+def track_summaries(config: EvalConfig, summaries: dict[str, dict[str, Any]]) -> None:
+    """Logs each set's accuracy, format rate and mean length to wandb / TensorBoard (and ``eval_metrics.jsonl``)."""
+    from reasontune.tracking import MetricsLogger
+
+    numbers = {}
+    for name, summary in summaries.items():
+        prefix = f"{name}/" if config.benchmarks else ""
+        numbers.update({f"{prefix}{key}": summary.get(key) for key in ("accuracy", "format_rate", "mean_response_tokens")})
+    with MetricsLogger(config.output_dir, wandb_project=config.wandb, tensorboard=config.tensorboard,
+                       config=asdict(config), metrics_file=EVAL_METRICS_FILE) as logger:
+        logger.log("eval", 0, **numbers)
+
+
 def run_eval(config: EvalConfig) -> int:
     """Returns 0 after evaluating ``config.model`` on ``config.data`` or ``config.benchmarks``; writes records, summaries, results and config.json."""
     check_config(config)
@@ -275,6 +293,8 @@ def run_eval(config: EvalConfig) -> int:
                               seed=config.seed, grading_workers=config.grading_workers, stop=config.stop,
                               extra_summary={"template": config.prompt_template, **read})
     generator.close()
+    if config.wandb or config.tensorboard:
+        track_summaries(config, summaries)
     for name, summary in summaries.items():
         if config.benchmarks:
             print(f"== {name}")

@@ -6,21 +6,21 @@ in the bounded grading workers; the kept records are written back exactly as rea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
 from reasontune.config import UserError, check_config, help_field, raise_problems
 from reasontune.data import Example, load_examples
 from reasontune.generation import Completion
-from reasontune.options import GradingOptions, TaskOptions, data_source_problems, validate_common
+from reasontune.options import GradingOptions, TaskOptions, TrackingOptions, data_source_problems, validate_common
 from reasontune.rollouts import grade_completions, reward_fn_by_name, write_jsonl
 
 REASONS = ("kept", "formatted but wrong", "unformatted", "no response", "no reference answer")
 
 
 @dataclass
-class FilterConfig(GradingOptions, TaskOptions):
+class FilterConfig(TrackingOptions, GradingOptions, TaskOptions):
     """Options of ``reasontune filter``."""
 
     data: str = help_field("", "SFT data (JSONL/JSON/Parquet, any accepted format) whose responses are graded", group="data")
@@ -89,4 +89,11 @@ def run_filter(config: FilterConfig) -> int:
             print(f"  {reason}: {counts[reason]}")
     if loaded.skipped:
         print(f"  malformed records skipped: {loaded.n_skipped} ({loaded.report()})")
+    if config.wandb or config.tensorboard:
+        from reasontune.tracking import MetricsLogger
+
+        with MetricsLogger(out.parent, wandb_project=config.wandb, tensorboard=config.tensorboard, config=asdict(config),
+                           metrics_file=f"{out.stem}.metrics.jsonl") as logger:
+            logger.log("data", None, read=len(loaded), kept=len(kept), skipped_bad=loaded.n_skipped,
+                       **{reason.replace(" ", "_"): count for reason, count in counts.items()})
     return 0

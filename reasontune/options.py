@@ -140,12 +140,18 @@ class CheckpointOptions:
 
 
 @dataclass
-class LoggingOptions:
+class TrackingOptions:
+    """Where numbers go besides the command's own files: Weights & Biases and TensorBoard."""
+
+    wandb: str | None = help_field(None, "also log to this Weights & Biases project (needs the wandb extra)", group="logging", aliases=("wandb-project",))
+    tensorboard: bool = help_field(False, "also write TensorBoard event files into output-dir/tensorboard (needs the tensorboard extra)", group="logging")
+
+
+@dataclass
+class LoggingOptions(TrackingOptions):
     """Metrics, progress and the report (metrics.jsonl is always written)."""
 
     log_every: int = help_field(1, "write a metrics line every N steps", group="logging")
-    wandb: str | None = help_field(None, "also log to this Weights & Biases project (needs the wandb extra)", group="logging", aliases=("wandb-project",))
-    tensorboard: bool = help_field(False, "also write TensorBoard event files into output-dir/tensorboard (needs the tensorboard extra)", group="logging")
     progress: bool = help_field(True, "show a progress bar (step, loss, tokens/s, ETA)", group="logging")
     write_report: bool = help_field(True, "write report/ (plots and summary page) at the end", group="logging")
 
@@ -364,7 +370,7 @@ def environment_problems(config: Any) -> list[str]:
         problems += package_problems("--backend vllm", "vllm", "vllm")
     if isinstance(config, InLoopEvaluationOptions):
         problems += data_source_problems("--val-data", config.val_data)
-    if isinstance(config, LoggingOptions):
+    if isinstance(config, TrackingOptions):
         if config.tensorboard:
             problems += package_problems("--tensorboard", "tensorboard", "tensorboard")
         if config.wandb:

@@ -47,14 +47,15 @@ class MetricsLogger:
     Without ``resume`` the file is started afresh; with it, lines are appended and the caller
     drops what was logged after the checkpoint it resumes from with ``truncate_after(step)``.
     Non-finite floats are written as Python's json writes them (``NaN``, ``Infinity``) so a
-    diverged loss stays visible.
+    diverged loss stays visible. ``metrics_file`` names the JSON-lines file (``eval`` and
+    ``filter`` use their own name: ``metrics.jsonl`` marks a training run's directory).
     """
 
     def __init__(self, run_dir: str | Path, wandb_project: str | None = None, tensorboard: bool = False,
-                 config: dict[str, Any] | None = None, resume: bool = False):
+                 config: dict[str, Any] | None = None, resume: bool = False, metrics_file: str = METRICS_FILE):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / METRICS_FILE
+        self.path = self.run_dir / metrics_file
         # Optional backends are imported first so that a missing package fails before any file is touched.
         summary_writer_cls = _import_summary_writer() if tensorboard else None
         wandb = _import_wandb() if wandb_project else None

@@ -133,8 +133,11 @@ def test_user_mistakes_end_in_one_clear_line_and_leave_the_output_alone(case, wo
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is not None, reason="tensorboard is installed")
 def test_an_optional_package_missing_for_a_flag_is_named_before_the_start(workspace, monkeypatch, capsys):
     monkeypatch.chdir(workspace)
-    err = run_refused([*SFT, "--tensorboard", "--output-dir", "new"], "new", capsys)
-    assert "--tensorboard: needs the tensorboard package" in err
+    for argv, output in (([*SFT, "--tensorboard", "--output-dir", "new"], "new"),
+                         (["eval", "--model", "model", "--data", "questions.jsonl", "--output-dir", "ev",
+                           "--tensorboard"], "ev"),
+                         (["filter", "--data", "sft.jsonl", "--out", "kept.jsonl", "--tensorboard"], "kept.jsonl")):
+        assert "--tensorboard: needs the tensorboard package" in run_refused(argv, output, capsys)
 
 
 def test_overwrite_replaces_only_what_a_run_wrote(workspace, monkeypatch, capsys):
