@@ -15,7 +15,9 @@ import argparse
 import importlib
 import re
 import shutil
+import signal
 import sys
+import threading
 from pathlib import Path
 
 from reasontune import __version__
@@ -110,6 +112,9 @@ def _undo_failed_start(path: Path | None, existed: bool) -> None:
     """Removes a directory this command created when it holds nothing but start files (a failed start leaves no trace)."""
     if path is None or existed or not path.is_dir():
         return
+    metrics = path / "metrics.jsonl"
+    if metrics.exists() and '"kind": "train"' in metrics.read_text(encoding="utf-8", errors="replace"):
+        return  # steps were trained: their metrics are the user's record of the run
     if all(child.name in START_FILES for child in path.iterdir()):
         shutil.rmtree(path)
 
@@ -142,6 +147,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module_name, config_name, function_name, _ = COMMANDS[namespace.command]
     output_dir, existed = None, False
+    # Training arms its own SIGINT/SIGTERM handlers (save, then exit 130); whatever happens, the caller's come back.
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
         _quiet_library_progress_bars()
         module = importlib.import_module(module_name)
@@ -165,6 +172,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(message, file=sys.stderr)
         return 2
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
     return int(result) if isinstance(result, int) else 0
 
 

@@ -356,7 +356,9 @@ def arm_stop_signals() -> None:
         return
     _stop["signal"] = None
     for signum in (signal.SIGINT, signal.SIGTERM):
-        _stop["previous"].setdefault(signum, signal.signal(signum, _on_stop_signal))
+        previous = signal.signal(signum, _on_stop_signal)
+        if previous is not _on_stop_signal:
+            _stop["previous"][signum] = previous
 
 
 def disarm_stop_signals() -> None:
