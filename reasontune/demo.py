@@ -185,7 +185,7 @@ class DemoConfig:
     eval_batch_size: int = help_field(128, "prompts per generation batch")
     num_threads: int | None = help_field(None, "torch CPU threads (none: torch's choice)")
     progress: bool = help_field(True, "show a progress bar")
-    evaluations: int = help_field(6, "held-out evaluations during the SFT run besides before and after (so report/'s accuracy plot is a curve; 0: before and after only)")
+    evaluations: int = help_field(4, "held-out evaluations during the SFT run besides before and after (so report/'s accuracy plot is a curve; 0: before and after only)")
     # --algorithm ei / grpo
     warmup_sft_steps: int = help_field(WARMUP_SFT_STEPS, "ei/grpo: optimizer steps of the first SFT (the schedule decays over these); checkpoints are saved and evaluated every --warmup-eval-every steps")
     warmup_eval_every: int = help_field(WARMUP_EVAL_EVERY, "ei/grpo: evaluate and save the first SFT every this many steps")
