@@ -351,7 +351,7 @@ def _on_stop_signal(signum, frame) -> None:
 
 
 def arm_stop_signals() -> None:
-    """Makes SIGINT and SIGTERM request a stop (``stop_requested``) instead of killing the run (main thread only)."""
+    """Returns nothing; from now on SIGINT and SIGTERM request a stop (``stop_requested``) instead of killing the run (main thread only)."""
     if threading.current_thread() is not threading.main_thread():
         return
     _stop["signal"] = None
@@ -362,7 +362,7 @@ def arm_stop_signals() -> None:
 
 
 def disarm_stop_signals() -> None:
-    """Restores the handlers ``arm_stop_signals`` replaced."""
+    """Returns nothing; puts back the SIGINT/SIGTERM handlers ``arm_stop_signals`` replaced."""
     for signum, handler in _stop["previous"].items():
         signal.signal(signum, handler)
     _stop["previous"].clear()
