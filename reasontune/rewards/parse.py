@@ -321,9 +321,18 @@ class _Parser:
             following = self.peek()
             if value == "log" and following is not None and following[0] == "op" and following[1] == "_":
                 raise ParseError("log with a base")
+            exponent = None
+            if following is not None and following[0] == "op" and following[1] == "^":
+                # \sin^2 x is (\sin x)^2; \sin^{-1} x is \arcsin x.
+                self.take()
+                exponent = self.primary()
             argument = self.power()
             self.depth -= 1
-            return ("func", value, argument)
+            if exponent is None:
+                return ("func", value, argument)
+            if exponent == ("neg", ("num", Fraction(1))) and value in ("sin", "cos", "tan"):
+                return ("func", "arc" + value, argument)
+            return ("pow", ("func", value, argument), exponent)
         raise ParseError(f"unexpected {value!r}")
 
     def mixed_number(self, whole: Fraction) -> tuple | None:
