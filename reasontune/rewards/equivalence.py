@@ -74,7 +74,7 @@ _BRACKETED_MATRIX = re.compile(r"^[(\[]\s*(\\begin\{(?:array|matrix)\}.*\\end\{(
 # names built from letters alone such as ``AB``, ``\frac{AB}{CD}``, ``V_1:V_2`` (see is_label).
 _SYMBOL = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:'|\\prime)*"
 _LABEL = re.compile(
-    rf"^\s*(?:{_SYMBOL}\s*(?:\(\s*[a-zA-Z,\s]*\))?|\(\s*{_SYMBOL}(?:\s*,\s*{_SYMBOL})+\s*\)"
+    rf"^\s*(?:{_SYMBOL}\s*(?:\(\s*[a-zA-Z0-9,.\s+-]*\))?|\(\s*{_SYMBOL}(?:\s*,\s*{_SYMBOL})+\s*\)"
     r"|(?:m\s*)?\\(?:angle|triangle|measuredangle)\s*[A-Z]{1,3})\s*$"
 )
 _LETTER_NAME = re.compile(r"^(?:[a-zA-Z\s{}/:]|\\frac|\\cdot|_\{?\w+\}?)+$")
@@ -213,6 +213,10 @@ def _structure(text: str, depth: int = 0) -> tuple[str, object]:
         if len(rows) > MAX_ITEMS:
             raise Refused("matrix too large")
         return "matrix", tuple(_trees(_elements([cell.strip() for cell in row.split("&")], depth)) for row in rows)
+    if text.startswith("\\{") and text.endswith("\\}"):
+        builder = split_top_level(text[2:-2], ("\\mid", "|", ":"))
+        if len(builder) == 2 and relations.has_relation(builder[1]):
+            return _relation(builder[1])  # set-builder notation: \{x \mid x > 2\}
     if relations.has_relation(text):
         return _relation(text)
     unions = split_top_level(text, ("\\cup", "\\sqcup"))

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import re
 from typing import Sequence, Union
 
 from reasontune.rewards.equivalence import Answer, NeedsSymbolic, answers_match, parse_answer
 from reasontune.rewards.extract import extract_boxed_answers, extract_r1_zero_answer
-from reasontune.rewards.prose import stated_answers
+from reasontune.rewards.prose import MAX_PROSE_CHARS, stated_answers
 from reasontune.rewards import sandbox
 
 GroundTruth = Union[str, int, float, Sequence[Union[str, int, float]]]
@@ -21,6 +22,9 @@ def _parse_cached(text: str) -> Answer:
 
 
 _UNREAD = ("text", "refused", "empty")
+# Two words in a row (outside LaTeX commands) make a sentence: "The area is 12.5", not "7 apples".
+_SENTENCE = re.compile(r"(?<![A-Za-z])[A-Za-z]{2,}[ ,]+[A-Za-z]{2}")
+_COMMAND = re.compile(r"\\[a-zA-Z]+")
 
 
 def _joined_boxes(text: str) -> str | None:
@@ -48,9 +52,12 @@ def select_answer(text: str) -> str:
     boxed = _joined_boxes(text)
     if boxed is not None:
         return boxed
+    stated = _stated_answer(text) if _SENTENCE.search(_COMMAND.sub(" ", text[-MAX_PROSE_CHARS:])) else None
+    if stated is not None and _parse_cached(stated).kind not in _UNREAD:
+        return stated
     if _parse_cached(text).kind not in _UNREAD:
         return text
-    stated = _stated_answer(text)
+    stated = _stated_answer(text) if stated is None else stated
     return text if stated is None else stated
 
 

@@ -31,12 +31,13 @@ _DOUBLED_BACKSLASH = re.compile(
     r"\\(?=\\(?:frac|dfrac|tfrac|sqrt|pi|infty|left|right|cdot|times|text|mathrm|mathbf|boxed|le|ge|leq|geq"
     r"|neq|ne|lt|gt|cup|in|pm|mp|sin|cos|tan|log|ln|theta|alpha|beta|circ|approx|begin|end|binom|over)(?![a-zA-Z]))"
 )
+_TRAILING_BACKSLASH = re.compile(r"(?<!\\)(?:\\\\|\\)\s*$")
 _REALS = re.compile(r"\\mathbb\s*\{?\s*R\s*\}?|ℝ")
 _CURRENCY = re.compile(r"\\(?:euro|EUR|pounds|textdollar|textsterling|texteuro|yen)(?![a-zA-Z])|\b(?:USD|EUR|GBP)\b")
 # A unit in a text command after a number (5\text{ m}^2, 10\,\mathrm{kg}) or a known unit symbol
 # with a power sign (5 m²): removed whatever its length, since it follows a number.
 _TEXT_UNIT = re.compile(
-    r"(?<=[\d})])\s*\\(?:text|mathrm|textrm|mbox|operatorname)\s*\{\s*[a-zA-Z]{1,12}\.?\s*\}"
+    r"(?<=[\d})])\s*\\(?:text|mathrm|textrm|mbox|operatorname)\s*\{\s*[a-zA-Z]{1,12}(?:\s*/\s*[a-zA-Z]{1,6})?\.?\s*\}"
     r"(?:\s*\^\s*\{?\s*[23]\s*\}?)?[\s.]*$"
 )
 _UNIT_SYMBOL = re.compile(r"(?<=\d)\s*(?:mm|cm|km|m|g|kg|mg|L|mL|s|ms|h|ft|in|yd|mi)\s*\^\s*\{?[23]\}?\s*$")
@@ -119,9 +120,7 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
         boxes = extract_boxed_answers(text)
         if boxes:
             text = ", ".join(boxes) if len(boxes) > 1 else boxes[0]
-    text = text.rstrip()
-    if text.endswith("\\") and not text.endswith("\\\\"):
-        text = text[:-1]  # a trailing backslash left by a cut-off command
+    text = _TRAILING_BACKSLASH.sub("", text)  # a cut-off command or a line break after the answer
     text = _CURRENCY.sub(" ", text)
     text = _DOLLAR.sub(" ", text)
     text = _DROP_COMMANDS.sub("", text)

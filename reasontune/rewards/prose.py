@@ -28,11 +28,12 @@ _MARKER = re.compile(
 )
 _ANSWER_WORD = re.compile(r"\banswer\b", re.I)
 _FILLER = re.compile(
-    r"^(?:\s|therefore|thus|hence|so|then|just|exactly|equal to|approximately|about|simply|the value|"
-    r"given by|indeed|now|only|,)+",
+    r"^(?:\s+|,|(?:therefore|thus|hence|so|then|just|exactly|equal to|approximately|about|simply|the value"
+    r"|given by|indeed|now|only)\b)+",
     re.I,
 )
 _NUMBER_TOKEN = re.compile(r"[-+$]?\s?\d[\d,. ]*\d(?:\s?%)?\S*|[-+$]?\d\S*")
+_MATHY = re.compile(r"[\d\\]")
 _WORD = re.compile(r"[A-Za-z]{2,}")
 _CODE_CHARACTERS = frozenset("()[]{}'\"_=;\\")
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")
@@ -91,6 +92,22 @@ def _last_side(math: str) -> str:
     return math.strip()
 
 
+def _joined_segments(text: str, inside: list[tuple[int, int, str]]) -> str:
+    """Return the last math segment, or the last few joined as a list when only "and", "or" or commas separate them.
+
+    ``The solutions are $x=2$ and $x=3$.`` states ``x=2, x=3``; "$3$ or $5$" states ``3 or 5``.
+    """
+    parts = [_last_side(inside[-1][2])]
+    joiner = ", "
+    for previous, following in zip(reversed(inside[:-1]), reversed(inside[1:])):
+        gap = text[previous[1] : following[0]].strip().lower()
+        if gap not in (",", "and", ", and", "or", ", or"):
+            break
+        joiner = " or " if gap.endswith("or") else ", "
+        parts.append(_last_side(previous[2]))
+    return joiner.join(reversed(parts))
+
+
 def _is_wordy(sentence: str) -> bool:
     """Return True for a sentence of plain words ("so it costs 1,000.99€"), not code (``lambda: 0``)."""
     return not _CODE_CHARACTERS.intersection(sentence) and len(_WORD.findall(sentence)) >= 2
@@ -108,26 +125,29 @@ def stated_answers(text: str, strict: bool = False) -> list[str]:
     text = _MARKUP.sub("", text[-MAX_PROSE_CHARS:])
     segments = math_segments(text)
     spans = _sentences(text, segments)
+    # A sentence that states words only ("I hope it is correct.") is kept as a last resort.
+    worded: list[str] = []
     for start, end in reversed(spans[-MAX_SENTENCES:]):
         candidates = []
-        inner = [math for (a, b, math) in segments if a >= start and b <= end and math.strip()]
-        if inner:
-            candidates.append(_last_side(inner[-1]))
+        inside = [segment for segment in segments if segment[0] >= start and segment[1] <= end and segment[2].strip()]
         plain = text[start:end]
-        for a, b, _ in reversed([segment for segment in segments if segment[0] >= start and segment[1] <= end]):
+        for a, b, _ in reversed(inside):
             plain = plain[: a - start] + " " * (b - a) + plain[b - start :]
         markers = list(_MARKER.finditer(plain))
-        if strict and not markers and not _ANSWER_WORD.search(plain):
+        if strict and not markers and not _ANSWER_WORD.search(plain) and not (inside and "=" in inside[-1][2]):
             continue
+        if inside:
+            candidates.append(_joined_segments(text, inside))
         if markers:
             stated = text[start + markers[-1].end() : end]
             stated = _FILLER.sub("", stated).strip().rstrip(".!?;, ").strip()
             if stated:
                 candidates.append(stated)
         numbers = [] if strict or not _is_wordy(plain) else _NUMBER_TOKEN.findall(plain)
-        if numbers:
+        if len(numbers) == 1:  # one number in a sentence of words; two would be a hedge
             candidates.append(numbers[-1].strip().rstrip(".!?;,").strip())
         candidates = [candidate for candidate in candidates if candidate]
-        if candidates:
+        if inside or any(_MATHY.search(candidate) for candidate in candidates):
             return list(dict.fromkeys(candidates))
-    return []
+        worded = worded or candidates
+    return worded
