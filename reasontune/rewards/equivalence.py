@@ -67,12 +67,12 @@ class Answer:
 _OR_SEPARATORS = (" or ", "\\lor", "\\vee")
 _EITHER = re.compile(r"^\s*either\s+")
 _CHOICE = re.compile(r"^\(?\s*([A-E])\s*\)?$")
-_GIVEN_CHOICE = re.compile(r"^\(?\s*([A-Ea-e])\s*\)?\.?$")
+_GIVEN_CHOICE = re.compile(r"^(?:\(?\s*([A-Ea-e])\s*\)?\.?|\(\s*([A-E])\s*\)\s+[^A-Za-z()]+)$")
 _MATRIX = re.compile(r"^\\begin\{([pbBvV]?matrix|smallmatrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}$", re.S)
 _BRACKETED_MATRIX = re.compile(r"^[(\[]\s*(\\begin\{(?:array|matrix)\}.*\\end\{(?:array|matrix)\})\s*[)\]]$", re.S)
 # What a label may be: ``x``, ``x_1``, ``\theta``, ``f(x)``, ``(p, q)``, ``\angle ABC``; and
 # names built from letters alone such as ``AB``, ``\frac{AB}{CD}``, ``V_1:V_2`` (see is_label).
-_SYMBOL = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:'|\\prime)*"
+_SYMBOL = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:'|\\prime)*(?:\^\{?-1\}?)?"
 _LABEL = re.compile(
     rf"^\s*(?:{_SYMBOL}\s*(?:\(\s*[a-zA-Z0-9,.\s+-]*\))?|\(\s*{_SYMBOL}(?:\s*,\s*{_SYMBOL})+\s*\)"
     r"|(?:m\s*)?\\(?:angle|triangle|measuredangle)\s*[A-Z]{1,3})\s*$"
@@ -197,6 +197,26 @@ def _relation(text: str) -> tuple[str, tuple]:
     return "relation", (variable, relations.canonical(tuple(intervals)))
 
 
+def _without_points(whole: str, points: str, depth: int) -> tuple[str, tuple]:
+    """Return ``("reals", intervals)`` of ``\\mathbb{R} \\setminus \\{-1\\}``: a set of reals less finitely many points."""
+    kind, value = _structure(whole, depth + 1)
+    reals = _as_real_set(kind, value)
+    point_kind, point_values = _structure(points, depth + 1)
+    if reals is None or point_kind != "set" or any(item[0] != "expr" for item in point_values):
+        raise ParseError("a difference that is not reals less points")
+    intervals = list(reals)
+    for _, point in point_values:
+        where = relations.end_value(point)
+        split = []
+        for low, low_closed, high, high_closed in intervals:
+            if relations.end_value(low) <= where <= relations.end_value(high):
+                split += [(low, low_closed, point, False), (point, False, high, high_closed)]
+            else:
+                split.append((low, low_closed, high, high_closed))
+        intervals = split
+    return "reals", relations.canonical(tuple(intervals))
+
+
 def _structure(text: str, depth: int = 0) -> tuple[str, object]:
     """Return ``(kind, value)`` of a normalised answer; raise ParseError when it has none."""
     if depth > MAX_NESTING:
@@ -219,6 +239,9 @@ def _structure(text: str, depth: int = 0) -> tuple[str, object]:
             return _relation(builder[1])  # set-builder notation: \{x \mid x > 2\}
     if relations.has_relation(text):
         return _relation(text)
+    removed = split_top_level(text, ("\\setminus", "\\backslash"))
+    if len(removed) == 2:
+        return _without_points(removed[0], removed[1], depth)
     unions = split_top_level(text, ("\\cup", "\\sqcup"))
     if len(unions) > 1:
         intervals = []
@@ -400,6 +423,8 @@ def _as_real_set(kind: str, value: object) -> tuple | None:
     try:
         if kind == "relation":
             return value[1]
+        if kind == "reals":
+            return value
         if kind == "seq" and len(value[2]) == 2 and all(item[0] == "expr" for item in value[2]):
             return relations.canonical((_seq_interval(value),))
         if kind == "union":
@@ -532,7 +557,7 @@ def values_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_s
         return True
     if kinds == {"union"} and _unordered_equal(left_value, right_value, lambda a, b: _seq_equal(a, b, exact_equal)):
         return True
-    if kinds <= {"seq", "union", "relation"}:
+    if kinds <= {"seq", "union", "relation", "reals"}:
         if kinds == {"relation"} and left_value[0] != right_value[0]:
             return False  # x < 5 and y < 5 name different unknowns
         left_set, right_set = _as_real_set(left_kind, left_value), _as_real_set(right_kind, right_value)
@@ -578,7 +603,8 @@ def answers_match(given: Answer, truth: Answer, exact_equal: ExactEqual = defer_
     if choice is not None:
         # A multiple-choice reference: (B), B and \\text{(B)} all name the same letter.
         given_choice = _GIVEN_CHOICE.match(given.normalized)
-        return given_choice is not None and given_choice.group(1).upper() == choice.group(1)
+        letter = None if given_choice is None else (given_choice.group(1) or given_choice.group(2))
+        return letter is not None and letter.upper() == choice.group(1)
     kinds = {given.kind, truth.kind}
     if kinds == {"expr"} and _expressions_match(given, truth, exact_equal):
         return True

@@ -24,11 +24,14 @@ MAX_SENTENCES = 8
 
 _DELIMITERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 _MARKER = re.compile(
-    r"(?:\bis\b|\bare\b|\bequals\b|\bbe\b|\bwas\b|=|(?:answer|result|solution|total|value|sum|\bis)\s*:)", re.I
+    r"(?:(?:answer|result|solution|total|value|sum|\bis)\s*:|\bis\b|\bare\b|\bequals\b|\bbe\b|\bwas\b|=)", re.I
 )
-_ANSWER_WORD = re.compile(r"\banswer\b", re.I)
+# Words that make a sentence with math in it state a result, in a whole solution (strict mode).
+_RESULT_WORD = re.compile(
+    r"\b(?:answer|result|value|total|sum|therefore|thus|hence|so|giving|gives|get|obtain|final)\b", re.I
+)
 _FILLER = re.compile(
-    r"^(?:\s+|,|(?:therefore|thus|hence|so|then|just|exactly|equal to|approximately|about|simply|the value"
+    r"^(?:\s+|,|:|(?:therefore|thus|hence|so|then|just|exactly|equal to|approximately|about|simply|the value"
     r"|given by|indeed|now|only)\b)+",
     re.I,
 )
@@ -134,7 +137,7 @@ def stated_answers(text: str, strict: bool = False) -> list[str]:
         for a, b, _ in reversed(inside):
             plain = plain[: a - start] + " " * (b - a) + plain[b - start :]
         markers = list(_MARKER.finditer(plain))
-        if strict and not markers and not _ANSWER_WORD.search(plain) and not (inside and "=" in inside[-1][2]):
+        if strict and not markers and not (inside and ("=" in inside[-1][2] or _RESULT_WORD.search(plain))):
             continue
         if inside:
             candidates.append(_joined_segments(text, inside))
