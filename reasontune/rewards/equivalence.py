@@ -1,8 +1,9 @@
 """Answer equivalence: parse both answers into structures and compare them as a grader would.
 
 ``parse_answer`` turns a normalised answer into an ``Answer`` (a number or expression, an
-equation, an ordered tuple or interval, an unordered solution list or set, a union of
-intervals, a matrix, or text). ``answers_match`` compares two of them. Comparison is exact:
+equation, an ordered tuple or interval, an unordered solution list or set — "3 or 5"
+included —, a union of intervals, an inequality read as a set of reals, a ratio, a matrix,
+or text). ``answers_match`` compares two of them. Comparison is exact:
 rationals are compared as fractions; anything else is first compared numerically at fixed
 sample points, which can only prove a difference, and when the samples agree the decision is
 left to an exact symbolic check supplied by the caller (``exact_equal``) — by default one
@@ -47,7 +48,8 @@ class Answer:
     ``kind`` is one of ``expr`` (``value`` = tree), ``eq`` (``(lhs, rhs)`` trees), ``seq``
     (``(open, close, values)``: tuples and intervals, ordered), ``set`` (values, unordered:
     comma lists, ``3 or 5``, several boxes), ``union`` (``seq`` values, unordered),
-    ``relation`` (``(variable, intervals)``: a set of reals, see ``relations``), ``ratio``
+    ``relation`` (``(variable, intervals)``: a set of reals, see ``relations``), ``reals``
+    (intervals, from ``\\mathbb{R} \\setminus \\{…\\}``), ``ratio``
     (trees), ``matrix`` (rows of trees), ``text`` (folded string), ``empty`` or ``refused``.
     Elements of ``seq`` and ``set`` are ``(kind, value)`` pairs of the same kinds.
     ``equation`` keeps ``(lhs, rhs)`` of a labelled answer such as ``y = 2x+1`` (whose value
