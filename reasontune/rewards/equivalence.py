@@ -246,13 +246,16 @@ def _structure(text: str, depth: int = 0) -> tuple[str, object]:
         return _without_points(removed[0], removed[1], depth)
     unions = split_top_level(text, ("\\cup", "\\sqcup"))
     if len(unions) > 1:
-        intervals = []
-        for part in unions:
-            kind, value = _structure(part, depth + 1)
-            if kind != "seq" or len(value[2]) != 2:
-                raise ParseError("a union of something other than intervals")
-            intervals.append(value)
-        return "union", tuple(intervals)
+        parts = [_structure(part, depth + 1) for part in unions]
+        if all(kind == "set" for kind, _ in parts):
+            # \{1, 2\} \cup \{3\}: one finite set (repeated elements counted once).
+            merged: list[tuple] = []
+            for _, items in parts:
+                merged.extend(item for item in items if item not in merged)
+            return "set", tuple(merged)
+        if any(kind != "seq" or len(value[2]) != 2 for kind, value in parts):
+            raise ParseError("a union of something other than intervals")
+        return "union", tuple(value for _, value in parts)
     if text.startswith("\\{") and text.endswith("\\}") and _matching_close(text[1:]) == len(text) - 2:
         inner = text[2:-2]
         return "set", _elements(split_top_level(inner, (",", ";")) if inner.strip() else [], depth)

@@ -13,7 +13,7 @@ from reasontune.rewards.extract import MAX_ANSWER_CHARS, extract_boxed_answers
 # Commands that only change how something looks.
 _DROP_COMMANDS = re.compile(
     r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg|displaystyle|textstyle"
-    r"|scriptstyle|limits|nolimits|mathstrut|strut|phantom\{[^{}]*\})(?![a-zA-Z])"
+    r"|scriptstyle|limits|nolimits|mathstrut|strut|therefore|because|phantom\{[^{}]*\})(?![a-zA-Z])"
 )
 _THIN_SPACING = re.compile(r"(?<!\\)\\(?:,|!|;|:|>|thinspace|medspace|thickspace)")
 _SPACING = re.compile(r"\\(?:quad|qquad|enspace|hspace\{[^{}]*\})|~|(?<!\\)\\ ")
@@ -147,6 +147,7 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
     text = _IN_PREFIX.sub("", text)
     text = text.replace("\\dots", "").replace("\\ldots", "").replace("\\cdots,", "")
     text = _TRAILING_PUNCT.sub("", text).strip()
+    text = text[1:].strip() if text.startswith("=") and not text.startswith("==") else text  # "= 5" states 5
     text = strip_unit_words(text)
     if not any(char in text for char in "([{"):
         text = _THOUSANDS.sub(lambda match: match.group(0).replace(",", ""), text)

@@ -36,6 +36,7 @@ _FILLER = re.compile(
     re.I,
 )
 _NUMBER_TOKEN = re.compile(r"[-+$]?\s?\d[\d,. ]*\d(?:\s?%)?\S*|[-+$]?\d\S*")
+_JOINERS = (",", "and", ", and", "or", ", or")
 _MATHY = re.compile(r"[\d\\]")
 _WORD = re.compile(r"[A-Za-z]{2,}")
 _CODE_CHARACTERS = frozenset("()[]{}'\"_=;\\")
@@ -104,11 +105,22 @@ def _joined_segments(text: str, inside: list[tuple[int, int, str]]) -> str:
     joiner = ", "
     for previous, following in zip(reversed(inside[:-1]), reversed(inside[1:])):
         gap = text[previous[1] : following[0]].strip().lower()
-        if gap not in (",", "and", ", and", "or", ", or"):
+        if gap not in _JOINERS:
             break
         joiner = " or " if gap.endswith("or") else ", "
         parts.append(_last_side(previous[2]))
     return joiner.join(reversed(parts))
+
+
+def _first_run_after(text: str, inside: list[tuple[int, int, str]], position: int) -> list[tuple[int, int, str]]:
+    """Return the first math segment after ``position`` and those joined to it ("$2$ and $3$")."""
+    after = [segment for segment in inside if segment[0] >= position]
+    run = after[:1]
+    for following in after[1:]:
+        if text[run[-1][1] : following[0]].strip().lower() not in _JOINERS:
+            break
+        run.append(following)
+    return run
 
 
 def _is_wordy(sentence: str) -> bool:
@@ -139,6 +151,10 @@ def stated_answers(text: str, strict: bool = False) -> list[str]:
         markers = list(_MARKER.finditer(plain))
         if strict and not markers and not (inside and ("=" in inside[-1][2] or _RESULT_WORD.search(plain))):
             continue
+        stating = [marker for marker in markers if any(segment[0] >= start + marker.end() for segment in inside)]
+        if stating:
+            # "The answer is $5$ because $x > 2$": the math right after the last marker that has some.
+            candidates.append(_joined_segments(text, _first_run_after(text, inside, start + stating[-1].end())))
         if inside:
             candidates.append(_joined_segments(text, inside))
         if markers:
