@@ -36,6 +36,10 @@ _FILLER = re.compile(
     re.I,
 )
 _NUMBER_TOKEN = re.compile(r"[-+$]?\s?\d[\d,. ]*\d(?:\s?%)?\S*|[-+$]?\d\S*")
+# Words that make a number in a sentence a bound or a guess, not the answer ("at least 5").
+_QUALIFIER = re.compile(
+    r"\b(?:least|most|more|less|than|greater|fewer|over|under|between|not|maybe|perhaps|either|or|nor|except)\b", re.I
+)
 _JOINERS = (",", "and", ", and", "or", ", or")
 _MATHY = re.compile(r"[\d\\]")
 _WORD = re.compile(r"[A-Za-z]{2,}")
@@ -162,7 +166,7 @@ def stated_answers(text: str, strict: bool = False) -> list[str]:
             stated = _FILLER.sub("", stated).strip().rstrip(".!?;, ").strip()
             if stated:
                 candidates.append(stated)
-        numbers = [] if strict or not _is_wordy(plain) else _NUMBER_TOKEN.findall(plain)
+        numbers = [] if strict or not _is_wordy(plain) or _QUALIFIER.search(plain) else _NUMBER_TOKEN.findall(plain)
         if len(numbers) == 1:  # one number in a sentence of words; two would be a hedge
             candidates.append(numbers[-1].strip().rstrip(".!?;,").strip())
         candidates = [candidate for candidate in candidates if candidate]
