@@ -43,7 +43,9 @@ def test_round_two_has_300_cases_with_near_misses_in_every_category():
     "case", CASES, ids=[f"{index}-{case['category']}" for index, case in enumerate(CASES)]
 )
 def test_labeled_case(case):
-    rewards = REWARD_FNS[case["reward_fn"]](case["response"], case["ground_truth"])
+    # A generous symbolic time limit: these cases test what is equal, not speed (the machine
+    # running the suite may be busy); test_rewards_safety.py tests the bounds.
+    rewards = REWARD_FNS[case["reward_fn"]](case["response"], case["ground_truth"], timeout=10.0)
     expected = {
         "format_reward": case["format_reward"],
         "answer_reward": case["answer_reward"],
