@@ -145,11 +145,11 @@ def print_by_category(cases: list[dict], ours: list[float], theirs: list[float])
         row[2] += their == label
         row[3] += our == 1.0 and label == 0.0
         row[4] += their == 1.0 and label == 0.0
-    print(f"{'category':22}{'cases':>6}{'acc ours':>10}{'acc m-v':>9}{'FP ours':>9}{'FP m-v':>8}")
+    print(f"{'category':30}{'cases':>6}{'acc ours':>10}{'acc m-v':>9}{'FP ours':>9}{'FP m-v':>8}")
     for category, (count, our_right, their_right, our_fp, their_fp) in sorted(rows.items()):
-        print(f"{category:22}{count:>6}{our_right / count:>10.1%}{their_right / count:>9.1%}{our_fp:>9}{their_fp:>8}")
+        print(f"{category:30}{count:>6}{our_right / count:>10.1%}{their_right / count:>9.1%}{our_fp:>9}{their_fp:>8}")
     totals = [sum(row[index] for row in rows.values()) for index in range(5)]
-    print(f"{'all':22}{totals[0]:>6}{totals[1] / totals[0]:>10.1%}{totals[2] / totals[0]:>9.1%}{totals[3]:>9}{totals[4]:>8}\n")
+    print(f"{'all':30}{totals[0]:>6}{totals[1] / totals[0]:>10.1%}{totals[2] / totals[0]:>9.1%}{totals[3]:>9}{totals[4]:>8}\n")
 
 
 def main() -> None:
