@@ -49,7 +49,8 @@ class Answer:
     (``(open, close, values)``: tuples and intervals, ordered), ``set`` (values, unordered:
     comma lists, ``3 or 5``, several boxes), ``union`` (``seq`` values, unordered),
     ``relation`` (``(variable, intervals)``: a set of reals, see ``relations``), ``reals``
-    (intervals, from ``\\mathbb{R} \\setminus \\{…\\}``), ``ratio``
+    (intervals, from ``\\mathbb{R} \\setminus \\{…\\}``), ``assignment`` (``(names, trees)``
+    of ``x = 2, y = 3``), ``ratio``
     (trees), ``matrix`` (rows of trees), ``text`` (folded string), ``empty`` or ``refused``.
     Elements of ``seq`` and ``set`` are ``(kind, value)`` pairs of the same kinds.
     ``equation`` keeps ``(lhs, rhs)`` of a labelled answer such as ``y = 2x+1`` (whose value
@@ -176,6 +177,32 @@ def _elements(parts: list[str], depth: int) -> tuple:
     return tuple(values)
 
 
+_NAME = re.compile(r"^\s*([a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+)\s*$")
+
+
+def _assignment(parts: list[str]) -> tuple | None:
+    """Return ``(names, trees)`` sorted by name for ``x = 2, y = 3`` (distinct names), else None.
+
+    Such an answer is the tuple of its values in the order of the names, so it equals
+    ``(2, 3)``; one name given several values (``x=3, x=5``) is a list of solutions instead.
+    """
+    pairs = []
+    for part in parts:
+        sides = split_top_level(part, ("=",))
+        name = _NAME.match(sides[0]) if len(sides) == 2 else None
+        if name is None or "\\pm" in sides[1] or "\\mp" in sides[1]:
+            return None
+        pairs.append((name.group(1), sides[1]))
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names) or len(names) > MAX_ITEMS:
+        return None
+    pairs.sort()
+    try:
+        return tuple(names_ for names_, _ in pairs), tuple(parse_expression(value) for _, value in pairs)
+    except (ParseError, RecursionError, ValueError, ZeroDivisionError):
+        return None
+
+
 def _trees(values: tuple) -> tuple:
     """Return the trees of ``values`` (matrix cells hold plain expressions only)."""
     if any(kind != "expr" for kind, _ in values):
@@ -271,7 +298,8 @@ def _structure(text: str, depth: int = 0) -> tuple[str, object]:
             return "seq", (text[0], text[-1], _elements(parts, depth))
     parts = split_top_level(text, (",", ";", " and "))
     if len(parts) > 1:
-        return "set", _elements(parts, depth)
+        assignment = _assignment(parts)
+        return ("assignment", assignment) if assignment is not None else ("set", _elements(parts, depth))
     sides = split_top_level(text, ("=",))
     if len(sides) > 1 and not is_label(sides[0]):
         if len(sides) != 2:
@@ -527,6 +555,23 @@ def _rounds_to(exact: tuple, decimal: tuple, places: int) -> bool:
     return abs(value.real - float(written)) < float(half_step) * (1 - 1e-6)
 
 
+def _assignment_equal(left: tuple, right: tuple, exact_equal: ExactEqual) -> bool:
+    """Return True when ``x=2, y=3`` equals the other side: the same names and values, the tuple
+    ``(2, 3)`` of its values in name order, or the set of its values."""
+    assignment, other = (left[1], right) if left[0] == "assignment" else (right[1], left)
+    names, trees = assignment
+    kind, value = other
+    if kind == "assignment":
+        return value[0] == names and _items_equal(trees, value[1], exact_equal)
+    if kind == "seq" and value[0] == "(":
+        return len(value[2]) == len(trees) and all(
+            values_equal(("expr", tree), item, exact_equal) for tree, item in zip(trees, value[2])
+        )
+    if kind == "set":
+        return _unordered_equal(tuple(("expr", tree) for tree in trees), value, lambda a, b: values_equal(a, b, exact_equal))
+    return False
+
+
 def values_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_symbolic) -> bool:
     """Return True when two ``(kind, value)`` structures are equal (elements of tuples and sets)."""
     (left_kind, left_value), (right_kind, right_value) = left, right
@@ -558,6 +603,8 @@ def values_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_s
             entries is not None and seq[0] == "(" and len(entries) == len(seq[2])
             and all(values_equal(("expr", a), b, exact_equal) for a, b in zip(entries, seq[2]))
         )
+    if "assignment" in kinds:
+        return _assignment_equal(left, right, exact_equal)
     if kinds == {"seq"} and _seq_equal(left_value, right_value, exact_equal):
         return True
     if kinds == {"union"} and _unordered_equal(left_value, right_value, lambda a, b: _seq_equal(a, b, exact_equal)):
