@@ -32,7 +32,7 @@ _DOUBLED_BACKSLASH = re.compile(
     r"|neq|ne|lt|gt|cup|in|pm|mp|sin|cos|tan|log|ln|theta|alpha|beta|circ|approx|begin|end|binom|over)(?![a-zA-Z]))"
 )
 _TRAILING_BACKSLASH = re.compile(r"(?<!\\)(?:\\\\|\\)\s*$")
-_REALS = re.compile(r"\\mathbb\s*\{?\s*R\s*\}?|ℝ")
+_REALS = re.compile(r"\\mathbb\s*\{?\s*R\s*\}?|ℝ|(?:\\text\s*\{\s*)?\ball real numbers\b(?:\s*\})?", re.I)
 _CURRENCY = re.compile(r"\\(?:euro|EUR|pounds|textdollar|textsterling|texteuro|yen)(?![a-zA-Z])|\b(?:USD|EUR|GBP)\b")
 # A unit in a text command after a number (5\text{ m}^2, 10\,\mathrm{kg}) or a known unit symbol
 # with a power sign (5 m²): removed whatever its length, since it follows a number.
