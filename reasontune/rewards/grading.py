@@ -34,11 +34,17 @@ def _joined_boxes(text: str) -> str | None:
 
 
 def _stated_answer(text: str, strict: bool = False) -> str | None:
-    """Return the answer a piece of prose states: the first candidate that reads as mathematics."""
-    candidates = stated_answers(text, strict)
-    for candidate in candidates:
-        if _parse_cached(candidate).kind not in _UNREAD:
-            return candidate
+    """Return the answer a piece of prose states: the first candidate that reads as mathematics.
+
+    Unless ``strict``, a sentence that states its result ("The answer is 9.") is preferred
+    to a later one that merely ends in a number ("Checking 3 cases confirms it.").
+    """
+    readings = [stated_answers(text, True)] + ([] if strict else [stated_answers(text, False)])
+    for candidates in readings:
+        for candidate in candidates:
+            if _parse_cached(candidate).kind not in _UNREAD:
+                return candidate
+    candidates = readings[-1]
     return candidates[0] if candidates else None
 
 
