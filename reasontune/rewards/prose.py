@@ -8,8 +8,10 @@ small one.
 
 The rule: split the tail into sentences (math delimited by ``$…$``, ``$$…$$``, ``\\(…\\)`` or
 ``\\[…\\]`` never splits one) and, from the last sentence backwards, take the first that
-states something: its last delimited math, else the text after its last "is", "=", ":"
-or "equals", else its last number.
+states something: the delimited math right after its last "is", "=", "answer:" or
+"equals" (with math joined to it by "and", "or" or commas), else its last delimited math,
+else the text after that marker, else — in an answer field, not a whole solution — its one
+number. A sentence that states only words is passed over for an earlier one with math.
 """
 
 from __future__ import annotations
@@ -155,7 +157,7 @@ def stated_answers(text: str, strict: bool = False) -> list[str]:
         markers = list(_MARKER.finditer(plain))
         if strict and not markers and not (inside and ("=" in inside[-1][2] or _RESULT_WORD.search(plain))):
             continue
-        stating = [marker for marker in markers if any(segment[0] >= start + marker.end() for segment in inside)]
+        stating = [marker for marker in markers if inside and inside[-1][0] >= start + marker.end()]
         if stating:
             # "The answer is $5$ because $x > 2$": the math right after the last marker that has some.
             candidates.append(_joined_segments(text, _first_run_after(text, inside, start + stating[-1].end())))
