@@ -8,7 +8,7 @@ from typing import Sequence, Union
 
 from reasontune.rewards.equivalence import Answer, NeedsSymbolic, answers_match, parse_answer
 from reasontune.rewards.extract import extract_boxed_answers, extract_r1_zero_answer
-from reasontune.rewards.prose import MAX_PROSE_CHARS, stated_answers
+from reasontune.rewards.prose import MAX_PROSE_CHARS, math_segments, stated_answers
 from reasontune.rewards import sandbox
 
 GroundTruth = Union[str, int, float, Sequence[Union[str, int, float]]]
@@ -24,6 +24,7 @@ def _parse_cached(text: str) -> Answer:
 _UNREAD = ("text", "refused", "empty")
 # Two words in a row (outside LaTeX commands) make a sentence: "The area is 12.5", not "7 apples".
 _SENTENCE = re.compile(r"(?<![A-Za-z])[A-Za-z]{2,}[ ,]+[A-Za-z]{2}")
+_WORDS = re.compile(r"[A-Za-z]{2,}")
 _COMMAND = re.compile(r"\\[a-zA-Z]+")
 
 
@@ -48,6 +49,17 @@ def _stated_answer(text: str, strict: bool = False) -> str | None:
     return candidates[0] if candidates else None
 
 
+def _is_prose(text: str) -> bool:
+    """Return True for a sentence ("The area is 12.5") or words around delimited math ("So $x = 3$.")."""
+    if _SENTENCE.search(_COMMAND.sub(" ", text)):
+        return True
+    segments = math_segments(text)
+    if not segments:
+        return False
+    outside = "".join(text[end:start] for (_, end, _), (start, _, _) in zip([(0, 0, "")] + segments, segments + [(len(text), 0, "")]))
+    return _WORDS.search(outside) is not None
+
+
 def select_answer(text: str) -> str:
     """Return the part of an answer text that is graded: its boxes, itself when bare, or what its prose states.
 
@@ -58,7 +70,7 @@ def select_answer(text: str) -> str:
     boxed = _joined_boxes(text)
     if boxed is not None:
         return boxed
-    stated = _stated_answer(text) if _SENTENCE.search(_COMMAND.sub(" ", text[-MAX_PROSE_CHARS:])) else None
+    stated = _stated_answer(text) if _is_prose(text[-MAX_PROSE_CHARS:]) else None
     if stated is not None and _parse_cached(stated).kind not in _UNREAD:
         return stated
     if _parse_cached(text).kind not in _UNREAD:

@@ -30,7 +30,9 @@ _MARKER = re.compile(
 )
 # Words that make a sentence with math in it state a result, in a whole solution (strict mode).
 _RESULT_WORD = re.compile(
-    r"\b(?:answer|result|value|total|sum|therefore|thus|hence|so|giving|gives|get|obtain|final)\b", re.I
+    r"\b(?:answer|result|value|total|sum|therefore|thus|hence|so|giving|gives|get|obtain|final|find|found"
+    r"|conclude|yields)\b",
+    re.I,
 )
 _FILLER = re.compile(
     r"^(?:\s+|,|:|(?:therefore|thus|hence|so|then|just|exactly|equal to|approximately|about|simply|the value"
@@ -42,6 +44,7 @@ _NUMBER_TOKEN = re.compile(r"[-+$]?\s?\d[\d,. ]*\d(?:\s?%)?\S*|[-+$]?\d\S*")
 _QUALIFIER = re.compile(
     r"\b(?:least|most|more|less|than|greater|fewer|over|under|between|not|maybe|perhaps|either|or|nor|except)\b", re.I
 )
+_NAME = re.compile(r"^\s*(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*$")
 _JOINERS = (",", "and", ", and", "or", ", or")
 _MATHY = re.compile(r"[\d\\]")
 _WORD = re.compile(r"[A-Za-z]{2,}")
@@ -111,11 +114,18 @@ def _joined_segments(text: str, inside: list[tuple[int, int, str]]) -> str:
     joiner = ", "
     for previous, following in zip(reversed(inside[:-1]), reversed(inside[1:])):
         gap = text[previous[1] : following[0]].strip().lower()
-        if gap not in _JOINERS:
+        # Only parallel statements join: "$x=2$ and $x=3$", "$2$ and $3$", not "$2x=8$ and $x=4$".
+        if gap not in _JOINERS or not (_is_value(previous[2]) and _is_value(following[2])):
             break
         joiner = " or " if gap.endswith("or") else ", "
         parts.append(_last_side(previous[2]))
     return joiner.join(reversed(parts))
+
+
+def _is_value(math: str) -> bool:
+    """Return True when a math segment is a value or ``name = value`` (``x = 4``), not an equation."""
+    sides = math.split("=")
+    return len(sides) == 1 or (len(sides) == 2 and _NAME.match(sides[0]) is not None)
 
 
 def _first_run_after(text: str, inside: list[tuple[int, int, str]], position: int) -> list[tuple[int, int, str]]:
