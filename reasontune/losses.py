@@ -260,6 +260,14 @@ def compute_k3_kl(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -
     return torch.exp(delta) - delta - 1.0
 
 
+def _share_of_step(per_sequence: torch.Tensor, gradient_accumulation_steps: int,
+                   examples_in_step: int | None) -> torch.Tensor:
+    """Returns this microbatch's part of the step's mean over sequences: sum / examples_in_step, else mean / accumulation."""
+    if examples_in_step is not None:
+        return per_sequence.sum() / examples_in_step
+    return per_sequence.mean() / gradient_accumulation_steps
+
+
 def grpo_microbatch_train_step(
     policy_log_probs: torch.Tensor,
     response_mask: torch.Tensor,
@@ -274,6 +282,7 @@ def grpo_microbatch_train_step(
     tokens_in_step: int | None = None,
     ref_log_probs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
+    examples_in_step: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns ``(loss, metadata)`` of one policy-gradient microbatch after ``loss.backward()``.
 
@@ -292,7 +301,11 @@ def grpo_microbatch_train_step(
       accumulation steps when not given).
 
     Every aggregation is divided by ``gradient_accumulation_steps`` except ``token_mean`` with
-    ``tokens_in_step``, whose denominator already spans the step.
+    ``tokens_in_step``, whose denominator already spans the step, and the two sequence
+    aggregations with ``examples_in_step`` (the responses of every microbatch of the step, on
+    every rank): then the per-sequence values are summed and divided by it, which equals the
+    batch mean / accumulation when all microbatches hold the same number of responses and stays
+    exact when they do not (or when ranks split the step).
 
     Args:
         policy_log_probs: (batch, seq) float, with gradient.
@@ -304,6 +317,7 @@ def grpo_microbatch_train_step(
         ref_log_probs: (batch, seq) float, the reference model's log-probs (needed when
             ``kl_coef > 0``; when given with ``kl_coef == 0`` the KL is only reported).
         kl_coef: weight of the per-token k3 KL penalty (0: off).
+        examples_in_step: responses in the whole optimizer step (sequence aggregations; see above).
 
     Returns:
         loss: 0-d detached tensor, the back-propagated value.
@@ -329,12 +343,15 @@ def grpo_microbatch_train_step(
         kl = compute_k3_kl(policy_log_probs, ref_log_probs)
         if kl_coef > 0:
             per_token = per_token + kl_coef * kl
+    if examples_in_step is not None and examples_in_step <= 0:
+        raise ValueError(f"examples_in_step must be positive, got {examples_in_step}")
     if loss_aggregation == "sequence_mean":
-        loss = masked_mean(per_token, response_mask, dim=-1).mean() / gradient_accumulation_steps
+        loss = _share_of_step(masked_mean(per_token, response_mask, dim=-1), gradient_accumulation_steps, examples_in_step)
     elif loss_aggregation == "sequence_sum_constant":
         if normalize_constant is None:
             raise ValueError("loss_aggregation 'sequence_sum_constant' needs normalize_constant")
-        loss = masked_normalize(per_token, response_mask, normalize_constant, dim=-1).mean() / gradient_accumulation_steps
+        loss = _share_of_step(masked_normalize(per_token, response_mask, normalize_constant, dim=-1),
+                              gradient_accumulation_steps, examples_in_step)
     elif loss_aggregation == "token_mean":
         denominator = tokens_in_step if tokens_in_step is not None else (
             int(response_mask.sum()) * gradient_accumulation_steps)
