@@ -265,3 +265,34 @@ def test_an_error_on_one_rank_stops_every_rank_promptly_with_one_message():
     assert result.stderr.count("error on rank 1 of 2: ValueError: microbatch 17 has no response tokens") == 1
     assert result.stderr.count("error on rank 0") == 0  # rank 0 only says it stopped because of a peer
     assert elapsed < 60  # the process-group timeout is 120 s: rank 0 did not wait it out
+
+
+# ---------------------------------------------------------------------------------------------
+# The GPU check and scaling bench are ready before a GPU is lent
+
+
+def load_bench(name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPOSITORY / "bench" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_check_arguments_and_cpu_dry_run_rows():
+    gpu_check = load_bench("gpu_check")
+    with pytest.raises(SystemExit):
+        gpu_check.parse_args(["--dry-run", "--skip", "logprobs,warp-drive"])
+    args = gpu_check.parse_args(["--dry-run", "--skip", "sft,vllm"])
+    rows = gpu_check.logprobs_rows(args, torch.device("cpu")) + gpu_check.packing_rows(args, torch.device("cpu"))
+    assert rows[1]["max_difference"] < 1e-4  # fused vs naive log-probs agree (fp32, tiny shape)
+    assert rows[2]["max_difference"] < 1e-4  # packed sdpa equals the examples run one by one
+    assert gpu_check.vllm_rows(args, torch.device("cpu"))[0]["note"].startswith("skipped")
+
+
+def test_scaling_bench_refuses_a_global_batch_that_does_not_split():
+    scaling = load_bench("scaling")
+    assert scaling.batch_sizes(scaling.parse_args(["--global-batch", "8", "--micro-batch", "2"]), [1, 2]) == (8, 2)
+    with pytest.raises(SystemExit, match="does not split"):  # 6 sequences = 2 ranks x 1.5 microbatches of 2
+        scaling.batch_sizes(scaling.parse_args(["--global-batch", "6", "--micro-batch", "2"]), [1, 2])
