@@ -177,6 +177,15 @@ def all_gather_objects(obj: Any) -> list[Any]:
     return gathered
 
 
+def gather_slices(local_items: Sequence[Any]) -> list[Any]:
+    """Returns every rank's ``local_items`` concatenated in rank order: the original order when each rank held its ``rank_slice``.
+
+    For evaluation records, rollouts' rewards for logging and the like (picklable objects from
+    our own processes); every rank receives the whole list.
+    """
+    return [item for part in all_gather_objects(list(local_items)) for item in part]
+
+
 def broadcast_object(obj: Any, source_rank: int = 0) -> Any:
     """Returns ``source_rank``'s ``obj`` on every rank (e.g. a path or seed rank 0 chose)."""
     if not _active():

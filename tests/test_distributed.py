@@ -180,13 +180,14 @@ def test_trainer_state_refuses_objects_and_reports_broken_files(tmp_path):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """Launch 1 (world 1): invariance + save A. Launch 2 (world 2): invariance + save C + resume A -> B.
-    Launch 3 (world 1): resume C -> D."""
+    Launch 3 (world 1): resume C -> D. Launch 2 also gathers rank slices."""
     out = tmp_path_factory.mktemp("dist")
     jobs = str(SCRIPTS / "jobs.py")
     started = time.time()
     for arguments, world_size in [
         ([jobs, "invariance", out / "invariance", "save", out / "A"], 1),
-        ([jobs, "invariance", out / "invariance", "save", out / "C", "resume", out / "A" / "checkpoint-2", out / "B"], 2),
+        ([jobs, "invariance", out / "invariance", "save", out / "C", "resume", out / "A" / "checkpoint-2", out / "B",
+          "gather", out / "gathered.json"], 2),
         ([jobs, "resume", out / "C" / "checkpoint-2", out / "D"], 1),
     ]:
         result = launch([str(a) for a in arguments], world_size)
@@ -251,6 +252,12 @@ def test_consolidated_checkpoint_from_two_ranks_loads_with_from_pretrained(runs)
     assert max(relative_difference(from_two[k], from_one[k]) for k in from_one) <= 1e-6
     assert checkpoint.latest_checkpoint(runs / "C") == sharded
     assert not list((runs / "C").glob(".*tmp*"))  # renamed into place, nothing left behind
+
+
+def test_rank_slices_gathered_on_two_ranks_come_back_in_the_original_order(runs):
+    result = json.loads((runs / "gathered.json").read_text())
+    assert result["mine"] == ["item-0", "item-1", "item-2", "item-3", "item-4", "item-5"]  # rank 0: 3 of 5 groups
+    assert result["gathered"] == [f"item-{i}" for i in range(10)]
 
 
 # ---------------------------------------------------------------------------------------------

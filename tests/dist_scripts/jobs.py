@@ -1,9 +1,11 @@
 """Runs distributed test jobs in one process (one launch pays the imports once): ``jobs.py JOB ARGS [JOB ARGS …]``.
 
 Jobs: ``invariance OUT`` (invariance.run_cases), ``save OUT`` and ``resume FROM OUT``
-(checkpoint_resume.save_or_resume). Works under plain python (world size 1) and torchrun.
+(checkpoint_resume.save_or_resume), ``gather OUT`` (each rank takes its groups of 2 of 10
+items; ``gather_slices`` must give rank 0 all 10 in order). Works under plain python (world size 1) and torchrun.
 """
 
+import json
 import sys
 from pathlib import Path
 
@@ -30,8 +32,15 @@ def main(arguments: list[str]) -> None:
             elif job == "resume":
                 source = Path(arguments.pop(0))
                 save_or_resume(ctx, Path(arguments.pop(0)), source)
+            elif job == "gather":
+                mine = distributed.shard_indices([f"item-{i}" for i in range(10)], ctx, group_size=2)
+                gathered = distributed.gather_slices(mine)
+                if ctx.is_main:
+                    Path(arguments.pop(0)).write_text(json.dumps({"mine": mine, "gathered": gathered}))
+                else:
+                    arguments.pop(0)
             else:
-                raise SystemExit(f"unknown job {job!r}; expected invariance, save or resume")
+                raise SystemExit(f"unknown job {job!r}; expected invariance, save, resume or gather")
     distributed.close_distributed()
 
 
