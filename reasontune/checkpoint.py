@@ -214,11 +214,14 @@ def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, trainer_s
     name only once the new one is complete); a second barrier lets no rank run ahead of it.
 
     Args:
-        ctx: the run's ``DistributedContext``; None means world size 1.
+        ctx: the run's ``DistributedContext`` (None: the default process group's rank, if any).
     """
     from reasontune import distributed
 
-    rank, is_main = (0, True) if ctx is None else (ctx.rank, ctx.is_main)
+    import torch.distributed as dist
+
+    rank = ctx.rank if ctx is not None else (dist.get_rank() if dist.is_initialized() else 0)
+    is_main = rank == 0
     directory = Path(directory)
     # One temporary name for every rank: rank 0's pid.
     temporary = directory.with_name(f".{directory.name}.tmp-{distributed.broadcast_object(os.getpid())}")

@@ -116,11 +116,10 @@ def stop_all_ranks_on_error(ctx: DistributedContext) -> Iterator[None]:
             message = f"{type(error).__name__}: {error}" if not isinstance(error, SystemExit) else str(error.code)
             traceback.print_exc(file=sys.stderr)
             print(f"error on rank {ctx.rank} of {ctx.world_size}: {message}", file=sys.stderr, flush=True)
+        # NCCL: abort, so that no kernel stays queued on a collective the peers will never join.
+        abort = getattr(dist, "abort_process_group", None) if ctx.backend == "nccl" else None
         with contextlib.suppress(Exception):
-            if ctx.backend == "nccl":
-                dist.abort_process_group() if hasattr(dist, "abort_process_group") else dist.destroy_process_group()
-            else:
-                dist.destroy_process_group()
+            (abort or dist.destroy_process_group)()
         sys.stderr.flush()
         os._exit(1)  # no atexit/collective cleanup that could wait on the other ranks
 
