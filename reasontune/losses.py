@@ -12,8 +12,10 @@ from typing import Callable, Literal, Sequence
 import torch
 
 PolicyGradientLossType = Literal["no_baseline", "reinforce_with_baseline", "grpo_clip"]
-SFTNormalization = Literal["constant", "token_mean"]
-GRPOAggregation = Literal["sequence_mean", "sequence_sum_constant", "token_mean"]
+# One set of names for the per-token-loss → scalar reductions, shared by SFT and GRPO (see aggregate_loss).
+LossAggregation = Literal["sequence_mean", "sequence_sum", "token_mean"]
+# Earlier names of the same reductions, still accepted: SFT's "constant" and GRPO's "sequence_sum_constant".
+AGGREGATION_ALIASES = {"constant": "sequence_sum", "sequence_sum_constant": "sequence_sum"}
 
 
 def masked_normalize(
@@ -52,42 +54,104 @@ def masked_mean(tensor: torch.Tensor, mask: torch.Tensor, dim: int | None = None
     return selected.sum(dim=dim) / mask.sum(dim=dim)
 
 
+def aggregate_loss(
+    per_token_loss: torch.Tensor,
+    response_mask: torch.Tensor,
+    aggregation: LossAggregation,
+    gradient_accumulation_steps: int,
+    normalize_constant: float | None = None,
+    tokens_in_step: int | None = None,
+    examples_in_step: int | None = None,
+) -> torch.Tensor:
+    """Returns the scalar loss of one microbatch: ``per_token_loss`` reduced over its response tokens.
+
+    The one place where a per-token loss becomes the value a microbatch back-propagates, for
+    SFT and GRPO alike (gradient-accumulation scaling included):
+
+    - ``sequence_mean`` (GRPO): each sequence's masked mean, then the mean over sequences.
+    - ``sequence_sum`` (the design's SFT default; Dr. GRPO): each sequence's masked sum divided
+      by ``normalize_constant``, then the mean over sequences.
+    - ``token_mean`` (DAPO; SFT's per-token mean): the masked sum divided by ``tokens_in_step``,
+      the response tokens of the whole optimizer step (all microbatches, all ranks); without
+      it, this microbatch's count times ``gradient_accumulation_steps``.
+
+    The mean over sequences is ``sum / examples_in_step`` when ``examples_in_step`` (the
+    sequences of the whole optimizer step) is given — exact for uneven microbatches, packing
+    and data parallelism — and otherwise this microbatch's mean divided by
+    ``gradient_accumulation_steps`` (equal when every microbatch holds as many sequences).
+
+    Args:
+        per_token_loss: (batch, seq) float, the loss of each token (with gradient).
+        response_mask: (batch, seq) bool, True on the tokens that count.
+        aggregation: a ``LossAggregation`` name (or an alias in ``AGGREGATION_ALIASES``).
+        gradient_accumulation_steps: microbatches per optimizer step (>= 1).
+        normalize_constant: divisor of each sequence's sum (``sequence_sum`` only; required there).
+        tokens_in_step: response tokens in the optimizer step (``token_mean``).
+        examples_in_step: sequences in the optimizer step (``sequence_mean`` / ``sequence_sum``).
+
+    Returns:
+        0-d tensor (with gradient).
+    """
+    aggregation = AGGREGATION_ALIASES.get(aggregation, aggregation)
+    if per_token_loss.shape != response_mask.shape:
+        raise ValueError(f"per-token loss {tuple(per_token_loss.shape)} and response_mask "
+                         f"{tuple(response_mask.shape)} must have the same shape")
+    if gradient_accumulation_steps < 1:
+        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    if aggregation == "token_mean":
+        denominator = tokens_in_step if tokens_in_step is not None else (
+            int(response_mask.sum()) * gradient_accumulation_steps)
+        if denominator <= 0:
+            raise ValueError("token_mean aggregation needs at least one response token in the step")
+        return masked_normalize(per_token_loss, response_mask, float(denominator))
+    if aggregation == "sequence_mean":
+        per_sequence = masked_mean(per_token_loss, response_mask, dim=-1)
+    elif aggregation == "sequence_sum":
+        if normalize_constant is None:
+            raise ValueError("loss aggregation 'sequence_sum' needs normalize_constant")
+        per_sequence = masked_normalize(per_token_loss, response_mask, normalize_constant, dim=-1)
+    else:
+        raise ValueError(f"unknown loss aggregation {aggregation!r}; expected sequence_mean, sequence_sum or token_mean")
+    if examples_in_step is not None:
+        if examples_in_step <= 0:
+            raise ValueError(f"examples_in_step must be positive, got {examples_in_step}")
+        return per_sequence.sum() / examples_in_step
+    return per_sequence.mean() / gradient_accumulation_steps
+
+
 def sft_microbatch_train_step(
     policy_log_probs: torch.Tensor,
     response_mask: torch.Tensor,
     gradient_accumulation_steps: int,
     normalize_constant: float = 1.0,
-    normalization: SFTNormalization = "constant",
+    normalization: LossAggregation = "sequence_sum",
     tokens_in_step: int | None = None,
     examples_in_step: int | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns ``(loss, metadata)`` of one SFT microbatch after calling ``loss.backward()``.
 
-    With ``normalization="constant"`` (the default, the design's semantics)::
+    The loss is ``aggregate_loss(-policy_log_probs, response_mask, normalization, …)``. With the
+    default ``normalization="sequence_sum"`` (the design's semantics, formerly named
+    ``"constant"``, still accepted)::
 
         loss = masked_normalize(-policy_log_probs, response_mask, normalize_constant, dim=-1).mean()
                / gradient_accumulation_steps
 
-    With ``normalization="token_mean"`` the loss is the mean NLL over the response tokens of the
-    whole optimizer step: the masked sum of this microbatch divided by ``tokens_in_step`` (the
-    response-token count of all microbatches of the step). Without ``tokens_in_step`` it falls
-    back to this microbatch's own count times ``gradient_accumulation_steps``, which weights
-    microbatches equally rather than tokens.
-
-    ``examples_in_step`` (constant normalisation) serves microbatches whose rows are not
-    examples (packing) or whose sizes vary (dynamic batching): the loss becomes the masked sum
-    / ``normalize_constant`` / ``examples_in_step``, which equals the formula above when every
-    microbatch holds ``batch`` unpacked examples and ``examples_in_step = batch *
-    gradient_accumulation_steps``.
+    ``"token_mean"`` is the mean NLL over the response tokens of the whole optimizer step
+    (``tokens_in_step``; without it, this microbatch's count times the accumulation steps,
+    which weights microbatches rather than tokens). ``examples_in_step`` serves microbatches
+    whose rows are not examples (packing) or whose sizes vary (dynamic batching, several
+    ranks): the per-sequence sums are divided by it instead of averaged per microbatch,
+    which equals the formula above when every microbatch holds ``batch`` unpacked examples.
 
     Args:
         policy_log_probs: (batch, seq) float, per-token log-probabilities of the labels.
         response_mask: (batch, seq) bool, True on response tokens.
         gradient_accumulation_steps: microbatches per optimizer step.
-        normalize_constant: divisor of the per-sequence sum (constant normalisation only).
-        normalization: "constant" or "token_mean".
+        normalize_constant: divisor of the per-sequence sum (``sequence_sum`` only).
+        normalization: a ``LossAggregation`` name: "sequence_sum", "token_mean" or "sequence_mean".
         tokens_in_step: response tokens in the whole optimizer step (token_mean only).
-        examples_in_step: examples in the whole optimizer step (constant only; see above).
+        examples_in_step: examples in the whole optimizer step (per-sequence reductions).
 
     Returns:
         loss: 0-d tensor, the value that was back-propagated.
@@ -97,23 +161,9 @@ def sft_microbatch_train_step(
     if policy_log_probs.shape != response_mask.shape:
         raise ValueError(f"policy_log_probs {tuple(policy_log_probs.shape)} and response_mask "
                          f"{tuple(response_mask.shape)} must have the same shape")
-    if gradient_accumulation_steps < 1:
-        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
-    if normalization == "constant" and examples_in_step is not None:
-        if examples_in_step <= 0:
-            raise ValueError(f"examples_in_step must be positive, got {examples_in_step}")
-        loss = masked_normalize(-policy_log_probs, response_mask, normalize_constant) / examples_in_step
-    elif normalization == "constant":
-        per_sequence = masked_normalize(-policy_log_probs, response_mask, normalize_constant, dim=-1)
-        loss = per_sequence.mean() / gradient_accumulation_steps
-    elif normalization == "token_mean":
-        denominator = tokens_in_step if tokens_in_step is not None else (
-            int(response_mask.sum()) * gradient_accumulation_steps)
-        if denominator <= 0:
-            raise ValueError("token_mean normalisation needs at least one response token in the step")
-        loss = masked_normalize(-policy_log_probs, response_mask, float(denominator))
-    else:
-        raise ValueError(f"unknown SFT normalization {normalization!r}; expected 'constant' or 'token_mean'")
+    loss = aggregate_loss(-policy_log_probs, response_mask, normalization, gradient_accumulation_steps,
+                          normalize_constant=normalize_constant, tokens_in_step=tokens_in_step,
+                          examples_in_step=examples_in_step)
     loss.backward()
     num_tokens = response_mask.sum()
     nll_sum = masked_normalize(-policy_log_probs.detach(), response_mask, 1.0)
@@ -260,14 +310,6 @@ def compute_k3_kl(policy_log_probs: torch.Tensor, ref_log_probs: torch.Tensor) -
     return torch.exp(delta) - delta - 1.0
 
 
-def _share_of_step(per_sequence: torch.Tensor, gradient_accumulation_steps: int,
-                   examples_in_step: int | None) -> torch.Tensor:
-    """Returns this microbatch's part of the step's mean over sequences: sum / examples_in_step, else mean / accumulation."""
-    if examples_in_step is not None:
-        return per_sequence.sum() / examples_in_step
-    return per_sequence.mean() / gradient_accumulation_steps
-
-
 def grpo_microbatch_train_step(
     policy_log_probs: torch.Tensor,
     response_mask: torch.Tensor,
@@ -277,7 +319,7 @@ def grpo_microbatch_train_step(
     advantages: torch.Tensor | None = None,
     old_log_probs: torch.Tensor | None = None,
     cliprange: float | None = None,
-    loss_aggregation: GRPOAggregation = "sequence_mean",
+    loss_aggregation: LossAggregation = "sequence_mean",
     normalize_constant: float | None = None,
     tokens_in_step: int | None = None,
     ref_log_probs: torch.Tensor | None = None,
@@ -290,22 +332,11 @@ def grpo_microbatch_train_step(
     to each token's policy-gradient loss before aggregation, so the penalty is aggregated and
     scaled exactly like the loss it regularises.
 
-    Aggregation of the per-token loss (named, never silent):
-
-    - ``sequence_mean`` (default, GRPO): ``masked_mean(loss, mask, dim=-1)``, then the batch mean.
-    - ``sequence_sum_constant`` (Dr. GRPO): ``masked_normalize(loss, mask, normalize_constant,
-      dim=-1)``, then the batch mean; ``normalize_constant`` is required (e.g. the max
-      response length).
-    - ``token_mean`` (DAPO): the masked sum over the microbatch divided by ``tokens_in_step``,
-      the response tokens of the whole optimizer step (or this microbatch's count times the
-      accumulation steps when not given).
-
-    Every aggregation is divided by ``gradient_accumulation_steps`` except ``token_mean`` with
-    ``tokens_in_step``, whose denominator already spans the step, and the two sequence
-    aggregations with ``examples_in_step`` (the responses of every microbatch of the step, on
-    every rank): then the per-sequence values are summed and divided by it, which equals the
-    batch mean / accumulation when all microbatches hold the same number of responses and stays
-    exact when they do not (or when ranks split the step).
+    The per-token loss becomes the microbatch's scalar through ``aggregate_loss`` (the one
+    place for it): ``sequence_mean`` (default, GRPO), ``sequence_sum`` (Dr. GRPO; formerly
+    ``sequence_sum_constant``, still accepted; ``normalize_constant`` required, e.g. the
+    maximum response length) or ``token_mean`` (DAPO; over ``tokens_in_step``), with
+    gradient-accumulation scaling (or ``examples_in_step``) as documented there.
 
     Args:
         policy_log_probs: (batch, seq) float, with gradient.
@@ -313,11 +344,10 @@ def grpo_microbatch_train_step(
         gradient_accumulation_steps: microbatches per optimizer step.
         loss_type, raw_rewards, advantages, old_log_probs, cliprange: as in
             ``compute_policy_gradient_loss``.
-        loss_aggregation, normalize_constant, tokens_in_step: see above.
+        loss_aggregation, normalize_constant, tokens_in_step, examples_in_step: see ``aggregate_loss``.
         ref_log_probs: (batch, seq) float, the reference model's log-probs (needed when
             ``kl_coef > 0``; when given with ``kl_coef == 0`` the KL is only reported).
         kl_coef: weight of the per-token k3 KL penalty (0: off).
-        examples_in_step: responses in the whole optimizer step (sequence aggregations; see above).
 
     Returns:
         loss: 0-d detached tensor, the back-propagated value.
@@ -328,8 +358,6 @@ def grpo_microbatch_train_step(
     if policy_log_probs.shape != response_mask.shape:
         raise ValueError(f"policy_log_probs {tuple(policy_log_probs.shape)} and response_mask "
                          f"{tuple(response_mask.shape)} must have the same shape")
-    if gradient_accumulation_steps < 1:
-        raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
     per_token, metadata = compute_policy_gradient_loss(
         policy_log_probs, loss_type, raw_rewards=raw_rewards, advantages=advantages,
         old_log_probs=old_log_probs, cliprange=cliprange,
@@ -343,24 +371,9 @@ def grpo_microbatch_train_step(
         kl = compute_k3_kl(policy_log_probs, ref_log_probs)
         if kl_coef > 0:
             per_token = per_token + kl_coef * kl
-    if examples_in_step is not None and examples_in_step <= 0:
-        raise ValueError(f"examples_in_step must be positive, got {examples_in_step}")
-    if loss_aggregation == "sequence_mean":
-        loss = _share_of_step(masked_mean(per_token, response_mask, dim=-1), gradient_accumulation_steps, examples_in_step)
-    elif loss_aggregation == "sequence_sum_constant":
-        if normalize_constant is None:
-            raise ValueError("loss_aggregation 'sequence_sum_constant' needs normalize_constant")
-        loss = _share_of_step(masked_normalize(per_token, response_mask, normalize_constant, dim=-1),
-                              gradient_accumulation_steps, examples_in_step)
-    elif loss_aggregation == "token_mean":
-        denominator = tokens_in_step if tokens_in_step is not None else (
-            int(response_mask.sum()) * gradient_accumulation_steps)
-        if denominator <= 0:
-            raise ValueError("token_mean aggregation needs at least one response token in the step")
-        loss = masked_normalize(per_token, response_mask, float(denominator))
-    else:
-        raise ValueError(f"unknown loss_aggregation {loss_aggregation!r}; expected sequence_mean, "
-                         "sequence_sum_constant or token_mean")
+    loss = aggregate_loss(per_token, response_mask, loss_aggregation, gradient_accumulation_steps,
+                          normalize_constant=normalize_constant, tokens_in_step=tokens_in_step,
+                          examples_in_step=examples_in_step)
     loss.backward()
     metadata = dict(metadata)
     metadata["num_response_tokens"] = response_mask.sum()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reasontune.data import Example
-from reasontune.evaluation import EvalConfig, evaluate, log_generations, run_eval
+from reasontune.evaluation import EvalConfig, evaluate, log_generations
 from reasontune.generation import Completion, Generator, SamplingOptions
 
 rewards = pytest.importorskip("reasontune.rewards")
@@ -24,6 +24,18 @@ class ScriptedGenerator(Generator):
     def generate(self, prompts, options):
         self.seen.extend(prompts)
         return [self.by_prompt[p][: options.n] for p in prompts]
+
+    def sync_weights(self, model):
+        pass
+
+    def sleep(self):
+        pass
+
+    def wake(self):
+        pass
+
+    def close(self):
+        pass
 
 
 def completion(text: str, tokens: int, entropies=None, finish="stop") -> Completion:
@@ -48,7 +60,7 @@ EXAMPLES = [Example(question="a", ground_truth="7", source="f.jsonl", line=1),
 def test_records_and_summary_match_a_hand_computed_example(tmp_path):
     generator = scripted()
     result = evaluate(generator, EXAMPLES, rewards.r1_zero_reward_fn, SamplingOptions(n=2), output_dir=tmp_path,
-                      template="Q: {question}", workers=0)
+                      template="Q: {question}", grading_workers=0)
     summary = result["summary"]
     assert generator.seen == ["Q: a", "Q: b", "Q: c"]
     assert summary["n_examples"] == 3 and summary["n_samples"] == 6
@@ -78,7 +90,7 @@ def test_records_and_summary_match_a_hand_computed_example(tmp_path):
 
 def test_log_generations_has_seed_001_fields():
     logged = log_generations(scripted(), ["Q: a", "Q: b"], ["7", "12"], rewards.r1_zero_reward_fn,
-                             SamplingOptions(n=1), workers=0)
+                             SamplingOptions(n=1), grading_workers=0)
     assert [r["response_length"] for r in logged["records"]] == [4, 3]
     assert logged["records"][0]["avg_token_entropy"] == pytest.approx(2.0)
     assert set(logged["records"][0]) >= {"prompt", "response", "ground_truth", "format_reward", "answer_reward",
@@ -104,7 +116,8 @@ def test_eval_command_writes_readable_records_and_summary(tmp_path, qwen_tokeniz
     torch.set_num_threads(1)
     try:
         code = main(["eval", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "out"),
-                     "--max-examples", "3", "--max-new-tokens", "4", "--batch-size", "2", "--workers", "0"])
+                     "--max-examples", "3", "--eval-max-new-tokens", "4", "--generation-batch-size", "2",
+                     "--grading-workers", "0"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -114,4 +127,4 @@ def test_eval_command_writes_readable_records_and_summary(tmp_path, qwen_tokeniz
     assert sum(summary["counts"].values()) == 3 and summary["mean_entropy"] is not None
     assert all(r["response_tokens"] <= 4 and r["prompt"].endswith("Assistant: <think>") for r in records)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["max_examples"] == 3
-    assert EvalConfig().prompt == "r1_zero"
+    assert EvalConfig().prompt_template == "r1_zero"

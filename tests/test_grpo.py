@@ -179,9 +179,9 @@ def test_run_grpo_writes_metrics_evals_checkpoints_and_final(tiny_model_dir, tmp
     for record in train:
         assert record["optimizer_steps"] == 4  # 2 train batches x 2 epochs
         for key in ("loss", "lr", "grad_norm", "token_entropy", "clip_fraction", "kl", "reward", "format_reward",
-                    "answer_reward", "response_length"):
+                    "answer_reward", "mean_response_tokens", "accuracy", "truncated_fraction"):
             assert record[key] is not None and math.isfinite(record[key]), key
-        assert 1 <= record["response_length"] <= 5
+        assert 1 <= record["mean_response_tokens"] <= 5
     assert [r["step"] for r in records if r["kind"] == "eval"] == [0, 1, 2]
     for step in (0, 1, 2):
         summary = json.loads((run_dir / "eval" / f"step-{step:06d}" / "summary.json").read_text())
@@ -190,12 +190,3 @@ def test_run_grpo_writes_metrics_evals_checkpoints_and_final(tiny_model_dir, tmp
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final").config.model_type == "qwen2"
     assert json.loads((run_dir / "config.json").read_text())["loss_type"] == "grpo_clip"
     assert (run_dir / "report" / "index.html").exists()
-
-
-def test_demo_grpo_config_is_valid_and_starts_from_the_sft_final_weights(tmp_path):
-    from reasontune.training.grpo import demo_grpo_config
-
-    config = demo_grpo_config(tmp_path / "sft", tmp_path / "data", tmp_path / "grpo", seed=3, num_threads=2)
-    config.validate()
-    assert config.model == str(tmp_path / "sft" / "final") and config.val_data == str(tmp_path / "data" / "val.jsonl")
-    assert config.seed == 3 and config.num_threads == 2 and config.eval_temperature == 0.0

@@ -5,9 +5,9 @@ from __future__ import annotations
 import functools
 from typing import Sequence, Union
 
+from reasontune.rewards import sandbox
 from reasontune.rewards.equivalence import Answer, NeedsSymbolic, answers_match, parse_answer
 from reasontune.rewards.extract import extract_boxed_answer, extract_r1_zero_answer
-from reasontune.rewards import sandbox
 
 GroundTruth = Union[str, int, float, Sequence[Union[str, int, float]]]
 
