@@ -187,11 +187,9 @@ def vllm_rows(args, device) -> list[dict]:
         rows.append({"check": "vLLM generate 64 x 128 tokens (0.5B shape)", "time_s": seconds,
                      "tokens_per_s": sum(c.num_tokens for c in before) / seconds})
         policy = random_model("qwen2.5-0.5b", device, torch.bfloat16, seed=1)
-        # The generator contract is being renamed (issue 10): sync_weights, formerly load_policy_weights.
-        sync = getattr(generator, "sync_weights", None) or generator.load_policy_weights
         torch.cuda.synchronize()
         started = time.perf_counter()
-        sync(policy)
+        generator.sync_weights(policy)
         torch.cuda.synchronize()
         sync_seconds = time.perf_counter() - started
         after = generator.generate_flat(prompts[:1], options.replace(max_new_tokens=8))[0]
