@@ -92,7 +92,7 @@ def logprobs_rows(args, device) -> list[dict]:
     response_mask[:, : tokens // 4] = False  # a prompt quarter without loss
     results, rows = {}, []
     for name, implementation in (("straightforward (naive)", "naive"), ("fused", "fused")):
-        def work():
+        def work(implementation=implementation):
             model.zero_grad(set_to_none=True)
             out = get_response_log_probs(model, input_ids[:, :-1], input_ids[:, 1:], return_token_entropy=True,
                                          response_mask=response_mask, implementation=implementation)
@@ -103,7 +103,6 @@ def logprobs_rows(args, device) -> list[dict]:
         rows.append({"check": f"log-probs {shape} {str(dtype)[6:]}: {name}", "time_s": seconds, "peak_gib": peak})
     difference = float((results["fused"] - results["naive"])[response_mask].abs().max())
     rows[-1]["max_difference"] = difference
-    del model
     return rows
 
 
@@ -136,7 +135,6 @@ def packing_rows(args, device) -> list[dict]:
                 mask = batch["response_mask"].reshape(-1)[batch["sequence_ids"].reshape(-1) == k].to(device)
                 difference = max(difference, float((pieces[k] - alone)[mask].abs().max()))
         rows.append({"check": f"packing {shape} {kernel}: packed vs one by one", "max_difference": difference})
-        del model
     if len(kernels) == 1:
         rows.append({"check": "packing flash_attention_2", "note": "skipped: flash-attn not installed or no CUDA"})
     return rows
@@ -155,7 +153,7 @@ def sft_rows(args, device) -> list[dict]:
                        "--response-tokens", "768", "--micro-batch", "4",
                        "--global-batch", str(8 * max(1, torch.cuda.device_count()))]
         completed = subprocess.run([sys.executable, str(BENCH / "scaling.py"), *options, "--json", str(result)],
-                                   capture_output=True, text=True, timeout=360)
+                                   capture_output=True, text=True, timeout=360, check=False)
         if completed.returncode != 0:
             return [{"check": "SFT scaling", "note": f"failed: {completed.stderr.strip()[-300:]}"}]
         scaling = json.loads(result.read_text())

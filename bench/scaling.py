@@ -203,7 +203,7 @@ def launch(args: argparse.Namespace, world_size: int, global_batch: int, micro_b
                    *worker_arguments]
     environment = {**os.environ, "OMP_NUM_THREADS": str(args.threads),
                    "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
-    completed = subprocess.run(command, env=environment, capture_output=True, text=True)
+    completed = subprocess.run(command, env=environment, capture_output=True, text=True, check=False)
     if completed.returncode != 0:
         raise SystemExit(f"error: world size {world_size} failed:\n{completed.stderr[-4000:]}")
     return json.loads(result.read_text())

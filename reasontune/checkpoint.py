@@ -146,7 +146,8 @@ def load_trainer_state(directory: str | Path, name: str = "trainer_state") -> di
     tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
     state = _decode(encoded, tensors, path)
     if not isinstance(state, dict):
-        raise ValueError(f"{path}: expected a JSON object at the top, got {type(state).__name__}")
+        # A malformed file, not a caller's wrong argument: ValueError like every other bad content.
+        raise ValueError(f"{path}: expected a JSON object at the top, got {type(state).__name__}")  # noqa: TRY004
     return state
 
 
@@ -216,9 +217,9 @@ def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, trainer_s
     Args:
         ctx: the run's ``DistributedContext`` (None: the default process group's rank, if any).
     """
-    from reasontune import distributed
-
     import torch.distributed as dist
+
+    from reasontune import distributed
 
     rank = ctx.rank if ctx is not None else (dist.get_rank() if dist.is_initialized() else 0)
     is_main = rank == 0

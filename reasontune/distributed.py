@@ -18,8 +18,9 @@ import contextlib
 import datetime
 import os
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -103,7 +104,7 @@ def stop_all_ranks_on_error(ctx: DistributedContext) -> Iterator[None]:
     """
     try:
         yield
-    except BaseException as error:  # noqa: BLE001 — every failure must reach the other ranks' launcher
+    except BaseException as error:  # KeyboardInterrupt too: every failure must reach the other ranks' launcher
         if not ctx.is_distributed or isinstance(error, SystemExit) and error.code in (0, None):
             raise
         import traceback
@@ -137,12 +138,12 @@ def _lost_a_peer(error: BaseException) -> bool:
 # Named reductions across ranks (identity at world size 1)
 
 
-def global_sum(value: int | float | torch.Tensor) -> int | float | torch.Tensor:
+def global_sum(value: float | torch.Tensor) -> int | float | torch.Tensor:
     """Returns ``value`` summed over every rank (same type back: int, float or a tensor on its device)."""
     return _all_reduce(value, dist.ReduceOp.SUM)
 
 
-def global_max(value: int | float | torch.Tensor) -> int | float | torch.Tensor:
+def global_max(value: float | torch.Tensor) -> int | float | torch.Tensor:
     """Returns the largest ``value`` of every rank (same type back)."""
     return _all_reduce(value, dist.ReduceOp.MAX)
 

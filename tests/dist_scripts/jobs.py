@@ -13,10 +13,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from checkpoint_resume import save_or_resume  # noqa: E402
-from invariance import run_cases  # noqa: E402
+from checkpoint_resume import save_or_resume
+from invariance import run_cases
 
-from reasontune import distributed  # noqa: E402
+from reasontune import distributed
 
 
 def main(arguments: list[str]) -> None:
