@@ -259,13 +259,20 @@ def shard_model(model: torch.nn.Module, ctx: DistributedContext, *, mixed_precis
     Args:
         mixed_precision: bf16 parameters for compute with fp32 gradient reduction (GPU);
             the sharded master weights and optimizer state stay in the model's dtype.
-        cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory.
+        cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory
+            (GPU runs under torchrun only; ValueError otherwise, never silently ignored).
         reshard_after_forward: free each layer's gathered weights after its forward (less
             memory, one more all-gather in backward).
 
     Activation checkpointing composes either way round: ``model.gradient_checkpointing_enable()``
     may be called before or after this.
     """
+    if cpu_offload and ctx.device.type != "cuda":
+        raise ValueError("cpu_offload moves sharded parameters from the GPU to CPU memory; on a CPU run they are "
+                         "there already: turn it off")
+    if cpu_offload and not ctx.is_distributed:
+        raise ValueError("cpu_offload works through FSDP2 sharding, which needs a torchrun launch "
+                         "(torchrun --nproc_per_node N …); turn it off for a single process")
     if not ctx.is_distributed:
         return model
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard

@@ -90,6 +90,15 @@ def test_plain_process_is_world_size_one_without_a_process_group(monkeypatch, ti
     assert sorted(k for layer in layers for k in layer) == sorted(tiny_qwen2.state_dict())
 
 
+def test_cpu_offload_is_refused_where_it_cannot_apply(tiny_qwen2):
+    with pytest.raises(ValueError, match="on a CPU run"):
+        distributed.shard_model(tiny_qwen2, single(0, 2), cpu_offload=True)
+    one_gpu = distributed.DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cuda", 0),
+                                             backend=None)
+    with pytest.raises(ValueError, match="torchrun"):
+        distributed.shard_model(tiny_qwen2, one_gpu, cpu_offload=True)
+
+
 def test_grpo_examples_in_step_makes_uneven_microbatches_a_mean_over_all_sequences():
     from reasontune.losses import grpo_microbatch_train_step
 
