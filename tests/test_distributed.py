@@ -73,6 +73,9 @@ def test_rank_slices_are_disjoint_cover_everything_and_never_split_a_group(n_ite
 def test_rank_slice_refuses_items_that_do_not_form_whole_groups():
     with pytest.raises(ValueError, match="groups of 4"):
         distributed.rank_slice(10, single(0, 2), group_size=4)
+    distributed.require_divisible_batch(12, single(0, 3), "rollout batch")
+    with pytest.raises(ValueError, match="rollout batch of 10 does not split over 4 ranks"):
+        distributed.require_divisible_batch(10, single(0, 4), "rollout batch")
 
 
 def test_plain_process_is_world_size_one_without_a_process_group(monkeypatch, tiny_qwen2):
