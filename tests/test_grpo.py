@@ -186,7 +186,7 @@ def test_run_grpo_writes_metrics_evals_checkpoints_and_final(tiny_model_dir, tmp
     for step in (0, 1, 2):
         summary = json.loads((run_dir / "eval" / f"step-{step:06d}" / "summary.json").read_text())
         assert summary["n_examples"] == 3
-    assert (run_dir / "checkpoint-1" / "trainer_state.pt").exists()
+    assert (run_dir / "checkpoint-1" / "trainer_state.json").exists()
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final").config.model_type == "qwen2"
     assert json.loads((run_dir / "config.json").read_text())["loss_type"] == "grpo_clip"
     assert (run_dir / "report" / "index.html").exists()
