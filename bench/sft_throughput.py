@@ -135,7 +135,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, packed: bool, run_name: st
         overwrite=True, dtype="float32", attn_implementation="sdpa", num_epochs=1,
         batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
-        lr_scheduler="constant", warmup_ratio=0.0, max_length=args.max_length, loss_normalization="token_mean",
+        lr_scheduler="constant", warmup_ratio=0.0, max_length=args.max_length, loss_aggregation="token_mean",
         packing=packed, seed=0, eval_before_training=False, val_fraction=0.0, save_every=0, log_every=1,
         progress=False, write_report=False, num_threads=args.threads,
     )

@@ -24,8 +24,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
              "GRPO with verified rewards: rollouts, group-normalised advantages, policy-gradient steps"),
     "eval": ("reasontune.evaluation", "EvalConfig", "run_eval",
              "generate answers for a dataset, grade them, write records.jsonl and summary.json"),
-    "filter": ("reasontune.data", "FilterConfig", "run_filter",
+    "filter": ("reasontune.filtering", "FilterConfig", "run_filter",
                "keep SFT examples whose response earns answer reward 1 against the reference"),
+    "compare": ("reasontune.compare", "CompareConfig", "run_compare",
+                "side-by-side table of runs or evaluations over their shared benchmarks, with paired bootstrap p-values and a plot"),
     "report": ("reasontune.report", "ReportConfig", "run_report",
                "plots and a summary page for a run directory"),
 }
@@ -47,6 +49,7 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 def _quiet_library_progress_bars() -> None:
     """Silences transformers' per-checkpoint "Loading weights"/"Writing model shards" bars; ours show the run."""
     try:
+        # Lazy: importing transformers takes seconds, and `reasontune --help` must be instant.
         from transformers.utils import logging as transformers_logging
     except ImportError:
         return

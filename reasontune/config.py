@@ -22,12 +22,20 @@ import yaml
 ConfigT = TypeVar("ConfigT")
 
 
-def help_field(default: Any, help: str, **kwargs: Any) -> Any:
-    """Returns a dataclass field with a default and command-line help text."""
+def help_field(default: Any, help: str, *, group: str | None = None, aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
+    """Returns a dataclass field with a default, command-line help text, its ``--help`` group and alias flag names."""
+    metadata = {"help": help, "group": group, "aliases": tuple(aliases)}
     if isinstance(default, (list, dict, set)):
         factory = type(default)(default)
-        return dataclasses.field(default_factory=lambda: type(factory)(factory), metadata={"help": help}, **kwargs)
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+        return dataclasses.field(default_factory=lambda: type(factory)(factory), metadata=metadata, **kwargs)
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
+
+
+def same_field(options_cls: type, name: str, default: Any, aliases: tuple[str, ...] | None = None) -> Any:
+    """Returns ``options_cls``'s field ``name`` (help, group, aliases) with another default (and aliases): a command's own take on a shared option."""
+    original = {f.name: f for f in dataclasses.fields(options_cls)}[name]
+    return help_field(default, original.metadata["help"], group=original.metadata.get("group"),
+                      aliases=original.metadata.get("aliases", ()) if aliases is None else aliases)
 
 
 def positional_field(help: str) -> Any:
@@ -74,8 +82,9 @@ def _parser_for(annotation: Any, allows_none: bool):
 
 
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
-    """Adds one flag per field of ``config_cls`` (defaults are left unset: see ``parse_config``)."""
+    """Adds one flag per field of ``config_cls``, in ``--help`` groups (defaults are left unset: see ``parse_config``)."""
     hints = typing.get_type_hints(config_cls)
+    groups: dict[str, Any] = {}
     for field in dataclasses.fields(config_cls):
         annotation, allows_none = _base_type(hints[field.name])
         help_text = field.metadata.get("help", "")
@@ -83,19 +92,28 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -
             field.default_factory() if field.default_factory is not dataclasses.MISSING else None
         )
         if field.metadata.get("positional"):
-            parser.add_argument(field.name, type=_parser_for(annotation, allows_none), help=help_text)
+            if typing.get_origin(annotation) is list:  # several values: reasontune compare RUN_A RUN_B …
+                (item_type,) = typing.get_args(annotation) or (str,)
+                parser.add_argument(field.name, nargs="+", type=item_type, help=help_text)
+            else:
+                parser.add_argument(field.name, type=_parser_for(annotation, allows_none), help=help_text)
             continue
+        group_name = field.metadata.get("group") or "options"
+        if group_name not in groups:
+            groups[group_name] = parser.add_argument_group(group_name)
+        target = groups[group_name]
+        names = [_flag(field.name)] + [_flag(alias) for alias in field.metadata.get("aliases", ())]
         help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
         if annotation is bool and not allows_none:
-            parser.add_argument(_flag(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
+            target.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
         elif typing.get_origin(annotation) is list:
             (item_type,) = typing.get_args(annotation) or (str,)
-            parser.add_argument(_flag(field.name), dest=field.name, nargs="*", type=item_type,
+            target.add_argument(*names, dest=field.name, nargs="*", type=item_type,
                                 default=argparse.SUPPRESS, help=help_text)
         else:
             choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
-            parser.add_argument(_flag(field.name), dest=field.name, type=_parser_for(annotation, allows_none),
+            target.add_argument(*names, dest=field.name, type=_parser_for(annotation, allows_none),
                                 default=argparse.SUPPRESS, metavar="{" + ",".join(choices) + "}" if choices else None,
                                 help=help_text)
     parser.add_argument("--config", dest="__config_file", default=None, metavar="FILE.yaml",
@@ -159,6 +177,9 @@ def config_from_dict(values: dict[str, Any], config_cls: type[ConfigT]) -> Confi
     unknown = set(values) - {f.name for f in dataclasses.fields(config_cls)}
     if unknown:
         raise SystemExit(f"error: unknown options: {', '.join(sorted(unknown))}")
+    expand_presets = getattr(config_cls, "expand_presets", None)
+    if callable(expand_presets):  # e.g. GRPO's --recipe: its settings fill in what was not given
+        kwargs = expand_presets(kwargs)
     config = config_cls(**kwargs)
     validate = getattr(config, "validate", None)
     if callable(validate):

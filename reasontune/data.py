@@ -30,9 +30,9 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
-from reasontune.config import help_field
+from reasontune.rewards import extract_boxed_answer
 
 GroundTruth = str | list[str]
 
@@ -153,9 +153,7 @@ def split_gsm8k_solution(solution: str) -> tuple[str, str] | None:
 
 
 def _boxed_answer(solution: str) -> str | None:
-    from reasontune.rewards import extract_boxed_answer  # the one place that parses \boxed{}
-
-    return extract_boxed_answer(solution)
+    return extract_boxed_answer(solution)  # the rewards package is the one place that parses \boxed{}
 
 
 def _reference_key(record: dict) -> str | None:
@@ -282,7 +280,7 @@ def _read_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
 
 
 def _read_with_datasets(source: str, split: str | None, hub_config: str | None) -> Iterator[tuple[int, Any, None]]:
-    import datasets
+    import datasets  # lazy: a heavy import (seconds), needed only for Parquet, JSON arrays and hub names
 
     suffix = Path(source).suffix
     if suffix in _LOCAL_SUFFIXES:
@@ -448,74 +446,3 @@ def with_r1_zero_targets(examples: Iterable[Example]) -> list[Example]:
         answer = example.ground_truth if isinstance(example.ground_truth, str) else example.ground_truth[0]
         converted.append(dataclasses.replace(example, response=r1_zero_target(reasoning, answer)))
     return converted
-
-
-# ---------------------------------------------------------------------------------------------
-# reasontune filter
-
-
-@dataclass
-class FilterConfig:
-    """Options of ``reasontune filter``."""
-
-    data: str = help_field("", "SFT data (JSONL/JSON/Parquet, any accepted format) whose responses are graded")
-    out: str = help_field("", "where to write the kept records (JSONL, each record exactly as read)")
-    reward: Literal["r1_zero", "question_only"] = help_field(
-        "r1_zero", "reward function: r1_zero (<think>…</think> <answer>…</answer>) or question_only (last \\boxed{})")
-    workers: int | None = help_field(None, "grading worker count (default: the grader's choice)")
-    skip_bad: bool = help_field(False, "skip malformed records (counted and reported) instead of stopping at the first")
-
-    def validate(self) -> None:
-        if not self.data or not self.out:
-            raise SystemExit("error: reasontune filter needs --data SFT.jsonl and --out FILTERED.jsonl")
-
-
-def filter_examples(examples: Sequence[Example], reward: str = "r1_zero", workers: int | None = None
-                    ) -> tuple[list[Example], dict[str, int]]:
-    """Returns (kept examples, counts by reason) keeping those whose response earns answer reward 1.
-
-    Reasons: ``kept``, ``no response``, ``no reference answer``, ``unformatted`` (format reward
-    0) and ``formatted but wrong``.
-    """
-    from reasontune import rewards
-
-    reward_fn = rewards.r1_zero_reward_fn if reward == "r1_zero" else rewards.question_only_reward_fn
-    counts: Counter[str] = Counter()
-    gradable = []
-    for example in examples:
-        if example.response is None:
-            counts["no response"] += 1
-        elif example.ground_truth is None:
-            counts["no reference answer"] += 1
-        else:
-            gradable.append(example)
-    results = rewards.grade_batch([e.response for e in gradable], [e.ground_truth for e in gradable],
-                                  reward_fn=reward_fn, workers=workers) if gradable else []
-    kept = []
-    for example, result in zip(gradable, results):
-        if result["answer_reward"] >= 1.0:
-            counts["kept"] += 1
-            kept.append(example)
-        elif result["format_reward"] >= 1.0:
-            counts["formatted but wrong"] += 1
-        else:
-            counts["unformatted"] += 1
-    return kept, dict(counts)
-
-
-def run_filter(config: FilterConfig) -> int:
-    """Returns 0 after writing the examples of ``config.data`` whose response is correct to ``config.out``."""
-    loaded = load_examples(config.data, skip_bad=config.skip_bad)
-    kept, counts = filter_examples(loaded.examples, config.reward, config.workers)
-    out = Path(config.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w", encoding="utf-8") as handle:
-        for example in kept:
-            handle.write(json.dumps(example.raw, ensure_ascii=False) + "\n")
-    print(f"filter: {len(loaded)} examples read from {config.data} -> {len(kept)} kept in {out}")
-    for reason in ("kept", "formatted but wrong", "unformatted", "no response", "no reference answer"):
-        if counts.get(reason):
-            print(f"  {reason}: {counts[reason]}")
-    if loaded.skipped:
-        print(f"  malformed records skipped: {loaded.n_skipped} ({loaded.report()})")
-    return 0

@@ -1,101 +1,34 @@
-"""Generate → grade → records and summary: ``evaluate`` (files), ``log_generations`` (in-loop), ``reasontune eval``.
+"""The ``eval`` command: generate answers for a dataset, grade them, write records.jsonl and summary.json.
 
-Every sample falls in exactly one category: ``correct`` (answer reward 1), ``formatted_wrong``
-(format reward 1, answer reward 0) or ``unformatted`` (format reward 0, answer reward 0).
-Accuracy and format rate are means over samples (``n`` per example); ``pass_at_n`` is the
-fraction of examples with at least one correct sample. Lengths are counted in generated tokens.
+Generation, grading, records and statistics are the one rollout path of
+``reasontune.rollouts``; this module adds the command around it: data, model, generator,
+and the files of an evaluation directory.
 """
 
 from __future__ import annotations
 
 import json
-import statistics
 import sys
-import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Sequence
 
-from reasontune.config import help_field, save_config
-from reasontune.data import DataError, Example, example_prompt, load_examples, load_template
-from reasontune.generation import Completion, Generator, SamplingOptions
+import torch
 
-RewardFn = Callable[[str, Any], dict[str, float]]
-CATEGORIES = ("correct", "formatted_wrong", "unformatted")
-
-
-def category(rewards: dict[str, float]) -> str:
-    """Returns ``"correct"``, ``"formatted_wrong"`` or ``"unformatted"`` for one reward dict."""
-    if rewards["answer_reward"] >= 1.0:
-        return "correct"
-    return "formatted_wrong" if rewards["format_reward"] >= 1.0 else "unformatted"
-
-
-def grade(responses: Sequence[str], ground_truths: Sequence[Any], reward_fn: RewardFn,
-          workers: int | None = None) -> list[dict[str, float]]:
-    """Returns one reward dict per response, in order, graded by ``reasontune.rewards.grade_batch``.
-
-    Grading runs in bounded worker processes (``workers=0``: in this process); ``reward_fn``
-    must be a module-level function. An item that could not be graded comes back all-zero
-    with a ``"grading_error"`` key.
-    """
-    from reasontune.rewards import grade_batch
-
-    return list(grade_batch(list(responses), list(ground_truths), reward_fn=reward_fn, workers=workers))
-
-
-def _mean(values: Sequence[float]) -> float | None:
-    return statistics.fmean(values) if values else None
-
-
-def _generate_and_grade(generator: Generator, prompts: Sequence[str], ground_truths: Sequence[Any],
-                        reward_fn: RewardFn, options: SamplingOptions, workers: int | None
-                        ) -> tuple[list[list[Completion]], list[dict[str, float]], dict[str, float]]:
-    """Returns (completions grouped per prompt, flat reward dicts prompt-major, timing)."""
-    started = time.perf_counter()
-    groups = generator.generate(prompts, options)
-    generated = time.perf_counter()
-    flat = [(completion, truth) for group, truth in zip(groups, ground_truths) for completion in group]
-    rewards = grade([c.text for c, _ in flat], [truth for _, truth in flat], reward_fn, workers)
-    graded = time.perf_counter()
-    tokens = sum(c.num_tokens for c, _ in flat)
-    timing = {"generation_seconds": generated - started, "grading_seconds": graded - generated,
-              "generated_tokens": tokens,
-              "tokens_per_second": tokens / (generated - started) if generated > started else None}
-    return groups, rewards, timing
-
-
-def summarize(records: Sequence[dict[str, Any]], n_examples: int) -> dict[str, Any]:
-    """Returns the summary of per-sample records (each with rewards, ``category``, ``response_tokens``, ``mean_entropy``, ``index``)."""
-    counts = {name: sum(r["category"] == name for r in records) for name in CATEGORIES}
-    lengths = [r["response_tokens"] for r in records]
-    correct_lengths = [r["response_tokens"] for r in records if r["category"] == "correct"]
-    incorrect_lengths = [r["response_tokens"] for r in records if r["category"] != "correct"]
-    entropies = [r["mean_entropy"] for r in records if r.get("mean_entropy") is not None]
-    solved = {r["index"] for r in records if r["category"] == "correct"}
-    finish: dict[str, int] = {}
-    for r in records:
-        finish[r["finish_reason"]] = finish.get(r["finish_reason"], 0) + 1
-    n_samples = len(records)
-    return {
-        "accuracy": _mean([r["answer_reward"] for r in records]),
-        "format_rate": _mean([r["format_reward"] for r in records]),
-        "mean_reward": _mean([r["reward"] for r in records]),
-        "pass_at_n": len(solved) / n_examples if n_examples else None,
-        "counts": counts,
-        "mean_response_tokens": _mean(lengths),
-        "mean_response_tokens_correct": _mean(correct_lengths),
-        "mean_response_tokens_incorrect": _mean(incorrect_lengths),
-        "mean_entropy": _mean(entropies),
-        "finish_reasons": finish,
-        "grading_errors": sum("grading_error" in r for r in records),
-        "n_examples": n_examples,
-        "n_samples": n_samples,
-    }
+from reasontune.benchmarks import BENCHMARKS, STANDARD_PROMPT, STANDARD_REWARD, load_benchmarks, resolve_benchmarks
+from reasontune.config import help_field, same_field, save_config
+from reasontune.data import Example, load_examples, load_template
+from reasontune.estimators import parse_ks, results_table, summarize_samples
+from reasontune.eval_plots import write_eval_plots
+from reasontune.generation import Generator, SamplingOptions, build_generator
+from reasontune.modeling import load_model, load_tokenizer
+from reasontune.options import (EvaluationOptions, GenerationOptions, GradingOptions, ModelOptions, RunOptions,
+                                TaskOptions, resolved_dtype)
+from reasontune.rollouts import RewardFn, generate_rollouts, reward_fn_by_name, rollouts_for_examples
 
 
 def evaluate(generator: Generator, examples: Sequence[Example], reward_fn: RewardFn, options: SamplingOptions,
-             output_dir: str | Path | None = None, template: str = "r1_zero", workers: int | None = None
+             output_dir: str | Path | None = None, template: str = "r1_zero", grading_workers: int | None = None
              ) -> dict[str, Any]:
     """Returns ``{"summary": dict, "records": list[dict]}`` for ``examples`` (``options.n`` samples each).
 
@@ -104,142 +37,171 @@ def evaluate(generator: Generator, examples: Sequence[Example], reward_fn: Rewar
     ``records.jsonl`` (one line per sample) and ``summary.json`` there.
     """
     template_text = template if "{question}" in template else load_template(template)
-    missing = [e for e in examples if e.ground_truth is None]
-    if missing:
-        raise DataError(f"{missing[0].source}:{missing[0].line}: field 'ground_truth' missing "
-                        f"({len(missing)} of {len(examples)} examples have no reference answer to grade against)")
-    prompts = [example_prompt(e, template_text) for e in examples]
-    groups, rewards, timing = _generate_and_grade(generator, prompts, [e.ground_truth for e in examples],
-                                                  reward_fn, options, workers)
-    records = []
-    flat_rewards = iter(rewards)
-    for index, (example, prompt, group) in enumerate(zip(examples, prompts, groups)):
-        for sample, completion in enumerate(group):
-            reward = next(flat_rewards)
-            records.append({
-                "index": index, "sample": sample, "source": example.source, "line": example.line,
-                "prompt": prompt, "response": completion.text, "ground_truth": example.ground_truth,
-                "format_reward": reward["format_reward"], "answer_reward": reward["answer_reward"],
-                "reward": reward["reward"], "category": category(reward),
-                "response_tokens": completion.num_tokens, "prompt_tokens": completion.prompt_token_count,
-                "finish_reason": completion.finish_reason, "mean_entropy": completion.mean_entropy,
-            })
-            if "grading_error" in reward:
-                records[-1]["grading_error"] = reward["grading_error"]
-    summary = summarize(records, len(examples))
-    summary.update(timing)
-    summary["sampling"] = asdict(options)
-    if output_dir is not None:
-        out = Path(output_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        with (out / "records.jsonl").open("w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    return {"summary": summary, "records": records}
+    rollouts = rollouts_for_examples(generator, examples, template_text, options, reward_fn,
+                                     grading_workers=grading_workers)
+    summary = rollouts.write(output_dir) if output_dir is not None else rollouts.summary()
+    return {"summary": summary, "records": rollouts.records()}
 
 
 def log_generations(generator: Generator, prompts: Sequence[str], ground_truths: Sequence[Any], reward_fn: RewardFn,
-                    options: SamplingOptions, workers: int | None = None) -> dict[str, Any]:
-    """Returns ``{"records", "summary"}`` for in-loop logging of already-formatted prompts (seed 001's fields).
+                    options: SamplingOptions, grading_workers: int | None = None) -> dict[str, Any]:
+    """Returns ``{"records", "summary"}`` of already-formatted prompts under the field names of the user's seed 001.
 
-    Each record: prompt, response, ground_truth, format_reward, answer_reward, reward,
-    avg_token_entropy (None without entropies), response_length (tokens). Summary: accuracy,
-    format_rate, mean_response_length, mean_response_length_correct / _incorrect,
-    mean_token_entropy, n_samples. Use an ``HFGenerator`` around the training model (it
-    switches to eval mode and back) or a ``VLLMGenerator`` after ``load_policy_weights``.
+    A view of ``generate_rollouts``: each record has prompt, response, ground_truth,
+    format_reward, answer_reward, reward, avg_token_entropy (None without entropies) and
+    response_length (tokens); the summary accuracy, format_rate, mean_response_length (and
+    _correct / _incorrect), mean_token_entropy and n_samples, plus the timing.
     """
-    groups, rewards, timing = _generate_and_grade(generator, prompts, ground_truths, reward_fn, options, workers)
-    records = []
-    flat_rewards = iter(rewards)
-    for prompt, truth, group in zip(prompts, ground_truths, groups):
-        for completion in group:
-            reward = next(flat_rewards)
-            records.append({"prompt": prompt, "response": completion.text, "ground_truth": truth,
-                            "format_reward": reward["format_reward"], "answer_reward": reward["answer_reward"],
-                            "reward": reward["reward"], "avg_token_entropy": completion.mean_entropy,
-                            "response_length": completion.num_tokens})
-    correct = [r["response_length"] for r in records if r["answer_reward"] >= 1.0]
-    incorrect = [r["response_length"] for r in records if r["answer_reward"] < 1.0]
-    summary = {
-        "accuracy": _mean([r["answer_reward"] for r in records]),
-        "format_rate": _mean([r["format_reward"] for r in records]),
-        "mean_response_length": _mean([r["response_length"] for r in records]),
-        "mean_response_length_correct": _mean(correct),
-        "mean_response_length_incorrect": _mean(incorrect),
-        "mean_token_entropy": _mean([r["avg_token_entropy"] for r in records if r["avg_token_entropy"] is not None]),
-        "n_samples": len(records),
-        **timing,
-    }
-    return {"records": records, "summary": summary}
-
-
-# ---------------------------------------------------------------------------------------------
-# reasontune eval
+    rollouts = generate_rollouts(generator, prompts, ground_truths, options, reward_fn, grading_workers=grading_workers)
+    records = [{"prompt": r["prompt"], "response": r["response"], "ground_truth": r["ground_truth"],
+                "format_reward": r["format_reward"], "answer_reward": r["answer_reward"], "reward": r["reward"],
+                "avg_token_entropy": r["mean_entropy"], "response_length": r["response_tokens"]}
+               for r in rollouts.records()]
+    summary = rollouts.summary()
+    renamed = {"mean_response_length": "mean_response_tokens", "mean_response_length_correct": "mean_response_tokens_correct",
+               "mean_response_length_incorrect": "mean_response_tokens_incorrect", "mean_token_entropy": "mean_entropy"}
+    return {"records": records, "summary": {
+        "accuracy": summary["accuracy"], "format_rate": summary["format_rate"],
+        **{seed_name: summary[ours] for seed_name, ours in renamed.items()},
+        "n_samples": summary["n_samples"], **rollouts.timing}}
 
 
 @dataclass
-class EvalConfig:
+class EvalSet:
+    """One named set of examples to evaluate, with its prompt template (text) and reward name."""
+
+    name: str
+    examples: list[Example]
+    template: str
+    reward: str
+    question_ids: list[str] | None = None
+
+
+def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: SamplingOptions, output_dir: str | Path, *,
+                  ks: Sequence[int] = (1,), n_bootstrap: int = 1000, seed: int = 0, grading_workers: int | None = None,
+                  plots: bool = True, stop: Sequence[str] | None = None,
+                  extra_summary: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+    """Returns ``{set name: summary}`` after generating, grading and writing each set; with several sets, one table too.
+
+    Each set's ``records.jsonl`` and ``summary.json`` go to ``output_dir/<name>/`` (straight into
+    ``output_dir`` for a single set named ``""``); every summary carries ``estimates``: pass@k,
+    maj@k and avg@k for each k (up to the samples drawn) with 95% bootstrap intervals over
+    questions, beside the sample count, seed, temperature and prompt they were made with.
+    ``results.md`` / ``results.json`` and the plots (pass@k against k, accuracy by length,
+    length by outcome) are written into ``output_dir``. ``stop`` strings (default: ``</answer>``
+    for a set graded by the r1_zero reward, none otherwise) end each response.
+    """
+    out = Path(output_dir)
+    summaries: dict[str, dict[str, Any]] = {}
+    records_by_set: dict[str, list[dict[str, Any]]] = {}
+    for eval_set in sets:
+        default_stop = ("</answer>",) if eval_set.reward == "r1_zero" else ()
+        options = sampling.replace(stop=tuple(stop) if stop is not None else default_stop)
+        rollouts = rollouts_for_examples(generator, eval_set.examples, eval_set.template, options,
+                                         reward_fn_by_name(eval_set.reward), grading_workers=grading_workers)
+        rollouts.question_ids = eval_set.question_ids
+        records = rollouts.records()
+        usable_ks = [k for k in ks if k <= sampling.n] or [1]
+        estimates = summarize_samples(records, usable_ks, n_bootstrap=n_bootstrap, seed=seed, n_samples=sampling.n,
+                                      temperature=sampling.temperature, prompt=eval_set.template) if records else None
+        summaries[eval_set.name or "eval"] = rollouts.write(out / eval_set.name, extra_summary={
+            "benchmark": eval_set.name or None, "reward": eval_set.reward, "estimates": estimates,
+            **(extra_summary or {})})
+        records_by_set[eval_set.name or "eval"] = records
+    with_estimates = {name: summary["estimates"] for name, summary in summaries.items() if summary["estimates"]}
+    if with_estimates:
+        markdown, table = results_table(with_estimates)
+        (out / "results.md").write_text(markdown, encoding="utf-8")
+        (out / "results.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
+    if plots and any(records_by_set.values()):
+        write_eval_plots({name: records for name, records in records_by_set.items() if records}, out,
+                         n_bootstrap=min(n_bootstrap, 200), seed=seed)
+    return summaries
+
+
+@dataclass
+class EvalConfig(GenerationOptions, GradingOptions, EvaluationOptions, TaskOptions, ModelOptions, RunOptions):
     """Options of ``reasontune eval``."""
 
-    model: str = help_field("", "model directory or hub name (with its tokenizer)")
-    data: str = help_field("", "evaluation data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name")
-    output_dir: str = help_field("", "directory for records.jsonl, summary.json and config.json")
-    prompt: str = help_field("r1_zero", "prompt template: r1_zero, question_only, or a file containing {question}")
-    reward: Literal["auto", "r1_zero", "question_only"] = help_field(
-        "auto", "reward function (auto: question_only for the question_only template, else r1_zero)")
-    max_examples: int | None = help_field(None, "evaluate a seeded random subset of this many examples")
-    split: str | None = help_field(None, "split of a hub dataset (default train)")
-    data_config: str | None = help_field(None, "config (subset) name of a hub dataset, e.g. main for openai/gsm8k")
-    n: int = help_field(1, "samples per example")
-    temperature: float = help_field(0.0, "sampling temperature (0 = greedy)")
-    top_p: float = help_field(1.0, "nucleus sampling threshold")
-    max_new_tokens: int = help_field(1024, "maximum generated tokens per sample")
-    stop: list[str] | None = help_field(None, "stop strings, kept in the output (default: </answer> for r1_zero rewards, none otherwise)")
-    batch_size: int = help_field(32, "sequences per generate call (hf backend)")
-    backend: Literal["hf", "vllm"] = help_field("hf", "generation backend: hf (CPU or GPU) or vllm (GPU, optional extra)")
-    dtype: str | None = help_field(None, "model dtype: float32, bfloat16, float16 (default: bfloat16 on GPU, float32 on CPU)")
-    device: str | None = help_field(None, "device for the hf backend (default: cuda if available, else cpu)")
-    gpu_memory_utilization: float = help_field(0.85, "vllm: fraction of GPU memory the engine may take")
-    entropy: bool = help_field(True, "hf backend: record per-token entropy (mean per response in records)")
-    seed: int = help_field(0, "seed of the example subset and of sampling")
-    workers: int | None = help_field(None, "grading workers (default: the grader's choice)")
-    skip_bad: bool = help_field(False, "skip malformed data records (counted and reported) instead of stopping")
+    data: str | None = help_field(None, "evaluation data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name (or use --benchmarks)", group="data")
+    benchmarks: str | None = help_field(None, f"comma-separated benchmarks, or all: {', '.join(BENCHMARKS)} (hub datasets, or --benchmark-dir)", group="data")
+    benchmark_dir: str | None = help_field(None, "read the benchmarks from local files <dir>/<name>.jsonl|.json|.parquet in each dataset's own schema instead of the hub", group="data")
+    output_dir: str = help_field("", "directory for records.jsonl, summary.json and config.json (one subdirectory per benchmark, results.md/json)", group="data")
+    max_examples: int | None = help_field(None, "evaluate a seeded random subset of this many examples (per benchmark)", group="data")
+    split: str | None = help_field(None, "split of a hub dataset (default train)", group="data")
+    data_config: str | None = help_field(None, "config (subset) name of a hub dataset, e.g. main for openai/gsm8k", group="data")
+    prompt_template: str = help_field("auto", "prompt template: r1_zero, question_only, a file containing {question}, or auto (r1_zero for --data; each benchmark's standard prompt, with the question_only reward, for --benchmarks)", group="data")
+    eval_n_samples: int = same_field(EvaluationOptions, "eval_n_samples", 1, aliases=("n-samples",))
+    k: str = help_field("1", "comma-separated k of pass@k, maj@k and avg@k (each at most --n-samples), e.g. 1,4,16", group="evaluation")
+    n_bootstrap: int = help_field(1000, "bootstrap resamples over questions for the 95% intervals", group="evaluation")
+    stop: list[str] | None = help_field(None, "stop strings, kept in the output (default: </answer> for r1_zero rewards, none otherwise)", group="evaluation")
+    entropy: bool = help_field(True, "hf backend: record per-token entropy (mean per response in records)", group="evaluation")
+    generation_batch_size: int = same_field(GenerationOptions, "generation_batch_size", 32)
+    vllm_gpu_memory_utilization: float = same_field(GenerationOptions, "vllm_gpu_memory_utilization", 0.85)
 
     def validate(self) -> None:
-        if not self.model or not self.data or not self.output_dir:
-            raise SystemExit("error: reasontune eval needs --model PATH --data PATH --output-dir DIR")
-        if self.n < 1 or self.max_new_tokens < 1 or self.batch_size < 1:
-            raise SystemExit("error: --n, --max-new-tokens and --batch-size must be >= 1")
+        problems = []
+        if not self.model or not self.output_dir or not (self.data or self.benchmarks):
+            problems.append("reasontune eval needs --model PATH, --output-dir DIR and --data PATH or --benchmarks NAMES")
+        if self.data and self.benchmarks:
+            problems.append("give --data or --benchmarks, not both")
+        if self.eval_n_samples < 1 or self.eval_max_new_tokens < 1 or self.generation_batch_size < 1:
+            problems.append("--eval-n-samples, --eval-max-new-tokens and --generation-batch-size must be >= 1")
+        try:
+            ks = parse_ks(self.k)
+            if ks[-1] > self.eval_n_samples:
+                problems.append(f"--k {self.k}: k = {ks[-1]} exceeds --n-samples {self.eval_n_samples}; "
+                                f"draw at least {ks[-1]} samples")
+        except ValueError as error:
+            problems.append(f"--k: {error}")
+        if self.benchmarks:
+            try:
+                resolve_benchmarks(self.benchmarks)
+            except ValueError as error:
+                problems.append(f"--benchmarks: {error}")
+        if problems:
+            raise SystemExit("error: " + "; ".join(problems))
+
+    @property
+    def reward_name(self) -> str:
+        """Returns the reward of --data (``auto``: question_only for the question_only template, else r1_zero)."""
+        if self.reward != "auto":
+            return self.reward
+        return "question_only" if self.prompt_template == "question_only" else "r1_zero"
 
 
-def reward_fn_by_name(name: str) -> RewardFn:
-    """Returns ``r1_zero_reward_fn`` or ``question_only_reward_fn`` from ``reasontune.rewards``."""
-    from reasontune import rewards
-
-    if name == "r1_zero":
-        return rewards.r1_zero_reward_fn
-    if name == "question_only":
-        return rewards.question_only_reward_fn
-    raise ValueError(f"unknown reward {name!r}; expected r1_zero or question_only")
-
-
-def build_generator(config: EvalConfig) -> Generator:
+def build_eval_generator(config: EvalConfig) -> Generator:
     """Returns the generator the config asks for (model loaded from ``config.model``)."""
-    import torch
-
-    if config.backend == "vllm":
-        from reasontune.generation.vllm import VLLMGenerator
-
-        return VLLMGenerator(config.model, dtype=config.dtype or "bfloat16", seed=config.seed,
-                             gpu_memory_utilization=config.gpu_memory_utilization)
-    from reasontune.generation.hf import HFGenerator
-    from reasontune.modeling import load_model, load_tokenizer
-
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = config.dtype or ("bfloat16" if device.startswith("cuda") else "float32")
-    return HFGenerator(load_model(config.model, dtype=dtype, device=device), load_tokenizer(config.model),
-                       batch_size=config.batch_size)
+    dtype = resolved_dtype(config.dtype, device)
+    if config.backend == "vllm":
+        return build_generator("vllm", model_name=config.model, dtype=dtype, seed=config.seed,
+                               vllm_device=config.vllm_device,
+                               vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+    model = load_model(config.model, dtype=dtype, attn_implementation=config.attn_implementation, device=device)
+    return build_generator("hf", model=model, tokenizer=load_tokenizer(config.model),
+                           batch_size=config.generation_batch_size)
+
+
+def eval_sets(config: EvalConfig) -> tuple[list[EvalSet], dict[str, Any]]:
+    """Returns (the sets ``config`` asks for, what was read of the data) after loading them (counts printed)."""
+    template_name = "r1_zero" if config.prompt_template == "auto" else config.prompt_template
+    if not config.benchmarks:
+        examples = load_examples(config.data, split=config.split, hub_config=config.data_config,
+                                 max_examples=config.max_examples, seed=config.seed, skip_bad=config.skip_bad)
+        print(examples.report(), file=sys.stderr)
+        data = {"source": config.data, "records_read": examples.total_records, "skipped": examples.skipped}
+        return [EvalSet("", examples.examples, load_template(template_name), config.reward_name)], {"data": data}
+    sets, read = [], {}
+    for name, benchmark in load_benchmarks(config.benchmarks, config.benchmark_dir, config.max_examples,
+                                           config.seed).items():
+        print(benchmark.examples.report(), file=sys.stderr)
+        standard = config.prompt_template == "auto"
+        template = STANDARD_PROMPT if standard else load_template(config.prompt_template)
+        reward = config.reward if config.reward != "auto" else (STANDARD_REWARD if standard else config.reward_name)
+        sets.append(EvalSet(name, benchmark.examples.examples, template, reward, benchmark.question_ids))
+        read[name] = {"records_read": benchmark.examples.total_records, "skipped": benchmark.examples.skipped}
+    return sets, {"data": read}
 
 
 def format_summary(summary: dict[str, Any]) -> str:
@@ -263,28 +225,25 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 def run_eval(config: EvalConfig) -> int:
-    """Returns 0 after evaluating ``config.model`` on ``config.data``; writes records.jsonl, summary.json, config.json."""
-    reward = config.reward if config.reward != "auto" else ("question_only" if config.prompt == "question_only" else "r1_zero")
-    stop = tuple(config.stop) if config.stop is not None else (("</answer>",) if reward == "r1_zero" else ())
-    template = load_template(config.prompt)
-    examples = load_examples(config.data, split=config.split, hub_config=config.data_config,
-                             max_examples=config.max_examples, seed=config.seed, skip_bad=config.skip_bad)
-    print(examples.report(), file=sys.stderr)
-    options = SamplingOptions(temperature=config.temperature, top_p=config.top_p, max_new_tokens=config.max_new_tokens,
-                              stop=stop, n=config.n, seed=config.seed,
+    """Returns 0 after evaluating ``config.model`` on ``config.data`` or ``config.benchmarks``; writes records, summaries, results and config.json."""
+    config.validate()
+    sets, read = eval_sets(config)
+    options = SamplingOptions(temperature=config.eval_temperature, top_p=config.eval_top_p,
+                              max_new_tokens=config.eval_max_new_tokens, n=config.eval_n_samples, seed=config.seed,
                               return_entropy=config.entropy and config.backend == "hf")
     output_dir = Path(config.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     save_config(config, output_dir / "config.json")
-    generator = build_generator(config)
-    result = evaluate(generator, examples.examples, reward_fn_by_name(reward), options, output_dir=output_dir,
-                      template=template, workers=config.workers)
-    summary = result["summary"]
-    summary_path = output_dir / "summary.json"
-    summary["data"] = {"source": config.data, "records_read": examples.total_records, "skipped": examples.skipped}
-    summary["template"] = config.prompt
-    summary["reward"] = reward
-    summary_path.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    print(format_summary(summary))
-    print(f"wrote {output_dir / 'records.jsonl'} and {summary_path}")
+    generator = build_eval_generator(config)
+    summaries = evaluate_sets(generator, sets, options, output_dir, ks=parse_ks(config.k), n_bootstrap=config.n_bootstrap,
+                              seed=config.seed, grading_workers=config.grading_workers, stop=config.stop,
+                              extra_summary={"template": config.prompt_template, **read})
+    generator.close()
+    for name, summary in summaries.items():
+        if config.benchmarks:
+            print(f"== {name}")
+        print(format_summary(summary))
+    if (output_dir / "results.md").exists():
+        print((output_dir / "results.md").read_text(encoding="utf-8"))
+    print(f"wrote {output_dir}")
     return 0

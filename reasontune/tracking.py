@@ -16,6 +16,8 @@ from numbers import Number
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+
 METRICS_FILE = "metrics.jsonl"
 WANDB_RUN_ID_FILE = "wandb_run_id"
 
@@ -168,7 +170,7 @@ class MetricsLogger:
 
 def _import_wandb() -> Any:
     try:
-        import wandb
+        import wandb  # optional extra
     except ImportError as error:
         raise ImportError("--wandb-project needs the wandb package: pip install 'reasontune[wandb]' "
                           f"(or leave --wandb-project unset); importing it failed with: {error}") from error
@@ -177,7 +179,7 @@ def _import_wandb() -> Any:
 
 def _import_summary_writer() -> Any:
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        from torch.utils.tensorboard import SummaryWriter  # optional extra
     except ImportError as error:
         raise ImportError("--tensorboard needs the tensorboard package: pip install 'reasontune[tensorboard]' "
                           f"(or pass --no-tensorboard); importing it failed with: {error}") from error
@@ -193,8 +195,6 @@ class Progress:
 
     def __init__(self, total_steps: int | None, initial_step: int = 0, enabled: bool = True,
                  description: str = "train", stream: Any = None):
-        from tqdm.auto import tqdm
-
         stream = sys.stderr if stream is None else stream
         is_terminal = bool(getattr(stream, "isatty", lambda: False)())
         self.enabled = enabled and is_terminal

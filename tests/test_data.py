@@ -9,17 +9,16 @@ import pytest
 from reasontune.data import (
     DataError,
     Example,
-    FilterConfig,
     example_prompt,
     format_prompt,
     gsm8k_to_r1_zero,
     load_examples,
     load_template,
     math_to_r1_zero,
-    run_filter,
     train_validation_split,
     with_r1_zero_targets,
 )
+from reasontune.filtering import FilterConfig, run_filter
 
 R1_ZERO = (
     "A conversation between User and Assistant. The User asks a question, and the Assistant solves it. The Assistant "
@@ -169,7 +168,7 @@ def test_filter_keeps_only_correct_responses_and_reports_reasons(tmp_path, capsy
     ]
     source = write_jsonl(tmp_path / "sft.jsonl", records)
     out = tmp_path / "kept" / "filtered.jsonl"
-    assert run_filter(FilterConfig(data=str(source), out=str(out), workers=0)) == 0
+    assert run_filter(FilterConfig(data=str(source), out=str(out), grading_workers=0)) == 0
     kept = [json.loads(line) for line in out.read_text().splitlines()]
     assert kept == [records[0], records[4]]
     printed = capsys.readouterr().out

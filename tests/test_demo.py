@@ -203,7 +203,7 @@ def test_ei_config_starts_from_the_under_trained_sft(tmp_path):
     ei = demo_ei_config(config, tmp_path / "data" / "train.jsonl", tmp_path / "data" / "val.jsonl", tmp_path / "sft" / "final")
     assert ei.model == str(tmp_path / "sft" / "final") and ei.output_dir == str(tmp_path / "ei")
     assert ei.train_data == str(tmp_path / "data" / "train.jsonl") and ei.val_data == str(tmp_path / "data" / "val.jsonl")
-    assert (ei.n_ei_steps, ei.questions_per_step, ei.samples_per_question, ei.sft_epochs) == (3, 100, 5, 2)
+    assert (ei.n_ei_steps, ei.questions_per_step, ei.group_size, ei.sft_epochs) == (3, 100, 5, 2)
     assert (ei.sampling_temperature, ei.learning_rate, ei.eval_examples) == (0.9, 2e-4, 200)
     assert ei.sampling_max_tokens == ei.eval_max_new_tokens == 48 and ei.sampling_min_tokens >= 1
     assert ei.prompt_template == str(DEMO_TEMPLATE_PATH) and ei.device == "cpu" and ei.backend == "hf"
@@ -234,3 +234,15 @@ def test_the_start_is_the_checkpoint_closest_to_the_target_accuracy(tmp_path):
     assert pick_under_trained(tmp_path, 0.7)[:2] == (tmp_path / "checkpoint-50", 50)
     assert pick_under_trained(tmp_path, 1.0)[:2] == (tmp_path / "final", 60)
     assert pick_under_trained(tmp_path, 0.0)[:2] == (tmp_path / "checkpoint-40", 40)  # never the untrained step 0
+
+
+def test_demo_grpo_config_is_valid_and_starts_from_the_picked_checkpoint(tmp_path):
+    from reasontune.demo import demo_grpo_config
+
+    demo = DemoConfig(output_dir=str(tmp_path), seed=3, num_threads=2)
+    config = demo_grpo_config(demo, tmp_path / "data" / "train.jsonl", tmp_path / "data" / "val.jsonl",
+                              tmp_path / "sft" / "checkpoint-40")
+    config.validate()
+    assert config.model == str(tmp_path / "sft" / "checkpoint-40") and config.val_data == str(tmp_path / "data" / "val.jsonl")
+    assert config.seed == 3 and config.num_threads == 2 and config.eval_temperature == 0.0
+    assert config.output_dir == str(tmp_path / "grpo")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from reasontune.data import Example
-from reasontune.evaluation import EvalConfig, evaluate, log_generations, run_eval
+from reasontune.evaluation import EvalConfig, evaluate, log_generations
 from reasontune.generation import Completion, Generator, SamplingOptions
 
 rewards = pytest.importorskip("reasontune.rewards")
@@ -24,6 +24,18 @@ class ScriptedGenerator(Generator):
     def generate(self, prompts, options):
         self.seen.extend(prompts)
         return [self.by_prompt[p][: options.n] for p in prompts]
+
+    def sync_weights(self, model):
+        pass
+
+    def sleep(self):
+        pass
+
+    def wake(self):
+        pass
+
+    def close(self):
+        pass
 
 
 def completion(text: str, tokens: int, entropies=None, finish="stop") -> Completion:
@@ -48,7 +60,7 @@ EXAMPLES = [Example(question="a", ground_truth="7", source="f.jsonl", line=1),
 def test_records_and_summary_match_a_hand_computed_example(tmp_path):
     generator = scripted()
     result = evaluate(generator, EXAMPLES, rewards.r1_zero_reward_fn, SamplingOptions(n=2), output_dir=tmp_path,
-                      template="Q: {question}", workers=0)
+                      template="Q: {question}", grading_workers=0)
     summary = result["summary"]
     assert generator.seen == ["Q: a", "Q: b", "Q: c"]
     assert summary["n_examples"] == 3 and summary["n_samples"] == 6
@@ -78,7 +90,7 @@ def test_records_and_summary_match_a_hand_computed_example(tmp_path):
 
 def test_log_generations_has_seed_001_fields():
     logged = log_generations(scripted(), ["Q: a", "Q: b"], ["7", "12"], rewards.r1_zero_reward_fn,
-                             SamplingOptions(n=1), workers=0)
+                             SamplingOptions(n=1), grading_workers=0)
     assert [r["response_length"] for r in logged["records"]] == [4, 3]
     assert logged["records"][0]["avg_token_entropy"] == pytest.approx(2.0)
     assert set(logged["records"][0]) >= {"prompt", "response", "ground_truth", "format_reward", "answer_reward",
@@ -104,7 +116,8 @@ def test_eval_command_writes_readable_records_and_summary(tmp_path, qwen_tokeniz
     torch.set_num_threads(1)
     try:
         code = main(["eval", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "out"),
-                     "--max-examples", "3", "--max-new-tokens", "4", "--batch-size", "2", "--workers", "0"])
+                     "--max-examples", "3", "--eval-max-new-tokens", "4", "--generation-batch-size", "2",
+                     "--grading-workers", "0"])
     finally:
         torch.set_num_threads(threads)
     assert code == 0
@@ -114,4 +127,61 @@ def test_eval_command_writes_readable_records_and_summary(tmp_path, qwen_tokeniz
     assert sum(summary["counts"].values()) == 3 and summary["mean_entropy"] is not None
     assert all(r["response_tokens"] <= 4 and r["prompt"].endswith("Assistant: <think>") for r in records)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["max_examples"] == 3
-    assert EvalConfig().prompt == "r1_zero"
+    assert EvalConfig().prompt_template == "auto" and EvalConfig().reward_name == "r1_zero"
+
+
+BENCHMARK_DIR = __import__("pathlib").Path(__file__).parent / "data" / "benchmarks"
+
+
+def test_eval_suite_with_samples_writes_per_benchmark_results_and_compare_reads_them(tmp_path, tiny_model_dir, capsys):
+    """--benchmarks from local files, 4 samples each: per-benchmark records/summaries with pass@k / maj@k / avg@k and
+    intervals, one results table, plots; then `reasontune compare` of two such evaluations."""
+    from reasontune.cli import main
+    from reasontune.estimators import pass_at_k
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, seed in (("a", "0"), ("b", "1")):
+            assert main(["eval", "--model", str(tiny_model_dir), "--benchmarks", "math500,gsm8k",
+                         "--benchmark-dir", str(BENCHMARK_DIR), "--output-dir", str(tmp_path / name),
+                         "--n-samples", "4", "--k", "1,2,4", "--eval-temperature", "1.0", "--eval-max-new-tokens", "6",
+                         "--n-bootstrap", "50", "--grading-workers", "0", "--seed", seed]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    for benchmark in ("math500", "gsm8k"):
+        records = [json.loads(line) for line in (tmp_path / "a" / benchmark / "records.jsonl").read_text().splitlines()]
+        summary = json.loads((tmp_path / "a" / benchmark / "summary.json").read_text())
+        questions = sorted({r["question_id"] for r in records})
+        assert len(records) == 4 * len(questions) and all(q.startswith(f"{benchmark}:") for q in questions)
+        assert all("answer" in r for r in records) and summary["benchmark"] == benchmark
+        assert summary["reward"] == "question_only"  # the benchmark's standard prompt asks for \boxed{}
+        estimates = summary["estimates"]
+        assert set(estimates["metrics"]) == {f"{m}@{k}" for m in ("pass", "maj", "avg") for k in (1, 2, 4)}
+        assert estimates["n_samples"] == 4 and estimates["temperature"] == 1.0 and "boxed" in estimates["prompt"]
+        # pass@2 recomputed from the records by hand: mean over questions of the unbiased estimator.
+        correct = {q: sum(r["answer_reward"] for r in records if r["question_id"] == q) for q in questions}
+        expected = sum(pass_at_k(4, int(c), 2) for c in correct.values()) / len(questions)
+        assert estimates["metrics"]["pass@2"]["value"] == pytest.approx(expected)
+        low, high = estimates["metrics"]["pass@2"]["low"], estimates["metrics"]["pass@2"]["high"]
+        assert low <= expected <= high
+    table = (tmp_path / "a" / "results.md").read_text()
+    assert "math500" in table and "gsm8k" in table and "pass@4" in table
+    results = json.loads((tmp_path / "a" / "results.json").read_text())
+    assert set(results["benchmarks"]) == {"math500", "gsm8k"} and "maj@4" in results["columns"]
+    assert (tmp_path / "a" / "pass_at_k.png").exists()
+    capsys.readouterr()
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--k", "1,4", "--n-bootstrap", "50",
+                 "--output-dir", str(tmp_path / "cmp")]) == 0
+    printed = capsys.readouterr().out
+    assert "math500" in printed and "gsm8k" in printed and "p" in printed
+    assert (tmp_path / "cmp" / "comparison.png").exists()
+
+
+def test_eval_rejects_k_beyond_the_samples_and_unknown_benchmarks(tmp_path):
+    with pytest.raises(SystemExit, match="exceeds --n-samples"):
+        EvalConfig(model="m", data="d.jsonl", output_dir=str(tmp_path), k="1,8", eval_n_samples=4).validate()
+    with pytest.raises(SystemExit, match="--benchmarks"):
+        EvalConfig(model="m", benchmarks="math500,mathbench", output_dir=str(tmp_path)).validate()
+    with pytest.raises(SystemExit, match="not both"):
+        EvalConfig(model="m", data="d.jsonl", benchmarks="gsm8k", output_dir=str(tmp_path)).validate()

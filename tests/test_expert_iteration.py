@@ -5,18 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import torch
+from safetensors.torch import load_file
 
-from reasontune.generation import Completion
-from reasontune.rewards import r1_zero_reward_fn
-from reasontune.training.expert_iteration import (
-    ExpertIterationConfig,
-    keep_correct,
-    rollout_statistics,
-    run_expert_iteration,
-    sample_question_batch,
-)
+from reasontune.training.common import question_batch
+from reasontune.training.expert_iteration import ExpertIterationConfig, run_expert_iteration
 
 torch.set_num_threads(1)
 
@@ -26,63 +19,22 @@ UNFORMATTED = " the answer is 42"
 PROMPTS = [f"User: What is {a} + {b}? Assistant: <think>" for a, b in ((12, 30), (20, 22), (40, 2))]
 
 
-def completion(text: str, tokens: int, entropies=None) -> Completion:
-    return Completion(text=text, token_ids=list(range(tokens)), finish_reason="stop", entropies=entropies)
-
-
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def test_keep_correct_keeps_exactly_the_correct_samples_in_order():
-    from reasontune.evaluation import grade
-
-    # G = 3 samples for each of 3 prompts; the second prompt's reference is 43, so its "42" samples are wrong.
-    truths = ["42", "43", "42"]
-    groups = [
-        [completion(CORRECT, 10), completion(FORMATTED_WRONG, 11), completion(UNFORMATTED, 4)],
-        [completion(CORRECT, 10), completion(UNFORMATTED, 4), completion(FORMATTED_WRONG, 11)],
-        [completion(UNFORMATTED, 4), completion(CORRECT + " trailing", 12), completion(CORRECT, 10)],
-    ]
-    rewards = grade([c.text for g in groups for c in g], [t for t, g in zip(truths, groups) for _ in g],
-                    r1_zero_reward_fn, workers=0)
-    # The three categories really occur: formatted-wrong has format 1 and answer 0, unformatted format 0.
-    assert [(r["format_reward"], r["answer_reward"]) for r in rewards[:3]] == [(1.0, 1.0), (1.0, 0.0), (0.0, 0.0)]
-    kept = keep_correct(PROMPTS, truths, groups, rewards)
-    assert kept == [
-        {"prompt": PROMPTS[0], "response": CORRECT, "ground_truth": "42"},
-        {"prompt": PROMPTS[2], "response": CORRECT + " trailing", "ground_truth": "42"},  # text after </answer> is ignored
-        {"prompt": PROMPTS[2], "response": CORRECT, "ground_truth": "42"},
-    ]
-    with pytest.raises(ValueError, match="8 rewards for 9 samples"):
-        keep_correct(PROMPTS, truths, groups, rewards[:8])
-
-
-def test_rollout_statistics_hand_values():
-    groups = [[completion(CORRECT, 10, [0.5] * 10), completion(UNFORMATTED, 4, [2.0] * 4)],
-              [completion(FORMATTED_WRONG, 6, [1.0] * 6), completion(UNFORMATTED, 2, [3.0] * 2)]]
-    rewards = [r1_zero_reward_fn(c.text, "42") for g in groups for c in g]
-    stats = rollout_statistics(groups, rewards)
-    assert stats["samples"] == 4 and stats["sample_accuracy"] == 0.25 and stats["sample_format_rate"] == 0.5
-    assert stats["questions_solved"] == 1
-    # Token-weighted: (10*0.5 + 4*2 + 6*1 + 2*3) / 22 = 25 / 22 (not the mean of per-sample means, 1.625).
-    assert stats["token_entropy"] == pytest.approx(25 / 22)
-    assert stats["mean_response_tokens"] == 5.5
-    assert stats["mean_response_tokens_correct"] == 10 and stats["mean_response_tokens_incorrect"] == 4
-
-
 def test_question_batches_are_seeded_distinct_and_vary_by_step():
-    first = sample_question_batch(50, 8, seed=3, step=1)
+    first = question_batch(50, 8, seed=3, step=1)
     assert len(first) == 8 and len(set(first)) == 8 and all(0 <= i < 50 for i in first)
-    assert sample_question_batch(50, 8, seed=3, step=1) == first
-    assert sample_question_batch(50, 8, seed=3, step=2) != first
-    assert sample_question_batch(50, 8, seed=4, step=1) != first
-    assert sorted(sample_question_batch(5, 8, seed=0, step=1)) == [0, 1, 2, 3, 4]
+    assert question_batch(50, 8, seed=3, step=1) == first
+    assert question_batch(50, 8, seed=3, step=2) != first
+    assert question_batch(50, 8, seed=4, step=1) != first
+    assert sorted(question_batch(5, 8, seed=0, step=1)) == [0, 1, 2, 3, 4]
 
 
 def ei_config(model, train: Path, val: Path, out: Path, **changes) -> ExpertIterationConfig:
     values = dict(model=str(model), train_data=str(train), val_data=str(val), output_dir=str(out), n_ei_steps=1,
-                  questions_per_step=3, samples_per_question=2, sampling_temperature=1.0, sampling_min_tokens=1,
+                  questions_per_step=3, group_size=2, sampling_temperature=1.0, sampling_min_tokens=1,
                   sampling_max_tokens=8, sft_epochs=1, learning_rate=1e-3, batch_size=2, gradient_accumulation_steps=1,
                   max_length=64, eval_examples=2, eval_max_new_tokens=8, dtype="float32", device="cpu",
                   num_threads=1, progress=False, write_report=True, seed=0)
@@ -101,12 +53,12 @@ def test_random_model_keeps_nothing_and_skips_sft(tiny_model_dir, tmp_path):
     rollouts = read_jsonl(run_dir / "ei-step-1" / "rollouts.jsonl")
     assert len(rollouts) == 6 and all(r["answer_reward"] == 0.0 for r in rollouts)
     assert all(1 <= r["response_tokens"] <= 8 for r in rollouts)  # min tokens 1: no empty response
-    assert read_jsonl(run_dir / "ei-step-1" / "data.jsonl") == []
-    assert not (run_dir / "ei-step-1" / "sft").exists()
     metrics = read_jsonl(run_dir / "metrics.jsonl")
     (train_line,) = [m for m in metrics if m["kind"] == "train"]
-    assert train_line["kept"] == 0 and train_line["loss"] is None and train_line["sample_accuracy"] == 0.0
-    assert train_line["token_entropy"] > 0 and train_line["policy"] == str(tiny_model_dir)
+    assert train_line["kept"] == 0 and train_line["loss"] is None and train_line["accuracy"] == 0.0
+    assert train_line["token_entropy"] > 0 and train_line["sft_steps"] == 0
+    final, start = load_file(run_dir / "final" / "model.safetensors"), load_file(tiny_model_dir / "model.safetensors")
+    assert all(torch.equal(final[k], start[k]) for k in start)  # nothing kept: the policy is unchanged
     assert any(m["kind"] == "event" and "SFT skipped" in m["message"] for m in metrics)
     assert [m["step"] for m in metrics if m["kind"] == "eval"] == [0, 1]
     for step in (0, 1):
@@ -117,8 +69,6 @@ def test_random_model_keeps_nothing_and_skips_sft(tiny_model_dir, tmp_path):
 
 def test_policy_that_answers_gets_fine_tuned_on_its_correct_samples(tiny_model_dir, tmp_path):
     """A tiny model first taught one response by SFT; EI keeps exactly its samples that match the reference."""
-    from safetensors.torch import load_file
-
     from reasontune.training.sft import SFTConfig, run_sft
 
     sft_data = tmp_path / "teach.jsonl"
@@ -131,25 +81,18 @@ def test_policy_that_answers_gets_fine_tuned_on_its_correct_samples(tiny_model_d
     train = write_questions(tmp_path / "train.jsonl", ["42", "43", "42"])
     run_dir = run_expert_iteration(ei_config(taught, train, train, tmp_path / "run", n_ei_steps=2,
                                              sampling_max_tokens=24, eval_max_new_tokens=24, eval_examples=3))
-    for step in (1, 2):
-        rollouts = read_jsonl(run_dir / f"ei-step-{step}" / "rollouts.jsonl")
-        kept = read_jsonl(run_dir / f"ei-step-{step}" / "data.jsonl")
-        correct = [r for r in rollouts if r["answer_reward"] == 1.0]
-        assert len(correct) >= 2, rollouts  # the taught model answers 42 nearly always
-        assert kept == [{"prompt": r["prompt"], "response": r["response"], "ground_truth": r["ground_truth"]}
-                        for r in correct]
-        assert all(k["ground_truth"] == "42" and k["prompt"] != PROMPTS[1] for k in kept)
-        sft_metrics = read_jsonl(run_dir / f"ei-step-{step}" / "sft" / "metrics.jsonl")
-        assert [m["step"] for m in sft_metrics if m["kind"] == "train"] == list(range(1, (len(kept) + 1) // 2 + 1))
-    # Step 2 samples from step 1's policy, and the run's final/ is step 2's.
     train_lines = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m["kind"] == "train"]
-    assert train_lines[1]["policy"] == str(run_dir / "ei-step-2" / "sft" / "final")
-    assert (json.loads((run_dir / "ei-step-2" / "sft" / "config.json").read_text())["model"]
-            == str(run_dir / "ei-step-1" / "sft" / "final"))
-    assert all(m["loss"] is not None and m["kept"] >= 2 and m["lr"] == 1e-3 for m in train_lines)
+    for step, line in zip((1, 2), train_lines):
+        rollouts = read_jsonl(run_dir / f"ei-step-{step}" / "rollouts.jsonl")
+        correct = [r for r in rollouts if r["category"] == "correct"]
+        assert len(correct) >= 2, rollouts  # the taught model answers 42 nearly always
+        assert all(r["ground_truth"] == "42" and r["prompt"] != PROMPTS[1] for r in correct)
+        # Exactly the correct samples were trained on, in memory: batch 2, one epoch.
+        assert line["kept"] == len(correct) and line["sft_steps"] == (len(correct) + 1) // 2
+        assert line["loss"] is not None and line["lr"] == 1e-3
+    assert not list(run_dir.glob("ei-step-*/sft"))  # no per-step SFT run directory written and read back
     final, before = load_file(run_dir / "final" / "model.safetensors"), load_file(taught / "model.safetensors")
     assert any(not torch.equal(final[k], before[k]) for k in before)
-    assert torch.equal(final["model.norm.weight"], load_file(run_dir / "ei-step-2" / "sft" / "final" / "model.safetensors")["model.norm.weight"])
     summary = json.loads((run_dir / "eval" / "step-000002" / "summary.json").read_text())
     assert summary["n_examples"] == 3
 

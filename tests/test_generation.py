@@ -133,7 +133,28 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(qwen_tokeni
     assert all(len(g[0].token_ids) == 6 for g in batched)
 
 
-def test_logprobs_and_entropy_equal_a_full_forward_pass(qwen_tokenizer, random_model):
+def sampling_log_probs_reference(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """Log-probs of the distribution sampled from, written independently: softmax(logits / T), then the nucleus.
+
+    The nucleus is the smallest set of most probable tokens whose probability reaches top_p;
+    probabilities outside it are 0 and the rest are renormalised.
+    """
+    probs = torch.softmax(logits.double() / temperature, dim=-1)
+    out = torch.full_like(probs, -float("inf"))
+    for row in range(probs.shape[0]):
+        order = sorted(range(probs.shape[1]), key=lambda t: -float(probs[row, t]))
+        kept, mass = [], 0.0
+        for token in order:
+            kept.append(token)
+            mass += float(probs[row, token])
+            if mass >= top_p:
+                break
+        for token in kept:
+            out[row, token] = float(torch.log(probs[row, token] / mass))
+    return out
+
+
+def test_logprobs_are_those_of_the_sampling_distribution_and_entropy_of_the_model(qwen_tokenizer, random_model):
     prompts = ["Hi", "Natalia sold clips to 48 of her friends in April."]
     options = SamplingOptions(temperature=0.7, top_p=0.9, max_new_tokens=5, stop=(), seed=0,
                               return_logprobs=True, return_entropy=True)
@@ -143,13 +164,36 @@ def test_logprobs_and_entropy_equal_a_full_forward_pass(qwen_tokenizer, random_m
         ids = torch.tensor([prompt_ids + completion.token_ids])
         with torch.no_grad():
             logits = random_model(ids).logits[0, len(prompt_ids) - 1:-1].float()  # predicts each generated token
-        # Reference: the model's raw distribution (no temperature / top-p), as get_response_log_probs sees it.
-        log_probs = torch.log_softmax(logits, dim=-1)
-        expected = log_probs.gather(-1, torch.tensor(completion.token_ids)[:, None]).squeeze(-1)
-        expected_entropy = -(log_probs.exp() * log_probs).sum(-1)
+        tokens = torch.tensor(completion.token_ids)[:, None]
+        # Log-probs: temperature 0.7 and the 0.9 nucleus applied (what importance correction needs).
+        expected = sampling_log_probs_reference(logits, 0.7, 0.9).gather(-1, tokens).squeeze(-1).float()
+        assert torch.isfinite(expected).all()  # every sampled token lies in its nucleus
         torch.testing.assert_close(torch.tensor(completion.logprobs), expected, atol=2e-4, rtol=1e-4)
+        # Entropy: of the model's own distribution (temperature 1, no nucleus).
+        log_probs = torch.log_softmax(logits, dim=-1)
+        raw = log_probs.gather(-1, tokens).squeeze(-1)
+        assert (torch.tensor(completion.logprobs) - raw).abs().max() > 1e-3  # the two distributions differ
+        expected_entropy = -(log_probs.exp() * log_probs).sum(-1)
         torch.testing.assert_close(torch.tensor(completion.entropies), expected_entropy, atol=2e-4, rtol=1e-4)
         assert completion.mean_entropy == pytest.approx(expected_entropy.mean().item(), abs=2e-4)
+
+
+def test_generator_contract_of_the_hf_backend(qwen_tokenizer, random_model):
+    from reasontune.generation import build_generator
+
+    generator = build_generator("hf", model=random_model, tokenizer=qwen_tokenizer, batch_size=4)
+    assert isinstance(generator, HFGenerator)
+    other = bigram_model(qwen_tokenizer, [":" + OTHER_CHAIN_TEXT])
+    generator.sync_weights(other)  # samples from the given policy object from now on
+    generator.sleep()
+    generator.wake()
+    [[completion]] = generator.generate(["Answer:"], SamplingOptions(temperature=0.0, max_new_tokens=5, stop=()))
+    assert completion.text == OTHER_CHAIN_TEXT
+    generator.close()
+    with pytest.raises(ValueError, match="pass model= and tokenizer="):
+        build_generator("hf")
+    with pytest.raises(ValueError, match="unknown generation backend"):
+        build_generator("tgi", model=random_model, tokenizer=qwen_tokenizer)
 
 
 def test_min_new_tokens_forbids_eos_while_logprobs_stay_those_of_the_raw_model(qwen_tokenizer):
@@ -197,7 +241,7 @@ def test_sampling_options_validation_and_cut_at_stop():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is None, reason="vllm not installed")
-def test_vllm_generator_loads_policy_weights(tmp_path, qwen_tokenizer):
+def test_vllm_generator_syncs_policy_weights(tmp_path, qwen_tokenizer):
     from reasontune.generation.vllm import VLLMGenerator
 
     model = bigram_model(qwen_tokenizer, [":" + CHAIN_TEXT])
@@ -209,6 +253,6 @@ def test_vllm_generator_loads_policy_weights(tmp_path, qwen_tokenizer):
     [[completion]] = generator.generate(["Answer:"], options)
     assert completion.text == " so the result is 7 </answer>" and completion.finish_reason == "stop"
     other = bigram_model(qwen_tokenizer, [":" + OTHER_CHAIN_TEXT])
-    assert generator.load_policy_weights(other) > 0
+    assert generator.sync_weights(other) > 0
     [[completion]] = generator.generate(["Answer:"], options.replace(stop=(), max_new_tokens=5))
     assert completion.text == OTHER_CHAIN_TEXT

@@ -75,7 +75,7 @@ def test_sft_token_mean_and_examples_in_step():
     assert loss.item() == pytest.approx(5.75 / 2 / 5)  # accumulation already inside examples_in_step
     with pytest.raises(ValueError, match="same shape"):
         sft_microbatch_train_step(log_probs, mask[:, :2], 1)
-    with pytest.raises(ValueError, match="unknown SFT normalization"):
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
         sft_microbatch_train_step(log_probs, mask, 1, normalization="per_token")
 
 
@@ -209,3 +209,28 @@ def test_grpo_clip_equals_reinforce_with_baseline_on_policy():
     b = base.clone().requires_grad_(True)
     grpo_microbatch_train_step(b, mask, 1, "reinforce_with_baseline", advantages=advantages)
     torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_aggregate_loss_is_one_reduction_for_sft_and_grpo():
+    """Hand values: per-token loss [[·, 2, 4], [1, 3, ·]] (· masked), accumulation 2, 5 sequences / 9 tokens in the step."""
+    from reasontune.losses import aggregate_loss
+
+    per_token = torch.tensor([[9.0, 2.0, 4.0], [1.0, 3.0, 9.0]])
+    mask = torch.tensor([[F, T, T], [T, T, F]])
+    # sequence_mean: means 3 and 2 -> batch mean 2.5 -> / 2 steps; with examples_in_step: (3 + 2) / 5
+    assert aggregate_loss(per_token, mask, "sequence_mean", 2).item() == pytest.approx(1.25)
+    assert aggregate_loss(per_token, mask, "sequence_mean", 2, examples_in_step=5).item() == pytest.approx(1.0)
+    # sequence_sum with constant 4: sums 6 and 4 -> 1.5 and 1 -> mean 1.25 / 2; examples_in_step: 2.5 / 5
+    assert aggregate_loss(per_token, mask, "sequence_sum", 2, normalize_constant=4.0).item() == pytest.approx(0.625)
+    assert aggregate_loss(per_token, mask, "sequence_sum", 2, normalize_constant=4.0,
+                          examples_in_step=5).item() == pytest.approx(0.5)
+    # the earlier names are the same reduction
+    for alias in ("constant", "sequence_sum_constant"):
+        assert aggregate_loss(per_token, mask, alias, 2, normalize_constant=4.0).item() == pytest.approx(0.625)
+    # token_mean: 10 / 9 tokens of the step; without the count: 10 / (4 * 2)
+    assert aggregate_loss(per_token, mask, "token_mean", 2, tokens_in_step=9).item() == pytest.approx(10 / 9)
+    assert aggregate_loss(per_token, mask, "token_mean", 2).item() == pytest.approx(10 / 8)
+    with pytest.raises(ValueError, match="needs normalize_constant"):
+        aggregate_loss(per_token, mask, "sequence_sum", 1)
+    with pytest.raises(ValueError, match="examples_in_step must be positive"):
+        aggregate_loss(per_token, mask, "sequence_mean", 1, examples_in_step=0)

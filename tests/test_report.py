@@ -18,10 +18,9 @@ def write_jsonl(path, records):
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def record(prompt, response, ground_truth, format_reward, answer_reward, nested=False):
-    rewards = {"format_reward": format_reward, "answer_reward": answer_reward, "reward": answer_reward}
-    base = {"prompt": prompt, "response": response, "ground_truth": ground_truth, "response_length": len(response.split())}
-    return {**base, "rewards": rewards} if nested else {**base, **rewards}
+def record(prompt, response, ground_truth, format_reward, answer_reward):
+    return {"prompt": prompt, "response": response, "ground_truth": ground_truth, "response_tokens": len(response.split()),
+            "format_reward": format_reward, "answer_reward": answer_reward, "reward": answer_reward}
 
 
 @pytest.fixture
@@ -35,7 +34,7 @@ def run_dir(tmp_path):
         "seed": 17, "eval_every": 12}))
     lines = [json.dumps({"kind": "data", "step": 0, "train_examples": 480, "truncated_examples": 3})]
     lines.append(json.dumps({"kind": "eval", "step": 0, "accuracy": 0.27, "format_rate": 0.45,
-                             "mean_response_length": 187.5, "mean_entropy": 1.9, "dir": "eval/step-000000"}))
+                             "mean_response_tokens": 187.5, "mean_entropy": 1.9, "dir": "eval/step-000000"}))
     for step in range(1, 13):
         lines.append(json.dumps({"kind": "train", "step": step, "epoch": step / 6, "loss": 2.0 / step, "lr": 3e-5 * (1 - step / 13),
                                  "grad_norm": 5.0 / step, "token_entropy": 1.5 - step / 20 if step != 4 else None,
@@ -46,7 +45,7 @@ def run_dir(tmp_path):
             lines.append(json.dumps({"kind": "event", "step": 5, "message": "resumed from checkpoint-5"}))
             lines.append(json.dumps({"kind": "gpu_memory", "step": 5, "allocated": 1.0}))  # unknown kind: ignored
     lines.append(json.dumps({"kind": "eval", "step": 12, "accuracy": 0.73, "format_rate": 0.91,
-                             "mean_response_length": 141.0, "mean_entropy": 0.8, "dir": "eval/step-000012"}))
+                             "mean_response_tokens": 141.0, "mean_entropy": 0.8, "dir": "eval/step-000012"}))
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
 
     write_jsonl(run / "eval" / "step-000000" / "records.jsonl", [
@@ -57,9 +56,9 @@ def run_dir(tmp_path):
     long_prompt = "A" * 1000 + " What is 20+21? Assistant: <think>"
     write_jsonl(run / "eval" / "step-000012" / "records.jsonl", [
         record(long_prompt, SCRIPT_RESPONSE, "41", 1.0, 1.0),
-        record("Q: 6*7?", "</think> <answer>43</answer> & more", "42", 1.0, 0.0, nested=True),
+        record("Q: 6*7?", "</think> <answer>43</answer> & more", "42", 1.0, 0.0),
         record("Q: 9-1?", "I give up </answer>", "8", 0.0, 0.0),
-        record("Q: 1+1?", "</think> <answer>2</answer>", "2", 1.0, 1.0, nested=True),
+        record("Q: 1+1?", "</think> <answer>2</answer>", "2", 1.0, 1.0),
     ])
     (run / "eval" / "step-000012" / "summary.json").write_text(json.dumps(
         {"accuracy": 0.73, "format_rate": 0.91, "counts": {"correct": 2, "formatted_wrong": 1, "unformatted": 1},

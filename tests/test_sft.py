@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess
@@ -67,7 +66,7 @@ def test_kill_minus_nine_then_resume_reproduces_uninterrupted_run(tiny_model_dir
     command = [sys.executable, "-m", "reasontune.cli", *sft_args(tiny_model_dir, data, interrupted, "--save-every", "2")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (interrupted / "checkpoint-4" / "trainer_state.pt").exists():
+    while not (interrupted / "checkpoint-4" / "trainer_state.json").exists():
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline, "no checkpoint-4 within the time limit"
         time.sleep(0.05)
@@ -86,7 +85,7 @@ def test_kill_minus_nine_then_resume_reproduces_uninterrupted_run(tiny_model_dir
     assert steps == list(range(1, 11))
     # The resolved config loads back equal.
     config = load_config(interrupted / "config.json", SFTConfig)
-    assert config.resume and config.learning_rate == 3e-3 and config.loss_normalization == "constant"
+    assert config.resume and config.learning_rate == 3e-3 and config.loss_aggregation == "sequence_sum"
 
 
 def test_divergence_stops_with_a_usable_checkpoint(tiny_model_dir, tmp_path):
@@ -153,12 +152,12 @@ def test_run_directory_holds_config_metrics_evals_checkpoints_and_report(tiny_mo
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     data_line = next(r for r in records if r["kind"] == "data")
     assert data_line["train_examples"] == 18 and data_line["validation_examples"] == 4
-    assert data_line["loss_normalization"] == "constant"
+    assert data_line["loss_aggregation"] == "sequence_sum"
     train_steps = [r["step"] for r in records if r["kind"] == "train"]
     eval_steps = [r["step"] for r in records if r["kind"] == "eval"]
     assert train_steps == list(range(1, len(train_steps) + 1))
     assert eval_steps == list(range(0, len(train_steps) + 1))  # before training, each step, and after
-    assert all(r["mean_response_length"] > 0 for r in records if r["kind"] == "eval")
+    assert all(r["mean_response_tokens"] > 0 for r in records if r["kind"] == "eval")
     assert sum(r["examples"] for r in records if r["kind"] == "train") == 18
     for step in eval_steps:
         summary = json.loads((run_dir / "eval" / f"step-{step:06d}" / "summary.json").read_text())

@@ -1,15 +1,24 @@
-"""One ``Generator`` interface for sampling responses; Hugging Face and vLLM backends.
+"""One ``Generator`` contract for sampling responses; Hugging Face and vLLM backends; one factory.
 
-``generator.generate(prompts, options)`` returns ``list[list[Completion]]``: one inner list per
-prompt, in the order of ``prompts``, each holding ``options.n`` completions. Every backend
-honours the same ``SamplingOptions``: a stop string ends a completion and is kept in its text
-(the text is cut right after it), ``temperature == 0`` is greedy, and on request each
-completion carries the per-token log-probabilities of its sampled tokens (and, where the
-backend has the full distribution, per-token entropies) under the model's own distribution,
-i.e. raw logits before temperature / top-p, so they match ``get_response_log_probs``.
+The contract every backend implements, so that trainers never ask which backend they hold:
 
-Backends: ``HFGenerator`` (``reasontune.generation.hf``; CPU and GPU) and ``VLLMGenerator``
-(``reasontune.generation.vllm``; optional ``vllm`` extra, imported only when used).
+- ``generate(prompts, options)`` returns ``list[list[Completion]]``: one inner list per prompt,
+  in the order of ``prompts``, each holding ``options.n`` completions. A stop string ends a
+  completion and is kept in its text (cut right after it); ``temperature == 0`` is greedy.
+  With ``options.return_logprobs`` each completion carries its sampled tokens' log-probs
+  **under the distribution actually sampled from**: temperature, top-p and EOS suppression
+  (``min_new_tokens``) applied, as importance correction against the trainer needs (for
+  greedy decoding, which has no sampling distribution, the model's own log-probs at
+  temperature 1). Per-token entropies, where the backend has the full distribution, are of
+  the model's own (temperature 1) distribution.
+- ``sync_weights(model)``: make the next ``generate`` sample from ``model``'s current weights
+  (the HF generator samples from the policy object itself; vLLM copies the weights in).
+- ``sleep()`` / ``wake()``: free and take back accelerator memory between rollouts (no-ops
+  where meaningless); ``generate`` and ``sync_weights`` wake a sleeping engine themselves.
+- ``close()``: release the backend's resources.
+
+``build_generator`` is the one factory. Backends: ``HFGenerator`` (``reasontune.generation.hf``;
+CPU and GPU) and ``VLLMGenerator`` (``reasontune.generation.vllm``; optional ``vllm`` extra).
 """
 
 from __future__ import annotations
@@ -106,6 +115,22 @@ class Generator(abc.ABC):
     def generate(self, prompts: Sequence[str], options: SamplingOptions) -> list[list[Completion]]:
         """Returns one list of ``options.n`` completions per prompt, in prompt order."""
 
+    @abc.abstractmethod
+    def sync_weights(self, model) -> None:
+        """Returns nothing; the next ``generate`` samples from ``model``'s current weights."""
+
+    @abc.abstractmethod
+    def sleep(self) -> None:
+        """Returns nothing; frees accelerator memory until the next ``wake``/``generate`` (no-op where meaningless)."""
+
+    @abc.abstractmethod
+    def wake(self) -> None:
+        """Returns nothing; takes back the memory ``sleep`` freed (no-op where meaningless)."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Returns nothing; releases the backend (the generator is unusable afterwards)."""
+
     def generate_flat(self, prompts: Sequence[str], options: SamplingOptions) -> list[Completion]:
         """Returns the completions as one list: prompt 0's n samples, then prompt 1's, … (GRPO's layout)."""
         return [completion for group in self.generate(prompts, options) for completion in group]
@@ -123,6 +148,30 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
     return text[: best[0]], best[1]
 
 
+def build_generator(backend: Literal["hf", "vllm"], *, model=None, tokenizer=None, model_name: str = "",
+                    dtype: str = "float32", seed: int = 0, batch_size: int = 32, vllm_device: str | None = None,
+                    vllm_gpu_memory_utilization: float = 0.85, share_gpu_with_training: bool = False) -> Generator:
+    """Returns the generator of ``backend``: HF ``generate`` on ``model`` itself, or a vLLM engine built from ``model_name``.
+
+    A vLLM engine starts from the weights in ``model_name``; trainers call ``sync_weights``
+    before each rollout or evaluation. ``share_gpu_with_training`` (a vLLM engine on the
+    policy's own GPU) turns on sleep mode, so ``sleep()`` gives the KV cache back to training.
+    """
+    if backend == "vllm":
+        from reasontune.generation.vllm import VLLMGenerator  # optional extra: imported only when asked for
+
+        return VLLMGenerator(model_name, device=vllm_device, dtype=dtype, seed=seed,
+                             gpu_memory_utilization=vllm_gpu_memory_utilization,
+                             enable_sleep_mode=share_gpu_with_training and vllm_device is None)
+    if backend != "hf":
+        raise ValueError(f"unknown generation backend {backend!r}; expected hf or vllm")
+    if model is None or tokenizer is None:
+        raise ValueError("the hf backend samples from a loaded model: pass model= and tokenizer=")
+    from reasontune.generation.hf import HFGenerator  # torch/transformers stay out of `import reasontune.generation`
+
+    return HFGenerator(model, tokenizer, batch_size=batch_size)
+
+
 def __getattr__(name: str):
     # Backends are imported on first use: torch/transformers (hf) and vllm stay out of `import reasontune.generation`.
     if name == "HFGenerator":
@@ -136,4 +185,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'reasontune.generation' has no attribute {name!r}")
 
 
-__all__ = ["Completion", "FinishReason", "Generator", "HFGenerator", "SamplingOptions", "VLLMGenerator", "cut_at_stop"]
+__all__ = ["Completion", "FinishReason", "Generator", "HFGenerator", "SamplingOptions", "VLLMGenerator", "build_generator",
+           "cut_at_stop"]

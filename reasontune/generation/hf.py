@@ -1,4 +1,4 @@
-"""The Hugging Face backend: batched ``model.generate`` with left padding, stop strings, log-probs and entropy."""
+"""The Hugging Face backend: batched ``model.generate`` with left padding, stop strings, sampling log-probs and entropy."""
 
 from __future__ import annotations
 
@@ -78,45 +78,90 @@ class _SuppressEOSUntil(LogitsProcessor):
         return scores
 
 
-class _TokenStatsRecorder(LogitsProcessor):
-    """Records, per generated position, the log-prob of the sampled token and the entropy, from raw logits.
+class _SampledTokenLogProbs:
+    """Keeps one step's log-softmax and gathers the sampled token's entry once it is known.
 
-    It sees the model's float32 next-token logits before EOS suppression, temperature and
-    top-p (it runs first among our processors, and generate's own come after ours). The sampled
-    token is known only at the next call (or after ``generate`` returns), so one step of
-    log-softmax ``(rows, vocab)`` is kept: memory stays O(rows × vocab), never O(steps × vocab).
+    The sampled token appears only at the next processor call (or after ``generate``
+    returns), so one step of ``(rows, vocab)`` log-probs is kept: memory stays
+    O(rows × vocab), never O(steps × vocab).
     """
 
-    def __init__(self, want_logprobs: bool, want_entropy: bool):
-        self.want_logprobs = want_logprobs
+    def __init__(self) -> None:
+        self.previous: torch.Tensor | None = None
+        self.values: list[torch.Tensor] = []  # each (rows,) float32
+
+    def remember(self, log_probs: torch.Tensor) -> None:
+        self.previous = log_probs
+
+    def record_sampled(self, tokens: torch.Tensor) -> None:
+        if self.previous is not None:
+            self.values.append(self.previous.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
+            self.previous = None
+
+    def stacked(self) -> torch.Tensor | None:
+        """Returns (rows, steps) float32 on the CPU, or None when nothing was recorded."""
+        return torch.stack(self.values, dim=1).cpu() if self.values else None
+
+
+def _finite_log_softmax(scores: torch.Tensor) -> torch.Tensor:
+    # A model may emit -inf logits itself (masked vocab rows); a finite floor keeps p·logit at 0, not NaN.
+    return torch.log_softmax(torch.nan_to_num(scores.float(), neginf=torch.finfo(torch.float32).min), dim=-1)
+
+
+class _ModelDistributionRecorder(LogitsProcessor):
+    """Records per generated position the entropy of the model's own distribution (raw logits, temperature 1).
+
+    Runs first among the processors, before EOS suppression and the sampling warper. In
+    greedy decoding it also records the sampled tokens' log-probs under this distribution
+    (greedy has no sampling distribution of its own).
+    """
+
+    def __init__(self, want_entropy: bool, want_logprobs: bool):
         self.want_entropy = want_entropy
-        self.previous_log_probs: torch.Tensor | None = None
-        self.logprobs: list[torch.Tensor] = []  # each (rows,) float32
+        self.logprobs = _SampledTokenLogProbs() if want_logprobs else None
         self.entropies: list[torch.Tensor] = []  # each (rows,) float32
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        self._record_sampled(input_ids[:, -1])
-        # A model may emit -inf logits itself (masked vocab rows); a finite floor keeps p·logit at 0, not NaN.
-        logits = torch.nan_to_num(scores.float(), neginf=torch.finfo(torch.float32).min)
-        log_probs = torch.log_softmax(logits, dim=-1)
-        if self.want_logprobs:
-            self.previous_log_probs = log_probs
+        log_probs = _finite_log_softmax(scores)
+        if self.logprobs is not None:
+            self.logprobs.record_sampled(input_ids[:, -1])
+            self.logprobs.remember(log_probs)
         if self.want_entropy:
             # H = -Σ p log p from the log-softmax already at hand: one pass instead of a second reduction.
             self.entropies.append(-(log_probs.exp() * log_probs).sum(dim=-1))
         return scores
 
-    def _record_sampled(self, tokens: torch.Tensor) -> None:
-        if self.previous_log_probs is not None:
-            self.logprobs.append(self.previous_log_probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
-            self.previous_log_probs = None
 
-    def finish(self, sequences: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """Returns (logprobs (rows, steps) float32 or None, entropies (rows, steps) float32 or None)."""
-        self._record_sampled(sequences[:, -1])
-        logprobs = torch.stack(self.logprobs, dim=1).cpu() if self.want_logprobs and self.logprobs else None
-        entropies = torch.stack(self.entropies, dim=1).cpu() if self.want_entropy and self.entropies else None
-        return logprobs, entropies
+class _SamplingWarper(LogitsProcessor):
+    """Applies temperature and top-p to the scores (the last processor) and records the sampled tokens' log-probs under the result.
+
+    ``generate`` is called with temperature 1 and top-p 1, so it adds no warper of its own and
+    samples from ``softmax`` of exactly these scores: the recorded log-probs are those of the
+    distribution actually sampled from (after EOS suppression too), which importance
+    correction against the trainer's log-probs needs. Top-p keeps the smallest set of most
+    probable tokens whose mass reaches ``top_p`` (at least one token).
+    """
+
+    def __init__(self, temperature: float, top_p: float, want_logprobs: bool):
+        self.temperature = temperature
+        self.top_p = top_p
+        self.logprobs = _SampledTokenLogProbs() if want_logprobs else None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        if self.logprobs is not None:
+            self.logprobs.record_sampled(input_ids[:, -1])
+        scores = scores / self.temperature
+        if self.top_p < 1.0:
+            sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+            probs = torch.softmax(sorted_scores.float(), dim=-1)
+            mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the more likely tokens
+            remove_sorted = mass_before >= self.top_p
+            remove_sorted[:, 0] = False
+            remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+            scores = scores.masked_fill(remove, -float("inf"))
+        if self.logprobs is not None:
+            self.logprobs.remember(_finite_log_softmax(scores))
+        return scores
 
 
 class HFGenerator(Generator):
@@ -150,6 +195,20 @@ class HFGenerator(Generator):
     @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
+
+    def sync_weights(self, model) -> None:
+        """Returns nothing; samples from ``model`` from now on (the policy object itself: no copy, always in sync)."""
+        self.model = model
+
+    def sleep(self) -> None:
+        """Returns nothing: the HF generator holds no memory of its own between calls."""
+
+    def wake(self) -> None:
+        """Returns nothing: the HF generator holds no memory of its own between calls."""
+
+    def close(self) -> None:
+        """Returns nothing; drops the reference to the model (the caller owns it)."""
+        self.model = None
 
     def generate(self, prompts: Sequence[str], options: SamplingOptions) -> list[list[Completion]]:
         """Returns one list of ``options.n`` completions per prompt, in prompt order."""
@@ -195,16 +254,20 @@ class HFGenerator(Generator):
             last_characters = "".join(sorted({s[-1] for s in options.stop}))
             stopping.append(_StopOnStrings(self.tokenizer, options.stop, width, options.min_new_tokens,
                                            self._could_end_caches.setdefault(last_characters, {})))
-        recorder = None
         processors = LogitsProcessorList()
-        if options.return_logprobs or options.return_entropy:
-            recorder = _TokenStatsRecorder(options.return_logprobs, options.return_entropy)
-            processors.append(recorder)  # first: it records the raw distribution, before EOS suppression
+        model_recorder = None
+        if options.return_entropy or (options.return_logprobs and options.greedy):
+            model_recorder = _ModelDistributionRecorder(options.return_entropy, options.return_logprobs and options.greedy)
+            processors.append(model_recorder)  # first: it sees the raw distribution, before EOS suppression
         if options.min_new_tokens and self.eos_token_ids:
             processors.append(_SuppressEOSUntil(self.eos_token_ids, width, options.min_new_tokens))
-        # top_k=0 and repetition_penalty=1 override sampling defaults a checkpoint's generation_config may carry.
-        sampling = dict(do_sample=True, temperature=options.temperature, top_p=options.top_p, top_k=0) \
-            if not options.greedy else dict(do_sample=False)
+        warper = None
+        if not options.greedy:
+            warper = _SamplingWarper(options.temperature, options.top_p, options.return_logprobs)
+            processors.append(warper)  # last: generate samples from softmax of what it returns
+        # Temperature 1, top-p 1, top-k 0 and repetition penalty 1: generate adds no warper of its own
+        # (ours applies temperature and top-p) and ignores sampling defaults a checkpoint may carry.
+        sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if not options.greedy else dict(do_sample=False)
         device = self.device
         sequences = self.model.generate(
             input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
@@ -214,7 +277,13 @@ class HFGenerator(Generator):
             stopping_criteria=stopping, logits_processor=processors, return_dict_in_generate=False,
             **sampling,
         )
-        logprobs, entropies = recorder.finish(sequences) if recorder is not None else (None, None)
+        logprobs = entropies = None
+        for recorder in (model_recorder, warper):
+            if recorder is not None and recorder.logprobs is not None:
+                recorder.logprobs.record_sampled(sequences[:, -1])
+                logprobs = recorder.logprobs.stacked()
+        if model_recorder is not None and model_recorder.entropies:
+            entropies = torch.stack(model_recorder.entropies, dim=1).cpu()
         generated = sequences[:, width:].cpu()
         completions = []
         for row in range(generated.shape[0]):

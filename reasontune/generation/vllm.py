@@ -4,7 +4,7 @@ How weights get in, for vLLM's V1 engine (0.10 and later): the old path
 ``llm.llm_engine.model_executor.driver_worker.model_runner.model`` is gone when the engine core
 runs in its own process (V1's default), so we never reach into engine internals. Instead the
 engine's workers are given a small extension class (``worker_extension_cls``, vLLM's
-documented hook for RLHF weight updates) with one method, and ``load_policy_weights`` calls it
+documented hook for RLHF weight updates) with one method, and ``sync_weights`` calls it
 through ``llm.collective_rpc``. By default the engine core runs in this process
 (``VLLM_ENABLE_V1_MULTIPROCESSING=0``, as TRL's colocate mode does): the RPC is then a plain
 call and tensors are handed over without serialisation or copies; the model's own
@@ -14,7 +14,11 @@ works, the tensors being serialised in chunks of about ``chunk_bytes``.
 
 Sharing one GPU with the policy: keep ``gpu_memory_utilization`` low enough for training, or
 ``enable_sleep_mode=True`` and call ``sleep()`` after each rollout (frees the KV cache, and
-with level 1 offloads weights to CPU); ``generate`` and ``load_policy_weights`` wake it.
+with level 1 offloads weights to CPU); ``generate`` and ``sync_weights`` wake it.
+
+Log-probs: the engine is built with ``logprobs_mode="processed_logprobs"`` (vLLM 0.10.2+),
+so a completion's log-probs are those of the distribution actually sampled from
+(temperature and top-p applied), as the generator contract requires.
 """
 
 from __future__ import annotations
@@ -80,6 +84,7 @@ class VLLMGenerator(Generator):
                 visible = (saved_env["CUDA_VISIBLE_DEVICES"] or "").split(",")
                 # The engine process sees only that GPU (as its cuda:0); indices follow the caller's visibility.
                 os.environ["CUDA_VISIBLE_DEVICES"] = visible[int(index)] if visible != [""] else index
+            llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
             self.llm = LLM(model=model, tokenizer=tokenizer, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                            max_model_len=max_model_len, enable_sleep_mode=enable_sleep_mode,
                            enable_prefix_caching=enable_prefix_caching, seed=seed,
@@ -96,24 +101,32 @@ class VLLMGenerator(Generator):
     # -- memory sharing with a training policy -------------------------------------------------
 
     def sleep(self, level: int = 1) -> None:
-        """Returns nothing; frees the KV cache (level 1 also offloads weights to CPU, level 2 drops them)."""
-        if not self.enable_sleep_mode:
-            raise RuntimeError("sleep() needs VLLMGenerator(..., enable_sleep_mode=True)")
-        if not self._asleep:
+        """Returns nothing; with sleep mode frees the KV cache (level 1 also offloads weights to CPU, level 2 drops them); else a no-op."""
+        if self.enable_sleep_mode and not self._asleep:
             self.llm.sleep(level=level)
             self._asleep = True
             self._weights_valid = level == 1
 
-    def wake_up(self, tags: list[str] | None = None) -> None:
+    def wake(self, tags: list[str] | None = None) -> None:
         """Returns nothing; maps the weights and KV cache back (``tags`` limits it to ``["weights"]`` or ``["kv_cache"]``)."""
         if self._asleep:
             self.llm.wake_up(tags=tags)
             if tags is None or "kv_cache" in tags:
                 self._asleep = False
 
+    def close(self) -> None:
+        """Returns nothing; shuts the engine down and frees its GPU memory."""
+        llm, self.llm = getattr(self, "llm", None), None
+        if llm is not None:
+            engine = getattr(llm, "llm_engine", None)
+            shutdown = getattr(getattr(engine, "engine_core", None), "shutdown", None)
+            if callable(shutdown):
+                shutdown()
+            del llm
+
     # -- weights ---------------------------------------------------------------------------------
 
-    def load_policy_weights(self, policy_model) -> int:
+    def sync_weights(self, policy_model) -> int:
         """Returns the number of tensors copied from ``policy_model`` (a HF causal LM) into the engine.
 
         Call before each rollout or evaluation. Tensors go in chunks of about ``chunk_bytes``; the
@@ -144,12 +157,12 @@ class VLLMGenerator(Generator):
 
     def generate(self, prompts: Sequence[str], options: SamplingOptions) -> list[list[Completion]]:
         """Returns one list of ``options.n`` completions per prompt, in prompt order (entropies: None)."""
-        from vllm import SamplingParams
+        from vllm import SamplingParams  # optional extra: only here, where vLLM is in use
 
         if self._asleep:
             if not self._weights_valid:
-                raise RuntimeError("the engine slept at level 2 (weights dropped): call load_policy_weights first")
-            self.wake_up()
+                raise RuntimeError("the engine slept at level 2 (weights dropped): call sync_weights first")
+            self.wake()
         params = [
             SamplingParams(
                 n=options.n, temperature=options.temperature, top_p=options.top_p, top_k=-1,

@@ -6,10 +6,10 @@ import functools
 import re
 from typing import Sequence, Union
 
+from reasontune.rewards import sandbox
 from reasontune.rewards.equivalence import Answer, NeedsSymbolic, answers_match, parse_answer
 from reasontune.rewards.extract import extract_boxed_answers, extract_r1_zero_answer
 from reasontune.rewards.prose import MAX_PROSE_CHARS, math_segments, stated_answers
-from reasontune.rewards import sandbox
 
 GroundTruth = Union[str, int, float, Sequence[Union[str, int, float]]]
 

@@ -1,22 +1,37 @@
-"""What every trainer's loop shares: the run directory, the generator, in-loop evaluation, the optimizer step, trainer state.
+"""What every trainer's setup and loop share: run directory, policy, optimizer, generator, logger, in-loop evaluation, the optimizer step.
 
-Plain arguments only (configs stop at the entry points): SFT, expert iteration and GRPO each
-pass their own config's values.
+Plain arguments only where the function is a component (configs stop at the entry points);
+the ``*_for`` helpers read the shared option groups of ``reasontune.options`` that every
+trainer config composes, so SFT, expert iteration and GRPO set themselves up the same way.
 """
 
 from __future__ import annotations
 
 import math
+import random
+import shutil
+import statistics
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Any, Sequence
 
 import torch
+
+from reasontune.checkpoint import (latest_checkpoint, load_trainer_state, prune_checkpoints, remove_stale_temporaries,
+                                   rng_state, save_checkpoint, set_rng_state)
+from reasontune.benchmarks import load_benchmarks
+from reasontune.config import save_config
+from reasontune.data import Example, load_examples
+from reasontune.evaluation import EvalSet, evaluate_sets
+from reasontune.generation import Generator, SamplingOptions, build_generator
+from reasontune.modeling import load_model, load_tokenizer
+from reasontune.options import RolloutOptions, TrainerOptions, resolved_dtype
+from reasontune.rollouts import RewardFn
+from reasontune.tracking import MetricsLogger
 
 
 def prepare_run_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
     """Returns the run directory, refusing to mix a new run into an old one unless asked."""
-    import shutil
-
     run_dir = Path(output_dir)
     if run_dir.exists() and (run_dir / "config.json").exists() and not resume:
         if not overwrite:
@@ -25,6 +40,7 @@ def prepare_run_dir(output_dir: str | Path, resume: bool = False, overwrite: boo
         for child in run_dir.iterdir():
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(run_dir)
     return run_dir
 
 
@@ -36,61 +52,187 @@ def seed_and_device(seed: int, num_threads: int | None, device: str | None) -> t
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def make_generator(backend: Literal["hf", "vllm"], model, tokenizer, *, model_name: str, dtype: str, seed: int,
-                   batch_size: int, vllm_device: str | None = None, vllm_gpu_memory_utilization: float = 0.3):
-    """Returns a generator: HF ``generate`` on the policy object itself, or a vLLM engine built from ``model_name``.
+def start_run(config: TrainerOptions) -> tuple[Path, torch.device, Path | None]:
+    """Returns (run directory, device, checkpoint to resume from or None) after writing config.json and seeding.
 
-    The vLLM engine starts from the base weights; callers load the policy's current ones
-    (``generator.load_policy_weights(model)``) before each rollout or evaluation. Sharing the
-    policy's GPU (``vllm_device`` None) turns on sleep mode so training gets the KV cache back.
+    With ``--resume`` and no checkpoint yet, the run starts from step 0 (and says so).
     """
-    if backend == "vllm":
-        from reasontune.generation.vllm import VLLMGenerator
-
-        shared_device = vllm_device is None
-        return VLLMGenerator(model_name, device=vllm_device, dtype=dtype, gpu_memory_utilization=vllm_gpu_memory_utilization,
-                             seed=seed, enable_sleep_mode=shared_device)
-    from reasontune.generation.hf import HFGenerator
-
-    return HFGenerator(model, tokenizer, batch_size=batch_size)
+    run_dir = prepare_run_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
+    save_config(config, run_dir / "config.json")
+    device = seed_and_device(config.seed, config.num_threads, config.device)
+    checkpoint = latest_checkpoint(run_dir) if config.resume else None
+    if config.resume and checkpoint is None:
+        print(f"no checkpoint in {run_dir}; starting from step 0")
+    return run_dir, device, checkpoint
 
 
-def evaluate_policy(step: int, model, generator, validation: Sequence, template: str, run_dir: Path, *,
-                    reward: str, temperature: float, max_new_tokens: int, seed: int) -> dict:
-    """Returns the summary of generating and grading the validation examples with the current weights.
+def load_policy(config: TrainerOptions, device: torch.device, weights: str | Path | None = None):
+    """Returns (model, tokenizer) of ``weights`` (default: ``config.model``), ready to train (gradient checkpointing as asked)."""
+    source = str(weights) if weights is not None else config.model
+    tokenizer = load_tokenizer(source)
+    model = load_model(source, dtype=resolved_dtype(config.dtype, str(device)),
+                       attn_implementation=config.attn_implementation, device=device)
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, tokenizer
 
-    Writes ``eval/step-<N>/records.jsonl`` and ``summary.json`` as ``reasontune eval`` does. The
-    RNG is forked so that sampling in evaluation never changes the training run's random stream.
+
+def make_optimizer(model, config: TrainerOptions, learning_rate: float | None = None) -> torch.optim.AdamW:
+    """Returns AdamW over the model's trainable parameters with the config's rate, decay and betas."""
+    return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                             lr=config.learning_rate if learning_rate is None else learning_rate,
+                             weight_decay=config.weight_decay, betas=(config.adam_beta1, config.adam_beta2))
+
+
+def make_generator(config: TrainerOptions, model, tokenizer, device: torch.device) -> Generator:
+    """Returns the run's generator of rollouts and evaluation (HF on the policy itself, or vLLM synced from it)."""
+    return build_generator(config.backend, model=model, tokenizer=tokenizer, model_name=config.model,
+                           dtype=resolved_dtype(config.dtype, str(device)), seed=config.seed,
+                           batch_size=config.generation_batch_size, vllm_device=config.vllm_device,
+                           vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                           share_gpu_with_training=True)
+
+
+def make_logger(run_dir: Path, config: TrainerOptions, resume: bool) -> MetricsLogger:
+    """Returns the run's metrics logger (metrics.jsonl always; wandb and TensorBoard as the logging options ask)."""
+    return MetricsLogger(run_dir, wandb_project=config.wandb, tensorboard=config.tensorboard, config=asdict(config),
+                         resume=resume)
+
+
+def load_questions(config: TrainerOptions, needed: int = 1) -> tuple[list[Example], list[Example], dict[str, int]]:
+    """Returns (training questions with a reference, validation examples, data counts) of an RL trainer (EI, GRPO).
+
+    Fewer than ``needed`` questions with a reference answer is an error naming the file;
+    validation is the first ``eval_examples`` of ``val_data`` that have a reference (none when
+    either is unset or 0).
     """
-    from reasontune.evaluation import evaluate, reward_fn_by_name
-    from reasontune.generation import SamplingOptions
+    train_set = load_examples(config.train_data, seed=config.seed, skip_bad=config.skip_bad)
+    questions = [e for e in train_set.examples if e.ground_truth is not None]
+    if len(questions) < needed:
+        raise SystemExit(f"error: {config.train_data} has {len(questions)} questions with a reference answer to grade "
+                         f"against; a step needs {needed}")
+    validation = []
+    if config.val_data and config.eval_examples:
+        validation = [e for e in load_examples(config.val_data, seed=config.seed, skip_bad=config.skip_bad).examples
+                      if e.ground_truth is not None][: config.eval_examples]
+    counts = {"train_records": train_set.total_records, "train_skipped_bad": train_set.n_skipped,
+              "train_questions": len(questions), "validation_examples": len(validation)}
+    return questions, validation, counts
 
-    if hasattr(generator, "load_policy_weights"):
-        generator.load_policy_weights(model)
-    hf_backend = not hasattr(generator, "load_policy_weights")
-    options = SamplingOptions(temperature=temperature, max_new_tokens=max_new_tokens, stop=("</answer>",), n=1,
-                              seed=seed, return_entropy=hf_backend)
+
+def question_batch(n_questions: int, count: int, seed: int, step: int) -> list[int]:
+    """Returns the indices of step ``step``'s questions: ``min(count, n_questions)`` distinct, a pure function of (seed, step)."""
+    return random.Random(seed * 1_000_003 + step).sample(range(n_questions), min(count, n_questions))
+
+
+def rollout_sampling(config: RolloutOptions, reward_name: str, return_entropy: bool = False) -> SamplingOptions:
+    """Returns the sampling options of an RL trainer's rollouts: ``group_size`` responses a question, stop at </answer> for r1_zero."""
+    return SamplingOptions(temperature=config.sampling_temperature, top_p=config.sampling_top_p,
+                           max_new_tokens=config.sampling_max_tokens, min_new_tokens=config.sampling_min_tokens,
+                           stop=("</answer>",) if reward_name == "r1_zero" else (), n=config.group_size,
+                           return_entropy=return_entropy)
+
+
+@dataclass
+class PolicySession:
+    """What every trainer that samples from its own policy holds (expert iteration and GRPO extend it)."""
+
+    config: TrainerOptions
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    generator: Generator
+    questions: list[Example]
+    validation: list[EvalSet]
+    template: str
+    reward_fn: RewardFn
+    rollouts: SamplingOptions
+    run_dir: Path
+    logger: MetricsLogger
+
+
+def evaluation_sampling(config: TrainerOptions, backend: str) -> SamplingOptions:
+    """Returns the sampling options of in-loop evaluation (stop at </answer> for the r1_zero reward)."""
+    return SamplingOptions(temperature=config.eval_temperature, top_p=config.eval_top_p,
+                           max_new_tokens=config.eval_max_new_tokens,
+                           stop=("</answer>",) if config.reward_name == "r1_zero" else (), n=config.eval_n_samples,
+                           seed=config.seed,
+                           return_entropy=backend == "hf")
+
+
+def evaluation_sets(config: TrainerOptions, validation: Sequence[Example], template: str) -> list[EvalSet]:
+    """Returns what in-loop evaluation covers: the validation examples, then each of ``--eval-benchmarks`` (run's template and reward)."""
+    sets = [EvalSet("", list(validation), template, config.reward_name)] if validation else []
+    if config.eval_benchmarks and config.eval_examples:
+        for name, benchmark in load_benchmarks(config.eval_benchmarks, config.benchmark_dir, config.eval_examples,
+                                               config.seed).items():
+            sets.append(EvalSet(name, benchmark.examples.examples, template, config.reward_name, benchmark.question_ids))
+    return sets
+
+
+def evaluate_policy(step: int, model, generator: Generator, sets: Sequence[EvalSet], run_dir: Path, *,
+                    sampling: SamplingOptions, grading_workers: int | None = None) -> dict:
+    """Returns the summary of generating and grading every evaluation set with the current weights.
+
+    Writes ``eval/step-<N>/records.jsonl`` and ``summary.json`` as ``reasontune eval`` does (a
+    benchmark's under ``eval/step-<N>/<name>/``). With several sets the summary holds the mean
+    accuracy, format rate and length over the sets and ``sets`` with each one's. The RNG is
+    forked so that sampling in evaluation never changes the training run's random stream; the
+    generator sleeps afterwards (giving a shared GPU back to training).
+    """
+    generator.sync_weights(model)
     with torch.random.fork_rng(devices=[]):
-        result = evaluate(generator, validation, reward_fn_by_name(reward), options,
-                          output_dir=run_dir / "eval" / f"step-{step:06d}", template=template)
-    if getattr(generator, "enable_sleep_mode", False):
-        generator.sleep()  # give the shared GPU's KV cache back to training
-    return result["summary"]
+        summaries = evaluate_sets(generator, sets, sampling, run_dir / "eval" / f"step-{step:06d}",
+                                  ks=sorted({1, sampling.n}), n_bootstrap=200, seed=sampling.seed or 0,
+                                  grading_workers=grading_workers, plots=False)
+    generator.sleep()
+    if len(summaries) == 1:
+        return next(iter(summaries.values()))
+    mean = {key: statistics.fmean(s[key] for s in summaries.values() if s[key] is not None)
+            for key in ("accuracy", "format_rate", "mean_response_tokens")}
+    return {**mean, "mean_entropy": None, "sets": summaries}
 
 
 def eval_metrics(summary: dict, step: int) -> dict:
-    """Returns the fields of an evaluation summary that a trainer logs as its ``eval`` metrics line."""
+    """Returns the fields of an evaluation summary that a trainer logs as its ``eval`` metrics line (per set: ``accuracy/<name>``)."""
+    per_set = {f"accuracy/{name}": each["accuracy"] for name, each in summary.get("sets", {}).items()}
     return {"accuracy": summary["accuracy"], "format_rate": summary["format_rate"],
-            "mean_response_length": summary.get("mean_response_tokens"), "mean_entropy": summary.get("mean_entropy"),
-            "dir": f"eval/step-{step:06d}"}
+            "mean_response_tokens": summary.get("mean_response_tokens"), "mean_entropy": summary.get("mean_entropy"),
+            **per_set, "dir": f"eval/step-{step:06d}"}
 
 
-def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str) -> dict:
-    """Returns everything besides the weights that an exact resume needs."""
-    from reasontune.checkpoint import rng_state
+def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str, **extra: Any) -> dict:
+    """Returns everything besides the weights that an exact resume needs (``extra``: a trainer's own positions)."""
+    return {"step": step, "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(), "plan_fingerprint": plan_fingerprint, **extra}
 
-    return {"step": step, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "rng": rng_state(), "plan_fingerprint": plan_fingerprint}
+
+def save_training_checkpoint(run_dir: Path, name: str, model, tokenizer, state: dict, keep: int | None = None) -> Path:
+    """Returns the checkpoint directory ``run_dir/name`` after an atomic save of weights, tokenizer, trainer state and config.json."""
+    path = save_checkpoint(run_dir / name, model, tokenizer, state,
+                           {"reasontune_config.json": (run_dir / "config.json").read_text()})
+    prune_checkpoints(run_dir, keep)
+    return path
+
+
+def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_of_steps=None) -> dict:
+    """Returns the checkpoint's trainer state after loading the optimizer, schedule (each when not None) and RNG states from it.
+
+    ``fingerprint_of_steps(step)`` (when given) must reproduce the saved fingerprint of the
+    steps already trained; a resume with other data or batching is refused.
+    """
+    state = load_trainer_state(checkpoint)
+    if fingerprint_of_steps is not None and state["plan_fingerprint"] != fingerprint_of_steps(state["step"]):
+        raise SystemExit(f"error: {checkpoint} was trained on other data or batches than these options plan "
+                         "for its steps; resume with the same data, seed and batching options")
+    if optimizer is not None and state.get("optimizer") is not None:
+        optimizer.load_state_dict(state["optimizer"])
+    if scheduler is not None and state.get("scheduler") is not None:
+        scheduler.load_state_dict(state["scheduler"])
+    set_rng_state(state["rng"])
+    return state
 
 
 class TrainingDiverged(RuntimeError):
@@ -108,19 +250,32 @@ def clip_and_step(model, optimizer, scheduler, max_grad_norm: float, loss: float
     ``NonFiniteStep`` is raised, so the weights stay those of the last good step.
     """
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), limit))
+    grad_norm = float(torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], limit))
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteStep(f"loss {loss} / gradient norm {grad_norm} is not finite")
     optimizer.step()
-    scheduler.step()
+    if scheduler is not None:
+        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
     return grad_norm
 
 
 def stop_diverged(message: str, step: int, logger, progress) -> None:
     """Raises ``TrainingDiverged(message)`` after logging it as an event and closing the logger and progress bar."""
-    logger.log("event", step, message=message)
-    logger.close()
+    if logger is not None:
+        logger.log("event", step, message=message)
+        logger.close()
     progress.close()
     raise TrainingDiverged(message)
+
+
+def finish_run(run_dir: Path, logger: MetricsLogger, write_report: bool) -> Path:
+    """Returns the run directory after closing the logger and writing report/ when asked."""
+    logger.close()
+    if write_report:
+        from reasontune.report import write_report as write  # lazy: matplotlib, only when a report is written
+
+        print(f"report: {write(run_dir) / 'index.html'}")
+    print(f"run directory: {run_dir}")
+    return run_dir

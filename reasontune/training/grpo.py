@@ -5,77 +5,96 @@ responses to each with the current policy, grades them, normalises the rewards w
 group into advantages and takes ``epochs_per_rollout_batch`` passes of policy-gradient steps
 over the rollouts (one optimizer step per ``train_batch_size`` rollouts). Loss aggregation and
 gradient-accumulation scaling live in ``reasontune.losses.grpo_microbatch_train_step``.
+``setup_grpo(config)`` returns the objects; ``train_grpo(session)`` is the loop.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import random
+import statistics
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 
-from reasontune.config import help_field
+from reasontune.config import help_field, same_field
+from reasontune.data import example_prompt, load_template
+from reasontune.logprobs import get_response_log_probs
+from reasontune.losses import (AdvantageBaseline, AdvantageStd, LossAggregation, PolicyLossType, RolloutCorrection,
+                               compute_advantages, grpo_microbatch_train_step, mask_truncated_responses, masked_mean,
+                               overlong_penalty, rollout_correction_weights, rollout_mismatch_metrics)
+from reasontune.modeling import load_model
+from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
+                                TrainerOptions, resolved_dtype)
+from reasontune.rl_recipes import RECIPES, expand_recipe, fill_batch, informative_groups
+from reasontune.rollouts import Rollouts, generate_rollouts, reward_fn_by_name
+from reasontune.tokenization import pad_and_shift, pad_token_id_of
+from reasontune.tracking import Progress
+from reasontune.training.common import (NonFiniteStep, PolicySession, clip_and_step, eval_metrics, evaluate_policy,
+                                        evaluation_sampling, evaluation_sets, finish_run, load_policy, load_questions,
+                                        make_generator, make_logger, make_optimizer, question_batch,
+                                        restore_training_state, rollout_sampling, save_training_checkpoint, start_run,
+                                        stop_diverged, trainer_state)
 
 
 @dataclasses.dataclass
-class GRPOConfig:
+class GRPOConfig(RolloutOptions, TrainerOptions):
     """Options of ``reasontune grpo`` (defaults: the CS336 handout's GRPO settings for Qwen2.5-Math-1.5B)."""
 
-    # data and reward
-    train_data: str = help_field("", "questions with reference answers to roll out on: JSONL of {prompt|question, ground_truth|answer}, GSM8K/MATH, JSON/Parquet or a hub name")
-    val_data: str | None = help_field(None, "validation questions with references, evaluated every --eval-every steps (none: no evaluation)")
-    prompt_template: str = help_field("r1_zero", "template turning a question into a prompt (data with a prompt field keeps it): r1_zero, question_only or a file with {question}")
-    reward: Literal["r1_zero", "question_only"] = help_field("r1_zero", "reward function: r1_zero (<think>…</think> <answer>…</answer>) or question_only (last \\boxed{})")
-    # model and run directory
-    model: str = help_field("Qwen/Qwen2.5-Math-1.5B", "hub name or local directory of the policy to start from (usually an SFT checkpoint)")
-    output_dir: str = help_field("runs/grpo", "run directory: config.json, metrics.jsonl, checkpoint-N/, final/, eval/, report/")
-    overwrite: bool = help_field(False, "start afresh in an --output-dir that already holds a run (its files are replaced)")
-    dtype: Literal["float32", "bfloat16", "float16"] = help_field("float32", "parameter dtype (bfloat16 on a GPU)")
-    device: str | None = help_field(None, "torch device of the policy (default: cuda when available, else cpu)")
-    gradient_checkpointing: bool = help_field(False, "recompute activations in backward to save memory")
+    output_dir: str = same_field(CheckpointOptions, "output_dir", "runs/grpo")
+    learning_rate: float = same_field(OptimizerOptions, "learning_rate", 1e-5)
+    eval_every: int = same_field(InLoopEvaluationOptions, "eval_every", 5)
+    eval_examples: int = same_field(InLoopEvaluationOptions, "eval_examples", 1024)
     # GRPO
-    n_grpo_steps: int = help_field(200, "GRPO steps: each one rollout batch, then epochs-per-rollout-batch passes of optimizer steps over it")
-    learning_rate: float = help_field(1e-5, "AdamW learning rate (constant)")
-    weight_decay: float = help_field(0.0, "AdamW weight decay")
-    adam_beta1: float = help_field(0.9, "AdamW beta1")
-    adam_beta2: float = help_field(0.95, "AdamW beta2")
-    rollout_batch_size: int = help_field(256, "responses generated per GRPO step (questions x group-size)")
-    group_size: int = help_field(8, "responses per question; advantages are normalised within each group")
-    train_batch_size: int = help_field(256, "rollouts per optimizer step (smaller than rollout-batch-size: several off-policy steps per rollout batch)")
-    gradient_accumulation_steps: int = help_field(128, "microbatches per optimizer step; microbatch = train-batch-size / this")
-    epochs_per_rollout_batch: int = help_field(1, "passes over each rollout batch (more than 1 is off-policy: use grpo_clip)")
-    sampling_temperature: float = help_field(1.0, "temperature of rollout sampling")
-    sampling_min_tokens: int = help_field(4, "minimum tokens of a rollout response (>= 1, so no response is empty)")
-    sampling_max_tokens: int = help_field(1024, "token budget of a rollout response (also the constant of sequence_sum_constant)")
-    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip"] = help_field("reinforce_with_baseline", "policy-gradient loss: no_baseline (raw rewards), reinforce_with_baseline (group-normalised advantages) or grpo_clip (PPO-style clipped ratio)")
-    use_std_normalization: bool = help_field(True, "divide advantages by the group's reward std (false: Dr. GRPO's mean-centring only)")
-    advantage_eps: float = help_field(1e-6, "added to the group std before dividing")
-    cliprange: float | None = help_field(0.2, "epsilon of grpo_clip's ratio clip")
-    loss_aggregation: Literal["sequence_mean", "sequence_sum_constant", "token_mean"] = help_field("sequence_mean", "per-token loss to scalar: sequence_mean (GRPO), sequence_sum_constant (Dr. GRPO; constant = sampling-max-tokens) or token_mean (DAPO; over the optimizer step's tokens)")
-    kl_coef: float = help_field(0.0, "weight of a per-token k3 KL penalty against the frozen starting model (0: off, no reference model loaded)")
-    max_grad_norm: float = help_field(1.0, "clip the global gradient norm to this (0 disables clipping)")
-    grading_workers: int | None = help_field(None, "reward grading processes (none: one per CPU; 0: grade in this process)")
-    # generation, evaluation, checkpoints
-    backend: Literal["hf", "vllm"] = help_field("hf", "generator of rollouts and evaluation: hf (the policy's own generate) or vllm (policy weights loaded before each rollout)")
-    generation_batch_size: int = help_field(64, "sequences per generate call (hf backend)")
-    vllm_gpu_memory_utilization: float = help_field(0.3, "fraction of the GPU vLLM may take (vllm backend)")
-    vllm_device: str | None = help_field(None, "device of the vLLM engine (default: the policy's GPU, with sleep mode between rollouts)")
-    eval_every: int = help_field(5, "evaluate on --val-data every N GRPO steps (besides before and after training; 0: only those)")
-    eval_examples: int = help_field(1024, "validation examples per evaluation")
-    eval_max_new_tokens: int = help_field(1024, "token budget of each evaluation response")
-    eval_temperature: float = help_field(0.0, "sampling temperature of evaluation (0: greedy)")
-    save_every: int = help_field(0, "write checkpoint-N/ every N GRPO steps (0: only final/)")
-    seed: int = help_field(0, "seed of question sampling, rollout sampling and evaluation")
-    num_threads: int | None = help_field(None, "torch CPU threads (default: torch's choice)")
-    progress: bool = help_field(True, "show a progress bar (step, loss, ETA)")
-    write_report: bool = help_field(True, "write report/ (plots and summary page) at the end")
+    n_grpo_steps: int = help_field(200, "GRPO steps: each one rollout batch, then epochs-per-rollout-batch passes of optimizer steps over it", group="grpo")
+    rollout_batch_size: int = help_field(256, "responses generated per GRPO step (questions x group-size)", group="grpo")
+    train_batch_size: int = help_field(256, "rollouts per optimizer step (smaller than rollout-batch-size: several off-policy steps per rollout batch)", group="grpo")
+    gradient_accumulation_steps: int = help_field(128, "microbatches per optimizer step; microbatch = train-batch-size / this", group="grpo")
+    epochs_per_rollout_batch: int = help_field(1, "passes over each rollout batch (more than 1 is off-policy: use grpo_clip)", group="grpo")
+    recipe: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"] | None = help_field(None, "set the objective of a paper at once (loss, clip range, aggregation, advantages, KL, overlong shaping, dynamic sampling; see rl_recipes.RECIPES); any flag given overrides the recipe's value", group="grpo")
+    loss_type: PolicyLossType = help_field("reinforce_with_baseline", "policy-gradient loss: no_baseline (raw rewards), reinforce_with_baseline (advantages), grpo_clip (PPO-style clipped ratio; clip-higher with --cliprange-high, dual clip with --dual-clip-c), gspo (sequence-level ratio) or cispo (clipped importance weight, gradient through every token)", group="grpo")
+    advantage_baseline: AdvantageBaseline = help_field("group_mean", "subtracted from each reward: group_mean (GRPO), leave_one_out (RLOO) or batch_mean (REINFORCE++)", group="grpo")
+    advantage_std: AdvantageStd = help_field("group", "advantages divided by the std of: group (GRPO), batch (REINFORCE++) or none (Dr. GRPO, RLOO)", group="grpo")
+    advantage_eps: float = help_field(1e-6, "added to the std before dividing", group="grpo")
+    cliprange: float | None = help_field(0.2, "epsilon of the ratio clip (grpo_clip, gspo; eps_low with --cliprange-high)", group="grpo")
+    cliprange_high: float | None = help_field(None, "upper epsilon of the clip (DAPO's clip-higher; none: --cliprange; the only bound cispo uses)", group="grpo")
+    dual_clip_c: float | None = help_field(None, "dual-clip bound c > 1 for negative advantages (grpo_clip; none: off)", group="grpo")
+    overlong_buffer_fraction: float = help_field(0.0, "DAPO soft overlong penalty: a linear penalty down to -1 over the last fraction of --sampling-max-tokens (0: off)", group="grpo")
+    overlong_penalty_factor: float = help_field(1.0, "scale of the soft overlong penalty", group="grpo")
+    mask_truncated: bool = help_field(False, "leave responses cut by --sampling-max-tokens out of the loss", group="grpo")
+    dynamic_sampling: bool = help_field(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and draw more questions until the batch is full", group="grpo")
+    dynamic_sampling_max_tries: int = help_field(4, "draws per step at most for --dynamic-sampling (the batch trains short after that, counted in the metrics)", group="grpo")
+    rollout_correction: RolloutCorrection = help_field("none", "correct the rollout engine's log-probs against the trainer's: token_tis / seq_tis (truncated importance weights), token_mask / seq_mask (drop tokens or responses whose weight leaves [1/C, C]) or none (the mismatch is still logged)", group="grpo")
+    rollout_correction_cap: float = help_field(2.0, "the cap C of --rollout-correction (> 1)", group="grpo")
+    loss_aggregation: LossAggregation = help_field("sequence_mean", "per-token loss to scalar: sequence_mean (GRPO), sequence_sum (Dr. GRPO; constant = sampling-max-tokens) or token_mean (DAPO; over the optimizer step's tokens)", group="grpo")
+    kl_coef: float = help_field(0.0, "weight of a per-token k3 KL penalty against the frozen starting model (0: off, no reference model loaded)", group="grpo")
 
     @property
     def micro_train_batch_size(self) -> int:
         return self.train_batch_size // self.gradient_accumulation_steps
+
+    @classmethod
+    def expand_presets(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Returns ``values`` (the options given) with ``recipe``'s settings filled in under them: a given option wins."""
+        recipe = values.get("recipe")
+        if recipe is None:
+            return values
+        expanded, _ = expand_recipe(recipe, {**RECIPES[recipe], **values}, explicit=set(values))
+        return expanded
+
+    @classmethod
+    def from_recipe(cls, recipe: str | None, **values: Any) -> GRPOConfig:
+        """Returns the config of ``recipe`` with ``values`` (explicit options) overriding it."""
+        return cls(**cls.expand_presets({**values, "recipe": recipe}))
+
+    def recipe_settings(self) -> dict[str, Any]:
+        """Returns the recipe's fields with the value this config has for each (empty without a recipe)."""
+        return {name: getattr(self, name) for name in RECIPES.get(self.recipe or "", {})}
+
+    @property
+    def optimizer_steps_per_rollout_batch(self) -> int:
+        return self.rollout_batch_size // self.train_batch_size
 
     @property
     def off_policy(self) -> bool:
@@ -87,6 +106,8 @@ class GRPOConfig:
         problems = []
         if not self.train_data:
             problems.append("--train-data is required")
+        if self.sampling_temperature <= 0:
+            problems.append("--sampling-temperature must be > 0 (GRPO needs different responses within a group)")
         positive = ("n_grpo_steps", "rollout_batch_size", "group_size", "train_batch_size",
                     "gradient_accumulation_steps", "epochs_per_rollout_batch", "generation_batch_size")
         problems += [f"--{name.replace('_', '-')} must be >= 1" for name in positive if getattr(self, name) < 1]
@@ -106,11 +127,25 @@ class GRPOConfig:
         if self.rollout_batch_size % self.train_batch_size:
             problems.append(f"--rollout-batch-size ({self.rollout_batch_size}) must be divisible by --train-batch-size "
                             f"({self.train_batch_size}), so that every optimizer step sees a full train batch")
-        if self.loss_type == "grpo_clip" and (self.cliprange is None or self.cliprange <= 0):
-            problems.append("--loss-type grpo_clip needs --cliprange > 0")
-        if self.off_policy and self.loss_type != "grpo_clip":
+        if self.loss_type in ("grpo_clip", "gspo") and (self.cliprange is None or self.cliprange <= 0):
+            problems.append(f"--loss-type {self.loss_type} needs --cliprange > 0")
+        if self.loss_type == "cispo" and (self.cliprange_high if self.cliprange_high is not None else self.cliprange or 0) <= 0:
+            problems.append("--loss-type cispo needs --cliprange-high > 0 (its clip of the importance weight)")
+        if self.cliprange_high is not None and self.cliprange is not None and self.cliprange_high < self.cliprange:
+            problems.append(f"--cliprange-high ({self.cliprange_high}) must be at least --cliprange ({self.cliprange})")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+            problems.append(f"--dual-clip-c ({self.dual_clip_c}) must be > 1")
+        if self.off_policy and self.loss_type not in ("grpo_clip", "gspo", "cispo"):
             problems.append(f"epochs-per-rollout-batch > 1 or train-batch-size < rollout-batch-size is off-policy; "
-                            f"--loss-type {self.loss_type} has no importance ratio for it: use grpo_clip")
+                            f"--loss-type {self.loss_type} has no importance ratio for it: use grpo_clip, gspo or cispo")
+        if self.advantage_baseline == "leave_one_out" and self.group_size < 2:
+            problems.append("--advantage-baseline leave_one_out needs --group-size >= 2")
+        if not 0.0 <= self.overlong_buffer_fraction <= 1.0:
+            problems.append("--overlong-buffer-fraction must be in [0, 1]")
+        if self.dynamic_sampling_max_tries < 1:
+            problems.append("--dynamic-sampling-max-tries must be >= 1")
+        if self.rollout_correction_cap <= 1:
+            problems.append("--rollout-correction-cap must be > 1")
         if not 1 <= self.sampling_min_tokens <= self.sampling_max_tokens:
             problems.append(f"need 1 <= --sampling-min-tokens ({self.sampling_min_tokens}) <= --sampling-max-tokens "
                             f"({self.sampling_max_tokens}): an empty response has no token to train")
@@ -124,29 +159,6 @@ class GRPOConfig:
 # Data, rollouts and microbatches
 
 
-def load_questions(config: GRPOConfig):
-    """Returns (training questions with references, validation examples, data counts)."""
-    from reasontune.data import load_examples
-
-    train_set = load_examples(config.train_data, seed=config.seed)
-    questions = [e for e in train_set.examples if e.ground_truth is not None]
-    if len(questions) < config.rollout_batch_size // config.group_size:
-        raise SystemExit(f"error: {config.train_data} has {len(questions)} questions with a reference answer; a rollout "
-                         f"batch needs {config.rollout_batch_size // config.group_size} (rollout-batch-size / group-size)")
-    validation = []
-    if config.val_data:
-        validation = [e for e in load_examples(config.val_data, seed=config.seed).examples if e.ground_truth is not None]
-        validation = validation[: config.eval_examples] if config.eval_examples else validation
-    counts = {"train_records": train_set.total_records, "train_questions": len(questions),
-              "validation_examples": len(validation)}
-    return questions, validation, counts
-
-
-def sample_questions(questions: list, count: int, seed: int, step: int) -> list:
-    """Returns ``count`` distinct questions, a pure function of the seed and the step."""
-    return random.Random(seed * 1_000_003 + step).sample(questions, count)
-
-
 def rollout_microbatches(prompt_ids: list[list[int]], response_ids: list[list[int]], advantages: torch.Tensor,
                          raw_rewards: torch.Tensor, micro_batch_size: int, pad_token_id: int) -> list[dict]:
     """Returns the rollouts cut into microbatches of ``micro_batch_size`` (in rollout order), each padded to its longest.
@@ -155,8 +167,6 @@ def rollout_microbatches(prompt_ids: list[list[int]], response_ids: list[list[in
     and ``advantages``/``raw_rewards`` (micro,) float32. The response tokens are the sampled ids
     themselves, not a re-tokenisation of the text, so the log-probs are of what was sampled.
     """
-    from reasontune.tokenization import pad_and_shift
-
     microbatches = []
     for start in range(0, len(prompt_ids), micro_batch_size):
         rows = slice(start, start + micro_batch_size)
@@ -168,25 +178,12 @@ def rollout_microbatches(prompt_ids: list[list[int]], response_ids: list[list[in
 
 
 @torch.no_grad()
-def add_log_probs(model, microbatches: list[dict], key: str, device: torch.device) -> None:
-    """Stores ``model``'s response log-probs (micro, L - 1), without gradient, under ``key`` of each microbatch."""
-    from reasontune.logprobs import get_response_log_probs
-
+def add_log_probs(model, microbatches: list[dict], key: str, device: torch.device, temperature: float = 1.0) -> None:
+    """Stores ``model``'s response log-probs (micro, L - 1) at ``temperature``, without gradient, under ``key`` of each microbatch."""
     for mb in microbatches:
         mask = mb["response_mask"].to(device)
         mb[key] = get_response_log_probs(model, mb["input_ids"].to(device), mb["labels"].to(device),
-                                         response_mask=mask)["log_probs"]
-
-
-def rollout_metrics(completions, scores: list[dict]) -> dict[str, float]:
-    """Returns mean response lengths (tokens) overall, of correct and of incorrect responses, and finish counts."""
-    lengths = [c.num_tokens for c in completions]
-    correct = [n for n, s in zip(lengths, scores) if s["answer_reward"] >= 1.0]
-    incorrect = [n for n, s in zip(lengths, scores) if s["answer_reward"] < 1.0]
-    mean = lambda values: sum(values) / len(values) if values else None  # noqa: E731
-    return {"response_length": mean(lengths), "response_length_correct": mean(correct),
-            "response_length_incorrect": mean(incorrect),
-            "truncated_fraction": sum(c.finish_reason == "length" for c in completions) / len(completions)}
+                                         response_mask=mask, temperature=temperature)["log_probs"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,171 +193,258 @@ def rollout_metrics(completions, scores: list[dict]) -> dict[str, float]:
 def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torch.device) -> dict[str, float]:
     """Returns the step's metrics after forward and backward of every microbatch (gradients accumulated, no optimizer step).
 
-    Old log-probs: the ones stored per rollout batch when off-policy; on-policy ``grpo_clip``
-    uses the current ones detached (ratio 1, so it equals REINFORCE with baseline).
+    Old log-probs: the ones stored per rollout batch when off-policy; on-policy, the current
+    ones detached (ratio 1, so grpo_clip equals REINFORCE with baseline). The rollout engine's
+    log-probs (``behaviour_log_probs``, when the generator returned them) are compared with
+    those old log-probs: the mismatch is logged, and ``--rollout-correction`` weights each
+    token's loss by the truncated or masked importance ratio. The policy's log-probs are
+    taken at the sampling temperature, the distribution the rollouts were drawn from.
     """
-    from reasontune.logprobs import get_response_log_probs
-    from reasontune.losses import grpo_microbatch_train_step
-
     tokens_in_step = int(sum(int(mb["response_mask"].sum()) for mb in microbatches))
-    totals = {"loss": 0.0, "entropy_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "response_tokens": 0}
+    examples_in_step = sum(int(mb["response_mask"].shape[0]) for mb in microbatches)
+    sums: dict[str, float] = {"loss": 0.0, "response_tokens": 0}
     for mb in microbatches:
         input_ids, labels = mb["input_ids"].to(device), mb["labels"].to(device)
         response_mask = mb["response_mask"].to(device)
         # Right padding under a causal mask: real tokens never attend to the padding after them.
-        outputs = get_response_log_probs(model, input_ids, labels, return_token_entropy=True, response_mask=response_mask)
+        outputs = get_response_log_probs(model, input_ids, labels, return_token_entropy=True, response_mask=response_mask,
+                                         temperature=config.sampling_temperature)
         old_log_probs = mb.get("old_log_probs")
-        if old_log_probs is None and config.loss_type == "grpo_clip":
+        if old_log_probs is None:
             old_log_probs = outputs["log_probs"].detach()
+        weights, per_batch = None, {}
+        behaviour = mb.get("behaviour_log_probs")
+        if behaviour is not None and response_mask.any():
+            per_batch = {k: float(v) for k, v in rollout_mismatch_metrics(old_log_probs, behaviour, response_mask).items()}
+            if config.rollout_correction != "none":
+                weights, correction = rollout_correction_weights(old_log_probs, behaviour, response_mask,
+                                                                 config.rollout_correction, config.rollout_correction_cap)
+                per_batch.update({k: float(v) for k, v in correction.items()})
         loss, metadata = grpo_microbatch_train_step(
             outputs["log_probs"], response_mask, config.gradient_accumulation_steps, config.loss_type,
             raw_rewards=mb["raw_rewards"].to(device), advantages=mb["advantages"].to(device),
             old_log_probs=old_log_probs, cliprange=config.cliprange, loss_aggregation=config.loss_aggregation,
             normalize_constant=float(config.sampling_max_tokens), tokens_in_step=tokens_in_step,
-            ref_log_probs=mb.get("ref_log_probs"), kl_coef=config.kl_coef,
+            examples_in_step=examples_in_step, ref_log_probs=mb.get("ref_log_probs"), kl_coef=config.kl_coef,
+            cliprange_high=config.cliprange_high, dual_clip_c=config.dual_clip_c, rollout_weights=weights,
         )
         tokens = int(metadata["num_response_tokens"])
-        totals["loss"] += float(loss)
-        totals["response_tokens"] += tokens
-        totals["entropy_sum"] += float(outputs["token_entropy"].detach()[response_mask].float().sum())
-        totals["clipped_sum"] += float(metadata.get("clip_fraction", 0.0)) * tokens
-        totals["kl_sum"] += float(metadata.get("kl", 0.0)) * tokens
-    tokens = max(totals["response_tokens"], 1)
-    return {"loss": totals["loss"], "token_entropy": totals["entropy_sum"] / tokens,
-            "clip_fraction": totals["clipped_sum"] / tokens, "kl": totals["kl_sum"] / tokens,
-            "response_tokens": totals["response_tokens"]}
+        sums["loss"] += float(loss)
+        sums["response_tokens"] += tokens
+        per_batch.update(token_entropy=float(masked_mean(outputs["token_entropy"].detach(), response_mask)) if tokens else 0.0,
+                         **{key: float(metadata[key]) for key in ("clip_fraction", "clip_fraction_low",
+                                                                  "clip_fraction_high", "kl") if key in metadata})
+        for key, value in per_batch.items():  # token-weighted means over the step (max for the max)
+            if key == "mismatch_max_abs_log_ratio":
+                sums[key] = max(sums.get(key, 0.0), value)
+            else:
+                sums[key] = sums.get(key, 0.0) + value * tokens
+    tokens = max(sums["response_tokens"], 1)
+    return {key: value if key in ("loss", "response_tokens", "mismatch_max_abs_log_ratio") else value / tokens
+            for key, value in sums.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup
+
+
+@dataclasses.dataclass
+class GRPOSession(PolicySession):
+    """Every object the GRPO loop needs (``setup_grpo`` builds it): the policy session plus optimizer and reference."""
+
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+    reference: Any = None  # frozen starting model for the KL penalty, or None
+    start_step: int = 0
+
+
+def setup_grpo(config: GRPOConfig) -> GRPOSession:
+    """Returns the session of ``reasontune grpo``: run directory, policy (from the newest checkpoint on --resume), reference, data, optimizer, generator, logger."""
+    config.validate()
+    run_dir, device, checkpoint = start_run(config)
+    model, tokenizer = load_policy(config, device, weights=checkpoint)
+    reference = None
+    if config.kl_coef > 0:  # the reference is the starting model, also after a resume
+        reference = load_model(config.model, dtype=resolved_dtype(config.dtype, str(device)),
+                               device=device).eval().requires_grad_(False)
+    questions, validation, data_counts = load_questions(config, needed=config.rollout_batch_size // config.group_size)
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, kept for the trainer state
+    session = GRPOSession(
+        config=config, model=model, tokenizer=tokenizer, device=device,
+        generator=make_generator(config, model, tokenizer, device), questions=questions,
+        validation=evaluation_sets(config, validation, load_template(config.prompt_template)),
+        template=load_template(config.prompt_template), reward_fn=reward_fn_by_name(config.reward_name),
+        rollouts=rollout_sampling(config, config.reward_name).replace(return_logprobs=True), run_dir=run_dir,
+        logger=make_logger(run_dir, config, resume=checkpoint is not None),
+        optimizer=optimizer, scheduler=scheduler, reference=reference)
+    if checkpoint is not None:
+        session.start_step = restore_training_state(checkpoint, optimizer, scheduler)["step"]
+        session.logger.truncate_after(session.start_step)
+        session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
+    else:
+        session.logger.log("data", 0, **data_counts, loss_type=config.loss_type,
+                           loss_aggregation=config.loss_aggregation, off_policy=config.off_policy)
+    if config.recipe:
+        print(f"recipe {config.recipe}: " + ", ".join(f"{k}={v}" for k, v in config.recipe_settings().items()))
+    print(f"GRPO on {config.model}: {config.n_grpo_steps} steps of {config.rollout_batch_size // config.group_size} "
+          f"questions x {config.group_size} responses, {config.optimizer_steps_per_rollout_batch} optimizer step(s) "
+          f"each; loss {config.loss_type}, aggregation {config.loss_aggregation}"
+          f"{', off-policy' if config.off_policy else ''}")
+    return session
+
+
+def rollout_batch(session: GRPOSession, step: int) -> tuple[Rollouts, dict[str, float]]:
+    """Returns step ``step``'s graded rollouts (seeded questions, ``group_size`` responses each from the current policy) and their counts.
+
+    With ``--dynamic-sampling`` groups whose rewards are all equal are dropped and fresh
+    questions drawn (seeds varied per draw) until the batch is full or the tries run out.
+    """
+    config = session.config
+    needed = config.rollout_batch_size // config.group_size
+    session.generator.sync_weights(session.model)
+
+    def draw(attempt: int) -> tuple[list[Rollouts], list[bool]]:
+        indices = question_batch(len(session.questions), needed, config.seed + 7919 * attempt, step)
+        batch = [session.questions[i] for i in indices]
+        drawn = generate_rollouts(session.generator, [example_prompt(e, session.template) for e in batch],
+                                  [e.ground_truth for e in batch],
+                                  session.rollouts.replace(seed=config.seed * 1_000_003 + step + 104_729 * attempt),
+                                  session.reward_fn, grading_workers=config.grading_workers, examples=batch)
+        rewards = torch.tensor([r["reward"] for r in drawn.flat_rewards()], dtype=torch.float32)
+        keep = informative_groups(rewards, config.group_size).tolist() if config.dynamic_sampling else [True] * len(batch)
+        return [drawn.select([i]) for i in range(len(batch))], keep
+
+    filled = fill_batch(draw, needed, config.dynamic_sampling_max_tries if config.dynamic_sampling else 1)
+    session.generator.sleep()
+    return (Rollouts.concat(filled.groups) if filled.groups else None), filled.metrics()
+
+
+def training_microbatches(session: GRPOSession, rollouts: Rollouts) -> tuple[list[dict], dict[str, float]]:
+    """Returns (microbatches with advantages and old / reference / behaviour log-probs, reward statistics) of a rollout batch.
+
+    Rewards get DAPO's soft overlong penalty when asked; advantages come from
+    ``compute_advantages`` (baseline and std as configured); truncated responses leave the
+    loss with ``--mask-truncated``.
+    """
+    config = session.config
+    completions = rollouts.flat_completions()
+    scores = rollouts.flat_rewards()
+    raw_rewards = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)
+    if config.overlong_buffer_fraction > 0:
+        raw_rewards = raw_rewards + overlong_penalty(
+            torch.tensor([c.num_tokens for c in completions]), config.sampling_max_tokens,
+            max(1, round(config.overlong_buffer_fraction * config.sampling_max_tokens)), config.overlong_penalty_factor)
+    advantages = compute_advantages(raw_rewards, config.group_size, config.advantage_baseline, config.advantage_std,
+                                    config.advantage_eps)
+    reward_stats = {"reward_mean": float(raw_rewards.mean()),
+                    "reward_std": float(raw_rewards.std()) if raw_rewards.numel() > 1 else 0.0,
+                    "answer_reward_mean": statistics.fmean(float(s["answer_reward"]) for s in scores),
+                    "format_reward_mean": statistics.fmean(float(s["format_reward"]) for s in scores)}
+    prompt_ids = [ids for ids in session.tokenizer(rollouts.prompts, add_special_tokens=True)["input_ids"]
+                  for _ in range(config.group_size)]
+    micro = config.micro_train_batch_size
+    microbatches = rollout_microbatches(prompt_ids, [c.token_ids for c in completions], advantages, raw_rewards,
+                                        micro, pad_token_id_of(session.tokenizer))
+    for start, mb in zip(range(0, len(completions), micro), microbatches):
+        rows = completions[start:start + micro]
+        if config.mask_truncated:
+            mb["response_mask"] = mask_truncated_responses(
+                mb["response_mask"], torch.tensor([c.finish_reason == "length" for c in rows]))
+        if all(c.logprobs is not None and len(c.logprobs) == c.num_tokens for c in rows):
+            # The engine's log-probs sit where the labels are those tokens: the response positions, in order.
+            behaviour = torch.zeros(mb["labels"].shape, dtype=torch.float32)
+            full_mask = pad_and_shift(prompt_ids[start:start + micro], [c.token_ids for c in rows],
+                                      0)["response_mask"]
+            behaviour[full_mask] = torch.tensor([lp for c in rows for lp in c.logprobs], dtype=torch.float32)
+            mb["behaviour_log_probs"] = behaviour
+    if config.off_policy and config.loss_type in ("grpo_clip", "gspo", "cispo"):
+        add_log_probs(session.model, microbatches, "old_log_probs", session.device, config.sampling_temperature)
+    if session.reference is not None:
+        add_log_probs(session.reference, microbatches, "ref_log_probs", session.device)
+    return microbatches, reward_stats
+
+
+def rollout_metrics(rollouts: Rollouts, reward_stats: dict[str, float]) -> dict[str, Any]:
+    """Returns what a GRPO step logs of its rollouts: rewards, accuracy and response lengths (correct / incorrect / truncated)."""
+    summary = rollouts.summary()
+    return {"reward": reward_stats["reward_mean"], "reward_std": reward_stats["reward_std"],
+            "format_reward": reward_stats.get("format_reward_mean"), "answer_reward": reward_stats.get("answer_reward_mean"),
+            **{key: summary[key] for key in ("accuracy", "pass_at_n", "mean_response_tokens",
+                                             "mean_response_tokens_correct", "mean_response_tokens_incorrect",
+                                             "mean_response_tokens_truncated", "truncated_fraction")}}
 
 
 # ---------------------------------------------------------------------------------------------
 # The loop
 
 
-def run_grpo(config: GRPOConfig) -> Path:
-    """Returns the run directory after ``config.n_grpo_steps`` GRPO steps on ``config.train_data``.
+def train_grpo(session: GRPOSession) -> Path:
+    """Returns the run directory after GRPO steps ``start_step + 1 … n_grpo_steps``.
 
-    The loop: sample questions → generate group-size responses each → grade → group-normalised
-    advantages → tokenise → (old / reference log-probs) → epochs × optimizer steps of
+    The loop: rollouts (sample questions → group-size responses each → grade) → group-normalised
+    advantages → microbatches (old / reference log-probs) → epochs × optimizer steps of
     grpo_microbatch_train_step → clip → AdamW → metrics → periodic evaluation → checkpoint.
-    Writes config.json, metrics.jsonl, checkpoint-N/, final/, eval/ and report/.
+    Writes metrics.jsonl, checkpoint-N/, final/, eval/ and report/.
     """
-    from reasontune.checkpoint import remove_stale_temporaries, save_checkpoint
-    from reasontune.config import save_config
-    from reasontune.data import example_prompt, load_template
-    from reasontune.evaluation import reward_fn_by_name
-    from reasontune.generation import SamplingOptions
-    from reasontune.losses import compute_group_normalized_rewards
-    from reasontune.modeling import load_model, load_tokenizer
-    from reasontune.rewards import grade_batch
-    from reasontune.tokenization import pad_token_id_of
-    from reasontune.tracking import MetricsLogger, Progress
-    from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
-                                            make_generator, prepare_run_dir, seed_and_device, stop_diverged,
-                                            trainer_state)
-
-    # --- setup: run dir, seeds, policy (and frozen reference), data, optimizer, generator
-    config.validate()
-    run_dir = prepare_run_dir(config.output_dir, overwrite=config.overwrite)
-    remove_stale_temporaries(run_dir)
-    save_config(config, run_dir / "config.json")
-    device = seed_and_device(config.seed, config.num_threads, config.device)
-    tokenizer = load_tokenizer(config.model)
-    model = load_model(config.model, dtype=config.dtype, device=device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    reference = None
-    if config.kl_coef > 0:
-        reference = load_model(config.model, dtype=config.dtype, device=device).eval().requires_grad_(False)
-    template = load_template(config.prompt_template)
-    questions, validation, data_counts = load_questions(config)
-    reward_fn = reward_fn_by_name(config.reward)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  betas=(config.adam_beta1, config.adam_beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, kept for the trainer state
-    generator = make_generator(config.backend, model, tokenizer, model_name=config.model, dtype=config.dtype,
-                               seed=config.seed, batch_size=config.generation_batch_size, vllm_device=config.vllm_device,
-                               vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization)
-    sampling = SamplingOptions(temperature=config.sampling_temperature, max_new_tokens=config.sampling_max_tokens,
-                               min_new_tokens=config.sampling_min_tokens, stop=("</answer>",), n=config.group_size)
-    prompts_per_step = config.rollout_batch_size // config.group_size
-    optimizer_steps_per_epoch = config.rollout_batch_size // config.train_batch_size
-    logger = MetricsLogger(run_dir, config=dataclasses.asdict(config))
-    logger.log("data", 0, **data_counts, loss_type=config.loss_type, loss_aggregation=config.loss_aggregation,
-               off_policy=config.off_policy)
-    print(f"GRPO on {config.model}: {config.n_grpo_steps} steps of {prompts_per_step} questions x {config.group_size} "
-          f"responses, {optimizer_steps_per_epoch * config.epochs_per_rollout_batch} optimizer step(s) each; loss "
-          f"{config.loss_type}, aggregation {config.loss_aggregation}{', off-policy' if config.off_policy else ''}")
+    config, model, logger, run_dir = session.config, session.model, session.logger, session.run_dir
+    eval_sampling = evaluation_sampling(config, config.backend)
 
     def save(step: int, name: str) -> Path:
-        state = trainer_state(step, optimizer, scheduler, plan_fingerprint=f"grpo-seed-{config.seed}")
-        return save_checkpoint(run_dir / name, model, tokenizer, state,
-                               {"reasontune_config.json": (run_dir / "config.json").read_text()})
+        state = trainer_state(step, session.optimizer, session.scheduler, plan_fingerprint=f"grpo-seed-{config.seed}")
+        return save_training_checkpoint(run_dir, name, model, session.tokenizer, state, keep=config.save_total_limit)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, model, generator, validation, template, run_dir, reward=config.reward,
-                                  temperature=config.eval_temperature, max_new_tokens=config.eval_max_new_tokens,
-                                  seed=config.seed)
+        summary = evaluate_policy(step, model, session.generator, session.validation, run_dir, sampling=eval_sampling,
+                                  grading_workers=config.grading_workers)
         logger.log("eval", step, **eval_metrics(summary, step))
         progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
 
-    progress = Progress(config.n_grpo_steps, enabled=config.progress, description="grpo")
-    if validation:
+    progress = Progress(config.n_grpo_steps, initial_step=session.start_step, enabled=config.progress,
+                        description="grpo")
+    if session.validation and config.eval_before_training and session.start_step == 0:
         evaluate_and_log(0)
     started = time.perf_counter()
-    for step in range(1, config.n_grpo_steps + 1):
+    for step in range(session.start_step + 1, config.n_grpo_steps + 1):
         tick = time.perf_counter()
-        # --- rollouts: sample questions, generate group_size responses to each with the current policy
-        batch = sample_questions(questions, prompts_per_step, config.seed, step)
-        prompts = [example_prompt(e, template) for e in batch]
-        if hasattr(generator, "load_policy_weights"):
-            generator.load_policy_weights(model)  # vLLM; the HF generator samples from the policy object itself
-        completions = generator.generate_flat(prompts, sampling.replace(seed=config.seed * 1_000_003 + step))
-        if getattr(generator, "enable_sleep_mode", False):
-            generator.sleep()
+        # --- rollouts: seeded questions, group-size graded responses each from the current policy
+        rollouts, sampling_counts = rollout_batch(session, step)
         rollout_seconds = time.perf_counter() - tick
-        # --- rewards → group-normalised advantages (graded in parallel, read back in order)
-        responses = [c.text for c in completions]
-        ground_truths = [e.ground_truth for e in batch for _ in range(config.group_size)]
-        scores = grade_batch(responses, ground_truths, reward_fn=reward_fn, workers=config.grading_workers)
-        graded = iter(scores)
-        advantages, raw_rewards, reward_stats = compute_group_normalized_rewards(
-            lambda response, truth: next(graded), responses, ground_truths, config.group_size,
-            config.advantage_eps, config.use_std_normalization)
-        # --- tokenise; old log-probs once per rollout batch when off-policy, reference log-probs for the KL
-        prompt_ids = [ids for ids in tokenizer(prompts, add_special_tokens=True)["input_ids"]
-                      for _ in range(config.group_size)]
-        microbatches = rollout_microbatches(prompt_ids, [c.token_ids for c in completions], advantages, raw_rewards,
-                                            config.micro_train_batch_size, pad_token_id_of(tokenizer))
-        if config.off_policy and config.loss_type == "grpo_clip":
-            add_log_probs(model, microbatches, "old_log_probs", device)
-        if reference is not None:
-            add_log_probs(reference, microbatches, "ref_log_probs", device)
+        if rollouts is None:  # dynamic sampling found no group with differing rewards: nothing to learn from
+            logger.log("event", step, message=f"GRPO step {step}: every drawn group had equal rewards; no update",
+                       **sampling_counts)
+            progress.update(step)
+            continue
+        # --- group-normalised advantages → microbatches (old log-probs once when off-policy; reference log-probs)
+        microbatches, reward_stats = training_microbatches(session, rollouts)
         # --- policy-gradient steps: epochs × train batches, each accumulated over its microbatches
         model.train()
         step_metrics = []
-        for epoch in range(config.epochs_per_rollout_batch):
-            for k in range(optimizer_steps_per_epoch):
-                train_batch = microbatches[k * config.gradient_accumulation_steps:(k + 1) * config.gradient_accumulation_steps]
-                metrics = train_step(model, train_batch, config, device)
+        for _ in range(config.epochs_per_rollout_batch):
+            for k in range(config.optimizer_steps_per_rollout_batch):
+                accumulation = config.gradient_accumulation_steps
+                train_batch = microbatches[k * accumulation:(k + 1) * accumulation]
+                if not train_batch:  # a dynamic-sampling batch that stayed short
+                    continue
+                metrics = train_step(model, train_batch, config, session.device)
                 try:
-                    grad_norm = clip_and_step(model, optimizer, scheduler, config.max_grad_norm, metrics["loss"])
+                    grad_norm = clip_and_step(model, session.optimizer, session.scheduler, config.max_grad_norm,
+                                              metrics["loss"])
                 except NonFiniteStep as problem:
                     path = save(step - 1, f"checkpoint-{step - 1}")
-                    message = (f"{problem} at GRPO step {step}; stopped. The weights after step {step - 1} are in "
-                               f"{path}; lower --learning-rate")
-                    stop_diverged(message, step, logger, progress)
+                    stop_diverged(f"{problem} at GRPO step {step}; stopped. The weights after step {step - 1} are in "
+                                  f"{path}; lower --learning-rate", step, logger, progress)
                 step_metrics.append({**metrics, "grad_norm": grad_norm})
         # --- log (means over the step's optimizer steps; rewards and lengths of the rollouts)
-        mean = {key: sum(m[key] for m in step_metrics) / len(step_metrics)
-                for key in ("loss", "grad_norm", "token_entropy", "clip_fraction", "kl")}
-        logger.log("train", step, lr=scheduler.get_last_lr()[0], **mean, optimizer_steps=len(step_metrics),
-                   reward=reward_stats["reward_mean"], reward_std=reward_stats["reward_std"],
-                   format_reward=reward_stats.get("format_reward_mean"),
-                   answer_reward=reward_stats.get("answer_reward_mean"), **rollout_metrics(completions, scores),
-                   rollout_s=rollout_seconds, step_s=time.perf_counter() - tick, elapsed_s=time.perf_counter() - started)
+        mean = {key: statistics.fmean(m[key] for m in step_metrics if key in m)
+                for key in step_metrics[0] if key != "response_tokens"}
+        if step % config.log_every == 0 or step == config.n_grpo_steps:
+            logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean, optimizer_steps=len(step_metrics),
+                       **rollout_metrics(rollouts, reward_stats), **sampling_counts, rollout_s=rollout_seconds,
+                       step_s=time.perf_counter() - tick, elapsed_s=time.perf_counter() - started)
         progress.update(step, loss=mean["loss"])
         # --- evaluate
-        if validation and config.eval_every and step % config.eval_every == 0 and step != config.n_grpo_steps:
+        if session.validation and config.eval_every and step % config.eval_every == 0 and step != config.n_grpo_steps:
             evaluate_and_log(step)
         # --- checkpoint
         if config.save_every and step % config.save_every == 0 and step != config.n_grpo_steps:
@@ -369,50 +453,12 @@ def run_grpo(config: GRPOConfig) -> Path:
 
     # --- final weights, final evaluation, report
     save(config.n_grpo_steps, "final")
-    if validation:
+    if session.validation:
         evaluate_and_log(config.n_grpo_steps)
-    logger.close()
-    if config.write_report:
-        from reasontune.report import write_report
-
-        print(f"report: {write_report(run_dir) / 'index.html'}")
-    print(f"run directory: {run_dir}")
-    return run_dir
+    session.generator.close()
+    return finish_run(run_dir, logger, config.write_report)
 
 
-# ---------------------------------------------------------------------------------------------
-# The demo's GRPO stage
-
-
-def demo_grpo_config(sft_run_dir: Path, data_dir: Path, output_dir: Path, seed: int = 0, num_threads: int | None = None,
-                     max_new_tokens: int = 48, progress: bool = True) -> GRPOConfig:
-    """Returns the GRPOConfig that continues the demo's (under-trained) SFT run with GRPO on the arithmetic task.
-
-    ``sft_run_dir/final`` is the starting policy; ``data_dir`` holds the demo's ``train.jsonl``
-    (questions with references; their SFT responses are ignored) and ``val.jsonl`` (held-out,
-    evaluated greedily before, every few steps and after). ``max_new_tokens`` is the demo's
-    generation budget (``demo_max_new_tokens``: 48 for 3-digit operands).
-
-    NOT YET TUNED to the demo's goal (+15 points of held-out greedy accuracy in minutes). From a
-    13.7% SFT checkpoint on a contended 2-core CPU (30 steps of 16 questions x 8, ~6 s a step):
-    lr 2e-4 and 5e-4 collapsed the reward to 0 within 4 steps, 3e-5 drifted down (13.7 -> 8.2%),
-    1e-5 rose slightly (13.7 -> 17.6% after 30 steps, 3.5 min). Next to try: a 30-60% start, group size
-    16, temperature 0.7 to make successes less rare, more steps.
-    """
-    from reasontune.demo import DEMO_TEMPLATE_PATH
-
-    data_dir = Path(data_dir)
-    return GRPOConfig(
-        model=str(Path(sft_run_dir) / "final"), train_data=str(data_dir / "train.jsonl"),
-        val_data=str(data_dir / "val.jsonl"), prompt_template=str(DEMO_TEMPLATE_PATH), reward="r1_zero",
-        # The demo regenerates its data and models on every run, so its GRPO run starts afresh too.
-        output_dir=str(output_dir), overwrite=True, dtype="float32", device="cpu",
-        n_grpo_steps=30, learning_rate=1e-5, rollout_batch_size=128, group_size=8, train_batch_size=128,
-        gradient_accumulation_steps=1, epochs_per_rollout_batch=1, sampling_temperature=1.0,
-        sampling_min_tokens=1, sampling_max_tokens=max_new_tokens, loss_type="reinforce_with_baseline",
-        use_std_normalization=True, loss_aggregation="sequence_mean", kl_coef=0.0, max_grad_norm=1.0,
-        # Integer answers grade in microseconds: worker processes would only compete for the CPU.
-        grading_workers=0, backend="hf", generation_batch_size=256,
-        eval_every=10, eval_examples=256, eval_max_new_tokens=max_new_tokens, eval_temperature=0.0,
-        save_every=0, seed=seed, num_threads=num_threads, progress=progress, write_report=True,
-    )
+def run_grpo(config: GRPOConfig) -> Path:
+    """Returns the run directory after ``config.n_grpo_steps`` GRPO steps on ``config.train_data`` (``setup_grpo`` then ``train_grpo``)."""
+    return train_grpo(setup_grpo(config))

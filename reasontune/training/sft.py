@@ -1,77 +1,68 @@
-"""Supervised fine-tuning on prompt/response traces with the loss on response tokens only."""
+"""Supervised fine-tuning on prompt/response traces with the loss on response tokens only.
+
+``setup_sft(config)`` returns every object the loop needs (model, tokenizer, optimizer,
+schedule, planned steps, generator, validation data, logger); ``train_sft(session)`` is the
+loop, top to bottom: microbatches → log-probs → ``sft_microbatch_train_step`` → accumulation →
+clip and step → log → evaluate → checkpoint. The loop also runs in memory on a live model and
+in-memory examples (``prepare_session``), as expert iteration's SFT phase does.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Sequence
 
 import torch
 
-from reasontune.config import help_field
-from reasontune.training.common import TrainingDiverged  # noqa: F401  (raised by run_sft; importable from here)
+from reasontune.batching import pack_examples, packed_forward_kwargs, token_budget_batches
+from reasontune.config import help_field, same_field
+from reasontune.data import (Example, example_prompt, load_examples, load_template, train_validation_split,
+                             with_r1_zero_targets)
+from reasontune.evaluation import EvalSet
+from reasontune.generation import Generator
+from reasontune.logprobs import get_response_log_probs
+from reasontune.losses import LossAggregation, sft_microbatch_train_step
+from reasontune.options import (CheckpointOptions, EvaluationOptions, GenerationOptions, InLoopEvaluationOptions,
+                                OptimizerOptions, TrainerOptions)
+from reasontune.rollouts import RewardFn, reward_fn_by_name
+from reasontune.tokenization import pad_and_shift, pad_token_id_of
+from reasontune.tracking import MetricsLogger, Progress
+from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
+                                        evaluation_sampling, evaluation_sets, finish_run, load_policy, make_generator,
+                                        make_logger, make_optimizer, restore_training_state, save_training_checkpoint,
+                                        start_run, stop_diverged, trainer_state)
+from reasontune.training.common import TrainingDiverged  # noqa: F401  (raised by train_sft; importable from here)
 
 
 @dataclasses.dataclass
-class SFTConfig:
+class SFTConfig(TrainerOptions):
     """Options of ``reasontune sft`` (the seeds' flags, plus what a real run needs)."""
 
+    output_dir: str = same_field(CheckpointOptions, "output_dir", "runs/sft")
+    learning_rate: float = same_field(OptimizerOptions, "learning_rate", 2e-5)
+    eval_examples: int = same_field(InLoopEvaluationOptions, "eval_examples", 64)
+    eval_max_new_tokens: int = same_field(EvaluationOptions, "eval_max_new_tokens", 512)
+    generation_batch_size: int = same_field(GenerationOptions, "generation_batch_size", 32)
     # data
-    train_data: str = help_field("", "training data: JSONL of {prompt, response}, chat messages, GSM8K/MATH, JSON/Parquet or a hub name")
-    val_data: str | None = help_field(None, "validation data with references for periodic evaluation (default: a split of the training data)")
-    reward: Literal["r1_zero", "question_only"] = help_field("r1_zero", "reward function of evaluation: r1_zero (<think>…</think> <answer>…</answer>) or question_only (last \\boxed{})")
-    prompt_template: str = help_field("r1_zero", "template turning a question into a prompt for data without a prompt field, and for evaluation: r1_zero, question_only or a file with {question}")
-    max_train_examples: int | None = help_field(None, "use a seeded random subset of this many training examples (dataset-size sweeps)")
-    val_fraction: float = help_field(0.0, "hold out this fraction of the training data as validation when --val-data is not given")
-    skip_bad: bool = help_field(False, "skip malformed data lines (counted and reported) instead of stopping at the first")
-    # model
-    model: str = help_field("Qwen/Qwen2.5-Math-1.5B", "hub name or local directory of the causal LM to fine-tune")
-    output_dir: str = help_field("runs/sft", "run directory: config.json, metrics.jsonl, checkpoint-N/, final/, eval/, report/")
-    dtype: Literal["float32", "bfloat16", "float16"] = help_field("float32", "parameter dtype (bfloat16 on a GPU)")
-    attn_implementation: str | None = help_field(None, "attention kernel: sdpa, flash_attention_2 or eager (default: flash_attention_2 when installed on CUDA, else sdpa)")
-    gradient_checkpointing: bool = help_field(False, "recompute activations in backward to save memory (sets use_cache=False)")
-    device: str | None = help_field(None, "torch device (default: cuda when available, else cpu)")
+    max_train_examples: int | None = help_field(None, "use a seeded random subset of this many training examples (dataset-size sweeps)", group="data")
+    val_fraction: float = help_field(0.0, "hold out this fraction of the training data as validation when --val-data is not given", group="data")
     # optimisation
-    num_epochs: int = help_field(1, "passes over the training data")
-    max_steps: int | None = help_field(None, "stop after this many optimizer steps (overrides --num-epochs when smaller)")
-    batch_size: int = help_field(4, "examples per microbatch (the per-forward batch)")
-    gradient_accumulation_steps: int = help_field(8, "microbatches per optimizer step; effective batch = batch-size x this")
-    learning_rate: float = help_field(2e-5, "peak learning rate of AdamW")
-    weight_decay: float = help_field(0.0, "AdamW weight decay")
-    adam_beta1: float = help_field(0.9, "AdamW beta1")
-    adam_beta2: float = help_field(0.95, "AdamW beta2")
-    max_grad_norm: float = help_field(1.0, "clip the global gradient norm to this (0 disables clipping)")
-    lr_scheduler: Literal["cosine", "linear", "constant"] = help_field("cosine", "decay after warmup")
-    warmup_ratio: float = help_field(0.03, "fraction of optimizer steps spent warming up linearly from 0")
-    min_lr_ratio: float = help_field(0.0, "the schedule decays to learning-rate x this")
-    max_length: int | None = help_field(1024, "truncate prompt+response to this many tokens (counts logged); none keeps all")
-    loss_normalization: Literal["constant", "token_mean"] = help_field("constant", "constant: per-sequence sum / normalize-constant, batch mean, / accumulation (the design's sft_microbatch_train_step); token_mean: mean NLL over the step's response tokens")
-    normalize_constant: float = help_field(1.0, "divisor of each sequence's summed NLL under constant normalisation")
-    packing: bool = help_field(False, "pack several examples into rows of --tokens-per-batch tokens, without attention across examples")
-    tokens_per_batch: int | None = help_field(None, "with --packing (or dynamic batching): token budget of a microbatch instead of --batch-size examples")
-    seed: int = help_field(0, "seed of data order, subsets, initialisation and sampling")
-    # evaluation, checkpoints, logging
-    eval_every: int = help_field(0, "evaluate by generating and grading every N optimizer steps (0: only before and after training)")
-    eval_examples: int = help_field(64, "validation examples per evaluation")
-    eval_before_training: bool = help_field(True, "evaluate once before the first step")
-    eval_backend: Literal["hf", "vllm"] = help_field("hf", "generator for evaluation: hf (model.generate) or vllm (policy weights loaded into it)")
-    eval_batch_size: int = help_field(32, "prompts per generation batch (hf backend)")
-    eval_max_new_tokens: int = help_field(512, "token budget of each generated response")
-    eval_temperature: float = help_field(0.0, "sampling temperature of evaluation (0: greedy)")
-    vllm_gpu_memory_utilization: float = help_field(0.3, "fraction of the GPU vLLM may take (vllm backend)")
-    vllm_device: str | None = help_field(None, "device of the vLLM engine (default: the policy's)")
-    save_every: int = help_field(0, "write checkpoint-N/ every N optimizer steps (0: only final/)")
-    save_total_limit: int | None = help_field(None, "keep only the newest N checkpoint-N/ directories")
-    overwrite: bool = help_field(False, "start afresh in an --output-dir that already holds a run (its files are replaced)")
-    resume: bool = help_field(False, "continue from the newest checkpoint-N/ in --output-dir (model, optimizer, scheduler, RNG, data position)")
-    log_every: int = help_field(1, "write a metrics line every N optimizer steps")
-    wandb_project: str | None = help_field(None, "also log to this Weights & Biases project (needs the wandb extra)")
-    tensorboard: bool = help_field(False, "also write TensorBoard event files into output-dir/tensorboard")
-    progress: bool = help_field(True, "show a progress bar (step, loss, tokens/s, ETA)")
-    write_report: bool = help_field(True, "write report/ (plots and summary page) at the end")
-    num_threads: int | None = help_field(None, "torch CPU threads (default: torch's choice)")
+    num_epochs: int = help_field(1, "passes over the training data", group="optimisation")
+    max_steps: int | None = help_field(None, "stop after this many optimizer steps (overrides --num-epochs when smaller)", group="optimisation")
+    batch_size: int = help_field(4, "examples per microbatch (the per-forward batch)", group="optimisation")
+    gradient_accumulation_steps: int = help_field(8, "microbatches per optimizer step; effective batch = batch-size x this", group="optimisation")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = help_field("cosine", "decay after warmup", group="optimisation")
+    warmup_ratio: float = help_field(0.03, "fraction of optimizer steps spent warming up linearly from 0", group="optimisation")
+    min_lr_ratio: float = help_field(0.0, "the schedule decays to learning-rate x this", group="optimisation")
+    max_length: int | None = help_field(1024, "truncate prompt+response to this many tokens (counts logged); none keeps all", group="optimisation")
+    loss_aggregation: LossAggregation = help_field("sequence_sum", "sequence_sum: each sequence's summed NLL / normalize-constant, mean over the step's sequences (the design's sft_microbatch_train_step); token_mean: mean NLL over the step's response tokens; sequence_mean: mean of each sequence's mean NLL", group="optimisation")
+    normalize_constant: float = help_field(1.0, "divisor of each sequence's summed NLL under sequence_sum", group="optimisation")
+    packing: bool = help_field(False, "pack several examples into rows of --tokens-per-batch tokens, without attention across examples", group="optimisation")
+    tokens_per_batch: int | None = help_field(None, "with --packing (or dynamic batching): token budget of a microbatch instead of --batch-size examples", group="optimisation")
 
     def validate(self) -> None:
         """Raises SystemExit naming the option when a value cannot work."""
@@ -86,8 +77,6 @@ class SFTConfig:
             problems.append("--packing needs --max-length (the row width) or --tokens-per-batch")
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append("--warmup-ratio must be in [0, 1)")
-        if self.resume and self.overwrite:
-            problems.append("--resume and --overwrite contradict each other")
         if problems:
             raise SystemExit("error: " + "; ".join(problems))
 
@@ -107,8 +96,6 @@ class TokenizedData:
 
 def load_sft_examples(config: SFTConfig):
     """Returns (train examples with responses, validation examples, data counts) for ``config``."""
-    from reasontune.data import load_examples, train_validation_split, with_r1_zero_targets
-
     train_set = load_examples(config.train_data, max_examples=config.max_train_examples, seed=config.seed,
                               skip_bad=config.skip_bad)
     train = with_r1_zero_targets(train_set.examples)
@@ -128,8 +115,6 @@ def load_sft_examples(config: SFTConfig):
 
 def tokenize_examples(examples, tokenizer, template: str, max_length: int | None) -> TokenizedData:
     """Returns the examples' prompt/response ids, cut to ``max_length``; those left without a response token are dropped and counted."""
-    from reasontune.data import example_prompt
-
     prompts = [example_prompt(e, template) for e in examples]
     prompt_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
     output_ids = tokenizer([e.response for e in examples], add_special_tokens=False)["input_ids"]
@@ -155,9 +140,6 @@ def tokenize_examples(examples, tokenizer, template: str, max_length: int | None
 
 def plan_microbatches(data: TokenizedData, config: SFTConfig, epoch: int, pad_token_id: int) -> list[dict]:
     """Returns one epoch's microbatches (dicts of tensors), a pure function of the data, config and epoch."""
-    from reasontune.batching import pack_examples, token_budget_batches
-    from reasontune.tokenization import pad_and_shift
-
     seed = config.seed * 100_003 + epoch
     if config.packing:
         row_width = (config.max_length or config.tokens_per_batch) - 1
@@ -214,10 +196,6 @@ def learning_rate_lambda(config: SFTConfig, total_steps: int):
 
 def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch.device) -> dict[str, float]:
     """Returns the step's metrics after forward and backward of every microbatch (gradients accumulated, no optimizer step)."""
-    from reasontune.batching import packed_forward_kwargs
-    from reasontune.logprobs import get_response_log_probs
-    from reasontune.losses import sft_microbatch_train_step
-
     examples_in_step = sum(mb["num_examples"] for mb in microbatches)
     tokens_in_step = int(sum(int(mb["response_mask"].sum()) for mb in microbatches))
     totals = {"loss": 0.0, "nll_sum": 0.0, "response_tokens": 0, "tokens": 0, "entropy_sum": 0.0}
@@ -237,7 +215,7 @@ def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch
                                          response_mask=response_mask, **forward)
         loss, metadata = sft_microbatch_train_step(
             outputs["log_probs"], response_mask, config.gradient_accumulation_steps,
-            normalize_constant=config.normalize_constant, normalization=config.loss_normalization,
+            normalize_constant=config.normalize_constant, normalization=config.loss_aggregation,
             tokens_in_step=tokens_in_step, examples_in_step=examples_in_step,
         )
         totals["loss"] += float(loss)
@@ -251,13 +229,11 @@ def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch
 
 
 # ---------------------------------------------------------------------------------------------
-# Resume safety (the run directory, generator, evaluation and trainer state: training/common.py)
+# Setup
 
 
 def fingerprint(steps) -> str:
     """Returns a short hash of the planned steps' tokens, so a resume whose finished steps would differ is refused."""
-    import hashlib
-
     digest = hashlib.sha256()
     for _, microbatches in steps:
         for mb in microbatches:
@@ -265,129 +241,140 @@ def fingerprint(steps) -> str:
     return digest.hexdigest()[:16]
 
 
+@dataclasses.dataclass
+class SFTSession:
+    """Every object the SFT loop needs; ``setup_sft`` builds it from a config, ``prepare_session`` from a live model.
+
+    ``run_dir``/``logger``/``generator`` are None for an in-memory run (expert iteration's
+    SFT phase): nothing is written, logged or evaluated then.
+    """
+
+    config: SFTConfig
+    model: Any
+    tokenizer: Any
+    device: torch.device
+    data: TokenizedData
+    steps: list[tuple[float, list[dict]]]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    template: str
+    reward_fn: RewardFn
+    generator: Generator | None = None
+    validation: list[EvalSet] = dataclasses.field(default_factory=list)
+    run_dir: Path | None = None
+    logger: MetricsLogger | None = None
+    start_step: int = 0
+
+
+def prepare_session(config: SFTConfig, model, tokenizer, examples: Sequence[Example], device: torch.device,
+                    template: str) -> SFTSession:
+    """Returns an in-memory session: ``examples`` tokenised and planned into steps, a fresh optimizer and schedule over ``model``."""
+    data = tokenize_examples(examples, tokenizer, template, config.max_length)
+    steps = plan_steps(data, config, pad_token_id_of(tokenizer))
+    optimizer = make_optimizer(model, config)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config, len(steps)))
+    return SFTSession(config=config, model=model, tokenizer=tokenizer, device=device, data=data, steps=steps,
+                      optimizer=optimizer, scheduler=scheduler, template=template,
+                      reward_fn=reward_fn_by_name(config.reward_name))
+
+
+def setup_sft(config: SFTConfig) -> SFTSession:
+    """Returns the session of ``reasontune sft``: run directory, model (from the newest checkpoint on --resume), data, plan, optimizer, generator, logger."""
+    config.validate()
+    run_dir, device, checkpoint = start_run(config)
+    model, tokenizer = load_policy(config, device, weights=checkpoint)
+    template = load_template(config.prompt_template)
+    train_examples, validation, data_counts = load_sft_examples(config)
+    session = prepare_session(config, model, tokenizer, train_examples, device, template)
+    session.run_dir, session.validation = run_dir, evaluation_sets(config, validation, template)
+    session.generator = make_generator(config, model, tokenizer, device) if session.validation else None
+    session.logger = make_logger(run_dir, config, resume=checkpoint is not None)
+    if checkpoint is not None:
+        state = restore_training_state(checkpoint, session.optimizer, session.scheduler,
+                                       lambda step: fingerprint(session.steps[:step]))
+        session.start_step = state["step"]
+        session.logger.truncate_after(session.start_step)
+        session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
+    else:
+        session.logger.log("data", 0, **data_counts, **session.data.counts, loss_aggregation=config.loss_aggregation)
+    counts = session.data.counts
+    print(f"training {config.model} on {counts['trained_examples']} examples: {len(session.steps)} optimizer steps "
+          f"({counts['truncated']} truncated, {counts['dropped_response_truncated_away']} dropped: "
+          f"response cut away by --max-length); loss aggregation: {config.loss_aggregation}")
+    return session
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop
 
 
-def run_sft(config: SFTConfig) -> Path:
-    """Returns the run directory after SFT of ``config.model`` on ``config.train_data``.
+def train_sft(session: SFTSession) -> list[dict[str, float]]:
+    """Returns the metrics of every optimizer step run, after training ``session.model`` through ``session.steps``.
 
-    The loop: microbatches → get_response_log_probs → sft_microbatch_train_step → gradient
-    accumulation → clipping → AdamW step → LR schedule → metrics → periodic evaluation →
-    checkpoint. Writes config.json, metrics.jsonl, checkpoint-N/, final/, eval/ and report/.
+    With a run directory it also evaluates (before, every --eval-every steps, at the end),
+    saves checkpoints and ``final/``, and writes the report.
     """
-    from reasontune.checkpoint import (latest_checkpoint, load_trainer_state, prune_checkpoints,
-                                       remove_stale_temporaries, save_checkpoint, set_rng_state)
-    from reasontune.config import save_config
-    from reasontune.data import load_template
-    from reasontune.modeling import load_model, load_tokenizer
-    from reasontune.tokenization import pad_token_id_of
-    from reasontune.tracking import MetricsLogger, Progress
-    from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
-                                            make_generator, prepare_run_dir, seed_and_device, stop_diverged,
-                                            trainer_state)
-
-    # --- setup: run dir, seeds, model, data, optimizer, plan
-    run_dir = prepare_run_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
-    remove_stale_temporaries(run_dir)
-    save_config(config, run_dir / "config.json")
-    device = seed_and_device(config.seed, config.num_threads, config.device)
-    checkpoint = latest_checkpoint(run_dir) if config.resume else None
-    weights = str(checkpoint) if checkpoint is not None else config.model
-    tokenizer = load_tokenizer(weights)
-    model = load_model(weights, dtype=config.dtype, attn_implementation=config.attn_implementation, device=device)
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-    template = load_template(config.prompt_template)
-    train_examples, validation, data_counts = load_sft_examples(config)
-    data = tokenize_examples(train_examples, tokenizer, template, config.max_length)
-    steps = plan_steps(data, config, pad_token_id_of(tokenizer))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay,
-                                  betas=(config.adam_beta1, config.adam_beta2))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config, len(steps)))
-    generator = make_generator(config.eval_backend, model, tokenizer, model_name=config.model, dtype=config.dtype,
-                               seed=config.seed, batch_size=config.eval_batch_size, vllm_device=config.vllm_device,
-                               vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization) if validation else None
-
-    start_step = 0
-    logger = MetricsLogger(run_dir, wandb_project=config.wandb_project, tensorboard=config.tensorboard,
-                           config=dataclasses.asdict(config), resume=checkpoint is not None)
-    if checkpoint is not None:
-        state = load_trainer_state(checkpoint)
-        if state["plan_fingerprint"] != fingerprint(steps[: state["step"]]):
-            raise SystemExit(f"error: {checkpoint} was trained on other data or batches than these options plan "
-                             "for its steps; resume with the same data, seed and batching options")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_step = state["step"]
-        logger.truncate_after(start_step)
-        logger.log("event", start_step, message=f"resumed from {checkpoint.name}")
-    elif config.resume:
-        print(f"no checkpoint in {run_dir}; starting from step 0")
-    if start_step == 0:
-        logger.log("data", 0, **data_counts, **data.counts, loss_normalization=config.loss_normalization)
-    print(f"training {config.model} on {data.counts['trained_examples']} examples: {len(steps)} optimizer steps "
-          f"({data.counts['truncated']} truncated, {data.counts['dropped_response_truncated_away']} dropped: "
-          f"response cut away by --max-length); loss normalisation: {config.loss_normalization}")
+    config, model, steps, run_dir, logger = session.config, session.model, session.steps, session.run_dir, session.logger
+    sampling = evaluation_sampling(config, config.backend)
 
     def save(step: int, name: str) -> Path:
-        state = trainer_state(step, optimizer, scheduler, fingerprint(steps[:step]))
-        config_text = (run_dir / "config.json").read_text()
-        path = save_checkpoint(run_dir / name, model, tokenizer, state, {"reasontune_config.json": config_text})
-        prune_checkpoints(run_dir, config.save_total_limit)
-        return path
+        state = trainer_state(step, session.optimizer, session.scheduler, fingerprint(steps[:step]))
+        return save_training_checkpoint(run_dir, name, model, session.tokenizer, state, keep=config.save_total_limit)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, model, generator, validation, template, run_dir, reward=config.reward,
-                                  temperature=config.eval_temperature, max_new_tokens=config.eval_max_new_tokens,
-                                  seed=config.seed)
+        summary = evaluate_policy(step, model, session.generator, session.validation, run_dir, sampling=sampling,
+                                  grading_workers=config.grading_workers)
         logger.log("eval", step, **eval_metrics(summary, step))
         progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
 
-    progress = Progress(len(steps), initial_step=start_step, enabled=config.progress)
-    if generator is not None and config.eval_before_training and start_step == 0:
+    evaluating = session.generator is not None and run_dir is not None
+    progress = Progress(len(steps), initial_step=session.start_step, enabled=config.progress)
+    if evaluating and config.eval_before_training and session.start_step == 0:
         evaluate_and_log(0)
     model.train()
+    history: list[dict[str, float]] = []
     started = time.perf_counter()
-    for step in range(start_step + 1, len(steps) + 1):
+    for step in range(session.start_step + 1, len(steps) + 1):
         epoch, microbatches = steps[step - 1]
         # --- forward and backward of every microbatch (accumulating gradients)
         tick = time.perf_counter()
-        metrics = train_step(model, microbatches, config, device)
+        metrics = train_step(model, microbatches, config, session.device)
         # --- clip, check, step
-        learning_rate = scheduler.get_last_lr()[0]
+        learning_rate = session.scheduler.get_last_lr()[0]
         try:
-            grad_norm = clip_and_step(model, optimizer, scheduler, config.max_grad_norm, metrics["loss"])
+            grad_norm = clip_and_step(model, session.optimizer, session.scheduler, config.max_grad_norm, metrics["loss"])
         except NonFiniteStep as problem:
-            path = save(step - 1, f"checkpoint-{step - 1}")
-            message = (f"{problem} at step {step}; stopped. The last good weights (after step {step - 1}) are in "
-                       f"{path}; lower --learning-rate or check the data, then --resume")
-            stop_diverged(message, step, logger, progress)
+            where = f"in {save(step - 1, f'checkpoint-{step - 1}')}" if run_dir is not None else "in memory"
+            stop_diverged(f"{problem} at step {step}; stopped. The last good weights (after step {step - 1}) are "
+                          f"{where}; lower --learning-rate or check the data, then --resume", step, logger, progress)
         # --- log
         seconds = time.perf_counter() - tick
-        if step % config.log_every == 0 or step == len(steps):
-            logger.log("train", step, epoch=round(epoch, 4), lr=learning_rate, grad_norm=grad_norm,
+        metrics.update(epoch=round(epoch, 4), lr=learning_rate, grad_norm=grad_norm,
                        tokens_per_s=metrics["tokens"] / seconds, response_tokens_per_s=metrics["response_tokens"] / seconds,
-                       elapsed_s=time.perf_counter() - started, **metrics)
-        progress.update(step, loss=metrics["loss"], tokens_per_s=metrics["tokens"] / seconds)
+                       elapsed_s=time.perf_counter() - started)
+        history.append(metrics)
+        if logger is not None and (step % config.log_every == 0 or step == len(steps)):
+            logger.log("train", step, **metrics)
+        progress.update(step, loss=metrics["loss"], tokens_per_s=metrics["tokens_per_s"])
         # --- evaluate
-        if generator is not None and config.eval_every and step % config.eval_every == 0 and step != len(steps):
+        if evaluating and config.eval_every and step % config.eval_every == 0 and step != len(steps):
             evaluate_and_log(step)
         # --- checkpoint
-        if config.save_every and step % config.save_every == 0 and step != len(steps):
+        if run_dir is not None and config.save_every and step % config.save_every == 0 and step != len(steps):
             save(step, f"checkpoint-{step}")
     progress.close()
 
     # --- final weights, final evaluation, report
-    save(len(steps), "final")
-    if generator is not None:
-        evaluate_and_log(len(steps))
-    logger.close()
-    if config.write_report:
-        from reasontune.report import write_report
+    if run_dir is not None:
+        save(len(steps), "final")
+        if evaluating:
+            evaluate_and_log(len(steps))
+        finish_run(run_dir, logger, config.write_report)
+    return history
 
-        print(f"report: {write_report(run_dir) / 'index.html'}")
-    print(f"run directory: {run_dir}")
-    return run_dir
+
+def run_sft(config: SFTConfig) -> Path:
+    """Returns the run directory after SFT of ``config.model`` on ``config.train_data`` (``setup_sft`` then ``train_sft``)."""
+    session = setup_sft(config)
+    train_sft(session)
+    return session.run_dir

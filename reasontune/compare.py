@@ -1,0 +1,257 @@
+"""``reasontune compare``: side-by-side pass@k / maj@k / avg@k of runs on the benchmarks they share, with paired p-values.
+
+A run is given as any of:
+
+- an eval directory holding ``records.jsonl`` (and ``summary.json``), e.g. ``reasontune eval --output-dir``
+  on one dataset: its benchmark is the summary's ``benchmark`` field, else ``eval``;
+- an eval output directory holding one such directory per benchmark (``OUT/math500/records.jsonl`` …);
+- a training run directory with ``eval/``: its latest evaluation (``eval/final`` where present, else
+  the highest ``eval/step-N``), read as either of the above.
+
+Questions are matched across runs by ``question_id`` (falling back to the prompt text); only
+questions every run answered count, and how many were left out is reported. The first run is
+the baseline: each other run's difference carries a paired bootstrap interval and p-value over
+the matched questions (``estimators.paired_bootstrap``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from reasontune.config import help_field, positional_field
+from reasontune.rollouts import read_records
+from reasontune.data import DataError
+from reasontune.estimators import (
+    METRICS,
+    Equivalent,
+    bootstrap_interval,
+    default_equivalent,
+    format_p_value,
+    group_samples,
+    paired_bootstrap,
+    parse_ks,
+    question_scores,
+)
+
+RECORDS = "records.jsonl"
+SUMMARY = "summary.json"
+
+
+# ---------------------------------------------------------------------------------------------
+# Finding and reading evaluations
+
+
+def read_eval_records(path: str | Path) -> list[dict[str, Any]]:
+    """Returns the records of an evaluation's ``records.jsonl`` (``rollouts.read_records``), each checked to be graded."""
+    records = read_records(path)
+    for number, record in enumerate(records, start=1):
+        if "answer_reward" not in record:
+            raise DataError(f"{path}: record {number}: field 'answer_reward' missing (not an eval record)")
+    return records
+
+
+def _latest_eval(eval_root: Path) -> Path | None:
+    if (eval_root / "final").is_dir():
+        return eval_root / "final"
+    steps = [(int(m.group(1)), p) for p in eval_root.iterdir()
+             if p.is_dir() and (m := re.fullmatch(r"step-(\d+)", p.name))]
+    return max(steps)[1] if steps else None
+
+
+def find_evaluations(path: str | Path) -> dict[str, Path]:
+    """Returns ``{benchmark: directory with records.jsonl}`` of a run, eval output or eval directory (see module doc)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such directory (give a run directory, an eval output directory "
+                                f"or an eval directory with {RECORDS})")
+    if (path / RECORDS).is_file():
+        summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else {}
+        return {str(summary.get("benchmark") or "eval"): path}
+    found = {child.name: child for child in sorted(path.iterdir()) if (child / RECORDS).is_file()}
+    if found:
+        return found
+    if (path / "eval").is_dir() and (latest := _latest_eval(path / "eval")) is not None:
+        return find_evaluations(latest)
+    raise FileNotFoundError(f"{path}: found no {RECORDS} in it, in its subdirectories, or in its latest eval/ directory")
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison
+
+
+@dataclass
+class Comparison:
+    """Returns nothing; the compared runs and one row per (benchmark, metric@k).
+
+    Each row: ``benchmark``, ``metric`` (``pass@1`` …), ``n_questions`` (matched), ``values``
+    (one ``{"value", "low", "high"}`` per run) and ``differences`` (one ``paired_bootstrap``
+    dict per run after the first, against the first). ``notes`` say what was left out and why.
+    """
+
+    runs: list[str]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+
+def _compare_benchmark(benchmark: str, grouped_runs: list[dict[str, dict]], ks: list[int], metrics: list[str],
+                       n_bootstrap: int, seed: int, equivalent: Equivalent | None, comparison: Comparison) -> None:
+    shared = [key for key in grouped_runs[0] if all(key in grouped for grouped in grouped_runs[1:])]
+    for label, grouped in zip(comparison.runs, grouped_runs):
+        if len(grouped) > len(shared):
+            comparison.notes.append(f"{benchmark}: {len(grouped) - len(shared)} question(s) of {label} not in every run, left out")
+    if not shared:
+        comparison.notes.append(f"{benchmark}: no question is shared by every run (no common question_id or prompt text)")
+        return
+    for k in ks:
+        for metric in metrics:
+            name = f"{metric}@{k}"
+            fewest = min(len(grouped[key]["correct"]) for grouped in grouped_runs for key in shared)
+            if fewest < k:
+                comparison.notes.append(f"{benchmark}: {name} left out: a run has only {fewest} sample(s) per question")
+                continue
+            if metric == "maj" and not all(grouped[key]["has_answers"] for grouped in grouped_runs for key in shared):
+                comparison.notes.append(f"{benchmark}: {name} left out: records without an extracted 'answer'")
+                continue
+            scores = [question_scores(metric, k, [grouped[key]["correct"] for key in shared],
+                                      [grouped[key]["answers"] for key in shared], equivalent)
+                      for grouped in grouped_runs]
+            values = []
+            for run_scores in scores:
+                low, high = bootstrap_interval(run_scores, n_bootstrap, seed)
+                values.append({"value": float(run_scores.mean()), "low": low, "high": high})
+            differences = [paired_bootstrap(scores[0], other, n_bootstrap, seed) for other in scores[1:]]
+            comparison.rows.append({"benchmark": benchmark, "metric": name, "n_questions": len(shared),
+                                    "values": values, "differences": differences})
+
+
+def compare_runs(paths: list[str | Path], ks: str | list[int] = (1,), metrics: str | list[str] = METRICS,
+                 n_bootstrap: int = 1000, seed: int = 0, equivalent: Equivalent | None = None,
+                 labels: list[str] | None = None) -> Comparison:
+    """Returns the ``Comparison`` of the runs at ``paths`` (first = baseline) over the benchmarks all of them have.
+
+    ``ks`` (``"1,4"`` or a list) and ``metrics`` (subset of pass, maj, avg) choose the rows;
+    ``equivalent`` clusters answers for maj@k (default: the grader's, see
+    ``estimators.default_equivalent``).
+    """
+    if len(paths) < 2:
+        raise ValueError(f"compare needs at least two runs, got {len(paths)}")
+    if not labels:
+        labels = [Path(p).name or str(p) for p in paths]
+        labels = labels if len(set(labels)) == len(labels) else [str(p) for p in paths]
+    if len(labels) != len(paths):
+        raise ValueError(f"{len(labels)} labels for {len(paths)} runs")
+    metrics = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
+    if unknown := [m for m in metrics if m not in METRICS]:
+        raise ValueError(f"unknown metric(s) {', '.join(unknown)}; choose from {', '.join(METRICS)}")
+    ks = parse_ks(ks)
+    equivalent = equivalent or default_equivalent()
+    evaluations = [find_evaluations(path) for path in paths]
+    comparison = Comparison(runs=labels, settings={"ks": ks, "metrics": metrics, "n_bootstrap": n_bootstrap,
+                                                   "seed": seed, "paths": [str(p) for p in paths]})
+    benchmarks = [name for name in evaluations[0] if all(name in found for found in evaluations[1:])]
+    for label, found in zip(labels, evaluations):
+        if missing := [name for name in found if name not in benchmarks]:
+            comparison.notes.append(f"{label}: benchmark(s) {', '.join(missing)} not in every run, left out")
+    if not benchmarks:
+        raise ValueError("the runs share no benchmark: " + "; ".join(
+            f"{label}: {', '.join(found)}" for label, found in zip(labels, evaluations)))
+    for benchmark in benchmarks:
+        grouped_runs = [group_samples(read_eval_records(found[benchmark] / RECORDS)) for found in evaluations]
+        _compare_benchmark(benchmark, grouped_runs, ks, metrics, n_bootstrap, seed, equivalent, comparison)
+    return comparison
+
+
+def _percent(figure: dict[str, float]) -> str:
+    return f"{100 * figure['value']:5.1f} [{100 * figure['low']:5.1f}, {100 * figure['high']:5.1f}]"
+
+
+def format_comparison(comparison: Comparison) -> str:
+    """Returns the comparison as an aligned text table (percent, 95% intervals, differences against the first run, p-values)."""
+    header = ["benchmark", "metric", "questions", *comparison.runs]
+    header += [f"{label} - {comparison.runs[0]} (p)" for label in comparison.runs[1:]]
+    rows = [header]
+    for row in comparison.rows:
+        cells = [row["benchmark"], row["metric"], str(row["n_questions"]), *(_percent(v) for v in row["values"])]
+        cells += [f"{100 * d['difference']:+5.1f} [{100 * d['low']:+5.1f}, {100 * d['high']:+5.1f}] "
+                  f"(p {format_p_value(d['p_value'])})" for d in row["differences"]]
+        rows.append(cells)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]
+    settings = comparison.settings
+    lines.append(f"percent; [95% percentile bootstrap over matched questions, {settings.get('n_bootstrap')} resamples, "
+                 f"seed {settings.get('seed')}]; p: paired bootstrap, two-sided")
+    lines += [f"note: {note}" for note in comparison.notes]
+    return "\n".join(lines)
+
+
+def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
+    """Returns ``path`` after drawing the comparison as grouped bars (one group per row, one bar per run, 95% intervals)."""
+    from matplotlib.figure import Figure
+
+    rows = comparison.rows
+    figure = Figure(figsize=(max(6.0, 1.2 * len(rows) * len(comparison.runs) / 2 + 2), 4.5), dpi=100,
+                    layout="constrained")
+    axes = figure.add_subplot()
+    width = 0.8 / len(comparison.runs)
+    for run_index, label in enumerate(comparison.runs):
+        xs = [i + (run_index - (len(comparison.runs) - 1) / 2) * width for i in range(len(rows))]
+        values = [100 * row["values"][run_index]["value"] for row in rows]
+        errors = [[100 * (row["values"][run_index]["value"] - row["values"][run_index]["low"]) for row in rows],
+                  [100 * (row["values"][run_index]["high"] - row["values"][run_index]["value"]) for row in rows]]
+        axes.bar(xs, values, width=width, yerr=errors, capsize=3, label=label)
+    axes.set_xticks(range(len(rows)), [f"{row['benchmark']}\n{row['metric']}" for row in rows])
+    axes.set_ylabel("percent of questions")
+    axes.set_ylim(0, 100)
+    axes.set_title("runs compared (bars: 95% bootstrap intervals over matched questions)")
+    axes.grid(True, axis="y", alpha=0.35)
+    axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: bars reach 100%
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# reasontune compare
+
+
+@dataclass
+class CompareConfig:
+    """Options of ``reasontune compare``."""
+
+    runs: list[str] = positional_field("run directories, eval output directories or eval directories; the first is the baseline")
+    labels: list[str] | None = help_field(None, "a name per run for the table and plot (default: directory names)")
+    k: str = help_field("1", "comma-separated k values of pass@k, maj@k and avg@k, e.g. 1,4,16")
+    metrics: str = help_field("pass,maj,avg", "comma-separated metrics among pass, maj, avg")
+    n_bootstrap: int = help_field(1000, "bootstrap resamples for the intervals and the paired p-values")
+    seed: int = help_field(0, "seed of the bootstrap")
+    output_dir: str = help_field("compare", "directory for comparison.png, comparison.txt and comparison.json")
+
+    def validate(self) -> None:
+        if len(self.runs) < 2:
+            raise SystemExit("error: reasontune compare needs at least two runs: reasontune compare RUN_A RUN_B ...")
+        if self.n_bootstrap < 1:
+            raise SystemExit("error: --n-bootstrap must be >= 1")
+        if self.labels is not None and len(self.labels) != len(self.runs):
+            raise SystemExit(f"error: --labels gives {len(self.labels)} names for {len(self.runs)} runs")
+
+
+def run_compare(config: CompareConfig) -> int:
+    """Returns 0 after printing the comparison of ``config.runs`` and writing comparison.{txt,json,png} to ``config.output_dir``."""
+    comparison = compare_runs(config.runs, config.k, config.metrics, config.n_bootstrap, config.seed,
+                              labels=config.labels)
+    text = format_comparison(comparison)
+    print(text)
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "comparison.txt").write_text(text + "\n", encoding="utf-8")
+    payload = {"runs": comparison.runs, "rows": comparison.rows, "notes": comparison.notes, **comparison.settings}
+    (out / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+    if comparison.rows:
+        print(f"wrote {plot_comparison(comparison, out / 'comparison.png')}")
+    return 0

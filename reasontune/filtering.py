@@ -1,0 +1,74 @@
+"""The ``filter`` command: keep the SFT examples whose response earns answer reward 1 against the reference.
+
+Responses are graded through the one rollout path (``reasontune.rollouts.grade_completions``)
+in the bounded grading workers; the kept records are written back exactly as read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from reasontune.config import help_field
+from reasontune.data import Example, load_examples
+from reasontune.generation import Completion
+from reasontune.options import GradingOptions, TaskOptions
+from reasontune.rollouts import grade_completions, reward_fn_by_name, write_jsonl
+
+REASONS = ("kept", "formatted but wrong", "unformatted", "no response", "no reference answer")
+
+
+@dataclass
+class FilterConfig(GradingOptions, TaskOptions):
+    """Options of ``reasontune filter``."""
+
+    data: str = help_field("", "SFT data (JSONL/JSON/Parquet, any accepted format) whose responses are graded", group="data")
+    out: str = help_field("", "where to write the kept records (JSONL, each record exactly as read)", group="data")
+
+    def validate(self) -> None:
+        if not self.data or not self.out:
+            raise SystemExit("error: reasontune filter needs --data SFT.jsonl and --out FILTERED.jsonl")
+
+
+def filter_examples(examples: Sequence[Example], reward: str = "r1_zero", grading_workers: int | None = None
+                    ) -> tuple[list[Example], dict[str, int]]:
+    """Returns (kept examples, counts by reason) keeping those whose response earns answer reward 1.
+
+    Reasons: ``kept``, ``no response``, ``no reference answer``, ``unformatted`` (format reward
+    0) and ``formatted but wrong``.
+    """
+    counts = {reason: 0 for reason in REASONS}
+    gradable = []
+    for example in examples:
+        if example.response is None:
+            counts["no response"] += 1
+        elif example.ground_truth is None:
+            counts["no reference answer"] += 1
+        else:
+            gradable.append(example)
+    rollouts = grade_completions(
+        [e.prompt or e.question for e in gradable], [e.ground_truth for e in gradable],
+        [[Completion(text=e.response, token_ids=[], finish_reason="stop")] for e in gradable],
+        reward_fn_by_name(reward), grading_workers=grading_workers, examples=gradable)
+    kept = []
+    for example, record in zip(gradable, rollouts.records()):
+        reason = {"correct": "kept", "formatted_wrong": "formatted but wrong", "unformatted": "unformatted"}[record["category"]]
+        counts[reason] += 1
+        if reason == "kept":
+            kept.append(example)
+    return kept, {reason: count for reason, count in counts.items() if count}
+
+
+def run_filter(config: FilterConfig) -> int:
+    """Returns 0 after writing the examples of ``config.data`` whose response is correct to ``config.out``."""
+    loaded = load_examples(config.data, skip_bad=config.skip_bad)
+    kept, counts = filter_examples(loaded.examples, config.reward_name, config.grading_workers)
+    out = write_jsonl([example.raw for example in kept], Path(config.out))
+    print(f"filter: {len(loaded)} examples read from {config.data} -> {len(kept)} kept in {out}")
+    for reason in REASONS:
+        if counts.get(reason):
+            print(f"  {reason}: {counts[reason]}")
+    if loaded.skipped:
+        print(f"  malformed records skipped: {loaded.n_skipped} ({loaded.report()})")
+    return 0
