@@ -24,8 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from reasontune.data import DataError, Example, example_prompt
 from reasontune.generation import Completion, Generator, SamplingOptions
-from reasontune.rewards import (extract_boxed_answer, extract_r1_zero_answer, grade_batch, question_only_reward_fn,
-                                r1_zero_reward_fn)
+from reasontune.rewards import extract_final_answer, grade_batch, question_only_reward_fn, r1_zero_reward_fn
 
 RewardFn = Callable[[str, Any], dict[str, float]]
 CATEGORIES = ("correct", "formatted_wrong", "unformatted")
@@ -44,9 +43,9 @@ def reward_fn_by_name(name: str) -> RewardFn:
 def final_answer(response: str, reward_fn: RewardFn | None) -> str | None:
     """Returns the answer ``reward_fn`` grades in ``response`` (the last <answer> of r1_zero, the last box of question_only), or None."""
     if reward_fn is r1_zero_reward_fn:
-        return extract_r1_zero_answer(response)
+        return extract_final_answer(response, "r1_zero")
     if reward_fn is question_only_reward_fn:
-        return extract_boxed_answer(response)
+        return extract_final_answer(response, "question_only")
     return None
 
 

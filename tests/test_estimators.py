@@ -258,3 +258,12 @@ def test_parse_ks():
     assert parse_ks("16,1,4,4") == [1, 4, 16]
     with pytest.raises(ValueError):
         parse_ks("0,2")
+
+
+def test_majority_vote_uses_the_graders_equivalence_by_default():
+    """Answers 1/2, 0.5 and \\frac{1}{2} are one vote (3) against 0.25 twice: the vote is 1/2 under the default."""
+    from reasontune.estimators import vote
+
+    answers = ["0.25", "1/2", "0.25", "0.5", "\\frac{1}{2}"]
+    assert vote(answers) == 1  # the cluster of 1/2 wins; its first member is sample 1
+    assert vote(answers, equivalent=lambda a, b: a == b) == 0  # by exact strings 0.25 has the most votes
