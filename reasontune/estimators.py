@@ -76,11 +76,11 @@ def vote(answers: Sequence[str | None], equivalent: Equivalent | None = None) ->
     """Returns the index of the sample whose answer wins the majority vote, or None when no sample has an answer.
 
     Answers are clustered greedily: each answer joins the first cluster whose first member it is
-    ``equivalent`` to (default: equal after whitespace strip), else starts a new one. The largest
+    ``equivalent`` to (default: the grader's ``answers_equivalent``), else starts a new one. The largest
     cluster wins; among equally large clusters, the one whose first member came earliest. The
     returned index is that first member's.
     """
-    equivalent = equivalent or exact_equivalent
+    equivalent = equivalent or answers_equivalent
     representatives: list[int] = []  # index of each cluster's first member
     sizes: list[int] = []
     for index, answer in enumerate(answers):
