@@ -40,7 +40,7 @@ def is_peft_model(model: Any) -> bool:
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
-               target_modules: Sequence[str] | None = None) -> nn.Module:
+               target_modules: Sequence[str] | None = None, trainable_modules: Sequence[str] = ()) -> nn.Module:
     """Returns ``model`` wrapped as a ``peft.PeftModel`` with LoRA adapters; its base weights are frozen.
 
     Each adapted linear layer computes ``W x + (alpha / rank) * B A dropout(x)`` with ``A``
@@ -55,6 +55,12 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout:
             None adapts every linear layer of the decoder present in the model
             (``DECODER_LINEAR_MODULES``). ``lm_head`` may be listed unless the model ties it to
             the input embeddings.
+        trainable_modules: names of further modules trained in full and saved with the adapter
+            (PEFT's ``modules_to_save``; a name matches every module whose name ends with it, so
+            ``norm`` selects all RMSNorm weights). A base model whose norms stay frozen cannot
+            sharpen its output distribution beyond what its frozen output projection allows: the
+            demo's random base (embedding rows of norm 0.32, final RMSNorm weight 1) caps every
+            logit at 5.7, so its LoRA runs train ``norm`` too (a few hundred weights).
     """
     peft = require_peft()
     if rank < 1:
@@ -72,7 +78,8 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout:
         raise ValueError("lm_head shares its weight with the input embeddings (tie_word_embeddings), so a merged "
                          "model could not keep both; leave lm_head out of the LoRA target modules")
     config = peft.LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=dropout,
-                             target_modules=target_modules, bias="none", task_type="CAUSAL_LM")
+                             target_modules=target_modules, modules_to_save=list(trainable_modules) or None,
+                             bias="none", task_type="CAUSAL_LM")
     return peft.get_peft_model(model, config)
 
 
@@ -109,9 +116,15 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     base = model.get_base_model()
     merged = {}
+    trained_copy = f".modules_to_save.{model.active_adapter}."
     for name, tensor in base.state_dict().items():
-        if ".lora_" in name:
+        # Adapter matrices are merged below; a fully trained module (modules_to_save) replaces its original.
+        if ".lora_" in name or ".original_module." in name:
             continue
+        if ".modules_to_save." in name:
+            if trained_copy not in name:
+                continue
+            name = name.replace(trained_copy, ".")
         merged[name.replace(".base_layer.", ".")] = tensor
     for module_name, module in base.named_modules():
         if not isinstance(module, LoraLayer) or module.merged:

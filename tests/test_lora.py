@@ -24,10 +24,13 @@ def randomize_adapters(model, seed: int = 7, scale: float = 0.2) -> None:
         for name, parameter in model.named_parameters():
             if "lora_" in name:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+            elif ".modules_to_save." in name:  # a fully trained copy (trainable_modules), e.g. an RMSNorm weight
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * scale)
 
 
-def lora_model(base, rank=4, target_modules=None, seed=7):
-    model = apply_lora(base, rank=rank, alpha=3 * rank, dropout=0.0, target_modules=target_modules)
+def lora_model(base, rank=4, target_modules=None, seed=7, trainable_modules=()):
+    model = apply_lora(base, rank=rank, alpha=3 * rank, dropout=0.0, target_modules=target_modules,
+                       trainable_modules=trainable_modules)
     randomize_adapters(model, seed)
     return model
 
@@ -44,6 +47,14 @@ def test_apply_lora_freezes_the_base_and_adapts_every_decoder_linear(tiny_qwen2)
     # q 64, k 48, v 48, o 64, gate 160, up 160, down 160 = 704 -> 2 layers x 4 x 704 = 5632.
     assert sum(p.numel() for p in trainable) == 5632
     assert all(not p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+
+
+def test_trainable_modules_train_in_full_beside_the_adapters(tiny_qwen2):
+    model = apply_lora(tiny_qwen2, rank=4, trainable_modules=["norm"])
+    names = [n for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n]
+    # "norm" matches every RMSNorm by suffix: 2 layers x (input, post-attention) + the final norm, 32 weights each.
+    assert len(names) == 5 and all(n.endswith("norm.modules_to_save.default.weight") for n in names)
+    assert sum(p.numel() for p in trainable_parameters(model)) == 5632 + 5 * 32
 
 
 def test_apply_lora_refuses_bad_arguments(tiny_qwen2):
@@ -137,7 +148,7 @@ def test_fused_path_drops_a_disabled_lm_head_adapter(tiny_qwen2):
 def test_merged_model_equals_the_adapter_model_and_leaves_it_intact(tiny_qwen2, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    model = lora_model(tiny_qwen2, target_modules=list(ALL_DECODER) + ["lm_head"])
+    model = lora_model(tiny_qwen2, target_modules=list(ALL_DECODER) + ["lm_head"], trainable_modules=["norm"])
     input_ids, _, _ = _batch(97)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     with torch.no_grad():
@@ -151,7 +162,7 @@ def test_merged_model_equals_the_adapter_model_and_leaves_it_intact(tiny_qwen2, 
     # The live adapter model is untouched, bit for bit, and still trains only its adapters.
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, before[name]), name
-    assert all(p.requires_grad == ("lora_" in n) for n, p in model.named_parameters())
+    assert all(p.requires_grad == ("lora_" in n or ".modules_to_save." in n) for n, p in model.named_parameters())
     # vLLM's load_weights gets the plain checkpoint names.
     assert set(merged_state_dict(model)) == set(merged.state_dict())
 
@@ -159,7 +170,7 @@ def test_merged_model_equals_the_adapter_model_and_leaves_it_intact(tiny_qwen2, 
 def test_adapter_checkpoint_resumes_the_same_trainable_model(tiny_model_dir, tmp_path):
     from reasontune.modeling import load_model
 
-    model = lora_model(load_model(str(tiny_model_dir)))
+    model = lora_model(load_model(str(tiny_model_dir)), trainable_modules=["norm"])
     save_adapter(model, tmp_path / "checkpoint-3")
     files = {path.name for path in (tmp_path / "checkpoint-3").iterdir()}
     assert {"adapter_config.json", "adapter_model.safetensors"} <= files
