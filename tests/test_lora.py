@@ -184,6 +184,20 @@ def test_adapter_checkpoint_resumes_the_same_trainable_model(tiny_model_dir, tmp
         load_for_resume(tiny_model_dir, tiny_model_dir)
 
 
+def test_trainer_checkpoint_of_a_lora_model_holds_the_adapter(tiny_model_dir, tmp_path):
+    """checkpoint.save_checkpoint (every trainer's checkpoint-N/) writes PEFT's adapter files for a LoRA model."""
+    from reasontune.checkpoint import save_checkpoint
+    from reasontune.modeling import load_model, load_tokenizer
+
+    model = lora_model(load_model(str(tiny_model_dir)), rank=2)
+    path = save_checkpoint(tmp_path / "checkpoint-5", model, load_tokenizer(str(tiny_model_dir)), {"step": 5})
+    assert (path / "adapter_model.safetensors").exists() and not (path / "model.safetensors").exists()
+    resumed = load_for_resume(tiny_model_dir, path)
+    input_ids, _, _ = _batch(len(load_tokenizer(str(tiny_model_dir))))
+    with torch.no_grad():
+        torch.testing.assert_close(resumed(input_ids=input_ids).logits, model(input_ids=input_ids).logits)
+
+
 def test_hf_generator_samples_from_the_adapter_after_a_step(tiny_model_dir):
     """The sync is real: after one large step, the generator's log-probs follow the adapted model."""
     from reasontune.generation import SamplingOptions
