@@ -7,7 +7,7 @@ A LoRA-wrapped policy is a ``peft.PeftModel`` whose base weights are frozen; onl
   PEFT's format), a few MB; ``load_for_resume(base, checkpoint)`` rebuilds the trainable model.
 - ``final/``: also a merged full model (``save_merged``): base + scaled ``B @ A`` in every
   adapted layer, loadable by ``from_pretrained`` and vLLM without peft.
-- A rollout engine that holds its own copy of the weights (vLLM) gets ``merged_state_dict``
+- A rollout engine that holds its own copy of the weights (vLLM) gets ``merged_weights``
   at each sync, under the base model's parameter names; the HF generator samples from the
   wrapped model itself and needs nothing.
 """
@@ -15,7 +15,7 @@ A LoRA-wrapped policy is a ``peft.PeftModel`` whose base weights are frozen; onl
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -102,40 +102,48 @@ def save_adapter(model: nn.Module, directory: str | Path) -> Path:
     return directory
 
 
-def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """Returns the weights of the merged model under the base model's names (a plain model: its state dict).
+def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields ``(name, tensor)`` of the merged model under the base model's names (a plain model: its state dict).
 
-    Every adapted linear layer's weight is ``W + scaling * B @ A`` (computed in float32, cast to
-    ``W``'s dtype), a new tensor; the live model is not touched, so training continues exactly.
-    Unadapted tensors are the model's own (no copy). Names are those of ``from_pretrained``
+    Every adapted linear layer's weight is ``W + scaling * B @ A`` (summed in float32, cast to
+    ``W``'s dtype), a new tensor made when it is yielded, so a consumer that sends weights in
+    chunks (the vLLM sync) never holds a second copy of the model; the live model is not touched
+    and training continues exactly. Other tensors are the model's own (a module trained in full,
+    ``trainable_modules``, yields its trained copy). Names are those of ``from_pretrained``
     checkpoints (``model.layers.0.self_attn.q_proj.weight``), as vLLM's ``load_weights`` expects.
     """
     if not is_peft_model(model):
-        return model.state_dict()
+        yield from model.state_dict().items()
+        return
     from peft.tuners.lora import LoraLayer
 
     base = model.get_base_model()
-    merged = {}
+    adapted = {name: module for name, module in base.named_modules()
+               if isinstance(module, LoraLayer) and not module.merged}  # merged: the delta is already in W
     trained_copy = f".modules_to_save.{model.active_adapter}."
     for name, tensor in base.state_dict().items():
-        # Adapter matrices are merged below; a fully trained module (modules_to_save) replaces its original.
+        # Adapter matrices are merged into their layer's weight; a trained copy replaces its original.
         if ".lora_" in name or ".original_module." in name:
             continue
         if ".modules_to_save." in name:
             if trained_copy not in name:
                 continue
             name = name.replace(trained_copy, ".")
-        merged[name.replace(".base_layer.", ".")] = tensor
-    for module_name, module in base.named_modules():
-        if not isinstance(module, LoraLayer) or module.merged:
-            continue
-        weight = module.get_base_layer().weight
-        delta = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        for adapter in module.active_adapters:
-            if adapter in module.lora_A:
-                delta += module.get_delta_weight(adapter).detach().float()
-        merged[f"{module_name}.weight"] = (weight.detach().float() + delta).to(weight.dtype)
-    return merged
+        module_name, _, leaf = name.rpartition(".base_layer.")
+        if leaf == "weight" and module_name in adapted:
+            module = adapted[module_name]
+            merged = tensor.detach().to(torch.float32, copy=True)  # .float() would alias a float32 W
+            for adapter in module.active_adapters:
+                if adapter in module.lora_A:
+                    merged += module.get_delta_weight(adapter).detach().float()
+            yield f"{module_name}.weight", merged.to(tensor.dtype)
+        else:
+            yield name.replace(".base_layer.", "."), tensor
+
+
+def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Returns ``dict(merged_weights(model))``: the merged model's full state dict (new tensors for adapted layers)."""
+    return dict(merged_weights(model))
 
 
 def save_merged(model: nn.Module, tokenizer: Any, directory: str | Path) -> Path:
