@@ -250,7 +250,7 @@ def test_vllm_generator_follows_the_adapter_after_a_step(tiny_model_dir):
     options = SamplingOptions(temperature=0.0, max_new_tokens=6, stop=("\x00",), return_logprobs=True)
     before = generator.generate(["What is 12 + 30?"], options)[0][0]
     randomize_adapters(model, scale=0.5)  # stands in for a large training step
-    generator.load_policy_weights(model)
+    generator.sync_weights(model)
     after = generator.generate(["What is 12 + 30?"], options)[0][0]
     from reasontune.modeling import load_tokenizer
 
