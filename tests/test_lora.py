@@ -264,3 +264,42 @@ def test_vllm_generator_follows_the_adapter_after_a_step(tiny_model_dir):
                                           response_mask=mask)["log_probs"][mask].cpu()
     torch.testing.assert_close(torch.tensor(after.logprobs), expected, atol=2e-3, rtol=2e-3)
     assert before.token_ids != after.token_ids or max(abs(a - b) for a, b in zip(before.logprobs, after.logprobs)) > 0.1
+
+
+def test_sft_with_lora_saves_adapters_merges_final_and_resumes_exactly(tiny_model_dir, tmp_path):
+    """reasontune sft --lora-rank: checkpoint-N holds the adapter, final/ a merged model that loads without peft,
+    and a run resumed from checkpoint-1 ends with the weights of an uninterrupted run."""
+    import json
+
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from reasontune.training.sft import SFTConfig, run_sft
+
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"Q: {i}+{i}?", "response": f" {2 * i} </think> <answer>{2 * i}</answer>"})
+                            + "\n" for i in range(12)))
+
+    def config(out, **changes):
+        values = dict(model=str(tiny_model_dir), train_data=str(data), output_dir=str(tmp_path / out), batch_size=4,
+                      gradient_accumulation_steps=1, learning_rate=5e-3, warmup_ratio=0.0, lr_scheduler="constant",
+                      max_length=64, eval_examples=0, lora_rank=4, lora_alpha=8.0, num_threads=1, progress=False,
+                      write_report=False, save_every=1)
+        values.update(changes)
+        return SFTConfig(**values)
+
+    reference = run_sft(config("reference", max_steps=3))
+    assert (reference / "checkpoint-1" / "adapter_config.json").exists()
+    assert not (reference / "final" / "adapter_config.json").exists()  # final/ is a plain merged model
+    assert (reference / "final" / "adapter" / "adapter_config.json").exists()
+    merged = AutoModelForCausalLM.from_pretrained(reference / "final")
+    base = load_file(tiny_model_dir / "model.safetensors")
+    moved = {k: v for k, v in merged.state_dict().items() if k in base and not torch.equal(v, base[k])}
+    assert any("q_proj" in k for k in moved) and not any("layernorm" in k for k in moved)  # only adapted layers
+
+    run_sft(config("interrupted", max_steps=2))  # leaves checkpoint-1 (and a final/ of step 2)
+    resumed = run_sft(config("interrupted", max_steps=3, resume=True))
+    final_a = AutoModelForCausalLM.from_pretrained(reference / "final").state_dict()
+    final_b = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
+    for name in final_a:
+        torch.testing.assert_close(final_b[name], final_a[name], atol=0, rtol=0, msg=name)

@@ -57,6 +57,7 @@ class ExpertIterationConfig(RolloutOptions, TrainerOptions):
     def validate(self) -> None:
         """Raises SystemExit naming the option when a value cannot work."""
         problems = []
+        problems += self.lora_problems()
         if not self.train_data:
             problems.append("--train-data is required")
         if self.n_ei_steps < 1 or self.questions_per_step < 1 or self.group_size < 1 or self.sft_epochs < 1:

@@ -104,6 +104,7 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
     def validate(self) -> None:
         """Raises SystemExit naming the options when the batch sizes or loss settings cannot work together."""
         problems = []
+        problems += self.lora_problems()
         if not self.train_data:
             problems.append("--train-data is required")
         if self.sampling_temperature <= 0:

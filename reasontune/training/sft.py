@@ -67,6 +67,7 @@ class SFTConfig(TrainerOptions):
     def validate(self) -> None:
         """Raises SystemExit naming the option when a value cannot work."""
         problems = []
+        problems += self.lora_problems()
         if not self.train_data:
             problems.append("--train-data is required")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_epochs < 1:
