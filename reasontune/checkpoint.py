@@ -1,12 +1,22 @@
-"""Atomic checkpoints: a model directory loadable with ``from_pretrained`` plus trainer state for exact resume.
+"""Atomic checkpoints: a consolidated HF model directory, sharded model + optimizer state, and trainer state for exact resume.
 
 A checkpoint is written into a temporary sibling directory and renamed into place only when
-complete, so a crash mid-write leaves the previous checkpoint intact and never a half one
-under a final name.
+complete (after every rank has written its part), so a crash mid-write leaves the previous
+checkpoint intact and never a half one under a final name. Layout of ``checkpoint-N/``::
+
+    config.json, model*.safetensors, tokenizer files   consolidated weights (rank 0; from_pretrained, vLLM)
+    trainer_state.json + trainer_state.safetensors     step, scheduler, RNG, data position (rank 0)
+    rng-rank-R.json + rng-rank-R.safetensors           each rank's random generators
+    sharded/                                           torch.distributed.checkpoint: model + optimizer,
+                                                       one file per rank; loads at any world size
+
+Nothing here unpickles: trainer state is JSON plus tensors in safetensors, so a crafted
+checkpoint directory cannot run code on ``--resume``.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import re
@@ -17,7 +27,9 @@ from typing import Any
 import numpy as np
 import torch
 
-TRAINER_STATE = "trainer_state.pt"
+TRAINER_STATE = "trainer_state.json"
+LEGACY_TRAINER_STATE = "trainer_state.pt"
+SHARDED_DIR = "sharded"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -38,6 +50,111 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+# ---------------------------------------------------------------------------------------------
+# Trainer state without pickle: JSON for the structure, safetensors for the tensors
+
+
+def _encode(value: Any, tensors: dict[str, torch.Tensor], path: str) -> Any:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if torch.is_tensor(value):
+        tensors[path] = value.detach().cpu().contiguous().clone()
+        return {"__tensor__": path}
+    if isinstance(value, np.ndarray):
+        # safetensors has no uint32 for every torch version: store int64, remember the dtype.
+        tensors[path] = torch.from_numpy(value.astype(np.int64) if value.dtype.kind in "iub" else value.copy())
+        return {"__ndarray__": path, "dtype": str(value.dtype)}
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(item, tensors, f"{path}/{i}") for i, item in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(item, tensors, f"{path}/{i}") for i, item in enumerate(value)]
+    if isinstance(value, dict):
+        if all(isinstance(key, str) and not key.startswith("__") for key in value):
+            return {key: _encode(item, tensors, f"{path}/{key}") for key, item in value.items()}
+        return {"__items__": [[_encode(key, tensors, f"{path}/key{i}"), _encode(item, tensors, f"{path}/{i}")]
+                              for i, (key, item) in enumerate(value.items())]}
+    raise TypeError(f"trainer state field {path or '/'} is a {type(value).__name__}; only None, bool, int, float, "
+                    "str, list, tuple, dict, torch tensors and numpy arrays can be saved")
+
+
+def _decode(value: Any, tensors: dict[str, torch.Tensor], source: Path) -> Any:
+    if isinstance(value, list):
+        return [_decode(item, tensors, source) for item in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value or "__ndarray__" in value:
+        key = value.get("__tensor__", value.get("__ndarray__"))
+        if key not in tensors:
+            raise ValueError(f"{source}: field {key!r} names a tensor that its .safetensors file lacks")
+        if "__tensor__" in value:
+            return tensors[key]
+        return tensors[key].numpy().astype(np.dtype(value["dtype"]))
+    if "__tuple__" in value:
+        return tuple(_decode(item, tensors, source) for item in value["__tuple__"])
+    if "__items__" in value:
+        return {_decode(key, tensors, source): _decode(item, tensors, source) for key, item in value["__items__"]}
+    return {key: _decode(item, tensors, source) for key, item in value.items()}
+
+
+def save_trainer_state(directory: str | Path, state: dict[str, Any], name: str = "trainer_state") -> Path:
+    """Returns the path of ``name``.json after writing ``state`` there (structure) and to ``name``.safetensors (tensors).
+
+    ``state`` may nest dicts, lists and tuples of None/bool/int/float/str, torch tensors and
+    numpy arrays (an optimizer's or scheduler's ``state_dict()``, ``rng_state()``); anything else
+    raises TypeError naming the field, so no object ever needs pickling.
+    """
+    from safetensors.torch import save_file
+
+    directory = Path(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    encoded = _encode(state, tensors, "")
+    save_file(tensors, str(directory / f"{name}.safetensors"))
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(encoded))
+    return path
+
+
+def load_trainer_state(directory: str | Path, name: str = "trainer_state") -> dict[str, Any]:
+    """Returns the trainer state saved by ``save_trainer_state``, without unpickling anything.
+
+    A checkpoint of the old pickle format (``trainer_state.pt``) is read only with
+    ``torch.load(weights_only=True)``, which refuses every object but tensors and plain
+    containers: a crafted file cannot run code, and an old file holding NumPy RNG state is
+    refused with a message rather than trusted.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    path = directory / f"{name}.json"
+    if not path.exists():
+        legacy = directory / LEGACY_TRAINER_STATE
+        if name == "trainer_state" and legacy.exists():
+            try:
+                return torch.load(legacy, map_location="cpu", weights_only=True)
+            except Exception as error:  # noqa: BLE001 — any refusal of the safe unpickler means the same
+                raise ValueError(f"{legacy} is a pickle that the safe loader refuses ({type(error).__name__}); "
+                                 "it is not loaded because unpickling can run arbitrary code. Resume from a "
+                                 "checkpoint written by this version, or start afresh") from None
+        raise FileNotFoundError(f"{directory} has no {path.name}; it cannot be resumed from")
+    try:
+        encoded = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    tensor_file = directory / f"{name}.safetensors"
+    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
+    state = _decode(encoded, tensors, path)
+    if not isinstance(state, dict):
+        # A malformed file, not a caller's wrong argument: ValueError like every other bad content.
+        raise ValueError(f"{path}: expected a JSON object at the top, got {type(state).__name__}")  # noqa: TRY004
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing a checkpoint (every rank calls; rank 0 writes the shared files)
+
+
 def _fsync_tree(directory: Path) -> None:
     for path in directory.rglob("*"):
         if path.is_file():
@@ -50,42 +167,135 @@ def _fsync_tree(directory: Path) -> None:
         os.close(descriptor)
 
 
-def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, trainer_state: dict[str, Any] | None = None,
-                    extra_files: dict[str, str] | None = None) -> Path:
-    """Returns ``directory`` after writing model, tokenizer and trainer state there atomically.
+def save_consolidated(directory: str | Path, model: Any, is_main: bool = True) -> None:
+    """Writes a ``from_pretrained``-loadable safetensors directory of ``model``'s full weights (rank 0 writes).
 
-    ``trainer_state`` (optimizer, scheduler, RNG, step, data position …) goes to
-    ``trainer_state.pt``; ``extra_files`` maps file names to text (e.g. the run's config.json).
-    An existing directory of that name is replaced only once the new one is complete.
+    An FSDP2-sharded model is gathered one decoder layer at a time (``full_state_dict_layers``)
+    into one safetensors file per layer group plus ``model.safetensors.index.json``, so no
+    device or host ever holds more than one layer's full tensors besides the embeddings. Every
+    rank must call it (the gathers are collectives); an unsharded model uses ``save_pretrained``.
     """
+    from reasontune.distributed import decoder_layers, full_state_dict_layers, is_sharded
+
     directory = Path(directory)
-    temporary = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    if temporary.exists():
-        shutil.rmtree(temporary)
-    temporary.mkdir(parents=True)
-    model.save_pretrained(temporary, safe_serialization=True)
-    tokenizer.save_pretrained(temporary)
-    if trainer_state is not None:
-        torch.save(trainer_state, temporary / TRAINER_STATE)
-    for name, text in (extra_files or {}).items():
-        (temporary / name).write_text(text)
-    _fsync_tree(temporary)
-    if directory.exists():
-        retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-        directory.rename(retired)
-        temporary.rename(directory)
-        shutil.rmtree(retired)
-    else:
-        temporary.rename(directory)
+    if not is_sharded(model):
+        if is_main:
+            model.save_pretrained(directory, safe_serialization=True)
+        return
+    from safetensors.torch import save_file
+
+    tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
+    files = len(decoder_layers(model)) + 1  # the root's tensors, then one file per decoder layer
+    weight_map, total_bytes = {}, 0
+    for number, layer in enumerate(full_state_dict_layers(model), start=1):
+        layer = {name: tensor.cpu().contiguous() for name, tensor in layer.items() if name not in tied}
+        file_name = f"model-{number:05d}-of-{files:05d}.safetensors"
+        if is_main:
+            save_file(layer, str(directory / file_name), metadata={"format": "pt"})
+        weight_map.update({name: file_name for name in layer})
+        total_bytes += sum(tensor.numel() * tensor.element_size() for tensor in layer.values())
+    if is_main:
+        index = {"metadata": {"total_size": total_bytes}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+        model.config.save_pretrained(directory)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(directory)
+
+
+def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, trainer_state: dict[str, Any] | None = None,
+                    extra_files: dict[str, str] | None = None, *, optimizer: Any = None, ctx: Any = None) -> Path:
+    """Returns ``directory`` after writing the checkpoint there atomically; at world size > 1 every rank calls it.
+
+    Rank 0 writes the consolidated weights, tokenizer, ``trainer_state`` (step, scheduler, RNG,
+    data position …; see ``save_trainer_state`` for what it may hold) and ``extra_files`` (file
+    name -> text, e.g. the run's config.json). With ``optimizer`` every rank also writes its shard
+    of model + optimizer state to ``sharded/`` (``torch.distributed.checkpoint``), and then
+    ``trainer_state`` should not hold the optimizer. Each rank saves its RNG state. After a
+    barrier rank 0 renames the temporary directory into place (replacing an older one of that
+    name only once the new one is complete); a second barrier lets no rank run ahead of it.
+
+    Args:
+        ctx: the run's ``DistributedContext`` (None: the default process group's rank, if any).
+    """
+    import torch.distributed as dist
+
+    from reasontune import distributed
+
+    rank = ctx.rank if ctx is not None else (dist.get_rank() if dist.is_initialized() else 0)
+    is_main = rank == 0
+    directory = Path(directory)
+    # One temporary name for every rank: rank 0's pid.
+    temporary = directory.with_name(f".{directory.name}.tmp-{distributed.broadcast_object(os.getpid())}")
+    if is_main:
+        if temporary.exists():
+            shutil.rmtree(temporary)
+        temporary.mkdir(parents=True)
+    distributed.barrier()
+    if optimizer is not None:
+        _save_sharded(temporary / SHARDED_DIR, model, optimizer)
+    save_consolidated(temporary, model, is_main)
+    save_trainer_state(temporary, rng_state(), name=f"rng-rank-{rank}")
+    if is_main:
+        if tokenizer is not None:
+            tokenizer.save_pretrained(temporary)
+        if trainer_state is not None:
+            save_trainer_state(temporary, trainer_state)
+        for name, text in (extra_files or {}).items():
+            (temporary / name).write_text(text)
+    distributed.barrier()  # every rank's files are in place
+    if is_main:
+        _fsync_tree(temporary)
+        if directory.exists():
+            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            directory.rename(retired)
+            temporary.rename(directory)
+            shutil.rmtree(retired)
+        else:
+            temporary.rename(directory)
+    distributed.barrier()
     return directory
 
 
-def load_trainer_state(directory: str | Path) -> dict[str, Any]:
-    """Returns the trainer state saved in a checkpoint directory."""
-    path = Path(directory) / TRAINER_STATE
+def _save_sharded(path: Path, model: Any, optimizer: Any) -> None:
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path),
+             no_dist=not dist.is_initialized())
+
+
+def load_sharded(directory: str | Path, model: Any, optimizer: Any) -> None:
+    """Loads the model and optimizer state of a checkpoint's ``sharded/`` into ``model`` and ``optimizer`` in place.
+
+    Works at any world size, whatever the one that saved: ``torch.distributed.checkpoint``
+    reads the pieces each rank's shards need (FSDP2 DTensors, or whole tensors at world size 1).
+    Every rank calls it, after ``shard_model`` and after building the optimizer.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    path = Path(directory) / SHARDED_DIR
+    if not (path / ".metadata").exists():
+        raise FileNotFoundError(f"{directory} has no {SHARDED_DIR}/ model and optimizer state to resume from")
+    model_state, optimizer_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optimizer": optimizer_state}
+    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
+
+
+def restore_rng(directory: str | Path, rank: int = 0) -> bool:
+    """Returns True after restoring this rank's random generators from a checkpoint, False when it has none for ``rank``.
+
+    A resume at a different world size finds no state for its new ranks: they keep their seeds.
+    """
+    path = Path(directory) / f"rng-rank-{rank}.json"
     if not path.exists():
-        raise FileNotFoundError(f"{directory} has no {TRAINER_STATE}; it cannot be resumed from")
-    return torch.load(path, map_location="cpu", weights_only=False)
+        return False
+    set_rng_state(load_trainer_state(directory, name=f"rng-rank-{rank}"))
+    return True
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

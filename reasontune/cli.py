@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         _quiet_library_progress_bars()
         module = importlib.import_module(module_name)
         config = config_from_namespace(argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k != "command"}),
-                                       getattr(module, config_name))
+                                       getattr(module, config_name), environment=True)
         output_dir, existed = _run_dir_snapshot(config)
         result = getattr(module, function_name)(config)
     except KeyboardInterrupt:

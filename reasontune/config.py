@@ -183,11 +183,13 @@ def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
     return values
 
 
-def config_from_namespace(namespace: argparse.Namespace, config_cls: type[ConfigT]) -> ConfigT:
+def config_from_namespace(namespace: argparse.Namespace, config_cls: type[ConfigT], *,
+                          environment: bool = False) -> ConfigT:
     """Builds the config: dataclass defaults, then the --config file, then explicit flags.
 
     With ``--resume`` and no ``--config``, the run's own ``OUTPUT_DIR/config.json`` takes the
     config file's place, so ``--resume --output-dir RUN`` continues any run, whatever flags started it.
+    ``environment`` (the command line) also checks files, model and packages, in the same message.
     """
     values = vars(namespace).copy()
     config_file = values.pop("__config_file", None)
@@ -201,7 +203,7 @@ def config_from_namespace(namespace: argparse.Namespace, config_cls: type[Config
                                          where=f"{config_file}: ") if config_file else ({}, [])
     flag_values, flag_problems = typed_values(flags, config_cls)
     raise_problems(problems + flag_problems)  # a wrong value in the file is named even when a flag overrides it
-    return config_from_dict({**file_values, **flag_values}, config_cls)
+    return config_from_dict({**file_values, **flag_values}, config_cls, environment=environment)
 
 
 def _one_line(error: Exception) -> str:
@@ -248,18 +250,21 @@ def _coerce(value: Any, annotation: Any) -> Any:
 
 
 def config_from_dict(values: dict[str, Any], config_cls: type[ConfigT], *, where: str = "",
-                     validate: bool = True) -> ConfigT:
+                     validate: bool = True, environment: bool = False) -> ConfigT:
     """Builds a config from plain values (a config file, flags, a config.json read back), checking each type.
 
     Every wrong value and unknown name is named in one ``UserError`` (``where`` prefixes them,
-    e.g. the config file); then, with ``validate``, ``check_config`` checks ranges,
-    combinations, files, the model and packages.
+    e.g. the config file); then, with ``validate``, the config's ``validate()`` checks ranges
+    and combinations (and with ``environment`` files, the model and packages: ``check_config``).
     """
     kwargs, problems = typed_values(values, config_cls, where)
     raise_problems(problems)
+    expand_presets = getattr(config_cls, "expand_presets", None)
+    if callable(expand_presets):  # e.g. GRPO's --recipe: its settings fill in what was not given
+        kwargs = expand_presets(kwargs)
     config = config_cls(**kwargs)
     if validate:
-        check_config(config)
+        check_config(config, environment=environment)
     return config
 
 
@@ -289,8 +294,8 @@ def typed_values(values: dict[str, Any], config_cls: type, where: str = "") -> t
     return kwargs, problems
 
 
-def check_config(config: Any) -> None:
-    """Raises one ``UserError`` naming every problem: the config's own ``validate()`` and ``options.environment_problems``.
+def check_config(config: Any, environment: bool = True) -> None:
+    """Raises one ``UserError`` naming every problem: the config's own ``validate()`` and (with ``environment``) ``options.environment_problems``.
 
     A command runs this before it creates or changes its output directory.
     """
@@ -307,7 +312,7 @@ def check_config(config: Any) -> None:
             if not (isinstance(error.code, str) and error.code.startswith("error:")):
                 raise
             problems += [line.removeprefix("error: ") for line in error.code.splitlines()]
-    raise_problems(problems + environment_problems(config))
+    raise_problems(problems + (environment_problems(config) if environment else []))
 
 
 def save_config(config: Any, path: str | Path) -> None:

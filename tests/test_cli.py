@@ -36,9 +36,7 @@ def parse_sft(argv):
     return config_from_namespace(argparse.Namespace(**values), SFTConfig)
 
 
-def test_flags_override_the_config_file_which_overrides_defaults(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)  # validation checks that the data file exists
-    (tmp_path / "a.jsonl").write_text('{"prompt": "p", "response": "r"}\n')
+def test_flags_override_the_config_file_which_overrides_defaults(tmp_path):
     config_file = tmp_path / "sft.yaml"
     config_file.write_text("train-data: a.jsonl\nlearning_rate: 3e-5\nbatch-size: 8\npacking: true\nmax_length: null\n")
     config = parse_sft(["--config", str(config_file), "--batch-size", "2", "--no-packing"])

@@ -66,7 +66,7 @@ def test_kill_minus_nine_then_resume_reproduces_uninterrupted_run(tiny_model_dir
     command = [sys.executable, "-m", "reasontune.cli", *sft_args(tiny_model_dir, data, interrupted, "--save-every", "2")]
     process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
-    while not (interrupted / "checkpoint-4" / "trainer_state.pt").exists():
+    while not (interrupted / "checkpoint-4" / "trainer_state.json").exists():
         assert process.poll() is None, "the run ended before it could be killed"
         assert time.time() < deadline, "no checkpoint-4 within the time limit"
         time.sleep(0.05)

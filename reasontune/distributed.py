@@ -1,0 +1,324 @@
+"""Data parallelism with torchrun and FSDP2: the process group, sharding, rank slices, named cross-rank reductions.
+
+A plain ``python -m reasontune …`` is world size 1: no process group is created and every
+function here is the identity (``global_sum(x) == x``, ``rank_slice`` takes everything,
+``shard_model`` returns the model untouched), so single-process runs behave exactly as before.
+Under ``torchrun --nproc_per_node N`` the same code runs on N ranks.
+
+Loss normalisation across ranks: the microbatch losses divide by counts summed over every rank
+and microbatch of the optimizer step (``global_sum``), so each rank's gradient is its share of
+the global loss's gradient. FSDP must then SUM the ranks' gradients, not average them:
+``shard_model`` sets the gradient divide factor to 1. World size 2 × accumulation k then gives
+the gradients of world size 1 × accumulation 2k (tests/test_distributed.py checks the weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import sys
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class DistributedContext:
+    """Where this process stands: its rank among ``world_size`` processes and the device it trains on."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str | None  # None: world size 1 without a process group
+
+    @property
+    def is_main(self) -> bool:
+        """True on the one rank that writes logs, reports and consolidated checkpoints."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def _launched_by_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_distributed(device: str | None = None, backend: str | None = None,
+                     timeout_s: float = 600.0) -> DistributedContext:
+    """Returns this process's ``DistributedContext``, joining torchrun's process group when launched by torchrun.
+
+    Without torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``…)
+    it is world size 1 and no process group is created. With it: NCCL on CUDA (device
+    ``cuda:LOCAL_RANK``), gloo on CPU, and ``timeout_s`` bounds how long a collective waits for a
+    rank that has died or diverged, so a failure never hangs the job silently.
+
+    Args:
+        device: "cpu", "cuda" or None (cuda when available, else cpu).
+        backend: "nccl" or "gloo"; None picks by device.
+        timeout_s: seconds a collective may wait before the process group gives up.
+    """
+    kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kind = torch.device(kind).type
+    if not _launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
+        local = torch.device("cuda", torch.cuda.current_device()) if kind == "cuda" else torch.device(kind)
+        return DistributedContext(rank=0, world_size=1, local_rank=0, device=local, backend=None)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if kind == "cuda":
+        torch.cuda.set_device(local_rank)
+        local = torch.device("cuda", local_rank)
+    else:
+        local = torch.device(kind)
+    backend = backend or ("nccl" if kind == "cuda" else "gloo")
+    if not dist.is_initialized():
+        dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s),
+                                device_id=local if kind == "cuda" else None)
+    return DistributedContext(rank=rank, world_size=world_size, local_rank=local_rank, device=local, backend=backend)
+
+
+def close_distributed() -> None:
+    """Destroys the process group if there is one (call once at the end of a run, on every rank)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+@contextlib.contextmanager
+def stop_all_ranks_on_error(ctx: DistributedContext) -> Iterator[None]:
+    """Yields; an exception inside prints ``error on rank R: message`` once and exits this rank with status 1.
+
+    Under torchrun a rank exiting with an error makes the agent stop every other rank at once
+    (``--max-restarts 0``, the default), so nobody waits in a collective for a dead peer; under
+    another launcher the process-group timeout of ``init_distributed`` bounds that wait. The
+    traceback is printed by the failing rank only. World size 1 re-raises unchanged.
+    """
+    try:
+        yield
+    except BaseException as error:  # KeyboardInterrupt too: every failure must reach the other ranks' launcher
+        if not ctx.is_distributed or isinstance(error, SystemExit) and error.code in (0, None):
+            raise
+        import traceback
+
+        if _lost_a_peer(error):
+            # Not this rank's fault: the rank that failed has printed the cause.
+            print(f"rank {ctx.rank} of {ctx.world_size} stopped: another rank failed (its error is above)",
+                  file=sys.stderr, flush=True)
+        else:
+            message = f"{type(error).__name__}: {error}" if not isinstance(error, SystemExit) else str(error.code)
+            traceback.print_exc(file=sys.stderr)
+            print(f"error on rank {ctx.rank} of {ctx.world_size}: {message}", file=sys.stderr, flush=True)
+        # NCCL: abort, so that no kernel stays queued on a collective the peers will never join.
+        abort = getattr(dist, "abort_process_group", None) if ctx.backend == "nccl" else None
+        with contextlib.suppress(Exception):
+            (abort or dist.destroy_process_group)()
+        sys.stderr.flush()
+        os._exit(1)  # no atexit/collective cleanup that could wait on the other ranks
+
+
+def _lost_a_peer(error: BaseException) -> bool:
+    """Returns True for a collective that failed because another rank went away (gloo or NCCL)."""
+    if isinstance(error, getattr(dist, "DistError", ())):
+        return True
+    text = str(error)
+    return isinstance(error, RuntimeError) and any(
+        sign in text for sign in ("Connection reset by peer", "Connection closed by peer", "gloo/transport"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Named reductions across ranks (identity at world size 1)
+
+
+def global_sum(value: float | torch.Tensor) -> int | float | torch.Tensor:
+    """Returns ``value`` summed over every rank (same type back: int, float or a tensor on its device)."""
+    return _all_reduce(value, dist.ReduceOp.SUM)
+
+
+def global_max(value: float | torch.Tensor) -> int | float | torch.Tensor:
+    """Returns the largest ``value`` of every rank (same type back)."""
+    return _all_reduce(value, dist.ReduceOp.MAX)
+
+
+def _all_reduce(value, op):
+    if not _active():
+        return value
+    device = _collective_device()
+    if torch.is_tensor(value):
+        reduced = value.detach().to(device, copy=True)
+        dist.all_reduce(reduced, op=op)
+        return reduced.to(value.device)
+    dtype = torch.int64 if isinstance(value, (bool, int)) else torch.float64
+    reduced = torch.tensor(value, dtype=dtype, device=device)
+    dist.all_reduce(reduced, op=op)
+    return int(reduced.item()) if dtype == torch.int64 else float(reduced.item())
+
+
+def _collective_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Returns the list of every rank's ``obj`` (picklable, from our own processes), in rank order; ``[obj]`` at world size 1."""
+    if not _active():
+        return [obj]
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def gather_slices(local_items: Sequence[Any]) -> list[Any]:
+    """Returns every rank's ``local_items`` concatenated in rank order: the original order when each rank held its ``rank_slice``.
+
+    For evaluation records, rollouts' rewards for logging and the like (picklable objects from
+    our own processes); every rank receives the whole list.
+    """
+    return [item for part in all_gather_objects(list(local_items)) for item in part]
+
+
+def broadcast_object(obj: Any, source_rank: int = 0) -> Any:
+    """Returns ``source_rank``'s ``obj`` on every rank (e.g. a path or seed rank 0 chose)."""
+    if not _active():
+        return obj
+    holder = [obj]
+    dist.broadcast_object_list(holder, src=source_rank)
+    return holder[0]
+
+
+def barrier() -> None:
+    """Waits until every rank arrives (no-op at world size 1)."""
+    if _active():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which items of a global batch this rank takes
+
+
+def rank_slice(n_items: int, ctx: DistributedContext, group_size: int = 1) -> slice:
+    """Returns the contiguous slice of ``n_items`` that this rank takes: disjoint, covering, groups never split.
+
+    Items come in groups of ``group_size`` (a GRPO/EI prompt's responses); the ``n_items //
+    group_size`` groups are dealt out in contiguous runs, the first ``groups % world_size`` ranks
+    taking one more. Deterministic: it depends only on the counts and the rank, so a resumed run
+    slices its batches exactly as the interrupted one did.
+    """
+    if group_size < 1 or n_items % group_size:
+        raise ValueError(f"{n_items} items do not split into groups of {group_size}")
+    groups = n_items // group_size
+    base, extra = divmod(groups, ctx.world_size)
+    start = ctx.rank * base + min(ctx.rank, extra)
+    stop = start + base + (1 if ctx.rank < extra else 0)
+    return slice(start * group_size, stop * group_size)
+
+
+def shard_indices(items: Sequence[Any], ctx: DistributedContext, group_size: int = 1) -> list[Any]:
+    """Returns this rank's part of ``items`` (``items[rank_slice(len(items), ctx, group_size)]``)."""
+    return list(items[rank_slice(len(items), ctx, group_size)])
+
+
+def require_divisible_batch(global_batch: int, ctx: DistributedContext, what: str = "batch") -> None:
+    """Raises ValueError (naming the sizes) unless ``global_batch`` splits evenly over the ranks."""
+    if global_batch % ctx.world_size:
+        raise ValueError(f"the global {what} of {global_batch} does not split over {ctx.world_size} ranks; "
+                         f"choose a multiple of {ctx.world_size}")
+
+
+# ---------------------------------------------------------------------------------------------
+# FSDP2
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Returns the model's transformer blocks (``model.model.layers`` for Llama/Qwen-style HF models)."""
+    body = getattr(model, "model", None)
+    layers = getattr(body, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__} has no model.layers; shard_model knows HF decoder-only LMs")
+    return list(layers)
+
+
+def shard_model(model: torch.nn.Module, ctx: DistributedContext, *, mixed_precision: bool = False,
+                cpu_offload: bool = False, reshard_after_forward: bool = True) -> torch.nn.Module:
+    """Returns ``model`` sharded with FSDP2 (``fully_shard`` per decoder layer, then the root); unchanged at world size 1.
+
+    The model must already be on ``ctx.device`` (or on CPU with ``cpu_offload``). Parameters
+    become DTensors sharded on dim 0 over the ranks; each layer is all-gathered for its forward
+    and backward and its gradients are reduce-scattered. Gradients are SUMMED over ranks (divide
+    factor 1): our losses already divide by counts summed over every rank.
+
+    Args:
+        mixed_precision: bf16 parameters for compute with fp32 gradient reduction (GPU);
+            the sharded master weights and optimizer state stay in the model's dtype.
+        cpu_offload: keep sharded parameters, gradients and optimizer state in CPU memory
+            (GPU runs under torchrun only; ValueError otherwise, never silently ignored).
+        reshard_after_forward: free each layer's gathered weights after its forward (less
+            memory, one more all-gather in backward).
+
+    Activation checkpointing composes either way round: ``model.gradient_checkpointing_enable()``
+    may be called before or after this.
+    """
+    if cpu_offload and ctx.device.type != "cuda":
+        raise ValueError("cpu_offload moves sharded parameters from the GPU to CPU memory; on a CPU run they are "
+                         "there already: turn it off")
+    if cpu_offload and not ctx.is_distributed:
+        raise ValueError("cpu_offload works through FSDP2 sharding, which needs a torchrun launch "
+                         "(torchrun --nproc_per_node N …); turn it off for a single process")
+    if not ctx.is_distributed:
+        return model
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+    options: dict[str, Any] = {
+        "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        if mixed_precision else MixedPrecisionPolicy(),
+        "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy(),
+    }
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
+    # The root (embeddings, final norm, LM head) stays gathered after forward: backward needs it at once.
+    fully_shard(model, reshard_after_forward=False, **options)
+    for module in model.modules():
+        if hasattr(module, "set_gradient_divide_factor") and hasattr(module, "set_force_sum_reduction_for_comms"):
+            module.set_gradient_divide_factor(1.0)
+            # A plain SUM collective: gloo has no PREMUL_SUM, and NCCL reduces SUM zero-copy.
+            module.set_force_sum_reduction_for_comms(True)
+    return model
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    """Returns True when ``model`` was sharded by ``shard_model`` (its parameters are DTensors)."""
+    from torch.distributed.tensor import DTensor
+
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_state_dict_layers(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields the model's full (unsharded) weights a few at a time: the root's own tensors, then one decoder layer per dict.
+
+    Each dict maps the HF parameter/buffer name (as in ``model.state_dict()``) to a full tensor
+    on the parameter's device; only one layer is ever gathered at once, so a generator (vLLM
+    ``load_weights``) or a safetensors writer never needs the whole model on one device. Every
+    rank must iterate (the gathers are collectives); every rank receives the full tensors.
+    Works unsharded too (then it is a plain walk over ``state_dict``).
+    """
+    from torch.distributed.tensor import DTensor
+
+    def full(tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+    state = model.state_dict()  # sharded DTensors: nothing is gathered yet
+    layer_prefixes = [f"model.layers.{i}." for i in range(len(decoder_layers(model)))]
+    own = {name: full(tensor.detach()) for name, tensor in state.items()
+           if not any(name.startswith(prefix) for prefix in layer_prefixes)}
+    yield own
+    for prefix in layer_prefixes:
+        yield {name: full(tensor.detach()) for name, tensor in state.items() if name.startswith(prefix)}
