@@ -72,7 +72,7 @@ def interrupt_and_resume(tmp_path: Path, argv: list[str], run_dir: Path, signum:
     command = stderr.strip().splitlines()[-1]
     assert command.startswith("resume with: reasontune "), stderr
     resumed = reasontune_process(shlex.split(command.removeprefix("resume with: reasontune ")), tmp_path)
-    out, err = resumed.communicate(timeout=300)
+    _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     return stderr
 
