@@ -197,6 +197,8 @@ class DemoConfig:
     ei_learning_rate: float = help_field(EI_LEARNING_RATE, "ei: peak learning rate of each EI step's SFT on the kept responses")
     ei_epochs: int = help_field(EI_EPOCHS, "ei: SFT epochs over each step's kept responses (E)")
 
+    recipe: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"] | None = help_field(None, "grpo: a --recipe of reasontune grpo applied under the demo's GRPO settings")
+
     def validate(self) -> None:
         if self.n_train < self.batch_size:
             raise SystemExit(f"error: --n-train ({self.n_train}) must be at least --batch-size ({self.batch_size})")
@@ -215,13 +217,20 @@ class DemoConfig:
 
 
 def prepare_demo(config: DemoConfig) -> tuple[Path, Path, Path]:
-    """Writes data/train.jsonl, data/val.jsonl and base-model/ under ``config.output_dir``; returns their paths."""
+    """Writes data/train.jsonl, data/val.jsonl, data/select.jsonl and base-model/ under ``config.output_dir``; returns the first two and the model's.
+
+    ``select.jsonl`` (seeded ``seed + 2``, disjoint from both other splits, as large as the
+    held-out set) is the selection split: ei/grpo pick their SFT start on it, so the held-out
+    accuracy they report was never used to choose anything.
+    """
     output_dir = Path(config.output_dir)
     template = load_demo_template()
     train, held_out = make_demo_splits(config.n_train, config.n_eval, config.seed, config.num_digits, template)
     train_path, val_path = output_dir / "data" / "train.jsonl", output_dir / "data" / "val.jsonl"
     write_jsonl(train, train_path)
     write_jsonl(held_out, val_path)
+    write_jsonl(make_arithmetic_examples(config.n_eval, seed=config.seed + 2, num_digits=config.num_digits,
+                                         template=template, exclude=train + held_out), selection_path(output_dir))
 
     # A few thousand traces already hold every word and digit pattern the task can produce.
     corpus = [template] + [example["prompt"] + example["response"] for example in train[:4000]]
@@ -232,6 +241,11 @@ def prepare_demo(config: DemoConfig) -> tuple[Path, Path, Path]:
     model.save_pretrained(model_dir)
     tokenizer.save_pretrained(model_dir)
     return train_path, val_path, model_dir
+
+
+def selection_path(output_dir: str | Path) -> Path:
+    """Returns the demo's selection split, ``data/select.jsonl`` (picks the SFT start; never reported as held-out)."""
+    return Path(output_dir) / "data" / "select.jsonl"
 
 
 def demo_max_new_tokens(config: DemoConfig) -> int:
@@ -366,14 +380,18 @@ def pick_under_trained(sft_dir: Path, target: float) -> tuple[Path, int, dict[st
 
 def run_demo_rl(config: DemoConfig, train_path: Path, val_path: Path, model_dir: Path, started: float) -> int:
     """``--algorithm ei|grpo``: SFT, then EI or GRPO from its checkpoint nearest the target accuracy; prints base -> SFT -> after."""
-    sft_config = dataclasses.replace(demo_sft_config(config, train_path, val_path, model_dir),
+    # The warm-up SFT is evaluated on the selection split, which picks the start; the RL stage's
+    # step-0 evaluation then measures that start on the held-out set, the one that is reported.
+    sft_config = dataclasses.replace(demo_sft_config(config, train_path, selection_path(config.output_dir), model_dir),
                                      max_steps=config.warmup_sft_steps, eval_every=config.warmup_eval_every,
                                      save_every=config.warmup_eval_every)
     print(f"demo: SFT ({config.warmup_sft_steps} steps, evaluated every {config.warmup_eval_every}), then "
-          f"{config.algorithm} from the checkpoint closest to {config.warmup_target_accuracy:.0%} held-out accuracy", flush=True)
+          f"{config.algorithm} from the checkpoint closest to {config.warmup_target_accuracy:.0%} accuracy on the "
+          "selection split", flush=True)
     sft_dir = Path(run_sft(sft_config))
     start_dir, start_step, sft = pick_under_trained(sft_dir, config.warmup_target_accuracy)
-    print(f"demo: {config.algorithm} starts from {start_dir} (step {start_step}, held-out accuracy {accuracy_of(sft)})", flush=True)
+    print(f"demo: {config.algorithm} starts from {start_dir} (step {start_step}, selection-split accuracy "
+          f"{accuracy_of(sft)})", flush=True)
     sft_minutes = (time.time() - started) / 60
     rl_started = time.time()
     if config.algorithm == "ei":
@@ -384,8 +402,8 @@ def run_demo_rl(config: DemoConfig, train_path: Path, val_path: Path, model_dir:
     if not sft_summaries or not rl_summaries:
         print(f"demo: finished, but evaluations are missing in {sft_dir / 'eval'} or {run_dir / 'eval'}")
         return 1
-    base, after = sft_summaries[0][1], rl_summaries[-1][1]
-    print(f"demo: held-out accuracy {accuracy_of(base)} base -> {accuracy_of(sft)} after {start_step} "
+    base, start, after = sft_summaries[0][1], rl_summaries[0][1], rl_summaries[-1][1]
+    print(f"demo: held-out accuracy {accuracy_of(base)} base (selection split) -> {accuracy_of(start)} after {start_step} "
           f"SFT steps (SFT stage {sft_minutes:.1f} min) -> {accuracy_of(after)} after {config.algorithm} "
           f"({(time.time() - rl_started) / 60:.1f} min; {(time.time() - started) / 60:.1f} min in all)")
     print(f"demo: runs {sft_dir} and {run_dir} (report: {run_dir / 'report'})")
@@ -396,18 +414,21 @@ def demo_grpo_config(config: DemoConfig, train_path: Path, val_path: Path, polic
     """Returns the ``GRPOConfig`` of the demo's GRPO run, starting from the under-trained SFT checkpoint ``policy_dir``.
 
     The questions of ``train_path`` (their SFT responses are ignored) are rolled out; ``val_path``
-    is evaluated greedily before, every 10 steps and after. On a contended 2-core CPU (30 steps
-    of 16 questions x 8, ~6 s a step), lr 2e-4 and 5e-4 collapsed the reward to 0 within 4
-    steps, 3e-5 drifted down, 1e-5 rose slowly.
+    is evaluated greedily before, every 10 steps and after. Tuned on 2 cores from starts picked on
+    the selection split: lr 1e-5 is too timid (+10 points in 30 steps), 7e-5 and above
+    collapse; 5e-5 at temperature 0.7 for 40 steps gained +16.8 / +13.7 / +68.8 points on
+    seeds 0 / 1 / 2 (the +15 bar does not hold on seed 1 yet). ``--recipe`` applies a paper's
+    objective under these settings.
     """
     budget = demo_max_new_tokens(config)
-    return GRPOConfig(
+    return GRPOConfig.from_recipe(config.recipe,
         model=str(policy_dir), train_data=str(train_path), val_data=str(val_path), prompt_template=str(DEMO_TEMPLATE_PATH),
         reward="r1_zero", output_dir=str(Path(config.output_dir) / "grpo"), overwrite=True, dtype="float32", device="cpu",
-        n_grpo_steps=30, learning_rate=1e-5, rollout_batch_size=128, group_size=8, train_batch_size=128,
-        gradient_accumulation_steps=1, epochs_per_rollout_batch=1, sampling_temperature=1.0,
-        sampling_min_tokens=1, sampling_max_tokens=budget, loss_type="reinforce_with_baseline",
-        advantage_std="group", loss_aggregation="sequence_mean", kl_coef=0.0, max_grad_norm=1.0,
+        n_grpo_steps=40, learning_rate=5e-5, rollout_batch_size=128, group_size=8, train_batch_size=128,
+        gradient_accumulation_steps=1, epochs_per_rollout_batch=1, sampling_temperature=0.7,
+        sampling_min_tokens=1, sampling_max_tokens=budget, max_grad_norm=1.0,
+        **({} if config.recipe else dict(loss_type="reinforce_with_baseline", advantage_std="group",
+                                          loss_aggregation="sequence_mean", kl_coef=0.0)),
         # Integer answers grade in microseconds: worker processes would only compete for the CPU.
         grading_workers=0, backend="hf", generation_batch_size=256,
         eval_every=10, eval_examples=config.n_eval, eval_max_new_tokens=budget, eval_temperature=0.0,

@@ -246,3 +246,21 @@ def test_demo_grpo_config_is_valid_and_starts_from_the_picked_checkpoint(tmp_pat
     assert config.model == str(tmp_path / "sft" / "checkpoint-40") and config.val_data == str(tmp_path / "data" / "val.jsonl")
     assert config.seed == 3 and config.num_threads == 2 and config.eval_temperature == 0.0
     assert config.output_dir == str(tmp_path / "grpo")
+
+
+def test_selection_split_is_disjoint_and_the_recipe_reaches_grpo(tmp_path):
+    import json
+
+    from reasontune.demo import demo_grpo_config, prepare_demo, selection_path
+
+    demo = DemoConfig(output_dir=str(tmp_path), n_train=64, n_eval=16, hidden_size=32, num_layers=1, num_heads=4,
+                      num_kv_heads=2, recipe="dapo")
+    train_path, val_path, _ = prepare_demo(demo)
+    questions = {name: {json.loads(line)["question"] for line in path.read_text().splitlines()}
+                 for name, path in (("train", train_path), ("val", val_path), ("select", selection_path(tmp_path)))}
+    assert len(questions["select"]) == 16
+    assert not questions["select"] & questions["train"] and not questions["select"] & questions["val"]
+    config = demo_grpo_config(demo, train_path, val_path, tmp_path / "sft" / "checkpoint-20")
+    config.validate()
+    assert (config.recipe, config.loss_aggregation, config.cliprange_high) == ("dapo", "token_mean", 0.28)
+    assert config.learning_rate == 5e-5 and config.n_grpo_steps == 40  # the demo's settings stay under the recipe

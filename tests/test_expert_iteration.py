@@ -111,4 +111,4 @@ def test_demo_with_ei_runs_end_to_end(tmp_path, capsys):
         assert json.loads(summary.read_text())["n_examples"] == 4
     assert json.loads((tmp_path / "ei" / "config.json").read_text())["model"] == str(tmp_path / "sft" / "final")
     assert (tmp_path / "ei" / "report" / "index.html").exists()
-    assert "base ->" in capsys.readouterr().out
+    assert "base (selection split) ->" in capsys.readouterr().out
