@@ -191,5 +191,7 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 def load_config(path: str | Path, config_cls: type[ConfigT]) -> ConfigT:
-    """Reads a config written by ``save_config``."""
-    return config_from_dict(json.loads(Path(path).read_text()), config_cls)
+    """Reads a config written by ``save_config`` (the launch that torchrun runs record under "distributed" is skipped)."""
+    values = json.loads(Path(path).read_text())
+    values.pop("distributed", None)
+    return config_from_dict(values, config_cls)

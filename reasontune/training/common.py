@@ -17,8 +17,9 @@ from typing import Any, Sequence
 
 import torch
 
-from reasontune.checkpoint import (latest_checkpoint, load_trainer_state, prune_checkpoints, remove_stale_temporaries,
-                                   rng_state, save_checkpoint, set_rng_state)
+from reasontune import distributed
+from reasontune.checkpoint import (SHARDED_DIR, latest_checkpoint, load_sharded, load_trainer_state, prune_checkpoints,
+                                   remove_stale_temporaries, restore_rng, rng_state, save_checkpoint, set_rng_state)
 from reasontune.benchmarks import load_benchmarks
 from reasontune.config import save_config
 from reasontune.data import Example, load_examples
@@ -52,16 +53,25 @@ def seed_and_device(seed: int, num_threads: int | None, device: str | None) -> t
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def start_run(config: TrainerOptions) -> tuple[Path, torch.device, Path | None]:
+def start_run(config: TrainerOptions, ctx: distributed.DistributedContext | None = None
+              ) -> tuple[Path, torch.device, Path | None]:
     """Returns (run directory, device, checkpoint to resume from or None) after writing config.json and seeding.
 
-    With ``--resume`` and no checkpoint yet, the run starts from step 0 (and says so).
+    With ``--resume`` and no checkpoint yet, the run starts from step 0 (and says so). Under
+    torchrun (``ctx``) rank 0 prepares the directory and finds the checkpoint; every rank gets
+    the same answer and trains on ``ctx.device``.
     """
-    run_dir = prepare_run_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
-    save_config(config, run_dir / "config.json")
-    device = seed_and_device(config.seed, config.num_threads, config.device)
-    checkpoint = latest_checkpoint(run_dir) if config.resume else None
-    if config.resume and checkpoint is None:
+    is_main = ctx is None or ctx.is_main
+    if is_main:
+        run_dir = prepare_run_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
+        save_config(config, run_dir / "config.json")
+    distributed.barrier()
+    run_dir = Path(config.output_dir)
+    device = seed_and_device(config.seed, config.num_threads,
+                             str(ctx.device) if ctx is not None and ctx.is_distributed else config.device)
+    checkpoint = latest_checkpoint(run_dir) if config.resume and is_main else None
+    checkpoint = distributed.broadcast_object(checkpoint)
+    if config.resume and checkpoint is None and is_main:
         print(f"no checkpoint in {run_dir}; starting from step 0")
     return run_dir, device, checkpoint
 
@@ -172,20 +182,23 @@ def evaluation_sets(config: TrainerOptions, validation: Sequence[Example], templ
 
 
 def evaluate_policy(step: int, model, generator: Generator, sets: Sequence[EvalSet], run_dir: Path, *,
-                    sampling: SamplingOptions, grading_workers: int | None = None) -> dict:
+                    sampling: SamplingOptions, grading_workers: int | None = None,
+                    ctx: distributed.DistributedContext | None = None) -> dict:
     """Returns the summary of generating and grading every evaluation set with the current weights.
 
     Writes ``eval/step-<N>/records.jsonl`` and ``summary.json`` as ``reasontune eval`` does (a
     benchmark's under ``eval/step-<N>/<name>/``). With several sets the summary holds the mean
     accuracy, format rate and length over the sets and ``sets`` with each one's. The RNG is
     forked so that sampling in evaluation never changes the training run's random stream; the
-    generator sleeps afterwards (giving a shared GPU back to training).
+    generator sleeps afterwards (giving a shared GPU back to training). Under torchrun (``ctx``)
+    every rank calls it with an unsharded ``model``: each generates its slice of every set and
+    rank 0 writes the records, gathered in the original order.
     """
     generator.sync_weights(model)
     with torch.random.fork_rng(devices=[]):
         summaries = evaluate_sets(generator, sets, sampling, run_dir / "eval" / f"step-{step:06d}",
                                   ks=sorted({1, sampling.n}), n_bootstrap=200, seed=sampling.seed or 0,
-                                  grading_workers=grading_workers, plots=False)
+                                  grading_workers=grading_workers, plots=False, ctx=ctx)
     generator.sleep()
     if len(summaries) == 1:
         return next(iter(summaries.values()))
@@ -209,29 +222,46 @@ def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str, **extr
             "rng": rng_state(), "plan_fingerprint": plan_fingerprint, **extra}
 
 
-def save_training_checkpoint(run_dir: Path, name: str, model, tokenizer, state: dict, keep: int | None = None) -> Path:
-    """Returns the checkpoint directory ``run_dir/name`` after an atomic save of weights, tokenizer, trainer state and config.json."""
+def save_training_checkpoint(run_dir: Path, name: str, model, tokenizer, state: dict, keep: int | None = None, *,
+                             optimizer=None, ctx: distributed.DistributedContext | None = None) -> Path:
+    """Returns the checkpoint directory ``run_dir/name`` after an atomic save of weights, tokenizer, trainer state and config.json.
+
+    With ``optimizer`` the model and optimizer state also go to ``sharded/`` (every rank writes
+    its shard; loadable at any world size), and ``state`` should then not hold the optimizer.
+    Under torchrun every rank calls it; rank 0 writes the shared files and prunes.
+    """
+    is_main = ctx is None or ctx.is_main
     path = save_checkpoint(run_dir / name, model, tokenizer, state,
-                           {"reasontune_config.json": (run_dir / "config.json").read_text()})
-    prune_checkpoints(run_dir, keep)
+                           {"reasontune_config.json": (run_dir / "config.json").read_text()} if is_main else None,
+                           optimizer=optimizer, ctx=ctx)
+    if is_main:
+        prune_checkpoints(run_dir, keep)
     return path
 
 
-def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_of_steps=None) -> dict:
+def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_of_steps=None, *, model=None,
+                           ctx: distributed.DistributedContext | None = None) -> dict:
     """Returns the checkpoint's trainer state after loading the optimizer, schedule (each when not None) and RNG states from it.
 
     ``fingerprint_of_steps(step)`` (when given) must reproduce the saved fingerprint of the
-    steps already trained; a resume with other data or batching is refused.
+    steps already trained; a resume with other data or batching is refused. With ``model`` and
+    a ``sharded/`` directory in the checkpoint, model and optimizer state come from there (any
+    world size; every rank calls it); each rank restores its own RNG state when the checkpoint
+    has one for its rank.
     """
     state = load_trainer_state(checkpoint)
     if fingerprint_of_steps is not None and state["plan_fingerprint"] != fingerprint_of_steps(state["step"]):
         raise SystemExit(f"error: {checkpoint} was trained on other data or batches than these options plan "
                          "for its steps; resume with the same data, seed and batching options")
-    if optimizer is not None and state.get("optimizer") is not None:
+    if model is not None and optimizer is not None and (Path(checkpoint) / SHARDED_DIR).is_dir():
+        load_sharded(checkpoint, model, optimizer)
+    elif optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    if ctx is not None and ctx.rank > 0:
+        restore_rng(checkpoint, ctx.rank)
     return state
 
 

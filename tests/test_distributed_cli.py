@@ -1,0 +1,92 @@
+"""The real commands under torchrun: ``torchrun --nproc_per_node 2 -m reasontune sft|eval …`` (gloo on CPU).
+
+SFT at world size 2 × accumulation 1 must end with the weights of one process × accumulation 2
+on the same global batch (the loss counts are summed over ranks, FSDP2 sums the gradients);
+eval sharded over 2 ranks must write the records of one process, in order. A bad flag is
+refused before any process group starts, and an error on one rank stops both with one message.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_distributed import SCRIPTS, launch
+
+from reasontune.cli import main
+
+STEPS = 3
+
+
+def write_uneven_sft_data(path: Path, count: int) -> Path:
+    """Writes ``count`` SFT records whose responses run from 2 to about 40 tokens (so ranks' token counts differ)."""
+    with open(path, "w") as handle:
+        for i in range(count):
+            words = " ".join(str(7 * i + k) for k in range(1 + (i * 5) % 17))
+            handle.write(json.dumps({"prompt": f"User: count from {7 * i}. Assistant:", "response": f" {words}",
+                                     "ground_truth": str(i)}) + "\n")
+    return path
+
+
+def sft_flags(model_dir: Path, data: Path, output_dir: Path, accumulation: int, *extra: str) -> list[str]:
+    return ["sft", "--model", str(model_dir), "--train-data", str(data), "--output-dir", str(output_dir),
+            "--gradient-accumulation-steps", str(accumulation), "--learning-rate", "1e-2", "--num-epochs", "1",
+            "--max-length", "48", "--num-threads", "1", "--no-progress", "--no-write-report", "--warmup-ratio", "0",
+            "--lr-scheduler", "constant", "--max-grad-norm", "1.0", "--normalize-constant", "3.0",
+            "--dtype", "float32", "--device", "cpu", *extra]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    """Returns every tensor of ``final/`` (one safetensors file from one process, one per layer group from FSDP2)."""
+    weights = {}
+    for path in sorted((run_dir / "final").glob("model*.safetensors")):
+        weights.update(load_file(path))
+    return weights
+
+
+def train_metrics(run_dir: Path) -> list[dict]:
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [line for line in lines if line["kind"] == "train"]
+
+
+# padded: 10 examples in microbatches of 2 -> 5 microbatches -> steps of 2, 2 and 1 microbatch (rank 1 takes a
+# filler microbatch in step 3); packed: rows of 47 tokens, one row a microbatch, cut to 3 steps.
+LAYOUTS = {"padded": (10, ["--batch-size", "2"]), "packed": (24, ["--batch-size", "1", "--packing", "--max-steps", "3"])}
+
+
+@pytest.mark.parametrize("layout, aggregation", [("padded", "sequence_sum"), ("packed", "token_mean"),
+                                                 pytest.param("padded", "token_mean", marks=pytest.mark.slow),
+                                                 pytest.param("packed", "sequence_sum", marks=pytest.mark.slow)])
+def test_sft_world_two_equals_one_process_with_twice_the_accumulation(tiny_model_dir, tmp_path, layout, aggregation):
+    count, layout_flags = LAYOUTS[layout]
+    data = write_uneven_sft_data(tmp_path / "train.jsonl", count)
+    flags = [*layout_flags, "--loss-aggregation", aggregation]
+    assert main(sft_flags(tiny_model_dir, data, tmp_path / "one", 2, *flags)) == 0
+    result = launch(["-m", "reasontune", *sft_flags(tiny_model_dir, data, tmp_path / "two", 1, *flags)], world_size=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("global batch") == 1  # rank 0 alone prints
+    launch_record = json.loads((tmp_path / "two" / "config.json").read_text())["distributed"]
+    assert launch_record["world_size"] == 2 and launch_record["gradient_accumulation_steps"] == 1
+
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    assert one.keys() == two.keys()
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    moved = max(float((one[name] - initial[name]).abs().max()) for name in one)
+    assert moved > 1e-3, "training barely moved the weights: the comparison would prove nothing"
+    # The whole model, as one fp32 vector, within 1e-6 relative (measured: about 1e-7). Each tensor within 1e-5:
+    # AdamW divides each gradient by its own running RMS, so on tensors whose gradient is tiny (the k_proj biases:
+    # measured up to 2e-6) it magnifies the rounding differences of summing in another order into the update.
+    difference = sum(float((two[name] - one[name]).double().square().sum()) for name in one) ** 0.5
+    size = sum(float(one[name].double().square().sum()) for name in one) ** 0.5
+    assert difference / size <= 1e-6, f"world 2 differs from world 1 by {difference / size:.2e} (relative)"
+    for name in one:
+        relative = float((two[name] - one[name]).norm() / one[name].norm())
+        assert relative <= 1e-5, f"{name}: world 2 differs from world 1 by {relative:.2e} (relative)"
+    metrics_one, metrics_two = train_metrics(tmp_path / "one"), train_metrics(tmp_path / "two")
+    assert len(metrics_two) == STEPS
+    for key in ("loss", "grad_norm", "response_tokens", "examples"):  # global reductions, logged by rank 0
+        assert [m[key] for m in metrics_two] == pytest.approx([m[key] for m in metrics_one], rel=1e-6), key
