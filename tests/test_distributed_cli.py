@@ -9,6 +9,7 @@ refused before any process group starts, and an error on one rank stops both wit
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -58,7 +59,10 @@ def train_metrics(run_dir: Path) -> list[dict]:
 LAYOUTS = {"padded": (10, ["--batch-size", "2"]), "packed": (24, ["--batch-size", "1", "--packing", "--max-steps", "3"])}
 
 
-@pytest.mark.parametrize("layout, aggregation", [("padded", "sequence_sum"), ("packed", "token_mean"),
+# Each case pays a torchrun launch (two ranks importing torch and transformers, about 20 s on 2 shared cores): the
+# padded sequence_sum case (filler microbatch, resume at another world size) runs by default, the others are slow.
+@pytest.mark.parametrize("layout, aggregation", [("padded", "sequence_sum"),
+                                                 pytest.param("packed", "token_mean", marks=pytest.mark.slow),
                                                  pytest.param("padded", "token_mean", marks=pytest.mark.slow),
                                                  pytest.param("packed", "sequence_sum", marks=pytest.mark.slow)])
 def test_sft_world_two_equals_one_process_with_twice_the_accumulation(tiny_model_dir, tmp_path, layout, aggregation):
@@ -66,7 +70,9 @@ def test_sft_world_two_equals_one_process_with_twice_the_accumulation(tiny_model
     data = write_uneven_sft_data(tmp_path / "train.jsonl", count)
     flags = [*layout_flags, "--loss-aggregation", aggregation]
     assert main(sft_flags(tiny_model_dir, data, tmp_path / "one", 2, *flags)) == 0
-    result = launch(["-m", "reasontune", *sft_flags(tiny_model_dir, data, tmp_path / "two", 1, *flags)], world_size=2)
+    saving = ["--save-every", "1"] if layout == "padded" and aggregation == "sequence_sum" else []
+    result = launch(["-m", "reasontune", *sft_flags(tiny_model_dir, data, tmp_path / "two", 1, *flags, *saving)],
+                    world_size=2)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("global batch") == 1  # rank 0 alone prints
     launch_record = json.loads((tmp_path / "two" / "config.json").read_text())["distributed"]
@@ -90,3 +96,66 @@ def test_sft_world_two_equals_one_process_with_twice_the_accumulation(tiny_model
     assert len(metrics_two) == STEPS
     for key in ("loss", "grad_norm", "response_tokens", "examples"):  # global reductions, logged by rank 0
         assert [m[key] for m in metrics_two] == pytest.approx([m[key] for m in metrics_one], rel=1e-6), key
+    if saving:
+        # Resume the world-2 run from its checkpoint-2 (model + optimizer sharded over 2 ranks) in ONE process with
+        # accumulation 2: the third step must land on the weights of the uninterrupted one-process run.
+        resumed = tmp_path / "resumed"
+        shutil.copytree(tmp_path / "two", resumed)
+        shutil.rmtree(resumed / "final")
+        assert (resumed / "checkpoint-2" / "sharded" / ".metadata").exists()
+        assert main(sft_flags(tiny_model_dir, data, resumed, 2, *flags, "--resume")) == 0
+        after = final_weights(resumed)
+        difference = sum(float((after[name] - one[name]).double().square().sum()) for name in one) ** 0.5
+        assert difference / size <= 1e-6, f"resumed at world size 1: {difference / size:.2e} (relative)"
+        assert [m["step"] for m in train_metrics(resumed)] == [1, 2, 3]
+
+
+SFT_FLAGS_REFUSED = ["--batch-size", "0"]
+
+
+def test_a_bad_flag_is_refused_before_any_process_group_starts(tiny_model_dir, tmp_path):
+    data = write_uneven_sft_data(tmp_path / "train.jsonl", 4)
+    result = launch(["-m", "reasontune", *sft_flags(tiny_model_dir, data, tmp_path / "run", 1, *SFT_FLAGS_REFUSED)],
+                    world_size=2, timeout=120)
+    assert result.returncode != 0
+    assert "--batch-size, --gradient-accumulation-steps and --num-epochs must be >= 1" in result.stderr
+    # Refused by config.validate() in each rank before init_distributed: no rank reached the failure handler
+    # that runs inside the process group, and no run directory was made.
+    assert "error on rank" not in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.slow
+def test_an_error_on_one_rank_of_sft_stops_both_with_one_message(tiny_model_dir, tmp_path):
+    data = write_uneven_sft_data(tmp_path / "train.jsonl", 8)
+    started = time.time()
+    result = launch([str(SCRIPTS / "failing_cli.py"),
+                     *sft_flags(tiny_model_dir, data, tmp_path / "run", 1, "--batch-size", "2")], world_size=2,
+                    timeout=180)
+    assert result.returncode != 0
+    assert result.stderr.count("error on rank 1 of 2: RuntimeError: injected failure in step 2") == 1
+    assert "error on rank 0" not in result.stderr  # rank 0 only says that a peer failed
+    assert time.time() - started < 90  # not the 600 s collective timeout
+    assert not (tmp_path / "run" / "final").exists()
+
+
+@pytest.mark.slow
+def test_eval_sharded_over_two_ranks_writes_the_records_of_one_process(tiny_model_dir, tmp_path):
+    data = tmp_path / "questions.jsonl"
+    # 5 questions: rank 0 takes 3, rank 1 takes 2; the gathered records must keep the original order.
+    data.write_text("".join(json.dumps({"question": f"What is {a} + {a}?", "answer": str(2 * a)}) + "\n"
+                            for a in (3, 14, 15, 92, 65)))
+    flags = ["eval", "--model", str(tiny_model_dir), "--data", str(data), "--eval-max-new-tokens", "8",
+             "--generation-batch-size", "1", "--grading-workers", "0", "--n-bootstrap", "20", "--device", "cpu"]
+    assert main([*flags, "--output-dir", str(tmp_path / "one")]) == 0
+    result = launch(["-m", "reasontune", *flags, "--output-dir", str(tmp_path / "two")], world_size=2, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("wrote ") == 1  # rank 0 alone reports
+    one = (tmp_path / "one" / "records.jsonl").read_text().splitlines()
+    two = (tmp_path / "two" / "records.jsonl").read_text().splitlines()
+    assert len(one) == 5 and [json.loads(line)["line"] for line in two] == [1, 2, 3, 4, 5]
+    # Generation batches of one prompt: each response comes from the same computation in both runs (wider
+    # batches would left-pad each prompt differently and move the entropies in their last bits).
+    assert two == one
+    summary = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert summary["n_examples"] == 5 and summary["n_samples"] == 5
