@@ -159,3 +159,42 @@ def test_eval_sharded_over_two_ranks_writes_the_records_of_one_process(tiny_mode
     assert two == one
     summary = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert summary["n_examples"] == 5 and summary["n_samples"] == 5
+
+
+@pytest.mark.slow
+def test_ei_on_two_ranks_samples_every_question_once_and_fine_tunes_on_the_kept_responses(tiny_model_dir, tmp_path):
+    from reasontune.training.sft import SFTConfig, run_sft
+
+    answer = " 12 + 30 = 42 </think> <answer>42</answer>"
+    prompts = [f"User: What is {a} + {b}? Assistant: <think>" for a, b in ((12, 30), (20, 22), (40, 2))]
+    teach = tmp_path / "teach.jsonl"
+    teach.write_text("".join(json.dumps({"prompt": p, "response": answer}) + "\n" for p in prompts))
+    taught = run_sft(SFTConfig(model=str(tiny_model_dir), train_data=str(teach), output_dir=str(tmp_path / "teach"),
+                               num_epochs=60, batch_size=3, gradient_accumulation_steps=1, learning_rate=1e-2,
+                               warmup_ratio=0.0, lr_scheduler="constant", max_length=64, eval_examples=0,
+                               device="cpu", num_threads=1, progress=False, write_report=False)) / "final"
+    questions = tmp_path / "questions.jsonl"  # the second reference is 43: its memorised "42" is wrong
+    questions.write_text("".join(json.dumps({"prompt": p, "ground_truth": t}) + "\n"
+                                 for p, t in zip(prompts, ["42", "43", "42"])))
+    flags = ["ei", "--model", str(taught), "--train-data", str(questions), "--val-data", str(questions),
+             "--output-dir", str(tmp_path / "run"), "--n-ei-steps", "1", "--questions-per-step", "3",
+             "--group-size", "2", "--sampling-min-tokens", "1", "--sampling-max-tokens", "24", "--batch-size", "1",
+             "--gradient-accumulation-steps", "1", "--learning-rate", "1e-3", "--max-length", "64",
+             "--eval-examples", "3", "--eval-max-new-tokens", "24", "--dtype", "float32", "--device", "cpu",
+             "--num-threads", "1", "--no-progress", "--no-write-report"]
+    result = launch(["-m", "reasontune", *flags], world_size=2, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    rollouts = [json.loads(line) for line in (run_dir / "ei-step-1" / "rollouts.jsonl").read_text().splitlines()]
+    # 3 questions (2 on rank 0, 1 on rank 1) x 2 samples, gathered in the order of the step's question batch.
+    assert len(rollouts) == 6 and [r["index"] for r in rollouts] == [0, 0, 1, 1, 2, 2]
+    assert len({r["prompt"] for r in rollouts}) == 3
+    correct = [r for r in rollouts if r["category"] == "correct"]
+    assert len(correct) >= 2 and all(r["ground_truth"] == "42" for r in correct)
+    (line,) = [m for m in train_metrics(run_dir)]
+    # Kept responses in microbatches of 1, 2 ranks x 1 accumulation a step.
+    assert line["kept"] == len(correct) and line["sft_steps"] == (len(correct) + 1) // 2
+    final, before = final_weights(run_dir), load_file(taught / "model.safetensors")
+    assert any(not torch.equal(final[name], before[name]) for name in before)
+    summary = json.loads((run_dir / "eval" / "step-000001" / "summary.json").read_text())
+    assert summary["n_examples"] == 3

@@ -29,6 +29,7 @@ from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import RolloutOptions, TrainerOptions, resolved_dtype
 from reasontune.rollouts import RewardFn
 from reasontune.tracking import MetricsLogger
+from reasontune.training.data_parallel import SINGLE_PROCESS
 
 
 def prepare_run_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
@@ -159,7 +160,9 @@ class PolicySession:
     reward_fn: RewardFn
     rollouts: SamplingOptions
     run_dir: Path
-    logger: MetricsLogger
+    logger: MetricsLogger | None  # None on the ranks other than 0
+    ctx: distributed.DistributedContext = SINGLE_PROCESS
+    replica: Any = None  # world size > 1: the UnshardedReplica the generator samples from
 
 
 def evaluation_sampling(config: TrainerOptions, backend: str) -> SamplingOptions:

@@ -8,6 +8,8 @@
   FSDP2 model itself would leave ranks waiting in each other's weight gathers; the replica is
   refreshed from the shards (one layer gathered at a time) before each evaluation and then
   every rank generates on its own questions without any collective.
+- ``sharded_rollouts``: EI's and GRPO's rollouts, each rank sampling its slice of the questions
+  (whole groups), gathered in order so that every rank holds the whole batch.
 - ``record_launch``: the world size and global batch, written into config.json.
 
 At world size 1 each of these is the identity or does nothing.
@@ -17,12 +19,17 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from reasontune.distributed import DistributedContext, full_state_dict_layers, is_sharded, rank_slice
+from reasontune.data import Example, example_prompt
+from reasontune.distributed import (DistributedContext, all_gather_objects, full_state_dict_layers, is_sharded,
+                                    rank_slice, shard_indices)
+from reasontune.generation import Generator, SamplingOptions
+from reasontune.rollouts import RewardFn, Rollouts, generate_rollouts, merge_rollouts
 
 SINGLE_PROCESS = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
 LAUNCH_KEY = "distributed"  # config.json's key for the launch (load_config skips it)
@@ -93,3 +100,27 @@ def record_launch(config_path: Path, ctx: DistributedContext, **sizes: Any) -> N
     payload = json.loads(config_path.read_text())
     payload[LAUNCH_KEY] = {"world_size": ctx.world_size, "backend": ctx.backend, **sizes}
     config_path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def rank_seed(seed: int | None, ctx: DistributedContext) -> int | None:
+    """Returns the sampling seed of this rank: ``seed`` on rank 0 (so one process samples as before), offset on the others."""
+    return None if seed is None else seed + 7919 * ctx.rank
+
+
+def sharded_rollouts(generator: Generator, model: torch.nn.Module, replica: UnshardedReplica | None,
+                     examples: Sequence[Example], template: str, sampling: SamplingOptions, reward_fn: RewardFn,
+                     ctx: DistributedContext, grading_workers: int | None = None) -> Rollouts:
+    """Returns the graded ``Rollouts`` of every one of ``examples``, each rank having sampled and graded its ``rank_slice``.
+
+    The generator samples from ``model`` (through the refreshed ``replica`` when it is sharded;
+    every rank must call this), with the seed of ``rank_seed``; the ranks' rollouts are gathered
+    in the order of ``examples``, so every rank holds the same ``Rollouts`` afterwards. At world
+    size 1 it is ``generate_rollouts`` on all the examples. The generator sleeps afterwards.
+    """
+    mine = shard_indices(examples, ctx)
+    generator.sync_weights(generation_model(model, replica))
+    rollouts = generate_rollouts(generator, [example_prompt(e, template) for e in mine], [e.ground_truth for e in mine],
+                                 sampling.replace(seed=rank_seed(sampling.seed, ctx)), reward_fn,
+                                 grading_workers=grading_workers, examples=mine)
+    generator.sleep()
+    return merge_rollouts(all_gather_objects(rollouts)) if ctx.is_distributed else rollouts
