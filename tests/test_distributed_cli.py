@@ -59,6 +59,39 @@ def train_metrics(run_dir: Path) -> list[dict]:
 LAYOUTS = {"padded": (10, ["--batch-size", "2"]), "packed": (24, ["--batch-size", "1", "--packing", "--max-steps", "3"])}
 
 
+def test_rank_microbatches_deal_out_a_step_and_pad_short_ranks_with_fillers():
+    from reasontune.distributed import DistributedContext
+    from reasontune.training.data_parallel import rank_microbatches
+
+    def ctx(rank):
+        return DistributedContext(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), backend="gloo")
+
+    step = [{"response_mask": torch.ones(1, 3, dtype=torch.bool), "num_examples": 1, "id": i} for i in range(3)]
+    rank0, rank1 = rank_microbatches(step, ctx(0)), rank_microbatches(step, ctx(1))
+    assert [mb["id"] for mb in rank0] == [0, 1] and [mb["id"] for mb in rank1[:1]] == [2]
+    assert len(rank1) == 2 and rank1[1]["filler"] and rank1[1]["num_examples"] == 0  # as many passes as rank 0
+    assert not rank1[1]["response_mask"].any() and step[0]["response_mask"].all()  # the template is untouched
+    last = rank_microbatches(step[:1], ctx(1))  # a step of one microbatch: rank 1 gets only a filler
+    assert len(last) == 1 and last[0]["filler"]
+
+
+def test_merged_rollouts_keep_the_order_and_time_the_slowest_rank():
+    from reasontune.generation import Completion
+    from reasontune.rollouts import Rollouts, merge_rollouts
+
+    def part(prompts, seconds, tokens):
+        return Rollouts(prompts=prompts, ground_truths=["1"] * len(prompts),
+                        completions=[[Completion(text="x", token_ids=[1], finish_reason="length")] for _ in prompts],
+                        rewards=[[{"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0}] for _ in prompts],
+                        timing={"generation_seconds": seconds, "grading_seconds": 0.5, "generated_tokens": tokens})
+
+    merged = merge_rollouts([part(["a", "b"], 2.0, 30), part(["c"], 4.0, 10)])
+    assert merged.prompts == ["a", "b", "c"] and [r["index"] for r in merged.records()] == [0, 1, 2]
+    # ranks generate at once: the slowest rank's 4 s; 30 + 10 tokens in 4 s = 10 tokens/s
+    assert merged.timing == {"generation_seconds": 4.0, "grading_seconds": 0.5, "generated_tokens": 40,
+                             "tokens_per_second": 10.0}
+
+
 # Each case pays a torchrun launch (two ranks importing torch and transformers, about 20 s on 2 shared cores): the
 # padded sequence_sum case (filler microbatch, resume at another world size) runs by default, the others are slow.
 @pytest.mark.parametrize("layout, aggregation", [("padded", "sequence_sum"),
@@ -163,16 +196,13 @@ def test_eval_sharded_over_two_ranks_writes_the_records_of_one_process(tiny_mode
 
 @pytest.mark.slow
 def test_ei_on_two_ranks_samples_every_question_once_and_fine_tunes_on_the_kept_responses(tiny_model_dir, tmp_path):
-    from reasontune.training.sft import SFTConfig, run_sft
-
     answer = " 12 + 30 = 42 </think> <answer>42</answer>"
     prompts = [f"User: What is {a} + {b}? Assistant: <think>" for a, b in ((12, 30), (20, 22), (40, 2))]
-    teach = tmp_path / "teach.jsonl"
+    teach = tmp_path / "teach.jsonl"  # first taught to answer 42 to everything (one process)
     teach.write_text("".join(json.dumps({"prompt": p, "response": answer}) + "\n" for p in prompts))
-    taught = run_sft(SFTConfig(model=str(tiny_model_dir), train_data=str(teach), output_dir=str(tmp_path / "teach"),
-                               num_epochs=60, batch_size=3, gradient_accumulation_steps=1, learning_rate=1e-2,
-                               warmup_ratio=0.0, lr_scheduler="constant", max_length=64, eval_examples=0,
-                               device="cpu", num_threads=1, progress=False, write_report=False)) / "final"
+    assert main(sft_flags(tiny_model_dir, teach, tmp_path / "teach", 1, "--batch-size", "3", "--num-epochs", "60",
+                          "--max-length", "64")) == 0
+    taught = tmp_path / "teach" / "final"
     questions = tmp_path / "questions.jsonl"  # the second reference is 43: its memorised "42" is wrong
     questions.write_text("".join(json.dumps({"prompt": p, "ground_truth": t}) + "\n"
                                  for p, t in zip(prompts, ["42", "43", "42"])))

@@ -26,8 +26,14 @@ from typing import Any
 import torch
 
 from reasontune.data import Example, example_prompt
-from reasontune.distributed import (DistributedContext, all_gather_objects, full_state_dict_layers, is_sharded,
-                                    rank_slice, shard_indices)
+from reasontune.distributed import (
+    DistributedContext,
+    all_gather_objects,
+    full_state_dict_layers,
+    is_sharded,
+    rank_slice,
+    shard_indices,
+)
 from reasontune.generation import Generator, SamplingOptions
 from reasontune.rollouts import RewardFn, Rollouts, generate_rollouts, merge_rollouts
 
