@@ -49,6 +49,10 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
     return weights
 
 
+def records_at(run_dir: Path, step: int) -> str:
+    return (run_dir / "eval" / f"step-{step:06d}" / "records.jsonl").read_text()
+
+
 def train_metrics(run_dir: Path) -> list[dict]:
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [line for line in lines if line["kind"] == "train"]
@@ -101,9 +105,14 @@ def test_merged_rollouts_keep_the_order_and_time_the_slowest_rank():
 def test_sft_world_two_equals_one_process_with_twice_the_accumulation(tiny_model_dir, tmp_path, layout, aggregation):
     count, layout_flags = LAYOUTS[layout]
     data = write_uneven_sft_data(tmp_path / "train.jsonl", count)
-    flags = [*layout_flags, "--loss-aggregation", aggregation]
+    first_case = layout == "padded" and aggregation == "sequence_sum"
+    # The first case also evaluates before and after training (in-loop evaluation sharded over the ranks; greedy,
+    # one prompt a generation batch as in the eval test) and saves checkpoints, resumed below.
+    evaluating = ["--val-data", str(data), "--eval-examples", "3", "--eval-max-new-tokens", "6",
+                  "--generation-batch-size", "1", "--grading-workers", "0"] if first_case else []
+    saving = ["--save-every", "1"] if first_case else []
+    flags = [*layout_flags, "--loss-aggregation", aggregation, *evaluating]
     assert main(sft_flags(tiny_model_dir, data, tmp_path / "one", 2, *flags)) == 0
-    saving = ["--save-every", "1"] if layout == "padded" and aggregation == "sequence_sum" else []
     result = launch(["-m", "reasontune", *sft_flags(tiny_model_dir, data, tmp_path / "two", 1, *flags, *saving)],
                     world_size=2)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -122,14 +131,20 @@ def test_sft_world_two_equals_one_process_with_twice_the_accumulation(tiny_model
     difference = sum(float((two[name] - one[name]).double().square().sum()) for name in one) ** 0.5
     size = sum(float(one[name].double().square().sum()) for name in one) ** 0.5
     assert difference / size <= 1e-6, f"world 2 differs from world 1 by {difference / size:.2e} (relative)"
-    for name in one:
-        relative = float((two[name] - one[name]).norm() / one[name].norm())
-        assert relative <= 1e-5, f"{name}: world 2 differs from world 1 by {relative:.2e} (relative)"
+    per_tensor = {name: float((two[name] - one[name]).norm() / one[name].norm()) for name in one}
+    worst = max(per_tensor, key=per_tensor.get)
+    print(f"{layout} {aggregation}: world 2 vs 1, relative difference {difference / size:.1e} (whole model), "
+          f"{per_tensor[worst]:.1e} (worst tensor, {worst})")
+    assert per_tensor[worst] <= 1e-5, f"{worst}: world 2 differs from world 1 by {per_tensor[worst]:.2e} (relative)"
     metrics_one, metrics_two = train_metrics(tmp_path / "one"), train_metrics(tmp_path / "two")
     assert len(metrics_two) == STEPS
     for key in ("loss", "grad_norm", "response_tokens", "examples"):  # global reductions, logged by rank 0
         assert [m[key] for m in metrics_two] == pytest.approx([m[key] for m in metrics_one], rel=1e-6), key
-    if saving:
+    if first_case:
+        # Before training the weights are the same bit for bit: so are the records (afterwards the weights differ
+        # in their last bits, which could flip a greedy choice: only the count is checked).
+        assert records_at(tmp_path / "two", 0) == records_at(tmp_path / "one", 0)
+        assert len(records_at(tmp_path / "two", STEPS).splitlines()) == 3
         # Resume the world-2 run from its checkpoint-2 (model + optimizer sharded over 2 ranks) in ONE process with
         # accumulation 2: the third step must land on the weights of the uninterrupted one-process run.
         resumed = tmp_path / "resumed"
