@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from reasontune.config import add_dataclass_arguments, config_from_namespace
@@ -31,6 +32,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "report": ("reasontune.report", "ReportConfig", "run_report",
                "plots and a summary page for a run directory"),
 }
+
+
+# Commands that run data-parallel under torchrun (the others must not run once per rank).
+DATA_PARALLEL_COMMANDS = ("sft", "ei", "eval")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -66,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     if namespace.command is None:
         parser.print_help()
         return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and namespace.command not in DATA_PARALLEL_COMMANDS:
+        parser.exit(2, f"error: reasontune {namespace.command} does not run under torchrun (each rank would run it "
+                       f"whole); run it in one process. Data-parallel: {', '.join(DATA_PARALLEL_COMMANDS)}\n")
     module_name, config_name, function_name, _ = COMMANDS[namespace.command]
     _quiet_library_progress_bars()
     module = importlib.import_module(module_name)

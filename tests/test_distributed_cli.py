@@ -79,6 +79,15 @@ def test_rank_microbatches_deal_out_a_step_and_pad_short_ranks_with_fillers():
     assert len(last) == 1 and last[0]["filler"]
 
 
+@pytest.mark.parametrize("command", ["grpo", "filter", "demo"])
+def test_a_command_that_is_not_data_parallel_refuses_torchrun(monkeypatch, capsys, command):
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for every rank
+    with pytest.raises(SystemExit) as stopped:
+        main([command])
+    assert stopped.value.code == 2
+    assert f"reasontune {command} does not run under torchrun" in capsys.readouterr().err
+
+
 def test_merged_rollouts_keep_the_order_and_time_the_slowest_rank():
     from reasontune.generation import Completion
     from reasontune.rollouts import Rollouts, merge_rollouts
