@@ -134,9 +134,10 @@ def test_sft_world_two_equals_one_process_with_twice_the_accumulation(tiny_model
     initial = load_file(tiny_model_dir / "model.safetensors")
     moved = max(float((one[name] - initial[name]).abs().max()) for name in one)
     assert moved > 1e-3, "training barely moved the weights: the comparison would prove nothing"
-    # The whole model, as one fp32 vector, within 1e-6 relative (measured: about 1e-7). Each tensor within 1e-5:
+    # The whole model, as one fp32 vector, within 1e-6 relative (measured: 1e-8 to 8e-8). Each tensor within 1e-4:
     # AdamW divides each gradient by its own running RMS, so on tensors whose gradient is tiny (the k_proj biases:
-    # measured up to 2e-6) it magnifies the rounding differences of summing in another order into the update.
+    # measured 4e-8 to 1e-5) it magnifies the rounding differences of summing in another order into the update.
+    # AdamW is blind to a uniform gradient scale, so the logged global gradient norms are compared too (below).
     difference = sum(float((two[name] - one[name]).double().square().sum()) for name in one) ** 0.5
     size = sum(float(one[name].double().square().sum()) for name in one) ** 0.5
     assert difference / size <= 1e-6, f"world 2 differs from world 1 by {difference / size:.2e} (relative)"
@@ -144,7 +145,7 @@ def test_sft_world_two_equals_one_process_with_twice_the_accumulation(tiny_model
     worst = max(per_tensor, key=per_tensor.get)
     print(f"{layout} {aggregation}: world 2 vs 1, relative difference {difference / size:.1e} (whole model), "
           f"{per_tensor[worst]:.1e} (worst tensor, {worst})")
-    assert per_tensor[worst] <= 1e-5, f"{worst}: world 2 differs from world 1 by {per_tensor[worst]:.2e} (relative)"
+    assert per_tensor[worst] <= 1e-4, f"{worst}: world 2 differs from world 1 by {per_tensor[worst]:.2e} (relative)"
     metrics_one, metrics_two = train_metrics(tmp_path / "one"), train_metrics(tmp_path / "two")
     assert len(metrics_two) == STEPS
     for key in ("loss", "grad_norm", "response_tokens", "examples"):  # global reductions, logged by rank 0
