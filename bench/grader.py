@@ -1,19 +1,23 @@
-"""Benchmark our answer grader against math-verify on the hand-labeled set, in one run.
+"""Benchmark our answer grader against math-verify on the hand-labeled sets, in one run.
 
-    python bench/grader.py [--rounds N] [--workers W]
+    python bench/grader.py [--rounds N] [--workers W] [--show-misses]
 
-Both graders see the same answers: the R1-Zero format rule (or, for question-only cases, the
-last \\boxed{}) is applied by ``reasontune.rewards.extract`` to every response, and each
-library then judges the extracted answer against the reference(s). Printed per grader:
-accuracy, false positives (graded right, labeled wrong), false negatives, median and p99
-time per answer single-process, and throughput pooled across worker processes. Ratios are
-ours / math-verify's. math-verify reads LaTeX with sympy's ``parse_latex`` (which hands
-text to Python's evaluator); that is acceptable for a baseline here, never in reasontune.
+The labelled cases are tests/data/reward_cases.jsonl and reward_cases_round2.jsonl (only
+formatted responses: unformatted ones test the format rule, which math-verify lacks). Both
+graders see the same answer text: the R1-Zero format rule picks the ``<answer>`` content;
+math-verify then gets its best setting (its own extraction from that text — boxes, "final
+answer is", the last LaTeX — falling back to the text wrapped in ``\\boxed{}``), and for
+question-only cases the whole response. Printed: accuracy and false positives (graded right,
+labelled wrong) by category side by side, then totals, median and p99 time per answer
+single-process, throughput pooled across worker processes, and the speed ratio
+(math-verify's time / ours). math-verify reads LaTeX with sympy's ``parse_latex`` (which
+hands text to Python's evaluator); acceptable for a baseline here, never in reasontune.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 import os
 import platform
@@ -28,15 +32,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from reasontune.rewards import grade_batch, question_only_reward_fn, r1_zero_reward_fn  # noqa: E402
-from reasontune.rewards.extract import extract_boxed_answer, extract_r1_zero_answer  # noqa: E402
+from reasontune.rewards.extract import extract_r1_zero_answer  # noqa: E402
 from reasontune.rewards.grading import _parse_cached  # noqa: E402
 
-CASES_PATH = ROOT / "tests" / "data" / "reward_cases.jsonl"
+CASES_PATHS = [ROOT / "tests" / "data" / "reward_cases.jsonl", ROOT / "tests" / "data" / "reward_cases_round2.jsonl"]
 
 
 def load_cases() -> list[dict]:
     """Return the labeled cases that have a formatted response (unformatted ones test format only)."""
-    cases = [json.loads(line) for line in CASES_PATH.read_text().splitlines() if line.strip()]
+    cases = [json.loads(line) for path in CASES_PATHS for line in path.read_text().splitlines() if line.strip()]
     return [case for case in cases if case["format_reward"] == 1.0]
 
 
@@ -47,17 +51,34 @@ def ours(case: dict) -> float:
     return reward_fn(case["response"], case["ground_truth"])["answer_reward"]
 
 
-def math_verify(case: dict) -> float:
-    """Return math-verify's answer reward for a case, after the same answer extraction."""
+def math_verify(case: dict, setting: str = "extract") -> float:
+    """Return math-verify's answer reward for a case under ``setting`` (see the module docstring).
+
+    ``extract``: math-verify's own extraction from the answer text (boxes, "final answer is",
+    the last LaTeX), falling back to the text wrapped in ``\\boxed{}``; ``boxed``: the text
+    wrapped in ``\\boxed{}`` first. Question-only cases always give it the whole response.
+    """
     from math_verify import parse, verify
 
-    extract = extract_boxed_answer if case["reward_fn"] == "question_only" else extract_r1_zero_answer
-    answer = extract(case["response"])
-    if answer is None or not answer.strip():
+    if case["reward_fn"] == "question_only":
+        text = case["response"]
+    else:
+        text = extract_r1_zero_answer(case["response"])
+    if text is None or not text.strip():
         return 0.0
     truths = case["ground_truth"] if isinstance(case["ground_truth"], list) else [case["ground_truth"]]
-    given = parse(f"\\boxed{{{answer}}}")
+    if case["reward_fn"] == "question_only":
+        given = parse(text)
+    elif setting == "boxed":
+        given = parse(f"\\boxed{{{text}}}") or parse(text)
+    else:
+        given = parse(text) or parse(f"\\boxed{{{text}}}")
     return 1.0 if any(verify(parse(f"\\boxed{{{truth}}}"), given) for truth in truths) else 0.0
+
+
+def math_verify_boxed(case: dict) -> float:
+    """Return math-verify's answer reward with the answer text wrapped in ``\\boxed{}`` first."""
+    return math_verify(case, "boxed")
 
 
 def _case_pair(case: dict) -> tuple[str, object]:
@@ -90,12 +111,12 @@ def pooled_throughput_ours(cases: list[dict], workers: int) -> float:
     return len(cases) / (time.perf_counter() - start)
 
 
-def pooled_throughput_math_verify(cases: list[dict], workers: int) -> float:
+def pooled_throughput_math_verify(cases: list[dict], workers: int, grader=math_verify) -> float:
     """Return answers per second of math-verify in a ProcessPoolExecutor (workers already started)."""
     with ProcessPoolExecutor(workers) as pool:
-        list(pool.map(math_verify, cases[:workers]))  # start and import in every worker
+        list(pool.map(grader, cases[:workers]))  # start and import in every worker
         start = time.perf_counter()
-        list(pool.map(math_verify, cases, chunksize=max(1, len(cases) // (4 * workers))))
+        list(pool.map(grader, cases, chunksize=max(1, len(cases) // (4 * workers))))
         return len(cases) / (time.perf_counter() - start)
 
 
@@ -113,6 +134,24 @@ def quality(rewards: list[float], cases: list[dict]) -> dict:
     }
 
 
+def print_by_category(cases: list[dict], ours: list[float], theirs: list[float]) -> None:
+    """Print accuracy and false positives per category for both graders, side by side."""
+    rows: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0, 0, 0, 0])
+    for case, our, their in zip(cases, ours, theirs):
+        row = rows[case["category"]]
+        label = case["answer_reward"]
+        row[0] += 1
+        row[1] += our == label
+        row[2] += their == label
+        row[3] += our == 1.0 and label == 0.0
+        row[4] += their == 1.0 and label == 0.0
+    print(f"{'category':30}{'cases':>6}{'acc ours':>10}{'acc m-v':>9}{'FP ours':>9}{'FP m-v':>8}")
+    for category, (count, our_right, their_right, our_fp, their_fp) in sorted(rows.items()):
+        print(f"{category:30}{count:>6}{our_right / count:>10.1%}{their_right / count:>9.1%}{our_fp:>9}{their_fp:>8}")
+    totals = [sum(row[index] for row in rows.values()) for index in range(5)]
+    print(f"{'all':30}{totals[0]:>6}{totals[1] / totals[0]:>10.1%}{totals[2] / totals[0]:>9.1%}{totals[3]:>9}{totals[4]:>8}\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=1, help="times each answer is graded single-process")
@@ -124,14 +163,20 @@ def main() -> None:
     r1_zero_reward_fn("x </think> <answer>\\sqrt{2}</answer>", "\\frac{2}{\\sqrt{2}}")  # start our sympy worker
     math_verify(cases[0])  # import math-verify and sympy's LaTeX parser
     results = {}
-    for name, grader in (("reasontune", ours), ("math-verify", math_verify)):
+    # math-verify's best setting on this set: whichever reading of the answer text scores higher.
+    settings = {"extract": math_verify, "boxed": math_verify_boxed}
+    scores = {name: sum(grader(case) == case["answer_reward"] for case in cases) for name, grader in settings.items()}
+    best_setting = max(scores, key=scores.get)
+    print(f"math-verify settings (correct of {len(cases)}): {scores}; best: {best_setting}")
+    for name, grader in (("reasontune", ours), ("math-verify", settings[best_setting])):
         rewards, seconds = single_process(grader, cases, args.rounds)
         results[name] = quality(rewards, cases) | {
+            "rewards": rewards,
             "median_ms": 1000 * statistics.median(seconds),
             "p99_ms": 1000 * sorted(seconds)[int(0.99 * (len(seconds) - 1))],
         }
     results["reasontune"]["pooled"] = pooled_throughput_ours(cases, args.workers)
-    results["math-verify"]["pooled"] = pooled_throughput_math_verify(cases, args.workers)
+    results["math-verify"]["pooled"] = pooled_throughput_math_verify(cases, args.workers, settings[best_setting])
     for result in results.values():
         result["single"] = 1000 / result["median_ms"]
 
@@ -140,6 +185,7 @@ def main() -> None:
     print(f"labeled set: {len(cases)} formatted cases ({sum(c['answer_reward'] for c in cases):.0f} correct), "
           f"{args.rounds} round(s), {args.workers} workers pooled\n")
     ours_, theirs = results["reasontune"], results["math-verify"]
+    print_by_category(cases, ours_["rewards"], theirs["rewards"])
     rows = [
         ("accuracy", "{:.1%}", "accuracy"),
         ("recall", "{:.1%}", "recall"),
@@ -163,6 +209,8 @@ def main() -> None:
             for case in misses:
                 answer = case["response"].split("<answer>")[-1].replace("</answer>", "")
                 print(f"  [{case['category']}] {answer!r} vs {case['ground_truth']!r} (label {case['answer_reward']:.0f})")
+    print(f"\nspeed: reasontune is {theirs['median_ms'] / ours_['median_ms']:.1f}x faster per answer "
+          f"(median, single process) and {ours_['pooled'] / theirs['pooled']:.1f}x in pooled throughput")
     print(f"\ndone when: no false positives ({len(ours_['false_positives']) == 0}), recall >= math-verify's "
           f"({ours_['recall'] >= theirs['recall']}), median time <= half of math-verify's "
           f"({ours_['median_ms'] <= theirs['median_ms'] / 2})")

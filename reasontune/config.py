@@ -177,6 +177,9 @@ def config_from_dict(values: dict[str, Any], config_cls: type[ConfigT]) -> Confi
     unknown = set(values) - {f.name for f in dataclasses.fields(config_cls)}
     if unknown:
         raise SystemExit(f"error: unknown options: {', '.join(sorted(unknown))}")
+    expand_presets = getattr(config_cls, "expand_presets", None)
+    if callable(expand_presets):  # e.g. GRPO's --recipe: its settings fill in what was not given
+        kwargs = expand_presets(kwargs)
     config = config_cls(**kwargs)
     validate = getattr(config, "validate", None)
     if callable(validate):

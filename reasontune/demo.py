@@ -373,7 +373,7 @@ def demo_grpo_config(config: DemoConfig, train_path: Path, val_path: Path, polic
         n_grpo_steps=30, learning_rate=1e-5, rollout_batch_size=128, group_size=8, train_batch_size=128,
         gradient_accumulation_steps=1, epochs_per_rollout_batch=1, sampling_temperature=1.0,
         sampling_min_tokens=1, sampling_max_tokens=budget, loss_type="reinforce_with_baseline",
-        use_std_normalization=True, loss_aggregation="sequence_mean", kl_coef=0.0, max_grad_norm=1.0,
+        advantage_std="group", loss_aggregation="sequence_mean", kl_coef=0.0, max_grad_norm=1.0,
         # Integer answers grade in microseconds: worker processes would only compete for the CPU.
         grading_workers=0, backend="hf", generation_batch_size=256,
         eval_every=10, eval_examples=config.n_eval, eval_max_new_tokens=budget, eval_temperature=0.0,

@@ -1,6 +1,7 @@
 """Sampling estimators of reasoning benchmarks: pass@k, maj@k, avg@k, bootstrap intervals, paired p-values.
 
-Everything here is a pure function of per-sample outcomes (numpy, no torch, no I/O).
+Everything here is a pure function of per-sample outcomes (numpy, no torch, no I/O); answers are
+compared with the grader's ``answers_equivalent`` unless another function is given.
 
 Definitions, for one question with ``n`` samples of which ``c`` are correct:
 
@@ -32,6 +33,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from reasontune.rewards import answers_equivalent
+
 Equivalent = Callable[[str, str], bool]
 METRICS = ("pass", "maj", "avg")
 
@@ -42,11 +45,7 @@ def exact_equivalent(left: str, right: str) -> bool:
 
 
 def default_equivalent() -> Equivalent:
-    """Returns the grader's ``reasontune.rewards.answers_equivalent`` where it exists, else ``exact_equivalent``."""
-    try:
-        from reasontune.rewards import answers_equivalent  # type: ignore[attr-defined]
-    except ImportError:
-        return exact_equivalent
+    """Returns the grader's ``answers_equivalent``: votes count ``1/2`` and ``0.5`` as one answer, with the grading policy's bounds."""
     return answers_equivalent
 
 
@@ -77,11 +76,11 @@ def vote(answers: Sequence[str | None], equivalent: Equivalent | None = None) ->
     """Returns the index of the sample whose answer wins the majority vote, or None when no sample has an answer.
 
     Answers are clustered greedily: each answer joins the first cluster whose first member it is
-    ``equivalent`` to (default: equal after whitespace strip), else starts a new one. The largest
+    ``equivalent`` to (default: the grader's ``answers_equivalent``), else starts a new one. The largest
     cluster wins; among equally large clusters, the one whose first member came earliest. The
     returned index is that first member's.
     """
-    equivalent = equivalent or exact_equivalent
+    equivalent = equivalent or answers_equivalent
     representatives: list[int] = []  # index of each cluster's first member
     sizes: list[int] = []
     for index, answer in enumerate(answers):

@@ -19,6 +19,7 @@ Pure functions of their arguments: no I/O, no global state.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -44,18 +45,21 @@ class LogitTransform:
     """What a model applies to ``lm_head(hidden)`` before returning logits.
 
     ``logits = softcap * tanh(scale * raw / softcap)`` when ``softcap`` is set, else
-    ``scale * raw``. Applied in float32 (models apply it in their own dtype; for a bf16 model
-    ours rounds once less).
+    ``scale * raw``; then divided by ``temperature`` (the sampling temperature a policy
+    gradient takes its log-probs at). Applied in float32 (models apply it in their own dtype;
+    for a bf16 model ours rounds once less).
     """
 
     scale: float = 1.0
     softcap: float | None = None
+    temperature: float = 1.0
 
 
 # Causal LMs whose forward is exactly ``logits = transform(lm_head(model(...).last_hidden_state))``,
-# each checked against the model's own forward in tests/test_logprobs.py. Any other class (a
-# subclass, a PEFT or torch.compile wrapper, a model with extra logit processing) falls back to
-# the chunked path rather than risk a silently different result.
+# each checked against the model's own forward in tests/test_logprobs.py. A PEFT LoRA wrapper of
+# one of them is unwrapped (tests/test_lora.py checks it); any other class (a subclass, a
+# torch.compile wrapper, a model with extra logit processing) falls back to the chunked path
+# rather than risk a silently different result.
 _FUSED_MODELS = {
     "Qwen2ForCausalLM": lambda config: LogitTransform(),
     "Qwen3ForCausalLM": lambda config: LogitTransform(),
@@ -66,19 +70,66 @@ _FUSED_MODELS = {
 }
 
 
+@dataclass(frozen=True)
+class _LoraTerm:
+    """One active LoRA adapter of the output projection: adds ``scaling * B(A(dropout(h)))``."""
+
+    lora_A: nn.Linear
+    lora_B: nn.Linear
+    dropout: nn.Module
+    scaling: float
+
+
+def _unwrap_causal_lm(model: Any) -> tuple[Any, str | None]:
+    """Returns (the causal LM itself, None), or (None, reason) for a wrapper that is not a PEFT LoRA model."""
+    from reasontune.lora import is_peft_model
+
+    if not is_peft_model(model):
+        return model, None
+    tuner = model.base_model
+    if type(tuner).__name__ != "LoraModel":
+        return None, f"a PEFT {type(tuner).__name__} wrapper (only LoRA is unwrapped)"
+    return tuner.model, None
+
+
+def _output_projection(head: Any) -> tuple[nn.Linear | None, list[_LoraTerm], str | None]:
+    """Returns (the plain linear output projection, its active LoRA terms, None), or (None, [], reason)."""
+    if type(head) is nn.Linear:
+        return head, [], None
+    base = getattr(head, "base_layer", None)
+    if not (type(head).__module__.startswith("peft.tuners.lora") and type(base) is nn.Linear):
+        return None, [], f"lm_head is {type(head).__name__}, not a plain torch.nn.Linear or a LoRA Linear around one"
+    if head.disable_adapters or head.merged:
+        return base, [], None  # the base layer alone is the projection (merged: the delta is in its weight)
+    terms = []
+    for adapter in head.active_adapters:
+        if adapter not in head.lora_A:
+            continue
+        if adapter in getattr(head, "lora_variant", {}) or head.lora_B[adapter].bias is not None:
+            return None, [], f"lm_head's adapter {adapter!r} is a LoRA variant (DoRA, bias …) the fused path does not model"
+        terms.append(_LoraTerm(head.lora_A[adapter], head.lora_B[adapter], head.lora_dropout[adapter],
+                               float(head.scaling[adapter])))
+    return base, terms, None
+
+
 def fused_unsupported_reason(model: Any) -> str | None:
     """Returns why ``model`` cannot take the fused path, or None when it can.
 
     Supported: the Hugging Face causal LMs listed in ``_FUSED_MODELS`` (Qwen2/2.5, Qwen3, Llama,
-    Mistral, Gemma2, Granite) with a plain ``nn.Linear`` output projection.
+    Mistral, Gemma2, Granite) with a plain ``nn.Linear`` output projection, and PEFT LoRA
+    wrappers of them (``reasontune.lora.apply_lora``), whose ``lm_head`` may be adapted.
     """
+    model, reason = _unwrap_causal_lm(model)
+    if reason is not None:
+        return reason
     cls = type(model)
     name = cls.__name__
     if name not in _FUSED_MODELS or not cls.__module__.startswith("transformers.models."):
         return f"{cls.__module__}.{name} is not a causal LM whose logit computation is known"
     head = getattr(model, "lm_head", None)
-    if type(head) is not nn.Linear:
-        return f"lm_head is {type(head).__name__}, not a plain torch.nn.Linear"
+    _, _, reason = _output_projection(head)
+    if reason is not None:
+        return reason
     if model.get_output_embeddings() is not head:
         return "get_output_embeddings() is not lm_head"
     if not isinstance(getattr(model, "model", None), nn.Module):
@@ -114,6 +165,8 @@ def _transformed_float32(raw: torch.Tensor, transform: LogitTransform, fresh: bo
         if keep_softcap_derivative:
             derivative = 1.0 - z.square()
         z.mul_(transform.softcap)
+    if transform.temperature != 1.0:
+        z.div_(transform.temperature)
     return z, derivative
 
 
@@ -165,8 +218,8 @@ def _chunk_grad_raw(raw: torch.Tensor, labels: torch.Tensor | None, transform: L
         grad.scatter_add_(1, labels.unsqueeze(1), grad_log_prob.unsqueeze(1))
     if softcap_derivative is not None:
         grad.mul_(softcap_derivative)
-    if transform.scale != 1.0:
-        grad.mul_(transform.scale)
+    if transform.scale != 1.0 or transform.temperature != 1.0:
+        grad.mul_(transform.scale / transform.temperature)
     return grad
 
 
@@ -180,16 +233,21 @@ def _work_grad(grad: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | 
 
 
 class _FusedLinearLogProbs(torch.autograd.Function):
-    """log-probs and entropy of ``transform(hidden @ weight.T + bias)``, chunked over tokens.
+    """log-probs and entropy of ``transform(hidden @ weight.T + bias [+ lora_hidden @ lora_weight.T])``, chunked over tokens.
 
-    Forward saves only ``hidden``, ``weight``, ``bias``, ``labels`` and the entropies; backward
-    recomputes each chunk's logits and accumulates the gradients of ``hidden``, ``weight`` and
-    ``bias``. Peak extra memory: two ``(chunk_size, V)`` float32 buffers (plus the chunk's logits
-    in the weight's dtype when that is not float32) and one gradient buffer the size of ``weight``.
+    The optional low-rank term is a LoRA-adapted output projection: ``lora_hidden`` (tokens, r)
+    is ``scaling * lora_A(dropout(hidden))`` computed by the caller (so autograd carries its
+    gradient on to ``lora_A`` and ``hidden``) and ``lora_weight`` (V, r) is ``lora_B``'s weight.
+    Forward saves only the inputs and the entropies; backward recomputes each chunk's logits and
+    accumulates the gradients of ``hidden``, ``weight``, ``bias``, ``lora_hidden`` and
+    ``lora_weight``. Peak extra memory: two ``(chunk_size, V)`` float32 buffers (plus the chunk's
+    logits in the weight's dtype when that is not float32) and one gradient buffer the size of
+    each weight that needs one.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, chunk_size, transform, with_entropy):
+    def forward(ctx, hidden, weight, bias, labels, chunk_size, transform, with_entropy, lora_hidden=None,
+                lora_weight=None):
         tokens = hidden.shape[0]
         log_probs = hidden.new_empty(tokens, dtype=_work_dtype(hidden.dtype))
         entropy = hidden.new_empty(tokens if with_entropy else 0, dtype=_work_dtype(hidden.dtype))
@@ -197,12 +255,12 @@ class _FusedLinearLogProbs(torch.autograd.Function):
             stop = min(start + chunk_size, tokens)
             # The chunk's logits are passed without a local name so the callee can free them.
             chunk_log_probs, chunk_entropy = _chunk_statistics(
-                F.linear(hidden[start:stop], weight, bias), labels[start:stop], transform, fresh=True,
-                with_entropy=with_entropy)
+                _projected_chunk(hidden, weight, bias, lora_hidden, lora_weight, slice(start, stop)),
+                labels[start:stop], transform, fresh=True, with_entropy=with_entropy)
             log_probs[start:stop] = chunk_log_probs
             if with_entropy:
                 entropy[start:stop] = chunk_entropy
-        ctx.save_for_backward(hidden, weight, bias, labels, entropy)
+        ctx.save_for_backward(hidden, weight, bias, labels, entropy, lora_hidden, lora_weight)
         ctx.chunk_size, ctx.transform, ctx.with_entropy = chunk_size, transform, with_entropy
         ctx.set_materialize_grads(False)
         if not with_entropy:
@@ -211,42 +269,56 @@ class _FusedLinearLogProbs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_log_probs, grad_entropy):
-        hidden, weight, bias, labels, entropy = ctx.saved_tensors
+        hidden, weight, bias, labels, entropy, lora_hidden, lora_weight = ctx.saved_tensors
         if not ctx.with_entropy:
             grad_entropy = None
         grad_log_probs = _work_grad(grad_log_probs, hidden.dtype)
         grad_entropy = _work_grad(grad_entropy, hidden.dtype)
         need_hidden, need_weight, need_bias = ctx.needs_input_grad[:3]
+        need_lora_hidden, need_lora_weight = ctx.needs_input_grad[7:9] if len(ctx.needs_input_grad) > 7 else (False,) * 2
         grad_hidden = torch.empty_like(hidden) if need_hidden else None
         # Accumulated in the weight's dtype, one rounding per chunk (as Liger's fused kernels do):
         # a float32 buffer for a bf16 weight would cost as much as several chunks.
         grad_weight = torch.zeros_like(weight) if need_weight else None
         grad_bias = torch.zeros(weight.shape[0], dtype=_work_dtype(weight.dtype), device=weight.device) \
             if need_bias else None
-        if grad_log_probs is None and grad_entropy is None:
-            return (None if grad_hidden is None else grad_hidden.zero_(), grad_weight,
-                    None if grad_bias is None else grad_bias.to(bias.dtype), None, None, None, None)
-        tokens = hidden.shape[0]
-        for start in range(0, tokens, ctx.chunk_size):
-            stop = min(start + ctx.chunk_size, tokens)
-            rows = slice(start, stop)
-            grad_raw = _chunk_grad_raw(
-                F.linear(hidden[rows], weight, bias), labels[rows], ctx.transform, fresh=True,
-                grad_log_prob=None if grad_log_probs is None else grad_log_probs[rows],
-                grad_entropy=None if grad_entropy is None else grad_entropy[rows],
-                entropy=entropy[rows] if grad_entropy is not None else None,
-            )
-            if need_bias:
-                grad_bias += grad_raw.sum(dim=0)
-            grad_raw = grad_raw.to(weight.dtype)
-            if need_hidden:
-                grad_hidden[rows] = grad_raw @ weight
-            if need_weight:
-                grad_weight.addmm_(grad_raw.t(), hidden[rows].to(weight.dtype))
-            del grad_raw  # before the next chunk's logits exist, or two chunks' buffers overlap
+        grad_lora_hidden = torch.zeros_like(lora_hidden) if need_lora_hidden else None
+        grad_lora_weight = torch.zeros_like(lora_weight) if need_lora_weight else None
+        if grad_log_probs is not None or grad_entropy is not None:
+            for start in range(0, hidden.shape[0], ctx.chunk_size):
+                rows = slice(start, min(start + ctx.chunk_size, hidden.shape[0]))
+                grad_raw = _chunk_grad_raw(
+                    _projected_chunk(hidden, weight, bias, lora_hidden, lora_weight, rows), labels[rows],
+                    ctx.transform, fresh=True,
+                    grad_log_prob=None if grad_log_probs is None else grad_log_probs[rows],
+                    grad_entropy=None if grad_entropy is None else grad_entropy[rows],
+                    entropy=entropy[rows] if grad_entropy is not None else None,
+                )
+                if need_bias:
+                    grad_bias += grad_raw.sum(dim=0)
+                grad_raw = grad_raw.to(weight.dtype)
+                if need_hidden:
+                    grad_hidden[rows] = grad_raw @ weight
+                if need_weight:
+                    grad_weight.addmm_(grad_raw.t(), hidden[rows].to(weight.dtype))
+                if need_lora_hidden:
+                    grad_lora_hidden[rows] = (grad_raw @ lora_weight.to(weight.dtype)).to(lora_hidden.dtype)
+                if need_lora_weight:
+                    grad_lora_weight.addmm_(grad_raw.t().to(lora_weight.dtype), lora_hidden[rows].to(lora_weight.dtype))
+                del grad_raw  # before the next chunk's logits exist, or two chunks' buffers overlap
+        elif need_hidden:
+            grad_hidden.zero_()
         if grad_bias is not None:
             grad_bias = grad_bias.to(bias.dtype)
-        return grad_hidden, grad_weight, grad_bias, None, None, None, None
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, grad_lora_hidden, grad_lora_weight
+
+
+def _projected_chunk(hidden, weight, bias, lora_hidden, lora_weight, rows: slice) -> torch.Tensor:
+    """Returns a fresh (n, V) tensor of raw logits of ``hidden[rows]`` (weight's dtype), with the low-rank term when given."""
+    raw = F.linear(hidden[rows], weight, bias)
+    if lora_hidden is not None:
+        raw.addmm_(lora_hidden[rows].to(raw.dtype), lora_weight.t().to(raw.dtype))
+    return raw
 
 
 class _ChunkedLogitsStatistics(torch.autograd.Function):
@@ -347,6 +419,7 @@ def get_response_log_probs(
     response_mask: torch.Tensor | None = None,
     implementation: Implementation = "auto",
     chunk_size: int | None = None,
+    temperature: float = 1.0,
     **model_kwargs: Any,
 ) -> dict[str, torch.Tensor]:
     """Returns per-token log-probabilities of ``labels`` (and entropies) under ``model``.
@@ -377,6 +450,8 @@ def get_response_log_probs(
             chunked. ``"fused"`` on an unsupported model raises ValueError.
         chunk_size: tokens per chunk; None picks ``default_chunk_size(vocab)`` (220 tokens at
             vocabulary 151,936, a 128 MB float32 chunk).
+        temperature: the log-probs (and entropies) are those of ``softmax(logits / temperature)``,
+            the distribution a generator samples from at that temperature (> 0).
 
     Returns:
         log_probs: (batch, seq) float32.
@@ -388,12 +463,14 @@ def get_response_log_probs(
         raise ValueError(f"response_mask {tuple(response_mask.shape)} must match labels {tuple(labels.shape)}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive number of tokens, got {chunk_size}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
     model_inputs = {"attention_mask": attention_mask, "position_ids": position_ids, **model_kwargs}
 
     if implementation == "auto":
         implementation = "fused" if fused_unsupported_reason(model) is None else "chunked"
     if implementation == "naive":
-        return _naive_log_probs(model, input_ids, labels, return_token_entropy, response_mask, model_inputs)
+        return _naive_log_probs(model, input_ids, labels, return_token_entropy, response_mask, model_inputs, temperature)
     if implementation not in ("fused", "chunked"):
         raise ValueError(f"unknown implementation {implementation!r}; expected auto, fused, chunked or naive")
 
@@ -406,24 +483,34 @@ def get_response_log_probs(
         if reason is not None:
             raise ValueError(f"implementation='fused' is not available for this model: {reason}; "
                              "use implementation='chunked' (or 'auto', which falls back to it)")
-        head = model.lm_head
+        causal_lm, _ = _unwrap_causal_lm(model)
+        head, lora_terms, _ = _output_projection(causal_lm.lm_head)
         _check_labels(selected_labels, head.out_features)
-        body = model.model
-        hidden = body(input_ids=input_ids, use_cache=False, **model_inputs).last_hidden_state
+        hidden = causal_lm.model(input_ids=input_ids, use_cache=False, **model_inputs).last_hidden_state
         hidden = hidden.reshape(batch * seq, -1)
         if rows is not None:
             hidden = hidden[rows]
+        # An adapted lm_head adds sum_k scaling_k B_k A_k dropout_k(h): the rank-r inputs
+        # scaling_k A_k dropout_k(h) are small (tokens, r) tensors built here with autograd, and
+        # the B_k join the chunked projection, so the adapted logits never exist in full either.
+        lora_hidden = lora_weight = None
+        if lora_terms:
+            lora_hidden = torch.cat([term.lora_A(term.dropout(hidden.to(term.lora_A.weight.dtype))) * term.scaling
+                                     for term in lora_terms], dim=-1)
+            lora_weight = torch.cat([term.lora_B.weight for term in lora_terms], dim=-1)
         log_probs, entropy = _FusedLinearLogProbs.apply(
             hidden, head.weight, head.bias, selected_labels,
             chunk_size or default_chunk_size(head.out_features),
-            _FUSED_MODELS[type(model).__name__](model.config), return_token_entropy)
+            dataclasses.replace(_FUSED_MODELS[type(causal_lm).__name__](causal_lm.config), temperature=temperature),
+            return_token_entropy, lora_hidden, lora_weight)
     else:
         logits = model(input_ids=input_ids, use_cache=False, **model_inputs).logits
         vocab_size = logits.shape[-1]
         _check_labels(selected_labels, vocab_size)
         log_probs, entropy = _ChunkedLogitsStatistics.apply(
             logits.reshape(batch * seq, vocab_size), rows, selected_labels,
-            chunk_size or default_chunk_size(vocab_size), LogitTransform(), True, return_token_entropy)
+            chunk_size or default_chunk_size(vocab_size), LogitTransform(temperature=temperature), True,
+            return_token_entropy)
 
     result = {"log_probs": _scatter_rows(log_probs, rows, batch, seq)}
     if return_token_entropy:
@@ -444,9 +531,9 @@ def _scatter_rows(values: torch.Tensor, rows: torch.Tensor | None, batch: int, s
     return values.new_zeros(batch * seq).index_put((rows,), values).view(batch, seq)
 
 
-def _naive_log_probs(model, input_ids, labels, return_token_entropy, response_mask, model_inputs):
+def _naive_log_probs(model, input_ids, labels, return_token_entropy, response_mask, model_inputs, temperature=1.0):
     """The seeds' straightforward version: full float32 log-softmax, gather, entropy via log-softmax."""
-    logits = model(input_ids=input_ids, use_cache=False, **model_inputs).logits.float()
+    logits = model(input_ids=input_ids, use_cache=False, **model_inputs).logits.float() / temperature
     log_probs_all = F.log_softmax(logits, dim=-1)
     log_probs = torch.gather(log_probs_all, dim=-1, index=labels.unsqueeze(-1)).squeeze(-1)
     result = {"log_probs": log_probs}

@@ -315,7 +315,7 @@ def grpo_microbatch_train_step(
     policy_log_probs: torch.Tensor,
     response_mask: torch.Tensor,
     gradient_accumulation_steps: int,
-    loss_type: PolicyGradientLossType,
+    loss_type: "PolicyLossType",
     raw_rewards: torch.Tensor | None = None,
     advantages: torch.Tensor | None = None,
     old_log_probs: torch.Tensor | None = None,
@@ -326,6 +326,9 @@ def grpo_microbatch_train_step(
     ref_log_probs: torch.Tensor | None = None,
     kl_coef: float = 0.0,
     examples_in_step: int | None = None,
+    cliprange_high: float | None = None,
+    dual_clip_c: float | None = None,
+    rollout_weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Returns ``(loss, metadata)`` of one policy-gradient microbatch after ``loss.backward()``.
 
@@ -346,22 +349,32 @@ def grpo_microbatch_train_step(
         loss_type, raw_rewards, advantages, old_log_probs, cliprange: as in
             ``compute_policy_gradient_loss``.
         loss_aggregation, normalize_constant, tokens_in_step, examples_in_step: see ``aggregate_loss``.
+        cliprange_high: eps_high of the clip (None: ``cliprange``; DAPO's clip-higher when larger;
+            the only bound CISPO uses).
+        dual_clip_c: the dual-clip bound for negative advantages (None: off).
+        rollout_weights: (batch, seq) detached importance weights against the rollout engine
+            (``rollout_correction_weights``), multiplying each token's loss.
         ref_log_probs: (batch, seq) float, the reference model's log-probs (needed when
             ``kl_coef > 0``; when given with ``kl_coef == 0`` the KL is only reported).
         kl_coef: weight of the per-token k3 KL penalty (0: off).
 
     Returns:
         loss: 0-d detached tensor, the back-propagated value.
-        metadata: the loss function's metadata plus ``clip_fraction`` (grpo_clip: fraction of
-            response tokens clipped), ``num_response_tokens`` and, with ``ref_log_probs``, ``kl``
+        metadata: the loss function's metadata plus ``clip_fraction``, ``clip_fraction_low`` and
+            ``clip_fraction_high`` (fractions of response tokens clipped; 0 for REINFORCE losses),
+            ``num_response_tokens`` and, with ``ref_log_probs``, ``kl``
             (0-d, the mean k3 KL over response tokens, detached).
     """
     if policy_log_probs.shape != response_mask.shape:
         raise ValueError(f"policy_log_probs {tuple(policy_log_probs.shape)} and response_mask "
                          f"{tuple(response_mask.shape)} must have the same shape")
-    per_token, metadata = compute_policy_gradient_loss(
-        policy_log_probs, loss_type, raw_rewards=raw_rewards, advantages=advantages,
-        old_log_probs=old_log_probs, cliprange=cliprange,
+    # The per-token objective: the design's three loss types, plus GSPO and CISPO, clip-higher
+    # (cliprange_high), dual clip and rollout-engine correction weights (compute_policy_loss).
+    per_token, metadata = compute_policy_loss(
+        loss_type, policy_log_probs, response_mask, advantages=advantages, raw_rewards=raw_rewards,
+        old_log_probs=old_log_probs, eps_low=None if loss_type == "cispo" else cliprange,
+        eps_high=cliprange_high if cliprange_high is not None else cliprange, dual_clip_c=dual_clip_c,
+        rollout_weights=rollout_weights,
     )
     kl = None
     if kl_coef < 0:
@@ -378,8 +391,6 @@ def grpo_microbatch_train_step(
     loss.backward()
     metadata = dict(metadata)
     metadata["num_response_tokens"] = response_mask.sum()
-    if "clipped" in metadata:
-        metadata["clip_fraction"] = masked_mean(metadata["clipped"].float(), response_mask)
     if kl is not None:
         metadata["kl"] = masked_mean(kl.detach(), response_mask)
     return loss.detach(), metadata

@@ -10,6 +10,7 @@ Configs stop at the entry points: components take plain arguments.
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass
 from typing import Literal
 
@@ -116,6 +117,32 @@ class OptimizerOptions:
 
 
 @dataclass
+class LoRAOptions:
+    """Low-rank adapters (peft; pip install 'reasontune[lora]')."""
+
+    lora_rank: int = help_field(0, "train LoRA adapters of this rank on a frozen base model (0: full fine-tuning)", group="lora")
+    lora_alpha: float | None = help_field(None, "LoRA scaling alpha (default: 2 x rank)", group="lora")
+    lora_dropout: float = help_field(0.0, "dropout on the LoRA input", group="lora")
+    lora_target_modules: list[str] | None = help_field(None, "module names that get adapters (default: every linear layer of the decoder: q/k/v/o and gate/up/down projections)", group="lora")
+    lora_trainable_modules: list[str] | None = help_field(None, "modules trained in full beside the adapters and merged with them, e.g. norm", group="lora")
+
+    def lora_problems(self) -> list[str]:
+        """Returns what is wrong with the LoRA options (flags without --lora-rank, a missing peft)."""
+        problems = []
+        if self.lora_rank < 0:
+            problems.append("--lora-rank must be >= 0")
+        given = [flag for flag, value in (("--lora-alpha", self.lora_alpha), ("--lora-target-modules", self.lora_target_modules),
+                                          ("--lora-trainable-modules", self.lora_trainable_modules)) if value]
+        if self.lora_rank == 0 and (given or self.lora_dropout):
+            problems.append(f"{', '.join(given) or '--lora-dropout'} given without --lora-rank: set a rank to train LoRA")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append("--lora-dropout must be in [0, 1)")
+        if self.lora_rank and importlib.util.find_spec("peft") is None:
+            problems.append("--lora-rank needs the peft package: pip install 'reasontune[lora]'")
+        return problems
+
+
+@dataclass
 class CheckpointOptions:
     """Where a run lives and when it is saved."""
 
@@ -139,7 +166,7 @@ class LoggingOptions:
 
 @dataclass
 class TrainerOptions(LoggingOptions, CheckpointOptions, InLoopEvaluationOptions, GenerationOptions, GradingOptions,
-                     OptimizerOptions, TaskOptions, ModelOptions, RunOptions):
+                     LoRAOptions, OptimizerOptions, TaskOptions, ModelOptions, RunOptions):
     """Every option the three trainers share (SFT, expert iteration and GRPO add their own)."""
 
     train_data: str = help_field("", "training data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name", group="data")

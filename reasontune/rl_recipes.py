@@ -14,47 +14,47 @@ from typing import Any, Callable, Generic, Mapping, Sequence, TypeVar
 
 import torch
 
-# Field names are GRPOConfig's (the new ones proposed in issue 12): loss_type, cliprange_low /
-# cliprange_high (eps_low / eps_high of the clip; None: no bound), dual_clip_c,
+# Field names are GRPOConfig's: loss_type, cliprange / cliprange_high (eps_low / eps_high of
+# the clip; cliprange_high None: equal to cliprange; CISPO uses only eps_high), dual_clip_c,
 # loss_aggregation, advantage_baseline, advantage_std, kl_coef, overlong_buffer_fraction (the
 # soft penalty's buffer as a fraction of sampling_max_tokens; 0: no penalty),
 # overlong_penalty_factor, mask_truncated, dynamic_sampling.
 RECIPES: dict[str, dict[str, Any]] = {
     # DeepSeekMath (Shao et al. 2024, arXiv 2402.03300): PPO clip 0.2, per-response token mean,
     # group mean / std, k3 KL 0.04 against the reference model.
-    "grpo": dict(loss_type="grpo_clip", cliprange_low=0.2, cliprange_high=0.2, dual_clip_c=None,
+    "grpo": dict(loss_type="grpo_clip", cliprange=0.2, cliprange_high=0.2, dual_clip_c=None,
                  loss_aggregation="sequence_mean", advantage_baseline="group_mean", advantage_std="group",
                  kl_coef=0.04, overlong_buffer_fraction=0.0, overlong_penalty_factor=1.0, mask_truncated=False,
                  dynamic_sampling=False),
     # Dr. GRPO (Liu et al. 2025, "Understanding R1-Zero-Like Training", arXiv 2503.20783): no
     # length normalisation (sum / a constant) and no std normalisation, no KL.
-    "dr_grpo": dict(loss_type="grpo_clip", cliprange_low=0.2, cliprange_high=0.2, dual_clip_c=None,
-                    loss_aggregation="sequence_sum_constant", advantage_baseline="group_mean", advantage_std="none",
+    "dr_grpo": dict(loss_type="grpo_clip", cliprange=0.2, cliprange_high=0.2, dual_clip_c=None,
+                    loss_aggregation="sequence_sum", advantage_baseline="group_mean", advantage_std="none",
                     kl_coef=0.0, overlong_buffer_fraction=0.0, overlong_penalty_factor=1.0, mask_truncated=False,
                     dynamic_sampling=False),
     # DAPO (Yu et al. 2025, arXiv 2503.14476): clip-higher 0.2 / 0.28, token-level loss, no KL,
     # soft overlong punishment (L_cache 4096 of L_max 20480: a fifth of the budget), dynamic sampling.
-    "dapo": dict(loss_type="grpo_clip", cliprange_low=0.2, cliprange_high=0.28, dual_clip_c=None,
+    "dapo": dict(loss_type="grpo_clip", cliprange=0.2, cliprange_high=0.28, dual_clip_c=None,
                  loss_aggregation="token_mean", advantage_baseline="group_mean", advantage_std="group",
                  kl_coef=0.0, overlong_buffer_fraction=0.2, overlong_penalty_factor=1.0, mask_truncated=False,
                  dynamic_sampling=True),
     # GSPO (Zheng et al. 2025, arXiv 2507.18071): sequence-level length-normalised ratio, clip
     # 3e-4 / 4e-4, GRPO's group advantages, per-response mean (GSPO-token), no KL.
-    "gspo": dict(loss_type="gspo", cliprange_low=3e-4, cliprange_high=4e-4, dual_clip_c=None,
+    "gspo": dict(loss_type="gspo", cliprange=3e-4, cliprange_high=4e-4, dual_clip_c=None,
                  loss_aggregation="sequence_mean", advantage_baseline="group_mean", advantage_std="group",
                  kl_coef=0.0, overlong_buffer_fraction=0.0, overlong_penalty_factor=1.0, mask_truncated=False,
                  dynamic_sampling=False),
     # CISPO (MiniMax-M1, arXiv 2506.13585): clipped IS weight, no lower bound, only eps_high tuned
     # (the paper gives no value; 0.28 as DAPO's eps_high), token-level loss over the group's tokens, no KL.
-    "cispo": dict(loss_type="cispo", cliprange_low=None, cliprange_high=0.28, dual_clip_c=None,
+    "cispo": dict(loss_type="cispo", cliprange=None, cliprange_high=0.28, dual_clip_c=None,
                   loss_aggregation="token_mean", advantage_baseline="group_mean", advantage_std="group",
                   kl_coef=0.0, overlong_buffer_fraction=0.0, overlong_penalty_factor=1.0, mask_truncated=False,
                   dynamic_sampling=False),
     # RLOO (Ahmadian et al. 2024, "Back to Basics", arXiv 2402.14740): on-policy REINFORCE of the
     # whole response (sum of token log-probs, here / the budget as a constant), leave-one-out
     # baseline, no std. (The paper's KL is a reward penalty, which reasontune does not have: 0 here.)
-    "rloo": dict(loss_type="reinforce_with_baseline", cliprange_low=None, cliprange_high=None, dual_clip_c=None,
-                 loss_aggregation="sequence_sum_constant", advantage_baseline="leave_one_out", advantage_std="none",
+    "rloo": dict(loss_type="reinforce_with_baseline", cliprange=None, cliprange_high=None, dual_clip_c=None,
+                 loss_aggregation="sequence_sum", advantage_baseline="leave_one_out", advantage_std="none",
                  kl_coef=0.0, overlong_buffer_fraction=0.0, overlong_penalty_factor=1.0, mask_truncated=False,
                  dynamic_sampling=False),
 }

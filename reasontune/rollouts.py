@@ -24,8 +24,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from reasontune.data import DataError, Example, example_prompt
 from reasontune.generation import Completion, Generator, SamplingOptions
-from reasontune.rewards import (extract_boxed_answer, extract_r1_zero_answer, grade_batch, question_only_reward_fn,
-                                r1_zero_reward_fn)
+from reasontune.rewards import extract_final_answer, grade_batch, question_only_reward_fn, r1_zero_reward_fn
 
 RewardFn = Callable[[str, Any], dict[str, float]]
 CATEGORIES = ("correct", "formatted_wrong", "unformatted")
@@ -44,9 +43,9 @@ def reward_fn_by_name(name: str) -> RewardFn:
 def final_answer(response: str, reward_fn: RewardFn | None) -> str | None:
     """Returns the answer ``reward_fn`` grades in ``response`` (the last <answer> of r1_zero, the last box of question_only), or None."""
     if reward_fn is r1_zero_reward_fn:
-        return extract_r1_zero_answer(response)
+        return extract_final_answer(response, "r1_zero")
     if reward_fn is question_only_reward_fn:
-        return extract_boxed_answer(response)
+        return extract_final_answer(response, "question_only")
     return None
 
 
@@ -141,6 +140,26 @@ class Rollouts:
             examples=None if self.examples is None else [self.examples[i] for i in indices],
             timing=dict(self.timing), sampling=self.sampling, reward_fn=self.reward_fn,
             question_ids=None if self.question_ids is None else [self.question_ids[i] for i in indices])
+
+    @staticmethod
+    def concat(parts: Sequence[Rollouts]) -> Rollouts:
+        """Returns the rollouts of ``parts`` one after another (prompt order kept); timing summed, sampling of the first."""
+        if not parts:
+            raise ValueError("concat needs at least one Rollouts")
+        timing: dict[str, Any] = {}
+        for part in parts:
+            for key, value in part.timing.items():
+                if isinstance(value, (int, float)) and key != "tokens_per_second":
+                    timing[key] = timing.get(key, 0) + value
+        with_examples = all(part.examples is not None for part in parts)
+        with_ids = all(part.question_ids is not None for part in parts)
+        return Rollouts(prompts=[p for part in parts for p in part.prompts],
+                        ground_truths=[t for part in parts for t in part.ground_truths],
+                        completions=[g for part in parts for g in part.completions],
+                        rewards=[r for part in parts for r in part.rewards],
+                        examples=[e for part in parts for e in part.examples] if with_examples else None,
+                        timing=timing, sampling=parts[0].sampling, reward_fn=parts[0].reward_fn,
+                        question_ids=[q for part in parts for q in part.question_ids] if with_ids else None)
 
     def records(self) -> list[dict[str, Any]]:
         """Returns one record per sample, prompt-major: the format of ``records.jsonl``.

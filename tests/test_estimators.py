@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from reasontune.estimators import (
+    exact_equivalent,
     avg_at_k,
     bootstrap_interval,
     maj_at_k,
@@ -72,14 +73,16 @@ def test_vote_majority_ties_and_missing_answers():
     assert vote(["3", "4", "4", None, "3"]) == 0  # 2-2 tie: the cluster that appeared first ("3") wins
     assert vote([None, None, "5"]) == 2           # None never votes
     assert vote([None, None]) is None
-    assert vote([" 7", "7 ", "8"]) == 0           # default: equal after whitespace strip
+    assert vote([" 7", "7 ", "8"]) == 0           # default: the grader's equivalence (7 == 7)
 
 
 def test_maj_at_k_uses_first_k_samples_and_the_graders_equivalence():
     answers = ["0.5", "1/2", "7", "7", "7"]
     correct = [True, True, False, False, False]
     # k=4, exact strings: clusters {0.5}, {1/2}, {7, 7} -> "7" wins (wrong).
-    assert maj_at_k(answers, correct, 4) == 0.0
+    assert maj_at_k(answers, correct, 4, exact_equivalent) == 0.0
+    # k=4, the default (the grader's answers_equivalent) joins 0.5 and 1/2: a 2-2 tie the earlier cluster wins.
+    assert maj_at_k(answers, correct, 4) == 1.0
     # k=4, 1/2 == 0.5: clusters {0.5, 1/2}, {7, 7} tie 2-2 -> the earlier cluster (0.5, correct) wins.
     same_value = lambda a, b: {a, b} <= {"0.5", "1/2"} or a == b  # noqa: E731
     assert maj_at_k(answers, correct, 4, same_value) == 1.0
@@ -258,3 +261,12 @@ def test_parse_ks():
     assert parse_ks("16,1,4,4") == [1, 4, 16]
     with pytest.raises(ValueError):
         parse_ks("0,2")
+
+
+def test_majority_vote_uses_the_graders_equivalence_by_default():
+    """Answers 1/2, 0.5 and \\frac{1}{2} are one vote (3) against 0.25 twice: the vote is 1/2 under the default."""
+    from reasontune.estimators import vote
+
+    answers = ["0.25", "1/2", "0.25", "0.5", "\\frac{1}{2}"]
+    assert vote(answers) == 1  # the cluster of 1/2 wins; its first member is sample 1
+    assert vote(answers, equivalent=lambda a, b: a == b) == 0  # by exact strings 0.25 has the most votes

@@ -190,3 +190,84 @@ def test_run_grpo_writes_metrics_evals_checkpoints_and_final(tiny_model_dir, tmp
     assert AutoModelForCausalLM.from_pretrained(run_dir / "final").config.model_type == "qwen2"
     assert json.loads((run_dir / "config.json").read_text())["loss_type"] == "grpo_clip"
     assert (run_dir / "report" / "index.html").exists()
+
+
+def test_recipe_fills_what_was_not_given_and_flags_win():
+    from reasontune.cli import build_parser
+    from reasontune.config import config_from_namespace
+
+    args = ["grpo", "--train-data", "q.jsonl", "--recipe", "dapo", "--cliprange-high", "0.3", "--group-size", "8"]
+    namespace = build_parser("grpo").parse_args(args)
+    config = config_from_namespace(argparse_namespace(namespace), GRPOConfig)
+    # DAPO (arXiv 2503.14476): clip-higher 0.2 / 0.28, token-mean loss, dynamic sampling, overlong shaping, no KL
+    assert (config.loss_type, config.cliprange, config.loss_aggregation) == ("grpo_clip", 0.2, "token_mean")
+    assert config.dynamic_sampling and config.overlong_buffer_fraction == 0.2 and config.kl_coef == 0.0
+    assert config.cliprange_high == 0.3  # the flag given beats the recipe's 0.28
+    assert GRPOConfig.from_recipe("dr_grpo", train_data="q").advantage_std == "none"
+    assert GRPOConfig.from_recipe("rloo", train_data="q").advantage_baseline == "leave_one_out"
+    with pytest.raises(SystemExit, match="cliprange-high"):
+        GRPOConfig(train_data="q", loss_type="grpo_clip", cliprange=0.2, cliprange_high=0.1).validate()
+
+
+def argparse_namespace(namespace):
+    import argparse
+
+    return argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k != "command"})
+
+
+def test_trainer_log_probs_at_the_sampling_temperature_match_the_generator(tiny_model_dir):
+    """The rollout-engine contract on CPU: HF sampling at T = 0.7 (top-p 1) and the trainer's log-probs at T agree."""
+    from reasontune.generation import SamplingOptions
+    from reasontune.generation.hf import HFGenerator
+    from reasontune.logprobs import get_response_log_probs
+    from reasontune.losses import rollout_mismatch_metrics
+    from reasontune.modeling import load_model, load_tokenizer
+    from reasontune.tokenization import pad_and_shift
+
+    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    prompts = ["What is 12 + 3?", "What is 12 + 4?"]
+    groups = HFGenerator(model, tokenizer).generate(prompts, SamplingOptions(temperature=0.7, max_new_tokens=6, stop=(),
+                                                                             n=2, seed=1, return_logprobs=True))
+    completions = [c for g in groups for c in g]
+    prompt_ids = [ids for ids in tokenizer(prompts)["input_ids"] for _ in range(2)]
+    batch = pad_and_shift(prompt_ids, [c.token_ids for c in completions], tokenizer.pad_token_id)
+    behaviour = torch.zeros(batch["labels"].shape)
+    behaviour[batch["response_mask"]] = torch.tensor([lp for c in completions for lp in c.logprobs])
+    with torch.no_grad():
+        at_t = get_response_log_probs(model, batch["input_ids"], batch["labels"], response_mask=batch["response_mask"],
+                                      temperature=0.7)["log_probs"]
+        at_one = get_response_log_probs(model, batch["input_ids"], batch["labels"],
+                                        response_mask=batch["response_mask"])["log_probs"]
+    matched = rollout_mismatch_metrics(at_t, behaviour, batch["response_mask"])
+    assert matched["mismatch_max_abs_log_ratio"] < 1e-4 and matched["mismatch_token_ess"] > 0.9999
+    # Against temperature-1 log-probs the same tokens disagree: the mismatch figures can see a wrong contract.
+    assert rollout_mismatch_metrics(at_one, behaviour, batch["response_mask"])["mismatch_max_abs_log_ratio"] > 1e-2
+
+
+def test_dapo_recipe_run_logs_clip_fractions_mismatch_and_dynamic_sampling(tiny_model_dir, tmp_path):
+    data = _write_questions(tmp_path / "questions.jsonl", 12)
+    config = GRPOConfig.from_recipe(
+        "dapo", model=str(tiny_model_dir), train_data=str(data), output_dir=str(tmp_path / "run"), n_grpo_steps=2,
+        rollout_batch_size=4, group_size=2, train_batch_size=4, gradient_accumulation_steps=2, learning_rate=1e-3,
+        sampling_min_tokens=1, sampling_max_tokens=5, sampling_temperature=0.8, rollout_correction="token_tis",
+        dynamic_sampling=False, grading_workers=0, num_threads=1, progress=False, write_report=False)
+    assert config.overlong_buffer_fraction == 0.2 and config.cliprange_high == 0.28
+    run_dir = run_grpo(config)
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2]
+    for record in train:
+        for key in ("clip_fraction_low", "clip_fraction_high", "mismatch_kl_k3", "mismatch_max_abs_log_ratio",
+                    "mismatch_token_ess", "rollout_weight_mean", "groups_kept", "groups_dropped"):
+            assert record[key] is not None and math.isfinite(record[key]), key
+        # Same weights, same temperature: the only difference is the generator's EOS suppression before
+        # --sampling-min-tokens (its first token's distribution renormalised without EOS): small, not zero.
+        assert record["mismatch_max_abs_log_ratio"] < 0.05 and abs(record["rollout_weight_mean"] - 1) < 0.05
+    # Dynamic sampling with a random model: every group scores 0, so all are dropped and no update happens.
+    dynamic = dataclasses.replace(config, dynamic_sampling=True, dynamic_sampling_max_tries=2, n_grpo_steps=1,
+                                  output_dir=str(tmp_path / "dyn"))
+    run_dir = run_grpo(dynamic)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    (event,) = [r for r in lines if r["kind"] == "event"]
+    assert "equal rewards" in event["message"] and event["dynamic_sampling_tries"] == 2
+    assert event["groups_drawn"] == 4 and event["groups_dropped"] == 4

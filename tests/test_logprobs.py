@@ -386,3 +386,29 @@ def test_fused_path_never_makes_a_float32_tensor_larger_than_one_chunk(implement
                                         implementation=implementation, chunk_size=chunk)
         (result["log_probs"].sum() + result["token_entropy"].sum()).backward()
     assert (tracker.largest <= chunk * vocab) == bounded, tracker.largest
+
+
+@pytest.mark.parametrize("implementation", ["fused", "chunked"])
+def test_temperature_scales_the_logits_before_the_softmax(tiny_qwen2, implementation):
+    """log_probs at temperature T = log_softmax(logits / T) gathered, checked against the full-logits computation, gradients too."""
+    torch.manual_seed(0)
+    input_ids = torch.randint(0, 97, (2, 7))
+    labels = torch.randint(0, 97, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    mask[0, :3] = False
+    out = get_response_log_probs(tiny_qwen2, input_ids, labels, return_token_entropy=True, response_mask=mask,
+                                 implementation=implementation, temperature=0.6)
+    (out["log_probs"].sum() + out["token_entropy"].sum()).backward()
+    ours = {n: p.grad.clone() for n, p in tiny_qwen2.named_parameters() if p.grad is not None}
+    tiny_qwen2.zero_grad()
+    logits = tiny_qwen2(input_ids).logits.float() / 0.6
+    log_p = torch.log_softmax(logits, -1)
+    expected = torch.where(mask, log_p.gather(-1, labels[..., None]).squeeze(-1), torch.zeros(()))
+    entropy = torch.where(mask, -(log_p.exp() * log_p).sum(-1), torch.zeros(()))
+    torch.testing.assert_close(out["log_probs"], expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out["token_entropy"], entropy.detach(), atol=1e-5, rtol=1e-5)
+    (expected.sum() + entropy.sum()).backward()
+    for name, parameter in tiny_qwen2.named_parameters():
+        torch.testing.assert_close(ours[name], parameter.grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="temperature must be > 0"):
+        get_response_log_probs(tiny_qwen2, input_ids, labels, temperature=0.0)

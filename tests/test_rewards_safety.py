@@ -102,6 +102,36 @@ def test_enormous_and_deeply_nested_answers_are_wrong_and_fast(name):
     assert time.perf_counter() - start < 1.5
 
 
+ROUND_TWO_INPUTS = {
+    "relation chain": "x<" * 20_000 + "1",
+    "relation or-chain": " or ".join(["x<1"] * 20_000),
+    "or list": " or ".join(["1"] * 50_000),
+    "tuple list": "(1,2)," * 50_000,
+    "ratio chain": "1:" * 50_000 + "1",
+    "set builder": "\\{x \\mid " * 20_000,
+    "setminus chain": "\\setminus".join(["\\mathbb{R}"] * 20_000),
+    "dollar run": "$" * 200_000,
+    "marker run": "is " * 200_000 + "5",
+    "sentence run": "The answer is 5. " * 50_000,
+    "log base chain": "\\log_" * 20_000 + "2",
+    "function power chain": "\\sin^" * 20_000 + "2",
+    "joined boxes": "\\boxed{1} and " * 50_000,
+    "huge ratio": "10^{1000}:10^{999}",
+    "deep tuples": "(" * 5_000 + "1,2" + ")" * 5_000,
+}
+
+
+@pytest.mark.parametrize("name", list(ROUND_TWO_INPUTS))
+def test_round_two_readings_stay_bounded_on_hostile_answers(name):
+    # Relations, several answers, ratios and prose are new ways to read an answer; each must
+    # still refuse or answer fast, never run, and never call any of these equal to 1.
+    answer = ROUND_TWO_INPUTS[name]
+    start = time.perf_counter()
+    assert r1_zero_reward_fn(wrap(answer), "1")["answer_reward"] == 0.0
+    assert question_only_reward_fn(answer, "1")["answer_reward"] == 0.0
+    assert time.perf_counter() - start < 1.5
+
+
 def test_moderate_nesting_below_the_caps_still_grades():
     # 30 levels of parentheses around 1 is 1 (hand check: parentheses do not change a value).
     assert r1_zero_reward_fn(wrap("(" * 30 + "1" + ")" * 30), "1")["answer_reward"] == 1.0

@@ -340,21 +340,21 @@ def test_recipes_carry_their_papers_settings():
     assert set(RECIPES) == {"grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"}
     # DAPO section 3.1: eps_low 0.2, eps_high 0.28; token-level loss; dynamic sampling; overlong 4096 / 20480
     dapo = RECIPES["dapo"]
-    assert (dapo["cliprange_low"], dapo["cliprange_high"], dapo["loss_aggregation"]) == (0.2, 0.28, "token_mean")
+    assert (dapo["cliprange"], dapo["cliprange_high"], dapo["loss_aggregation"]) == (0.2, 0.28, "token_mean")
     assert dapo["dynamic_sampling"] and dapo["overlong_buffer_fraction"] == pytest.approx(4096 / 20480)
     # GSPO section 5.1: 3e-4 / 4e-4
-    assert (RECIPES["gspo"]["cliprange_low"], RECIPES["gspo"]["cliprange_high"]) == (3e-4, 4e-4)
-    assert RECIPES["dr_grpo"]["advantage_std"] == "none" and RECIPES["dr_grpo"]["loss_aggregation"] == "sequence_sum_constant"
-    assert RECIPES["rloo"]["advantage_baseline"] == "leave_one_out" and RECIPES["cispo"]["cliprange_low"] is None
+    assert (RECIPES["gspo"]["cliprange"], RECIPES["gspo"]["cliprange_high"]) == (3e-4, 4e-4)
+    assert RECIPES["dr_grpo"]["advantage_std"] == "none" and RECIPES["dr_grpo"]["loss_aggregation"] == "sequence_sum"
+    assert RECIPES["rloo"]["advantage_baseline"] == "leave_one_out" and RECIPES["cispo"]["cliprange"] is None
     assert RECIPES["grpo"]["kl_coef"] == 0.04  # DeepSeekMath's beta
 
 
 def test_expand_recipe_flags_override():
     values, sources = expand_recipe("dapo", CONFIG, explicit={"cliprange_high", "learning_rate"})
-    assert values["cliprange_low"] == 0.2 and values["loss_aggregation"] == "token_mean"
+    assert values["cliprange"] == 0.2 and values["loss_aggregation"] == "token_mean"
     assert values["cliprange_high"] == "default"  # the user's flag wins
     assert values["learning_rate"] == 1e-6  # not a recipe field: untouched
-    assert sources["cliprange_high"] == "flag" and sources["cliprange_low"] == "recipe dapo"
+    assert sources["cliprange_high"] == "flag" and sources["cliprange"] == "recipe dapo"
     assert expand_recipe(None, CONFIG, set()) == (CONFIG, {})
     with pytest.raises(ValueError, match="unknown recipe 'ppo'"):
         expand_recipe("ppo", CONFIG, set())

@@ -135,7 +135,9 @@ class VLLMGenerator(Generator):
         if self._asleep:
             self.llm.wake_up(tags=["weights"])  # weights must be mapped before they are written
         total = 0
-        for chunk in self._chunks(policy_model.state_dict().items()):
+        from reasontune.lora import merged_weights  # a LoRA policy: base + B A under the base model's names
+
+        for chunk in self._chunks(merged_weights(policy_model)):
             results = self.llm.collective_rpc("reasontune_load_weights", args=(chunk,))
             total += results[0]
         self.llm.reset_prefix_cache()

@@ -14,14 +14,22 @@ from reasontune.rewards.extract import (
     extract_math_answer,
     extract_r1_zero_answer,
 )
-from reasontune.rewards.grading import grade_answer, question_only_reward_fn, r1_zero_reward_fn
+from reasontune.rewards.grading import (
+    answers_equivalent,
+    extract_final_answer,
+    grade_answer,
+    question_only_reward_fn,
+    r1_zero_reward_fn,
+)
 from reasontune.rewards.normalize import normalize_answer
 
 __all__ = [
     "Answer",
+    "answers_equivalent",
     "GradedBatch",
     "answers_match",
     "extract_boxed_answer",
+    "extract_final_answer",
     "extract_gsm8k_answer",
     "extract_math_answer",
     "extract_r1_zero_answer",

@@ -1,8 +1,9 @@
 """Answer equivalence: parse both answers into structures and compare them as a grader would.
 
 ``parse_answer`` turns a normalised answer into an ``Answer`` (a number or expression, an
-equation, an ordered tuple or interval, an unordered solution list or set, a union of
-intervals, a matrix, or text). ``answers_match`` compares two of them. Comparison is exact:
+equation, an ordered tuple or interval, an unordered solution list or set — "3 or 5"
+included —, a union of intervals, an inequality read as a set of reals, a ratio, a matrix,
+or text). ``answers_match`` compares two of them. Comparison is exact:
 rationals are compared as fractions; anything else is first compared numerically at fixed
 sample points, which can only prove a difference, and when the samples agree the decision is
 left to an exact symbolic check supplied by the caller (``exact_equal``) — by default one
@@ -16,9 +17,11 @@ from dataclasses import dataclass
 from fractions import Fraction
 from typing import Callable
 
+from reasontune.rewards import relations
 from reasontune.rewards.normalize import normalize_answer, normalize_text
 from reasontune.rewards.parse import (
     NotRational,
+    numeric_value,
     ParseError,
     Refused,
     parse_expression,
@@ -43,9 +46,16 @@ class Answer:
     """A parsed answer.
 
     ``kind`` is one of ``expr`` (``value`` = tree), ``eq`` (``(lhs, rhs)`` trees), ``seq``
-    (``(open, close, trees)``: tuples and intervals, ordered), ``set`` (trees, unordered),
-    ``union`` (``seq`` values, unordered), ``matrix`` (rows of trees), ``text`` (folded
-    string), ``hedge`` (several candidates offered), ``empty`` or ``refused``.
+    (``(open, close, values)``: tuples and intervals, ordered), ``set`` (values, unordered:
+    comma lists, ``3 or 5``, several boxes), ``union`` (``seq`` values, unordered),
+    ``relation`` (``(variable, intervals)``: a set of reals, see ``relations``), ``reals``
+    (intervals, from ``\\mathbb{R} \\setminus \\{…\\}``), ``assignment`` (``(names, trees)``
+    of ``x = 2, y = 3``), ``ratio``
+    (trees), ``matrix`` (rows of trees), ``text`` (folded string), ``empty`` or ``refused``.
+    Elements of ``seq`` and ``set`` are ``(kind, value)`` pairs of the same kinds.
+    ``equation`` keeps ``(lhs, rhs)`` of a labelled answer such as ``y = 2x+1`` (whose value
+    side is the answer) so that it can still be compared as an equation; ``decimals`` is the
+    number of decimal places when the answer is a single decimal literal (``0.33`` → 2).
     """
 
     kind: str
@@ -53,16 +63,29 @@ class Answer:
     percent: bool
     text: str
     normalized: str = ""
+    equation: tuple | None = None
+    decimals: int | None = None
 
 
-_HEDGE = re.compile(r"\bor\b|\beither\b|\\lor(?![a-zA-Z])|\\vee(?![a-zA-Z])")
+_OR_SEPARATORS = (" or ", "\\lor", "\\vee")
+_EITHER = re.compile(r"^\s*either\s+")
 _CHOICE = re.compile(r"^\(?\s*([A-E])\s*\)?$")
-_GIVEN_CHOICE = re.compile(r"^\(?\s*([A-Ea-e])\s*\)?\.?$")
+_GIVEN_CHOICE = re.compile(r"^(?:\(?\s*([A-Ea-e])\s*\)?\.?|\(\s*([A-E])\s*\)\s+[^A-Za-z()]+)$")
 _MATRIX = re.compile(r"^\\begin\{([pbBvV]?matrix|smallmatrix|array)\}(?:\{[^{}]*\})?(.*)\\end\{\1\}$", re.S)
-_LABEL = re.compile(r"^\s*(?:[a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+)\s*(?:\(\s*[a-zA-Z]?\s*\))?\s*$")
+_BRACKETED_MATRIX = re.compile(r"^[(\[]\s*(\\begin\{(?:array|matrix)\}.*\\end\{(?:array|matrix)\})\s*[)\]]$", re.S)
+# What a label may be: ``x``, ``x_1``, ``\theta``, ``f(x)``, ``(p, q)``, ``\angle ABC``; and
+# names built from letters alone such as ``AB``, ``\frac{AB}{CD}``, ``V_1:V_2`` (see is_label).
+_SYMBOL = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:'|\\prime)*(?:\^\{?-1\}?)?"
+_LABEL = re.compile(
+    rf"^\s*(?:{_SYMBOL}\s*(?:\(\s*[a-zA-Z0-9,.\s+-]*\))?|\(\s*{_SYMBOL}(?:\s*,\s*{_SYMBOL})+\s*\)"
+    r"|(?:m\s*)?\\(?:angle|triangle|measuredangle)\s*[A-Z]{1,3})\s*$"
+)
+_LETTER_NAME = re.compile(r"^(?:[a-zA-Z\s{}/:]|\\frac|\\cdot|_\{?\w+\}?)+$")
 _EMPTY_SET = re.compile(r"^(?:\\emptyset|\\varnothing|\\\{\s*\\\}|\{\s*\})$")
+_DECIMAL = re.compile(r"^[-+]?(\d*)\.(\d+)$")
 _OPENERS = "([{"
 _CLOSERS = ")]}"
+MAX_NESTING = 6
 
 
 def split_top_level(text: str, separators: tuple[str, ...]) -> list[str]:
@@ -103,11 +126,23 @@ def _matching_close(text: str) -> int:
     return -1
 
 
-def _element(text: str) -> list[tuple]:
-    """Return the trees one list element stands for: ``x=3`` → [3]; ``1\\pm 2`` → [3, -1]."""
+def is_label(text: str) -> bool:
+    """Return True when ``text`` names what an answer is (``x``, ``(p,q)``, ``\\frac{AB}{CD}``), not a value."""
+    text = text.strip()
+    if not text or len(text) > 40:
+        return False
+    if _LABEL.match(text):
+        return True
+    # A name made of letters only: AB, \frac{AB}{CD}, V_1:V_2 (no digits outside subscripts, no + - ^).
+    letters = sum(char.isalpha() for char in text.replace("\\frac", "").replace("\\cdot", ""))
+    return _LETTER_NAME.match(text) is not None and letters >= 2
+
+
+def _element(text: str, depth: int) -> list[tuple]:
+    """Return the values one list element stands for: ``x=3`` → [3]; ``1\\pm 2`` → [3, -1]."""
     parts = split_top_level(text, ("=",))
     if len(parts) > 1:
-        if not _LABEL.match(parts[0]):
+        if not is_label(parts[0]):
             raise ParseError("equation inside a list")
         text = parts[-1]
     for sign in ("\\pm", "\\mp"):
@@ -115,57 +150,187 @@ def _element(text: str) -> list[tuple]:
             plus, minus = text.replace(sign, "+", 1), text.replace(sign, "-", 1)
             if sign == "\\mp":
                 plus, minus = minus, plus
-            return _element(plus) + _element(minus)
-    return [parse_expression(text)]
+            return _element(plus, depth) + _element(minus, depth)
+    if _is_structure(text):
+        return [_structure(text, depth + 1)]
+    return [("expr", parse_expression(text))]
 
 
-def _elements(parts: list[str]) -> tuple:
+def _is_structure(text: str) -> bool:
+    """Return True when a list element is itself a tuple, interval, set or matrix (not an expression)."""
+    if text.startswith("\\{") or text.startswith("\\begin"):
+        return True
+    if text[:1] in "([" and _matching_close(text) == len(text) - 1:
+        inner = text[1:-1]
+        return len(split_top_level(inner, (",",))) > 1 or len(split_top_level(inner, (";",))) > 1
+    return False
+
+
+def _elements(parts: list[str], depth: int) -> tuple:
     if len(parts) > MAX_ITEMS:
         raise Refused("too many elements")
-    trees: list[tuple] = []
+    values: list[tuple] = []
     for part in parts:
-        trees.extend(_element(part))
-    return tuple(trees)
+        if not part:
+            raise ParseError("an empty element")
+        values.extend(_element(part, depth))
+    return tuple(values)
 
 
-def _structure(text: str) -> tuple[str, object]:
+_NAME = re.compile(r"^\s*([a-zA-Z](?:_\{?\w+\}?)?|\\[a-zA-Z]+)\s*$")
+
+
+def _assignment(parts: list[str]) -> tuple | None:
+    """Return ``(names, trees)`` sorted by name for ``x = 2, y = 3`` (distinct names), else None.
+
+    Such an answer is the tuple of its values in the order of the names, so it equals
+    ``(2, 3)``; one name given several values (``x=3, x=5``) is a list of solutions instead.
+    """
+    pairs = []
+    for part in parts:
+        sides = split_top_level(part, ("=",))
+        name = _NAME.match(sides[0]) if len(sides) == 2 else None
+        if name is None or "\\pm" in sides[1] or "\\mp" in sides[1]:
+            return None
+        pairs.append((name.group(1), sides[1]))
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names) or len(names) > MAX_ITEMS:
+        return None
+    pairs.sort()
+    try:
+        return tuple(names_ for names_, _ in pairs), tuple(parse_expression(value) for _, value in pairs)
+    except (ParseError, RecursionError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _trees(values: tuple) -> tuple:
+    """Return the trees of ``values`` (matrix cells hold plain expressions only)."""
+    if any(kind != "expr" for kind, _ in values):
+        raise ParseError("a nested structure where an expression belongs")
+    return tuple(tree for _, tree in values)
+
+
+def _relation(text: str) -> tuple[str, tuple]:
+    """Return ``("relation", (variable, intervals))`` for ``x<1 or x>3``, ``0<x\\le 2``, ``x \\ne 0``."""
+    variable, intervals = None, []
+    for piece in split_top_level(text, _OR_SEPARATORS + ("\\cup",)):
+        piece_set = None
+        for link in split_top_level(piece, (" and ", "\\land", "\\wedge")):
+            name, link_set = relations.relation_set(link)
+            if variable not in (None, name):
+                raise ParseError("a relation in two variables")
+            variable = name
+            link_set = relations.canonical(link_set)
+            piece_set = link_set if piece_set is None else relations.intersect(piece_set, link_set)
+        intervals.extend(piece_set)
+    return "relation", (variable, relations.canonical(tuple(intervals)))
+
+
+def _without_points(whole: str, points: str, depth: int) -> tuple[str, tuple]:
+    """Return ``("reals", intervals)`` of ``\\mathbb{R} \\setminus \\{-1\\}``: a set of reals less finitely many points."""
+    kind, value = _structure(whole, depth + 1)
+    reals = _as_real_set(kind, value)
+    point_kind, point_values = _structure(points, depth + 1)
+    if reals is None or point_kind != "set" or any(item[0] != "expr" for item in point_values):
+        raise ParseError("a difference that is not reals less points")
+    intervals = list(reals)
+    for _, point in point_values:
+        where = relations.end_value(point)
+        split = []
+        for low, low_closed, high, high_closed in intervals:
+            if relations.end_value(low) <= where <= relations.end_value(high):
+                split += [(low, low_closed, point, False), (point, False, high, high_closed)]
+            else:
+                split.append((low, low_closed, high, high_closed))
+        intervals = split
+    return "reals", relations.canonical(tuple(intervals))
+
+
+def _structure(text: str, depth: int = 0) -> tuple[str, object]:
     """Return ``(kind, value)`` of a normalised answer; raise ParseError when it has none."""
+    if depth > MAX_NESTING:
+        raise Refused("nested too deeply")
+    text = text.strip()
     if _EMPTY_SET.match(text):
         return "set", ()
+    bracketed = _BRACKETED_MATRIX.match(text)
+    if bracketed is not None:
+        text = bracketed.group(1)
     matrix = _MATRIX.match(text)
     if matrix is not None:
         rows = [row for row in matrix.group(2).split("\\\\") if row.strip()]
         if len(rows) > MAX_ITEMS:
             raise Refused("matrix too large")
-        return "matrix", tuple(_elements([cell.strip() for cell in row.split("&")]) for row in rows)
+        return "matrix", tuple(_trees(_elements([cell.strip() for cell in row.split("&")], depth)) for row in rows)
+    if text.startswith("\\{") and text.endswith("\\}"):
+        builder = split_top_level(text[2:-2], ("\\mid", "|", ":"))
+        if len(builder) == 2 and relations.has_relation(builder[1]):
+            return _relation(builder[1])  # set-builder notation: \{x \mid x > 2\}
+    if relations.has_relation(text):
+        return _relation(text)
+    removed = split_top_level(text, ("\\setminus", "\\backslash"))
+    if len(removed) == 2:
+        return _without_points(removed[0], removed[1], depth)
     unions = split_top_level(text, ("\\cup", "\\sqcup"))
     if len(unions) > 1:
-        intervals = []
-        for part in unions:
-            kind, value = _structure(part)
-            if kind != "seq" or len(value[2]) != 2:
-                raise ParseError("a union of something other than intervals")
-            intervals.append(value)
-        return "union", tuple(intervals)
-    if text.startswith("\\{") and text.endswith("\\}"):
+        parts = [_structure(part, depth + 1) for part in unions]
+        if all(kind == "set" for kind, _ in parts):
+            # \{1, 2\} \cup \{3\}: one finite set (repeated elements counted once).
+            merged: list[tuple] = []
+            for _, items in parts:
+                merged.extend(item for item in items if item not in merged)
+            return "set", tuple(merged)
+        if any(kind != "seq" or len(value[2]) != 2 for kind, value in parts):
+            raise ParseError("a union of something other than intervals")
+        return "union", tuple(value for _, value in parts)
+    if text.startswith("\\{") and text.endswith("\\}") and _matching_close(text[1:]) == len(text) - 2:
         inner = text[2:-2]
-        return "set", _elements(split_top_level(inner, (",", ";")) if inner.strip() else [])
+        return "set", _elements(split_top_level(inner, (",", ";")) if inner.strip() else [], depth)
+    alternatives = split_top_level(_EITHER.sub("", text), _OR_SEPARATORS)
+    if len(alternatives) > 1:
+        # "3 or 5": several answers, graded as the set of them (so never as one of them).
+        return "set", _elements(alternatives, depth)
     if text[:1] in "([" and _matching_close(text) == len(text) - 1:
         parts = split_top_level(text[1:-1], (",",))
+        if len(parts) == 1:
+            parts = split_top_level(text[1:-1], (";",))
         if len(parts) > 1:
-            return "seq", (text[0], text[-1], _elements(parts))
-    parts = split_top_level(text, (",", ";", " and ", "\\text{and}"))
+            return "seq", (text[0], text[-1], _elements(parts, depth))
+    parts = split_top_level(text, (",", ";", " and "))
     if len(parts) > 1:
-        return "set", _elements(parts)
+        assignment = _assignment(parts)
+        return ("assignment", assignment) if assignment is not None else ("set", _elements(parts, depth))
     sides = split_top_level(text, ("=",))
-    if len(sides) > 1 and not _LABEL.match(sides[0]):
+    if len(sides) > 1 and not is_label(sides[0]):
         if len(sides) != 2:
             raise ParseError("a chain of equations")
         return "eq", (parse_expression(sides[0]), parse_expression(sides[1]))
     if len(sides) > 1 and "\\pm" not in sides[-1] and "\\mp" not in sides[-1]:
-        return _structure(sides[-1])
-    trees = _element(text)
-    return ("expr", trees[0]) if len(trees) == 1 else ("set", tuple(trees))
+        return _structure(sides[-1], depth + 1)
+    ratio = split_top_level(text, (":",))
+    if len(ratio) > 1:
+        if len(ratio) > MAX_ITEMS:
+            raise Refused("too many ratio terms")
+        return "ratio", tuple(parse_expression(part) for part in ratio)
+    values = _element(text, depth)
+    return values[0] if len(values) == 1 else ("set", tuple(values))
+
+
+def _labelled_equation(text: str) -> tuple | None:
+    """Return ``(lhs, rhs)`` trees of a labelled answer ``y = 2x + 1``, or None."""
+    sides = split_top_level(text, ("=",))
+    if len(sides) != 2 or not is_label(sides[0]) or "," in sides[0] or ":" in sides[0]:
+        return None
+    try:
+        return parse_expression(sides[0]), parse_expression(sides[1])
+    except (ParseError, RecursionError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _decimals(text: str) -> int | None:
+    """Return the decimal places of an answer that is one decimal literal (``x = 0.33`` → 2), else None."""
+    match = _DECIMAL.match(split_top_level(text, ("=",))[-1].strip())
+    return None if match is None else len(match.group(2))
 
 
 def parse_answer(raw: str) -> Answer:
@@ -177,15 +342,13 @@ def parse_answer(raw: str) -> Answer:
     folded = normalize_text(text)
     if not text:
         return Answer("empty", None, percent, "")
-    if _HEDGE.search(text):
-        return Answer("hedge", None, percent, folded, text)
     try:
         kind, value = _structure(text)
     except Refused:
         return Answer("refused", None, percent, folded, text)
-    except (ParseError, RecursionError, ValueError, ZeroDivisionError):
+    except (ParseError, RecursionError, ValueError, ZeroDivisionError, OverflowError):
         return Answer("text", folded, percent, folded, text)
-    return Answer(kind, value, percent, folded, text)
+    return Answer(kind, value, percent, folded, text, _labelled_equation(text), _decimals(text))
 
 
 # ---------------------------------------------------------------------------------------
@@ -263,10 +426,6 @@ def _scaled(tree: tuple, percent: bool) -> list[tuple]:
     return [tree, ("div", tree, ("num", Fraction(100)))] if percent else [tree]
 
 
-def _items_equal(left: tuple, right: tuple, exact_equal: ExactEqual) -> bool:
-    return len(left) == len(right) and all(trees_equal(a, b, exact_equal) for a, b in zip(left, right))
-
-
 def _unordered_equal(left: tuple, right: tuple, equal: Callable[[object, object], bool]) -> bool:
     if len(left) != len(right):
         return False
@@ -281,8 +440,205 @@ def _unordered_equal(left: tuple, right: tuple, equal: Callable[[object, object]
     return True
 
 
+def _items_equal(left: tuple, right: tuple, exact_equal: ExactEqual) -> bool:
+    return len(left) == len(right) and all(trees_equal(a, b, exact_equal) for a, b in zip(left, right))
+
+
 def _seq_equal(left: tuple, right: tuple, exact_equal: ExactEqual) -> bool:
-    return left[0] == right[0] and left[1] == right[1] and _items_equal(left[2], right[2], exact_equal)
+    return (
+        left[0] == right[0] and left[1] == right[1] and len(left[2]) == len(right[2])
+        and all(values_equal(a, b, exact_equal) for a, b in zip(left[2], right[2]))
+    )
+
+
+def _as_real_set(kind: str, value: object) -> tuple | None:
+    """Return the canonical interval set of an interval, a union of intervals or a relation, else None."""
+    try:
+        if kind == "relation":
+            return value[1]
+        if kind == "reals":
+            return value
+        if kind == "seq" and len(value[2]) == 2 and all(item[0] == "expr" for item in value[2]):
+            return relations.canonical((_seq_interval(value),))
+        if kind == "union":
+            return relations.canonical(tuple(_seq_interval(item) for item in value))
+    except (ParseError, ValueError):
+        return None
+    return None
+
+
+def _seq_interval(seq: tuple) -> tuple:
+    """Return the interval of ``(a, b]``-style seq ``seq``; raise ParseError when it is no interval."""
+    opening, closing, items = seq
+    if len(items) != 2 or items[0][0] != "expr" or items[1][0] != "expr":
+        raise ParseError("not an interval")
+    low, high = items[0][1], items[1][1]
+    if relations.end_value(low) >= relations.end_value(high):
+        raise ParseError("an interval whose ends are out of order")
+    return relations.interval(low, opening == "[", high, closing == "]")
+
+
+def _ratio_equal(left: tuple, right: tuple, exact_equal: ExactEqual) -> bool:
+    """Return True when two ratios ``a:b:c`` are proportional (cross products equal)."""
+    if len(left) != len(right):
+        return False
+    return all(
+        trees_equal(("mul", (left[index], right[0])), ("mul", (right[index], left[0])), exact_equal)
+        for index in range(1, len(left))
+    )
+
+
+def _difference(equation: tuple) -> tuple:
+    return ("add", (equation[0], ("neg", equation[1])))
+
+
+def equations_equal(left: tuple, right: tuple, exact_equal: ExactEqual) -> bool:
+    """Return True when two equations ``(lhs, rhs)`` are the same up to rearrangement and a non-zero factor.
+
+    ``2x + 4y - 3 = 0`` equals ``y = -x/2 + 3/4``: the differences ``lhs - rhs`` are
+    proportional. The factor is read off sample points and must be a rational number; the
+    final check is exact.
+    """
+    first, second = _difference(left), _difference(right)
+    if trees_equal(first, second, exact_equal) or trees_equal(first, ("neg", second), exact_equal):
+        return True
+    names = sorted((symbols_of(first) | symbols_of(second)) - {"i", "e"})
+    if not names:
+        return False
+    try:
+        check_exponents(first)
+        check_exponents(second)
+        ratios = [a / b for a, b in zip(sample_values(first, names), sample_values(second, names))]
+    except (ArithmeticError, ValueError, KeyError, TypeError, Refused, ParseError):
+        return False
+    factor = ratios[0]
+    if abs(factor.imag) > 1e-12 or abs(factor) < 1e-12 or abs(factor) > 1e12:
+        return False
+    if any(abs(ratio - factor) > 1e-9 * abs(factor) for ratio in ratios):
+        return False
+    scale = Fraction(factor.real).limit_denominator(10_000)
+    if scale == 0 or abs(float(scale) - factor.real) > 1e-9 * abs(factor.real):
+        return False
+    return trees_equal(first, ("mul", (("num", scale), second)), exact_equal)
+
+
+def _rounds_to(exact: tuple, decimal: tuple, places: int) -> bool:
+    """Return True when the exact value ``exact`` rounds to the decimal literal ``decimal`` at ``places``.
+
+    ``\\frac{1}{3}`` rounds to 0.33 and to 0.333, ``\\pi`` to 3.14; never 0.34. The decimal
+    must carry at least two significant digits, and the exact side must be a constant.
+    """
+    if places > 12 or symbols_of(exact) - {"e"}:
+        return False
+    try:
+        written = rational_value(decimal)
+    except (NotRational, ParseError, Refused):
+        return False
+    digits = str(abs(written.numerator * 10**places // written.denominator)).lstrip("0")
+    if len(digits) < 2:
+        return False
+    half_step = Fraction(1, 2 * 10**places)
+    try:
+        return abs(rational_value(exact) - written) <= half_step
+    except NotRational:
+        pass
+    except (ParseError, Refused, ZeroDivisionError, OverflowError):
+        return False
+    try:
+        check_exponents(exact)
+        value = numeric_value(exact, {})
+    except (ArithmeticError, ValueError, KeyError, TypeError, Refused, ParseError):
+        return False
+    if abs(value.imag) > 1e-12 or abs(value.real) > 1e6:
+        return False
+    # Strictly inside the rounding interval, with room for floating-point error at its edges.
+    return abs(value.real - float(written)) < float(half_step) * (1 - 1e-6)
+
+
+def _assignment_equal(left: tuple, right: tuple, exact_equal: ExactEqual) -> bool:
+    """Return True when ``x=2, y=3`` equals the other side: the same names and values, the tuple
+    ``(2, 3)`` of its values in name order, or the set of its values."""
+    assignment, other = (left[1], right) if left[0] == "assignment" else (right[1], left)
+    names, trees = assignment
+    kind, value = other
+    if kind == "assignment":
+        return value[0] == names and _items_equal(trees, value[1], exact_equal)
+    if kind == "seq" and value[0] == "(":
+        return len(value[2]) == len(trees) and all(
+            values_equal(("expr", tree), item, exact_equal) for tree, item in zip(trees, value[2])
+        )
+    if kind == "set":
+        return _unordered_equal(tuple(("expr", tree) for tree in trees), value, lambda a, b: values_equal(a, b, exact_equal))
+    return False
+
+
+def values_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_symbolic) -> bool:
+    """Return True when two ``(kind, value)`` structures are equal (elements of tuples and sets)."""
+    (left_kind, left_value), (right_kind, right_value) = left, right
+    kinds = {left_kind, right_kind}
+    if kinds == {"expr"}:
+        return trees_equal(left_value, right_value, exact_equal)
+    if kinds == {"eq"}:
+        return equations_equal(left_value, right_value, exact_equal)
+    if kinds == {"set"}:
+        return _unordered_equal(left_value, right_value, lambda a, b: values_equal(a, b, exact_equal))
+    if kinds == {"ratio"}:
+        return _ratio_equal(left_value, right_value, exact_equal)
+    if kinds == {"ratio", "expr"}:
+        ratio = left_value if left_kind == "ratio" else right_value
+        single = right_value if left_kind == "ratio" else left_value
+        return len(ratio) == 2 and trees_equal(("div", ratio[0], ratio[1]), single, exact_equal)
+    if kinds == {"matrix"}:
+        return len(left_value) == len(right_value) and all(
+            _items_equal(a, b, exact_equal) for a, b in zip(left_value, right_value)
+        )
+    if kinds == {"matrix", "seq"}:
+        matrix = left_value if left_kind == "matrix" else right_value
+        seq = left_value if left_kind == "seq" else right_value
+        # A column or row vector equals the tuple of its entries.
+        entries = tuple(row[0] for row in matrix) if all(len(row) == 1 for row in matrix) else (
+            matrix[0] if len(matrix) == 1 else None
+        )
+        return (
+            entries is not None and seq[0] == "(" and len(entries) == len(seq[2])
+            and all(values_equal(("expr", a), b, exact_equal) for a, b in zip(entries, seq[2]))
+        )
+    if "assignment" in kinds:
+        return _assignment_equal(left, right, exact_equal)
+    if kinds == {"seq"} and _seq_equal(left_value, right_value, exact_equal):
+        return True
+    if kinds == {"union"} and _unordered_equal(left_value, right_value, lambda a, b: _seq_equal(a, b, exact_equal)):
+        return True
+    if kinds <= {"seq", "union", "relation", "reals"}:
+        if kinds == {"relation"} and left_value[0] != right_value[0]:
+            return False  # x < 5 and y < 5 name different unknowns
+        left_set, right_set = _as_real_set(left_kind, left_value), _as_real_set(right_kind, right_value)
+        if left_set is None or right_set is None or (kinds == {"seq"}):
+            return False
+        return relations.sets_equal(left_set, right_set, lambda a, b: trees_equal(a, b, exact_equal))
+    return False
+
+
+def _expressions_match(given: Answer, truth: Answer, exact_equal: ExactEqual) -> bool:
+    """Return True when two single expressions match: exactly, through a percent sign, or by rounding."""
+    if given.percent == truth.percent:
+        readings = [(given.value, given.decimals, truth.value, truth.decimals)]
+    else:
+        # One side has a percent sign: 50\% matches both 50 and 0.5.
+        marked, plain = (given, truth) if given.percent else (truth, given)
+        places = None if marked.decimals is None else marked.decimals + 2
+        readings = [(marked.value, marked.decimals, plain.value, plain.decimals),
+                    (_scaled(marked.value, True)[1], places, plain.value, plain.decimals)]
+    for left, left_places, right, right_places in readings:
+        if trees_equal(left, right, exact_equal):
+            return True
+    for left, left_places, right, right_places in readings:
+        # A rounded decimal against an exact value, never two decimals against each other.
+        if (left_places is None) != (right_places is None):
+            exact, decimal, places = (right, left, left_places) if left_places is not None else (left, right, right_places)
+            if _rounds_to(exact, decimal, places):
+                return True
+    return False
 
 
 def answers_match(given: Answer, truth: Answer, exact_equal: ExactEqual = defer_to_symbolic) -> bool:
@@ -295,45 +651,27 @@ def answers_match(given: Answer, truth: Answer, exact_equal: ExactEqual = defer_
         return False
     if given.text and given.text == truth.text and given.percent == truth.percent:
         return True
-    if given.kind == "hedge" or truth.kind == "hedge":
-        return False
     choice = _CHOICE.match(truth.normalized)
     if choice is not None:
         # A multiple-choice reference: (B), B and \\text{(B)} all name the same letter.
         given_choice = _GIVEN_CHOICE.match(given.normalized)
-        return given_choice is not None and given_choice.group(1).upper() == choice.group(1)
+        letter = None if given_choice is None else (given_choice.group(1) or given_choice.group(2))
+        return letter is not None and letter.upper() == choice.group(1)
     kinds = {given.kind, truth.kind}
-    if kinds == {"expr"}:
-        if given.percent == truth.percent:
-            return trees_equal(given.value, truth.value, exact_equal)
-        # One side has a percent sign: 50\\% matches both 50 and 0.5.
-        readings = _scaled(given.value, given.percent) if given.percent else _scaled(truth.value, True)
-        other = truth.value if given.percent else given.value
-        return any(trees_equal(reading, other, exact_equal) for reading in readings)
-    if kinds == {"eq"}:
-        left = ("add", (given.value[0], ("neg", given.value[1])))
-        right = ("add", (truth.value[0], ("neg", truth.value[1])))
-        return trees_equal(left, right, exact_equal) or trees_equal(left, ("neg", right), exact_equal)
-    if kinds == {"seq"}:
-        return _seq_equal(given.value, truth.value, exact_equal)
-    if kinds == {"set"}:
-        return _unordered_equal(given.value, truth.value, lambda a, b: trees_equal(a, b, exact_equal))
+    if kinds == {"expr"} and _expressions_match(given, truth, exact_equal):
+        return True
     if kinds == {"set", "expr"}:
         items = given.value if given.kind == "set" else truth.value
         single = truth.value if given.kind == "set" else given.value
-        return len(items) == 1 and trees_equal(items[0], single, exact_equal)
-    if kinds == {"union"}:
-        return _unordered_equal(given.value, truth.value, lambda a, b: _seq_equal(a, b, exact_equal))
-    if kinds == {"matrix"}:
-        return len(given.value) == len(truth.value) and all(
-            _items_equal(a, b, exact_equal) for a, b in zip(given.value, truth.value)
-        )
-    if kinds == {"matrix", "seq"}:
-        matrix = given.value if given.kind == "matrix" else truth.value
-        seq = given.value if given.kind == "seq" else truth.value
-        # A column or row vector equals the tuple of its entries.
-        entries = tuple(row[0] for row in matrix) if all(len(row) == 1 for row in matrix) else (
-            matrix[0] if len(matrix) == 1 else None
-        )
-        return entries is not None and seq[0] == "(" and _items_equal(entries, seq[2], exact_equal)
+        # Several answers never match one value: no credit for hedging.
+        return len(items) == 1 and values_equal(items[0], ("expr", single), exact_equal)
+    if kinds != {"expr"} and "text" not in kinds and values_equal((given.kind, given.value), (truth.kind, truth.value), exact_equal):
+        return True
+    # An equation against a labelled answer (y = 2x + 1 against 2x - y + 1 = 0), or two labelled ones.
+    given_equation = given.value if given.kind == "eq" else given.equation
+    truth_equation = truth.value if truth.kind == "eq" else truth.equation
+    if given_equation is not None and truth_equation is not None and "eq" in kinds | {
+        "eq" if given.equation is not None and truth.equation is not None else ""
+    }:
+        return equations_equal(given_equation, truth_equation, exact_equal)
     return False

@@ -54,16 +54,8 @@ def _find_last_box(text: str) -> int:
     return best
 
 
-def extract_boxed_answer(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | None:
-    """Return the contents of the last ``\\boxed{…}`` (or ``\\fbox{…}``) in ``text``, or None.
-
-    Braces are matched, so ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``; ``\\boxed 5``
-    gives ``5``. None when there is no box, its braces never close, or its contents exceed
-    ``max_chars`` characters (the scan stops there rather than reading on).
-    """
-    position = _find_last_box(text)
-    if position < 0:
-        return None
+def _box_at(text: str, position: int, max_chars: int) -> tuple[str, int] | None:
+    """Return ``(contents, end)`` of the box command at ``position``, or None when it never closes."""
     command = "\\boxed" if text.startswith("\\boxed", position) else "\\fbox"
     index = position + len(command)
     while index < len(text) and text[index] == " ":
@@ -74,7 +66,7 @@ def extract_boxed_answer(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | 
         # ``\boxed 5``: the argument runs to the next ``$`` or end of line.
         match = re.match(r"[^$\n]*", text[index : index + max_chars + 1])
         argument = match.group(0).strip()
-        return argument if argument and len(argument) <= max_chars else None
+        return (argument, index + match.end()) if argument and len(argument) <= max_chars else None
     depth = 0
     limit = min(len(text), index + max_chars + 2)
     for cursor in range(index, limit):
@@ -84,8 +76,52 @@ def extract_boxed_answer(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | 
         elif char == "}":
             depth -= 1
             if depth == 0:
-                return text[index + 1 : cursor]
+                return text[index + 1 : cursor], cursor + 1
     return None
+
+
+def extract_boxed_answer(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | None:
+    """Return the contents of the last ``\\boxed{…}`` (or ``\\fbox{…}``) in ``text``, or None.
+
+    Braces are matched, so ``\\boxed{\\frac{1}{2}}`` gives ``\\frac{1}{2}``; ``\\boxed 5``
+    gives ``5``. None when there is no box, its braces never close, or its contents exceed
+    ``max_chars`` characters (the scan stops there rather than reading on).
+    """
+    position = _find_last_box(text)
+    if position < 0:
+        return None
+    box = _box_at(text, position, max_chars)
+    return None if box is None else box[0]
+
+
+# What may stand between boxes that together state one answer: ``\boxed{3}, \boxed{5}``.
+_BOX_JOINER = re.compile(r"^(?:\s|,|;|\$|\\quad|\\qquad|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b|\\[,;!])*$")
+
+
+def extract_boxed_answers(text: str, max_chars: int = MAX_ANSWER_CHARS, max_boxes: int = 16) -> list[str]:
+    """Return the contents of the last box and of the boxes just before it that join it into one answer.
+
+    Boxes join when only separators stand between them (spaces, commas, ``and``, ``or``,
+    ``$``): ``\\boxed{3} and \\boxed{5}`` gives ``["3", "5"]``; ``\\boxed{4}, no wait, \\boxed{5}``
+    gives ``["5"]``. Empty when there is no complete box. At most ``max_boxes`` are read.
+    """
+    boxes: list[str] = []
+    end = len(text)
+    next_start = None
+    while len(boxes) < max_boxes:
+        position = _find_last_box(text[:end]) if end < len(text) else _find_last_box(text)
+        if position < 0:
+            break
+        box = _box_at(text, position, max_chars)
+        if box is None:
+            break
+        contents, box_end = box
+        gap = text[box_end:next_start] if next_start is not None else ""
+        if next_start is not None and (len(gap) > 40 or not _BOX_JOINER.match(gap)):
+            break
+        boxes.append(contents)
+        next_start, end = position, position
+    return boxes[::-1]
 
 
 def extract_gsm8k_answer(solution: str) -> str | None:

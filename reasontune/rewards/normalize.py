@@ -8,19 +8,47 @@ from __future__ import annotations
 
 import re
 
-from reasontune.rewards.extract import MAX_ANSWER_CHARS, extract_boxed_answer
+from reasontune.rewards.extract import MAX_ANSWER_CHARS, extract_boxed_answers
 
 # Commands that only change how something looks.
 _DROP_COMMANDS = re.compile(
     r"\\(?:left|right|bigl|bigr|Bigl|Bigr|biggl|biggr|big|Big|bigg|Bigg|displaystyle|textstyle"
-    r"|scriptstyle|limits|nolimits|mathstrut|strut|phantom\{[^{}]*\})(?![a-zA-Z])"
+    r"|scriptstyle|limits|nolimits|mathstrut|strut|therefore|because|phantom\{[^{}]*\})(?![a-zA-Z])"
 )
 _THIN_SPACING = re.compile(r"(?<!\\)\\(?:,|!|;|:|>|thinspace|medspace|thickspace)")
 _SPACING = re.compile(r"\\(?:quad|qquad|enspace|hspace\{[^{}]*\})|~|(?<!\\)\\ ")
-_UNICODE = str.maketrans({"−": "-", "–": "-", "×": "*", "·": "*", "÷": "/", "π": "\\pi ", "∞": "\\infty "})
+_UNICODE = str.maketrans({
+    "−": "-", "–": "-", "×": "*", "·": "*", "÷": "/", "π": "\\pi ", "∞": "\\infty ", "²": "^2", "³": "^3",
+    "≤": "\\le ", "≥": "\\ge ", "≠": "\\ne ", "≈": "\\approx ", "∪": "\\cup ", "∈": "\\in ", "√": "\\sqrt ",
+    "€": " ", "£": " ", "¥": " ", "₹": " ", "\u00a0": " ", "\u2009": "", "\u202f": "",
+})
 _TEXT_COMMANDS = re.compile(
-    r"\\(?:text|textbf|textit|textrm|textsf|texttt|mbox|mathrm|mathbf|mathit|mathsf|mathtt|mathnormal"
-    r"|operatorname|emph|textnormal|hbox)\s*\{([^{}]*)\}"
+    r"\\(?:text|textbf|textit|textrm|textsf|texttt|textup|mbox|mathrm|mathbf|mathit|mathsf|mathtt|mathnormal"
+    r"|mathcal|mathscr|mathfrak|boldsymbol|bm|operatorname|emph|textnormal|hbox)\s*\{([^{}]*)\}"
+)
+# JSON-escaped LaTeX: ``\\frac`` written with a doubled backslash.
+_DOUBLED_BACKSLASH = re.compile(
+    r"\\(?=\\(?:frac|dfrac|tfrac|sqrt|pi|infty|left|right|cdot|times|text|mathrm|mathbf|boxed|le|ge|leq|geq"
+    r"|neq|ne|lt|gt|cup|in|pm|mp|sin|cos|tan|log|ln|theta|alpha|beta|circ|approx|begin|end|binom|over)(?![a-zA-Z]))"
+)
+_TRAILING_BACKSLASH = re.compile(r"(?<!\\)(?:\\\\|\\)\s*$")
+_REALS = re.compile(r"\\mathbb\s*\{?\s*R\s*\}?|ℝ|(?:\\text\s*\{\s*)?\ball real numbers\b(?:\s*\})?", re.I)
+_CURRENCY = re.compile(r"\\(?:euro|EUR|pounds|textdollar|textsterling|texteuro|yen)(?![a-zA-Z])|\b(?:USD|EUR|GBP)\b")
+# A unit in a text command after a number (5\text{ m}^2, 10\,\mathrm{kg}) or a known unit symbol
+# with a power sign (5 m²): removed whatever its length, since it follows a number.
+_TEXT_UNIT = re.compile(
+    r"(?<=[\d})])\s*\\(?:text|mathrm|textrm|mbox|operatorname)\s*\{\s*[a-zA-Z]{1,12}(?:\s*/\s*[a-zA-Z]{1,6})?\.?\s*\}"
+    r"(?:\s*\^\s*\{?\s*[23]\s*\}?)?[\s.]*$"
+)
+_UNIT_SYMBOL = re.compile(r"(?<=\d)\s*(?:mm|cm|km|m|g|kg|mg|L|mL|s|ms|h|ft|in|yd|mi)\s*\^\s*\{?[23]\}?\s*$")
+_SPACE_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?![\d,]|\s*\d)")
+_RELATION_WORDS = (
+    (re.compile(r"\\(?:leq|leqslant|le)(?![a-zA-Z])|<="), "\\le "),
+    (re.compile(r"\\(?:geq|geqslant|ge)(?![a-zA-Z])|>="), "\\ge "),
+    (re.compile(r"\\(?:neq|ne)(?![a-zA-Z])|!=|=/="), "\\ne "),
+    (re.compile(r"\\lt(?![a-zA-Z])"), "<"),
+    (re.compile(r"\\gt(?![a-zA-Z])"), ">"),
+    (re.compile(r"\\approx(?![a-zA-Z])|\\simeq(?![a-zA-Z])|\\doteq(?![a-zA-Z])"), "="),
 )
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree(?![a-zA-Z])|\^\s*\{\s*o\s*\}")
 _PERCENT = re.compile(r"\\%|%|\\text\{\s*percent\s*\}|\bpercent\b")
@@ -87,16 +115,24 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
     """
     if len(text) > MAX_ANSWER_CHARS:
         return None
+    text = _DOUBLED_BACKSLASH.sub("", text)
     if "\\boxed" in text or "\\fbox" in text:
-        boxed = extract_boxed_answer(text)
-        if boxed is not None:
-            text = boxed
+        boxes = extract_boxed_answers(text)
+        if boxes:
+            text = ", ".join(boxes) if len(boxes) > 1 else boxes[0]
+    text = _TRAILING_BACKSLASH.sub("", text)  # a cut-off command or a line break after the answer
+    text = _CURRENCY.sub(" ", text)
     text = _DOLLAR.sub(" ", text)
     text = _DROP_COMMANDS.sub("", text)
     text = text.translate(_UNICODE)
     text = _THIN_SPACING.sub("", text)  # 1\\,000 is one thousand
     text = _SPACING.sub(" ", text)
     text = _DEGREES.sub(" ", text)
+    text = _REALS.sub("(-\\\\infty,\\\\infty)", text)
+    for pattern, replacement in _RELATION_WORDS:
+        text = pattern.sub(lambda _, spelled=replacement: spelled, text)
+    text = _TEXT_UNIT.sub("", text)
+    text = _UNIT_SYMBOL.sub("", text)
     had_percent = _PERCENT.search(text) is not None
     if had_percent:
         text = _PERCENT.sub(" ", text)
@@ -111,9 +147,11 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
     text = _IN_PREFIX.sub("", text)
     text = text.replace("\\dots", "").replace("\\ldots", "").replace("\\cdots,", "")
     text = _TRAILING_PUNCT.sub("", text).strip()
+    text = text[1:].strip() if text.startswith("=") and not text.startswith("==") else text  # "= 5" states 5
     text = strip_unit_words(text)
     if not any(char in text for char in "([{"):
         text = _THOUSANDS.sub(lambda match: match.group(0).replace(",", ""), text)
+    text = _SPACE_THOUSANDS.sub(lambda match: match.group(0).replace(" ", ""), text)
     text = re.sub(r"\s+", " ", text).strip()
     return text, had_percent
 

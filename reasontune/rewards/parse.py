@@ -119,6 +119,9 @@ def tokenize(text: str) -> list[tuple]:
                 tokens.append(("const", "inf", space))
             elif name in FUNCTIONS:
                 tokens.append(("func", name, space))
+                if name == "log" and text.startswith("_", index):
+                    tokens.append(("op", "_", False))  # \log_2 8: the base follows
+                    index += 1
             elif name in GREEK:
                 tokens.append(("sym", name, space))
             elif name in ("lvert", "rvert", "vert", "mid"):
@@ -320,11 +323,36 @@ class _Parser:
             self.enter()
             following = self.peek()
             if value == "log" and following is not None and following[0] == "op" and following[1] == "_":
-                raise ParseError("log with a base")
-            argument = self.power()
+                self.take()
+                base = self.primary()
+                argument = self.function_argument()
+                self.depth -= 1
+                return ("div", ("func", "ln", argument), ("func", "ln", base))
+            exponent = None
+            if following is not None and following[0] == "op" and following[1] == "^":
+                # \sin^2 x is (\sin x)^2; \sin^{-1} x is \arcsin x.
+                self.take()
+                exponent = self.primary()
+            argument = self.function_argument()
             self.depth -= 1
-            return ("func", value, argument)
+            if exponent is None:
+                return ("func", value, argument)
+            if exponent == ("neg", ("num", Fraction(1))) and value in ("sin", "cos", "tan"):
+                return ("func", "arc" + value, argument)
+            return ("pow", ("func", value, argument), exponent)
         raise ParseError(f"unexpected {value!r}")
+
+    def function_argument(self) -> tuple:
+        """Parse a function's argument: ``(…)``, or an implicit product such as ``2x`` in ``\\sin 2x``."""
+        node = self.power()
+        following = self.peek()
+        if following is not None and following[0] == "open" or node[0] == "func":
+            return node
+        while (token := self.peek()) is not None and token[0] in ("num", "sym", "const") and not (
+            token[0] == "num" and node_is_number(node)
+        ):
+            node = ("mul", (node, self.power()))
+        return node
 
     def mixed_number(self, whole: Fraction) -> tuple | None:
         """Return the node of a mixed number starting at ``whole`` (``2\\frac{1}{2}``, ``2 1/2``)."""

@@ -61,7 +61,7 @@ def to_sympy(node: tuple) -> sympy.Expr:
         return sympy.Pow(base, exponent)
     if kind == "root":
         radicand, index = to_sympy(node[1]), to_sympy(node[2])
-        if index.is_Integer and index % 2 == 1:
+        if index.is_Integer and index % 2 == 1 and radicand.is_number:
             return sympy.real_root(radicand, index)
         return sympy.Pow(radicand, 1 / index)
     if kind == "fact":

@@ -25,6 +25,7 @@ from reasontune.config import save_config
 from reasontune.data import Example, load_examples
 from reasontune.evaluation import EvalSet, evaluate_sets
 from reasontune.generation import Generator, SamplingOptions, build_generator
+from reasontune.lora import apply_lora, is_peft_model, load_for_resume, save_merged
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import RolloutOptions, TrainerOptions, resolved_dtype
 from reasontune.rollouts import RewardFn
@@ -78,14 +79,25 @@ def start_run(config: TrainerOptions, ctx: distributed.DistributedContext | None
 
 
 def load_policy(config: TrainerOptions, device: torch.device, weights: str | Path | None = None):
-    """Returns (model, tokenizer) of ``weights`` (default: ``config.model``), ready to train (gradient checkpointing as asked)."""
+    """Returns (model, tokenizer) of ``weights`` (default: ``config.model``), ready to train.
+
+    Gradient checkpointing as asked; with ``--lora-rank`` the model gets LoRA adapters on a
+    frozen base (a checkpoint holding an adapter is the base ``config.model`` plus that adapter).
+    """
     source = str(weights) if weights is not None else config.model
     tokenizer = load_tokenizer(source)
-    model = load_model(source, dtype=resolved_dtype(config.dtype, str(device)),
-                       attn_implementation=config.attn_implementation, device=device)
+    dtype = resolved_dtype(config.dtype, str(device))
+    if config.lora_rank and (Path(source) / "adapter_config.json").exists():
+        model = load_for_resume(config.model, source, dtype=dtype, attn_implementation=config.attn_implementation,
+                                device=device)
+    else:
+        model = load_model(source, dtype=dtype, attn_implementation=config.attn_implementation, device=device)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
+    if config.lora_rank and not is_peft_model(model):
+        model = apply_lora(model, config.lora_rank, config.lora_alpha, config.lora_dropout,
+                           config.lora_target_modules, config.lora_trainable_modules or ())
     return model, tokenizer
 
 
@@ -229,14 +241,20 @@ def save_training_checkpoint(run_dir: Path, name: str, model, tokenizer, state: 
                              optimizer=None, ctx: distributed.DistributedContext | None = None) -> Path:
     """Returns the checkpoint directory ``run_dir/name`` after an atomic save of weights, tokenizer, trainer state and config.json.
 
-    With ``optimizer`` the model and optimizer state also go to ``sharded/`` (every rank writes
-    its shard; loadable at any world size), and ``state`` should then not hold the optimizer.
-    Under torchrun every rank calls it; rank 0 writes the shared files and prunes.
+    A LoRA model's checkpoint holds its adapter (PEFT format); its ``final/`` holds the merged
+    full model (loadable by ``from_pretrained`` and vLLM without peft) and the adapter in
+    ``final/adapter/``. With ``optimizer`` the model and optimizer state also go to
+    ``sharded/`` (every rank writes its shard; loadable at any world size), and ``state``
+    should then not hold the optimizer. Under torchrun every rank calls it; rank 0 writes the
+    shared files and prunes.
     """
     is_main = ctx is None or ctx.is_main
-    path = save_checkpoint(run_dir / name, model, tokenizer, state,
-                           {"reasontune_config.json": (run_dir / "config.json").read_text()} if is_main else None,
-                           optimizer=optimizer, ctx=ctx)
+    extra = {"reasontune_config.json": (run_dir / "config.json").read_text()} if is_main else None
+    if name == "final" and is_peft_model(model):
+        path = save_merged(model, tokenizer, run_dir / name)
+        save_checkpoint(path / "adapter", model, tokenizer, state, extra)
+        return path
+    path = save_checkpoint(run_dir / name, model, tokenizer, state, extra, optimizer=optimizer, ctx=ctx)
     if is_main:
         prune_checkpoints(run_dir, keep)
     return path

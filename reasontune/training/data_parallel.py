@@ -130,3 +130,15 @@ def sharded_rollouts(generator: Generator, model: torch.nn.Module, replica: Unsh
                                  grading_workers=grading_workers, examples=mine)
     generator.sleep()
     return merge_rollouts(all_gather_objects(rollouts)) if ctx.is_distributed else rollouts
+
+
+def refuse_what_torchrun_cannot_run(config: Any, ctx: DistributedContext) -> None:
+    """Raises SystemExit naming the option when a trainer's config asks for what does not run data-parallel yet."""
+    if not ctx.is_distributed:
+        return
+    if getattr(config, "backend", "hf") != "hf":
+        raise SystemExit(f"error: --backend {config.backend} does not run under torchrun yet (each rank would start "
+                         "its own engine); use --backend hf, or one process")
+    if getattr(config, "lora_rank", None):
+        raise SystemExit("error: --lora-rank does not run under torchrun yet (FSDP2 sharding of a PEFT model); "
+                         "train the adapter in one process")

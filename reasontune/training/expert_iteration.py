@@ -32,7 +32,8 @@ from reasontune.training.common import (PolicySession, eval_metrics, evaluate_po
                                         evaluation_sets, finish_run, load_policy, load_questions, make_generator,
                                         make_logger, question_batch, restore_training_state, rollout_sampling,
                                         save_training_checkpoint, start_run, trainer_state)
-from reasontune.training.data_parallel import SINGLE_PROCESS, UnshardedReplica, generation_model, record_launch, sharded_rollouts
+from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, generation_model, record_launch,
+                                               refuse_what_torchrun_cannot_run, sharded_rollouts)
 from reasontune.training.sft import SFTConfig, prepare_session, train_sft
 
 
@@ -59,6 +60,7 @@ class ExpertIterationConfig(RolloutOptions, TrainerOptions):
     def validate(self) -> None:
         """Raises SystemExit naming the option when a value cannot work."""
         problems = []
+        problems += self.lora_problems()
         if not self.train_data:
             problems.append("--train-data is required")
         if self.n_ei_steps < 1 or self.questions_per_step < 1 or self.group_size < 1 or self.sft_epochs < 1:
@@ -103,8 +105,7 @@ def setup_expert_iteration(config: ExpertIterationConfig, ctx: distributed.Distr
     """
     config.validate()
     ctx = ctx or SINGLE_PROCESS
-    if ctx.is_distributed and config.backend != "hf":
-        raise SystemExit(f"error: --backend {config.backend} does not run under torchrun yet; use --backend hf")
+    refuse_what_torchrun_cannot_run(config, ctx)
     run_dir, device, checkpoint = start_run(config, ctx)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     questions, validation, data_counts = load_questions(config)

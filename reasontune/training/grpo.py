@@ -11,6 +11,7 @@ gradient-accumulation scaling live in ``reasontune.losses.grpo_microbatch_train_
 from __future__ import annotations
 
 import dataclasses
+import statistics
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -20,10 +21,13 @@ import torch
 from reasontune.config import help_field, same_field
 from reasontune.data import example_prompt, load_template
 from reasontune.logprobs import get_response_log_probs
-from reasontune.losses import LossAggregation, compute_group_normalized_rewards, grpo_microbatch_train_step
+from reasontune.losses import (AdvantageBaseline, AdvantageStd, LossAggregation, PolicyLossType, RolloutCorrection,
+                               compute_advantages, grpo_microbatch_train_step, mask_truncated_responses, masked_mean,
+                               overlong_penalty, rollout_correction_weights, rollout_mismatch_metrics)
 from reasontune.modeling import load_model
 from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
                                 TrainerOptions, resolved_dtype)
+from reasontune.rl_recipes import RECIPES, expand_recipe, fill_batch, informative_groups
 from reasontune.rollouts import Rollouts, generate_rollouts, reward_fn_by_name
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.tracking import Progress
@@ -48,16 +52,45 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
     train_batch_size: int = help_field(256, "rollouts per optimizer step (smaller than rollout-batch-size: several off-policy steps per rollout batch)", group="grpo")
     gradient_accumulation_steps: int = help_field(128, "microbatches per optimizer step; microbatch = train-batch-size / this", group="grpo")
     epochs_per_rollout_batch: int = help_field(1, "passes over each rollout batch (more than 1 is off-policy: use grpo_clip)", group="grpo")
-    loss_type: Literal["no_baseline", "reinforce_with_baseline", "grpo_clip"] = help_field("reinforce_with_baseline", "policy-gradient loss: no_baseline (raw rewards), reinforce_with_baseline (group-normalised advantages) or grpo_clip (PPO-style clipped ratio)", group="grpo")
-    use_std_normalization: bool = help_field(True, "divide advantages by the group's reward std (false: Dr. GRPO's mean-centring only)", group="grpo")
-    advantage_eps: float = help_field(1e-6, "added to the group std before dividing", group="grpo")
-    cliprange: float | None = help_field(0.2, "epsilon of grpo_clip's ratio clip", group="grpo")
+    recipe: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"] | None = help_field(None, "set the objective of a paper at once (loss, clip range, aggregation, advantages, KL, overlong shaping, dynamic sampling; see rl_recipes.RECIPES); any flag given overrides the recipe's value", group="grpo")
+    loss_type: PolicyLossType = help_field("reinforce_with_baseline", "policy-gradient loss: no_baseline (raw rewards), reinforce_with_baseline (advantages), grpo_clip (PPO-style clipped ratio; clip-higher with --cliprange-high, dual clip with --dual-clip-c), gspo (sequence-level ratio) or cispo (clipped importance weight, gradient through every token)", group="grpo")
+    advantage_baseline: AdvantageBaseline = help_field("group_mean", "subtracted from each reward: group_mean (GRPO), leave_one_out (RLOO) or batch_mean (REINFORCE++)", group="grpo")
+    advantage_std: AdvantageStd = help_field("group", "advantages divided by the std of: group (GRPO), batch (REINFORCE++) or none (Dr. GRPO, RLOO)", group="grpo")
+    advantage_eps: float = help_field(1e-6, "added to the std before dividing", group="grpo")
+    cliprange: float | None = help_field(0.2, "epsilon of the ratio clip (grpo_clip, gspo; eps_low with --cliprange-high)", group="grpo")
+    cliprange_high: float | None = help_field(None, "upper epsilon of the clip (DAPO's clip-higher; none: --cliprange; the only bound cispo uses)", group="grpo")
+    dual_clip_c: float | None = help_field(None, "dual-clip bound c > 1 for negative advantages (grpo_clip; none: off)", group="grpo")
+    overlong_buffer_fraction: float = help_field(0.0, "DAPO soft overlong penalty: a linear penalty down to -1 over the last fraction of --sampling-max-tokens (0: off)", group="grpo")
+    overlong_penalty_factor: float = help_field(1.0, "scale of the soft overlong penalty", group="grpo")
+    mask_truncated: bool = help_field(False, "leave responses cut by --sampling-max-tokens out of the loss", group="grpo")
+    dynamic_sampling: bool = help_field(False, "DAPO dynamic sampling: drop groups whose rewards are all equal and draw more questions until the batch is full", group="grpo")
+    dynamic_sampling_max_tries: int = help_field(4, "draws per step at most for --dynamic-sampling (the batch trains short after that, counted in the metrics)", group="grpo")
+    rollout_correction: RolloutCorrection = help_field("none", "correct the rollout engine's log-probs against the trainer's: token_tis / seq_tis (truncated importance weights), token_mask / seq_mask (drop tokens or responses whose weight leaves [1/C, C]) or none (the mismatch is still logged)", group="grpo")
+    rollout_correction_cap: float = help_field(2.0, "the cap C of --rollout-correction (> 1)", group="grpo")
     loss_aggregation: LossAggregation = help_field("sequence_mean", "per-token loss to scalar: sequence_mean (GRPO), sequence_sum (Dr. GRPO; constant = sampling-max-tokens) or token_mean (DAPO; over the optimizer step's tokens)", group="grpo")
     kl_coef: float = help_field(0.0, "weight of a per-token k3 KL penalty against the frozen starting model (0: off, no reference model loaded)", group="grpo")
 
     @property
     def micro_train_batch_size(self) -> int:
         return self.train_batch_size // self.gradient_accumulation_steps
+
+    @classmethod
+    def expand_presets(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Returns ``values`` (the options given) with ``recipe``'s settings filled in under them: a given option wins."""
+        recipe = values.get("recipe")
+        if recipe is None:
+            return values
+        expanded, _ = expand_recipe(recipe, {**RECIPES[recipe], **values}, explicit=set(values))
+        return expanded
+
+    @classmethod
+    def from_recipe(cls, recipe: str | None, **values: Any) -> GRPOConfig:
+        """Returns the config of ``recipe`` with ``values`` (explicit options) overriding it."""
+        return cls(**cls.expand_presets({**values, "recipe": recipe}))
+
+    def recipe_settings(self) -> dict[str, Any]:
+        """Returns the recipe's fields with the value this config has for each (empty without a recipe)."""
+        return {name: getattr(self, name) for name in RECIPES.get(self.recipe or "", {})}
 
     @property
     def optimizer_steps_per_rollout_batch(self) -> int:
@@ -71,6 +104,7 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
     def validate(self) -> None:
         """Raises SystemExit naming the options when the batch sizes or loss settings cannot work together."""
         problems = []
+        problems += self.lora_problems()
         if not self.train_data:
             problems.append("--train-data is required")
         if self.sampling_temperature <= 0:
@@ -94,11 +128,25 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
         if self.rollout_batch_size % self.train_batch_size:
             problems.append(f"--rollout-batch-size ({self.rollout_batch_size}) must be divisible by --train-batch-size "
                             f"({self.train_batch_size}), so that every optimizer step sees a full train batch")
-        if self.loss_type == "grpo_clip" and (self.cliprange is None or self.cliprange <= 0):
-            problems.append("--loss-type grpo_clip needs --cliprange > 0")
-        if self.off_policy and self.loss_type != "grpo_clip":
+        if self.loss_type in ("grpo_clip", "gspo") and (self.cliprange is None or self.cliprange <= 0):
+            problems.append(f"--loss-type {self.loss_type} needs --cliprange > 0")
+        if self.loss_type == "cispo" and (self.cliprange_high if self.cliprange_high is not None else self.cliprange or 0) <= 0:
+            problems.append("--loss-type cispo needs --cliprange-high > 0 (its clip of the importance weight)")
+        if self.cliprange_high is not None and self.cliprange is not None and self.cliprange_high < self.cliprange:
+            problems.append(f"--cliprange-high ({self.cliprange_high}) must be at least --cliprange ({self.cliprange})")
+        if self.dual_clip_c is not None and self.dual_clip_c <= 1:
+            problems.append(f"--dual-clip-c ({self.dual_clip_c}) must be > 1")
+        if self.off_policy and self.loss_type not in ("grpo_clip", "gspo", "cispo"):
             problems.append(f"epochs-per-rollout-batch > 1 or train-batch-size < rollout-batch-size is off-policy; "
-                            f"--loss-type {self.loss_type} has no importance ratio for it: use grpo_clip")
+                            f"--loss-type {self.loss_type} has no importance ratio for it: use grpo_clip, gspo or cispo")
+        if self.advantage_baseline == "leave_one_out" and self.group_size < 2:
+            problems.append("--advantage-baseline leave_one_out needs --group-size >= 2")
+        if not 0.0 <= self.overlong_buffer_fraction <= 1.0:
+            problems.append("--overlong-buffer-fraction must be in [0, 1]")
+        if self.dynamic_sampling_max_tries < 1:
+            problems.append("--dynamic-sampling-max-tries must be >= 1")
+        if self.rollout_correction_cap <= 1:
+            problems.append("--rollout-correction-cap must be > 1")
         if not 1 <= self.sampling_min_tokens <= self.sampling_max_tokens:
             problems.append(f"need 1 <= --sampling-min-tokens ({self.sampling_min_tokens}) <= --sampling-max-tokens "
                             f"({self.sampling_max_tokens}): an empty response has no token to train")
@@ -131,12 +179,12 @@ def rollout_microbatches(prompt_ids: list[list[int]], response_ids: list[list[in
 
 
 @torch.no_grad()
-def add_log_probs(model, microbatches: list[dict], key: str, device: torch.device) -> None:
-    """Stores ``model``'s response log-probs (micro, L - 1), without gradient, under ``key`` of each microbatch."""
+def add_log_probs(model, microbatches: list[dict], key: str, device: torch.device, temperature: float = 1.0) -> None:
+    """Stores ``model``'s response log-probs (micro, L - 1) at ``temperature``, without gradient, under ``key`` of each microbatch."""
     for mb in microbatches:
         mask = mb["response_mask"].to(device)
         mb[key] = get_response_log_probs(model, mb["input_ids"].to(device), mb["labels"].to(device),
-                                         response_mask=mask)["log_probs"]
+                                         response_mask=mask, temperature=temperature)["log_probs"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -146,36 +194,55 @@ def add_log_probs(model, microbatches: list[dict], key: str, device: torch.devic
 def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torch.device) -> dict[str, float]:
     """Returns the step's metrics after forward and backward of every microbatch (gradients accumulated, no optimizer step).
 
-    Old log-probs: the ones stored per rollout batch when off-policy; on-policy ``grpo_clip``
-    uses the current ones detached (ratio 1, so it equals REINFORCE with baseline).
+    Old log-probs: the ones stored per rollout batch when off-policy; on-policy, the current
+    ones detached (ratio 1, so grpo_clip equals REINFORCE with baseline). The rollout engine's
+    log-probs (``behaviour_log_probs``, when the generator returned them) are compared with
+    those old log-probs: the mismatch is logged, and ``--rollout-correction`` weights each
+    token's loss by the truncated or masked importance ratio. The policy's log-probs are
+    taken at the sampling temperature, the distribution the rollouts were drawn from.
     """
     tokens_in_step = int(sum(int(mb["response_mask"].sum()) for mb in microbatches))
-    totals = {"loss": 0.0, "entropy_sum": 0.0, "clipped_sum": 0.0, "kl_sum": 0.0, "response_tokens": 0}
+    examples_in_step = sum(int(mb["response_mask"].shape[0]) for mb in microbatches)
+    sums: dict[str, float] = {"loss": 0.0, "response_tokens": 0}
     for mb in microbatches:
         input_ids, labels = mb["input_ids"].to(device), mb["labels"].to(device)
         response_mask = mb["response_mask"].to(device)
         # Right padding under a causal mask: real tokens never attend to the padding after them.
-        outputs = get_response_log_probs(model, input_ids, labels, return_token_entropy=True, response_mask=response_mask)
+        outputs = get_response_log_probs(model, input_ids, labels, return_token_entropy=True, response_mask=response_mask,
+                                         temperature=config.sampling_temperature)
         old_log_probs = mb.get("old_log_probs")
-        if old_log_probs is None and config.loss_type == "grpo_clip":
+        if old_log_probs is None:
             old_log_probs = outputs["log_probs"].detach()
+        weights, per_batch = None, {}
+        behaviour = mb.get("behaviour_log_probs")
+        if behaviour is not None and response_mask.any():
+            per_batch = {k: float(v) for k, v in rollout_mismatch_metrics(old_log_probs, behaviour, response_mask).items()}
+            if config.rollout_correction != "none":
+                weights, correction = rollout_correction_weights(old_log_probs, behaviour, response_mask,
+                                                                 config.rollout_correction, config.rollout_correction_cap)
+                per_batch.update({k: float(v) for k, v in correction.items()})
         loss, metadata = grpo_microbatch_train_step(
             outputs["log_probs"], response_mask, config.gradient_accumulation_steps, config.loss_type,
             raw_rewards=mb["raw_rewards"].to(device), advantages=mb["advantages"].to(device),
             old_log_probs=old_log_probs, cliprange=config.cliprange, loss_aggregation=config.loss_aggregation,
             normalize_constant=float(config.sampling_max_tokens), tokens_in_step=tokens_in_step,
-            ref_log_probs=mb.get("ref_log_probs"), kl_coef=config.kl_coef,
+            examples_in_step=examples_in_step, ref_log_probs=mb.get("ref_log_probs"), kl_coef=config.kl_coef,
+            cliprange_high=config.cliprange_high, dual_clip_c=config.dual_clip_c, rollout_weights=weights,
         )
         tokens = int(metadata["num_response_tokens"])
-        totals["loss"] += float(loss)
-        totals["response_tokens"] += tokens
-        totals["entropy_sum"] += float(outputs["token_entropy"].detach()[response_mask].float().sum())
-        totals["clipped_sum"] += float(metadata.get("clip_fraction", 0.0)) * tokens
-        totals["kl_sum"] += float(metadata.get("kl", 0.0)) * tokens
-    tokens = max(totals["response_tokens"], 1)
-    return {"loss": totals["loss"], "token_entropy": totals["entropy_sum"] / tokens,
-            "clip_fraction": totals["clipped_sum"] / tokens, "kl": totals["kl_sum"] / tokens,
-            "response_tokens": totals["response_tokens"]}
+        sums["loss"] += float(loss)
+        sums["response_tokens"] += tokens
+        per_batch.update(token_entropy=float(masked_mean(outputs["token_entropy"].detach(), response_mask)) if tokens else 0.0,
+                         **{key: float(metadata[key]) for key in ("clip_fraction", "clip_fraction_low",
+                                                                  "clip_fraction_high", "kl") if key in metadata})
+        for key, value in per_batch.items():  # token-weighted means over the step (max for the max)
+            if key == "mismatch_max_abs_log_ratio":
+                sums[key] = max(sums.get(key, 0.0), value)
+            else:
+                sums[key] = sums.get(key, 0.0) + value * tokens
+    tokens = max(sums["response_tokens"], 1)
+    return {key: value if key in ("loss", "response_tokens", "mismatch_max_abs_log_ratio") else value / tokens
+            for key, value in sums.items()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -209,7 +276,7 @@ def setup_grpo(config: GRPOConfig) -> GRPOSession:
         generator=make_generator(config, model, tokenizer, device), questions=questions,
         validation=evaluation_sets(config, validation, load_template(config.prompt_template)),
         template=load_template(config.prompt_template), reward_fn=reward_fn_by_name(config.reward_name),
-        rollouts=rollout_sampling(config, config.reward_name), run_dir=run_dir,
+        rollouts=rollout_sampling(config, config.reward_name).replace(return_logprobs=True), run_dir=run_dir,
         logger=make_logger(run_dir, config, resume=checkpoint is not None),
         optimizer=optimizer, scheduler=scheduler, reference=reference)
     if checkpoint is not None:
@@ -219,6 +286,8 @@ def setup_grpo(config: GRPOConfig) -> GRPOSession:
     else:
         session.logger.log("data", 0, **data_counts, loss_type=config.loss_type,
                            loss_aggregation=config.loss_aggregation, off_policy=config.off_policy)
+    if config.recipe:
+        print(f"recipe {config.recipe}: " + ", ".join(f"{k}={v}" for k, v in config.recipe_settings().items()))
     print(f"GRPO on {config.model}: {config.n_grpo_steps} steps of {config.rollout_batch_size // config.group_size} "
           f"questions x {config.group_size} responses, {config.optimizer_steps_per_rollout_batch} optimizer step(s) "
           f"each; loss {config.loss_type}, aggregation {config.loss_aggregation}"
@@ -226,36 +295,72 @@ def setup_grpo(config: GRPOConfig) -> GRPOSession:
     return session
 
 
-def rollout_batch(session: GRPOSession, step: int) -> Rollouts:
-    """Returns step ``step``'s graded rollouts: its seeded questions, ``group_size`` responses each from the current policy."""
+def rollout_batch(session: GRPOSession, step: int) -> tuple[Rollouts, dict[str, float]]:
+    """Returns step ``step``'s graded rollouts (seeded questions, ``group_size`` responses each from the current policy) and their counts.
+
+    With ``--dynamic-sampling`` groups whose rewards are all equal are dropped and fresh
+    questions drawn (seeds varied per draw) until the batch is full or the tries run out.
+    """
     config = session.config
-    indices = question_batch(len(session.questions), config.rollout_batch_size // config.group_size, config.seed, step)
-    batch = [session.questions[i] for i in indices]
+    needed = config.rollout_batch_size // config.group_size
     session.generator.sync_weights(session.model)
-    rollouts = generate_rollouts(session.generator, [example_prompt(e, session.template) for e in batch],
-                                 [e.ground_truth for e in batch],
-                                 session.rollouts.replace(seed=config.seed * 1_000_003 + step),
-                                 session.reward_fn, grading_workers=config.grading_workers, examples=batch)
+
+    def draw(attempt: int) -> tuple[list[Rollouts], list[bool]]:
+        indices = question_batch(len(session.questions), needed, config.seed + 7919 * attempt, step)
+        batch = [session.questions[i] for i in indices]
+        drawn = generate_rollouts(session.generator, [example_prompt(e, session.template) for e in batch],
+                                  [e.ground_truth for e in batch],
+                                  session.rollouts.replace(seed=config.seed * 1_000_003 + step + 104_729 * attempt),
+                                  session.reward_fn, grading_workers=config.grading_workers, examples=batch)
+        rewards = torch.tensor([r["reward"] for r in drawn.flat_rewards()], dtype=torch.float32)
+        keep = informative_groups(rewards, config.group_size).tolist() if config.dynamic_sampling else [True] * len(batch)
+        return [drawn.select([i]) for i in range(len(batch))], keep
+
+    filled = fill_batch(draw, needed, config.dynamic_sampling_max_tries if config.dynamic_sampling else 1)
     session.generator.sleep()
-    return rollouts
+    return (Rollouts.concat(filled.groups) if filled.groups else None), filled.metrics()
 
 
 def training_microbatches(session: GRPOSession, rollouts: Rollouts) -> tuple[list[dict], dict[str, float]]:
-    """Returns (microbatches with advantages and any old/reference log-probs, reward statistics) of a rollout batch."""
+    """Returns (microbatches with advantages and old / reference / behaviour log-probs, reward statistics) of a rollout batch.
+
+    Rewards get DAPO's soft overlong penalty when asked; advantages come from
+    ``compute_advantages`` (baseline and std as configured); truncated responses leave the
+    loss with ``--mask-truncated``.
+    """
     config = session.config
     completions = rollouts.flat_completions()
-    graded = iter(rollouts.flat_rewards())
-    responses = [c.text for c in completions]
-    advantages, raw_rewards, reward_stats = compute_group_normalized_rewards(
-        lambda response, truth: next(graded), responses,
-        [truth for truth in rollouts.ground_truths for _ in range(config.group_size)], config.group_size,
-        config.advantage_eps, config.use_std_normalization)
+    scores = rollouts.flat_rewards()
+    raw_rewards = torch.tensor([float(s["reward"]) for s in scores], dtype=torch.float32)
+    if config.overlong_buffer_fraction > 0:
+        raw_rewards = raw_rewards + overlong_penalty(
+            torch.tensor([c.num_tokens for c in completions]), config.sampling_max_tokens,
+            max(1, round(config.overlong_buffer_fraction * config.sampling_max_tokens)), config.overlong_penalty_factor)
+    advantages = compute_advantages(raw_rewards, config.group_size, config.advantage_baseline, config.advantage_std,
+                                    config.advantage_eps)
+    reward_stats = {"reward_mean": float(raw_rewards.mean()),
+                    "reward_std": float(raw_rewards.std()) if raw_rewards.numel() > 1 else 0.0,
+                    "answer_reward_mean": statistics.fmean(float(s["answer_reward"]) for s in scores),
+                    "format_reward_mean": statistics.fmean(float(s["format_reward"]) for s in scores)}
     prompt_ids = [ids for ids in session.tokenizer(rollouts.prompts, add_special_tokens=True)["input_ids"]
                   for _ in range(config.group_size)]
+    micro = config.micro_train_batch_size
     microbatches = rollout_microbatches(prompt_ids, [c.token_ids for c in completions], advantages, raw_rewards,
-                                        config.micro_train_batch_size, pad_token_id_of(session.tokenizer))
-    if config.off_policy and config.loss_type == "grpo_clip":
-        add_log_probs(session.model, microbatches, "old_log_probs", session.device)
+                                        micro, pad_token_id_of(session.tokenizer))
+    for start, mb in zip(range(0, len(completions), micro), microbatches):
+        rows = completions[start:start + micro]
+        if config.mask_truncated:
+            mb["response_mask"] = mask_truncated_responses(
+                mb["response_mask"], torch.tensor([c.finish_reason == "length" for c in rows]))
+        if all(c.logprobs is not None and len(c.logprobs) == c.num_tokens for c in rows):
+            # The engine's log-probs sit where the labels are those tokens: the response positions, in order.
+            behaviour = torch.zeros(mb["labels"].shape, dtype=torch.float32)
+            full_mask = pad_and_shift(prompt_ids[start:start + micro], [c.token_ids for c in rows],
+                                      0)["response_mask"]
+            behaviour[full_mask] = torch.tensor([lp for c in rows for lp in c.logprobs], dtype=torch.float32)
+            mb["behaviour_log_probs"] = behaviour
+    if config.off_policy and config.loss_type in ("grpo_clip", "gspo", "cispo"):
+        add_log_probs(session.model, microbatches, "old_log_probs", session.device, config.sampling_temperature)
     if session.reference is not None:
         add_log_probs(session.reference, microbatches, "ref_log_probs", session.device)
     return microbatches, reward_stats
@@ -304,8 +409,13 @@ def train_grpo(session: GRPOSession) -> Path:
     for step in range(session.start_step + 1, config.n_grpo_steps + 1):
         tick = time.perf_counter()
         # --- rollouts: seeded questions, group-size graded responses each from the current policy
-        rollouts = rollout_batch(session, step)
+        rollouts, sampling_counts = rollout_batch(session, step)
         rollout_seconds = time.perf_counter() - tick
+        if rollouts is None:  # dynamic sampling found no group with differing rewards: nothing to learn from
+            logger.log("event", step, message=f"GRPO step {step}: every drawn group had equal rewards; no update",
+                       **sampling_counts)
+            progress.update(step)
+            continue
         # --- group-normalised advantages → microbatches (old log-probs once when off-policy; reference log-probs)
         microbatches, reward_stats = training_microbatches(session, rollouts)
         # --- policy-gradient steps: epochs × train batches, each accumulated over its microbatches
@@ -314,7 +424,10 @@ def train_grpo(session: GRPOSession) -> Path:
         for _ in range(config.epochs_per_rollout_batch):
             for k in range(config.optimizer_steps_per_rollout_batch):
                 accumulation = config.gradient_accumulation_steps
-                metrics = train_step(model, microbatches[k * accumulation:(k + 1) * accumulation], config, session.device)
+                train_batch = microbatches[k * accumulation:(k + 1) * accumulation]
+                if not train_batch:  # a dynamic-sampling batch that stayed short
+                    continue
+                metrics = train_step(model, train_batch, config, session.device)
                 try:
                     grad_norm = clip_and_step(model, session.optimizer, session.scheduler, config.max_grad_norm,
                                               metrics["loss"])
@@ -324,11 +437,11 @@ def train_grpo(session: GRPOSession) -> Path:
                                   f"{path}; lower --learning-rate", step, logger, progress)
                 step_metrics.append({**metrics, "grad_norm": grad_norm})
         # --- log (means over the step's optimizer steps; rewards and lengths of the rollouts)
-        mean = {key: sum(m[key] for m in step_metrics) / len(step_metrics)
-                for key in ("loss", "grad_norm", "token_entropy", "clip_fraction", "kl")}
+        mean = {key: statistics.fmean(m[key] for m in step_metrics if key in m)
+                for key in step_metrics[0] if key != "response_tokens"}
         if step % config.log_every == 0 or step == config.n_grpo_steps:
             logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean, optimizer_steps=len(step_metrics),
-                       **rollout_metrics(rollouts, reward_stats), rollout_s=rollout_seconds,
+                       **rollout_metrics(rollouts, reward_stats), **sampling_counts, rollout_s=rollout_seconds,
                        step_s=time.perf_counter() - tick, elapsed_s=time.perf_counter() - started)
         progress.update(step, loss=mean["loss"])
         # --- evaluate

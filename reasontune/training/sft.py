@@ -26,6 +26,7 @@ from reasontune.data import (Example, example_prompt, load_examples, load_templa
 from reasontune.evaluation import EvalSet
 from reasontune.generation import Generator
 from reasontune.logprobs import get_response_log_probs
+from reasontune.lora import is_peft_model
 from reasontune.losses import LossAggregation, sft_microbatch_train_step
 from reasontune.options import (CheckpointOptions, EvaluationOptions, GenerationOptions, InLoopEvaluationOptions,
                                 OptimizerOptions, TrainerOptions)
@@ -37,7 +38,7 @@ from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metri
                                         make_logger, make_optimizer, restore_training_state, save_training_checkpoint,
                                         start_run, stop_diverged, trainer_state)
 from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, generation_model, rank_microbatches,
-                                               record_launch)
+                                               record_launch, refuse_what_torchrun_cannot_run)
 from reasontune.training.common import TrainingDiverged  # noqa: F401  (raised by train_sft; importable from here)
 
 
@@ -70,6 +71,7 @@ class SFTConfig(TrainerOptions):
     def validate(self) -> None:
         """Raises SystemExit naming the option when a value cannot work."""
         problems = []
+        problems += self.lora_problems()
         if not self.train_data:
             problems.append("--train-data is required")
         if self.batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_epochs < 1:
@@ -313,8 +315,7 @@ def setup_sft(config: SFTConfig, ctx: distributed.DistributedContext | None = No
     """
     config.validate()
     ctx = ctx or SINGLE_PROCESS
-    if ctx.is_distributed and config.backend != "hf":
-        raise SystemExit(f"error: --backend {config.backend} does not run under torchrun yet; use --backend hf")
+    refuse_what_torchrun_cannot_run(config, ctx)
     run_dir, device, checkpoint = start_run(config, ctx)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     template = load_template(config.prompt_template)
@@ -365,11 +366,15 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
     ctx = session.ctx
     sampling = evaluation_sampling(config, config.backend)
 
+    # The optimizer goes to sharded/ (every rank its shard), so a resume may change the world size; a LoRA run (one
+    # process) keeps its small adapter checkpoints, with the adapter's optimizer state in trainer_state.
+    sharded_optimizer = not is_peft_model(model)
+
     def save(step: int, name: str) -> Path:
-        # The optimizer goes to sharded/ (every rank its shard), so a resume may change the world size.
-        state = trainer_state(step, None, session.scheduler, fingerprint(steps[:step]))
+        state = trainer_state(step, None if sharded_optimizer else session.optimizer, session.scheduler,
+                              fingerprint(steps[:step]))
         return save_training_checkpoint(run_dir, name, model, session.tokenizer, state, keep=config.save_total_limit,
-                                        optimizer=session.optimizer, ctx=ctx)
+                                        optimizer=session.optimizer if sharded_optimizer else None, ctx=ctx)
 
     def evaluate_and_log(step: int) -> None:
         summary = evaluate_policy(step, generation_model(model, session.replica), session.generator,
