@@ -120,6 +120,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -
                         help="YAML (or JSON) file of option values; flags given on the command line override it")
 
 
+# config.json's record of a torchrun launch (world size, global batch), written beside the options
+LAUNCH_RECORD = "distributed"
+
+
 def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
     """Reads a YAML/JSON file of options for ``config_cls``; keys may use - or _."""
     path = Path(path)
@@ -135,6 +139,7 @@ def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
         raise SystemExit(f"error: config file {path} must hold a mapping of option names to values")
     known = {f.name for f in dataclasses.fields(config_cls)}
     values = {}
+    raw.pop(LAUNCH_RECORD, None)  # a run's config.json given back as --config: the launch is not an option
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in known:
@@ -196,5 +201,5 @@ def save_config(config: Any, path: str | Path) -> None:
 def load_config(path: str | Path, config_cls: type[ConfigT]) -> ConfigT:
     """Reads a config written by ``save_config`` (the launch that torchrun runs record under "distributed" is skipped)."""
     values = json.loads(Path(path).read_text())
-    values.pop("distributed", None)
+    values.pop(LAUNCH_RECORD, None)
     return config_from_dict(values, config_cls)

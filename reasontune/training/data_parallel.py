@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from reasontune.config import LAUNCH_RECORD
 from reasontune.data import Example, example_prompt
 from reasontune.distributed import (
     DistributedContext,
@@ -38,7 +39,6 @@ from reasontune.generation import Generator, SamplingOptions
 from reasontune.rollouts import RewardFn, Rollouts, generate_rollouts, merge_rollouts
 
 SINGLE_PROCESS = DistributedContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
-LAUNCH_KEY = "distributed"  # config.json's key for the launch (load_config skips it)
 
 
 def rank_microbatches(step_microbatches: list[dict], ctx: DistributedContext) -> list[dict]:
@@ -104,7 +104,7 @@ def record_launch(config_path: Path, ctx: DistributedContext, **sizes: Any) -> N
     if not ctx.is_main:
         return
     payload = json.loads(config_path.read_text())
-    payload[LAUNCH_KEY] = {"world_size": ctx.world_size, "backend": ctx.backend, **sizes}
+    payload[LAUNCH_RECORD] = {"world_size": ctx.world_size, "backend": ctx.backend, **sizes}
     config_path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
