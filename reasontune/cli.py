@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 
 # Commands that run data-parallel under torchrun (the others must not run once per rank).
-DATA_PARALLEL_COMMANDS = ("sft", "ei", "eval")
+DATA_PARALLEL_COMMANDS = ("sft", "ei", "grpo", "eval")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:

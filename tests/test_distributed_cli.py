@@ -79,7 +79,7 @@ def test_rank_microbatches_deal_out_a_step_and_pad_short_ranks_with_fillers():
     assert len(last) == 1 and last[0]["filler"]
 
 
-@pytest.mark.parametrize("command", ["grpo", "filter", "demo"])
+@pytest.mark.parametrize("command", ["filter", "compare", "demo"])
 def test_a_command_that_is_not_data_parallel_refuses_torchrun(monkeypatch, capsys, command):
     monkeypatch.setenv("WORLD_SIZE", "2")  # as torchrun sets it for every rank
     with pytest.raises(SystemExit) as stopped:
@@ -269,3 +269,52 @@ def test_ei_on_two_ranks_samples_every_question_once_and_fine_tunes_on_the_kept_
     assert any(not torch.equal(final[name], before[name]) for name in before)
     summary = json.loads((run_dir / "eval" / "step-000001" / "summary.json").read_text())
     assert summary["n_examples"] == 3
+
+
+def test_grpo_trainer_steps_on_two_ranks_equal_one_process_with_twice_the_accumulation(tmp_path):
+    assert launch([str(SCRIPTS / "grpo_trainer_steps.py"), str(tmp_path)], world_size=1).returncode == 0
+    result = launch([str(SCRIPTS / "grpo_trainer_steps.py"), str(tmp_path)], world_size=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = load_file(tmp_path / "world-1.safetensors"), load_file(tmp_path / "world-2.safetensors")
+    assert one.keys() == two.keys()
+    for name in one:  # SGD: the update is the gradient itself, so fp32 rounding is all that may differ
+        assert torch.allclose(two[name], one[name], rtol=1e-6, atol=1e-7), name
+    histories = [json.loads((tmp_path / f"world-{n}.json").read_text()) for n in (1, 2)]
+    # 3 rollout batches: 2 optimizer steps each off-policy (rollout batch 8, train batch 4), 1 on-policy
+    assert {case: len(steps) for case, steps in histories[0].items()} == {
+        "grpo_clip-sequence_mean": 6, "grpo_clip-token_mean": 6, "reinforce_with_baseline-sequence_sum": 3}
+    for case, steps in histories[0].items():
+        for key in ("loss", "grad_norm", "response_tokens", "token_entropy"):
+            assert [s[key] for s in histories[1][case]] == pytest.approx([s[key] for s in steps], rel=1e-5), key
+
+
+@pytest.mark.slow
+def test_grpo_on_two_ranks_trains_evaluates_checkpoints_and_resumes_in_one_process(tiny_model_dir, tmp_path):
+    from test_grpo import _write_questions
+
+    data = _write_questions(tmp_path / "questions.jsonl", 8)
+    # Off-policy grpo_clip with a KL penalty: rollout batches of 4 questions x 2 responses, train batches of 4
+    # rollouts = 2 ranks x 1 microbatch of 2, two epochs.
+    flags = ["grpo", "--model", str(tiny_model_dir), "--train-data", str(data), "--val-data", str(data),
+             "--output-dir", str(tmp_path / "run"), "--n-grpo-steps", "2", "--rollout-batch-size", "8",
+             "--group-size", "2", "--train-batch-size", "4", "--epochs-per-rollout-batch", "2",
+             "--loss-type", "grpo_clip", "--kl-coef", "0.1", "--learning-rate", "1e-3", "--sampling-min-tokens", "1",
+             "--sampling-max-tokens", "5", "--eval-every", "1", "--eval-examples", "3", "--eval-max-new-tokens", "5",
+             "--save-every", "1", "--grading-workers", "0", "--num-threads", "1", "--no-progress", "--no-write-report",
+             "--device", "cpu", "--dtype", "float32"]
+    result = launch(["-m", "reasontune", *flags, "--gradient-accumulation-steps", "1"], world_size=2, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "run"
+    train = train_metrics(run_dir)
+    assert [line["step"] for line in train] == [1, 2]
+    for line in train:
+        assert line["optimizer_steps"] == 4  # 2 train batches x 2 epochs
+        assert line["reward"] is not None and line["kl"] is not None and line["mean_response_tokens"] >= 1
+    assert json.loads((run_dir / "config.json").read_text())["distributed"]["microbatch_per_rank"] == 2
+    for step in (0, 1, 2):
+        assert json.loads((run_dir / "eval" / f"step-{step:06d}" / "summary.json").read_text())["n_examples"] == 3
+    # Resume step 2 from the world-2 checkpoint-1 in one process with accumulation 2 (the same global batch).
+    shutil.rmtree(run_dir / "final")
+    assert main([*flags, "--gradient-accumulation-steps", "2", "--resume"]) == 0
+    assert [line["step"] for line in train_metrics(run_dir)] == [1, 2]
+    assert (run_dir / "final" / "model.safetensors").exists()

@@ -260,6 +260,21 @@ def save_training_checkpoint(run_dir: Path, name: str, model, tokenizer, state: 
     return path
 
 
+def save_run_checkpoint(run_dir: Path, name: str, model, tokenizer, step: int, optimizer, scheduler,
+                        plan_fingerprint: str, *, keep: int | None = None,
+                        ctx: distributed.DistributedContext | None = None, **extra: Any) -> Path:
+    """Returns the checkpoint ``run_dir/name`` of a trainer with an optimizer after saving it (every rank calls it).
+
+    The optimizer state goes to ``sharded/`` with the model's (each rank its shard), so that a
+    resume may change the world size; a LoRA model (one process) keeps small adapter
+    checkpoints, the adapter's optimizer state in ``trainer_state``.
+    """
+    sharded = optimizer is not None and not is_peft_model(model)
+    state = trainer_state(step, None if sharded else optimizer, scheduler, plan_fingerprint, **extra)
+    return save_training_checkpoint(run_dir, name, model, tokenizer, state, keep=keep,
+                                    optimizer=optimizer if sharded else None, ctx=ctx)
+
+
 def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_of_steps=None, *, model=None,
                            ctx: distributed.DistributedContext | None = None) -> dict:
     """Returns the checkpoint's trainer state after loading the optimizer, schedule (each when not None) and RNG states from it.

@@ -113,22 +113,20 @@ def rank_seed(seed: int | None, ctx: DistributedContext) -> int | None:
     return None if seed is None else seed + 7919 * ctx.rank
 
 
-def sharded_rollouts(generator: Generator, model: torch.nn.Module, replica: UnshardedReplica | None,
-                     examples: Sequence[Example], template: str, sampling: SamplingOptions, reward_fn: RewardFn,
-                     ctx: DistributedContext, grading_workers: int | None = None) -> Rollouts:
+def sharded_rollouts(generator: Generator, examples: Sequence[Example], template: str, sampling: SamplingOptions,
+                     reward_fn: RewardFn, ctx: DistributedContext, grading_workers: int | None = None) -> Rollouts:
     """Returns the graded ``Rollouts`` of every one of ``examples``, each rank having sampled and graded its ``rank_slice``.
 
-    The generator samples from ``model`` (through the refreshed ``replica`` when it is sharded;
-    every rank must call this), with the seed of ``rank_seed``; the ranks' rollouts are gathered
-    in the order of ``examples``, so every rank holds the same ``Rollouts`` afterwards. At world
-    size 1 it is ``generate_rollouts`` on all the examples. The generator sleeps afterwards.
+    A question's ``sampling.n`` responses are sampled on one rank (groups are never split),
+    with the seed of ``rank_seed``; the ranks' rollouts are gathered in the order of
+    ``examples``, so every rank holds the same ``Rollouts`` afterwards. The generator must be
+    synced first (``generation_model``). At world size 1 it is ``generate_rollouts`` on all
+    the examples.
     """
     mine = shard_indices(examples, ctx)
-    generator.sync_weights(generation_model(model, replica))
     rollouts = generate_rollouts(generator, [example_prompt(e, template) for e in mine], [e.ground_truth for e in mine],
                                  sampling.replace(seed=rank_seed(sampling.seed, ctx)), reward_fn,
                                  grading_workers=grading_workers, examples=mine)
-    generator.sleep()
     return merge_rollouts(all_gather_objects(rollouts)) if ctx.is_distributed else rollouts
 
 

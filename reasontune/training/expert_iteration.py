@@ -170,9 +170,11 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
         batch = [session.questions[i] for i in question_batch(len(session.questions), config.questions_per_step,
                                                                config.seed, step)]
         # Under torchrun each rank samples its slice of the questions; every rank gets all the rollouts back.
-        rollouts = sharded_rollouts(session.generator, model, session.replica, batch, session.template,
+        session.generator.sync_weights(generation_model(model, session.replica))
+        rollouts = sharded_rollouts(session.generator, batch, session.template,
                                     session.rollouts.replace(seed=config.seed * 1_000_003 + step), session.reward_fn,
                                     ctx, grading_workers=config.grading_workers)
+        session.generator.sleep()
         rollout_seconds = time.perf_counter() - tick
         if ctx.is_main:
             write_jsonl(rollouts.records(), run_dir / f"ei-step-{step}" / "rollouts.jsonl")

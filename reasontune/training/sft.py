@@ -26,7 +26,6 @@ from reasontune.data import (Example, example_prompt, load_examples, load_templa
 from reasontune.evaluation import EvalSet
 from reasontune.generation import Generator
 from reasontune.logprobs import get_response_log_probs
-from reasontune.lora import is_peft_model
 from reasontune.losses import LossAggregation, sft_microbatch_train_step
 from reasontune.options import (CheckpointOptions, EvaluationOptions, GenerationOptions, InLoopEvaluationOptions,
                                 OptimizerOptions, TrainerOptions)
@@ -35,8 +34,8 @@ from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.tracking import MetricsLogger, Progress
 from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
                                         evaluation_sampling, evaluation_sets, finish_run, load_policy, make_generator,
-                                        make_logger, make_optimizer, restore_training_state, save_training_checkpoint,
-                                        start_run, stop_diverged, trainer_state)
+                                        make_logger, make_optimizer, restore_training_state, save_run_checkpoint,
+                                        start_run, stop_diverged)
 from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, generation_model, rank_microbatches,
                                                record_launch, refuse_what_torchrun_cannot_run)
 from reasontune.training.common import TrainingDiverged  # noqa: F401  (raised by train_sft; importable from here)
@@ -366,15 +365,9 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
     ctx = session.ctx
     sampling = evaluation_sampling(config, config.backend)
 
-    # The optimizer goes to sharded/ (every rank its shard), so a resume may change the world size; a LoRA run (one
-    # process) keeps its small adapter checkpoints, with the adapter's optimizer state in trainer_state.
-    sharded_optimizer = not is_peft_model(model)
-
     def save(step: int, name: str) -> Path:
-        state = trainer_state(step, None if sharded_optimizer else session.optimizer, session.scheduler,
-                              fingerprint(steps[:step]))
-        return save_training_checkpoint(run_dir, name, model, session.tokenizer, state, keep=config.save_total_limit,
-                                        optimizer=session.optimizer if sharded_optimizer else None, ctx=ctx)
+        return save_run_checkpoint(run_dir, name, model, session.tokenizer, step, session.optimizer, session.scheduler,
+                                   fingerprint(steps[:step]), keep=config.save_total_limit, ctx=ctx)
 
     def evaluate_and_log(step: int) -> None:
         summary = evaluate_policy(step, generation_model(model, session.replica), session.generator,
