@@ -109,8 +109,11 @@ def record_launch(config_path: Path, ctx: DistributedContext, **sizes: Any) -> N
 
 
 def rank_seed(seed: int | None, ctx: DistributedContext) -> int | None:
-    """Returns the sampling seed of this rank: ``seed`` on rank 0 (so one process samples as before), offset on the others."""
-    return None if seed is None else seed + 7919 * ctx.rank
+    """Returns the sampling seed of this rank: ``seed`` on rank 0 (so one process samples as before), offset on the others.
+
+    The offset (rank x 2^40) lies far beyond the seeds that steps and draws derive from one run's ``--seed``.
+    """
+    return None if seed is None else seed + (ctx.rank << 40)
 
 
 def sharded_rollouts(generator: Generator, examples: Sequence[Example], template: str, sampling: SamplingOptions,
