@@ -18,7 +18,7 @@ import contextlib
 import datetime
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,6 +123,21 @@ def stop_all_ranks_on_error(ctx: DistributedContext) -> Iterator[None]:
             (abort or dist.destroy_process_group)()
         sys.stderr.flush()
         os._exit(1)  # no atexit/collective cleanup that could wait on the other ranks
+
+
+def run_on_every_rank(config: Any, work: Callable[[DistributedContext], Any]) -> Any:
+    """Returns ``work(ctx)`` after checking ``config`` and joining torchrun's process group (none without torchrun).
+
+    The flags are checked (``config.validate()``) before any process group starts; an error on
+    one rank stops every rank with one message (``stop_all_ranks_on_error``); the process group
+    is closed at the end. A command's entry point is ``run_on_every_rank(config, lambda ctx: …)``.
+    """
+    config.validate()
+    ctx = init_distributed(config.device)
+    with stop_all_ranks_on_error(ctx):
+        result = work(ctx)
+    close_distributed()
+    return result
 
 
 def _lost_a_peer(error: BaseException) -> bool:

@@ -246,12 +246,7 @@ def run_eval(config: EvalConfig) -> int:
     and evaluates its slice of the questions; rank 0 gathers the records in the original order
     and writes every file (the same records.jsonl as one process, for greedy decoding).
     """
-    config.validate()
-    ctx = distributed.init_distributed(config.device)
-    with distributed.stop_all_ranks_on_error(ctx):
-        result = _run_eval(config, ctx)
-    distributed.close_distributed()
-    return result
+    return distributed.run_on_every_rank(config, lambda ctx: _run_eval(config, ctx))
 
 
 def _run_eval(config: EvalConfig, ctx: distributed.DistributedContext) -> int:

@@ -30,7 +30,7 @@ from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import RolloutOptions, TrainerOptions, resolved_dtype
 from reasontune.rollouts import RewardFn
 from reasontune.tracking import MetricsLogger
-from reasontune.training.data_parallel import SINGLE_PROCESS
+from reasontune.training.data_parallel import SINGLE_PROCESS, generation_model
 
 
 def prepare_run_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
@@ -220,6 +220,21 @@ def evaluate_policy(step: int, model, generator: Generator, sets: Sequence[EvalS
     mean = {key: statistics.fmean(s[key] for s in summaries.values() if s[key] is not None)
             for key in ("accuracy", "format_rate", "mean_response_tokens")}
     return {**mean, "mean_entropy": None, "sets": summaries}
+
+
+def log_evaluation(session: Any, step: int, sampling: SamplingOptions, progress: Any) -> dict:
+    """Returns the evaluation summary of ``session``'s policy at ``step`` after logging it (rank 0); every rank calls it.
+
+    ``session`` is a trainer's session (model, replica, generator, validation, run_dir, config,
+    ctx, logger); a sharded policy generates through its refreshed unsharded replica.
+    """
+    summary = evaluate_policy(step, generation_model(session.model, session.replica), session.generator,
+                              session.validation, session.run_dir, sampling=sampling,
+                              grading_workers=session.config.grading_workers, ctx=session.ctx)
+    if session.logger is not None:
+        session.logger.log("eval", step, **eval_metrics(summary, step))
+        progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
+    return summary
 
 
 def eval_metrics(summary: dict, step: int) -> dict:

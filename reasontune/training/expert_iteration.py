@@ -33,7 +33,8 @@ from reasontune.training.common import (PolicySession, eval_metrics, evaluate_po
                                         make_logger, question_batch, restore_training_state, rollout_sampling,
                                         save_training_checkpoint, start_run, trainer_state)
 from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, generation_model, record_launch,
-                                               refuse_what_torchrun_cannot_run, sharded_rollouts)
+                                               refuse_what_torchrun_cannot_run,
+                                               sharded_rollouts)
 from reasontune.training.sft import SFTConfig, prepare_session, train_sft
 
 
@@ -227,9 +228,4 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
     Under ``torchrun --nproc_per_node N -m reasontune ei …``: questions sharded over ranks for
     sampling, the kept responses gathered on every rank, their SFT data-parallel with FSDP2.
     """
-    config.validate()
-    ctx = distributed.init_distributed(config.device)
-    with distributed.stop_all_ranks_on_error(ctx):
-        run_dir = train_expert_iteration(setup_expert_iteration(config, ctx))
-    distributed.close_distributed()
-    return run_dir
+    return distributed.run_on_every_rank(config, lambda ctx: train_expert_iteration(setup_expert_iteration(config, ctx)))

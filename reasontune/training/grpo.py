@@ -32,13 +32,14 @@ from reasontune.rl_recipes import RECIPES, expand_recipe, fill_batch, informativ
 from reasontune.rollouts import Rollouts, reward_fn_by_name
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.tracking import Progress
-from reasontune.training.common import (NonFiniteStep, PolicySession, clip_and_step, eval_metrics, evaluate_policy,
+from reasontune.training.common import (NonFiniteStep, PolicySession, clip_and_step, log_evaluation,
                                         evaluation_sampling, evaluation_sets, finish_run, load_policy, load_questions,
                                         make_generator, make_logger, make_optimizer, question_batch,
                                         restore_training_state, rollout_sampling, save_run_checkpoint, start_run,
                                         stop_diverged)
 from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, generation_model, rank_microbatches,
-                                               record_launch, refuse_what_torchrun_cannot_run, sharded_rollouts)
+                                               record_launch, refuse_what_torchrun_cannot_run,
+                                               sharded_rollouts)
 
 
 @dataclasses.dataclass
@@ -483,12 +484,7 @@ def train_grpo(session: GRPOSession) -> Path:
                                    f"grpo-seed-{config.seed}", keep=config.save_total_limit, ctx=ctx)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, generation_model(model, session.replica), session.generator,
-                                  session.validation, run_dir, sampling=eval_sampling,
-                                  grading_workers=config.grading_workers, ctx=ctx)
-        if logger is not None:
-            logger.log("eval", step, **eval_metrics(summary, step))
-            progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
+        log_evaluation(session, step, eval_sampling, progress)
 
     progress = Progress(config.n_grpo_steps, initial_step=session.start_step, enabled=config.progress and ctx.is_main,
                         description="grpo")
@@ -556,9 +552,4 @@ def run_grpo(config: GRPOConfig) -> Path:
     every step's questions (whole groups), the rollouts are gathered on every rank, and each
     optimizer step's train batch is split over the ranks (FSDP2, counts summed over ranks).
     """
-    config.validate()
-    ctx = distributed.init_distributed(config.device)
-    with distributed.stop_all_ranks_on_error(ctx):
-        run_dir = train_grpo(setup_grpo(config, ctx))
-    distributed.close_distributed()
-    return run_dir
+    return distributed.run_on_every_rank(config, lambda ctx: train_grpo(setup_grpo(config, ctx)))

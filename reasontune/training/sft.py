@@ -32,11 +32,11 @@ from reasontune.options import (CheckpointOptions, EvaluationOptions, Generation
 from reasontune.rollouts import RewardFn, reward_fn_by_name
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.tracking import MetricsLogger, Progress
-from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
+from reasontune.training.common import (NonFiniteStep, clip_and_step, log_evaluation,
                                         evaluation_sampling, evaluation_sets, finish_run, load_policy, make_generator,
                                         make_logger, make_optimizer, restore_training_state, save_run_checkpoint,
                                         start_run, stop_diverged)
-from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, generation_model, rank_microbatches,
+from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, rank_microbatches,
                                                record_launch, refuse_what_torchrun_cannot_run)
 from reasontune.training.common import TrainingDiverged  # noqa: F401  (raised by train_sft; importable from here)
 
@@ -370,12 +370,7 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
                                    fingerprint(steps[:step]), keep=config.save_total_limit, ctx=ctx)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, generation_model(model, session.replica), session.generator,
-                                  session.validation, run_dir, sampling=sampling,
-                                  grading_workers=config.grading_workers, ctx=ctx)
-        if logger is not None:
-            logger.log("eval", step, **eval_metrics(summary, step))
-            progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
+        log_evaluation(session, step, sampling, progress)
 
     evaluating = session.generator is not None and run_dir is not None
     progress = Progress(len(steps), initial_step=session.start_step, enabled=config.progress and ctx.is_main)
@@ -431,10 +426,9 @@ def run_sft(config: SFTConfig) -> Path:
     FSDP2: the flags are checked before any process group starts, and an error on one rank
     stops every rank with one message.
     """
-    config.validate()
-    ctx = distributed.init_distributed(config.device)
-    with distributed.stop_all_ranks_on_error(ctx):
+    def setup_and_train(ctx: distributed.DistributedContext) -> Path:
         session = setup_sft(config, ctx)
         train_sft(session)
-    distributed.close_distributed()
-    return session.run_dir
+        return session.run_dir
+
+    return distributed.run_on_every_rank(config, setup_and_train)
