@@ -130,6 +130,11 @@ def setup_expert_iteration(config: ExpertIterationConfig, ctx: distributed.Distr
             session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
     elif session.logger is not None:
         session.logger.log("data", 0, **data_counts)
+    if ctx.is_distributed and ctx.is_main:
+        print(f"{ctx.world_size} ranks: each samples its share of {config.questions_per_step} questions a step; "
+              f"SFT global batch {ctx.world_size * config.batch_size * config.gradient_accumulation_steps} = "
+              f"{ctx.world_size} ranks x --batch-size {config.batch_size} x {config.gradient_accumulation_steps} "
+              "accumulation")
     return session
 
 
