@@ -1,8 +1,7 @@
-"""``python -m reasontune …`` (and ``torchrun … -m reasontune …``): the reasontune command."""
+"""``python -m reasontune`` (and ``torchrun … -m reasontune``): the same command line as ``reasontune``."""
 
 import sys
 
 from reasontune.cli import main
 
-if __name__ == "__main__":
-    sys.exit(main())
+sys.exit(main())
