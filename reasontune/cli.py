@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         _undo_failed_start(output_dir, existed)
         if debug:
             raise
-        print(message, file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same mistake: one says it
+            print(message, file=sys.stderr)
         return 2
     finally:
         if threading.current_thread() is threading.main_thread():

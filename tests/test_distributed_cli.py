@@ -196,7 +196,7 @@ def test_a_bad_flag_is_refused_before_any_process_group_starts(tiny_model_dir, t
     result = launch(["-m", "reasontune", *sft_flags(tiny_model_dir, data, tmp_path / "run", 1, *SFT_FLAGS_REFUSED)],
                     world_size=2, timeout=120)
     assert result.returncode != 0
-    assert "--batch-size, --gradient-accumulation-steps and --num-epochs must be >= 1" in result.stderr
+    assert result.stderr.count("error: --batch-size: must be >= 1, got 0") == 1  # rank 0 says it, once
     # Refused by config.validate() in each rank before init_distributed: no rank reached the failure handler
     # that runs inside the process group, and no run directory was made.
     assert "error on rank" not in result.stderr
@@ -326,3 +326,39 @@ def test_grpo_on_two_ranks_trains_evaluates_checkpoints_and_resumes_in_one_proce
     assert main([*flags, "--gradient-accumulation-steps", "2", "--resume"]) == 0
     assert [line["step"] for line in train_metrics(run_dir)] == [1, 2]
     assert (run_dir / "final" / "model.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_to_a_torchrun_job_saves_on_every_rank_and_the_run_resumes(tiny_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+
+    data = write_uneven_sft_data(tmp_path / "train.jsonl", 40)
+    flags = sft_flags(tiny_model_dir, data, tmp_path / "run", 1, "--batch-size", "1", "--num-epochs", "30")
+    environment = {**os.environ, "OMP_NUM_THREADS": "1",
+                   "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH", "")])}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+               "-m", "reasontune", *flags]
+    # As SLURM's scancel or a Ctrl-C does: the signal reaches the agent and both ranks (torchrun forwards it again).
+    process = subprocess.Popen(command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and '"kind": "train"' in metrics.read_text()):
+        assert process.poll() is None and time.monotonic() < deadline, "no training step before the signal"
+        time.sleep(0.05)
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        _, stderr = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail("the job did not stop within 120 s of SIGTERM")
+    assert stderr.count("stopped by SIGTERM after step") == 1, stderr[-3000:]  # rank 0 says it, once
+    (checkpoint,) = sorted((tmp_path / "run").glob("checkpoint-*"))
+    assert (checkpoint / "sharded" / ".metadata").exists() and not (tmp_path / "run" / "final").exists()
+    stopped_at = int(checkpoint.name.removeprefix("checkpoint-"))
+    # Resume in one process with accumulation 2 (the same global batch) to the end of a shorter plan.
+    assert main(sft_flags(tiny_model_dir, data, tmp_path / "run", 2, "--batch-size", "1", "--num-epochs", "30",
+                          "--resume", "--max-steps", str(stopped_at + 2))) == 0
+    assert [m["step"] for m in train_metrics(tmp_path / "run")] == list(range(1, stopped_at + 3))

@@ -8,6 +8,7 @@ trainer config composes, so SFT, expert iteration and GRPO set themselves up the
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import shlex
@@ -436,6 +437,8 @@ _stop = {"signal": None, "previous": {}}
 
 def _on_stop_signal(signum, frame) -> None:
     if _stop["signal"] is not None:  # a second signal: stop at once
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return  # torchrun forwards to its workers the signal a user sent the whole job: the same request again
         raise KeyboardInterrupt
     _stop["signal"] = signum
     print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
