@@ -1,4 +1,4 @@
-"""``python -m reasontune``: the same command line as ``reasontune``."""
+"""``python -m reasontune`` (and ``torchrun … -m reasontune``): the same command line as ``reasontune``."""
 
 import sys
 

@@ -16,11 +16,14 @@ checkpoint directory cannot run code on ``--resume``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -262,8 +265,17 @@ def _save_sharded(path: Path, model: Any, optimizer: Any) -> None:
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
     model_state, optimizer_state = get_state_dict(model, optimizer)
-    dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path),
-             no_dist=not dist.is_initialized())
+    with _one_process_intended():
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(path),
+                 no_dist=not dist.is_initialized())
+
+
+@contextlib.contextmanager
+def _one_process_intended() -> Iterator[None]:
+    """Yields with DCP's warning that it "assumes" one process silenced: without torchrun there is one."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
 
 
 def load_sharded(directory: str | Path, model: Any, optimizer: Any) -> None:
@@ -282,7 +294,8 @@ def load_sharded(directory: str | Path, model: Any, optimizer: Any) -> None:
         raise FileNotFoundError(f"{directory} has no {SHARDED_DIR}/ model and optimizer state to resume from")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
-    dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+    with _one_process_intended():
+        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import re
 import shutil
 import signal
@@ -42,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "report": ("reasontune.report", "ReportConfig", "run_report",
                "plots and a summary page for a run directory"),
 }
+
+
+# Commands that run data-parallel under torchrun (the others must not run once per rank).
+DATA_PARALLEL_COMMANDS = ("sft", "ei", "grpo", "eval")
 
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
@@ -145,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     if namespace.command is None:
         parser.print_help()
         return 2
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and namespace.command not in DATA_PARALLEL_COMMANDS:
+        parser.exit(2, f"error: reasontune {namespace.command} does not run under torchrun (each rank would run it "
+                       f"whole); run it in one process. Data-parallel: {', '.join(DATA_PARALLEL_COMMANDS)}\n")
     module_name, config_name, function_name, _ = COMMANDS[namespace.command]
     output_dir, existed = None, False
     # Training arms its own SIGINT/SIGTERM handlers (save, then exit 130); whatever happens, the caller's come back.
@@ -170,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
         _undo_failed_start(output_dir, existed)
         if debug:
             raise
-        print(message, file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank finds the same mistake: one says it
+            print(message, file=sys.stderr)
         return 2
     finally:
         if threading.current_thread() is threading.main_thread():

@@ -158,6 +158,10 @@ def _help_with_default(help_text: str, default: Any, required: bool = False) -> 
     return f"{help_text} (default: {shown})" if help_text else f"(default: {shown})"
 
 
+# config.json's record of a torchrun launch (world size, global batch), written beside the options
+LAUNCH_RECORD = "distributed"
+
+
 def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
     """Reads a YAML/JSON file of options for ``config_cls``; keys may use - or _."""
     path = Path(path)
@@ -173,6 +177,7 @@ def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
         raise UserError(f"--config {path}: must hold a mapping of option names to values")
     known = {f.name for f in dataclasses.fields(config_cls)}
     values = {}
+    raw.pop(LAUNCH_RECORD, None)  # a run's config.json given back as --config: the launch is not an option
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in known:
@@ -322,5 +327,10 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 def load_config(path: str | Path, config_cls: type[ConfigT]) -> ConfigT:
-    """Reads a config written by ``save_config`` (types checked; files and packages are not: the run may have moved)."""
-    return config_from_dict(json.loads(Path(path).read_text()), config_cls, validate=False)
+    """Reads a config written by ``save_config`` (types checked; files and packages are not: the run may have moved).
+
+    The launch that a torchrun run records under "distributed" (world size, global batch) is skipped.
+    """
+    values = json.loads(Path(path).read_text())
+    values.pop(LAUNCH_RECORD, None)
+    return config_from_dict(values, config_cls, validate=False)

@@ -18,7 +18,7 @@ import contextlib
 import datetime
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -100,12 +100,14 @@ def stop_all_ranks_on_error(ctx: DistributedContext) -> Iterator[None]:
     Under torchrun a rank exiting with an error makes the agent stop every other rank at once
     (``--max-restarts 0``, the default), so nobody waits in a collective for a dead peer; under
     another launcher the process-group timeout of ``init_distributed`` bounds that wait. The
-    traceback is printed by the failing rank only. World size 1 re-raises unchanged.
+    traceback is printed by the failing rank only. World size 1 re-raises unchanged, and so does
+    a ``SystemExit`` with an integer status (an exit that every rank takes together).
     """
     try:
         yield
     except BaseException as error:  # KeyboardInterrupt too: every failure must reach the other ranks' launcher
-        if not ctx.is_distributed or isinstance(error, SystemExit) and error.code in (0, None):
+        # A SystemExit with a status (0 done, 130 stopped by a signal after saving) is an exit every rank agreed on.
+        if not ctx.is_distributed or isinstance(error, SystemExit) and (error.code is None or isinstance(error.code, int)):
             raise
         import traceback
 
@@ -123,6 +125,24 @@ def stop_all_ranks_on_error(ctx: DistributedContext) -> Iterator[None]:
             (abort or dist.destroy_process_group)()
         sys.stderr.flush()
         os._exit(1)  # no atexit/collective cleanup that could wait on the other ranks
+
+
+def run_on_every_rank(config: Any, work: Callable[[DistributedContext], Any]) -> Any:
+    """Returns ``work(ctx)`` after checking ``config`` and joining torchrun's process group (none without torchrun).
+
+    The config is checked (``config.check_config``: its ``validate()`` and the files, model and
+    packages it names) before any process group starts; an error on one rank stops every rank
+    with one message (``stop_all_ranks_on_error``); the process group is closed at the end. A
+    command's entry point is ``run_on_every_rank(config, lambda ctx: …)``.
+    """
+    from reasontune.config import check_config  # lazy: the foundation module imports nothing of reasontune
+
+    check_config(config)
+    ctx = init_distributed(config.device)
+    with stop_all_ranks_on_error(ctx):
+        result = work(ctx)
+    close_distributed()
+    return result
 
 
 def _lost_a_peer(error: BaseException) -> bool:

@@ -7,6 +7,8 @@ and the files of an evaluation directory.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import sys
 from dataclasses import asdict, dataclass
@@ -16,7 +18,7 @@ from typing import Any, Sequence
 import torch
 
 from reasontune.benchmarks import BENCHMARKS, STANDARD_PROMPT, STANDARD_REWARD, load_benchmarks, resolve_benchmarks
-from reasontune.config import UserError, check_config, help_field, raise_problems, same_field, save_config
+from reasontune.config import UserError, help_field, raise_problems, same_field, save_config
 from reasontune.data import Example, load_examples, load_template, with_chat_template
 from reasontune.estimators import parse_ks, results_table, summarize_samples
 from reasontune.eval_plots import write_eval_plots
@@ -24,7 +26,8 @@ from reasontune.generation import Generator, SamplingOptions, build_generator
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import (EvaluationOptions, GenerationOptions, GradingOptions, ModelOptions, RunOptions,
                                 TaskOptions, TrackingOptions, data_source_problems, resolved_dtype, validate_common)
-from reasontune.rollouts import RewardFn, generate_rollouts, reward_fn_by_name, rollouts_for_examples
+from reasontune import distributed
+from reasontune.rollouts import RewardFn, generate_rollouts, merge_rollouts, reward_fn_by_name, rollouts_for_examples
 
 
 def evaluate(generator: Generator, examples: Sequence[Example], reward_fn: RewardFn, options: SamplingOptions,
@@ -80,7 +83,8 @@ class EvalSet:
 def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: SamplingOptions, output_dir: str | Path, *,
                   ks: Sequence[int] = (1,), n_bootstrap: int = 1000, seed: int = 0, grading_workers: int | None = None,
                   plots: bool = True, stop: Sequence[str] | None = None,
-                  extra_summary: dict[str, Any] | None = None) -> dict[str, dict[str, Any]]:
+                  extra_summary: dict[str, Any] | None = None,
+                  ctx: distributed.DistributedContext | None = None) -> dict[str, dict[str, Any]]:
     """Returns ``{set name: summary}`` after generating, grading and writing each set; with several sets, one table too.
 
     Each set's ``records.jsonl`` and ``summary.json`` go to ``output_dir/<name>/`` (straight into
@@ -90,30 +94,41 @@ def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: Sampl
     ``results.md`` / ``results.json`` and the plots (pass@k against k, accuracy by length,
     length by outcome) are written into ``output_dir``. ``stop`` strings (default: ``</answer>``
     for a set graded by the r1_zero reward, none otherwise) end each response.
+
+    Under torchrun (``ctx`` with world size > 1) every rank calls it: each generates and grades
+    its ``rank_slice`` of every set's questions with its own (unsharded) generator, the slices
+    are gathered in the original order, and rank 0 alone writes the files; every rank gets the
+    summaries back.
     """
     out = Path(output_dir)
+    sharded = ctx is not None and ctx.is_distributed
+    writes = ctx is None or ctx.is_main
     summaries: dict[str, dict[str, Any]] = {}
     records_by_set: dict[str, list[dict[str, Any]]] = {}
     for eval_set in sets:
         default_stop = ("</answer>",) if eval_set.reward == "r1_zero" else ()
         options = sampling.replace(stop=tuple(stop) if stop is not None else default_stop)
-        rollouts = rollouts_for_examples(generator, eval_set.examples, eval_set.template, options,
+        examples = distributed.shard_indices(eval_set.examples, ctx) if sharded else eval_set.examples
+        rollouts = rollouts_for_examples(generator, examples, eval_set.template, options,
                                          reward_fn_by_name(eval_set.reward), grading_workers=grading_workers)
+        if sharded:
+            rollouts = merge_rollouts(distributed.all_gather_objects(rollouts))
         rollouts.question_ids = eval_set.question_ids
         records = rollouts.records()
         usable_ks = [k for k in ks if k <= sampling.n] or [1]
         estimates = summarize_samples(records, usable_ks, n_bootstrap=n_bootstrap, seed=seed, n_samples=sampling.n,
                                       temperature=sampling.temperature, prompt=eval_set.template) if records else None
-        summaries[eval_set.name or "eval"] = rollouts.write(out / eval_set.name, extra_summary={
-            "benchmark": eval_set.name or None, "reward": eval_set.reward, "estimates": estimates,
-            **(extra_summary or {})})
+        extra = {"benchmark": eval_set.name or None, "reward": eval_set.reward, "estimates": estimates,
+                 **(extra_summary or {})}
+        summaries[eval_set.name or "eval"] = rollouts.write(out / eval_set.name, extra_summary=extra) if writes \
+            else {**rollouts.summary(), **extra}
         records_by_set[eval_set.name or "eval"] = records
     with_estimates = {name: summary["estimates"] for name, summary in summaries.items() if summary["estimates"]}
-    if with_estimates:
+    if with_estimates and writes:
         markdown, table = results_table(with_estimates)
         (out / "results.md").write_text(markdown, encoding="utf-8")
         (out / "results.json").write_text(json.dumps(table, indent=2) + "\n", encoding="utf-8")
-    if plots and any(records_by_set.values()):
+    if plots and writes and any(records_by_set.values()):
         write_eval_plots({name: records for name, records in records_by_set.items() if records}, out,
                          n_bootstrap=min(n_bootstrap, 200), seed=seed)
     return summaries
@@ -279,20 +294,35 @@ def track_summaries(config: EvalConfig, summaries: dict[str, dict[str, Any]]) ->
 
 
 def run_eval(config: EvalConfig) -> int:
-    """Returns 0 after evaluating ``config.model`` on ``config.data`` or ``config.benchmarks``; writes records, summaries, results and config.json."""
-    check_config(config)
-    sets, read = eval_sets(config)
+    """Returns 0 after evaluating ``config.model`` on ``config.data`` or ``config.benchmarks``; writes records, summaries, results and config.json.
+
+    Under ``torchrun --nproc_per_node N -m reasontune eval …`` each rank loads the whole model
+    and evaluates its slice of the questions; rank 0 gathers the records in the original order
+    and writes every file (the same records.jsonl as one process, for greedy decoding).
+    """
+    return distributed.run_on_every_rank(config, lambda ctx: _run_eval(config, ctx))
+
+
+def _run_eval(config: EvalConfig, ctx: distributed.DistributedContext) -> int:
+    if ctx.is_distributed and config.backend == "vllm":
+        raise SystemExit("error: --backend vllm does not run under torchrun yet (each rank would start its own "
+                         "engine); run one process, or use --backend hf")
+    with contextlib.nullcontext() if ctx.is_main else contextlib.redirect_stderr(io.StringIO()):
+        sets, read = eval_sets(config)  # every rank reads the data; rank 0 reports what was read
     options = SamplingOptions(temperature=config.eval_temperature, top_p=config.eval_top_p,
                               max_new_tokens=config.eval_max_new_tokens, n=config.eval_n_samples, seed=config.seed,
                               return_entropy=config.entropy and config.backend == "hf")
     output_dir = Path(config.output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_config(config, output_dir / "config.json")
+    if ctx.is_main:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, output_dir / "config.json")
     generator = build_eval_generator(config)
     summaries = evaluate_sets(generator, sets, options, output_dir, ks=parse_ks(config.k), n_bootstrap=config.n_bootstrap,
                               seed=config.seed, grading_workers=config.grading_workers, stop=config.stop,
-                              extra_summary={"template": config.prompt_template, **read})
+                              extra_summary={"template": config.prompt_template, **read}, ctx=ctx)
     generator.close()
+    if not ctx.is_main:
+        return 0
     if config.wandb or config.tensorboard:
         track_summaries(config, summaries)
     for name, summary in summaries.items():

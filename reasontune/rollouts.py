@@ -310,6 +310,34 @@ def rollouts_for_examples(generator: Generator, examples: Sequence[Example], tem
                              grading_workers=grading_workers, examples=examples)
 
 
+def merge_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
+    """Returns one ``Rollouts`` of ``parts`` concatenated in order (each rank's slice of the prompts, gathered).
+
+    Timing: the slowest part's generation and grading seconds (the parts ran at once, on
+    different ranks), the total generated tokens, and their throughput over that time.
+    """
+    first = parts[0]
+    merged = Rollouts(prompts=[p for part in parts for p in part.prompts],
+                      ground_truths=[t for part in parts for t in part.ground_truths],
+                      completions=[g for part in parts for g in part.completions],
+                      rewards=[r for part in parts for r in part.rewards],
+                      examples=None if any(part.examples is None for part in parts)
+                      else [e for part in parts for e in part.examples],
+                      sampling=first.sampling, reward_fn=first.reward_fn,
+                      question_ids=None if any(part.question_ids is None for part in parts)
+                      else [q for part in parts for q in part.question_ids])
+    timing: dict[str, Any] = {}
+    for key in ("generation_seconds", "grading_seconds"):
+        if all(key in part.timing for part in parts):
+            timing[key] = max(part.timing[key] for part in parts)
+    if all("generated_tokens" in part.timing for part in parts):
+        timing["generated_tokens"] = sum(part.timing["generated_tokens"] for part in parts)
+        seconds = timing.get("generation_seconds", 0.0)
+        timing["tokens_per_second"] = timing["generated_tokens"] / seconds if seconds > 0 else None
+    merged.timing = timing
+    return merged
+
+
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Returns the records of a ``records.jsonl``; a malformed line raises ``DataError`` naming file and line."""
     records = []

@@ -8,6 +8,7 @@ trainer config composes, so SFT, expert iteration and GRPO set themselves up the
 from __future__ import annotations
 
 import math
+import os
 import random
 import re
 import shlex
@@ -22,8 +23,10 @@ from typing import Any, Sequence
 
 import torch
 
-from reasontune.checkpoint import (TRAINER_STATE, latest_checkpoint, load_trainer_state, prune_checkpoints,
-                                   remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
+from reasontune import distributed
+from reasontune.checkpoint import (SHARDED_DIR, TRAINER_STATE, latest_checkpoint, load_sharded, load_trainer_state,
+                                   prune_checkpoints, remove_stale_temporaries, restore_rng, rng_state, save_checkpoint,
+                                   set_rng_state)
 from reasontune.benchmarks import load_benchmarks
 from reasontune.config import UserError, check_config, save_config
 from reasontune.data import Example, load_examples, with_chat_template
@@ -34,6 +37,7 @@ from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import RolloutOptions, TrainerOptions, resolved_dtype
 from reasontune.rollouts import RewardFn
 from reasontune.tracking import MetricsLogger
+from reasontune.training.data_parallel import SINGLE_PROCESS, generation_model
 
 
 # What a training run writes into its directory: --overwrite deletes these and nothing else.
@@ -102,11 +106,32 @@ def seed_and_device(seed: int, num_threads: int | None, device: str | None) -> t
     return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
-def start_run(config: TrainerOptions) -> tuple[Path, torch.device, Path | None]:
+def start_run(config: TrainerOptions, ctx: distributed.DistributedContext | None = None
+              ) -> tuple[Path, torch.device, Path | None]:
     """Returns (run directory, device, checkpoint to resume from or None) after writing config.json and seeding.
 
-    With ``--resume`` and no checkpoint yet, the run starts from step 0 (and says so).
+    With ``--resume`` and no checkpoint yet, the run starts from step 0 (and says so). Under
+    torchrun (``ctx``) rank 0 prepares the directory and finds the checkpoint; every rank gets
+    the same answer and trains on ``ctx.device``.
     """
+    decision = None
+    if ctx is None or ctx.is_main:
+        try:
+            decision = ("start", _prepare_run(config))
+        except SystemExit as stop:  # a finished run (exit 0): every rank exits as rank 0 does
+            decision = ("exit", stop.code)
+        # Any other error propagates: under torchrun stop_all_ranks_on_error then stops every rank.
+    decision = distributed.broadcast_object(decision)
+    if decision[0] == "exit":
+        raise SystemExit(decision[1])
+    device = seed_and_device(config.seed, config.num_threads,
+                             str(ctx.device) if ctx is not None and ctx.is_distributed else config.device)
+    arm_stop_signals()
+    return Path(config.output_dir), device, decision[1]
+
+
+def _prepare_run(config: TrainerOptions) -> Path | None:
+    """Returns the checkpoint to resume from (None: start afresh) after preparing the run directory and writing config.json."""
     check_config(config)  # values, files, model, packages: before the run directory is touched
     run_dir = prepare_run_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
     checkpoint = None
@@ -118,9 +143,7 @@ def start_run(config: TrainerOptions) -> tuple[Path, torch.device, Path | None]:
         if checkpoint is None:
             print(f"no checkpoint in {run_dir}; starting from step 0")
     save_config(config, run_dir / "config.json")
-    device = seed_and_device(config.seed, config.num_threads, config.device)
-    arm_stop_signals()
-    return run_dir, device, checkpoint
+    return checkpoint
 
 
 def load_policy(config: TrainerOptions, device: torch.device, weights: str | Path | None = None):
@@ -226,7 +249,9 @@ class PolicySession:
     reward_fn: RewardFn
     rollouts: SamplingOptions
     run_dir: Path
-    logger: MetricsLogger
+    logger: MetricsLogger | None  # None on the ranks other than 0
+    ctx: distributed.DistributedContext = SINGLE_PROCESS
+    replica: Any = None  # world size > 1: the UnshardedReplica the generator samples from
 
 
 def evaluation_sampling(config: TrainerOptions, backend: str) -> SamplingOptions:
@@ -249,26 +274,44 @@ def evaluation_sets(config: TrainerOptions, validation: Sequence[Example], templ
 
 
 def evaluate_policy(step: int, model, generator: Generator, sets: Sequence[EvalSet], run_dir: Path, *,
-                    sampling: SamplingOptions, grading_workers: int | None = None) -> dict:
+                    sampling: SamplingOptions, grading_workers: int | None = None,
+                    ctx: distributed.DistributedContext | None = None) -> dict:
     """Returns the summary of generating and grading every evaluation set with the current weights.
 
     Writes ``eval/step-<N>/records.jsonl`` and ``summary.json`` as ``reasontune eval`` does (a
     benchmark's under ``eval/step-<N>/<name>/``). With several sets the summary holds the mean
     accuracy, format rate and length over the sets and ``sets`` with each one's. The RNG is
     forked so that sampling in evaluation never changes the training run's random stream; the
-    generator sleeps afterwards (giving a shared GPU back to training).
+    generator sleeps afterwards (giving a shared GPU back to training). Under torchrun (``ctx``)
+    every rank calls it with an unsharded ``model``: each generates its slice of every set and
+    rank 0 writes the records, gathered in the original order.
     """
     generator.sync_weights(model)
     with torch.random.fork_rng(devices=[]):
         summaries = evaluate_sets(generator, sets, sampling, run_dir / "eval" / f"step-{step:06d}",
                                   ks=sorted({1, sampling.n}), n_bootstrap=200, seed=sampling.seed or 0,
-                                  grading_workers=grading_workers, plots=False)
+                                  grading_workers=grading_workers, plots=False, ctx=ctx)
     generator.sleep()
     if len(summaries) == 1:
         return next(iter(summaries.values()))
     mean = {key: statistics.fmean(s[key] for s in summaries.values() if s[key] is not None)
             for key in ("accuracy", "format_rate", "mean_response_tokens")}
     return {**mean, "mean_entropy": None, "sets": summaries}
+
+
+def log_evaluation(session: Any, step: int, sampling: SamplingOptions, progress: Any) -> dict:
+    """Returns the evaluation summary of ``session``'s policy at ``step`` after logging it (rank 0); every rank calls it.
+
+    ``session`` is a trainer's session (model, replica, generator, validation, run_dir, config,
+    ctx, logger); a sharded policy generates through its refreshed unsharded replica.
+    """
+    summary = evaluate_policy(step, generation_model(session.model, session.replica), session.generator,
+                              session.validation, session.run_dir, sampling=sampling,
+                              grading_workers=session.config.grading_workers, ctx=session.ctx)
+    if session.logger is not None:
+        session.logger.log("eval", step, **eval_metrics(summary, step))
+        progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
+    return summary
 
 
 def eval_metrics(summary: dict, step: int) -> dict:
@@ -286,38 +329,67 @@ def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str, **extr
             "rng": rng_state(), "plan_fingerprint": plan_fingerprint, **extra}
 
 
-def save_training_checkpoint(run_dir: Path, name: str, model, tokenizer, state: dict, keep: int | None = None) -> Path:
+def save_training_checkpoint(run_dir: Path, name: str, model, tokenizer, state: dict, keep: int | None = None, *,
+                             optimizer=None, ctx: distributed.DistributedContext | None = None) -> Path:
     """Returns the checkpoint directory ``run_dir/name`` after an atomic save of weights, tokenizer, trainer state and config.json.
 
     A LoRA model's checkpoint holds its adapter (PEFT format); its ``final/`` holds the merged
     full model (loadable by ``from_pretrained`` and vLLM without peft) and the adapter in
-    ``final/adapter/``.
+    ``final/adapter/``. With ``optimizer`` the model and optimizer state also go to
+    ``sharded/`` (every rank writes its shard; loadable at any world size), and ``state``
+    should then not hold the optimizer. Under torchrun every rank calls it; rank 0 writes the
+    shared files and prunes.
     """
-    extra = {"reasontune_config.json": (run_dir / "config.json").read_text()}
+    is_main = ctx is None or ctx.is_main
+    extra = {"reasontune_config.json": (run_dir / "config.json").read_text()} if is_main else None
     if name == "final" and is_peft_model(model):
         path = save_merged(model, tokenizer, run_dir / name)
         save_checkpoint(path / "adapter", model, tokenizer, state, extra)
         return path
-    path = save_checkpoint(run_dir / name, model, tokenizer, state, extra)
-    prune_checkpoints(run_dir, keep)
+    path = save_checkpoint(run_dir / name, model, tokenizer, state, extra, optimizer=optimizer, ctx=ctx)
+    if is_main:
+        prune_checkpoints(run_dir, keep)
     return path
 
 
-def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_of_steps=None) -> dict:
+def save_run_checkpoint(run_dir: Path, name: str, model, tokenizer, step: int, optimizer, scheduler,
+                        plan_fingerprint: str, *, keep: int | None = None,
+                        ctx: distributed.DistributedContext | None = None, **extra: Any) -> Path:
+    """Returns the checkpoint ``run_dir/name`` of a trainer with an optimizer after saving it (every rank calls it).
+
+    The optimizer state goes to ``sharded/`` with the model's (each rank its shard), so that a
+    resume may change the world size; a LoRA model (one process) keeps small adapter
+    checkpoints, the adapter's optimizer state in ``trainer_state``.
+    """
+    sharded = optimizer is not None and not is_peft_model(model)
+    state = trainer_state(step, None if sharded else optimizer, scheduler, plan_fingerprint, **extra)
+    return save_training_checkpoint(run_dir, name, model, tokenizer, state, keep=keep,
+                                    optimizer=optimizer if sharded else None, ctx=ctx)
+
+
+def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_of_steps=None, *, model=None,
+                           ctx: distributed.DistributedContext | None = None) -> dict:
     """Returns the checkpoint's trainer state after loading the optimizer, schedule (each when not None) and RNG states from it.
 
     ``fingerprint_of_steps(step)`` (when given) must reproduce the saved fingerprint of the
-    steps already trained; a resume with other data or batching is refused.
+    steps already trained; a resume with other data or batching is refused. With ``model`` and
+    a ``sharded/`` directory in the checkpoint, model and optimizer state come from there (any
+    world size; every rank calls it); each rank restores its own RNG state when the checkpoint
+    has one for its rank.
     """
     state = load_trainer_state(checkpoint)
     if fingerprint_of_steps is not None and state["plan_fingerprint"] != fingerprint_of_steps(state["step"]):
         raise UserError(f"--resume: {checkpoint} was trained on other data or batches than these options plan "
                         "for its steps; resume with the same data, seed and batching options")
-    if optimizer is not None and state.get("optimizer") is not None:
+    if model is not None and optimizer is not None and (Path(checkpoint) / SHARDED_DIR).is_dir():
+        load_sharded(checkpoint, model, optimizer)
+    elif optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
         scheduler.load_state_dict(state["scheduler"])
     set_rng_state(state["rng"])
+    if ctx is not None and ctx.rank > 0:
+        restore_rng(checkpoint, ctx.rank)
     return state
 
 
@@ -365,6 +437,8 @@ _stop = {"signal": None, "previous": {}}
 
 def _on_stop_signal(signum, frame) -> None:
     if _stop["signal"] is not None:  # a second signal: stop at once
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            return  # torchrun forwards to its workers the signal a user sent the whole job: the same request again
         raise KeyboardInterrupt
     _stop["signal"] = signum
     print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
@@ -389,23 +463,31 @@ def disarm_stop_signals() -> None:
     _stop["previous"].clear()
 
 
-def stop_requested() -> bool:
-    """Returns whether SIGINT or SIGTERM arrived since the run started (the loop saves and stops after its step)."""
-    return _stop["signal"] is not None
+def stop_requested(ctx: distributed.DistributedContext | None = None) -> bool:
+    """Returns whether SIGINT or SIGTERM arrived since the run started (the loop saves and stops after its step).
+
+    Under torchrun (``ctx``) every rank must call it at the same point: True on every rank as
+    soon as any rank got a signal, so that all of them save and stop together.
+    """
+    local = _stop["signal"] is not None
+    if ctx is None or not ctx.is_distributed:
+        return local
+    return bool(distributed.global_max(int(local)))
 
 
 def stop_for_signal(config: TrainerOptions, run_dir: Path, step: int, save, logger: MetricsLogger, progress) -> None:
     """Exits 130 after ``save(step, "checkpoint-<step>")``, logging the stop and printing the exact resume command."""
-    path = save(step, f"checkpoint-{step}")
-    name = signal.Signals(_stop["signal"]).name
+    path = save(step, f"checkpoint-{step}")  # every rank, under torchrun
+    name = signal.Signals(_stop["signal"]).name if _stop["signal"] is not None else "a signal to another rank"
     command = f"reasontune {COMMAND_OF_CONFIG.get(type(config).__name__, 'sft')} --resume --output-dir {shlex.quote(str(run_dir))}"
-    logger.log("event", step, message=f"stopped by {name} after step {step}; saved {path.name}")
-    logger.close()
     if progress is not None:
         progress.close()
     disarm_stop_signals()
-    print(f"stopped by {name} after step {step}; checkpoint saved in {path}\nresume with: {command}",
-          file=sys.stderr, flush=True)
+    if logger is not None:  # rank 0
+        logger.log("event", step, message=f"stopped by {name} after step {step}; saved {path.name}")
+        logger.close()
+        print(f"stopped by {name} after step {step}; checkpoint saved in {path}\nresume with: {command}",
+              file=sys.stderr, flush=True)
     raise SystemExit(130)
 
 

@@ -21,17 +21,21 @@ from pathlib import Path
 from typing import Any, Literal
 
 
+from reasontune import distributed
 from reasontune.config import help_field, raise_problems, same_field
-from reasontune.data import Example, example_prompt, load_template
+from reasontune.data import Example, load_template
 from reasontune.losses import LossAggregation
 from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
                                 TrainerOptions, validate_common)
-from reasontune.rollouts import generate_rollouts, reward_fn_by_name, write_jsonl
+from reasontune.rollouts import reward_fn_by_name, write_jsonl
 from reasontune.training.common import (PolicySession, eval_metrics, evaluate_policy, evaluation_sampling,
                                         evaluation_sets, finish_run, load_policy, load_questions, make_generator,
                                         make_logger, question_batch, restore_training_state, rollout_sampling,
                                         save_training_checkpoint, start_run, stop_for_signal, stop_requested,
                                         trainer_state)
+from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, generation_model, record_launch,
+                                               refuse_what_torchrun_cannot_run,
+                                               sharded_rollouts)
 from reasontune.training.sft import SFTConfig, prepare_session, train_sft
 
 
@@ -91,26 +95,44 @@ class ExpertIterationSession(PolicySession):
     start_step: int = 0
 
 
-def setup_expert_iteration(config: ExpertIterationConfig) -> ExpertIterationSession:
-    """Returns the session of ``reasontune ei``: run directory, policy (from the newest checkpoint on --resume), data, generator, logger."""
+def setup_expert_iteration(config: ExpertIterationConfig, ctx: distributed.DistributedContext | None = None
+                           ) -> ExpertIterationSession:
+    """Returns the session of ``reasontune ei``: run directory, policy (from the newest checkpoint on --resume), data, generator, logger.
+
+    Under torchrun (``ctx`` of world size > 1) the policy is sharded with FSDP2 and the HF
+    generator samples from an unsharded replica refreshed before each use; rank 0 alone writes.
+    """
     config.validate()
-    run_dir, device, checkpoint = start_run(config)
+    ctx = ctx or SINGLE_PROCESS
+    refuse_what_torchrun_cannot_run(config, ctx)
+    run_dir, device, checkpoint = start_run(config, ctx)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     questions, validation, data_counts = load_questions(config, tokenizer=tokenizer)
+    replica = UnshardedReplica(model) if ctx.is_distributed else None
+    model = distributed.shard_model(model, ctx)
     session = ExpertIterationSession(
         config=config, model=model, tokenizer=tokenizer, device=device,
-        generator=make_generator(config, model, tokenizer, device), questions=questions,
+        generator=make_generator(config, replica.model if replica else model, tokenizer, device), questions=questions,
         validation=evaluation_sets(config, validation, load_template(config.prompt_template)),
         template=load_template(config.prompt_template), reward_fn=reward_fn_by_name(config.reward_name),
         rollouts=rollout_sampling(config, config.reward_name, return_entropy=config.backend == "hf"), run_dir=run_dir,
-        logger=make_logger(run_dir, config, resume=checkpoint is not None))
+        logger=make_logger(run_dir, config, resume=checkpoint is not None) if ctx.is_main else None,
+        ctx=ctx, replica=replica)
+    record_launch(run_dir / "config.json", ctx, questions_per_step=config.questions_per_step,
+                  sft_global_batch=ctx.world_size * config.batch_size * config.gradient_accumulation_steps)
     if checkpoint is not None:
         # EI keeps no optimizer across steps (each step's SFT starts a fresh one): weights, RNG and step come back.
-        session.start_step = restore_training_state(checkpoint, None, None)["step"]
-        session.logger.truncate_after(session.start_step)
-        session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
-    else:
+        session.start_step = restore_training_state(checkpoint, None, None, ctx=ctx)["step"]
+        if session.logger is not None:
+            session.logger.truncate_after(session.start_step)
+            session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
+    elif session.logger is not None:
         session.logger.log("data", 0, **data_counts)
+    if ctx.is_distributed and ctx.is_main:
+        print(f"{ctx.world_size} ranks: each samples its share of {config.questions_per_step} questions a step; "
+              f"SFT global batch {ctx.world_size * config.batch_size * config.gradient_accumulation_steps} = "
+              f"{ctx.world_size} ranks x --batch-size {config.batch_size} x {config.gradient_accumulation_steps} "
+              "accumulation")
     return session
 
 
@@ -126,18 +148,22 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
     evaluation → checkpoint.
     """
     config, model, logger, run_dir = session.config, session.model, session.logger, session.run_dir
+    ctx = session.ctx
     eval_sampling = evaluation_sampling(config, config.backend)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, model, session.generator, session.validation, run_dir, sampling=eval_sampling,
-                                  grading_workers=config.grading_workers)
-        logger.log("eval", step, **eval_metrics(summary, step))
-        print(f"EI step {step}: held-out accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}",
-              flush=True)
+        summary = evaluate_policy(step, generation_model(model, session.replica), session.generator,
+                                  session.validation, run_dir, sampling=eval_sampling,
+                                  grading_workers=config.grading_workers, ctx=ctx)
+        if logger is not None:
+            logger.log("eval", step, **eval_metrics(summary, step))
+            print(f"EI step {step}: held-out accuracy {summary['accuracy']:.3f}, format rate "
+                  f"{summary['format_rate']:.3f}", flush=True)
 
     def save(step: int, name: str) -> Path:
         state = trainer_state(step, None, None, f"ei-seed-{config.seed}")
-        return save_training_checkpoint(run_dir, name, model, session.tokenizer, state, keep=config.save_total_limit)
+        return save_training_checkpoint(run_dir, name, model, session.tokenizer, state, keep=config.save_total_limit,
+                                        ctx=ctx)
 
     if session.validation and config.eval_before_training and session.start_step == 0:
         evaluate_and_log(0)
@@ -147,30 +173,32 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
         # --- question batch and rollouts from the current policy (sampling seeded per step: reproducible)
         batch = [session.questions[i] for i in question_batch(len(session.questions), config.questions_per_step,
                                                                config.seed, step)]
-        session.generator.sync_weights(model)
-        rollouts = generate_rollouts(session.generator, [example_prompt(e, session.template) for e in batch],
-                                     [e.ground_truth for e in batch],
-                                     session.rollouts.replace(seed=config.seed * 1_000_003 + step),
-                                     session.reward_fn, grading_workers=config.grading_workers, examples=batch)
+        # Under torchrun each rank samples its slice of the questions; every rank gets all the rollouts back.
+        session.generator.sync_weights(generation_model(model, session.replica))
+        rollouts = sharded_rollouts(session.generator, batch, session.template,
+                                    session.rollouts.replace(seed=config.seed * 1_000_003 + step), session.reward_fn,
+                                    ctx, grading_workers=config.grading_workers)
         session.generator.sleep()
         rollout_seconds = time.perf_counter() - tick
-        write_jsonl(rollouts.records(), run_dir / f"ei-step-{step}" / "rollouts.jsonl")
+        if ctx.is_main:
+            write_jsonl(rollouts.records(), run_dir / f"ei-step-{step}" / "rollouts.jsonl")
         # --- keep exactly the correct samples; SFT on them in memory (the SFT loop of sft.py)
         kept = [Example(question="", prompt=r["prompt"], response=r["response"], ground_truth=r["ground_truth"],
                         source=f"ei-step-{step}", line=i + 1) for i, r in enumerate(rollouts.correct())]
         sft_history: list[dict[str, Any]] = []
         if kept:
             sft = prepare_session(sft_config_for_step(config, step), model, session.tokenizer, kept, session.device,
-                                  session.template)
+                                  session.template, ctx.world_size)
+            sft.ctx = ctx
             sft_history = train_sft(sft)
-        else:
+        elif logger is not None:
             message = f"EI step {step}: no correct sample among {rollouts.summary()['n_samples']}; SFT skipped, policy unchanged"
             logger.log("event", step, message=message)
             print(message, flush=True)
         # --- log
         summary = rollouts.summary()
         last = sft_history[-1] if sft_history else {}
-        if step % config.log_every == 0 or step == config.n_ei_steps:
+        if logger is not None and (step % config.log_every == 0 or step == config.n_ei_steps):
             logger.log("train", step, loss=last.get("loss"), lr=config.learning_rate if kept else None,
                        grad_norm=last.get("grad_norm"), sft_steps=len(sft_history), kept=len(kept),
                        samples=summary["n_samples"], accuracy=summary["accuracy"], format_rate=summary["format_rate"],
@@ -181,23 +209,28 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
                        rollout_s=rollout_seconds, step_s=time.perf_counter() - tick,
                        elapsed_s=time.perf_counter() - started)
         entropy = "n/a" if summary["mean_entropy"] is None else f"{summary['mean_entropy']:.3f}"
-        print(f"EI step {step}: kept {len(kept)} of {summary['n_samples']} samples "
-              f"(sample accuracy {summary['accuracy']:.3f}, token entropy {entropy})", flush=True)
+        if ctx.is_main:
+            print(f"EI step {step}: kept {len(kept)} of {summary['n_samples']} samples "
+                  f"(sample accuracy {summary['accuracy']:.3f}, token entropy {entropy})", flush=True)
         # --- evaluate
         if session.validation and config.eval_every and (step % config.eval_every == 0 or step == config.n_ei_steps):
             evaluate_and_log(step)
         # --- checkpoint
         if config.save_every and step % config.save_every == 0 and step != config.n_ei_steps:
             save(step, f"checkpoint-{step}")
-        if stop_requested() and step < config.n_ei_steps:  # SIGINT/SIGTERM: saved, exit 130
+        if stop_requested(ctx) and step < config.n_ei_steps:  # SIGINT/SIGTERM: saved, exit 130
             stop_for_signal(config, run_dir, step, save, logger, None)
 
     # --- final policy, report
     save(config.n_ei_steps, "final")
     session.generator.close()
-    return finish_run(run_dir, logger, config.write_report)
+    return finish_run(run_dir, logger, config.write_report) if logger is not None else run_dir
 
 
 def run_expert_iteration(config: ExpertIterationConfig) -> Path:
-    """Returns the run directory after ``config.n_ei_steps`` of expert iteration from ``config.model`` (``setup_expert_iteration`` then ``train_expert_iteration``)."""
-    return train_expert_iteration(setup_expert_iteration(config))
+    """Returns the run directory after ``config.n_ei_steps`` of expert iteration from ``config.model`` (``setup_expert_iteration`` then ``train_expert_iteration``).
+
+    Under ``torchrun --nproc_per_node N -m reasontune ei …``: questions sharded over ranks for
+    sampling, the kept responses gathered on every rank, their SFT data-parallel with FSDP2.
+    """
+    return distributed.run_on_every_rank(config, lambda ctx: train_expert_iteration(setup_expert_iteration(config, ctx)))

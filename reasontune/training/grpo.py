@@ -18,8 +18,9 @@ from typing import Any, Literal
 
 import torch
 
+from reasontune import distributed
 from reasontune.config import help_field, raise_problems, same_field
-from reasontune.data import example_prompt, load_template
+from reasontune.data import load_template
 from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import (AdvantageBaseline, AdvantageStd, LossAggregation, PolicyLossType, RolloutCorrection,
                                compute_advantages, grpo_microbatch_train_step, mask_truncated_responses, masked_mean,
@@ -28,14 +29,17 @@ from reasontune.modeling import load_model
 from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
                                 TrainerOptions, resolved_dtype, validate_common)
 from reasontune.rl_recipes import RECIPES, expand_recipe, fill_batch, informative_groups
-from reasontune.rollouts import Rollouts, generate_rollouts, reward_fn_by_name
+from reasontune.rollouts import Rollouts, reward_fn_by_name
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.tracking import Progress
-from reasontune.training.common import (NonFiniteStep, PolicySession, clip_and_step, eval_metrics, evaluate_policy,
+from reasontune.training.common import (NonFiniteStep, PolicySession, clip_and_step, log_evaluation,
                                         evaluation_sampling, evaluation_sets, finish_run, load_policy, load_questions,
                                         make_generator, make_logger, make_optimizer, question_batch,
-                                        restore_training_state, rollout_sampling, save_training_checkpoint, start_run,
-                                        stop_diverged, stop_for_signal, stop_requested, trainer_state)
+                                        restore_training_state, rollout_sampling, save_run_checkpoint, start_run,
+                                        stop_diverged, stop_for_signal, stop_requested)
+from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, generation_model, rank_microbatches,
+                                               record_launch, refuse_what_torchrun_cannot_run,
+                                               sharded_rollouts)
 
 
 @dataclasses.dataclass
@@ -73,6 +77,23 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
     @property
     def micro_train_batch_size(self) -> int:
         return self.train_batch_size // self.gradient_accumulation_steps
+
+    def microbatch_size(self, world_size: int) -> int:
+        """Returns the rollouts in one microbatch of one rank: train-batch-size / (world size x accumulation)."""
+        return self.train_batch_size // (world_size * self.gradient_accumulation_steps)
+
+    def world_problems(self, world_size: int) -> list[str]:
+        """Returns what keeps the batch sizes from splitting over ``world_size`` ranks (empty at world size 1)."""
+        if world_size == 1:
+            return []
+        split = world_size * self.gradient_accumulation_steps
+        if self.train_batch_size % split:
+            return [f"--train-batch-size ({self.train_batch_size}) does not split over {world_size} ranks x "
+                    f"{self.gradient_accumulation_steps} microbatches; choose a multiple of {split}"]
+        if self.rollout_batch_size % self.microbatch_size(world_size):
+            return [f"--rollout-batch-size ({self.rollout_batch_size}) must be divisible by the microbatch size "
+                    f"(train-batch-size / (ranks x gradient-accumulation-steps) = {self.microbatch_size(world_size)})"]
+        return []
 
     @classmethod
     def expand_presets(cls, values: dict[str, Any]) -> dict[str, Any]:
@@ -185,7 +206,8 @@ def add_log_probs(model, microbatches: list[dict], key: str, device: torch.devic
 # One optimizer step
 
 
-def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torch.device) -> dict[str, float]:
+def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torch.device,
+               ctx: distributed.DistributedContext = SINGLE_PROCESS) -> dict[str, float]:
     """Returns the step's metrics after forward and backward of every microbatch (gradients accumulated, no optimizer step).
 
     Old log-probs: the ones stored per rollout batch when off-policy; on-policy, the current
@@ -194,9 +216,14 @@ def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torc
     those old log-probs: the mismatch is logged, and ``--rollout-correction`` weights each
     token's loss by the truncated or masked importance ratio. The policy's log-probs are
     taken at the sampling temperature, the distribution the rollouts were drawn from.
+
+    Under torchrun ``microbatches`` are this rank's: the token and sequence counts that
+    normalise the loss and every metric are reduced over all ranks (sums; the largest
+    mismatch), and a ``filler`` microbatch runs forward and backward with loss 0.
     """
-    tokens_in_step = int(sum(int(mb["response_mask"].sum()) for mb in microbatches))
-    examples_in_step = sum(int(mb["response_mask"].shape[0]) for mb in microbatches)
+    real = [mb for mb in microbatches if not mb.get("filler")]
+    tokens_in_step = distributed.global_sum(int(sum(int(mb["response_mask"].sum()) for mb in real)))
+    examples_in_step = distributed.global_sum(sum(int(mb["response_mask"].shape[0]) for mb in real))
     sums: dict[str, float] = {"loss": 0.0, "response_tokens": 0}
     for mb in microbatches:
         input_ids, labels = mb["input_ids"].to(device), mb["labels"].to(device)
@@ -204,6 +231,9 @@ def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torc
         # Right padding under a causal mask: real tokens never attend to the padding after them.
         outputs = get_response_log_probs(model, input_ids, labels, return_token_entropy=True, response_mask=response_mask,
                                          temperature=config.sampling_temperature)
+        if mb.get("filler"):
+            (outputs["log_probs"].sum() * 0.0).backward()  # joins the gradient reduce-scatters, adds nothing
+            continue
         old_log_probs = mb.get("old_log_probs")
         if old_log_probs is None:
             old_log_probs = outputs["log_probs"].detach()
@@ -234,9 +264,27 @@ def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torc
                 sums[key] = max(sums.get(key, 0.0), value)
             else:
                 sums[key] = sums.get(key, 0.0) + value * tokens
+    sums = global_metric_sums(sums, ctx, maximum="mismatch_max_abs_log_ratio")
     tokens = max(sums["response_tokens"], 1)
     return {key: value if key in ("loss", "response_tokens", "mismatch_max_abs_log_ratio") else value / tokens
             for key, value in sums.items()}
+
+
+def global_metric_sums(sums: dict[str, float], ctx: distributed.DistributedContext, maximum: str) -> dict[str, float]:
+    """Returns ``sums`` summed over the ranks (``maximum``: the largest of the ranks' values); unchanged at world size 1.
+
+    A key that only some ranks have (the mismatch metrics need the engine's log-probs) counts 0
+    on the others.
+    """
+    if not ctx.is_distributed:
+        return sums
+    keys = sorted({key for part in distributed.all_gather_objects(sorted(sums)) for key in part})
+    values = torch.tensor([float(sums.get(key, 0.0)) for key in keys], dtype=torch.float64)
+    summed = distributed.global_sum(values).tolist()
+    largest = distributed.global_max(values).tolist()
+    reduced = {key: (largest[i] if key == maximum else summed[i]) for i, key in enumerate(keys)}
+    reduced["response_tokens"] = int(reduced["response_tokens"])
+    return reduced
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,10 +301,19 @@ class GRPOSession(PolicySession):
     start_step: int = 0
 
 
-def setup_grpo(config: GRPOConfig) -> GRPOSession:
-    """Returns the session of ``reasontune grpo``: run directory, policy (from the newest checkpoint on --resume), reference, data, optimizer, generator, logger."""
+def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = None) -> GRPOSession:
+    """Returns the session of ``reasontune grpo``: run directory, policy (from the newest checkpoint on --resume), reference, data, optimizer, generator, logger.
+
+    Under torchrun (``ctx`` of world size > 1) the policy is sharded with FSDP2 before the
+    optimizer is built over its shards; the HF generator samples from an unsharded replica and
+    each rank keeps its own unsharded reference (forward only); rank 0 alone writes and logs.
+    """
     config.validate()
-    run_dir, device, checkpoint = start_run(config)
+    ctx = ctx or SINGLE_PROCESS
+    refuse_what_torchrun_cannot_run(config, ctx)
+    if config.world_problems(ctx.world_size):
+        raise SystemExit("error: " + "; ".join(config.world_problems(ctx.world_size)))
+    run_dir, device, checkpoint = start_run(config, ctx)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     reference = None
     if config.kl_coef > 0:  # the reference is the starting model, also after a resume
@@ -264,25 +321,37 @@ def setup_grpo(config: GRPOConfig) -> GRPOSession:
                                device=device).eval().requires_grad_(False)
     questions, validation, data_counts = load_questions(config, needed=config.rollout_batch_size // config.group_size,
                                                         tokenizer=tokenizer)
+    replica = UnshardedReplica(model) if ctx.is_distributed else None
+    model = distributed.shard_model(model, ctx)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, kept for the trainer state
     session = GRPOSession(
         config=config, model=model, tokenizer=tokenizer, device=device,
-        generator=make_generator(config, model, tokenizer, device), questions=questions,
+        generator=make_generator(config, replica.model if replica else model, tokenizer, device), questions=questions,
         validation=evaluation_sets(config, validation, load_template(config.prompt_template)),
         template=load_template(config.prompt_template), reward_fn=reward_fn_by_name(config.reward_name),
         rollouts=rollout_sampling(config, config.reward_name).replace(return_logprobs=True), run_dir=run_dir,
-        logger=make_logger(run_dir, config, resume=checkpoint is not None),
-        optimizer=optimizer, scheduler=scheduler, reference=reference)
+        logger=make_logger(run_dir, config, resume=checkpoint is not None) if ctx.is_main else None,
+        ctx=ctx, replica=replica, optimizer=optimizer, scheduler=scheduler, reference=reference)
+    record_launch(run_dir / "config.json", ctx, train_batch_size=config.train_batch_size,
+                  rollout_batch_size=config.rollout_batch_size,
+                  microbatch_per_rank=config.microbatch_size(ctx.world_size),
+                  gradient_accumulation_steps=config.gradient_accumulation_steps)
     if checkpoint is not None:
-        session.start_step = restore_training_state(checkpoint, optimizer, scheduler)["step"]
-        session.logger.truncate_after(session.start_step)
-        session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
-    else:
+        session.start_step = restore_training_state(checkpoint, optimizer, scheduler, model=model, ctx=ctx)["step"]
+        if session.logger is not None:
+            session.logger.truncate_after(session.start_step)
+            session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
+    elif session.logger is not None:
         session.logger.log("data", 0, **data_counts, loss_type=config.loss_type,
                            loss_aggregation=config.loss_aggregation, off_policy=config.off_policy)
+    if not ctx.is_main:
+        return session
     if config.recipe:
         print(f"recipe {config.recipe}: " + ", ".join(f"{k}={v}" for k, v in config.recipe_settings().items()))
+    if ctx.is_distributed:
+        print(f"{ctx.world_size} ranks: each takes {config.microbatch_size(ctx.world_size)} rollouts x "
+              f"{config.gradient_accumulation_steps} microbatches of each optimizer step's {config.train_batch_size}")
     print(f"GRPO on {config.model}: {config.n_grpo_steps} steps of {config.rollout_batch_size // config.group_size} "
           f"questions x {config.group_size} responses, {config.optimizer_steps_per_rollout_batch} optimizer step(s) "
           f"each; loss {config.loss_type}, aggregation {config.loss_aggregation}"
@@ -298,15 +367,15 @@ def rollout_batch(session: GRPOSession, step: int) -> tuple[Rollouts, dict[str, 
     """
     config = session.config
     needed = config.rollout_batch_size // config.group_size
-    session.generator.sync_weights(session.model)
+    session.generator.sync_weights(generation_model(session.model, session.replica))
 
     def draw(attempt: int) -> tuple[list[Rollouts], list[bool]]:
         indices = question_batch(len(session.questions), needed, config.seed + 7919 * attempt, step)
         batch = [session.questions[i] for i in indices]
-        drawn = generate_rollouts(session.generator, [example_prompt(e, session.template) for e in batch],
-                                  [e.ground_truth for e in batch],
-                                  session.rollouts.replace(seed=config.seed * 1_000_003 + step + 104_729 * attempt),
-                                  session.reward_fn, grading_workers=config.grading_workers, examples=batch)
+        # Under torchrun each rank samples its slice of the questions; every rank gets all the rollouts back.
+        drawn = sharded_rollouts(session.generator, batch, session.template,
+                                 session.rollouts.replace(seed=config.seed * 1_000_003 + step + 104_729 * attempt),
+                                 session.reward_fn, session.ctx, grading_workers=config.grading_workers)
         rewards = torch.tensor([r["reward"] for r in drawn.flat_rewards()], dtype=torch.float32)
         keep = informative_groups(rewards, config.group_size).tolist() if config.dynamic_sampling else [True] * len(batch)
         return [drawn.select([i]) for i in range(len(batch))], keep
@@ -339,7 +408,7 @@ def training_microbatches(session: GRPOSession, rollouts: Rollouts) -> tuple[lis
                     "format_reward_mean": statistics.fmean(float(s["format_reward"]) for s in scores)}
     prompt_ids = [ids for ids in session.tokenizer(rollouts.prompts, add_special_tokens=True)["input_ids"]
                   for _ in range(config.group_size)]
-    micro = config.micro_train_batch_size
+    micro = config.microbatch_size(session.ctx.world_size)
     microbatches = rollout_microbatches(prompt_ids, [c.token_ids for c in completions], advantages, raw_rewards,
                                         micro, pad_token_id_of(session.tokenizer))
     for start, mb in zip(range(0, len(completions), micro), microbatches):
@@ -354,11 +423,29 @@ def training_microbatches(session: GRPOSession, rollouts: Rollouts) -> tuple[lis
                                       0)["response_mask"]
             behaviour[full_mask] = torch.tensor([lp for c in rows for lp in c.logprobs], dtype=torch.float32)
             mb["behaviour_log_probs"] = behaviour
-    if config.off_policy and config.loss_type in ("grpo_clip", "gspo", "cispo"):
-        add_log_probs(session.model, microbatches, "old_log_probs", session.device, config.sampling_temperature)
-    if session.reference is not None:
-        add_log_probs(session.reference, microbatches, "ref_log_probs", session.device)
     return microbatches, reward_stats
+
+
+def rank_train_batches(session: GRPOSession, microbatches: list[dict]) -> list[list[dict]]:
+    """Returns this rank's microbatches of each optimizer step of a rollout batch, with old / reference log-probs added.
+
+    An optimizer step takes ``world size x gradient-accumulation-steps`` consecutive microbatches
+    (``train-batch-size`` rollouts) and each rank its ``rank_microbatches`` of them (fillers where
+    a dynamic-sampling batch stayed short); at world size 1 the step's microbatches themselves.
+    Every rank computes the log-probs of its own microbatches (the same number on every rank:
+    the sharded policy's forwards are collectives).
+    """
+    config = session.config
+    per_step = session.ctx.world_size * config.gradient_accumulation_steps
+    steps = [microbatches[k * per_step:(k + 1) * per_step] for k in range(config.optimizer_steps_per_rollout_batch)]
+    mine = [rank_microbatches(step, session.ctx) if step else [] for step in steps]
+    if config.off_policy and config.loss_type in ("grpo_clip", "gspo", "cispo"):
+        for train_batch in mine:
+            add_log_probs(session.model, train_batch, "old_log_probs", session.device, config.sampling_temperature)
+    if session.reference is not None:
+        for train_batch in mine:
+            add_log_probs(session.reference, train_batch, "ref_log_probs", session.device)
+    return mine
 
 
 def rollout_metrics(rollouts: Rollouts, reward_stats: dict[str, float]) -> dict[str, Any]:
@@ -384,19 +471,17 @@ def train_grpo(session: GRPOSession) -> Path:
     Writes metrics.jsonl, checkpoint-N/, final/, eval/ and report/.
     """
     config, model, logger, run_dir = session.config, session.model, session.logger, session.run_dir
+    ctx = session.ctx
     eval_sampling = evaluation_sampling(config, config.backend)
 
     def save(step: int, name: str) -> Path:
-        state = trainer_state(step, session.optimizer, session.scheduler, plan_fingerprint=f"grpo-seed-{config.seed}")
-        return save_training_checkpoint(run_dir, name, model, session.tokenizer, state, keep=config.save_total_limit)
+        return save_run_checkpoint(run_dir, name, model, session.tokenizer, step, session.optimizer, session.scheduler,
+                                   f"grpo-seed-{config.seed}", keep=config.save_total_limit, ctx=ctx)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, model, session.generator, session.validation, run_dir, sampling=eval_sampling,
-                                  grading_workers=config.grading_workers)
-        logger.log("eval", step, **eval_metrics(summary, step))
-        progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
+        log_evaluation(session, step, eval_sampling, progress)
 
-    progress = Progress(config.n_grpo_steps, initial_step=session.start_step, enabled=config.progress,
+    progress = Progress(config.n_grpo_steps, initial_step=session.start_step, enabled=config.progress and ctx.is_main,
                         description="grpo")
     if session.validation and config.eval_before_training and session.start_step == 0:
         evaluate_and_log(0)
@@ -407,22 +492,22 @@ def train_grpo(session: GRPOSession) -> Path:
         rollouts, sampling_counts = rollout_batch(session, step)
         rollout_seconds = time.perf_counter() - tick
         if rollouts is None:  # dynamic sampling found no group with differing rewards: nothing to learn from
-            logger.log("event", step, message=f"GRPO step {step}: every drawn group had equal rewards; no update",
-                       **sampling_counts)
+            if logger is not None:
+                logger.log("event", step, message=f"GRPO step {step}: every drawn group had equal rewards; no update",
+                           **sampling_counts)
             progress.update(step)
             continue
         # --- group-normalised advantages → microbatches (old log-probs once when off-policy; reference log-probs)
         microbatches, reward_stats = training_microbatches(session, rollouts)
+        train_batches = rank_train_batches(session, microbatches)  # this rank's part of each optimizer step
         # --- policy-gradient steps: epochs × train batches, each accumulated over its microbatches
         model.train()
         step_metrics = []
         for _ in range(config.epochs_per_rollout_batch):
-            for k in range(config.optimizer_steps_per_rollout_batch):
-                accumulation = config.gradient_accumulation_steps
-                train_batch = microbatches[k * accumulation:(k + 1) * accumulation]
+            for train_batch in train_batches:
                 if not train_batch:  # a dynamic-sampling batch that stayed short
                     continue
-                metrics = train_step(model, train_batch, config, session.device)
+                metrics = train_step(model, train_batch, config, session.device, ctx)
                 try:
                     grad_norm = clip_and_step(model, session.optimizer, session.scheduler, config.max_grad_norm,
                                               metrics["loss"])
@@ -434,7 +519,7 @@ def train_grpo(session: GRPOSession) -> Path:
         # --- log (means over the step's optimizer steps; rewards and lengths of the rollouts)
         mean = {key: statistics.fmean(m[key] for m in step_metrics if key in m)
                 for key in step_metrics[0] if key != "response_tokens"}
-        if step % config.log_every == 0 or step == config.n_grpo_steps:
+        if logger is not None and (step % config.log_every == 0 or step == config.n_grpo_steps):
             logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean, optimizer_steps=len(step_metrics),
                        **rollout_metrics(rollouts, reward_stats), **sampling_counts, rollout_s=rollout_seconds,
                        step_s=time.perf_counter() - tick, elapsed_s=time.perf_counter() - started)
@@ -445,7 +530,7 @@ def train_grpo(session: GRPOSession) -> Path:
         # --- checkpoint
         if config.save_every and step % config.save_every == 0 and step != config.n_grpo_steps:
             save(step, f"checkpoint-{step}")
-        if stop_requested() and step < config.n_grpo_steps:  # SIGINT/SIGTERM: saved, exit 130
+        if stop_requested(ctx) and step < config.n_grpo_steps:  # SIGINT/SIGTERM: saved, exit 130
             stop_for_signal(config, run_dir, step, save, logger, progress)
     progress.close()
 
@@ -454,9 +539,14 @@ def train_grpo(session: GRPOSession) -> Path:
     if session.validation:
         evaluate_and_log(config.n_grpo_steps)
     session.generator.close()
-    return finish_run(run_dir, logger, config.write_report)
+    return finish_run(run_dir, logger, config.write_report) if logger is not None else run_dir
 
 
 def run_grpo(config: GRPOConfig) -> Path:
-    """Returns the run directory after ``config.n_grpo_steps`` GRPO steps on ``config.train_data`` (``setup_grpo`` then ``train_grpo``)."""
-    return train_grpo(setup_grpo(config))
+    """Returns the run directory after ``config.n_grpo_steps`` GRPO steps on ``config.train_data`` (``setup_grpo`` then ``train_grpo``).
+
+    Under ``torchrun --nproc_per_node N -m reasontune grpo …``: each rank samples its slice of
+    every step's questions (whole groups), the rollouts are gathered on every rank, and each
+    optimizer step's train batch is split over the ranks (FSDP2, counts summed over ranks).
+    """
+    return distributed.run_on_every_rank(config, lambda ctx: train_grpo(setup_grpo(config, ctx)))

@@ -18,6 +18,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
+from reasontune import distributed
 from reasontune.batching import pack_examples, packed_forward_kwargs, token_budget_batches
 from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import (Example, example_prompt, load_examples, load_template, train_validation_split,
@@ -31,10 +32,12 @@ from reasontune.options import (CheckpointOptions, EvaluationOptions, Generation
 from reasontune.rollouts import RewardFn, reward_fn_by_name
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.tracking import MetricsLogger, Progress
-from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
+from reasontune.training.common import (NonFiniteStep, clip_and_step, log_evaluation,
                                         evaluation_sampling, evaluation_sets, finish_run, load_policy, make_generator,
-                                        make_logger, make_optimizer, restore_training_state, save_training_checkpoint,
-                                        start_run, stop_diverged, stop_for_signal, stop_requested, trainer_state)
+                                        make_logger, make_optimizer, restore_training_state, save_run_checkpoint,
+                                        start_run, stop_diverged, stop_for_signal, stop_requested)
+from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, rank_microbatches,
+                                               record_launch, refuse_what_torchrun_cannot_run)
 from reasontune.training.common import TrainingDiverged  # noqa: F401  (raised by train_sft; importable from here)
 
 
@@ -173,12 +176,19 @@ def plan_microbatches(data: TokenizedData, config: SFTConfig, epoch: int, pad_to
     return microbatches
 
 
-def plan_steps(data: TokenizedData, config: SFTConfig, pad_token_id: int) -> list[tuple[float, list[dict]]]:
-    """Returns every optimizer step of the run as (epoch progress, microbatches); steps never span epochs."""
+def plan_steps(data: TokenizedData, config: SFTConfig, pad_token_id: int, world_size: int = 1
+               ) -> list[tuple[float, list[dict]]]:
+    """Returns every optimizer step of the run as (epoch progress, microbatches); steps never span epochs.
+
+    A step holds ``world_size × gradient_accumulation_steps`` microbatches of the one global
+    plan (each rank then takes its ``rank_microbatches``), so the plan, and with it the run,
+    depends on the product only: world size 2 × accumulation 1 trains on the steps of world
+    size 1 × accumulation 2.
+    """
     steps = []
     for epoch in range(config.num_epochs):
         microbatches = plan_microbatches(data, config, epoch, pad_token_id)
-        accumulation = config.gradient_accumulation_steps
+        accumulation = config.gradient_accumulation_steps * world_size
         per_epoch = math.ceil(len(microbatches) / accumulation)
         for k in range(per_epoch):
             steps.append((epoch + (k + 1) / per_epoch, microbatches[k * accumulation:(k + 1) * accumulation]))
@@ -208,9 +218,15 @@ def learning_rate_lambda(config: SFTConfig, total_steps: int):
 
 
 def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch.device) -> dict[str, float]:
-    """Returns the step's metrics after forward and backward of every microbatch (gradients accumulated, no optimizer step)."""
-    examples_in_step = sum(mb["num_examples"] for mb in microbatches)
-    tokens_in_step = int(sum(int(mb["response_mask"].sum()) for mb in microbatches))
+    """Returns the step's metrics after forward and backward of every microbatch (gradients accumulated, no optimizer step).
+
+    Under torchrun ``microbatches`` are this rank's (``rank_microbatches``): the example and
+    token counts that normalise the loss, and every metric, are summed over all ranks, so the
+    gradients summed by FSDP2 are those of the whole step. A ``filler`` microbatch (a rank
+    with fewer microbatches in a short last step) runs forward and backward with loss 0.
+    """
+    examples_in_step = distributed.global_sum(sum(mb["num_examples"] for mb in microbatches))
+    tokens_in_step = distributed.global_sum(int(sum(int(mb["response_mask"].sum()) for mb in microbatches)))
     totals = {"loss": 0.0, "nll_sum": 0.0, "response_tokens": 0, "tokens": 0, "entropy_sum": 0.0}
     for mb in microbatches:
         input_ids, labels = mb["input_ids"].to(device), mb["labels"].to(device)
@@ -218,14 +234,18 @@ def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch
         if "position_ids" in mb:
             forward = packed_forward_kwargs(mb, model.config._attn_implementation, dtype=model.dtype)
             forward = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in forward.items()}
-            totals["tokens"] += int((mb["sequence_ids"] >= 0).sum())
+            tokens = int((mb["sequence_ids"] >= 0).sum())
         else:
             # Right padding under a causal mask: real tokens never attend to the padding after
             # them, so no attention mask is needed (and sdpa keeps its fast causal kernel).
             forward = {}
-            totals["tokens"] += int((mb["prompt_lengths"] + mb["response_lengths"] - 1).sum())
+            tokens = int((mb["prompt_lengths"] + mb["response_lengths"] - 1).sum())
         outputs = get_response_log_probs(model, input_ids, labels, return_token_entropy=True,
                                          response_mask=response_mask, **forward)
+        if mb.get("filler"):
+            (outputs["log_probs"].sum() * 0.0).backward()  # joins the gradient reduce-scatters, adds nothing
+            continue
+        totals["tokens"] += tokens
         loss, metadata = sft_microbatch_train_step(
             outputs["log_probs"], response_mask, config.gradient_accumulation_steps,
             normalize_constant=config.normalize_constant, normalization=config.loss_aggregation,
@@ -235,6 +255,8 @@ def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch
         totals["nll_sum"] += float(metadata["masked_nll_sum"])
         totals["response_tokens"] += int(metadata["num_response_tokens"])
         totals["entropy_sum"] += float(outputs["token_entropy"].detach()[response_mask].float().sum())
+    summed = distributed.global_sum(torch.tensor(list(totals.values()), dtype=torch.float64)).tolist()
+    totals = {key: int(value) if key in ("response_tokens", "tokens") else value for key, value in zip(totals, summed)}
     tokens = max(totals["response_tokens"], 1)
     return {"loss": totals["loss"], "mean_token_nll": totals["nll_sum"] / tokens,
             "token_entropy": totals["entropy_sum"] / tokens, "response_tokens": totals["response_tokens"],
@@ -277,13 +299,18 @@ class SFTSession:
     run_dir: Path | None = None
     logger: MetricsLogger | None = None
     start_step: int = 0
+    ctx: distributed.DistributedContext = SINGLE_PROCESS
+    replica: UnshardedReplica | None = None  # world size > 1 with evaluation: what the HF generator samples from
 
 
 def prepare_session(config: SFTConfig, model, tokenizer, examples: Sequence[Example], device: torch.device,
-                    template: str) -> SFTSession:
-    """Returns an in-memory session: ``examples`` tokenised and planned into steps, a fresh optimizer and schedule over ``model``."""
+                    template: str, world_size: int = 1) -> SFTSession:
+    """Returns an in-memory session: ``examples`` tokenised and planned into steps, a fresh optimizer and schedule over ``model``.
+
+    ``world_size`` > 1: ``model`` is already sharded, and the steps are global (see ``plan_steps``).
+    """
     data = tokenize_examples(examples, tokenizer, template, config.max_length)
-    steps = plan_steps(data, config, pad_token_id_of(tokenizer))
+    steps = plan_steps(data, config, pad_token_id_of(tokenizer), world_size)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config, len(steps)))
     return SFTSession(config=config, model=model, tokenizer=tokenizer, device=device, data=data, steps=steps,
@@ -291,31 +318,50 @@ def prepare_session(config: SFTConfig, model, tokenizer, examples: Sequence[Exam
                       reward_fn=reward_fn_by_name(config.reward_name))
 
 
-def setup_sft(config: SFTConfig) -> SFTSession:
-    """Returns the session of ``reasontune sft``: run directory, model (from the newest checkpoint on --resume), data, plan, optimizer, generator, logger."""
+def setup_sft(config: SFTConfig, ctx: distributed.DistributedContext | None = None) -> SFTSession:
+    """Returns the session of ``reasontune sft``: run directory, model (from the newest checkpoint on --resume), data, plan, optimizer, generator, logger.
+
+    Under torchrun (``ctx`` of world size > 1) the model is sharded with FSDP2 before the
+    optimizer is built over its shards; rank 0 alone writes the run directory and logs.
+    """
     config.validate()
-    run_dir, device, checkpoint = start_run(config)
+    ctx = ctx or SINGLE_PROCESS
+    refuse_what_torchrun_cannot_run(config, ctx)
+    run_dir, device, checkpoint = start_run(config, ctx)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     template = load_template(config.prompt_template)
     train_examples, validation, data_counts = load_sft_examples(config)
     train_examples = with_chat_template(train_examples, tokenizer, config.chat_template)
     validation = with_chat_template(validation, tokenizer, config.chat_template)
-    session = prepare_session(config, model, tokenizer, train_examples, device, template)
-    session.run_dir, session.validation = run_dir, evaluation_sets(config, validation, template)
-    session.generator = make_generator(config, model, tokenizer, device) if session.validation else None
-    session.logger = make_logger(run_dir, config, resume=checkpoint is not None)
+    validation_sets = evaluation_sets(config, validation, template)
+    replica = UnshardedReplica(model) if ctx.is_distributed and validation_sets else None
+    model = distributed.shard_model(model, ctx)
+    session = prepare_session(config, model, tokenizer, train_examples, device, template, ctx.world_size)
+    session.run_dir, session.validation, session.ctx, session.replica = run_dir, validation_sets, ctx, replica
+    if session.validation:
+        session.generator = make_generator(config, replica.model if replica else model, tokenizer, device)
+    global_batch = ctx.world_size * config.batch_size * config.gradient_accumulation_steps
+    record_launch(run_dir / "config.json", ctx, global_batch=global_batch, per_rank_batch=config.batch_size,
+                  gradient_accumulation_steps=config.gradient_accumulation_steps)
+    session.logger = make_logger(run_dir, config, resume=checkpoint is not None) if ctx.is_main else None
     if checkpoint is not None:
         state = restore_training_state(checkpoint, session.optimizer, session.scheduler,
-                                       lambda step: fingerprint(session.steps[:step]))
+                                       lambda step: fingerprint(session.steps[:step]), model=model, ctx=ctx)
         session.start_step = state["step"]
-        session.logger.truncate_after(session.start_step)
-        session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
-    else:
+        if session.logger is not None:
+            session.logger.truncate_after(session.start_step)
+            session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
+    elif session.logger is not None:
         session.logger.log("data", 0, **data_counts, **session.data.counts, loss_aggregation=config.loss_aggregation)
     counts = session.data.counts
-    print(f"training {config.model} on {counts['trained_examples']} examples: {len(session.steps)} optimizer steps "
-          f"({counts['truncated']} truncated, {counts['dropped_response_truncated_away']} dropped: "
-          f"response cut away by --max-length); loss aggregation: {config.loss_aggregation}")
+    if ctx.is_main:
+        microbatch = (f"--tokens-per-batch {config.tokens_per_batch} tokens" if config.tokens_per_batch
+                      else f"--batch-size {config.batch_size}")
+        print(f"training {config.model} on {counts['trained_examples']} examples: {len(session.steps)} optimizer steps "
+              f"({counts['truncated']} truncated, {counts['dropped_response_truncated_away']} dropped: "
+              f"response cut away by --max-length); loss aggregation: {config.loss_aggregation}; global batch "
+              f"{global_batch} = {ctx.world_size} ranks x {microbatch} x {config.gradient_accumulation_steps} "
+              "accumulation")
     return session
 
 
@@ -330,20 +376,18 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
     saves checkpoints and ``final/``, and writes the report.
     """
     config, model, steps, run_dir, logger = session.config, session.model, session.steps, session.run_dir, session.logger
+    ctx = session.ctx
     sampling = evaluation_sampling(config, config.backend)
 
     def save(step: int, name: str) -> Path:
-        state = trainer_state(step, session.optimizer, session.scheduler, fingerprint(steps[:step]))
-        return save_training_checkpoint(run_dir, name, model, session.tokenizer, state, keep=config.save_total_limit)
+        return save_run_checkpoint(run_dir, name, model, session.tokenizer, step, session.optimizer, session.scheduler,
+                                   fingerprint(steps[:step]), keep=config.save_total_limit, ctx=ctx)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, model, session.generator, session.validation, run_dir, sampling=sampling,
-                                  grading_workers=config.grading_workers)
-        logger.log("eval", step, **eval_metrics(summary, step))
-        progress.write(f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}")
+        log_evaluation(session, step, sampling, progress)
 
     evaluating = session.generator is not None and run_dir is not None
-    progress = Progress(len(steps), initial_step=session.start_step, enabled=config.progress)
+    progress = Progress(len(steps), initial_step=session.start_step, enabled=config.progress and ctx.is_main)
     if evaluating and config.eval_before_training and session.start_step == 0:
         evaluate_and_log(0)
     model.train()
@@ -353,7 +397,7 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
         epoch, microbatches = steps[step - 1]
         # --- forward and backward of every microbatch (accumulating gradients)
         tick = time.perf_counter()
-        metrics = train_step(model, microbatches, config, session.device)
+        metrics = train_step(model, rank_microbatches(microbatches, ctx), config, session.device)
         # --- clip, check, step
         learning_rate = session.scheduler.get_last_lr()[0]
         try:
@@ -377,7 +421,7 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
         # --- checkpoint
         if run_dir is not None and config.save_every and step % config.save_every == 0 and step != len(steps):
             save(step, f"checkpoint-{step}")
-        if run_dir is not None and stop_requested() and step < len(steps):  # SIGINT/SIGTERM: saved, exit 130
+        if run_dir is not None and stop_requested(ctx) and step < len(steps):  # SIGINT/SIGTERM: saved, exit 130
             stop_for_signal(config, run_dir, step, save, logger, progress)
     progress.close()
 
@@ -386,12 +430,21 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
         save(len(steps), "final")
         if evaluating:
             evaluate_and_log(len(steps))
-        finish_run(run_dir, logger, config.write_report)
+        if logger is not None:
+            finish_run(run_dir, logger, config.write_report)
     return history
 
 
 def run_sft(config: SFTConfig) -> Path:
-    """Returns the run directory after SFT of ``config.model`` on ``config.train_data`` (``setup_sft`` then ``train_sft``)."""
-    session = setup_sft(config)
-    train_sft(session)
-    return session.run_dir
+    """Returns the run directory after SFT of ``config.model`` on ``config.train_data`` (``setup_sft`` then ``train_sft``).
+
+    Under ``torchrun --nproc_per_node N -m reasontune sft …`` it trains data-parallel with
+    FSDP2: the flags are checked before any process group starts, and an error on one rank
+    stops every rank with one message.
+    """
+    def setup_and_train(ctx: distributed.DistributedContext) -> Path:
+        session = setup_sft(config, ctx)
+        train_sft(session)
+        return session.run_dir
+
+    return distributed.run_on_every_rank(config, setup_and_train)
