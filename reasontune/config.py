@@ -304,8 +304,6 @@ def check_config(config: Any, environment: bool = True) -> None:
 
     A command runs this before it creates or changes its output directory.
     """
-    from reasontune.options import environment_problems  # options imports this module
-
     problems: list[str] = []
     check = getattr(config, "validate", None)
     if callable(check):
@@ -317,7 +315,9 @@ def check_config(config: Any, environment: bool = True) -> None:
             if not (isinstance(error.code, str) and error.code.startswith("error:")):
                 raise
             problems += [line.removeprefix("error: ") for line in error.code.splitlines()]
-    raise_problems(problems + (environment_problems(config) if environment else []))
+    # The shared option groups (reasontune.options) give a data command's config environment_problems().
+    environment_check = getattr(config, "environment_problems", None) if environment else None
+    raise_problems(problems + (environment_check() if callable(environment_check) else []))
 
 
 def save_config(config: Any, path: str | Path) -> None:

@@ -25,6 +25,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from reasontune.config import check_config
+
 
 @dataclass(frozen=True)
 class DistributedContext:
@@ -135,8 +137,6 @@ def run_on_every_rank(config: Any, work: Callable[[DistributedContext], Any]) ->
     with one message (``stop_all_ranks_on_error``); the process group is closed at the end. A
     command's entry point is ``run_on_every_rank(config, lambda ctx: …)``.
     """
-    from reasontune.config import check_config  # lazy: the foundation module imports nothing of reasontune
-
     check_config(config)
     ctx = init_distributed(config.device)
     with stop_all_ranks_on_error(ctx):

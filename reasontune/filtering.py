@@ -37,7 +37,7 @@ class FilterConfig(TrackingOptions, GradingOptions, TaskOptions):
             problems.append(f"--out {self.out}: is a directory; give a file name such as {Path(self.out) / 'kept.jsonl'}")
         raise_problems(problems)
 
-    def environment_problems(self) -> list[str]:
+    def own_environment_problems(self) -> list[str]:
         """Returns what is wrong with --data's file on this machine (see ``options.environment_problems``)."""
         return data_source_problems("--data", self.data)
 

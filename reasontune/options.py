@@ -58,6 +58,10 @@ class TaskOptions:
     split: str | None = help_field(None, "split of a hub dataset (default: train)", group="data")
     data_config: str | None = help_field(None, "config (subset) name of a hub dataset, e.g. main for openai/gsm8k", group="data")
 
+    def environment_problems(self) -> list[str]:
+        """Returns what the machine lacks for this config: files, the model, the reward, packages (``options.environment_problems``)."""
+        return environment_problems(self)
+
     @property
     def reward_name(self) -> str:
         """Returns the reward function's name with ``auto`` resolved."""
@@ -405,5 +409,5 @@ def environment_problems(config: Any) -> list[str]:
             problems += package_problems("--wandb", "wandb", "wandb")
     if isinstance(config, TrainerOptions):
         problems += data_source_problems("--train-data", config.train_data)
-    extra = getattr(config, "environment_problems", None)
+    extra = getattr(config, "own_environment_problems", None)  # a command's own checks (eval, filter)
     return problems + (extra() if callable(extra) else [])
