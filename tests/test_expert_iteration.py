@@ -67,16 +67,37 @@ def test_random_model_keeps_nothing_and_skips_sft(tiny_model_dir, tmp_path):
     assert (run_dir / "final" / "config.json").exists() and (run_dir / "report" / "index.html").exists()
 
 
-def test_policy_that_answers_gets_fine_tuned_on_its_correct_samples(tiny_model_dir, tmp_path):
-    """A tiny model first taught one response by SFT; EI keeps exactly its samples that match the reference."""
+def teach(tiny_model_dir, tmp_path) -> Path:
+    """Returns a tiny model taught by SFT to answer every prompt with CORRECT (42)."""
     from reasontune.training.sft import SFTConfig, run_sft
 
     sft_data = tmp_path / "teach.jsonl"
     sft_data.write_text("".join(json.dumps({"prompt": p, "response": CORRECT}) + "\n" for p in PROMPTS))
-    taught = run_sft(SFTConfig(model=str(tiny_model_dir), train_data=str(sft_data), output_dir=str(tmp_path / "teach"),
-                               num_epochs=60, batch_size=3, gradient_accumulation_steps=1, learning_rate=1e-2,
-                               warmup_ratio=0.0, lr_scheduler="constant", max_length=64, eval_examples=0,
-                               device="cpu", num_threads=1, progress=False, write_report=False)) / "final"
+    return run_sft(SFTConfig(model=str(tiny_model_dir), train_data=str(sft_data), output_dir=str(tmp_path / "teach"),
+                             num_epochs=60, batch_size=3, gradient_accumulation_steps=1, learning_rate=1e-2,
+                             warmup_ratio=0.0, lr_scheduler="constant", max_length=64, eval_examples=0,
+                             device="cpu", num_threads=1, progress=False, write_report=False)) / "final"
+
+
+def test_resumed_expert_iteration_ends_with_the_uninterrupted_weights(tiny_model_dir, tmp_path):
+    """EI resumed from checkpoint-1 (weights, RNG, step) reaches step 3 with bit-identical weights."""
+    taught = teach(tiny_model_dir, tmp_path)
+    train = write_questions(tmp_path / "train.jsonl", ["42", "43", "42"])
+    settings = dict(sampling_max_tokens=24, eval_examples=0, save_every=1, write_report=False)
+    reference = run_expert_iteration(ei_config(taught, train, train, tmp_path / "ref", n_ei_steps=3, **settings))
+    run_expert_iteration(ei_config(taught, train, train, tmp_path / "cut", n_ei_steps=2, **settings))  # checkpoint-1
+    resumed = run_expert_iteration(ei_config(taught, train, train, tmp_path / "cut", n_ei_steps=3, resume=True,
+                                             **settings))
+    kept = [m["kept"] for m in read_jsonl(reference / "metrics.jsonl") if m["kind"] == "train"]
+    assert len(kept) == 3 and sum(kept) > 0  # SFT phases really ran
+    expected, got = load_file(reference / "final" / "model.safetensors"), load_file(resumed / "final" / "model.safetensors")
+    for name in expected:
+        assert torch.equal(got[name], expected[name]), name
+
+
+def test_policy_that_answers_gets_fine_tuned_on_its_correct_samples(tiny_model_dir, tmp_path):
+    """A tiny model first taught one response by SFT; EI keeps exactly its samples that match the reference."""
+    taught = teach(tiny_model_dir, tmp_path)
     # The reference of the second question is 43: its (memorised) "42" samples are formatted but wrong.
     train = write_questions(tmp_path / "train.jsonl", ["42", "43", "42"])
     run_dir = run_expert_iteration(ei_config(taught, train, train, tmp_path / "run", n_ei_steps=2,
