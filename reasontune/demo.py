@@ -161,6 +161,11 @@ EI_SAMPLES = 4
 EI_TEMPERATURE = 0.7
 EI_LEARNING_RATE = 2e-4
 EI_EPOCHS = 2
+# --lora-rank: the random base's tied embedding / output head and its norms train in full beside
+# the adapters (frozen, they cap every logit near 5.7 and LoRA alone cannot fit the task), at a
+# higher rate than full fine-tuning.
+LORA_TRAINABLE_MODULES = ("embed_tokens", "norm")
+LORA_LEARNING_RATE = 3e-3
 
 
 @dataclasses.dataclass
@@ -195,6 +200,11 @@ class DemoConfig:
     ei_temperature: float = help_field(EI_TEMPERATURE, "ei: sampling temperature of the rollouts")
     ei_learning_rate: float = help_field(EI_LEARNING_RATE, "ei: peak learning rate of each EI step's SFT on the kept responses")
     ei_epochs: int = help_field(EI_EPOCHS, "ei: SFT epochs over each step's kept responses (E)")
+    # --lora-rank
+    lora_rank: int = help_field(0, "train LoRA adapters of this rank on the frozen base (0: full fine-tuning)")
+    lora_alpha: float | None = help_field(None, "LoRA scaling alpha (none: 2 x rank)")
+    lora_trainable_modules: list[str] | None = help_field(None, f"with --lora-rank: modules trained in full beside the adapters (none: {' '.join(LORA_TRAINABLE_MODULES)})")
+    lora_learning_rate: float = help_field(LORA_LEARNING_RATE, "with --lora-rank: peak learning rate, in place of --learning-rate")
 
     def validate(self) -> None:
         if self.n_train < self.batch_size:
@@ -249,13 +259,15 @@ def demo_sft_config(config: DemoConfig, train_path: Path, val_path: Path, model_
         model=str(model_dir), output_dir=str(Path(config.output_dir) / "sft"), overwrite=True, dtype="float32",
         attn_implementation="sdpa", device="cpu",
         num_epochs=1, batch_size=config.batch_size, gradient_accumulation_steps=1,
-        learning_rate=config.learning_rate, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
+        learning_rate=config.lora_learning_rate if config.lora_rank else config.learning_rate, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
         lr_scheduler="cosine", warmup_ratio=config.warmup_ratio, min_lr_ratio=0.0, max_length=None,
         loss_aggregation="token_mean", seed=config.seed,
         eval_every=0, eval_examples=config.n_eval, eval_before_training=True, backend="hf",
         generation_batch_size=config.eval_batch_size, eval_max_new_tokens=demo_max_new_tokens(config),
         eval_temperature=0.0, grading_workers=0,
         save_every=0, progress=config.progress, write_report=True, num_threads=config.num_threads,
+        lora_rank=config.lora_rank, lora_alpha=config.lora_alpha if config.lora_rank else None,
+        lora_trainable_modules=(list(config.lora_trainable_modules or LORA_TRAINABLE_MODULES) if config.lora_rank else None),
     )
 
 

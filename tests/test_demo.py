@@ -10,6 +10,7 @@ import torch
 from reasontune.demo import (
     DEMO_TEMPLATE_PATH,
     FORMAT_TAGS,
+    LORA_LEARNING_RATE,
     DemoConfig,
     addition_trace,
     build_demo_model,
@@ -185,6 +186,18 @@ def test_sft_config_trains_one_epoch_on_the_demo_files(tmp_path):
     assert (sft.num_epochs, sft.max_steps, sft.batch_size, sft.gradient_accumulation_steps) == (1, None, 32, 1)
     assert sft.eval_before_training and sft.eval_examples == 200 and sft.eval_temperature == 0.0
     assert sft.eval_max_new_tokens == 48 and sft.device == "cpu" and sft.dtype == "float32"
+
+
+def test_lora_rank_turns_on_lora_with_its_own_rate_and_trained_embeddings(tmp_path):
+    paths = (tmp_path / "train.jsonl", tmp_path / "val.jsonl", tmp_path / "base-model")
+    full = demo_sft_config(DemoConfig(output_dir=str(tmp_path), learning_rate=1e-3), *paths)
+    assert (full.lora_rank, full.lora_alpha, full.lora_trainable_modules, full.learning_rate) == (0, None, None, 1e-3)
+    lora = demo_sft_config(DemoConfig(output_dir=str(tmp_path), learning_rate=1e-3, lora_rank=16), *paths)
+    assert lora.lora_rank == 16 and lora.lora_alpha is None and lora.learning_rate == LORA_LEARNING_RATE != 1e-3
+    assert lora.lora_trainable_modules == ["embed_tokens", "norm"]
+    given = demo_sft_config(DemoConfig(output_dir=str(tmp_path), lora_rank=8, lora_alpha=64.0, lora_learning_rate=5e-3,
+                                       lora_trainable_modules=["norm"]), *paths)
+    assert (given.lora_rank, given.lora_alpha, given.lora_trainable_modules, given.learning_rate) == (8, 64.0, ["norm"], 5e-3)
 
 
 def test_config_rejects_more_examples_than_the_task_has():
