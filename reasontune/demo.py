@@ -162,8 +162,9 @@ EI_TEMPERATURE = 0.7
 EI_LEARNING_RATE = 2e-4
 EI_EPOCHS = 2
 # --lora-rank: the random base's tied embedding / output head and its norms train in full beside
-# the adapters (frozen, they cap every logit near 5.7 and LoRA alone cannot fit the task), at a
-# higher rate than full fine-tuning.
+# the adapters (frozen, they cap every logit near 5.7: LoRA plus norms reached 0.8% after 1000
+# steps). Rank 16 at 3e-3 reached 100% held-out accuracy in the default 400 steps (8.5 min, one
+# thread of a busy 2-core CPU; 27% after 200); 1e-2 stalled at loss 2.5.
 LORA_TRAINABLE_MODULES = ("embed_tokens", "norm")
 LORA_LEARNING_RATE = 3e-3
 
@@ -213,6 +214,10 @@ class DemoConfig:
             raise SystemExit("error: --n-eval must be at least 1")
         if self.algorithm != "sft" and self.warmup_sft_steps < 1:
             raise SystemExit("error: --warmup-sft-steps must be at least 1")
+        if self.lora_rank < 0 or (self.lora_rank and self.algorithm != "sft"):
+            raise SystemExit("error: --lora-rank must be >= 0, and is for --algorithm sft only")
+        if not self.lora_rank and (self.lora_alpha is not None or self.lora_trainable_modules):
+            raise SystemExit("error: --lora-alpha / --lora-trainable-modules given without --lora-rank")
         if self.num_digits < 1:
             raise SystemExit("error: --num-digits must be at least 1")
         distinct = (9 * 10 ** (self.num_digits - 1)) ** 2

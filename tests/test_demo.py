@@ -200,6 +200,16 @@ def test_lora_rank_turns_on_lora_with_its_own_rate_and_trained_embeddings(tmp_pa
     assert (given.lora_rank, given.lora_alpha, given.lora_trainable_modules, given.learning_rate) == (8, 64.0, ["norm"], 5e-3)
 
 
+@pytest.mark.parametrize("options, message", [({"lora_rank": -1}, "--lora-rank must be >= 0"),
+                                             ({"lora_rank": 16, "algorithm": "ei"}, "sft only"),
+                                             ({"lora_alpha": 32.0}, "without --lora-rank")])
+def test_config_rejects_lora_options_it_cannot_honour(options, message):
+    from reasontune.config import config_from_dict
+
+    with pytest.raises(SystemExit, match=message):
+        config_from_dict(options, DemoConfig)
+
+
 def test_config_rejects_more_examples_than_the_task_has():
     from reasontune.config import config_from_dict
 
