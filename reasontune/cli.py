@@ -2,14 +2,25 @@
 
 Each subcommand names the module that holds its config dataclass and its entry function;
 modules are imported only when their subcommand runs, so ``reasontune --help`` is instant.
+
+A user's mistake (``UserError``, ``DataError``, a ``SystemExit("error: …")``) ends as
+``error: <flag or file:line:field>: <what to do>`` lines and exit status 2, without a
+traceback (``--debug`` shows it); internal errors keep theirs. A start that fails leaves the
+output directory as it was; an interrupted training run exits 130 after saving.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import re
+import shutil
+import signal
 import sys
+import threading
+from pathlib import Path
 
+from reasontune import __version__
 from reasontune.config import add_dataclass_arguments, config_from_namespace
 
 # name -> (module, config class, entry function, one-line help)
@@ -35,14 +46,17 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Returns the top-level parser; only ``command``'s module is imported to add its flags."""
-    parser = argparse.ArgumentParser(prog="reasontune", description="Teach language models to reason on math with verified rewards.")
+    parser = argparse.ArgumentParser(prog="reasontune", allow_abbrev=False,
+                                     description="Teach language models to reason on math with verified rewards.")
+    parser.add_argument("--version", action="version", version=f"reasontune {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, config_name, _, help_text) in COMMANDS.items():
-        sub = subparsers.add_parser(name, help=help_text, description=help_text,
-                                    )
+        sub = subparsers.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == command:
             config_cls = getattr(importlib.import_module(module_name), config_name)
             add_dataclass_arguments(sub, config_cls)
+            positionals = " ".join(a.metavar or a.dest.upper() for a in sub._actions if not a.option_strings)
+            sub.usage = f"%(prog)s [options] {positionals}".rstrip() + "   (grouped options below)"
     return parser
 
 
@@ -56,8 +70,73 @@ def _quiet_library_progress_bars() -> None:
     transformers_logging.disable_progress_bar()
 
 
+NUMBER = re.compile(r"-(\d+\.?\d*|\.\d+)(e[-+]?\d+)?|-inf|-nan", re.IGNORECASE)
+
+
+def normalise_argv(argv: list[str]) -> list[str]:
+    """Returns ``argv`` with ``--snake_case`` flags spelled ``--kebab-case`` and negative numbers joined to their flag (``--lr=-1e-3``).
+
+    argparse takes ``-1e-3`` for a flag and ``--learning_rate`` (as TRL users type it) for an
+    unknown option; both are values and spellings the user meant.
+    """
+    normalised: list[str] = []
+    for token in argv:
+        if token == "--":
+            normalised.extend(argv[len(normalised):])
+            break
+        if token.startswith("--"):
+            name, equals, value = token.partition("=")
+            token = name.replace("_", "-") + equals + value
+        elif (NUMBER.fullmatch(token) and normalised and normalised[-1].startswith("--")
+              and "=" not in normalised[-1]):
+            normalised[-1] = f"{normalised[-1]}={token}"
+            continue
+        normalised.append(token)
+    return normalised
+
+
+def _run_dir_snapshot(config) -> tuple[Path | None, bool]:
+    """Returns (the command's output directory or None, whether it existed before the command)."""
+    output = getattr(config, "output_dir", None)
+    if not output:
+        return None, False
+    path = Path(output)
+    return path, path.exists()
+
+
+# What a start writes before its first step: removed again when a fresh directory's start fails.
+START_FILES = {"config.json", "metrics.jsonl", "tensorboard", "wandb", "wandb_run_id", ".reasontune-demo"}
+
+
+def _undo_failed_start(path: Path | None, existed: bool) -> None:
+    """Removes a directory this command created when it holds nothing but start files (a failed start leaves no trace)."""
+    if path is None or existed or not path.is_dir():
+        return
+    metrics = path / "metrics.jsonl"
+    if metrics.exists() and '"kind": "train"' in metrics.read_text(encoding="utf-8", errors="replace"):
+        return  # steps were trained: their metrics are the user's record of the run
+    if all(child.name in START_FILES for child in path.iterdir()):
+        shutil.rmtree(path)
+
+
+def user_error_message(error: BaseException) -> str | None:
+    """Returns the ``error: …`` text of a user's mistake, or None for an internal error (which keeps its traceback)."""
+    from reasontune.data import DataError  # light: no torch
+
+    if isinstance(error, DataError):
+        text = " ".join(str(error).split())
+        if re.match(r"\S+:\d+: ", text) and "--skip-bad" not in text and "reference answer to grade" not in text:
+            text += " (fix the record, or pass --skip-bad to skip malformed records, counted and reported)"
+        return text if text.startswith("error: ") else f"error: {text}"
+    if isinstance(error, SystemExit) and isinstance(error.code, str) and error.code.startswith("error:"):
+        return error.code
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    """Returns the exit status of one ``reasontune`` command line: 0 done, 2 a user error, 130 interrupted."""
+    argv = normalise_argv(list(sys.argv[1:] if argv is None else argv))
+    debug = "--debug" in argv
     command = next((a for a in argv if not a.startswith("-")), None)
     if command not in COMMANDS:
         command = None
@@ -67,11 +146,36 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     module_name, config_name, function_name, _ = COMMANDS[namespace.command]
-    _quiet_library_progress_bars()
-    module = importlib.import_module(module_name)
-    config = config_from_namespace(argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k != "command"}),
-                                   getattr(module, config_name))
-    result = getattr(module, function_name)(config)
+    output_dir, existed = None, False
+    # Training arms its own SIGINT/SIGTERM handlers (save, then exit 130); whatever happens, the caller's come back.
+    handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        _quiet_library_progress_bars()
+        module = importlib.import_module(module_name)
+        config = config_from_namespace(argparse.Namespace(**{k: v for k, v in vars(namespace).items() if k != "command"}),
+                                       getattr(module, config_name), environment=True)
+        output_dir, existed = _run_dir_snapshot(config)
+        result = getattr(module, function_name)(config)
+    except KeyboardInterrupt:
+        # Outside a training step (loading, evaluation, a second Ctrl-C): nothing to save.
+        _undo_failed_start(output_dir, existed)
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (Exception, SystemExit) as error:
+        if isinstance(error, SystemExit) and isinstance(error.code, int):
+            return error.code  # an interrupted run (130, checkpoint saved) or a finished one (0) said so already
+        message = user_error_message(error)
+        if message is None:
+            raise
+        _undo_failed_start(output_dir, existed)
+        if debug:
+            raise
+        print(message, file=sys.stderr)
+        return 2
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum, handler in handlers.items():
+                signal.signal(signum, handler)
     return int(result) if isinstance(result, int) else 0
 
 

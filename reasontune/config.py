@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import types
 import typing
@@ -20,6 +21,28 @@ from typing import Any, TypeVar
 import yaml
 
 ConfigT = TypeVar("ConfigT")
+
+# The --help groups, in the order a reader looks for them; a field's group outside this list comes after.
+GROUP_ORDER = ("data", "model", "optimisation", "rollouts", "expert iteration", "grpo", "generation", "grading",
+               "evaluation", "checkpoints", "logging", "run")
+
+
+class UserError(SystemExit):
+    """A mistake of the user's (a flag, a file, a value): the command line prints ``error: …`` lines and exits 2, no traceback.
+
+    ``problems`` holds one ``<flag or file:line:field>: <what is wrong and what to do>`` each. It
+    is a ``SystemExit`` so that library code never catches it as an ordinary exception.
+    """
+
+    def __init__(self, *problems: str):
+        self.problems = [p.removeprefix("error: ") for p in problems]
+        super().__init__("\n".join(f"error: {p}" for p in self.problems))
+
+
+def raise_problems(problems: list[str]) -> None:
+    """Raises ``UserError`` naming every problem at once (nothing when the list is empty)."""
+    if problems:
+        raise UserError(*problems)
 
 
 def help_field(default: Any, help: str, *, group: str | None = None, aliases: tuple[str, ...] = (), **kwargs: Any) -> Any:
@@ -84,7 +107,8 @@ def _parser_for(annotation: Any, allows_none: bool):
 def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
     """Adds one flag per field of ``config_cls``, in ``--help`` groups (defaults are left unset: see ``parse_config``)."""
     hints = typing.get_type_hints(config_cls)
-    groups: dict[str, Any] = {}
+    used = {f.metadata.get("group") or "options" for f in dataclasses.fields(config_cls) if not f.metadata.get("positional")}
+    groups: dict[str, Any] = {name: parser.add_argument_group(name) for name in GROUP_ORDER if name in used}
     for field in dataclasses.fields(config_cls):
         annotation, allows_none = _base_type(hints[field.name])
         help_text = field.metadata.get("help", "")
@@ -103,7 +127,7 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -
             groups[group_name] = parser.add_argument_group(group_name)
         target = groups[group_name]
         names = [_flag(field.name)] + [_flag(alias) for alias in field.metadata.get("aliases", ())]
-        help_text = f"{help_text} (default: {default})" if help_text else f"(default: {default})"
+        help_text = _help_with_default(help_text, default, required=field.metadata.get("required", False)).replace("%", "%%")
         if annotation is bool and not allows_none:
             target.add_argument(*names, dest=field.name, action=argparse.BooleanOptionalAction,
                                 default=argparse.SUPPRESS, help=help_text)
@@ -116,8 +140,22 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -
             target.add_argument(*names, dest=field.name, type=_parser_for(annotation, allows_none),
                                 default=argparse.SUPPRESS, metavar="{" + ",".join(choices) + "}" if choices else None,
                                 help=help_text)
-    parser.add_argument("--config", dest="__config_file", default=None, metavar="FILE.yaml",
-                        help="YAML (or JSON) file of option values; flags given on the command line override it")
+    run_group = groups.get("run") or parser.add_argument_group("run")
+    run_group.add_argument("--config", dest="__config_file", default=None, metavar="FILE.yaml",
+                           help="YAML (or JSON) file of option values (a run's config.json too); flags given on the "
+                                "command line override it")
+    run_group.add_argument("--debug", dest="__debug", action="store_true", default=False,
+                           help="show the full traceback of an error, also of a user error")
+
+
+def _help_with_default(help_text: str, default: Any, required: bool = False) -> str:
+    """Returns the help text with the real default appended once (none for required flags, unset options or texts that state it)."""
+    if required or default in ("", None) or "default" in help_text:
+        return help_text
+    shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+    if isinstance(default, bool):
+        shown = "on" if default else "off"
+    return f"{help_text} (default: {shown})" if help_text else f"(default: {shown})"
 
 
 def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
@@ -126,65 +164,155 @@ def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
     try:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError:
-        raise SystemExit(f"error: config file {path} does not exist") from None
+        raise UserError(f"--config {path}: no such file") from None
     except yaml.YAMLError as error:
-        raise SystemExit(f"error: config file {path} is not valid YAML: {error}") from None
+        raise UserError(f"--config {path}: not valid YAML: {_one_line(error)}") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise SystemExit(f"error: config file {path} must hold a mapping of option names to values")
+        raise UserError(f"--config {path}: must hold a mapping of option names to values")
     known = {f.name for f in dataclasses.fields(config_cls)}
     values = {}
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in known:
-            raise SystemExit(f"error: config file {path}: unknown option {key!r}; known options: {', '.join(sorted(known))}")
+            close = difflib.get_close_matches(name, sorted(known), n=1)
+            hint = f"did you mean {close[0]!r}?" if close else f"known options: {', '.join(sorted(known))}"
+            raise UserError(f"{path}: unknown option {key!r}; {hint}")
         values[name] = value
     return values
 
 
-def config_from_namespace(namespace: argparse.Namespace, config_cls: type[ConfigT]) -> ConfigT:
-    """Builds the config: dataclass defaults, then the --config file, then explicit flags."""
+def config_from_namespace(namespace: argparse.Namespace, config_cls: type[ConfigT], *,
+                          environment: bool = False) -> ConfigT:
+    """Builds the config: dataclass defaults, then the --config file, then explicit flags.
+
+    With ``--resume`` and no ``--config``, the run's own ``OUTPUT_DIR/config.json`` takes the
+    config file's place, so ``--resume --output-dir RUN`` continues any run, whatever flags started it.
+    ``environment`` (the command line) also checks files, model and packages, in the same message.
+    """
     values = vars(namespace).copy()
     config_file = values.pop("__config_file", None)
-    merged: dict[str, Any] = {}
-    if config_file:
-        merged.update(load_config_file(config_file, config_cls))
+    values.pop("__debug", None)
     known = {f.name for f in dataclasses.fields(config_cls)}
-    merged.update({k: v for k, v in values.items() if k in known})
-    return config_from_dict(merged, config_cls)
+    flags = {k: v for k, v in values.items() if k in known}
+    if not config_file and flags.get("resume") and "output_dir" in flags:
+        saved = Path(flags["output_dir"]) / "config.json"
+        config_file = saved if saved.is_file() else None
+    file_values, problems = typed_values(load_config_file(config_file, config_cls), config_cls,
+                                         where=f"{config_file}: ") if config_file else ({}, [])
+    flag_values, flag_problems = typed_values(flags, config_cls)
+    raise_problems(problems + flag_problems)  # a wrong value in the file is named even when a flag overrides it
+    return config_from_dict({**file_values, **flag_values}, config_cls, environment=environment)
 
 
-def config_from_dict(values: dict[str, Any], config_cls: type[ConfigT]) -> ConfigT:
-    """Builds a config from plain values (as read back from config.json), checking types."""
-    hints = typing.get_type_hints(config_cls)
-    kwargs = {}
-    for field in dataclasses.fields(config_cls):
-        if field.name not in values:
-            continue
-        value = values[field.name]
-        annotation, allows_none = _base_type(hints[field.name])
-        if value is None:
-            if not allows_none:
-                raise SystemExit(f"error: option {_flag(field.name)} may not be null")
-        elif annotation is float and isinstance(value, (int, str)) and not isinstance(value, bool):
-            value = float(value)
-        elif annotation is int and isinstance(value, str):
-            value = int(value)
-        elif annotation is bool and isinstance(value, str):
-            value = _parser_for(bool, False)(value)
-        kwargs[field.name] = value
-    unknown = set(values) - {f.name for f in dataclasses.fields(config_cls)}
-    if unknown:
-        raise SystemExit(f"error: unknown options: {', '.join(sorted(unknown))}")
+def _one_line(error: Exception) -> str:
+    return " ".join(str(error).split())
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    """Returns ``value`` as ``annotation`` (int, float, bool, str, Literal, list) or raises ValueError saying what was expected."""
+    if typing.get_origin(annotation) is typing.Literal:
+        choices = typing.get_args(annotation)
+        if value not in choices:
+            raise ValueError(f"expected one of {', '.join(map(str, choices))}, got {value!r}")
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return _parser_for(bool, False)(value)
+            except argparse.ArgumentTypeError as error:
+                raise ValueError(str(error)) from None
+        raise ValueError(f"expected true or false, got {value!r}")
+    if annotation in (int, float):
+        # int: whole numbers only (12.5 or "two" is a mistake, not 12); float: any number; never a boolean
+        numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if numeric and (annotation is float or float(value).is_integer()):
+            return annotation(value)
+        if isinstance(value, str):
+            try:
+                return annotation(value)
+            except ValueError:
+                pass
+        raise ValueError(f"expected {'an integer' if annotation is int else 'a number'}, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"expected a string, got {value!r}")
+    if typing.get_origin(annotation) is list:
+        if not isinstance(value, list):
+            raise ValueError(f"expected a list, got {value!r}")
+        (item_type,) = typing.get_args(annotation) or (str,)
+        return [_coerce(item, item_type) for item in value]
+    return value
+
+
+def config_from_dict(values: dict[str, Any], config_cls: type[ConfigT], *, where: str = "",
+                     validate: bool = True, environment: bool = False) -> ConfigT:
+    """Builds a config from plain values (a config file, flags, a config.json read back), checking each type.
+
+    Every wrong value and unknown name is named in one ``UserError`` (``where`` prefixes them,
+    e.g. the config file); then, with ``validate``, the config's ``validate()`` checks ranges
+    and combinations (and with ``environment`` files, the model and packages: ``check_config``).
+    """
+    kwargs, problems = typed_values(values, config_cls, where)
+    raise_problems(problems)
     expand_presets = getattr(config_cls, "expand_presets", None)
     if callable(expand_presets):  # e.g. GRPO's --recipe: its settings fill in what was not given
         kwargs = expand_presets(kwargs)
     config = config_cls(**kwargs)
-    validate = getattr(config, "validate", None)
-    if callable(validate):
-        validate()
+    if validate:
+        check_config(config, environment=environment)
     return config
+
+
+def typed_values(values: dict[str, Any], config_cls: type, where: str = "") -> tuple[dict[str, Any], list[str]]:
+    """Returns (the values converted to their fields' types, a problem for each wrong value or unknown name)."""
+    hints = typing.get_type_hints(config_cls)
+    kwargs, problems = {}, []
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    for name in fields:
+        if name not in values:
+            continue
+        value = values[name]
+        annotation, allows_none = _base_type(hints[name])
+        if value is None or (allows_none and isinstance(value, str) and value.lower() in ("none", "null")):
+            if not allows_none:
+                problems.append(f"{where}{_flag(name)}: may not be null; give a value")
+                continue
+            kwargs[name] = None
+            continue
+        try:
+            kwargs[name] = _coerce(value, annotation)
+        except ValueError as error:
+            problems.append(f"{where}{_flag(name)}: {error}")
+    for name in sorted(set(values) - set(fields)):
+        close = difflib.get_close_matches(name, sorted(fields), n=1)
+        problems.append(f"{where}unknown option {name!r}" + (f"; did you mean {_flag(close[0])}?" if close else ""))
+    return kwargs, problems
+
+
+def check_config(config: Any, environment: bool = True) -> None:
+    """Raises one ``UserError`` naming every problem: the config's own ``validate()`` and (with ``environment``) ``options.environment_problems``.
+
+    A command runs this before it creates or changes its output directory.
+    """
+    from reasontune.options import environment_problems  # options imports this module
+
+    problems: list[str] = []
+    check = getattr(config, "validate", None)
+    if callable(check):
+        try:
+            check()
+        except UserError as error:
+            problems += error.problems
+        except SystemExit as error:
+            if not (isinstance(error.code, str) and error.code.startswith("error:")):
+                raise
+            problems += [line.removeprefix("error: ") for line in error.code.splitlines()]
+    raise_problems(problems + (environment_problems(config) if environment else []))
 
 
 def save_config(config: Any, path: str | Path) -> None:
@@ -194,5 +322,5 @@ def save_config(config: Any, path: str | Path) -> None:
 
 
 def load_config(path: str | Path, config_cls: type[ConfigT]) -> ConfigT:
-    """Reads a config written by ``save_config``."""
-    return config_from_dict(json.loads(Path(path).read_text()), config_cls)
+    """Reads a config written by ``save_config`` (types checked; files and packages are not: the run may have moved)."""
+    return config_from_dict(json.loads(Path(path).read_text()), config_cls, validate=False)

@@ -404,6 +404,32 @@ def example_prompt(example: Example, template: str) -> str:
     return example.prompt if example.prompt is not None else format_prompt(template, example.question)
 
 
+def with_chat_template(examples: Sequence[Example], tokenizer: Any, mode: str = "auto") -> list[Example]:
+    """Returns ``examples`` with each chat record's prompt (``messages``) rendered by the tokenizer's chat template.
+
+    ``mode`` ``auto`` renders when the tokenizer has a chat template, ``none`` never (the user
+    turn's text is the prompt, as read). The rendered prompt holds the turns before the first
+    assistant turn (system and user) and the generation prompt, so a response follows it
+    directly; other examples are returned unchanged.
+    """
+    if mode == "none" or not getattr(tokenizer, "chat_template", None):
+        return list(examples)
+    rendered = []
+    for example in examples:
+        messages = example.raw.get("messages") if isinstance(example.raw, dict) else None
+        if not isinstance(messages, list):
+            rendered.append(example)
+            continue
+        turns = []
+        for message in messages:
+            if message.get("role") == "assistant":
+                break
+            turns.append({"role": message["role"], "content": message["content"]})
+        prompt = tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+        rendered.append(dataclasses.replace(example, prompt=prompt))
+    return rendered
+
+
 def r1_zero_target(reasoning: str, answer: str) -> str:
     """Returns the R1-Zero SFT target ``" {reasoning} </think> <answer>{answer}</answer>"``.
 

@@ -20,7 +20,7 @@ from typing import Any, Literal, Sequence
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-from reasontune.config import help_field
+from reasontune.config import UserError, help_field
 from reasontune.modeling import QWEN2_PATTERN, build_model_from_config, tiny_qwen2_config
 from reasontune.rollouts import write_jsonl
 from reasontune.training.expert_iteration import ExpertIterationConfig, run_expert_iteration
@@ -193,6 +193,7 @@ class DemoConfig:
     eval_batch_size: int = help_field(128, "prompts per generation batch")
     num_threads: int | None = help_field(None, "torch CPU threads (none: torch's choice)")
     progress: bool = help_field(True, "show a progress bar")
+    evaluations: int = help_field(4, "held-out evaluations during the SFT run besides before and after (so report/'s accuracy plot is a curve; 0: before and after only)")
     # --algorithm ei / grpo
     warmup_sft_steps: int = help_field(WARMUP_SFT_STEPS, "ei/grpo: optimizer steps of the first SFT (the schedule decays over these); checkpoints are saved and evaluated every --warmup-eval-every steps")
     warmup_eval_every: int = help_field(WARMUP_EVAL_EVERY, "ei/grpo: evaluate and save the first SFT every this many steps")
@@ -215,6 +216,8 @@ class DemoConfig:
             raise SystemExit(f"error: --n-train ({self.n_train}) must be at least --batch-size ({self.batch_size})")
         if self.n_eval < 1:
             raise SystemExit("error: --n-eval must be at least 1")
+        if self.evaluations < 0:
+            raise SystemExit("error: --evaluations must be >= 0")
         if self.algorithm != "sft" and self.warmup_sft_steps < 1:
             raise SystemExit("error: --warmup-sft-steps must be at least 1")
         if self.lora_rank < 0 or self.lora_num_epochs < 1 or (self.lora_rank and self.algorithm != "sft"):
@@ -259,6 +262,36 @@ def demo_max_new_tokens(config: DemoConfig) -> int:
     return config.eval_max_new_tokens if config.eval_max_new_tokens is not None else 10 * config.num_digits + 18
 
 
+def demo_eval_every(config: DemoConfig) -> int:
+    """Returns the SFT run's --eval-every: its one epoch of steps cut into ``evaluations + 1`` stretches (0: no evaluation in between)."""
+    steps = config.n_train // config.batch_size
+    return 0 if config.evaluations < 1 else max(1, steps // (config.evaluations + 1))
+
+
+DEMO_MARKER = ".reasontune-demo"
+DEMO_ENTRIES = {DEMO_MARKER, "data", "base-model", "sft", "ei", "grpo"}
+
+
+def claim_demo_dir(output_dir: str | Path) -> Path:
+    """Returns the demo's output directory after marking it as the demo's; refuses one holding anything the demo did not make.
+
+    The demo regenerates its data, model and runs on every start, so it may only replace what
+    an earlier demo wrote: a directory it created carries the ``.reasontune-demo`` marker.
+    """
+    path = Path(output_dir)
+    if path.exists() and not path.is_dir():
+        raise UserError(f"--output-dir {path}: is a file; give a directory for the demo")
+    entries = sorted(child.name for child in path.iterdir()) if path.is_dir() else []
+    if entries and (DEMO_MARKER not in entries or set(entries) - DEMO_ENTRIES):
+        foreign = sorted(set(entries) - DEMO_ENTRIES) if DEMO_MARKER in entries else entries
+        raise UserError(f"--output-dir {path}: holds files the demo did not make ({', '.join(foreign[:5])}); "
+                        "the demo replaces its output directory's contents, so give a new or empty one, "
+                        "e.g. --output-dir runs/demo")
+    path.mkdir(parents=True, exist_ok=True)
+    (path / DEMO_MARKER).write_text("made by reasontune demo: its contents are regenerated on every run\n")
+    return path
+
+
 def demo_sft_config(config: DemoConfig, train_path: Path, val_path: Path, model_dir: Path):
     """Returns the ``SFTConfig`` of the demo's training run (one epoch over the training examples)."""
     return SFTConfig(
@@ -270,7 +303,7 @@ def demo_sft_config(config: DemoConfig, train_path: Path, val_path: Path, model_
         learning_rate=config.lora_learning_rate if config.lora_rank else config.learning_rate, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
         lr_scheduler="cosine", warmup_ratio=config.warmup_ratio, min_lr_ratio=0.0, max_length=None,
         loss_aggregation="token_mean", seed=config.seed,
-        eval_every=0, eval_examples=config.n_eval, eval_before_training=True, backend="hf",
+        eval_every=demo_eval_every(config), eval_examples=config.n_eval, eval_before_training=True, backend="hf",
         generation_batch_size=config.eval_batch_size, eval_max_new_tokens=demo_max_new_tokens(config),
         eval_temperature=0.0, grading_workers=0,
         save_every=0, progress=config.progress, write_report=True, num_threads=config.num_threads,
@@ -315,6 +348,7 @@ def accuracy_of(summary: dict[str, Any]) -> str:
 def run_demo(config: DemoConfig) -> int:
     """Runs the embedded demo end to end; prints held-out accuracy (base -> SFT [-> EI/GRPO]) and the run directory."""
     started = time.time()
+    claim_demo_dir(config.output_dir)
     print(f"demo: writing {config.n_train} training and {config.n_eval} held-out additions, "
           f"tokenizer and tiny model under {config.output_dir}", flush=True)
     train_path, val_path, model_dir = prepare_demo(config)

@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
 from reasontune.benchmarks import BENCHMARKS, STANDARD_PROMPT, STANDARD_REWARD, load_benchmarks, resolve_benchmarks
-from reasontune.config import help_field, same_field, save_config
-from reasontune.data import Example, load_examples, load_template
+from reasontune.config import UserError, check_config, help_field, raise_problems, same_field, save_config
+from reasontune.data import Example, load_examples, load_template, with_chat_template
 from reasontune.estimators import parse_ks, results_table, summarize_samples
 from reasontune.eval_plots import write_eval_plots
 from reasontune.generation import Generator, SamplingOptions, build_generator
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import (EvaluationOptions, GenerationOptions, GradingOptions, ModelOptions, RunOptions,
-                                TaskOptions, resolved_dtype)
+                                TaskOptions, TrackingOptions, data_source_problems, resolved_dtype, validate_common)
 from reasontune.rollouts import RewardFn, generate_rollouts, reward_fn_by_name, rollouts_for_examples
 
 
@@ -120,7 +120,8 @@ def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: Sampl
 
 
 @dataclass
-class EvalConfig(GenerationOptions, GradingOptions, EvaluationOptions, TaskOptions, ModelOptions, RunOptions):
+class EvalConfig(TrackingOptions, GenerationOptions, GradingOptions, EvaluationOptions, TaskOptions, ModelOptions,
+                 RunOptions):
     """Options of ``reasontune eval``."""
 
     data: str | None = help_field(None, "evaluation data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name (or use --benchmarks)", group="data")
@@ -128,8 +129,6 @@ class EvalConfig(GenerationOptions, GradingOptions, EvaluationOptions, TaskOptio
     benchmark_dir: str | None = help_field(None, "read the benchmarks from local files <dir>/<name>.jsonl|.json|.parquet in each dataset's own schema instead of the hub", group="data")
     output_dir: str = help_field("", "directory for records.jsonl, summary.json and config.json (one subdirectory per benchmark, results.md/json)", group="data")
     max_examples: int | None = help_field(None, "evaluate a seeded random subset of this many examples (per benchmark)", group="data")
-    split: str | None = help_field(None, "split of a hub dataset (default train)", group="data")
-    data_config: str | None = help_field(None, "config (subset) name of a hub dataset, e.g. main for openai/gsm8k", group="data")
     prompt_template: str = help_field("auto", "prompt template: r1_zero, question_only, a file containing {question}, or auto (r1_zero for --data; each benchmark's standard prompt, with the question_only reward, for --benchmarks)", group="data")
     eval_n_samples: int = same_field(EvaluationOptions, "eval_n_samples", 1, aliases=("n-samples",))
     k: str = help_field("1", "comma-separated k of pass@k, maj@k and avg@k (each at most --n-samples), e.g. 1,4,16", group="evaluation")
@@ -140,13 +139,14 @@ class EvalConfig(GenerationOptions, GradingOptions, EvaluationOptions, TaskOptio
     vllm_gpu_memory_utilization: float = same_field(GenerationOptions, "vllm_gpu_memory_utilization", 0.85)
 
     def validate(self) -> None:
-        problems = []
-        if not self.model or not self.output_dir or not (self.data or self.benchmarks):
-            problems.append("reasontune eval needs --model PATH, --output-dir DIR and --data PATH or --benchmarks NAMES")
+        """Raises ``UserError`` naming every option whose value cannot work, and an output directory it must not write into."""
+        problems = validate_common(self)
+        if not self.output_dir or not (self.data or self.benchmarks):
+            problems.append("reasontune eval needs --output-dir DIR and --data PATH or --benchmarks NAMES")
         if self.data and self.benchmarks:
-            problems.append("give --data or --benchmarks, not both")
-        if self.eval_n_samples < 1 or self.eval_max_new_tokens < 1 or self.generation_batch_size < 1:
-            problems.append("--eval-n-samples, --eval-max-new-tokens and --generation-batch-size must be >= 1")
+            problems.append("--data / --benchmarks: give one of them, not both")
+        if self.max_examples is not None and self.max_examples < 1:
+            problems.append(f"--max-examples: must be >= 1, got {self.max_examples}")
         try:
             ks = parse_ks(self.k)
             if ks[-1] > self.eval_n_samples:
@@ -159,8 +159,11 @@ class EvalConfig(GenerationOptions, GradingOptions, EvaluationOptions, TaskOptio
                 resolve_benchmarks(self.benchmarks)
             except ValueError as error:
                 problems.append(f"--benchmarks: {error}")
-        if problems:
-            raise SystemExit("error: " + "; ".join(problems))
+        raise_problems(problems)
+
+    def environment_problems(self) -> list[str]:
+        """Returns what is wrong with --data's file and --output-dir on this machine (see ``options.environment_problems``)."""
+        return data_source_problems("--data", self.data) + eval_output_problems(self.output_dir)
 
     @property
     def reward_name(self) -> str:
@@ -170,8 +173,39 @@ class EvalConfig(GenerationOptions, GradingOptions, EvaluationOptions, TaskOptio
         return "question_only" if self.prompt_template == "question_only" else "r1_zero"
 
 
+def eval_output_problems(output_dir: str) -> list[str]:
+    """Returns why ``output_dir`` must not receive an evaluation: a training run's directory, or one holding others' files.
+
+    An earlier evaluation's directory (its config.json beside summary.json or results.json) may
+    be written again; a training run's own files (its config.json) are never touched.
+    """
+    path = Path(output_dir) if output_dir else None
+    if path is None or not path.is_dir() or not any(path.iterdir()):
+        return []
+    if (path / "metrics.jsonl").exists() or (path / "final").is_dir() or any(path.glob("checkpoint-*")):
+        return [(f"--output-dir {output_dir}: is a training run's directory, whose config.json eval would replace; "
+                 f"write under it instead, e.g. --output-dir {path / 'eval' / 'mine'}")]
+    ours = {"config.json", "summary.json", "records.jsonl", "results.md", "results.json", EVAL_METRICS_FILE, "wandb",
+            "tensorboard", "report"}
+    earlier_eval = (path / "config.json").exists() and any((path / name).exists() for name in ours - {"config.json"})
+    if earlier_eval or any(child.is_dir() and (child / "summary.json").exists() for child in path.iterdir()):
+        return []
+    strangers = sorted(child.name for child in path.iterdir() if child.name not in ours)
+    if strangers:
+        return [(f"--output-dir {output_dir}: holds files reasontune eval did not write ({', '.join(strangers[:5])}); "
+                 "choose an empty or new directory")]
+    return []
+
+
 def build_eval_generator(config: EvalConfig) -> Generator:
     """Returns the generator the config asks for (model loaded from ``config.model``)."""
+    try:
+        return _build_eval_generator(config)
+    except OSError as error:  # not on the hub, no network, not a model directory: the user's to fix
+        raise UserError(f"--model {config.model}: cannot be loaded ({str(error).splitlines()[0]})") from error
+
+
+def _build_eval_generator(config: EvalConfig) -> Generator:
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolved_dtype(config.dtype, device)
     if config.backend == "vllm":
@@ -190,6 +224,10 @@ def eval_sets(config: EvalConfig) -> tuple[list[EvalSet], dict[str, Any]]:
         examples = load_examples(config.data, split=config.split, hub_config=config.data_config,
                                  max_examples=config.max_examples, seed=config.seed, skip_bad=config.skip_bad)
         print(examples.report(), file=sys.stderr)
+        if not examples.examples:
+            raise UserError(f"--data {config.data}: no example to evaluate ({examples.report()})")
+        if config.chat_template != "none" and any(isinstance(e.raw, dict) and "messages" in e.raw for e in examples):
+            examples.examples = with_chat_template(examples.examples, load_tokenizer(config.model), config.chat_template)
         data = {"source": config.data, "records_read": examples.total_records, "skipped": examples.skipped}
         return [EvalSet("", examples.examples, load_template(template_name), config.reward_name)], {"data": data}
     sets, read = [], {}
@@ -224,9 +262,25 @@ def format_summary(summary: dict[str, Any]) -> str:
     ])
 
 
+EVAL_METRICS_FILE = "eval_metrics.jsonl"
+
+
+def track_summaries(config: EvalConfig, summaries: dict[str, dict[str, Any]]) -> None:
+    """Logs each set's accuracy, format rate and mean length to wandb / TensorBoard (and ``eval_metrics.jsonl``)."""
+    from reasontune.tracking import MetricsLogger
+
+    numbers = {}
+    for name, summary in summaries.items():
+        prefix = f"{name}/" if config.benchmarks else ""
+        numbers.update({f"{prefix}{key}": summary.get(key) for key in ("accuracy", "format_rate", "mean_response_tokens")})
+    with MetricsLogger(config.output_dir, wandb_project=config.wandb, tensorboard=config.tensorboard,
+                       config=asdict(config), metrics_file=EVAL_METRICS_FILE) as logger:
+        logger.log("eval", 0, **numbers)
+
+
 def run_eval(config: EvalConfig) -> int:
     """Returns 0 after evaluating ``config.model`` on ``config.data`` or ``config.benchmarks``; writes records, summaries, results and config.json."""
-    config.validate()
+    check_config(config)
     sets, read = eval_sets(config)
     options = SamplingOptions(temperature=config.eval_temperature, top_p=config.eval_top_p,
                               max_new_tokens=config.eval_max_new_tokens, n=config.eval_n_samples, seed=config.seed,
@@ -239,6 +293,8 @@ def run_eval(config: EvalConfig) -> int:
                               seed=config.seed, grading_workers=config.grading_workers, stop=config.stop,
                               extra_summary={"template": config.prompt_template, **read})
     generator.close()
+    if config.wandb or config.tensorboard:
+        track_summaries(config, summaries)
     for name, summary in summaries.items():
         if config.benchmarks:
             print(f"== {name}")

@@ -6,29 +6,40 @@ in the bounded grading workers; the kept records are written back exactly as rea
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
 
-from reasontune.config import help_field
+from reasontune.config import UserError, check_config, help_field, raise_problems
 from reasontune.data import Example, load_examples
 from reasontune.generation import Completion
-from reasontune.options import GradingOptions, TaskOptions
+from reasontune.options import GradingOptions, TaskOptions, TrackingOptions, data_source_problems, validate_common
 from reasontune.rollouts import grade_completions, reward_fn_by_name, write_jsonl
 
 REASONS = ("kept", "formatted but wrong", "unformatted", "no response", "no reference answer")
 
 
 @dataclass
-class FilterConfig(GradingOptions, TaskOptions):
+class FilterConfig(TrackingOptions, GradingOptions, TaskOptions):
     """Options of ``reasontune filter``."""
 
     data: str = help_field("", "SFT data (JSONL/JSON/Parquet, any accepted format) whose responses are graded", group="data")
     out: str = help_field("", "where to write the kept records (JSONL, each record exactly as read)", group="data")
 
     def validate(self) -> None:
+        """Raises ``UserError`` naming every option whose value cannot work (an --out that is --data, a missing file …)."""
+        problems = validate_common(self)
         if not self.data or not self.out:
-            raise SystemExit("error: reasontune filter needs --data SFT.jsonl and --out FILTERED.jsonl")
+            problems.append("reasontune filter needs --data SFT.jsonl and --out FILTERED.jsonl")
+        if self.out and self.data and Path(self.out).resolve() == Path(self.data).resolve():
+            problems.append(f"--out {self.out}: is the input file; write the kept records to another file")
+        if self.out and Path(self.out).is_dir():
+            problems.append(f"--out {self.out}: is a directory; give a file name such as {Path(self.out) / 'kept.jsonl'}")
+        raise_problems(problems)
+
+    def environment_problems(self) -> list[str]:
+        """Returns what is wrong with --data's file on this machine (see ``options.environment_problems``)."""
+        return data_source_problems("--data", self.data)
 
 
 def filter_examples(examples: Sequence[Example], reward: str = "r1_zero", grading_workers: int | None = None
@@ -62,7 +73,14 @@ def filter_examples(examples: Sequence[Example], reward: str = "r1_zero", gradin
 
 def run_filter(config: FilterConfig) -> int:
     """Returns 0 after writing the examples of ``config.data`` whose response is correct to ``config.out``."""
-    loaded = load_examples(config.data, skip_bad=config.skip_bad)
+    check_config(config)
+    loaded = load_examples(config.data, split=config.split, hub_config=config.data_config, skip_bad=config.skip_bad)
+    gradable = sum(e.response is not None and e.ground_truth is not None for e in loaded.examples)
+    if not gradable:
+        without_response = sum(e.response is None for e in loaded.examples)
+        raise UserError(f"--data {config.data}: none of its {len(loaded)} examples has both a response and a reference "
+                        f"answer ({without_response} without a response); filter grades SFT data "
+                        "({prompt, response, ground_truth}); to sample responses first, run reasontune eval")
     kept, counts = filter_examples(loaded.examples, config.reward_name, config.grading_workers)
     out = write_jsonl([example.raw for example in kept], Path(config.out))
     print(f"filter: {len(loaded)} examples read from {config.data} -> {len(kept)} kept in {out}")
@@ -71,4 +89,11 @@ def run_filter(config: FilterConfig) -> int:
             print(f"  {reason}: {counts[reason]}")
     if loaded.skipped:
         print(f"  malformed records skipped: {loaded.n_skipped} ({loaded.report()})")
+    if config.wandb or config.tensorboard:
+        from reasontune.tracking import MetricsLogger
+
+        with MetricsLogger(out.parent, wandb_project=config.wandb, tensorboard=config.tensorboard, config=asdict(config),
+                           metrics_file=f"{out.stem}.metrics.jsonl") as logger:
+            logger.log("data", None, read=len(loaded), kept=len(kept), skipped_bad=loaded.n_skipped,
+                       **{reason.replace(" ", "_"): count for reason, count in counts.items()})
     return 0

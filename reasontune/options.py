@@ -10,14 +10,23 @@ Configs stop at the entry points: components take plain arguments.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
+import math
+import os
+import re
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
 from reasontune.config import help_field
 
 DType = Literal["float32", "bfloat16", "float16"]
-Reward = Literal["auto", "r1_zero", "question_only"]
+REWARD_NAMES = ("auto", "r1_zero", "question_only")
+SHIPPED_TEMPLATES = ("r1_zero", "question_only")
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
+# A hub id: "name" or "organisation/name" (letters, digits, - _ .), optionally with a revision after "@".
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w./-]+)?")
 
 
 @dataclass
@@ -32,7 +41,7 @@ class RunOptions:
 class ModelOptions:
     """Which model, in which dtype, on which device."""
 
-    model: str = help_field("Qwen/Qwen2.5-Math-1.5B", "hub name or local directory of the causal LM (with its tokenizer)", group="model")
+    model: str = help_field("Qwen/Qwen2.5-Math-1.5B", "hub name or local directory of the causal LM (with its tokenizer)", group="model", aliases=("model-path", "model-name-or-path"))
     dtype: DType | None = help_field(None, "parameter dtype (default: bfloat16 on a GPU, float32 on a CPU)", group="model")
     device: str | None = help_field(None, "torch device (default: cuda when available, else cpu)", group="model")
     attn_implementation: str | None = help_field(None, "attention kernel: sdpa, flash_attention_2 or eager (default: flash_attention_2 when installed on CUDA, else sdpa)", group="model")
@@ -43,8 +52,11 @@ class TaskOptions:
     """How questions become prompts and responses become rewards."""
 
     prompt_template: str = help_field("r1_zero", "template turning a question into a prompt (data with a prompt field keeps it): r1_zero, question_only or a file containing {question}", group="data")
-    reward: Reward = help_field("auto", "reward function: r1_zero (<think>…</think> <answer>…</answer>), question_only (last \\boxed{}), or auto (question_only for the question_only template, else r1_zero)", group="data")
+    reward: str = help_field("auto", "reward function: r1_zero (<think>…</think> <answer>…</answer>), question_only (last \\boxed{}), auto (question_only for the question_only template, else r1_zero), or module:function of your own, called as function(response, ground_truth) -> {'format_reward', 'answer_reward', 'reward'} in the grading workers", group="data")
     skip_bad: bool = help_field(False, "skip malformed data records (counted and reported) instead of stopping at the first", group="data")
+    chat_template: Literal["auto", "none"] = help_field("auto", "chat data ({\"messages\": [...]}): auto renders its system/user turns with the tokenizer's chat template when the model has one; none uses the user turn's text as the prompt", group="data")
+    split: str | None = help_field(None, "split of a hub dataset (default: train)", group="data")
+    data_config: str | None = help_field(None, "config (subset) name of a hub dataset, e.g. main for openai/gsm8k", group="data")
 
     @property
     def reward_name(self) -> str:
@@ -85,7 +97,7 @@ class EvaluationOptions:
 class InLoopEvaluationOptions(EvaluationOptions):
     """When a trainer evaluates, and on what."""
 
-    val_data: str | None = help_field(None, "held-out questions with references, evaluated before training, every --eval-every steps and at the end (none: no evaluation)", group="evaluation")
+    val_data: str | None = help_field(None, "held-out questions with references, evaluated before training, every --eval-every steps and at the end (none: no held-out evaluation; sft can split one off with --val-fraction)", group="evaluation", aliases=("val-data-path",))
     eval_examples: int = help_field(256, "held-out examples per evaluation (0: no evaluation)", group="evaluation")
     eval_every: int = help_field(0, "evaluate every N steps (0: only before and after training)", group="evaluation")
     eval_before_training: bool = help_field(True, "evaluate once before the first step", group="evaluation")
@@ -108,7 +120,7 @@ class RolloutOptions:
 class OptimizerOptions:
     """AdamW, clipping and memory-saving recomputation."""
 
-    learning_rate: float = help_field(2e-5, "peak AdamW learning rate", group="optimisation")
+    learning_rate: float = help_field(2e-5, "peak AdamW learning rate", group="optimisation", aliases=("lr",))
     weight_decay: float = help_field(0.0, "AdamW weight decay", group="optimisation")
     adam_beta1: float = help_field(0.9, "AdamW beta1", group="optimisation")
     adam_beta2: float = help_field(0.95, "AdamW beta2", group="optimisation")
@@ -149,17 +161,23 @@ class CheckpointOptions:
     output_dir: str = help_field("runs/run", "run directory: config.json, metrics.jsonl, checkpoint-N/, final/, eval/, report/", group="checkpoints")
     overwrite: bool = help_field(False, "start afresh in an --output-dir that already holds a run (its files are replaced)", group="checkpoints")
     resume: bool = help_field(False, "continue from the newest checkpoint-N/ in --output-dir (weights, optimizer, schedule, RNG, data position)", group="checkpoints")
-    save_every: int = help_field(0, "write checkpoint-N/ every N steps (0: only final/)", group="checkpoints")
+    save_every: int = help_field(0, "write checkpoint-N/ every N steps (0: only final/)", group="checkpoints", aliases=("save-every-n-steps", "save-steps"))
     save_total_limit: int | None = help_field(None, "keep only the newest N checkpoint-N/ directories", group="checkpoints")
 
 
 @dataclass
-class LoggingOptions:
+class TrackingOptions:
+    """Where numbers go besides the command's own files: Weights & Biases and TensorBoard."""
+
+    wandb: str | None = help_field(None, "also log to this Weights & Biases project (needs the wandb extra)", group="logging", aliases=("wandb-project",))
+    tensorboard: bool = help_field(False, "also write TensorBoard event files into output-dir/tensorboard (needs the tensorboard extra)", group="logging")
+
+
+@dataclass
+class LoggingOptions(TrackingOptions):
     """Metrics, progress and the report (metrics.jsonl is always written)."""
 
     log_every: int = help_field(1, "write a metrics line every N steps", group="logging")
-    wandb: str | None = help_field(None, "also log to this Weights & Biases project (needs the wandb extra)", group="logging", aliases=("wandb-project",))
-    tensorboard: bool = help_field(False, "also write TensorBoard event files into output-dir/tensorboard (needs the tensorboard extra)", group="logging")
     progress: bool = help_field(True, "show a progress bar (step, loss, tokens/s, ETA)", group="logging")
     write_report: bool = help_field(True, "write report/ (plots and summary page) at the end", group="logging")
 
@@ -169,7 +187,7 @@ class TrainerOptions(LoggingOptions, CheckpointOptions, InLoopEvaluationOptions,
                      LoRAOptions, OptimizerOptions, TaskOptions, ModelOptions, RunOptions):
     """Every option the three trainers share (SFT, expert iteration and GRPO add their own)."""
 
-    train_data: str = help_field("", "training data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name", group="data")
+    train_data: str = help_field("", "training data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name (required)", group="data", aliases=("sft-data-path", "train-data-path"))
 
 
 def resolved_dtype(dtype: str | None, device: str) -> str:
@@ -177,3 +195,215 @@ def resolved_dtype(dtype: str | None, device: str) -> str:
     if dtype is not None:
         return dtype
     return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+
+# ---------------------------------------------------------------------------------------------
+# Checks every command runs before it touches its output directory
+
+
+def looks_like_path(text: str) -> bool:
+    """Returns whether ``text`` names a local file or directory rather than a hub id (it exists, or is not shaped like one)."""
+    if not text:
+        return False
+    path = Path(text).expanduser()
+    if path.exists() or text.startswith((".", "/", "~")) or path.suffix in DATA_SUFFIXES:
+        return True
+    # "runs/sft/final" or "runs/finall" (a typo under an existing directory) is a path, not a hub id.
+    return not HUB_ID.fullmatch(text) or Path(text.split("/")[0]).is_dir()
+
+
+def data_source_problems(flag: str, source: str | None) -> list[str]:
+    """Returns what is wrong with a data flag's value: a local file that is missing, a directory or empty (hub names pass)."""
+    if not source:
+        return []
+    if not looks_like_path(source):
+        nearby = _nearby(source, files=True)
+        return [f"{flag} {source}: no such file (did you mean {nearby}?), and it would be tried as a hub dataset"] if nearby else []
+    path = Path(source).expanduser()
+    if not path.exists():
+        return [f"{flag} {source}: no such file; check the path (or give a hub dataset name)"]
+    if path.is_dir():
+        return [f"{flag} {source}: is a directory; give a .jsonl/.json/.parquet file"]
+    if path.stat().st_size == 0 or (path.suffix in (".jsonl", ".json") and path.stat().st_size < 1 << 20
+                                     and not path.read_text(encoding="utf-8", errors="replace").strip()):
+        return [f"{flag} {source}: the file is empty; give a file with at least one record"]
+    return []
+
+
+def model_problems(flag: str, model: str) -> list[str]:
+    """Returns what is wrong with a model flag: a local directory that is missing or holds no config.json, or a malformed hub id."""
+    if not model:
+        return [f"{flag}: required; give a local model directory or a hub id such as Qwen/Qwen2.5-Math-1.5B"]
+    if not looks_like_path(model):
+        return hub_model_problems(flag, model)
+    path = Path(model).expanduser()
+    if not path.exists():
+        return [f"{flag} {model}: no such directory, and not a hub id (organisation/name); check the path"]
+    if not path.is_dir() or not (path / "config.json").exists():
+        return [(f"{flag} {model}: not a model directory (no config.json); give the directory save_pretrained wrote, "
+                 "e.g. a run's final/")]
+    return []
+
+
+def _nearby(name: str, files: bool) -> str | None:
+    """Returns the local file (or directory) whose path is closest to ``name``, when one is close enough to be a typo of it."""
+    parent = Path(name).parent
+    if not parent.is_dir():
+        return None
+    candidates = [str(child) if str(parent) != "." else child.name for child in parent.iterdir()
+                  if (child.is_file() if files else child.is_dir())]
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.75)
+    return close[0] if close else None
+
+
+def hub_model_problems(flag: str, model: str) -> list[str]:
+    """Returns what is wrong with a hub id that is not in the local cache: a likely typo of a local directory, or offline mode."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+    except ImportError:
+        return []
+    repo_id = model.split("@")[0]
+    if isinstance(try_to_load_from_cache(repo_id, "config.json"), str):
+        return []
+    nearby = _nearby(model, files=False)
+    if nearby:
+        return [f"{flag} {model}: no such directory (did you mean {nearby}?) and not a downloaded hub model"]
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return [(f"{flag} {model}: not in the local Hugging Face cache and HF_HUB_OFFLINE is set; download it first "
+                 "or give a local model directory")]
+    return []
+
+
+def package_problems(flag: str, package: str, extra: str) -> list[str]:
+    """Returns a problem naming ``flag`` when the optional ``package`` is not installed."""
+    if importlib.util.find_spec(package) is None:
+        return [(f"{flag}: needs the {package} package, which is not installed; pip install 'reasontune[{extra}]' "
+                 f"or drop {flag}")]
+    return []
+
+
+def reward_problems(reward: str) -> list[str]:
+    """Returns what is wrong with --reward: neither a shipped name nor an importable module:function."""
+    if reward in REWARD_NAMES:
+        return []
+    if ":" not in reward:
+        return [f"--reward {reward}: unknown; give {', '.join(REWARD_NAMES)} or module:function"]
+    from reasontune.rollouts import reward_fn_by_name  # lazy: imports the graders
+
+    try:
+        reward_fn_by_name(reward)
+    except (ValueError, ImportError, TypeError) as error:
+        return [f"--reward {reward}: {error}"]
+    return []
+
+
+def template_problems(template: str) -> list[str]:
+    """Returns what is wrong with --prompt-template: neither a shipped name nor a readable file containing {question}."""
+    if template in SHIPPED_TEMPLATES or template == "auto":
+        return []
+    path = Path(template).expanduser()
+    if not path.is_file():
+        return [(f"--prompt-template {template}: neither a shipped template ({', '.join(SHIPPED_TEMPLATES)}) "
+                 "nor an existing file")]
+    if "{question}" not in path.read_text(encoding="utf-8", errors="replace"):
+        return [f"--prompt-template {template}: the file has no {{question}} placeholder; add one where the question goes"]
+    return []
+
+
+def _range(problems: list[str], flag: str, value: Any, low: float | None = None, high: float | None = None,
+           low_open: bool = False, high_open: bool = False, hint: str = "") -> None:
+    """Appends a problem when ``value`` is not finite or not within [low, high] (or the open ends)."""
+    if value is None:
+        return
+    bad = isinstance(value, float) and not math.isfinite(value)
+    if low is not None:
+        bad = bad or (value <= low if low_open else value < low)
+    if high is not None:
+        bad = bad or (value >= high if high_open else value > high)
+    if bad:
+        left = "" if low is None else (f"> {low:g}" if low_open else f">= {low:g}")
+        right = "" if high is None else (f"< {high:g}" if high_open else f"<= {high:g}")
+        wanted = " and ".join(part for part in (left, right) if part) or "finite"
+        problems.append(f"{flag}: must be {wanted}, got {value:g}{'; ' + hint if hint else ''}")
+
+
+def validate_common(config: Any) -> list[str]:
+    """Returns every problem of the values of the option groups ``config`` is made of (ranges, combinations), one string each."""
+    problems: list[str] = []
+    if isinstance(config, RunOptions):
+        _range(problems, "--num-threads", config.num_threads, 1)
+    if isinstance(config, LoRAOptions):
+        problems += config.lora_problems()
+    if isinstance(config, TaskOptions) and config.reward not in REWARD_NAMES and ":" not in config.reward:
+        problems.append(f"--reward {config.reward}: unknown; give {', '.join(REWARD_NAMES)} or module:function")
+    if isinstance(config, GradingOptions):
+        _range(problems, "--grading-workers", config.grading_workers, 0)
+    if isinstance(config, GenerationOptions):
+        _range(problems, "--generation-batch-size", config.generation_batch_size, 1)
+        _range(problems, "--vllm-gpu-memory-utilization", config.vllm_gpu_memory_utilization, 0, 1, low_open=True)
+    if isinstance(config, EvaluationOptions):
+        _range(problems, "--eval-temperature", config.eval_temperature, 0)
+        _range(problems, "--eval-top-p", config.eval_top_p, 0, 1, low_open=True)
+        _range(problems, "--eval-max-new-tokens", config.eval_max_new_tokens, 1)
+        _range(problems, "--eval-n-samples", config.eval_n_samples, 1)
+        if config.eval_n_samples > 1 and config.eval_temperature == 0:
+            problems.append(f"--eval-n-samples {config.eval_n_samples}: greedy decoding (--eval-temperature 0) makes "
+                            "every sample identical; set --eval-temperature > 0 (e.g. 0.6) or --eval-n-samples 1")
+    if isinstance(config, InLoopEvaluationOptions):
+        _range(problems, "--eval-examples", config.eval_examples, 0)
+        _range(problems, "--eval-every", config.eval_every, 0)
+    if isinstance(config, RolloutOptions):
+        _range(problems, "--group-size", config.group_size, 1)
+        _range(problems, "--sampling-temperature", config.sampling_temperature, 0, low_open=True,
+               hint="rollouts must be sampled")
+        _range(problems, "--sampling-top-p", config.sampling_top_p, 0, 1, low_open=True)
+        if not 1 <= config.sampling_min_tokens <= config.sampling_max_tokens:
+            problems.append(f"--sampling-min-tokens {config.sampling_min_tokens} / --sampling-max-tokens "
+                            f"{config.sampling_max_tokens}: need 1 <= min <= max")
+    if isinstance(config, OptimizerOptions):
+        _range(problems, "--learning-rate", config.learning_rate, 0, low_open=True, hint="e.g. 1e-5")
+        _range(problems, "--weight-decay", config.weight_decay, 0)
+        _range(problems, "--adam-beta1", config.adam_beta1, 0, 1, high_open=True)
+        _range(problems, "--adam-beta2", config.adam_beta2, 0, 1, high_open=True)
+        _range(problems, "--max-grad-norm", config.max_grad_norm, 0, hint="0 disables clipping")
+    if isinstance(config, CheckpointOptions):
+        if not config.output_dir:
+            problems.append("--output-dir: required; give the run directory")
+        _range(problems, "--save-every", config.save_every, 0)
+        _range(problems, "--save-total-limit", config.save_total_limit, 1)
+    if isinstance(config, LoggingOptions):
+        _range(problems, "--log-every", config.log_every, 1)
+    if isinstance(config, TrainerOptions) and not config.train_data:
+        problems.append("--train-data: required; give a JSONL/JSON/Parquet file or a hub dataset name")
+    return problems
+
+
+def environment_problems(config: Any) -> list[str]:
+    """Returns every problem of ``config`` with this machine: missing or empty files, a model that is not there, packages the flags need.
+
+    ``validate()`` checks that the values can work together; this checks that they can work
+    here and now. Both run before a command touches its output directory.
+    """
+    problems: list[str] = []
+    if isinstance(config, ModelOptions):
+        problems += model_problems("--model", config.model)
+        if config.device and config.device.startswith("cuda"):
+            import torch  # lazy: only when a CUDA device is asked for
+
+            if not torch.cuda.is_available():
+                problems.append(f"--device {config.device}: CUDA is not available here; drop --device or use cpu")
+    if isinstance(config, TaskOptions):
+        problems += template_problems(config.prompt_template) + reward_problems(config.reward)
+    if isinstance(config, GenerationOptions) and config.backend == "vllm":
+        problems += package_problems("--backend vllm", "vllm", "vllm")
+    if isinstance(config, InLoopEvaluationOptions):
+        problems += data_source_problems("--val-data", config.val_data)
+    if isinstance(config, TrackingOptions):
+        if config.tensorboard:
+            problems += package_problems("--tensorboard", "tensorboard", "tensorboard")
+        if config.wandb:
+            problems += package_problems("--wandb", "wandb", "wandb")
+    if isinstance(config, TrainerOptions):
+        problems += data_source_problems("--train-data", config.train_data)
+    extra = getattr(config, "environment_problems", None)
+    return problems + (extra() if callable(extra) else [])

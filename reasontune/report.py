@@ -26,8 +26,36 @@ from reasontune.config import positional_field
 from reasontune.rollouts import CATEGORIES, category
 
 REPORT_DIR = "report"
-CONFIG_HIGHLIGHTS = ("model", "train_data", "learning_rate", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
-                     "num_epochs", "max_steps", "max_length", "loss_normalization", "packing", "dtype", "seed")
+# The settings each kind of run shows in its config table (the run's own fields, as given).
+CONFIG_HIGHLIGHTS = {
+    "sft": ("model", "train_data", "learning_rate", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
+            "num_epochs", "max_steps", "max_length", "loss_aggregation", "packing", "tokens_per_batch", "dtype", "seed"),
+    "ei": ("model", "train_data", "n_ei_steps", "questions_per_step", "group_size", "sampling_temperature",
+           "sampling_max_tokens", "reward", "sft_epochs", "learning_rate", "batch_size", "gradient_accumulation_steps",
+           "loss_aggregation", "dtype", "seed"),
+    "grpo": ("model", "train_data", "n_grpo_steps", "rollout_batch_size", "group_size", "train_batch_size",
+             "gradient_accumulation_steps", "epochs_per_rollout_batch", "loss_type", "loss_aggregation",
+             "use_std_normalization", "cliprange", "kl_coef", "learning_rate", "sampling_temperature",
+             "sampling_max_tokens", "reward", "dtype", "seed"),
+    "eval": ("model", "data", "benchmarks", "prompt_template", "reward", "eval_n_samples", "eval_temperature",
+             "eval_top_p", "eval_max_new_tokens", "k", "max_examples", "backend", "seed"),
+}
+STEP_UNIT = {"sft": "optimizer step", "ei": "EI step (sample → grade → SFT)", "grpo": "GRPO step (one rollout batch)",
+             "eval": "evaluation"}
+# GRPO / EI rollout curves from the train lines: (title, y label, file, [(key, label)], fraction axis).
+ROLLOUT_PLOTS = (
+    ("Rollout reward", "mean reward per response", "rollout_reward.png",
+     [("reward", "reward"), ("format_reward", "format reward"), ("answer_reward", "answer reward")], True),
+    ("Rollout accuracy", "fraction of rollouts", "rollout_accuracy.png",
+     [("accuracy", "accuracy (answer reward 1)"), ("pass_at_n", "pass@group (a question solved by some sample)"),
+      ("format_rate", "format rate")], True),
+    ("Clipped tokens and KL to the reference", "per token", "clip_fraction_kl.png",
+     [("clip_fraction", "clip fraction"), ("kl", "KL (k3) to the starting model")], False),
+    ("Rollout response length", "mean response length (tokens)", "rollout_length.png",
+     [("mean_response_tokens", "all"), ("mean_response_tokens_correct", "correct"),
+      ("mean_response_tokens_incorrect", "incorrect"), ("mean_response_tokens_truncated", "truncated")], False),
+    ("Kept responses per EI step", "responses", "ei_kept.png", [("kept", "kept (correct)"), ("samples", "sampled")], False),
+)
 SAMPLES_PER_OUTCOME = 3
 PROMPT_TAIL_CHARS = 300
 RESPONSE_MAX_CHARS = 2000
@@ -37,14 +65,18 @@ RESPONSE_MAX_CHARS = 2000
 class ReportConfig:
     """Options of ``reasontune report``."""
 
-    run_dir: str = positional_field("run directory written by a training run (config.json, metrics.jsonl, eval/, checkpoints)")
+    run_dir: str = positional_field("directory written by a training run (config.json, metrics.jsonl, eval/, checkpoints) or by reasontune eval (summary.json, records.jsonl)")
 
 
 def run_report(config: ReportConfig) -> int:
     """Writes the report of ``config.run_dir`` and prints the path of its index.html; returns the exit status."""
     run_dir = Path(config.run_dir)
     if not run_dir.is_dir():
-        raise SystemExit(f"error: run directory {run_dir} does not exist (give the --output-dir of a training run)")
+        raise SystemExit(f"error: run directory {run_dir} does not exist (give the --output-dir of a training run "
+                         "or of reasontune eval)")
+    if not any((run_dir / name).exists() for name in ("metrics.jsonl", "summary.json", "results.json", "config.json")):
+        raise SystemExit(f"error: {run_dir}: neither a run directory (metrics.jsonl) nor an evaluation directory "
+                         "(summary.json); give the --output-dir of reasontune sft/ei/grpo/eval")
     print(write_report(run_dir) / "index.html")
     return 0
 
@@ -76,6 +108,20 @@ class RunData:
     events: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     problems: list[str] = dataclasses.field(default_factory=list)
     checkpoints: list[str] = dataclasses.field(default_factory=list)
+    evaluation_only: bool = False  # written by reasontune eval, not by a training run
+
+    @property
+    def kind(self) -> str:
+        """Returns ``sft``, ``ei``, ``grpo`` or ``eval`` (what wrote the directory), from its config's fields."""
+        config = self.config or {}
+        if self.evaluation_only:
+            return "eval"
+        return "grpo" if "n_grpo_steps" in config else "ei" if "n_ei_steps" in config else "sft"
+
+    @property
+    def step_unit(self) -> str:
+        """Returns what one step on the x axis is for this kind of run."""
+        return STEP_UNIT[self.kind]
 
 
 def _read_jsonl(path: Path, problems: list[str], label: str) -> list[dict[str, Any]]:
@@ -163,6 +209,12 @@ def read_run(run_dir: str | Path) -> RunData:
                 result = evals.setdefault(step, EvalResult(step=step))
                 if result.directory is None or not result.directory.is_dir():
                     result.directory = directory
+    if not evals and not (run_dir / "metrics.jsonl").is_file():
+        # reasontune eval's directory: one evaluation (summary.json here, or one per benchmark below).
+        for directory in [run_dir] + sorted(d for d in run_dir.iterdir() if d.is_dir() and d.name != REPORT_DIR):
+            if (directory / "summary.json").is_file():
+                evals[len(evals)] = EvalResult(step=len(evals), directory=directory)
+                run.evaluation_only = True
     for result in evals.values():
         _read_eval_directory(result, run, run_dir)
     run.evals = [evals[step] for step in sorted(evals)]
@@ -286,12 +338,12 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return averaged
 
 
-def _new_axes(title: str, ylabel: str):
+def _new_axes(title: str, ylabel: str, xlabel: str = "optimizer step"):
     # A bare Figure draws with Agg and leaves pyplot's global backend alone.
     figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
     axes = figure.add_subplot()
     axes.set_title(title)
-    axes.set_xlabel("optimizer step")
+    axes.set_xlabel(xlabel)
     axes.set_ylabel(ylabel)
     axes.grid(True, alpha=0.35)
     return figure, axes
@@ -321,6 +373,11 @@ def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
     """Returns (file name, caption) of each PNG written into ``out_dir``; curves without data are left out."""
     written: list[tuple[str, str]] = []
     evals = _eval_rows(run)
+    unit = run.step_unit
+    if run.kind == "eval":  # one evaluation (per benchmark): no curves; reasontune eval drew its own plots
+        return written
+    if run.kind in ("ei", "grpo"):
+        written += _write_rollout_plots(run, out_dir, unit)
 
     for key, title, ylabel, file_name, color in (
         ("loss", "Training loss", "loss", "loss.png", "tab:blue"),
@@ -330,7 +387,7 @@ def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
         steps, values = _series(run.train, key)
         if not steps:
             continue
-        figure, axes = _new_axes(title, ylabel)
+        figure, axes = _new_axes(title, ylabel, unit)
         _plot_training_curve(axes, steps, values, key, color)
         if key != "lr":
             _use_log_scale_if_wide(axes, values)
@@ -341,7 +398,7 @@ def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
     accuracy_steps, accuracy = _series(evals, "accuracy")
     format_steps, format_rate = _series(evals, "format_rate")
     if accuracy_steps or format_steps:
-        figure, axes = _new_axes("Validation accuracy and format rate", "fraction of validation examples")
+        figure, axes = _new_axes("Validation accuracy and format rate", "fraction of validation examples", unit)
         if accuracy_steps:
             axes.plot(accuracy_steps, accuracy, marker="o", color="tab:blue", label="accuracy (answer reward 1)")
         if format_steps:
@@ -355,7 +412,7 @@ def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
     train_entropy_steps, train_entropy = _series(run.train, "token_entropy")
     eval_entropy_steps, eval_entropy = _series(evals, "mean_entropy")
     if train_entropy_steps or eval_entropy_steps:
-        figure, axes = _new_axes("Response token entropy", "entropy (nats per token)")
+        figure, axes = _new_axes("Response token entropy", "entropy (nats per token)", unit)
         if train_entropy_steps:
             _plot_training_curve(axes, train_entropy_steps, train_entropy, "training responses", "tab:purple")
         if eval_entropy_steps:
@@ -366,12 +423,33 @@ def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
 
     length_steps, lengths = _series(evals, "mean_response_tokens")
     if length_steps:
-        figure, axes = _new_axes("Validation response length", "mean response length (tokens)")
+        figure, axes = _new_axes("Validation response length", "mean response length (tokens)", unit)
         axes.plot(length_steps, lengths, marker="o", color="tab:cyan", label="all responses")
         axes.set_ylim(bottom=0)
         axes.legend(loc="best")
         _save(figure, out_dir / "response_length.png")
         written.append(("response_length.png", "Validation response length"))
+    return written
+
+
+def _write_rollout_plots(run: RunData, out_dir: Path, unit: str) -> list[tuple[str, str]]:
+    """Returns (file name, caption) of each rollout plot of an EI/GRPO run (reward, accuracy, clip fraction, KL, lengths)."""
+    written = []
+    colors = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+    for title, ylabel, file_name, keys, fraction in ROLLOUT_PLOTS:
+        series = [(label, *_series(run.train, key)) for key, label in keys]
+        series = [(label, steps, values) for label, steps, values in series if steps]
+        if not series:
+            continue
+        figure, axes = _new_axes(title, ylabel, unit)
+        for (label, steps, values), color in zip(series, colors):
+            _plot_training_curve(axes, steps, values, label, color)
+        if fraction:
+            axes.set_ylim(-0.03, 1.03)
+            axes.yaxis.set_major_formatter(_percent_formatter())
+        axes.legend(loc="best")
+        _save(figure, out_dir / file_name)
+        written.append((file_name, title))
     return written
 
 
@@ -402,7 +480,7 @@ def _headline(run: RunData) -> list[tuple[str, str]]:
         if losses:
             rows.append(("last training loss", f"{_format_number(losses[-1])} (step {steps[-1]})"))
         epoch = _number(last.get("epoch"))
-        rows.append(("optimizer steps", f"{last['step']:,}" + (f" ({epoch:.2f} epochs)" if epoch is not None else "")))
+        rows.append((f"{run.step_unit.split(' (')[0]}s", f"{last['step']:,}" + (f" ({epoch:.2f} epochs)" if epoch is not None else "")))
         for key, label in (("tokens_per_s", "tokens/s"), ("response_tokens_per_s", "response tokens/s")):
             _, values = _series(run.train, key)
             values = sorted(v for v in values if math.isfinite(v))
@@ -439,7 +517,8 @@ def _config_rows(run: RunData) -> list[tuple[str, str]]:
     if not run.config:
         return []
     # Settings are shown as given (3e-05, 1024), not rounded like measurements.
-    return [(key, str(run.config[key])) for key in CONFIG_HIGHLIGHTS if key in run.config]
+    return [(key, str(run.config[key])) for key in CONFIG_HIGHLIGHTS[run.kind]
+            if key in run.config and run.config[key] not in (None, "")]
 
 
 def _summary_comparison(run: RunData) -> tuple[list[str], list[tuple[str, list[str]]]]:

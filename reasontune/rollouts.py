@@ -15,8 +15,11 @@ in generated tokens.
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,11 +36,30 @@ SUMMARY_FILE = "summary.json"
 
 
 def reward_fn_by_name(name: str) -> RewardFn:
-    """Returns the reward function called ``name``: ``r1_zero`` or ``question_only``."""
+    """Returns the reward function called ``name``: ``r1_zero``, ``question_only``, or ``module:function`` of the user's own.
+
+    ``module:function`` is imported (the working directory is searched too, as for
+    ``python -m``) and must be a module-level callable ``function(response, ground_truth) ->
+    {"format_reward", "answer_reward", "reward"}``; being module-level, it runs in the grading
+    workers under the same time and memory bounds as the shipped ones.
+    """
     functions = {"r1_zero": r1_zero_reward_fn, "question_only": question_only_reward_fn}
-    if name not in functions:
-        raise ValueError(f"unknown reward {name!r}; expected r1_zero or question_only")
-    return functions[name]
+    if name in functions:
+        return functions[name]
+    module_name, colon, function_name = name.partition(":")
+    if not colon or not module_name or not function_name:
+        raise ValueError(f"unknown reward {name!r}; expected r1_zero, question_only or module:function")
+    if "" not in sys.path and os.getcwd() not in sys.path:
+        sys.path.append(os.getcwd())
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ImportError(f"cannot import module {module_name!r} ({error}); put {module_name}.py in the working "
+                          "directory or on PYTHONPATH") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise TypeError(f"module {module_name!r} has no function {function_name!r}")
+    return function
 
 
 def final_answer(response: str, reward_fn: RewardFn | None) -> str | None:

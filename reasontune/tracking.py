@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import time
 from numbers import Number
 from pathlib import Path
 from typing import Any
@@ -46,14 +47,15 @@ class MetricsLogger:
     Without ``resume`` the file is started afresh; with it, lines are appended and the caller
     drops what was logged after the checkpoint it resumes from with ``truncate_after(step)``.
     Non-finite floats are written as Python's json writes them (``NaN``, ``Infinity``) so a
-    diverged loss stays visible.
+    diverged loss stays visible. ``metrics_file`` names the JSON-lines file (``eval`` and
+    ``filter`` use their own name: ``metrics.jsonl`` marks a training run's directory).
     """
 
     def __init__(self, run_dir: str | Path, wandb_project: str | None = None, tensorboard: bool = False,
-                 config: dict[str, Any] | None = None, resume: bool = False):
+                 config: dict[str, Any] | None = None, resume: bool = False, metrics_file: str = METRICS_FILE):
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.path = self.run_dir / METRICS_FILE
+        self.path = self.run_dir / metrics_file
         # Optional backends are imported first so that a missing package fails before any file is touched.
         summary_writer_cls = _import_summary_writer() if tensorboard else None
         wandb = _import_wandb() if wandb_project else None
@@ -187,34 +189,69 @@ def _import_summary_writer() -> Any:
 
 
 class Progress:
-    """A terminal progress bar over optimizer steps showing step/total, loss, tokens/s and ETA.
+    """A progress display over steps (or prompts) showing done/total, loss, throughput and ETA.
 
-    Silent when ``enabled`` is false or when stderr is not a terminal (logs of batch jobs stay
-    clean; ``metrics.jsonl`` holds the numbers).
+    On a terminal it is a tqdm bar; when the stream is not a terminal (a batch job's log) it
+    prints a plain line ``<description> step 12/100 (12%) loss=… ETA 3m20s`` at most every
+    ``plain_every_s`` seconds and at the end, so a log never goes quiet for long. ``enabled``
+    false silences both.
     """
 
     def __init__(self, total_steps: int | None, initial_step: int = 0, enabled: bool = True,
-                 description: str = "train", stream: Any = None):
-        stream = sys.stderr if stream is None else stream
-        is_terminal = bool(getattr(stream, "isatty", lambda: False)())
+                 description: str = "train", stream: Any = None, unit: str = "step", plain_every_s: float = 30.0,
+                 leave: bool = True):
+        self.stream = sys.stderr if stream is None else stream
+        is_terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         self.enabled = enabled and is_terminal
+        self.plain = enabled and not is_terminal
+        self.total, self.description, self.unit, self.plain_every_s = total_steps, description, unit, plain_every_s
         # tqdm computes the rate, hence the ETA, from steps done since `initial`, so a resumed run's ETA is right.
-        self._bar = tqdm(total=total_steps, initial=initial_step, desc=description, unit="step",
-                         file=stream, dynamic_ncols=True, disable=not self.enabled)
+        self._bar = tqdm(total=total_steps, initial=initial_step, desc=description, unit=unit,
+                         file=self.stream, dynamic_ncols=True, disable=not self.enabled, leave=leave)
         self.step = initial_step
+        self._initial = initial_step
+        self._started = self._last_plain = time.monotonic()
+        self._postfix: dict[str, str] = {}
 
-    def update(self, step: int, loss: float | None = None, tokens_per_s: float | None = None) -> None:
-        """Moves the bar to ``step`` and shows the latest loss and throughput."""
+    def update(self, step: int, loss: float | None = None, tokens_per_s: float | None = None,
+               token_loss: float | None = None, **shown: Any) -> None:
+        """Moves the display to ``step`` and shows the latest loss (the optimised scalar), per-token loss, throughput and ``shown``."""
         if step > self.step:
             self._bar.update(step - self.step)
             self.step = step
         postfix = {}
         if loss is not None:
             postfix["loss"] = f"{loss:.4g}"
+        if token_loss is not None:
+            postfix["nll/token"] = f"{token_loss:.4g}"
         if tokens_per_s is not None:
             postfix["tok/s"] = f"{tokens_per_s:,.0f}"
+        postfix.update({key: (f"{value:.4g}" if isinstance(value, float) else str(value)) for key, value in shown.items()})
         if postfix:
+            self._postfix = postfix
             self._bar.set_postfix(postfix, refresh=False)
+        now = time.monotonic()
+        at_end = self.total is not None and step >= self.total and now - self._started >= self.plain_every_s / 6
+        if self.plain and (now - self._last_plain >= self.plain_every_s or at_end):
+            self._print_plain()
+
+    def plain_line(self) -> str:
+        """Returns the plain progress line: description, done/total, percent, the shown values, rate and ETA."""
+        elapsed = time.monotonic() - self._started
+        done = self.step - self._initial
+        rate = done / elapsed if elapsed > 0 else 0.0
+        parts = [f"{self.description} {self.unit} {self.step}" + (f"/{self.total}" if self.total else "")]
+        if self.total:
+            parts[0] += f" ({100 * self.step / self.total:.0f}%)"
+        parts += [f"{key}={value}" for key, value in self._postfix.items()]
+        parts.append(f"{rate:.3g} {self.unit}s/s")
+        if self.total and rate > 0:
+            parts.append(f"ETA {_duration((self.total - self.step) / rate)}")
+        return " ".join(parts)
+
+    def _print_plain(self) -> None:
+        self._last_plain = time.monotonic()
+        print(self.plain_line(), file=self.stream, flush=True)
 
     def write(self, message: str) -> None:
         """Prints a line above the bar (or plainly when the bar is off)."""
@@ -231,3 +268,11 @@ class Progress:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+
+def _duration(seconds: float) -> str:
+    """Returns ``seconds`` as ``1h02m``, ``3m20s`` or ``42s``."""
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"

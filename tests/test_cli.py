@@ -52,7 +52,7 @@ def test_config_errors_name_the_problem(tmp_path):
     bad.write_text("learning-rate: 1e-5\nlearnin_rate: 2\n")
     with pytest.raises(SystemExit, match="unknown option 'learnin_rate'"):
         parse_sft(["--config", str(bad), "--train-data", "x"])
-    with pytest.raises(SystemExit, match="--train-data is required"):
+    with pytest.raises(SystemExit, match="--train-data: required"):
         parse_sft([])
     with pytest.raises(SystemExit):
         parse_sft(["--train-data", "x", "--loss-normalization", "per_token"])

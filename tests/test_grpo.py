@@ -59,7 +59,7 @@ def test_config_invariants_have_clear_errors():
         (dict(epochs_per_rollout_batch=2), "off-policy"),
         (dict(train_batch_size=2, gradient_accumulation_steps=1), "off-policy"),
         (dict(sampling_min_tokens=0), "sampling-min-tokens"),
-        (dict(train_data=""), "--train-data is required"),
+        (dict(train_data=""), "--train-data: required"),
     ]
     for overrides, message in cases:
         with pytest.raises(SystemExit, match=message):

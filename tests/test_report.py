@@ -153,5 +153,5 @@ def test_outcomes_and_sample_picking():
 def test_cli_report_prints_the_page_path(run_dir, capsys):
     assert main(["report", str(run_dir)]) == 0
     assert capsys.readouterr().out.strip() == str(run_dir / "report" / "index.html")
-    with pytest.raises(SystemExit, match="does not exist"):
-        main(["report", str(run_dir / "missing")])
+    assert main(["report", str(run_dir / "missing")]) == 2  # a user error: one line, exit 2
+    assert "does not exist" in capsys.readouterr().err

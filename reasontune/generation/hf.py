@@ -9,6 +9,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from reasontune.generation import Completion, Generator, SamplingOptions, cut_at_stop
+from reasontune.tracking import Progress
 
 
 class _StopOnStrings(StoppingCriteria):
@@ -226,8 +227,12 @@ class HFGenerator(Generator):
             torch.manual_seed(options.seed)
         was_training = self.model.training
         self.model.eval()
+        # prompts/s and ETA when the call spans several batches (a bar on a terminal, a line every 30 s in a log)
+        progress = Progress(len(prompts), description="generate", unit="prompt", leave=False,
+                            enabled=len(order) > prompts_per_batch)
         try:
             for start in range(0, len(order), prompts_per_batch):
+                progress.update(start)
                 batch = order[start:start + prompts_per_batch]
                 completions = self._generate_batch([prompt_ids[i] for i in batch], options, rows_per_prompt)
                 for position, index in enumerate(batch):
@@ -236,6 +241,8 @@ class HFGenerator(Generator):
                         group = [copy.deepcopy(group[0]) for _ in range(options.n)]
                     results[index] = group
         finally:
+            progress.update(len(prompts))
+            progress.close()
             self.model.train(was_training)
         return results  # type: ignore[return-value]
 

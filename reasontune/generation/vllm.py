@@ -24,6 +24,7 @@ so a completion's log-probs are those of the distribution actually sampled from
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Iterable, Sequence
 
 from reasontune.generation import Completion, Generator, SamplingOptions
@@ -176,7 +177,8 @@ class VLLMGenerator(Generator):
             )
             for index in range(len(prompts))
         ]
-        outputs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        # vLLM's own bar (prompts/s, ETA) on a terminal; not in a batch job's log
+        outputs = self.llm.generate(list(prompts), params, use_tqdm=sys.stderr.isatty())
         return [[self._completion(sample, len(output.prompt_token_ids or [])) for sample in output.outputs]
                 for output in outputs]
 

@@ -68,6 +68,10 @@ def grade_batch(
     pool = sandbox.POOL.acquire(workers, memory_limit_bytes)
     # For each busy worker: the indices it was sent, not yet answered, and its deadline.
     assigned: dict[sandbox.Worker, tuple[deque, float]] = {}
+    # responses/s and ETA for a large batch (a bar on a terminal, a line every 30 s in a log); lazy: workers never need it
+    from reasontune.tracking import Progress
+
+    progress = Progress(total, description="grade", unit="response", leave=False, enabled=total >= 512)
 
     def give_work(worker: sandbox.Worker) -> None:
         indices = deque(pending.popleft() for _ in range(min(chunk_size, len(pending))))
@@ -97,6 +101,7 @@ def grade_batch(
                     continue
                 indices, _ = assigned[worker]
                 index = indices.popleft()
+                progress.update(progress.step + 1)
                 if status == "ok":
                     results[index] = value
                 else:
@@ -109,6 +114,7 @@ def grade_batch(
             for worker in [worker for worker, (_, deadline) in assigned.items() if deadline <= now]:
                 replace(worker, f"timed out after {timeout:g} s")
     finally:
+        progress.close()
         for worker in assigned:
             worker.kill()
         sandbox.POOL.release([worker for worker in pool if worker not in assigned])

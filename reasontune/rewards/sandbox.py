@@ -100,9 +100,10 @@ def worker_main(fd: int, memory_limit_bytes: int) -> None:
     functions: dict[bytes, object] = {}
     while True:
         try:
-            blob, module, items = connection.recv()
+            blob, (module, parent_paths), items = connection.recv()
         except (EOFError, OSError):
             return
+        sys.path.extend(path for path in parent_paths if path and path not in sys.path)
         function = functions.get(blob)
         if function is None:
             try:
@@ -155,7 +156,8 @@ class Worker:
 
     def send(self, function, items: list[tuple]) -> None:
         """Ask the worker to run ``function(*arguments)`` for each tuple in ``items``."""
-        self.connection.send((pickle.dumps(function), getattr(function, "__module__", "") or "", items))
+        # The parent's search path goes along: a user's module:function (reasontune --reward) imported after the worker started.
+        self.connection.send((pickle.dumps(function), (getattr(function, "__module__", "") or "", list(sys.path)), items))
 
     def receive(self) -> tuple:
         """Return the next reply, ``("ok", value)`` or ``("error", message)``; raise WorkerDied."""

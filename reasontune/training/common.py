@@ -9,19 +9,24 @@ from __future__ import annotations
 
 import math
 import random
+import re
+import shlex
 import shutil
+import signal
 import statistics
+import sys
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from reasontune.checkpoint import (latest_checkpoint, load_trainer_state, prune_checkpoints, remove_stale_temporaries,
-                                   rng_state, save_checkpoint, set_rng_state)
+from reasontune.checkpoint import (TRAINER_STATE, latest_checkpoint, load_trainer_state, prune_checkpoints,
+                                   remove_stale_temporaries, rng_state, save_checkpoint, set_rng_state)
 from reasontune.benchmarks import load_benchmarks
-from reasontune.config import save_config
-from reasontune.data import Example, load_examples
+from reasontune.config import UserError, check_config, save_config
+from reasontune.data import Example, load_examples, with_chat_template
 from reasontune.evaluation import EvalSet, evaluate_sets
 from reasontune.generation import Generator, SamplingOptions, build_generator
 from reasontune.lora import apply_lora, is_peft_model, load_for_resume, save_merged
@@ -31,18 +36,62 @@ from reasontune.rollouts import RewardFn
 from reasontune.tracking import MetricsLogger
 
 
+# What a training run writes into its directory: --overwrite deletes these and nothing else.
+RUN_ENTRIES = re.compile(r"config\.json|metrics\.jsonl(\.tmp)?|checkpoint-\d+|final|eval|report|tensorboard|wandb|"
+                         r"wandb_run_id|ei-step-\d+|\..+\.(tmp|old)-\d+")
+
+
+def run_started(run_dir: Path) -> bool:
+    """Returns whether ``run_dir`` holds a run that trained: a checkpoint, final/ or a ``train`` line in metrics.jsonl."""
+    if latest_checkpoint(run_dir) is not None or (run_dir / "final").is_dir():
+        return True
+    metrics = run_dir / "metrics.jsonl"
+    return metrics.exists() and '"kind": "train"' in metrics.read_text(encoding="utf-8", errors="replace")
+
+
 def prepare_run_dir(output_dir: str | Path, resume: bool = False, overwrite: bool = False) -> Path:
-    """Returns the run directory, refusing to mix a new run into an old one unless asked."""
+    """Returns the run directory, refusing to mix a new run into an old one unless asked, and never deleting others' files.
+
+    ``--resume`` wins over ``--overwrite`` (a run started with --overwrite resumes with its own
+    config.json). ``--overwrite`` deletes only what a run writes (``RUN_ENTRIES``) and refuses a
+    directory that holds anything else; a directory whose start failed before any step is reused.
+    """
     run_dir = Path(output_dir)
-    if run_dir.exists() and (run_dir / "config.json").exists() and not resume:
-        if not overwrite:
-            raise SystemExit(f"error: {run_dir} already holds a run; pass --resume to continue it, "
-                             "--overwrite to start afresh, or another --output-dir")
-        for child in run_dir.iterdir():
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"--output-dir {run_dir}: is a file; give a directory")
+    entries = sorted(run_dir.iterdir()) if run_dir.is_dir() else []
+    strangers = [child.name for child in entries if not RUN_ENTRIES.fullmatch(child.name)]
+    if entries and not resume:
+        if strangers:
+            raise UserError(f"--output-dir {run_dir}: holds files a reasontune run did not write "
+                            f"({', '.join(strangers[:5])}); choose a new or empty --output-dir")
+        if run_started(run_dir) and not overwrite:
+            raise UserError(f"--output-dir {run_dir}: already holds a run; pass --resume to continue it, "
+                            "--overwrite to replace it, or another --output-dir")
+        for child in entries:  # only reasontune's own files (checked above)
             shutil.rmtree(child) if child.is_dir() else child.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
     return run_dir
+
+
+def finished_run_check(run_dir: Path, planned_steps: int | None) -> Path | None:
+    """Returns final/ to resume from when it holds fewer steps than planned, None when there is no final/; exits 0 when the run is done.
+
+    ``planned_steps`` None (SFT without --max-steps: known only after planning) counts final/ as done.
+    """
+    final = run_dir / "final"
+    if not (final / TRAINER_STATE).exists():
+        return None
+    done = load_trainer_state(final)["step"]
+    if planned_steps is None or done >= planned_steps:
+        report = run_dir / "report" / "index.html"
+        print(f"{run_dir} already finished: final/ holds step {done}"
+              f"{'' if planned_steps is None else f' of {planned_steps}'}; nothing to resume"
+              f"{f'; its report is {report}' if report.exists() else ''}. To train longer, raise the step count "
+              "(--max-steps, --n-ei-steps, --n-grpo-steps) with --resume.")
+        raise SystemExit(0)
+    return final
 
 
 def seed_and_device(seed: int, num_threads: int | None, device: str | None) -> torch.device:
@@ -58,12 +107,19 @@ def start_run(config: TrainerOptions) -> tuple[Path, torch.device, Path | None]:
 
     With ``--resume`` and no checkpoint yet, the run starts from step 0 (and says so).
     """
+    check_config(config)  # values, files, model, packages: before the run directory is touched
     run_dir = prepare_run_dir(config.output_dir, resume=config.resume, overwrite=config.overwrite)
+    checkpoint = None
+    if config.resume:
+        planned = getattr(config, "n_grpo_steps", getattr(config, "n_ei_steps", getattr(config, "max_steps", None)))
+        checkpoint = latest_checkpoint(run_dir)
+        final = finished_run_check(run_dir, planned)
+        checkpoint = final if final is not None else checkpoint
+        if checkpoint is None:
+            print(f"no checkpoint in {run_dir}; starting from step 0")
     save_config(config, run_dir / "config.json")
     device = seed_and_device(config.seed, config.num_threads, config.device)
-    checkpoint = latest_checkpoint(run_dir) if config.resume else None
-    if config.resume and checkpoint is None:
-        print(f"no checkpoint in {run_dir}; starting from step 0")
+    arm_stop_signals()
     return run_dir, device, checkpoint
 
 
@@ -74,13 +130,16 @@ def load_policy(config: TrainerOptions, device: torch.device, weights: str | Pat
     frozen base (a checkpoint holding an adapter is the base ``config.model`` plus that adapter).
     """
     source = str(weights) if weights is not None else config.model
-    tokenizer = load_tokenizer(source)
     dtype = resolved_dtype(config.dtype, str(device))
-    if config.lora_rank and (Path(source) / "adapter_config.json").exists():
-        model = load_for_resume(config.model, source, dtype=dtype, attn_implementation=config.attn_implementation,
-                                device=device)
-    else:
-        model = load_model(source, dtype=dtype, attn_implementation=config.attn_implementation, device=device)
+    try:
+        tokenizer = load_tokenizer(source)
+        if config.lora_rank and (Path(source) / "adapter_config.json").exists():
+            model = load_for_resume(config.model, source, dtype=dtype, attn_implementation=config.attn_implementation,
+                                    device=device)
+        else:
+            model = load_model(source, dtype=dtype, attn_implementation=config.attn_implementation, device=device)
+    except OSError as error:  # not on the hub, no network, not a model directory: the user's to fix
+        raise UserError(f"--model {source}: cannot be loaded ({str(error).splitlines()[0]})") from error
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -112,24 +171,30 @@ def make_logger(run_dir: Path, config: TrainerOptions, resume: bool) -> MetricsL
                          resume=resume)
 
 
-def load_questions(config: TrainerOptions, needed: int = 1) -> tuple[list[Example], list[Example], dict[str, int]]:
+def load_questions(config: TrainerOptions, needed: int = 1, tokenizer=None
+                   ) -> tuple[list[Example], list[Example], dict[str, int]]:
     """Returns (training questions with a reference, validation examples, data counts) of an RL trainer (EI, GRPO).
 
     Fewer than ``needed`` questions with a reference answer is an error naming the file;
     validation is the first ``eval_examples`` of ``val_data`` that have a reference (none when
-    either is unset or 0).
+    either is unset or 0). With ``tokenizer``, chat records are rendered with its chat template
+    as ``--chat-template`` says.
     """
-    train_set = load_examples(config.train_data, seed=config.seed, skip_bad=config.skip_bad)
+    train_set = load_examples(config.train_data, split=config.split, hub_config=config.data_config, seed=config.seed,
+                              skip_bad=config.skip_bad)
     questions = [e for e in train_set.examples if e.ground_truth is not None]
     if len(questions) < needed:
-        raise SystemExit(f"error: {config.train_data} has {len(questions)} questions with a reference answer to grade "
-                         f"against; a step needs {needed}")
+        raise UserError(f"--train-data {config.train_data}: has {len(questions)} questions with a reference answer to "
+                        f"grade against; a step needs {needed}")
     validation = []
     if config.val_data and config.eval_examples:
         validation = [e for e in load_examples(config.val_data, seed=config.seed, skip_bad=config.skip_bad).examples
                       if e.ground_truth is not None][: config.eval_examples]
     counts = {"train_records": train_set.total_records, "train_skipped_bad": train_set.n_skipped,
               "train_questions": len(questions), "validation_examples": len(validation)}
+    if tokenizer is not None:
+        questions = with_chat_template(questions, tokenizer, config.chat_template)
+        validation = with_chat_template(validation, tokenizer, config.chat_template)
     return questions, validation, counts
 
 
@@ -246,8 +311,8 @@ def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_o
     """
     state = load_trainer_state(checkpoint)
     if fingerprint_of_steps is not None and state["plan_fingerprint"] != fingerprint_of_steps(state["step"]):
-        raise SystemExit(f"error: {checkpoint} was trained on other data or batches than these options plan "
-                         "for its steps; resume with the same data, seed and batching options")
+        raise UserError(f"--resume: {checkpoint} was trained on other data or batches than these options plan "
+                        "for its steps; resume with the same data, seed and batching options")
     if optimizer is not None and state.get("optimizer") is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and state.get("scheduler") is not None:
@@ -291,8 +356,62 @@ def stop_diverged(message: str, step: int, logger, progress) -> None:
     raise TrainingDiverged(message)
 
 
+# ---------------------------------------------------------------------------------------------
+# SIGINT / SIGTERM: finish the optimizer step, save, say how to resume, exit 130
+
+COMMAND_OF_CONFIG = {"SFTConfig": "sft", "ExpertIterationConfig": "ei", "GRPOConfig": "grpo"}
+_stop = {"signal": None, "previous": {}}
+
+
+def _on_stop_signal(signum, frame) -> None:
+    if _stop["signal"] is not None:  # a second signal: stop at once
+        raise KeyboardInterrupt
+    _stop["signal"] = signum
+    print(f"\n{signal.Signals(signum).name}: finishing the current step, then saving a checkpoint "
+          "(send it again to stop at once, unsaved)", file=sys.stderr, flush=True)
+
+
+def arm_stop_signals() -> None:
+    """Returns nothing; from now on SIGINT and SIGTERM request a stop (``stop_requested``) instead of killing the run (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    _stop["signal"] = None
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        previous = signal.signal(signum, _on_stop_signal)
+        if previous is not _on_stop_signal:
+            _stop["previous"][signum] = previous
+
+
+def disarm_stop_signals() -> None:
+    """Returns nothing; puts back the SIGINT/SIGTERM handlers ``arm_stop_signals`` replaced."""
+    for signum, handler in _stop["previous"].items():
+        signal.signal(signum, handler)
+    _stop["previous"].clear()
+
+
+def stop_requested() -> bool:
+    """Returns whether SIGINT or SIGTERM arrived since the run started (the loop saves and stops after its step)."""
+    return _stop["signal"] is not None
+
+
+def stop_for_signal(config: TrainerOptions, run_dir: Path, step: int, save, logger: MetricsLogger, progress) -> None:
+    """Exits 130 after ``save(step, "checkpoint-<step>")``, logging the stop and printing the exact resume command."""
+    path = save(step, f"checkpoint-{step}")
+    name = signal.Signals(_stop["signal"]).name
+    command = f"reasontune {COMMAND_OF_CONFIG.get(type(config).__name__, 'sft')} --resume --output-dir {shlex.quote(str(run_dir))}"
+    logger.log("event", step, message=f"stopped by {name} after step {step}; saved {path.name}")
+    logger.close()
+    if progress is not None:
+        progress.close()
+    disarm_stop_signals()
+    print(f"stopped by {name} after step {step}; checkpoint saved in {path}\nresume with: {command}",
+          file=sys.stderr, flush=True)
+    raise SystemExit(130)
+
+
 def finish_run(run_dir: Path, logger: MetricsLogger, write_report: bool) -> Path:
     """Returns the run directory after closing the logger and writing report/ when asked."""
+    disarm_stop_signals()
     logger.close()
     if write_report:
         from reasontune.report import write_report as write  # lazy: matplotlib, only when a report is written

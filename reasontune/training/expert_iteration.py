@@ -21,16 +21,17 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-from reasontune.config import help_field, same_field
+from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import Example, example_prompt, load_template
 from reasontune.losses import LossAggregation
 from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
-                                TrainerOptions)
+                                TrainerOptions, validate_common)
 from reasontune.rollouts import generate_rollouts, reward_fn_by_name, write_jsonl
 from reasontune.training.common import (PolicySession, eval_metrics, evaluate_policy, evaluation_sampling,
                                         evaluation_sets, finish_run, load_policy, load_questions, make_generator,
                                         make_logger, question_batch, restore_training_state, rollout_sampling,
-                                        save_training_checkpoint, start_run, trainer_state)
+                                        save_training_checkpoint, start_run, stop_for_signal, stop_requested,
+                                        trainer_state)
 from reasontune.training.sft import SFTConfig, prepare_session, train_sft
 
 
@@ -55,21 +56,18 @@ class ExpertIterationConfig(RolloutOptions, TrainerOptions):
     warmup_ratio: float = help_field(0.0, "fraction of each step's SFT steps spent warming up", group="expert iteration")
 
     def validate(self) -> None:
-        """Raises SystemExit naming the option when a value cannot work."""
-        problems = []
-        problems += self.lora_problems()
-        if not self.train_data:
-            problems.append("--train-data is required")
-        if self.n_ei_steps < 1 or self.questions_per_step < 1 or self.group_size < 1 or self.sft_epochs < 1:
-            problems.append("--n-ei-steps, --questions-per-step, --group-size and --sft-epochs must be >= 1")
-        if not 1 <= self.sampling_min_tokens <= self.sampling_max_tokens:
-            problems.append("need 1 <= --sampling-min-tokens <= --sampling-max-tokens")
-        if self.sampling_temperature <= 0:
-            problems.append("--sampling-temperature must be > 0 (expert iteration needs diverse samples)")
-        if self.batch_size < 1 or self.gradient_accumulation_steps < 1:
-            problems.append("--batch-size and --gradient-accumulation-steps must be >= 1")
-        if problems:
-            raise SystemExit("error: " + "; ".join(problems))
+        """Raises ``UserError`` naming every option whose value cannot work (shared groups: ``validate_common``)."""
+        problems = validate_common(self)
+        for flag, value in (("--n-ei-steps", self.n_ei_steps), ("--questions-per-step", self.questions_per_step),
+                            ("--sft-epochs", self.sft_epochs), ("--batch-size", self.batch_size),
+                            ("--gradient-accumulation-steps", self.gradient_accumulation_steps)):
+            if value < 1:
+                problems.append(f"{flag}: must be >= 1, got {value}")
+        if self.max_length is not None and self.max_length < 2:
+            problems.append(f"--max-length: must be at least 2, got {self.max_length}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append(f"--warmup-ratio: must be in [0, 1), got {self.warmup_ratio:g}")
+        raise_problems(problems)
 
 
 def sft_config_for_step(config: ExpertIterationConfig, step: int) -> SFTConfig:
@@ -98,7 +96,7 @@ def setup_expert_iteration(config: ExpertIterationConfig) -> ExpertIterationSess
     config.validate()
     run_dir, device, checkpoint = start_run(config)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
-    questions, validation, data_counts = load_questions(config)
+    questions, validation, data_counts = load_questions(config, tokenizer=tokenizer)
     session = ExpertIterationSession(
         config=config, model=model, tokenizer=tokenizer, device=device,
         generator=make_generator(config, model, tokenizer, device), questions=questions,
@@ -191,6 +189,8 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
         # --- checkpoint
         if config.save_every and step % config.save_every == 0 and step != config.n_ei_steps:
             save(step, f"checkpoint-{step}")
+        if stop_requested() and step < config.n_ei_steps:  # SIGINT/SIGTERM: saved, exit 130
+            stop_for_signal(config, run_dir, step, save, logger, None)
 
     # --- final policy, report
     save(config.n_ei_steps, "final")

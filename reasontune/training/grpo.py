@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import torch
 
-from reasontune.config import help_field, same_field
+from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import example_prompt, load_template
 from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import (AdvantageBaseline, AdvantageStd, LossAggregation, PolicyLossType, RolloutCorrection,
@@ -26,7 +26,7 @@ from reasontune.losses import (AdvantageBaseline, AdvantageStd, LossAggregation,
                                overlong_penalty, rollout_correction_weights, rollout_mismatch_metrics)
 from reasontune.modeling import load_model
 from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
-                                TrainerOptions, resolved_dtype)
+                                TrainerOptions, resolved_dtype, validate_common)
 from reasontune.rl_recipes import RECIPES, expand_recipe, fill_batch, informative_groups
 from reasontune.rollouts import Rollouts, generate_rollouts, reward_fn_by_name
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
@@ -35,7 +35,7 @@ from reasontune.training.common import (NonFiniteStep, PolicySession, clip_and_s
                                         evaluation_sampling, evaluation_sets, finish_run, load_policy, load_questions,
                                         make_generator, make_logger, make_optimizer, question_batch,
                                         restore_training_state, rollout_sampling, save_training_checkpoint, start_run,
-                                        stop_diverged, trainer_state)
+                                        stop_diverged, stop_for_signal, stop_requested, trainer_state)
 
 
 @dataclasses.dataclass
@@ -102,18 +102,16 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
         return self.epochs_per_rollout_batch > 1 or self.train_batch_size < self.rollout_batch_size
 
     def validate(self) -> None:
-        """Raises SystemExit naming the options when the batch sizes or loss settings cannot work together."""
-        problems = []
-        problems += self.lora_problems()
-        if not self.train_data:
-            problems.append("--train-data is required")
-        if self.sampling_temperature <= 0:
-            problems.append("--sampling-temperature must be > 0 (GRPO needs different responses within a group)")
+        """Raises ``UserError`` naming every option whose value cannot work (shared groups: ``validate_common``)."""
+        problems = validate_common(self)
         positive = ("n_grpo_steps", "rollout_batch_size", "group_size", "train_batch_size",
-                    "gradient_accumulation_steps", "epochs_per_rollout_batch", "generation_batch_size")
-        problems += [f"--{name.replace('_', '-')} must be >= 1" for name in positive if getattr(self, name) < 1]
-        if problems:
-            raise SystemExit("error: " + "; ".join(problems))
+                    "gradient_accumulation_steps", "epochs_per_rollout_batch")
+        problems += [f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}"
+                     for name in positive if getattr(self, name) < 1]
+        if self.group_size == 1:
+            problems.append("--group-size 1: a group of one response has no baseline (its advantage is always 0, "
+                            "nothing is learned); use --group-size 2 or more")
+        raise_problems(problems)
         if self.train_batch_size % self.gradient_accumulation_steps:
             problems.append(f"--train-batch-size ({self.train_batch_size}) must be divisible by "
                             f"--gradient-accumulation-steps ({self.gradient_accumulation_steps})")
@@ -147,13 +145,9 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
             problems.append("--dynamic-sampling-max-tries must be >= 1")
         if self.rollout_correction_cap <= 1:
             problems.append("--rollout-correction-cap must be > 1")
-        if not 1 <= self.sampling_min_tokens <= self.sampling_max_tokens:
-            problems.append(f"need 1 <= --sampling-min-tokens ({self.sampling_min_tokens}) <= --sampling-max-tokens "
-                            f"({self.sampling_max_tokens}): an empty response has no token to train")
         if self.kl_coef < 0:
-            problems.append("--kl-coef must be >= 0")
-        if problems:
-            raise SystemExit("error: " + "; ".join(problems))
+            problems.append(f"--kl-coef: must be >= 0, got {self.kl_coef:g}")
+        raise_problems(problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -268,7 +262,8 @@ def setup_grpo(config: GRPOConfig) -> GRPOSession:
     if config.kl_coef > 0:  # the reference is the starting model, also after a resume
         reference = load_model(config.model, dtype=resolved_dtype(config.dtype, str(device)),
                                device=device).eval().requires_grad_(False)
-    questions, validation, data_counts = load_questions(config, needed=config.rollout_batch_size // config.group_size)
+    questions, validation, data_counts = load_questions(config, needed=config.rollout_batch_size // config.group_size,
+                                                        tokenizer=tokenizer)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, kept for the trainer state
     session = GRPOSession(
@@ -443,13 +438,15 @@ def train_grpo(session: GRPOSession) -> Path:
             logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean, optimizer_steps=len(step_metrics),
                        **rollout_metrics(rollouts, reward_stats), **sampling_counts, rollout_s=rollout_seconds,
                        step_s=time.perf_counter() - tick, elapsed_s=time.perf_counter() - started)
-        progress.update(step, loss=mean["loss"])
+        progress.update(step, loss=mean["loss"], reward=reward_stats["reward_mean"], accuracy=rollouts.summary()["accuracy"])
         # --- evaluate
         if session.validation and config.eval_every and step % config.eval_every == 0 and step != config.n_grpo_steps:
             evaluate_and_log(step)
         # --- checkpoint
         if config.save_every and step % config.save_every == 0 and step != config.n_grpo_steps:
             save(step, f"checkpoint-{step}")
+        if stop_requested() and step < config.n_grpo_steps:  # SIGINT/SIGTERM: saved, exit 130
+            stop_for_signal(config, run_dir, step, save, logger, progress)
     progress.close()
 
     # --- final weights, final evaluation, report

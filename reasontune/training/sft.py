@@ -19,22 +19,22 @@ from typing import Any, Literal, Sequence
 import torch
 
 from reasontune.batching import pack_examples, packed_forward_kwargs, token_budget_batches
-from reasontune.config import help_field, same_field
+from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import (Example, example_prompt, load_examples, load_template, train_validation_split,
-                             with_r1_zero_targets)
+                             with_chat_template, with_r1_zero_targets)
 from reasontune.evaluation import EvalSet
 from reasontune.generation import Generator
 from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import LossAggregation, sft_microbatch_train_step
 from reasontune.options import (CheckpointOptions, EvaluationOptions, GenerationOptions, InLoopEvaluationOptions,
-                                OptimizerOptions, TrainerOptions)
+                                OptimizerOptions, TrainerOptions, validate_common)
 from reasontune.rollouts import RewardFn, reward_fn_by_name
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.tracking import MetricsLogger, Progress
 from reasontune.training.common import (NonFiniteStep, clip_and_step, eval_metrics, evaluate_policy,
                                         evaluation_sampling, evaluation_sets, finish_run, load_policy, make_generator,
                                         make_logger, make_optimizer, restore_training_state, save_training_checkpoint,
-                                        start_run, stop_diverged, trainer_state)
+                                        start_run, stop_diverged, stop_for_signal, stop_requested, trainer_state)
 from reasontune.training.common import TrainingDiverged  # noqa: F401  (raised by train_sft; importable from here)
 
 
@@ -48,7 +48,7 @@ class SFTConfig(TrainerOptions):
     eval_max_new_tokens: int = same_field(EvaluationOptions, "eval_max_new_tokens", 512)
     generation_batch_size: int = same_field(GenerationOptions, "generation_batch_size", 32)
     # data
-    max_train_examples: int | None = help_field(None, "use a seeded random subset of this many training examples (dataset-size sweeps)", group="data")
+    max_train_examples: int | None = help_field(None, "use a seeded random subset of this many training examples (dataset-size sweeps)", group="data", aliases=("max-examples",))
     val_fraction: float = help_field(0.0, "hold out this fraction of the training data as validation when --val-data is not given", group="data")
     # optimisation
     num_epochs: int = help_field(1, "passes over the training data", group="optimisation")
@@ -65,21 +65,33 @@ class SFTConfig(TrainerOptions):
     tokens_per_batch: int | None = help_field(None, "with --packing (or dynamic batching): token budget of a microbatch instead of --batch-size examples", group="optimisation")
 
     def validate(self) -> None:
-        """Raises SystemExit naming the option when a value cannot work."""
-        problems = []
-        problems += self.lora_problems()
-        if not self.train_data:
-            problems.append("--train-data is required")
-        if self.batch_size < 1 or self.gradient_accumulation_steps < 1 or self.num_epochs < 1:
-            problems.append("--batch-size, --gradient-accumulation-steps and --num-epochs must be >= 1")
+        """Raises ``UserError`` naming every option whose value cannot work (shared groups: ``validate_common``)."""
+        problems = validate_common(self)
+        for flag, value in (("--batch-size", self.batch_size), ("--gradient-accumulation-steps", self.gradient_accumulation_steps),
+                            ("--num-epochs", self.num_epochs), ("--max-steps", self.max_steps),
+                            ("--max-train-examples", self.max_train_examples), ("--tokens-per-batch", self.tokens_per_batch)):
+            if value is not None and value < 1:
+                problems.append(f"{flag}: must be >= 1, got {value}" + ("; to train nothing, do not run sft"
+                                                                        if flag == "--max-steps" else ""))
         if self.max_length is not None and self.max_length < 2:
-            problems.append("--max-length must be at least 2")
+            problems.append(f"--max-length: must be at least 2 (a prompt and a response token), got {self.max_length}")
         if self.packing and self.max_length is None and self.tokens_per_batch is None:
-            problems.append("--packing needs --max-length (the row width) or --tokens-per-batch")
+            problems.append("--packing: needs --max-length (the row width) or --tokens-per-batch")
+        if self.tokens_per_batch is not None and self.batch_size != SFTConfig.batch_size:
+            problems.append(f"--batch-size {self.batch_size}: has no effect with --tokens-per-batch (a microbatch is a "
+                            "token budget then); drop one of them")
         if not 0.0 <= self.warmup_ratio < 1.0:
-            problems.append("--warmup-ratio must be in [0, 1)")
-        if problems:
-            raise SystemExit("error: " + "; ".join(problems))
+            problems.append(f"--warmup-ratio: must be in [0, 1), got {self.warmup_ratio:g}")
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            problems.append(f"--min-lr-ratio: must be in [0, 1], got {self.min_lr_ratio:g}")
+        if not 0.0 <= self.val_fraction < 1.0:
+            problems.append(f"--val-fraction: must be in [0, 1), got {self.val_fraction:g}")
+        if self.normalize_constant <= 0:
+            problems.append(f"--normalize-constant: must be > 0, got {self.normalize_constant:g}")
+        if self.eval_every and not (self.val_data or self.val_fraction > 0 or self.eval_benchmarks):
+            problems.append(f"--eval-every {self.eval_every}: nothing to evaluate; give --val-data FILE, "
+                            "--val-fraction 0.05 (a split of the training data) or --eval-benchmarks")
+        raise_problems(problems)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -97,8 +109,8 @@ class TokenizedData:
 
 def load_sft_examples(config: SFTConfig):
     """Returns (train examples with responses, validation examples, data counts) for ``config``."""
-    train_set = load_examples(config.train_data, max_examples=config.max_train_examples, seed=config.seed,
-                              skip_bad=config.skip_bad)
+    train_set = load_examples(config.train_data, split=config.split, hub_config=config.data_config,
+                              max_examples=config.max_train_examples, seed=config.seed, skip_bad=config.skip_bad)
     train = with_r1_zero_targets(train_set.examples)
     counts = {"train_records": train_set.total_records, "train_skipped_bad": train_set.n_skipped}
     if config.val_data:
@@ -286,6 +298,8 @@ def setup_sft(config: SFTConfig) -> SFTSession:
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     template = load_template(config.prompt_template)
     train_examples, validation, data_counts = load_sft_examples(config)
+    train_examples = with_chat_template(train_examples, tokenizer, config.chat_template)
+    validation = with_chat_template(validation, tokenizer, config.chat_template)
     session = prepare_session(config, model, tokenizer, train_examples, device, template)
     session.run_dir, session.validation = run_dir, evaluation_sets(config, validation, template)
     session.generator = make_generator(config, model, tokenizer, device) if session.validation else None
@@ -356,13 +370,15 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
         history.append(metrics)
         if logger is not None and (step % config.log_every == 0 or step == len(steps)):
             logger.log("train", step, **metrics)
-        progress.update(step, loss=metrics["loss"], tokens_per_s=metrics["tokens_per_s"])
+        progress.update(step, loss=metrics["loss"], tokens_per_s=metrics["tokens_per_s"], token_loss=metrics["mean_token_nll"])
         # --- evaluate
         if evaluating and config.eval_every and step % config.eval_every == 0 and step != len(steps):
             evaluate_and_log(step)
         # --- checkpoint
         if run_dir is not None and config.save_every and step % config.save_every == 0 and step != len(steps):
             save(step, f"checkpoint-{step}")
+        if run_dir is not None and stop_requested() and step < len(steps):  # SIGINT/SIGTERM: saved, exit 130
+            stop_for_signal(config, run_dir, step, save, logger, progress)
     progress.close()
 
     # --- final weights, final evaluation, report

@@ -1,0 +1,7 @@
+"""``python -m reasontune``: the same command line as ``reasontune``."""
+
+import sys
+
+from reasontune.cli import main
+
+sys.exit(main())
