@@ -262,9 +262,14 @@ def demo_max_new_tokens(config: DemoConfig) -> int:
     return config.eval_max_new_tokens if config.eval_max_new_tokens is not None else 10 * config.num_digits + 18
 
 
+def demo_num_epochs(config: DemoConfig) -> int:
+    """Returns the SFT run's epochs: one, or ``--lora-num-epochs`` with ``--lora-rank``."""
+    return config.lora_num_epochs if config.lora_rank else 1
+
+
 def demo_eval_every(config: DemoConfig) -> int:
-    """Returns the SFT run's --eval-every: its one epoch of steps cut into ``evaluations + 1`` stretches (0: no evaluation in between)."""
-    steps = config.n_train // config.batch_size
+    """Returns the SFT run's --eval-every: its steps (all epochs) cut into ``evaluations + 1`` stretches (0: no evaluation in between)."""
+    steps = config.n_train // config.batch_size * demo_num_epochs(config)
     return 0 if config.evaluations < 1 else max(1, steps // (config.evaluations + 1))
 
 
@@ -299,7 +304,7 @@ def demo_sft_config(config: DemoConfig, train_path: Path, val_path: Path, model_
         # The demo regenerates its data and base model on every run, so its SFT run starts afresh too.
         model=str(model_dir), output_dir=str(Path(config.output_dir) / "sft"), overwrite=True, dtype="float32",
         attn_implementation="sdpa", device="cpu",
-        num_epochs=config.lora_num_epochs if config.lora_rank else 1, batch_size=config.batch_size, gradient_accumulation_steps=1,
+        num_epochs=demo_num_epochs(config), batch_size=config.batch_size, gradient_accumulation_steps=1,
         learning_rate=config.lora_learning_rate if config.lora_rank else config.learning_rate, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
         lr_scheduler="cosine", warmup_ratio=config.warmup_ratio, min_lr_ratio=0.0, max_length=None,
         loss_aggregation="token_mean", seed=config.seed,

@@ -197,6 +197,8 @@ def test_lora_rank_turns_on_lora_with_its_own_rate_and_trained_embeddings(tmp_pa
     lora = demo_sft_config(DemoConfig(output_dir=str(tmp_path), learning_rate=1e-3, lora_rank=16), *paths)
     assert lora.lora_rank == 16 and lora.lora_alpha is None and lora.learning_rate == LORA_LEARNING_RATE != 1e-3
     assert lora.lora_trainable_modules == ["embed_tokens", "norm"] and lora.num_epochs == LORA_NUM_EPOCHS
+    # 12800 / 32 = 400 steps an epoch; the default 4 evaluations cut the run into 5 stretches.
+    assert (full.eval_every, lora.eval_every) == (400 // 5, 400 * LORA_NUM_EPOCHS // 5)
     given = demo_sft_config(DemoConfig(output_dir=str(tmp_path), lora_rank=8, lora_alpha=64.0, lora_learning_rate=5e-3,
                                        lora_trainable_modules=["norm"], lora_num_epochs=3), *paths)
     assert (given.lora_rank, given.lora_alpha, given.lora_trainable_modules, given.learning_rate) == (8, 64.0, ["norm"], 5e-3)
