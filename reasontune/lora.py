@@ -84,7 +84,7 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout:
         # Without this peft trains a copy of the embeddings while the tied lm_head keeps the frozen
         # original, and the merged (tied) model could not hold both.
         if "ensure_weight_tying" not in {field.name for field in dataclasses.fields(peft.LoraConfig)}:
-            raise ValueError("training the tied input embeddings needs peft >= 0.18 (LoraConfig.ensure_weight_tying): "
+            raise ValueError("training the tied input embeddings needs a peft with LoraConfig.ensure_weight_tying (0.21 has it): "
                              "pip install -U peft")
         tying["ensure_weight_tying"] = True
     config = peft.LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=dropout,
