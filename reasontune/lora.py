@@ -14,6 +14,7 @@ A LoRA-wrapped policy is a ``peft.PeftModel`` whose base weights are frozen; onl
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -77,9 +78,18 @@ def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout:
     if "lm_head" in target_modules and _ties_lm_head(model):
         raise ValueError("lm_head shares its weight with the input embeddings (tie_word_embeddings), so a merged "
                          "model could not keep both; leave lm_head out of the LoRA target modules")
+    tying = {}
+    if _ties_lm_head(model) and any(model.get_input_embeddings() is module for name, module in model.named_modules()
+                                    if any(name.endswith(wanted) for wanted in trainable_modules)):
+        # Without this peft trains a copy of the embeddings while the tied lm_head keeps the frozen
+        # original, and the merged (tied) model could not hold both.
+        if "ensure_weight_tying" not in {field.name for field in dataclasses.fields(peft.LoraConfig)}:
+            raise ValueError("training the tied input embeddings needs a peft with LoraConfig.ensure_weight_tying (0.21 has it): "
+                             "pip install -U peft")
+        tying["ensure_weight_tying"] = True
     config = peft.LoraConfig(r=rank, lora_alpha=2 * rank if alpha is None else alpha, lora_dropout=dropout,
                              target_modules=target_modules, modules_to_save=list(trainable_modules) or None,
-                             bias="none", task_type="CAUSAL_LM")
+                             bias="none", task_type="CAUSAL_LM", **tying)
     return peft.get_peft_model(model, config)
 
 

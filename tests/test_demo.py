@@ -10,6 +10,8 @@ import torch
 from reasontune.demo import (
     DEMO_TEMPLATE_PATH,
     FORMAT_TAGS,
+    LORA_LEARNING_RATE,
+    LORA_NUM_EPOCHS,
     DemoConfig,
     addition_trace,
     build_demo_model,
@@ -185,6 +187,33 @@ def test_sft_config_trains_one_epoch_on_the_demo_files(tmp_path):
     assert (sft.num_epochs, sft.max_steps, sft.batch_size, sft.gradient_accumulation_steps) == (1, None, 32, 1)
     assert sft.eval_before_training and sft.eval_examples == 200 and sft.eval_temperature == 0.0
     assert sft.eval_max_new_tokens == 48 and sft.device == "cpu" and sft.dtype == "float32"
+
+
+def test_lora_rank_turns_on_lora_with_its_own_rate_and_trained_embeddings(tmp_path):
+    paths = (tmp_path / "train.jsonl", tmp_path / "val.jsonl", tmp_path / "base-model")
+    full = demo_sft_config(DemoConfig(output_dir=str(tmp_path), learning_rate=1e-3), *paths)
+    assert (full.lora_rank, full.lora_alpha, full.lora_trainable_modules, full.learning_rate) == (0, None, None, 1e-3)
+    assert full.num_epochs == 1
+    lora = demo_sft_config(DemoConfig(output_dir=str(tmp_path), learning_rate=1e-3, lora_rank=16), *paths)
+    assert lora.lora_rank == 16 and lora.lora_alpha is None and lora.learning_rate == LORA_LEARNING_RATE != 1e-3
+    assert lora.lora_trainable_modules == ["embed_tokens", "norm"] and lora.num_epochs == LORA_NUM_EPOCHS
+    # 12800 / 32 = 400 steps an epoch; the default 4 evaluations cut the run into 5 stretches.
+    assert (full.eval_every, lora.eval_every) == (400 // 5, 400 * LORA_NUM_EPOCHS // 5)
+    given = demo_sft_config(DemoConfig(output_dir=str(tmp_path), lora_rank=8, lora_alpha=64.0, lora_learning_rate=5e-3,
+                                       lora_trainable_modules=["norm"], lora_num_epochs=3), *paths)
+    assert (given.lora_rank, given.lora_alpha, given.lora_trainable_modules, given.learning_rate) == (8, 64.0, ["norm"], 5e-3)
+    assert given.num_epochs == 3
+
+
+@pytest.mark.parametrize("options, message", [({"lora_rank": -1}, "--lora-rank must be >= 0"),
+                                             ({"lora_num_epochs": 0}, "--lora-num-epochs >= 1"),
+                                             ({"lora_rank": 16, "algorithm": "ei"}, "sft only"),
+                                             ({"lora_alpha": 32.0}, "without --lora-rank")])
+def test_config_rejects_lora_options_it_cannot_honour(options, message):
+    from reasontune.config import config_from_dict
+
+    with pytest.raises(SystemExit, match=message):
+        config_from_dict(options, DemoConfig)
 
 
 def test_config_rejects_more_examples_than_the_task_has():

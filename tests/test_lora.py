@@ -303,3 +303,29 @@ def test_sft_with_lora_saves_adapters_merges_final_and_resumes_exactly(tiny_mode
     final_b = AutoModelForCausalLM.from_pretrained(resumed / "final").state_dict()
     for name in final_a:
         torch.testing.assert_close(final_b[name], final_a[name], atol=0, rtol=0, msg=name)
+
+
+def test_trained_tied_embeddings_train_the_output_head_too_and_merge_tied(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from reasontune.modeling import build_model_from_config, tiny_qwen2_config
+
+    base = build_model_from_config(tiny_qwen2_config(vocab_size=97, hidden_size=32, num_heads=4, num_kv_heads=2,
+                                                     tie_word_embeddings=True), seed=0)
+    model = lora_model(base, trainable_modules=["embed_tokens", "norm"])  # randomizes the trained embedding copy
+    inner = model.get_base_model()
+    embedding = inner.get_input_embeddings().modules_to_save["default"].weight
+    # One trained matrix is both the input embedding and the output head (the original stays frozen).
+    assert inner.lm_head.modules_to_save["default"].weight is embedding and embedding.requires_grad
+    input_ids, _, _ = _batch(97)
+    with torch.no_grad():
+        hidden = inner.model(input_ids=input_ids).last_hidden_state
+        expected = model(input_ids=input_ids).logits
+    torch.testing.assert_close(expected, hidden @ embedding.T)
+    # The merged model is still tied and computes the same logits: a head left at the frozen
+    # original (peft's default) would disagree with the tied trained embedding after saving.
+    save_merged(model, None, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    assert merged.lm_head.weight is merged.get_input_embeddings().weight
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
