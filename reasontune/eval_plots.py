@@ -14,6 +14,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from reasontune.estimators import bootstrap_interval, group_samples, question_scores
+from reasontune.report import new_axes  # the one figure style of every plot
 from reasontune.rollouts import CATEGORIES  # the one definition of the outcome categories
 
 
@@ -74,18 +75,6 @@ def lengths_by_category(records: Sequence[Mapping[str, Any]]) -> dict[str, list[
     return result
 
 
-def _figure(title: str, xlabel: str, ylabel: str):
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
-    axes = figure.add_subplot()
-    axes.set_title(title)
-    axes.set_xlabel(xlabel)
-    axes.set_ylabel(ylabel)
-    axes.grid(True, alpha=0.35)
-    return figure, axes
-
-
 def _save(figure, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
@@ -95,7 +84,7 @@ def _save(figure, path: Path) -> Path:
 def plot_pass_at_k(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path,
                    n_bootstrap: int = 200, seed: int = 0) -> Path:
     """Returns the path of ``pass_at_k.png`` in ``out_dir``: pass@k against k (log2 axis), one line per benchmark."""
-    figure, axes = _figure("pass@k (unbiased; band: 95% bootstrap over questions)", "k (samples)", "pass@k (%)")
+    figure, axes = new_axes("pass@k (unbiased; band: 95% bootstrap over questions)", "pass@k (%)", xlabel="k (samples)")
     for name, records in records_by_benchmark.items():
         points = pass_at_k_curve(records, n_bootstrap=n_bootstrap, seed=seed)
         if not points:
@@ -112,8 +101,8 @@ def plot_pass_at_k(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]
 def plot_accuracy_by_length(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
                             bins: int = 10) -> Path:
     """Returns the path of ``accuracy_by_length[_NAME].png``: accuracy per response-length bin, sample counts on the bars."""
-    figure, axes = _figure(f"accuracy by response length{f' ({name})' if name else ''}", "response tokens",
-                           "accuracy (%)")
+    figure, axes = new_axes(f"accuracy by response length{f' ({name})' if name else ''}", "accuracy (%)",
+                            xlabel="response tokens")
     for b in accuracy_by_length(records, bins):
         axes.bar((b["low"] + b["high"]) / 2, 100 * b["accuracy"], width=(b["high"] - b["low"]) * 0.9, color="tab:blue")
         axes.annotate(str(b["count"]), ((b["low"] + b["high"]) / 2, 100 * b["accuracy"]), ha="center", va="bottom",
@@ -125,7 +114,8 @@ def plot_accuracy_by_length(records: Sequence[Mapping[str, Any]], out_dir: str |
 def plot_length_by_category(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
                             bins: int = 30) -> Path:
     """Returns the path of ``length_by_category[_NAME].png``: response-length histograms of the three outcomes."""
-    figure, axes = _figure(f"response length by outcome{f' ({name})' if name else ''}", "response tokens", "samples")
+    figure, axes = new_axes(f"response length by outcome{f' ({name})' if name else ''}", "samples",
+                            xlabel="response tokens")
     groups = lengths_by_category(records)
     longest = max((max(v) for v in groups.values() if v), default=1)
     edges = np.linspace(0, max(longest, 1), bins + 1)

@@ -338,7 +338,8 @@ def _moving_average(values: list[float], window: int) -> list[float]:
     return averaged
 
 
-def _new_axes(title: str, ylabel: str, xlabel: str = "optimizer step"):
+def new_axes(title: str, ylabel: str, xlabel: str = "optimizer step"):
+    """Returns (figure, axes) in the style of every reasontune plot: 8 x 4.5 in, titled, labelled, light grid."""
     # A bare Figure draws with Agg and leaves pyplot's global backend alone.
     figure = Figure(figsize=(8, 4.5), dpi=100, layout="constrained")
     axes = figure.add_subplot()
@@ -387,7 +388,7 @@ def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
         steps, values = _series(run.train, key)
         if not steps:
             continue
-        figure, axes = _new_axes(title, ylabel, unit)
+        figure, axes = new_axes(title, ylabel, unit)
         _plot_training_curve(axes, steps, values, key, color)
         if key != "lr":
             _use_log_scale_if_wide(axes, values)
@@ -398,7 +399,7 @@ def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
     accuracy_steps, accuracy = _series(evals, "accuracy")
     format_steps, format_rate = _series(evals, "format_rate")
     if accuracy_steps or format_steps:
-        figure, axes = _new_axes("Validation accuracy and format rate", "fraction of validation examples", unit)
+        figure, axes = new_axes("Validation accuracy and format rate", "fraction of validation examples", unit)
         if accuracy_steps:
             axes.plot(accuracy_steps, accuracy, marker="o", color="tab:blue", label="accuracy (answer reward 1)")
         if format_steps:
@@ -412,7 +413,7 @@ def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
     train_entropy_steps, train_entropy = _series(run.train, "token_entropy")
     eval_entropy_steps, eval_entropy = _series(evals, "mean_entropy")
     if train_entropy_steps or eval_entropy_steps:
-        figure, axes = _new_axes("Response token entropy", "entropy (nats per token)", unit)
+        figure, axes = new_axes("Response token entropy", "entropy (nats per token)", unit)
         if train_entropy_steps:
             _plot_training_curve(axes, train_entropy_steps, train_entropy, "training responses", "tab:purple")
         if eval_entropy_steps:
@@ -423,7 +424,7 @@ def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
 
     length_steps, lengths = _series(evals, "mean_response_tokens")
     if length_steps:
-        figure, axes = _new_axes("Validation response length", "mean response length (tokens)", unit)
+        figure, axes = new_axes("Validation response length", "mean response length (tokens)", unit)
         axes.plot(length_steps, lengths, marker="o", color="tab:cyan", label="all responses")
         axes.set_ylim(bottom=0)
         axes.legend(loc="best")
@@ -441,7 +442,7 @@ def _write_rollout_plots(run: RunData, out_dir: Path, unit: str) -> list[tuple[s
         series = [(label, steps, values) for label, steps, values in series if steps]
         if not series:
             continue
-        figure, axes = _new_axes(title, ylabel, unit)
+        figure, axes = new_axes(title, ylabel, unit)
         for (label, steps, values), color in zip(series, colors):
             _plot_training_curve(axes, steps, values, label, color)
         if fraction:
