@@ -86,8 +86,15 @@ def init_distributed(device: str | None = None, backend: str | None = None,
 
 
 def close_distributed() -> None:
-    """Destroys the process group if there is one (call once at the end of a run, on every rank)."""
+    """Destroys the process group if there is one (call once at the end of a run, on every rank).
+
+    Every rank first waits for the others: a rank that tore its gloo pairs down while another
+    still wrote its files was seen to abort ("terminate called without an active exception")
+    under load.
+    """
     if dist.is_initialized():
+        if dist.get_world_size() > 1:
+            dist.barrier()
         dist.destroy_process_group()
 
 
