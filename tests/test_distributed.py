@@ -10,10 +10,13 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +29,26 @@ SCRIPTS = Path(__file__).parent / "dist_scripts"
 REPOSITORY = Path(__file__).resolve().parents[1]
 
 
+# A rank of a torchrun run on this CPU has twice died by a signal in CI (SIGSEGV once, SIGABRT
+# "terminate called without an active exception" once), in different tests, never reproduced in
+# a dozen isolated runs. Until it is found, a run that crashed that way (and never a wrong result
+# or an ordinary error) is launched once more from a fresh output directory, with a warning.
+CRASH = re.compile(r"Signal (11|6) \((SIGSEGV|SIGABRT)\)")
+
+
 def launch(arguments: list[str], world_size: int, timeout: float = 300) -> subprocess.CompletedProcess:
     """Runs a dist_scripts script under plain python (world size 1) or torchrun, with this checkout importable."""
+    output = Path(arguments[arguments.index("--output-dir") + 1]) if "--output-dir" in arguments else None
+    fresh = output is not None and not output.exists()
+    result = _launch_once(arguments, world_size, timeout)
+    if world_size > 1 and result.returncode != 0 and CRASH.search(result.stderr) and fresh:
+        warnings.warn(f"a torchrun rank died by a signal; launched once more:\n{result.stderr[-1500:]}")
+        shutil.rmtree(output, ignore_errors=True)
+        result = _launch_once(arguments, world_size, timeout)
+    return result
+
+
+def _launch_once(arguments: list[str], world_size: int, timeout: float) -> subprocess.CompletedProcess:
     environment = {**os.environ, "OMP_NUM_THREADS": "1",
                    "PYTHONPATH": os.pathsep.join([str(REPOSITORY), os.environ.get("PYTHONPATH", "")])}
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
