@@ -180,13 +180,6 @@ class EvalConfig(TrackingOptions, GenerationOptions, GradingOptions, EvaluationO
         """Returns what is wrong with --data's file and --output-dir on this machine (see ``options.environment_problems``)."""
         return data_source_problems("--data", self.data) + eval_output_problems(self.output_dir)
 
-    @property
-    def reward_name(self) -> str:
-        """Returns the reward of --data (``auto``: question_only for the question_only template, else r1_zero)."""
-        if self.reward != "auto":
-            return self.reward
-        return "question_only" if self.prompt_template == "question_only" else "r1_zero"
-
 
 def eval_output_problems(output_dir: str) -> list[str]:
     """Returns why ``output_dir`` must not receive an evaluation: a training run's directory, or one holding others' files.
