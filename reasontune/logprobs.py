@@ -57,7 +57,8 @@ class LogitTransform:
 
 # Causal LMs whose forward is exactly ``logits = transform(lm_head(model(...).last_hidden_state))``,
 # each checked against the model's own forward in tests/test_logprobs.py. A PEFT LoRA wrapper of
-# one of them is unwrapped (tests/test_lora.py checks it); any other class (a subclass, a
+# one of them is unwrapped (tests/test_lora.py checks it), and so is the FSDP<Name> subclass that FSDP2
+# swaps in (tests/test_distributed.py checks it); any other class (a subclass, a
 # torch.compile wrapper, a model with extra logit processing) falls back to the chunked path
 # rather than risk a silently different result.
 _FUSED_MODELS = {
@@ -80,6 +81,16 @@ class _LoraTerm:
     scaling: float
 
 
+def _own_class(model: Any) -> type:
+    """Returns the model's own class, seen through the ``FSDP<Name>`` subclass that FSDP2's ``fully_shard`` swaps in."""
+    cls = type(model)
+    from torch.distributed.fsdp import FSDPModule
+
+    if len(cls.__bases__) == 2 and cls.__bases__[0] is FSDPModule and cls.__name__ == f"FSDP{cls.__bases__[1].__name__}":
+        return cls.__bases__[1]
+    return cls
+
+
 def _unwrap_causal_lm(model: Any) -> tuple[Any, str | None]:
     """Returns (the causal LM itself, None), or (None, reason) for a wrapper that is not a PEFT LoRA model."""
     from reasontune.lora import is_peft_model
@@ -87,7 +98,7 @@ def _unwrap_causal_lm(model: Any) -> tuple[Any, str | None]:
     if not is_peft_model(model):
         return model, None
     tuner = model.base_model
-    if type(tuner).__name__ != "LoraModel":
+    if _own_class(tuner).__name__ != "LoraModel":
         return None, f"a PEFT {type(tuner).__name__} wrapper (only LoRA is unwrapped)"
     return tuner.model, None
 
@@ -122,7 +133,7 @@ def fused_unsupported_reason(model: Any) -> str | None:
     model, reason = _unwrap_causal_lm(model)
     if reason is not None:
         return reason
-    cls = type(model)
+    cls = _own_class(model)
     name = cls.__name__
     if name not in _FUSED_MODELS or not cls.__module__.startswith("transformers.models."):
         return f"{cls.__module__}.{name} is not a causal LM whose logit computation is known"
@@ -486,8 +497,7 @@ def get_response_log_probs(
         causal_lm, _ = _unwrap_causal_lm(model)
         head, lora_terms, _ = _output_projection(causal_lm.lm_head)
         _check_labels(selected_labels, head.out_features)
-        hidden = causal_lm.model(input_ids=input_ids, use_cache=False, **model_inputs).last_hidden_state
-        hidden = hidden.reshape(batch * seq, -1)
+        hidden = _body_hidden_states(model, causal_lm, input_ids, model_inputs).reshape(batch * seq, -1)
         if rows is not None:
             hidden = hidden[rows]
         # An adapted lm_head adds sum_k scaling_k B_k A_k dropout_k(h): the rank-r inputs
@@ -501,7 +511,7 @@ def get_response_log_probs(
         log_probs, entropy = _FusedLinearLogProbs.apply(
             hidden, head.weight, head.bias, selected_labels,
             chunk_size or default_chunk_size(head.out_features),
-            dataclasses.replace(_FUSED_MODELS[type(causal_lm).__name__](causal_lm.config), temperature=temperature),
+            dataclasses.replace(_FUSED_MODELS[_own_class(causal_lm).__name__](causal_lm.config), temperature=temperature),
             return_token_entropy, lora_hidden, lora_weight)
     else:
         logits = model(input_ids=input_ids, use_cache=False, **model_inputs).logits
@@ -516,6 +526,25 @@ def get_response_log_probs(
     if return_token_entropy:
         result["token_entropy"] = _scatter_rows(entropy, rows, batch, seq)
     return result
+
+
+def _body_hidden_states(model: Any, causal_lm: Any, input_ids: torch.Tensor, model_inputs: dict) -> torch.Tensor:
+    """Returns the decoder body's last hidden states (batch, seq, hidden), from a forward of the whole ``model``.
+
+    The whole model runs, not its body alone, so that a wrapper's hooks fire: FSDP2 all-gathers
+    the root's own parameters (embeddings, final norm, lm_head) in the root's pre-forward hook,
+    keeps them gathered through backward (``shard_model``: the root does not reshard after
+    forward) and reduce-scatters their gradients once backward is done. Its output projection
+    runs on no position (``logits_to_keep`` empty): the caller projects the hidden states itself.
+    """
+    captured = []
+    handle = causal_lm.model.register_forward_hook(lambda module, args, output: captured.append(output.last_hidden_state))
+    try:
+        model(input_ids=input_ids, use_cache=False, logits_to_keep=input_ids.new_empty(0), **model_inputs)
+    finally:
+        handle.remove()
+    (hidden,) = captured
+    return hidden
 
 
 def _check_labels(labels: torch.Tensor, vocab_size: int) -> None:

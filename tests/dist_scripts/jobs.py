@@ -1,7 +1,7 @@
 """Runs distributed test jobs in one process (one launch pays the imports once): ``jobs.py JOB ARGS [JOB ARGS …]``.
 
 Jobs: ``invariance OUT`` (invariance.run_cases), ``save OUT`` and ``resume FROM OUT``
-(checkpoint_resume.save_or_resume), ``gather OUT`` (each rank takes its groups of 2 of 10
+(checkpoint_resume.save_or_resume), ``fused OUT`` (fused_log_probs.run), ``gather OUT`` (each rank takes its groups of 2 of 10
 items; ``gather_slices`` must give rank 0 all 10 in order). Works under plain python (world size 1) and torchrun.
 """
 
@@ -14,6 +14,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 
 from checkpoint_resume import save_or_resume
+from fused_log_probs import run as run_fused_log_probs
 from invariance import run_cases
 
 from reasontune import distributed
@@ -32,6 +33,8 @@ def main(arguments: list[str]) -> None:
             elif job == "resume":
                 source = Path(arguments.pop(0))
                 save_or_resume(ctx, Path(arguments.pop(0)), source)
+            elif job == "fused":
+                run_fused_log_probs(ctx, Path(arguments.pop(0)))
             elif job == "gather":
                 mine = distributed.shard_indices([f"item-{i}" for i in range(10)], ctx, group_size=2)
                 gathered = distributed.gather_slices(mine)
@@ -40,7 +43,7 @@ def main(arguments: list[str]) -> None:
                 else:
                     arguments.pop(0)
             else:
-                raise SystemExit(f"unknown job {job!r}; expected invariance, save, resume or gather")
+                raise SystemExit(f"unknown job {job!r}; expected invariance, save, resume, fused or gather")
     distributed.close_distributed()
 
 
