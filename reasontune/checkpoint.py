@@ -178,19 +178,35 @@ def save_consolidated(directory: str | Path, model: Any, is_main: bool = True) -
     device or host ever holds more than one layer's full tensors besides the embeddings. Every
     rank must call it (the gathers are collectives); an unsharded model uses ``save_pretrained``.
     """
-    from reasontune.distributed import decoder_layers, full_state_dict_layers, is_sharded
+    from reasontune.distributed import full_state_dict_layers, is_sharded
+    from reasontune.lora import is_peft_model, save_adapter
 
     directory = Path(directory)
+    if is_peft_model(model) and is_sharded(model):  # an adapter checkpoint, as one process writes it
+        save_adapter(model, directory, is_main)
+        return
     if not is_sharded(model):
         if is_main:
             model.save_pretrained(directory, safe_serialization=True)
         return
+    save_layer_files(directory, model, full_state_dict_layers(model), is_main)
+
+
+def save_layer_files(directory: Path, model: Any, layers: Iterator[dict[str, torch.Tensor]], is_main: bool) -> None:
+    """Writes ``layers`` (the root's tensors, then one dict per decoder layer) as safetensors files plus their index and ``model``'s config.
+
+    Every rank iterates ``layers`` (its gathers are collectives); ``is_main`` writes.
+    """
     from safetensors.torch import save_file
+
+    from reasontune.distributed import decoder_layers
 
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     files = len(decoder_layers(model)) + 1  # the root's tensors, then one file per decoder layer
     weight_map, total_bytes = {}, 0
-    for number, layer in enumerate(full_state_dict_layers(model), start=1):
+    if is_main:
+        directory.mkdir(parents=True, exist_ok=True)
+    for number, layer in enumerate(layers, start=1):
         layer = {name: tensor.cpu().contiguous() for name, tensor in layer.items() if name not in tied}
         file_name = f"model-{number:05d}-of-{files:05d}.safetensors"
         if is_main:

@@ -266,7 +266,11 @@ def require_divisible_batch(global_batch: int, ctx: DistributedContext, what: st
 
 
 def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Returns the model's transformer blocks (``model.model.layers`` for Llama/Qwen-style HF models)."""
+    """Returns the model's transformer blocks (``model.model.layers`` for Llama/Qwen-style HF models, also under a PEFT wrapper)."""
+    from reasontune.lora import is_peft_model
+
+    if is_peft_model(model):
+        model = model.get_base_model()
     body = getattr(model, "model", None)
     layers = getattr(body, "layers", None)
     if layers is None:
@@ -328,6 +332,20 @@ def is_sharded(model: torch.nn.Module) -> bool:
     return any(isinstance(p, DTensor) for p in model.parameters())
 
 
+def decoder_layer_prefixes(model: torch.nn.Module) -> list[str]:
+    """Returns the ``state_dict`` name prefix of each decoder layer (``"model.layers.0."``, under PEFT ``"base_model.model.model.layers.0."``)."""
+    names = {id(module): name for name, module in model.named_modules()}
+    return [names[id(layer)] + "." for layer in decoder_layers(model)]
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """Returns the whole of ``tensor`` (detached): a sharded DTensor gathered (a collective: every rank calls it), else itself."""
+    from torch.distributed.tensor import DTensor
+
+    tensor = tensor.detach()
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
 def full_state_dict_layers(model: torch.nn.Module) -> Iterator[dict[str, torch.Tensor]]:
     """Yields the model's full (unsharded) weights a few at a time: the root's own tensors, then one decoder layer per dict.
 
@@ -337,15 +355,10 @@ def full_state_dict_layers(model: torch.nn.Module) -> Iterator[dict[str, torch.T
     rank must iterate (the gathers are collectives); every rank receives the full tensors.
     Works unsharded too (then it is a plain walk over ``state_dict``).
     """
-    from torch.distributed.tensor import DTensor
-
-    def full(tensor: torch.Tensor) -> torch.Tensor:
-        return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
     state = model.state_dict()  # sharded DTensors: nothing is gathered yet
-    layer_prefixes = [f"model.layers.{i}." for i in range(len(decoder_layers(model)))]
-    own = {name: full(tensor.detach()) for name, tensor in state.items()
+    layer_prefixes = decoder_layer_prefixes(model)
+    own = {name: full_tensor(tensor) for name, tensor in state.items()
            if not any(name.startswith(prefix) for prefix in layer_prefixes)}
     yield own
     for prefix in layer_prefixes:
-        yield {name: full(tensor.detach()) for name, tensor in state.items() if name.startswith(prefix)}
+        yield {name: full_tensor(tensor) for name, tensor in state.items() if name.startswith(prefix)}

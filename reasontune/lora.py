@@ -15,8 +15,9 @@ A LoRA-wrapped policy is a ``peft.PeftModel`` whose base weights are frozen; onl
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -103,12 +104,26 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [parameter for parameter in model.parameters() if parameter.requires_grad]
 
 
-def save_adapter(model: nn.Module, directory: str | Path) -> Path:
-    """Returns ``directory`` after writing the adapter there in PEFT's format (safetensors)."""
+def save_adapter(model: nn.Module, directory: str | Path, is_main: bool = True) -> Path:
+    """Returns ``directory`` after writing the adapter there in PEFT's format (safetensors).
+
+    An FSDP2-sharded model's adapter matrices, ``trainable_modules`` and root tensors are gathered
+    in full first, on every rank (collectives: every rank calls it); ``is_main`` writes.
+    """
     if not is_peft_model(model):
         raise TypeError(f"save_adapter needs a LoRA-wrapped model (apply_lora), got {type(model).__name__}")
+    from reasontune.distributed import decoder_layer_prefixes, full_tensor, is_sharded
+
     directory = Path(directory)
-    model.save_pretrained(directory, safe_serialization=True)
+    state = None
+    if is_sharded(model):
+        # What PEFT may save: the adapter matrices and trained copies, and the root's tensors (with an adapted
+        # lm_head PEFT saves its base weight too); PEFT picks from these. Never a decoder layer's frozen weights.
+        layers = tuple(decoder_layer_prefixes(model))
+        state = {name: full_tensor(tensor) for name, tensor in model.state_dict().items()
+                 if not name.startswith(layers) or ".lora_" in name or ".modules_to_save." in name}
+    if is_main:
+        model.save_pretrained(directory, safe_serialization=True, state_dict=state)
     return directory
 
 
@@ -121,17 +136,41 @@ def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
     and training continues exactly. Other tensors are the model's own (a module trained in full,
     ``trainable_modules``, yields its trained copy). Names are those of ``from_pretrained``
     checkpoints (``model.layers.0.self_attn.q_proj.weight``), as vLLM's ``load_weights`` expects.
+    An unsharded model only (a sharded one: ``merged_weights_by_layer``).
     """
     if not is_peft_model(model):
         yield from model.state_dict().items()
         return
+    yield from _merged(model, model.get_base_model().state_dict())
+
+
+def merged_weights_by_layer(model: nn.Module) -> Iterator[dict[str, torch.Tensor]]:
+    """Yields the merged model's full tensors (as ``merged_weights``) a few at a time: the root's, then one decoder layer's.
+
+    For an FSDP2-sharded model: each dict is gathered by ``full_state_dict_layers`` (collectives:
+    every rank iterates, every rank receives full tensors) and merged, so no rank ever holds
+    more than one layer's full weights besides the embeddings. Unsharded models work too.
+    """
+    from reasontune.distributed import full_state_dict_layers
+
+    prefix = "base_model.model." if is_peft_model(model) else ""
+    for layer in full_state_dict_layers(model):
+        base_state = {name.removeprefix(prefix): tensor for name, tensor in layer.items()}
+        yield dict(_merged(model, base_state)) if prefix else base_state
+
+
+def _merged(model: nn.Module, base_state: dict[str, torch.Tensor]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields the merged ``(name, tensor)`` of ``base_state`` (a PEFT model's base state dict, or part of it, full tensors).
+
+    Each adapted layer's ``base_layer.weight`` must come with its adapter matrices (they do:
+    both lie in the same decoder layer or both in the root).
+    """
     from peft.tuners.lora import LoraLayer
 
-    base = model.get_base_model()
-    adapted = {name: module for name, module in base.named_modules()
+    adapted = {name: module for name, module in model.get_base_model().named_modules()
                if isinstance(module, LoraLayer) and not module.merged}  # merged: the delta is already in W
     trained_copy = f".modules_to_save.{model.active_adapter}."
-    for name, tensor in base.state_dict().items():
+    for name, tensor in base_state.items():
         # Adapter matrices are merged into their layer's weight; a trained copy replaces its original.
         if ".lora_" in name or ".original_module." in name:
             continue
@@ -145,7 +184,10 @@ def merged_weights(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
             merged = tensor.detach().to(torch.float32, copy=True)  # .float() would alias a float32 W
             for adapter in module.active_adapters:
                 if adapter in module.lora_A:
-                    merged += module.get_delta_weight(adapter).detach().float()
+                    lora_a = base_state[f"{module_name}.lora_A.{adapter}.weight"].detach().float()
+                    lora_b = base_state[f"{module_name}.lora_B.{adapter}.weight"].detach().float()
+                    delta = (lora_b @ lora_a) * module.scaling[adapter]  # peft's get_delta_weight, in float32
+                    merged += delta.T if module.fan_in_fan_out else delta
             yield f"{module_name}.weight", merged.to(tensor.dtype)
         else:
             yield name.replace(".base_layer.", "."), tensor
@@ -156,16 +198,24 @@ def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return dict(merged_weights(model))
 
 
-def save_merged(model: nn.Module, tokenizer: Any, directory: str | Path) -> Path:
+def save_merged(model: nn.Module, tokenizer: Any, directory: str | Path, is_main: bool = True) -> Path:
     """Returns ``directory`` after writing a full model with the adapter merged in, plus the tokenizer.
 
     The directory loads with ``AutoModelForCausalLM.from_pretrained`` and vLLM, without peft.
     The live LoRA model is unchanged (the merged weights are new tensors, see ``merged_state_dict``).
+    An FSDP2-sharded model is gathered and merged one decoder layer at a time and written as
+    one safetensors file per layer group (every rank calls it; ``is_main`` writes).
     """
+    from reasontune.checkpoint import save_layer_files
+    from reasontune.distributed import is_sharded
+
     directory = Path(directory)
     base = model.get_base_model() if is_peft_model(model) else model
-    base.save_pretrained(directory, state_dict=merged_state_dict(model), safe_serialization=True)
-    if tokenizer is not None:
+    if is_sharded(model):
+        save_layer_files(directory, base, merged_weights_by_layer(model), is_main)
+    elif is_main:
+        base.save_pretrained(directory, state_dict=merged_state_dict(model), safe_serialization=True)
+    if tokenizer is not None and is_main:
         tokenizer.save_pretrained(directory)
     return directory
 

@@ -187,6 +187,49 @@ def test_sft_world_two_equals_one_process_with_twice_the_accumulation(tiny_model
         assert [m["step"] for m in train_metrics(resumed)] == [1, 2, 3]
 
 
+def test_sft_with_lora_on_two_ranks_trains_the_adapter_of_one_process_with_twice_the_accumulation(tiny_model_dir,
+                                                                                                     tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    data = write_uneven_sft_data(tmp_path / "train.jsonl", 10)
+    # Adapters in the decoder layers and on lm_head (the FSDP2 root's own module, taken by the fused log-prob path),
+    # the RMSNorms trained in full (modules_to_save in both the layers and the root).
+    flags = ["--batch-size", "2", "--loss-aggregation", "sequence_sum", "--lora-rank", "4",
+             "--lora-target-modules", "q_proj", "v_proj", "down_proj", "lm_head", "--lora-trainable-modules", "norm"]
+    assert main(sft_flags(tiny_model_dir, data, tmp_path / "one", 2, *flags)) == 0
+    result = launch(["-m", "reasontune", *sft_flags(tiny_model_dir, data, tmp_path / "two", 1, *flags,
+                                                     "--save-every", "2")], world_size=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    adapters = [load_file(tmp_path / run / "final" / "adapter" / "adapter_model.safetensors") for run in ("one", "two")]
+    one, two = adapters
+    # Per layer A and B of 3 projections and 2 norms; the root: lm_head's A, B and base weight (PEFT saves an
+    # adapted lm_head whole), the final norm.
+    assert one.keys() == two.keys() and len(one) == 2 * (3 * 2 + 2) + 3 + 1
+    assert sum(".lora_B." in name for name in one) == 7 and any("lm_head" in name for name in one)
+    assert min(float(one[name].abs().max()) for name in one if ".lora_B." in name) > 1e-3  # B starts at 0: it moved
+    difference = sum(float((two[name] - one[name]).double().square().sum()) for name in one) ** 0.5
+    size = sum(float(one[name].double().square().sum()) for name in one) ** 0.5
+    print(f"LoRA: world 2 vs 1, relative difference of the adapter {difference / size:.1e}")
+    assert difference / size <= 1e-6, f"world 2's adapter differs from world 1's by {difference / size:.2e}"
+    metrics_one, metrics_two = train_metrics(tmp_path / "one"), train_metrics(tmp_path / "two")
+    assert [m["loss"] for m in metrics_two] == pytest.approx([m["loss"] for m in metrics_one], rel=1e-6)
+    # final/: the merged model, written layer by layer from the shards, loads without peft and equals world 1's.
+    merged_one, merged_two = (AutoModelForCausalLM.from_pretrained(tmp_path / run / "final").state_dict()
+                              for run in ("one", "two"))
+    assert merged_two.keys() == merged_one.keys()
+    assert max(float((merged_two[k] - merged_one[k]).norm() / merged_one[k].norm()) for k in merged_one) <= 1e-6
+    # checkpoint-2: the adapter gathered on rank 0, model + optimizer state sharded; resumed in one process.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "two", resumed)
+    shutil.rmtree(resumed / "final")
+    assert (resumed / "checkpoint-2" / "adapter_model.safetensors").exists()
+    assert (resumed / "checkpoint-2" / "sharded" / ".metadata").exists()
+    assert main(sft_flags(tiny_model_dir, data, resumed, 2, *flags, "--resume")) == 0
+    after = load_file(resumed / "final" / "adapter" / "adapter_model.safetensors")
+    difference = sum(float((after[name] - one[name]).double().square().sum()) for name in one) ** 0.5
+    assert difference / size <= 1e-6, f"resumed at world size 1: {difference / size:.2e} (relative)"
+
+
 SFT_FLAGS_REFUSED = ["--batch-size", "0"]
 
 

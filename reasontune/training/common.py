@@ -343,8 +343,8 @@ def save_training_checkpoint(run_dir: Path, name: str, model, tokenizer, state: 
     is_main = ctx is None or ctx.is_main
     extra = {"reasontune_config.json": (run_dir / "config.json").read_text()} if is_main else None
     if name == "final" and is_peft_model(model):
-        path = save_merged(model, tokenizer, run_dir / name)
-        save_checkpoint(path / "adapter", model, tokenizer, state, extra)
+        path = save_merged(model, tokenizer, run_dir / name, is_main)
+        save_checkpoint(path / "adapter", model, tokenizer, state, extra, ctx=ctx)
         return path
     path = save_checkpoint(run_dir / name, model, tokenizer, state, extra, optimizer=optimizer, ctx=ctx)
     if is_main:
@@ -358,10 +358,11 @@ def save_run_checkpoint(run_dir: Path, name: str, model, tokenizer, step: int, o
     """Returns the checkpoint ``run_dir/name`` of a trainer with an optimizer after saving it (every rank calls it).
 
     The optimizer state goes to ``sharded/`` with the model's (each rank its shard), so that a
-    resume may change the world size; a LoRA model (one process) keeps small adapter
-    checkpoints, the adapter's optimizer state in ``trainer_state``.
+    resume may change the world size; a LoRA model in one process keeps small adapter
+    checkpoints, the adapter's optimizer state in ``trainer_state`` (under torchrun: in ``sharded/``).
     """
-    sharded = optimizer is not None and not is_peft_model(model)
+    # A LoRA model in one process: the adapter's optimizer state is small; sharded, it is in DTensor shards.
+    sharded = optimizer is not None and (not is_peft_model(model) or distributed.is_sharded(model))
     state = trainer_state(step, None if sharded else optimizer, scheduler, plan_fingerprint, **extra)
     return save_training_checkpoint(run_dir, name, model, tokenizer, state, keep=keep,
                                     optimizer=optimizer if sharded else None, ctx=ctx)

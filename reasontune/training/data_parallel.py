@@ -140,6 +140,3 @@ def refuse_what_torchrun_cannot_run(config: Any, ctx: DistributedContext) -> Non
     if getattr(config, "backend", "hf") != "hf":
         raise SystemExit(f"error: --backend {config.backend} does not run under torchrun yet (each rank would start "
                          "its own engine); use --backend hf, or one process")
-    if getattr(config, "lora_rank", None):
-        raise SystemExit("error: --lora-rank does not run under torchrun yet (FSDP2 sharding of a PEFT model); "
-                         "train the adapter in one process")
