@@ -9,6 +9,7 @@ refused before any process group starts, and an error on one rank stops both wit
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -337,6 +338,35 @@ def test_grpo_trainer_steps_on_two_ranks_equal_one_process_with_twice_the_accumu
     for case, steps in histories[0].items():
         for key in ("loss", "grad_norm", "response_tokens", "token_entropy"):
             assert [s[key] for s in histories[1][case]] == pytest.approx([s[key] for s in steps], rel=1e-5), key
+
+
+def test_grpo_world_two_samples_and_trains_as_one_process_with_twice_the_accumulation(tiny_model_dir, tmp_path,
+                                                                                     monkeypatch):
+    from test_grpo import _write_questions
+
+    # The rollouts of a question are seeded by its index in the step's batch (not by the rank drawing it), so both
+    # worlds sample the same responses; a reward that differs within every group makes every step move the weights.
+    monkeypatch.setenv("PYTHONPATH", f"{SCRIPTS}:{os.environ.get('PYTHONPATH', '')}")
+    data = _write_questions(tmp_path / "questions.jsonl", 8)
+    flags = ["grpo", "--model", str(tiny_model_dir), "--train-data", str(data), "--n-grpo-steps", str(STEPS),
+             "--rollout-batch-size", "8", "--group-size", "2", "--train-batch-size", "8", "--learning-rate", "1e-2",
+             "--loss-type", "reinforce_with_baseline", "--reward", "length_reward:reward", "--sampling-min-tokens", "2",
+             "--sampling-max-tokens", "6", "--grading-workers", "0", "--num-threads", "1", "--no-progress",
+             "--no-write-report", "--device", "cpu", "--dtype", "float32"]
+    assert main([*flags, "--output-dir", str(tmp_path / "one"), "--gradient-accumulation-steps", "2"]) == 0
+    result = launch(["-m", "reasontune", *flags, "--output-dir", str(tmp_path / "two"),
+                     "--gradient-accumulation-steps", "1"], world_size=2)
+    assert result.returncode == 0, result.stderr[-3000:]
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    assert max(float((one[name] - initial[name]).abs().max()) for name in one) > 1e-3  # training moved the weights
+    difference = sum(float((two[name] - one[name]).double().square().sum()) for name in one) ** 0.5
+    size = sum(float(one[name].double().square().sum()) for name in one) ** 0.5
+    print(f"GRPO: world 2 vs 1, relative difference {difference / size:.1e} (whole model)")
+    assert difference / size <= 1e-6, f"world 2 differs from world 1 by {difference / size:.2e} (relative)"
+    metrics_one, metrics_two = train_metrics(tmp_path / "one"), train_metrics(tmp_path / "two")
+    for key in ("reward", "mean_response_tokens"):  # the same responses: the same rewards and lengths
+        assert [m[key] for m in metrics_two] == pytest.approx([m[key] for m in metrics_one], rel=1e-9), key
 
 
 @pytest.mark.slow

@@ -256,3 +256,38 @@ def test_vllm_generator_syncs_policy_weights(tmp_path, qwen_tokenizer):
     assert generator.sync_weights(other) > 0
     [[completion]] = generator.generate(["Answer:"], options.replace(stop=(), max_new_tokens=5))
     assert completion.text == OTHER_CHAIN_TEXT
+
+
+def test_a_question_gets_the_same_samples_whatever_call_batch_or_position_draws_it(qwen_tokenizer, random_model):
+    prompts = ["Hi", "Natalia sold clips to 48 of her friends in April.", "What is 2 + 2?", "Name a prime."]
+    options = SamplingOptions(temperature=1.0, n=3, max_new_tokens=6, stop=(), seed=11)
+    whole = HFGenerator(random_model, qwen_tokenizer, batch_size=12).generate(prompts, options)
+    # As rank 1 of 2 draws its slice: questions 2 and 3, one question a generate call.
+    part = HFGenerator(random_model, qwen_tokenizer, batch_size=3).generate(prompts[2:],
+                                                                            options.replace(first_prompt_index=2))
+    assert [[c.token_ids for c in group] for group in part] == [[c.token_ids for c in group] for group in whole[2:]]
+    # A question at another global index, or under another seed, gets other samples; a group's samples differ.
+    shifted = HFGenerator(random_model, qwen_tokenizer, batch_size=12).generate(prompts[2:], options)
+    assert [c.token_ids for c in shifted[0]] != [c.token_ids for c in whole[2]]
+    reseeded = HFGenerator(random_model, qwen_tokenizer, batch_size=12).generate(prompts, options.replace(seed=12))
+    assert [c.token_ids for c in reseeded[0]] != [c.token_ids for c in whole[0]]
+    assert len({tuple(c.token_ids) for c in whole[1]}) == 3
+
+
+def test_each_row_samples_its_tokens_in_proportion_to_their_probability():
+    from reasontune.generation.hf import _SamplingWarper, row_seed
+
+    # 4000 rows, each its own generator, all with the distribution softmax([0, 1, 2, -inf, 3] / 0.5) =
+    # (e^0, e^2, e^4, 0, e^6) / 466.4: p = 0.0021, 0.0158, 0.1171, 0, 0.8650. Top-p 0.95 keeps tokens 4 and 2
+    # (0.8650 < 0.95 <= 0.9821): renormalised 0.8808 and 0.1192.
+    rows = 4000
+    scores = torch.tensor([[0.0, 1.0, 2.0, -float("inf"), 3.0]]).repeat(rows, 1)
+    for top_p, expected in [(1.0, [0.0021, 0.0158, 0.1171, 0.0, 0.8650]), (0.95, [0.0, 0.0, 0.1192, 0.0, 0.8808])]:
+        warper = _SamplingWarper(0.5, top_p, False, [torch.Generator().manual_seed(row_seed(5, row, 0))
+                                                     for row in range(rows)])
+        chosen = warper(torch.zeros(rows, 1, dtype=torch.long), scores.clone())
+        assert ((chosen == 0).sum(dim=1) == 1).all() and (chosen[chosen != 0] == -float("inf")).all()
+        frequencies = torch.bincount(chosen.argmax(dim=1), minlength=5).double() / rows
+        # Binomial standard error at p = 0.12 over 4000 rows: 0.005; 4 of them allowed.
+        torch.testing.assert_close(frequencies, torch.tensor(expected, dtype=torch.float64), atol=0.02, rtol=0)
+        assert frequencies[3] == 0 and (top_p == 1.0 or frequencies[:2].sum() == 0)  # nothing outside the support

@@ -39,6 +39,9 @@ class SamplingOptions:
     before that many. ``stop`` strings end a completion and stay in its text. ``seed`` seeds the
     sampler (None: not reseeded). ``return_logprobs`` / ``return_entropy`` ask for per-token
     values of the sampled tokens (entropy is unavailable from vLLM and comes back None there).
+    ``first_prompt_index`` is the index of a call's first prompt in the whole batch it is part
+    of (a rank's slice starts there): the HF backend seeds each prompt's samples from ``seed``
+    and that global index, so a question gets the same samples whichever call or rank draws it.
     """
 
     temperature: float = 1.0
@@ -48,6 +51,7 @@ class SamplingOptions:
     stop: tuple[str, ...] = ("</answer>",)
     n: int = 1
     seed: int | None = None
+    first_prompt_index: int = 0
     return_logprobs: bool = False
     return_entropy: bool = False
 

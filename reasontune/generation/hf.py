@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+import hashlib
+from collections.abc import Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
@@ -133,20 +134,31 @@ class _ModelDistributionRecorder(LogitsProcessor):
         return scores
 
 
-class _SamplingWarper(LogitsProcessor):
-    """Applies temperature and top-p to the scores (the last processor) and records the sampled tokens' log-probs under the result.
+def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
+    """Returns the seed of one sampled row: a 63-bit hash of (sampling seed, global prompt index, sample index)."""
+    digest = hashlib.blake2b(f"{seed}/{prompt_index}/{sample_index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
 
-    ``generate`` is called with temperature 1 and top-p 1, so it adds no warper of its own and
-    samples from ``softmax`` of exactly these scores: the recorded log-probs are those of the
-    distribution actually sampled from (after EOS suppression too), which importance
-    correction against the trainer's log-probs needs. Top-p keeps the smallest set of most
-    probable tokens whose mass reaches ``top_p`` (at least one token).
+
+class _SamplingWarper(LogitsProcessor):
+    """Applies temperature and top-p, samples each row with its own generator, and records the sampled tokens' log-probs.
+
+    The last processor. ``generate`` decodes greedily: this returns scores that are -inf
+    everywhere but at the token it sampled, so ``generate``'s argmax takes that token. Each row
+    has its own ``torch.Generator`` (seeded by ``row_seed`` from its question's global index and
+    its sample index) and draws one uniform per generated token, sampled by inverting the CDF of
+    ``softmax(scores)``: a row's tokens depend on its prompt and seed alone, not on which other
+    prompts share its batch or rank. The recorded log-probs are those of the distribution
+    actually sampled from (after EOS suppression too), which importance correction against the
+    trainer's log-probs needs. Top-p keeps the smallest set of most probable tokens whose mass
+    reaches ``top_p`` (at least one token).
     """
 
-    def __init__(self, temperature: float, top_p: float, want_logprobs: bool):
+    def __init__(self, temperature: float, top_p: float, want_logprobs: bool, generators: list[torch.Generator]):
         self.temperature = temperature
         self.top_p = top_p
         self.logprobs = _SampledTokenLogProbs() if want_logprobs else None
+        self.generators = generators  # one per row, on the CPU
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         if self.logprobs is not None:
@@ -160,9 +172,16 @@ class _SamplingWarper(LogitsProcessor):
             remove_sorted[:, 0] = False
             remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
             scores = scores.masked_fill(remove, -float("inf"))
+        log_probs = _finite_log_softmax(scores)
         if self.logprobs is not None:
-            self.logprobs.remember(_finite_log_softmax(scores))
-        return scores
+            self.logprobs.remember(log_probs)
+        # u in (0, 1]: the first token whose cumulative probability reaches u has probability > 0.
+        uniforms = 1.0 - torch.tensor([float(torch.rand((), dtype=torch.float64, generator=g)) for g in self.generators],
+                                      dtype=torch.float32)
+        cumulative = log_probs.exp().cumsum(dim=-1)
+        targets = (uniforms.to(cumulative.device) * cumulative[:, -1]).unsqueeze(1)
+        tokens = torch.searchsorted(cumulative, targets).clamp_(max=scores.shape[-1] - 1)
+        return torch.full_like(scores, -float("inf")).scatter_(1, tokens, 0.0)
 
 
 class HFGenerator(Generator):
@@ -223,8 +242,8 @@ class HFGenerator(Generator):
         order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
         results: list[list[Completion] | None] = [None] * len(prompts)
 
-        if options.seed is not None:
-            torch.manual_seed(options.seed)
+        # Each sampled row's own generator is seeded from this seed and its question's global index.
+        seed = options.seed if options.seed is not None else int(torch.randint(2**62, ()))
         was_training = self.model.training
         self.model.eval()
         # prompts/s and ETA when the call spans several batches (a bar on a terminal, a line every 30 s in a log)
@@ -234,7 +253,9 @@ class HFGenerator(Generator):
             for start in range(0, len(order), prompts_per_batch):
                 progress.update(start)
                 batch = order[start:start + prompts_per_batch]
-                completions = self._generate_batch([prompt_ids[i] for i in batch], options, rows_per_prompt)
+                seeds = [row_seed(seed, options.first_prompt_index + index, sample)
+                         for index in batch for sample in range(rows_per_prompt)]
+                completions = self._generate_batch([prompt_ids[i] for i in batch], options, rows_per_prompt, seeds)
                 for position, index in enumerate(batch):
                     group = completions[position * rows_per_prompt:(position + 1) * rows_per_prompt]
                     if rows_per_prompt < options.n:
@@ -247,9 +268,9 @@ class HFGenerator(Generator):
         return results  # type: ignore[return-value]
 
     @torch.no_grad()
-    def _generate_batch(self, batch_ids: list[list[int]], options: SamplingOptions, rows_per_prompt: int
-                        ) -> list[Completion]:
-        """Returns ``len(batch_ids) * rows_per_prompt`` completions, prompt-major."""
+    def _generate_batch(self, batch_ids: list[list[int]], options: SamplingOptions, rows_per_prompt: int,
+                        seeds: list[int]) -> list[Completion]:
+        """Returns ``len(batch_ids) * rows_per_prompt`` completions, prompt-major; ``seeds``: each row's sampling seed."""
         width = max(len(ids) for ids in batch_ids)
         input_ids = torch.full((len(batch_ids), width), self.pad_token_id, dtype=torch.long)
         attention_mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
@@ -270,19 +291,19 @@ class HFGenerator(Generator):
             processors.append(_SuppressEOSUntil(self.eos_token_ids, width, options.min_new_tokens))
         warper = None
         if not options.greedy:
-            warper = _SamplingWarper(options.temperature, options.top_p, options.return_logprobs)
-            processors.append(warper)  # last: generate samples from softmax of what it returns
-        # Temperature 1, top-p 1, top-k 0 and repetition penalty 1: generate adds no warper of its own
-        # (ours applies temperature and top-p) and ignores sampling defaults a checkpoint may carry.
-        sampling = dict(do_sample=True, temperature=1.0, top_p=1.0, top_k=0) if not options.greedy else dict(do_sample=False)
+            warper = _SamplingWarper(options.temperature, options.top_p, options.return_logprobs,
+                                     [torch.Generator().manual_seed(seed) for seed in seeds])
+            processors.append(warper)  # last: it samples, and generate's argmax takes its token
+        # Greedy decoding with repetition penalty 1: generate adds no warper of its own (ours applies temperature
+        # and top-p, and samples) and ignores sampling defaults a checkpoint may carry. The samples of a prompt are
+        # its rows repeated here, as generate's num_return_sequences would.
         device = self.device
         sequences = self.model.generate(
-            input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-            max_new_tokens=options.max_new_tokens, min_new_tokens=None, min_length=0,
-            num_return_sequences=rows_per_prompt, repetition_penalty=1.0,
+            input_ids=input_ids.repeat_interleave(rows_per_prompt, dim=0).to(device),
+            attention_mask=attention_mask.repeat_interleave(rows_per_prompt, dim=0).to(device),
+            max_new_tokens=options.max_new_tokens, min_new_tokens=None, min_length=0, repetition_penalty=1.0,
             eos_token_id=self.eos_token_ids or None, pad_token_id=self.pad_token_id, use_cache=True,
-            stopping_criteria=stopping, logits_processor=processors, return_dict_in_generate=False,
-            **sampling,
+            stopping_criteria=stopping, logits_processor=processors, return_dict_in_generate=False, do_sample=False,
         )
         logprobs = entropies = None
         for recorder in (model_recorder, warper):

@@ -33,7 +33,6 @@ from reasontune.distributed import (
     full_state_dict_layers,
     is_sharded,
     rank_slice,
-    shard_indices,
 )
 from reasontune.generation import Generator, SamplingOptions
 from reasontune.rollouts import RewardFn, Rollouts, generate_rollouts, merge_rollouts
@@ -108,27 +107,21 @@ def record_launch(config_path: Path, ctx: DistributedContext, **sizes: Any) -> N
     config_path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
-def rank_seed(seed: int | None, ctx: DistributedContext) -> int | None:
-    """Returns the sampling seed of this rank: ``seed`` on rank 0 (so one process samples as before), offset on the others.
-
-    The offset (rank x 2^40) lies far beyond the seeds that steps and draws derive from one run's ``--seed``.
-    """
-    return None if seed is None else seed + (ctx.rank << 40)
-
-
 def sharded_rollouts(generator: Generator, examples: Sequence[Example], template: str, sampling: SamplingOptions,
                      reward_fn: RewardFn, ctx: DistributedContext, grading_workers: int | None = None) -> Rollouts:
     """Returns the graded ``Rollouts`` of every one of ``examples``, each rank having sampled and graded its ``rank_slice``.
 
     A question's ``sampling.n`` responses are sampled on one rank (groups are never split),
-    with the seed of ``rank_seed``; the ranks' rollouts are gathered in the order of
+    seeded by the question's index in ``examples`` (``SamplingOptions.first_prompt_index``), so
+    that the HF generator draws the rollouts of one process; the ranks' rollouts are gathered in the order of
     ``examples``, so every rank holds the same ``Rollouts`` afterwards. The generator must be
     synced first (``generation_model``). At world size 1 it is ``generate_rollouts`` on all
     the examples.
     """
-    mine = shard_indices(examples, ctx)
+    part = rank_slice(len(examples), ctx)
+    mine = list(examples[part])
     rollouts = generate_rollouts(generator, [example_prompt(e, template) for e in mine], [e.ground_truth for e in mine],
-                                 sampling.replace(seed=rank_seed(sampling.seed, ctx)), reward_fn,
+                                 sampling.replace(first_prompt_index=sampling.first_prompt_index + part.start), reward_fn,
                                  grading_workers=grading_workers, examples=mine)
     return merge_rollouts(all_gather_objects(rollouts)) if ctx.is_distributed else rollouts
 
