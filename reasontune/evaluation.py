@@ -108,7 +108,10 @@ def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: Sampl
     for eval_set in sets:
         default_stop = ("</answer>",) if eval_set.reward == "r1_zero" else ()
         options = sampling.replace(stop=tuple(stop) if stop is not None else default_stop)
-        examples = distributed.shard_indices(eval_set.examples, ctx) if sharded else eval_set.examples
+        examples = eval_set.examples
+        if sharded:  # this rank's slice; a question's samples seeded by its index in the set, as in one process
+            part = distributed.rank_slice(len(examples), ctx)
+            examples, options = list(examples[part]), options.replace(first_prompt_index=part.start)
         rollouts = rollouts_for_examples(generator, examples, eval_set.template, options,
                                          reward_fn_by_name(eval_set.reward), grading_workers=grading_workers)
         if sharded:
