@@ -340,8 +340,10 @@ def test_grpo_trainer_steps_on_two_ranks_equal_one_process_with_twice_the_accumu
             assert [s[key] for s in histories[1][case]] == pytest.approx([s[key] for s in steps], rel=1e-5), key
 
 
+# Full fine-tuning by default; LoRA (adapters + trained norms, grpo_clip with a KL penalty against the frozen base) slow.
+@pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_grpo_world_two_samples_and_trains_as_one_process_with_twice_the_accumulation(tiny_model_dir, tmp_path,
-                                                                                     monkeypatch):
+                                                                                     monkeypatch, lora):
     from test_grpo import _write_questions
 
     # The rollouts of a question are seeded by its index in the step's batch (not by the rank drawing it), so both
@@ -353,16 +355,20 @@ def test_grpo_world_two_samples_and_trains_as_one_process_with_twice_the_accumul
              "--loss-type", "reinforce_with_baseline", "--reward", "length_reward:reward", "--sampling-min-tokens", "2",
              "--sampling-max-tokens", "6", "--grading-workers", "0", "--num-threads", "1", "--no-progress",
              "--no-write-report", "--device", "cpu", "--dtype", "float32"]
+    if lora:
+        flags += ["--lora-rank", "4", "--lora-trainable-modules", "norm", "--loss-type", "grpo_clip", "--kl-coef", "0.1"]
     assert main([*flags, "--output-dir", str(tmp_path / "one"), "--gradient-accumulation-steps", "2"]) == 0
     result = launch(["-m", "reasontune", *flags, "--output-dir", str(tmp_path / "two"),
                      "--gradient-accumulation-steps", "1"], world_size=2)
     assert result.returncode == 0, result.stderr[-3000:]
-    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")
+    one, two = final_weights(tmp_path / "one"), final_weights(tmp_path / "two")  # merged, with LoRA
     initial = load_file(tiny_model_dir / "model.safetensors")
     assert max(float((one[name] - initial[name]).abs().max()) for name in one) > 1e-3  # training moved the weights
+    if lora:  # the adapter itself too
+        one, two = (load_file(tmp_path / run / "final" / "adapter" / "adapter_model.safetensors") for run in ("one", "two"))
     difference = sum(float((two[name] - one[name]).double().square().sum()) for name in one) ** 0.5
     size = sum(float(one[name].double().square().sum()) for name in one) ** 0.5
-    print(f"GRPO: world 2 vs 1, relative difference {difference / size:.1e} (whole model)")
+    print(f"GRPO (LoRA {lora}): world 2 vs 1, relative difference {difference / size:.1e} (whole model)")
     assert difference / size <= 1e-6, f"world 2 differs from world 1 by {difference / size:.2e} (relative)"
     metrics_one, metrics_two = train_metrics(tmp_path / "one"), train_metrics(tmp_path / "two")
     for key in ("reward", "mean_response_tokens"):  # the same responses: the same rewards and lengths
