@@ -141,13 +141,21 @@ def run_on_every_rank(config: Any, work: Callable[[DistributedContext], Any]) ->
 
     The config is checked (``config.check_config``: its ``validate()`` and the files, model and
     packages it names) before any process group starts; an error on one rank stops every rank
-    with one message (``stop_all_ranks_on_error``); the process group is closed at the end. A
-    command's entry point is ``run_on_every_rank(config, lambda ctx: …)``.
+    with one message (``stop_all_ranks_on_error``); the process group is closed at the end, also
+    after an exit every rank agreed on (``SystemExit`` with a status). A command's entry point
+    is ``run_on_every_rank(config, lambda ctx: …)``.
     """
     check_config(config)
     ctx = init_distributed(config.device)
-    with stop_all_ranks_on_error(ctx):
-        result = work(ctx)
+    try:
+        with stop_all_ranks_on_error(ctx):
+            result = work(ctx)
+    except SystemExit:
+        # An exit every rank agreed on (a finished run, a stop by a signal; any other error never gets here at
+        # world size > 1): the process group is destroyed first, as after success. Python tearing down a live
+        # gloo group can abort ("terminate called without an active exception", pytorch#190489).
+        close_distributed()
+        raise
     close_distributed()
     return result
 
