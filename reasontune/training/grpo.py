@@ -37,9 +37,9 @@ from reasontune.training.common import (NonFiniteStep, PolicySession, clip_and_s
                                         make_generator, make_logger, make_optimizer, question_batch,
                                         restore_training_state, rollout_sampling, save_run_checkpoint, start_run,
                                         stop_diverged, stop_for_signal, stop_requested)
-from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, generation_model, rank_microbatches,
+from reasontune.training.data_parallel import (SINGLE_PROCESS, generation_model, rank_microbatches,
                                                record_launch, refuse_what_torchrun_cannot_run,
-                                               sharded_rollouts)
+                                               shard_policy, sharded_rollouts, unsharded_replica)
 
 
 @dataclasses.dataclass
@@ -321,8 +321,8 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
                                device=device).eval().requires_grad_(False)
     questions, validation, data_counts = load_questions(config, needed=config.rollout_batch_size // config.group_size,
                                                         tokenizer=tokenizer)
-    replica = UnshardedReplica(model) if ctx.is_distributed else None
-    model = distributed.shard_model(model, ctx)
+    replica = unsharded_replica(model, config, ctx)
+    model = shard_policy(model, config, ctx)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, kept for the trainer state
     session = GRPOSession(
