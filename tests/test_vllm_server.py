@@ -18,11 +18,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
-from test_generation import CHAIN_TEXT, bigram_model
+from test_generation import CHAIN_TEXT, bigram_model, one_thread  # noqa: F401  (autouse: one torch thread)
 
 from reasontune.generation import Completion, SamplingOptions, VLLMServerOptions, build_generator
 from reasontune.generation.hf import HFGenerator
-from reasontune.modeling import QWEN2_5_VOCAB_SIZE, build_model_from_config, tiny_qwen2_config
 from reasontune.generation.vllm import policy_weight_batches
 from reasontune.generation.vllm_server import (
     VLLMServerError,
@@ -31,16 +30,9 @@ from reasontune.generation.vllm_server import (
     free_port,
     parse_completion_choice,
 )
+from reasontune.modeling import QWEN2_5_VOCAB_SIZE, build_model_from_config, tiny_qwen2_config
 
 SERVED = "served/tiny"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 class JsonServer:
@@ -220,9 +212,9 @@ class RecordingSender:
 
 
 def weight_server(four_phase: bool = True, fail_update: bool = False) -> JsonServer:
-    ok = lambda _: (200, {})  # noqa: E731
+    ok = lambda _: (200, {})
     routes = {("GET", "/v1/models"): models_route, ("GET", "/get_world_size"): lambda _: (200, {"world_size": 2}),
-              ("POST", "/init_weight_transfer_engine"): ok, ("POST", "/pause"): ok, ("POST", "/resume"): ok,
+              ("POST", "/init_weight_transfer_engine"): ok, ("POST", "/pause?mode=wait"): ok, ("POST", "/resume"): ok,
               ("POST", "/update_weights"): (lambda _: (500, {"message": "load_weights failed"})) if fail_update else ok}
     if four_phase:
         routes[("POST", "/start_weight_update")] = ok
@@ -257,7 +249,7 @@ def test_weight_push_announces_each_batch_and_sends_its_tensors_in_that_order(ti
                                   "world_size": 3}}
     paths = [p for p in server.paths() if p not in ("/v1/models", "/get_world_size", "/init_weight_transfer_engine")]
     one_sync = [p for p in paths[: len(paths) // 2]]
-    assert one_sync[0] == "/pause" and one_sync[1] == "/start_weight_update" and one_sync[-1] == "/resume"
+    assert one_sync[0] == "/pause?mode=wait" and one_sync[1] == "/start_weight_update" and one_sync[-1] == "/resume"
     assert one_sync[-2] == "/finish_weight_update" and set(one_sync[2:-2]) == {"/update_weights"}
     assert paths[len(paths) // 2:] == one_sync  # the second sync is the same conversation
 

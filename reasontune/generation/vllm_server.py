@@ -12,13 +12,14 @@ gives the command line). This side speaks two of its protocols:
   ``--logprobs-mode processed_logprobs``. ``stop_reason`` tells a stop string from EOS.
 - **Weights** (``weight_sync="nccl"``): vLLM's weight-transfer HTTP routes (the server started
   with ``--weight-transfer-config '{"backend": "nccl"}'`` and ``VLLM_SERVER_DEV_MODE=1``).
-  Once: ``GET /get_world_size`` (the server's workers), then ``POST
+  Once: ``GET /get_world_size`` (the server's workers, all data-parallel replicas), then ``POST
   /init_weight_transfer_engine`` while this process (rank 0 of a new NCCL group, the server's
   workers being ranks 1…) opens the group with vLLM's ``StatelessProcessGroup`` and
-  ``PyNcclCommunicator``. Each sync: ``/pause``, ``/start_weight_update`` (servers before the
-  four-phase protocol answer 404: skipped), then per batch of about ``chunk_bytes`` one
-  ``/update_weights`` naming the tensors (names, dtypes, shapes) while they are broadcast one by
-  one in that order, then ``/finish_weight_update`` and ``/resume``.
+  ``PyNcclCommunicator``. Each sync: ``/pause?mode=wait`` (requests in flight finish first),
+  ``/start_weight_update`` (servers before the four-phase protocol answer 404: skipped), then
+  per batch of about ``chunk_bytes`` one ``/update_weights`` naming the tensors (names, dtypes,
+  shapes) while they are broadcast one by one in that order, then ``/finish_weight_update``
+  and ``/resume``.
 
 Under torchrun every rank sends its own prompts to the server; on ``sync_weights`` every rank
 walks the FSDP2 policy one gathered layer at a time (collectives) and rank 0 alone pushes them;
@@ -290,7 +291,7 @@ class VLLMServerGenerator(Generator):
             return 0
         sender = self._connect()
         total = 0
-        self.client.post("/pause")
+        self.client.post("/pause?mode=wait")  # requests in flight finish on the old weights, none is aborted
         try:
             self.client.post("/start_weight_update", {"is_checkpoint_format": True}, missing_ok=True)
             for batch in batches:
