@@ -169,7 +169,7 @@ class GenerationOptions:
 class ShardingOptions:
     """How FSDP2 shards the policy under torchrun (no effect on one process, so refused there)."""
 
-    fsdp_mixed_precision: bool = help_field(False, "under torchrun on GPUs: gather parameters as bfloat16 for compute and reduce gradients in float32, the sharded master weights and optimizer state staying in --dtype (use with --dtype float32 for fp32 master weights)", group="distributed")
+    fsdp_mixed_precision: bool = help_field(False, "under torchrun: gather parameters as bfloat16 for compute and reduce gradients in float32, the sharded master weights and optimizer state staying in --dtype (use with --dtype float32 for fp32 master weights)", group="distributed")
     fsdp_cpu_offload: bool = help_field(False, "under torchrun on GPUs: keep the sharded parameters, gradients and optimizer state in CPU memory (slower steps, much less GPU memory)", group="distributed")
 
     def sharding_problems(self) -> list[str]:

@@ -161,3 +161,28 @@ def test_command_line_refuses_scale_out_flags_before_writing(tiny_model_dir, tmp
     assert code == 2 and not Path(out).exists()
     assert "--vllm-tensor-parallel-size with --vllm-server-url" in err
     assert "--fsdp-cpu-offload: FSDP2 shards the model only under torchrun" in err
+
+
+@pytest.mark.slow
+def test_fsdp_mixed_precision_through_torchrun_computes_in_bfloat16_and_keeps_float32_weights(tiny_model_dir, tmp_path):
+    from safetensors.torch import load_file
+    from test_distributed import launch
+    from test_distributed_cli import final_weights, sft_flags, write_uneven_sft_data
+
+    data = write_uneven_sft_data(tmp_path / "train.jsonl", 12)
+    for name, extra in (("fp32", []), ("mixed", ["--fsdp-mixed-precision"])):
+        result = launch(["-m", "reasontune", *sft_flags(tiny_model_dir, data, tmp_path / name, 1, *extra)],
+                        world_size=2, timeout=240)
+        assert result.returncode == 0, result.stderr[-3000:]
+    fp32, mixed = final_weights(tmp_path / "fp32"), final_weights(tmp_path / "mixed")
+    initial = load_file(tiny_model_dir / "model.safetensors")
+    assert all(tensor.dtype == torch.float32 for tensor in mixed.values())  # master weights stay in --dtype
+    difference = sum(float((mixed[k] - fp32[k]).double().square().sum()) for k in fp32) ** 0.5
+    moved = sum(float((fp32[k] - initial[k]).double().square().sum()) for k in fp32) ** 0.5
+    # bf16 compute (8 mantissa bits) changes the gradients far beyond fp32 reordering (world-size invariance holds
+    # to 1e-6 of the weights, tests/test_distributed_cli.py), yet it trains the same way: a small part of the step.
+    size = sum(float(fp32[k].double().square().sum()) for k in fp32) ** 0.5
+    print(f"--fsdp-mixed-precision vs fp32 at world 2: {difference / size:.1e} of the weights, "
+          f"{difference / moved:.1e} of the training move")
+    assert difference / size > 1e-6, "--fsdp-mixed-precision changed nothing: the flag did not reach FSDP2"
+    assert difference < 0.5 * moved, f"mixed precision trained elsewhere: {difference:.3g} vs a move of {moved:.3g}"

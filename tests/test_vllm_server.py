@@ -351,3 +351,27 @@ def test_real_vllm_server_samples_and_takes_pushed_weights(tmp_path):
     finally:
         server.terminate()
         server.wait(timeout=60)
+
+
+def test_an_fsdp2_policy_under_torchrun_is_pushed_by_rank_0_one_gathered_layer_at_a_time(tiny_qwen2, tmp_path):
+    from safetensors.torch import load_file
+    from test_distributed import SCRIPTS, launch
+
+    server = weight_server()
+    result = launch([str(SCRIPTS / "server_push.py"), server.url, str(tmp_path)], world_size=2, timeout=240)
+    server.close()
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = tiny_qwen2.state_dict()  # the same seeded model, unsharded
+    assert json.loads((tmp_path / "rank-0.json").read_text())["pushed"] == len(state)
+    assert json.loads((tmp_path / "rank-1.json").read_text())["pushed"] == 0  # rank 1 only joins the gathers
+    sent = load_file(tmp_path / "sent.safetensors")
+    names = [name for _, path, body in server.calls if path == "/update_weights" for name in body["update_info"]["names"]]
+    # full_state_dict_layers' order: the root's own tensors (embeddings, final norm, LM head), then layer by layer.
+    layers = [[name for name in state if name.startswith(f"model.layers.{i}.")] for i in range(2)]
+    assert names == [name for name in state if not name.startswith("model.layers.")] + layers[0] + layers[1]
+    assert len(sent) == len(state)
+    for index, name in enumerate(names):  # full tensors, not shards, equal to the unsharded model's
+        assert torch.equal(sent[f"{index:04d}"], state[name]), name
+    assert [path for path in server.paths() if path in ("/pause?mode=wait", "/resume")] == ["/pause?mode=wait",
+                                                                                           "/resume"]
+    assert server.paths().count("/init_weight_transfer_engine") == 1
