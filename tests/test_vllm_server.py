@@ -4,8 +4,9 @@ vLLM itself cannot run here. These tests start a real local HTTP server that ans
 routes of ``vllm serve`` in vLLM's documented reply format: completions are sampled by the HF
 generator on a real (tiny) model, so the client must carry every token id, log-prob, stop
 string and finish reason through the wire unchanged; the weight routes record what they are
-told, and the NCCL broadcast is replaced by a sender that records the tensors in order. The
-real server and NCCL are exercised by the ``gpu`` test at the end (skipped without vLLM).
+told, and the NCCL broadcast is replaced by a sender that records the tensors in order (also
+from an FSDP2 policy under torchrun, 2 ranks on gloo). The real server and NCCL are exercised
+by the ``gpu`` test (skipped without vLLM and 2 GPUs).
 """
 
 from __future__ import annotations

@@ -116,8 +116,8 @@ def completion_request(model: str, prompt: str, options: SamplingOptions, seed: 
     body: dict[str, Any] = {
         "model": model, "prompt": prompt, "n": options.n, "temperature": options.temperature,
         "top_p": options.top_p, "max_tokens": options.max_new_tokens, "stop": list(options.stop),
-        # vLLM's extra sampling fields (SamplingParams names)
-        "top_k": -1, "min_tokens": options.min_new_tokens, "include_stop_str_in_output": True,
+        # vLLM's extra sampling fields (SamplingParams names; top-k stays off, its default)
+        "min_tokens": options.min_new_tokens, "include_stop_str_in_output": True,
         "skip_special_tokens": True, "return_token_ids": True,
     }
     if seed is not None:

@@ -292,8 +292,9 @@ def evaluate_policy(step: int, model, generator: Generator, sets: Sequence[EvalS
     accuracy, format rate and length over the sets and ``sets`` with each one's. The RNG is
     forked so that sampling in evaluation never changes the training run's random stream; the
     generator sleeps afterwards (giving a shared GPU back to training). Under torchrun (``ctx``)
-    every rank calls it with an unsharded ``model``: each generates its slice of every set and
-    rank 0 writes the records, gathered in the original order.
+    every rank calls it, with an unsharded ``model`` for the HF generator (a vLLM generator takes
+    the sharded one, gathered layer by layer): each generates its slice of every set and rank 0
+    writes the records, gathered in the original order.
     """
     generator.sync_weights(model)
     with torch.random.fork_rng(devices=[]):
