@@ -133,10 +133,17 @@ class GenerationOptions:
         return problems
 
     def launch_problems(self, world_size: int) -> list[str]:
-        """Returns why an in-process vLLM engine cannot run at this world size (none for hf or a server)."""
-        if self.backend != "vllm" or self.vllm_server_url:
+        """Returns why the vLLM generator cannot run at this world size (none for hf)."""
+        if self.backend != "vllm":
             return []
         problems = []
+        if world_size > 1 and getattr(self, "async_steps", 0):
+            # The background rollout thread would sync weights with collectives (layer gathers, the barrier after a
+            # push) on the main process group, beside FSDP's collectives of the training step.
+            problems.append("--async-steps with --backend vllm under torchrun: a background weight sync would share "
+                            "the process group with training; use --backend hf, one process, or --async-steps 0")
+        if self.vllm_server_url:
+            return problems
         if self.vllm_data_parallel_size not in (None, world_size):
             problems.append(
                 f"--vllm-data-parallel-size {self.vllm_data_parallel_size}: "

@@ -96,6 +96,11 @@ def test_what_torchrun_runs_and_what_it_refuses(monkeypatch):
     ]:
         with pytest.raises(SystemExit, match=expected):
             refuse_what_torchrun_cannot_run(grpo(backend="vllm", **values), ctx)
+    overlapping, overlapping_hf = grpo(backend="vllm", vllm_server_url="http://h:8000"), grpo()
+    overlapping.async_steps = overlapping_hf.async_steps = 1  # GRPO's --async-steps (set as an attribute: any config)
+    with pytest.raises(SystemExit, match="--async-steps with --backend vllm under torchrun"):
+        refuse_what_torchrun_cannot_run(overlapping, ctx)
+    refuse_what_torchrun_cannot_run(overlapping_hf, ctx)  # the HF backend's replica: not a vLLM matter
     with pytest.raises(SystemExit, match="--lora-rank does not run under torchrun"):
         refuse_what_torchrun_cannot_run(grpo(lora_rank=4), ctx)
     # The same rules in validation, from torchrun's WORLD_SIZE, before any process group starts.
