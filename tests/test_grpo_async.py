@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import threading
 
 import pytest
@@ -34,6 +35,7 @@ def parity_reward(tmp_path, monkeypatch):
     """A reward a random tiny model earns half the time (its answers to arithmetic are always wrong): updates move it."""
     (tmp_path / "parity_reward.py").write_text(PARITY_REWARD)
     monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))  # torchrun
 
 
 def _config(tiny_model_dir, tmp_path, **overrides) -> GRPOConfig:
@@ -136,3 +138,31 @@ def test_async_steps_needs_an_importance_ratio_and_a_non_negative_count():
     with pytest.raises(SystemExit, match="--async-steps: must be >= 0"):
         GRPOConfig(train_data="q", async_steps=-1, loss_type="grpo_clip").validate()
     GRPOConfig(train_data="q", async_steps=2, loss_type="cispo", cliprange_high=0.2).validate()
+
+
+@pytest.mark.slow
+def test_async_grpo_on_two_ranks_is_deterministic_and_as_stale_as_asked(tiny_model_dir, tmp_path):
+    """torchrun x 2 with --async-steps 1: two launches end with the same weights, bit for bit (timing decides nothing)."""
+    from test_distributed import launch
+    from test_distributed_cli import final_weights, train_metrics
+
+    data = _questions(tmp_path / "q.jsonl", 12)
+    flags = ["-m", "reasontune", "grpo", "--model", str(tiny_model_dir), "--train-data", str(data),
+             "--reward", "parity_reward:parity", "--n-grpo-steps", "3", "--rollout-batch-size", "4", "--group-size", "2",
+             "--train-batch-size", "4", "--gradient-accumulation-steps", "1", "--loss-type", "grpo_clip",
+             "--async-steps", "1", "--learning-rate", "5e-3", "--sampling-min-tokens", "1", "--sampling-max-tokens", "6",
+             "--grading-workers", "0", "--num-threads", "1", "--no-progress", "--no-write-report", "--device", "cpu",
+             "--dtype", "float32"]
+    runs = []
+    for name in ("a", "b"):
+        result = launch([*flags, "--output-dir", str(tmp_path / name)], world_size=2, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs.append(tmp_path / name)
+    train = train_metrics(runs[0])
+    assert [line["policy_version"] for line in train] == [0, 0, 1]
+    assert [line["staleness"] for line in train] == [0, 1, 1]
+    assert [line["reward"] for line in train] == [line["reward"] for line in train_metrics(runs[1])]
+    first, second = final_weights(runs[0]), final_weights(runs[1])
+    assert first.keys() == second.keys()
+    for name, tensor in first.items():
+        assert torch.equal(tensor, second[name]), name

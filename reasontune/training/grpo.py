@@ -319,9 +319,6 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
     refuse_what_torchrun_cannot_run(config, ctx)
     if config.world_problems(ctx.world_size):
         raise SystemExit("error: " + "; ".join(config.world_problems(ctx.world_size)))
-    if config.async_steps and ctx.is_distributed:
-        raise SystemExit("error: --async-steps does not run under torchrun yet (the background thread's gathers of "
-                         "rollouts would interleave with the training collectives); use one process, or --async-steps 0")
     run_dir, device, checkpoint = start_run(config, ctx)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     reference = None
@@ -371,13 +368,14 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
     return session
 
 
-def rollout_batch(session: GRPOSession, step: int, policy=None) -> tuple[Rollouts, dict[str, float]]:
+def rollout_batch(session: GRPOSession, step: int, policy=None, group=None) -> tuple[Rollouts, dict[str, float]]:
     """Returns step ``step``'s graded rollouts (seeded questions, ``group_size`` responses each) and their counts.
 
     The responses are sampled from ``policy`` (an unsharded model; default: the current policy,
     through its refreshed replica when sharded, which is a collective). With
     ``--dynamic-sampling`` groups whose rewards are all equal are dropped and fresh questions
-    drawn (seeds varied per draw) until the batch is full or the tries run out.
+    drawn (seeds varied per draw) until the batch is full or the tries run out. Under torchrun
+    the ranks' rollouts are gathered over ``group`` (default: the default process group).
     """
     config = session.config
     needed = config.rollout_batch_size // config.group_size
@@ -389,7 +387,7 @@ def rollout_batch(session: GRPOSession, step: int, policy=None) -> tuple[Rollout
         # Under torchrun each rank samples its slice of the questions; every rank gets all the rollouts back.
         drawn = sharded_rollouts(session.generator, batch, session.template,
                                  session.rollouts.replace(seed=config.seed * 1_000_003 + step + 104_729 * attempt),
-                                 session.reward_fn, session.ctx, grading_workers=config.grading_workers)
+                                 session.reward_fn, session.ctx, grading_workers=config.grading_workers, group=group)
         rewards = torch.tensor([r["reward"] for r in drawn.flat_rewards()], dtype=torch.float32)
         keep = informative_groups(rewards, config.group_size).tolist() if config.dynamic_sampling else [True] * len(batch)
         return [drawn.select([i]) for i in range(len(batch))], keep
@@ -484,10 +482,13 @@ class RolloutBatch:
     rollout_seconds: float = 0.0
 
 
-def prepare_step(session: GRPOSession, step: int, policy_version: int, behaviour=None) -> RolloutBatch:
-    """Returns step ``step``'s rollouts sampled from ``behaviour`` (default: the current policy), graded and cut into this rank's microbatches."""
+def prepare_step(session: GRPOSession, step: int, policy_version: int, behaviour=None, group=None) -> RolloutBatch:
+    """Returns step ``step``'s rollouts sampled from ``behaviour`` (default: the current policy), graded and cut into this rank's microbatches.
+
+    Under torchrun the rollouts are gathered over ``group`` (``RolloutPipeline``'s own, or the default group).
+    """
     tick = time.perf_counter()
-    rollouts, sampling_counts = rollout_batch(session, step, behaviour)
+    rollouts, sampling_counts = rollout_batch(session, step, behaviour, group)
     batch = RolloutBatch(step, policy_version, rollouts, sampling_counts)
     if rollouts is not None:
         microbatches, batch.reward_stats = training_microbatches(session, rollouts)
@@ -508,14 +509,19 @@ class RolloutPipeline:
     arXiv 2505.24298, and PipelineRL run training ahead of generation the same way). With K = 0
     nothing runs in the background: each step samples from the current policy when it starts,
     exactly the on-policy loop.
+
+    Under torchrun every rank runs its own thread on its slice of the questions and the thread
+    gathers the rollouts over a process group of its own; the snapshots (layer-by-layer gathers
+    of the shards) are taken by the main thread, between optimizer steps, on every rank alike.
     """
 
     def __init__(self, session: GRPOSession, first_step: int, last_step: int):
         self.session, self.last_step = session, last_step
         self.ahead = session.config.async_steps
         self.pending: dict[int, concurrent.futures.Future] = {}
-        self.behaviour = self.executor = None
+        self.behaviour = self.executor = self.group = None
         if self.ahead:
+            self.group = distributed.side_group()  # under torchrun: the thread's gathers stay off the FSDP collectives
             self.behaviour = copy.deepcopy(generation_model(session.model, session.replica)).eval().requires_grad_(False)
             self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grpo-rollouts")
             for step in range(first_step, min(first_step + self.ahead, last_step) + 1):
@@ -529,7 +535,7 @@ class RolloutPipeline:
     @torch.no_grad()
     def _produce(self, step: int, policy_version: int, weights: dict[str, torch.Tensor]) -> RolloutBatch:
         self.behaviour.load_state_dict(weights)
-        return prepare_step(self.session, step, policy_version, self.behaviour)
+        return prepare_step(self.session, step, policy_version, self.behaviour, self.group)
 
     def take(self, step: int) -> tuple[RolloutBatch, float]:
         """Returns (step ``step``'s rollout batch, seconds the trainer waited for it)."""
