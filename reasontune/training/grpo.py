@@ -305,6 +305,7 @@ class GRPOSession(PolicySession):
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     reference: Any = None  # frozen starting model for the KL penalty, or None
     start_step: int = 0
+    restored_batches: list[RolloutBatch] = dataclasses.field(default_factory=list)  # --async-steps: from the checkpoint
 
 
 def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = None) -> GRPOSession:
@@ -344,13 +345,19 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
                   microbatch_per_rank=config.microbatch_size(ctx.world_size),
                   gradient_accumulation_steps=config.gradient_accumulation_steps)
     if checkpoint is not None:
-        session.start_step = restore_training_state(checkpoint, optimizer, scheduler, model=model, ctx=ctx)["step"]
+        state = restore_training_state(checkpoint, optimizer, scheduler, model=model, ctx=ctx)
+        session.start_step = state["step"]
+        pending = state.get("pending_rollouts") or {}
+        if pending.get("async_steps") == config.async_steps:
+            session.restored_batches = [RolloutBatch.from_state(batch) for batch in pending["batches"]]
+        resampled = [step for step in range(session.start_step + 1, session.start_step + config.async_steps + 1)
+                     if step <= config.n_grpo_steps and step not in {b.step for b in session.restored_batches}]
         if session.logger is not None:
             session.logger.truncate_after(session.start_step)
             session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}" + (
-                f"; with --async-steps {config.async_steps} the first steps sample from the resumed weights (less "
-                "stale than an uninterrupted run's), so the run is not bit-identical to one never stopped"
-                if config.async_steps else ""))
+                f"; the rollouts of steps {resampled[0]}-{resampled[-1]} were not in it (torchrun, or another "
+                "--async-steps), so they sample from the resumed weights: less stale than an uninterrupted run's, "
+                "and not bit-identical to it" if resampled else ""))
     elif session.logger is not None:
         session.logger.log("data", 0, **data_counts, loss_type=config.loss_type,
                            loss_aggregation=config.loss_aggregation, off_policy=config.off_policy)
@@ -470,16 +477,27 @@ class RolloutBatch:
 
     ``policy_version`` is the GRPO step after whose update the sampling weights were taken (0:
     the starting weights), so the rollouts of step ``step`` are ``step - 1 - policy_version``
-    steps stale. ``rollouts`` is None when dynamic sampling kept no group.
+    steps stale. ``metrics`` holds what the step logs of its rollouts (``rollout_metrics``) and
+    is empty when dynamic sampling kept no group. ``rollouts`` is for inspection only: a batch
+    restored from a checkpoint (``from_state``) has none.
     """
 
     step: int
     policy_version: int
-    rollouts: Rollouts | None
     sampling_counts: dict[str, float]
-    reward_stats: dict[str, float] = dataclasses.field(default_factory=dict)
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
     train_batches: list[list[dict]] = dataclasses.field(default_factory=list)
     rollout_seconds: float = 0.0
+    rollouts: Rollouts | None = None
+
+    def state(self) -> dict[str, Any]:
+        """Returns the batch as trainer state (JSON structure and tensors: no pickle), ``from_state``'s input."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if key != "rollouts"}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RolloutBatch:
+        """Returns the batch ``state()`` saved."""
+        return cls(**state)
 
 
 def prepare_step(session: GRPOSession, step: int, policy_version: int, behaviour=None, group=None) -> RolloutBatch:
@@ -489,9 +507,10 @@ def prepare_step(session: GRPOSession, step: int, policy_version: int, behaviour
     """
     tick = time.perf_counter()
     rollouts, sampling_counts = rollout_batch(session, step, behaviour, group)
-    batch = RolloutBatch(step, policy_version, rollouts, sampling_counts)
+    batch = RolloutBatch(step, policy_version, sampling_counts, rollouts=rollouts)
     if rollouts is not None:
-        microbatches, batch.reward_stats = training_microbatches(session, rollouts)
+        microbatches, reward_stats = training_microbatches(session, rollouts)
+        batch.metrics = rollout_metrics(rollouts, reward_stats)
         batch.train_batches = rank_train_batches(session, microbatches, behaviour)
     batch.rollout_seconds = time.perf_counter() - tick
     return batch
@@ -524,8 +543,13 @@ class RolloutPipeline:
             self.group = distributed.side_group()  # under torchrun: the thread's gathers stay off the FSDP collectives
             self.behaviour = copy.deepcopy(generation_model(session.model, session.replica)).eval().requires_grad_(False)
             self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grpo-rollouts")
+            restored = {batch.step: batch for batch in session.restored_batches}
             for step in range(first_step, min(first_step + self.ahead, last_step) + 1):
-                self._submit(step, first_step - 1)
+                if step in restored:  # sampled before the checkpoint from weights it does not hold
+                    self.pending[step] = concurrent.futures.Future()
+                    self.pending[step].set_result(restored[step])
+                else:
+                    self._submit(step, first_step - 1)
 
     def _submit(self, step: int, policy_version: int) -> None:
         weights = {name: tensor.detach().clone()
@@ -549,6 +573,19 @@ class RolloutPipeline:
         """Returns nothing; after step ``step``'s update, starts the rollouts of step ``step + 1 + K`` from the new weights."""
         if self.ahead and step + 1 + self.ahead <= self.last_step:
             self._submit(step + 1 + self.ahead, step)
+
+    def pending_state(self, step: int) -> dict[str, Any] | None:
+        """Returns the batches of steps after ``step`` sampled from weights before it, as trainer state (None: nothing to keep).
+
+        A checkpoint of step ``step`` holds the weights that sample step ``step + 1 + K``; the
+        batches of steps ``step + 1 … step + K`` come from older weights, so an exact resume
+        needs them saved (their rollouts are waited for). One process only: under torchrun each
+        rank holds its own microbatches, and a resume samples them again.
+        """
+        if not self.ahead or self.session.ctx.is_distributed:
+            return None
+        older = [batch for later, batch in sorted(self.pending.items()) if later <= step + self.ahead]
+        return {"async_steps": self.ahead, "batches": [future.result().state() for future in older]}
 
     def drain(self) -> None:
         """Returns nothing once the background thread is idle (the generator is then free, e.g. to evaluate with)."""
@@ -582,7 +619,7 @@ def train_one_step(session: GRPOSession, pipeline: RolloutPipeline, step: int, p
     tick = time.perf_counter()
     # --- rollouts: seeded questions, group-size graded responses each (from the current policy, or K steps back)
     batch, waited = pipeline.take(step)
-    if batch.rollouts is None:  # dynamic sampling found no group with differing rewards: nothing to learn from
+    if not batch.metrics:  # dynamic sampling found no group with differing rewards: nothing to learn from
         pipeline.updated(step)
         if logger is not None:
             logger.log("event", step, message=f"GRPO step {step}: every drawn group had equal rewards; no update",
@@ -614,11 +651,10 @@ def train_one_step(session: GRPOSession, pipeline: RolloutPipeline, step: int, p
         overlap = ({"policy_version": batch.policy_version, "staleness": step - 1 - batch.policy_version,
                     "rollout_wait_s": waited} if config.async_steps else {})
         logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean, optimizer_steps=len(step_metrics),
-                   **rollout_metrics(batch.rollouts, batch.reward_stats), **batch.sampling_counts,
+                   **batch.metrics, **batch.sampling_counts,
                    rollout_s=batch.rollout_seconds, **overlap, step_s=time.perf_counter() - tick,
                    elapsed_s=time.perf_counter() - started)
-    progress.update(step, loss=mean["loss"], reward=batch.reward_stats["reward_mean"],
-                    accuracy=batch.rollouts.summary()["accuracy"])
+    progress.update(step, loss=mean["loss"], reward=batch.metrics["reward"], accuracy=batch.metrics["accuracy"])
 
 
 def train_grpo(session: GRPOSession) -> Path:
@@ -634,14 +670,17 @@ def train_grpo(session: GRPOSession) -> Path:
     eval_sampling = evaluation_sampling(config, config.backend)
 
     def save(step: int, name: str) -> Path:
+        pending = pipeline.pending_state(step) if pipeline is not None else None
         return save_run_checkpoint(run_dir, name, model, session.tokenizer, step, session.optimizer, session.scheduler,
-                                   f"grpo-seed-{config.seed}", keep=config.save_total_limit, ctx=ctx)
+                                   f"grpo-seed-{config.seed}", keep=config.save_total_limit, ctx=ctx,
+                                   **({"pending_rollouts": pending} if pending else {}))
 
     def evaluate_and_log(step: int) -> None:
         log_evaluation(session, step, eval_sampling, progress)
 
     progress = Progress(config.n_grpo_steps, initial_step=session.start_step, enabled=config.progress and ctx.is_main,
                         description="grpo")
+    pipeline = None
     if session.validation and config.eval_before_training and session.start_step == 0:
         evaluate_and_log(0)
     started = time.perf_counter()
