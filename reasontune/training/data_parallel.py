@@ -140,20 +140,21 @@ def rank_seed(seed: int | None, ctx: DistributedContext) -> int | None:
 
 
 def sharded_rollouts(generator: Generator, examples: Sequence[Example], template: str, sampling: SamplingOptions,
-                     reward_fn: RewardFn, ctx: DistributedContext, grading_workers: int | None = None) -> Rollouts:
+                     reward_fn: RewardFn, ctx: DistributedContext, grading_workers: int | None = None,
+                     group: Any = None) -> Rollouts:
     """Returns the graded ``Rollouts`` of every one of ``examples``, each rank having sampled and graded its ``rank_slice``.
 
     A question's ``sampling.n`` responses are sampled on one rank (groups are never split),
     with the seed of ``rank_seed``; the ranks' rollouts are gathered in the order of
-    ``examples``, so every rank holds the same ``Rollouts`` afterwards. The generator must be
-    synced first (``generation_model``). At world size 1 it is ``generate_rollouts`` on all
-    the examples.
+    ``examples`` (over ``group``: default the default group), so every rank holds the same
+    ``Rollouts`` afterwards. The generator must be synced first (``generation_model``). At world
+    size 1 it is ``generate_rollouts`` on all the examples.
     """
     mine = shard_indices(examples, ctx)
     rollouts = generate_rollouts(generator, [example_prompt(e, template) for e in mine], [e.ground_truth for e in mine],
                                  sampling.replace(seed=rank_seed(sampling.seed, ctx)), reward_fn,
                                  grading_workers=grading_workers, examples=mine)
-    return merge_rollouts(all_gather_objects(rollouts)) if ctx.is_distributed else rollouts
+    return merge_rollouts(all_gather_objects(rollouts, group)) if ctx.is_distributed else rollouts
 
 
 def refuse_what_torchrun_cannot_run(config: Any, ctx: DistributedContext) -> None:
