@@ -203,13 +203,27 @@ def _collective_device() -> torch.device:
     return torch.device("cpu")
 
 
-def all_gather_objects(obj: Any) -> list[Any]:
-    """Returns the list of every rank's ``obj`` (picklable, from our own processes), in rank order; ``[obj]`` at world size 1."""
+def all_gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Returns the list of every rank's ``obj`` (picklable, from our own processes), in rank order; ``[obj]`` at world size 1.
+
+    ``group``: a process group of every rank other than the default one (``side_group``), for
+    a thread that gathers while the main thread runs collectives of its own.
+    """
     if not _active():
         return [obj]
     gathered: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, obj)
+    dist.all_gather_object(gathered, obj, group=group)
     return gathered
+
+
+def side_group() -> Any:
+    """Returns a new gloo process group of every rank (None at world size 1); every rank must call it, in the same order.
+
+    Collectives of one group run in order; a background thread (GRPO's ``--async-steps``) that
+    gathers objects on the default group would interleave with the main thread's FSDP
+    collectives. Its own group keeps the two streams apart (gloo: the objects are on CPU).
+    """
+    return dist.new_group(backend="gloo") if _active() else None
 
 
 def gather_slices(local_items: Sequence[Any]) -> list[Any]:

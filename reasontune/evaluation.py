@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
+import torch.distributed as dist
 
 from reasontune.benchmarks import BENCHMARKS, STANDARD_PROMPT, STANDARD_REWARD, load_benchmarks, resolve_benchmarks
 from reasontune.config import UserError, help_field, raise_problems, same_field, save_config
 from reasontune.data import Example, load_examples, load_template, with_chat_template
 from reasontune.estimators import parse_ks, results_table, summarize_samples
 from reasontune.eval_plots import write_eval_plots
-from reasontune.generation import Generator, SamplingOptions, build_generator
+from reasontune.generation import Generator, SamplingOptions, VLLMServerOptions, build_generator
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import (EvaluationOptions, GenerationOptions, GradingOptions, ModelOptions, RunOptions,
                                 TaskOptions, TrackingOptions, data_source_problems, resolved_dtype, validate_common)
@@ -220,9 +221,13 @@ def _build_eval_generator(config: EvalConfig) -> Generator:
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolved_dtype(config.dtype, device)
     if config.backend == "vllm":
+        server = VLLMServerOptions(config.vllm_server_url, weight_sync="none") if config.vllm_server_url else None
         return build_generator("vllm", model_name=config.model, dtype=dtype, seed=config.seed,
                                vllm_device=config.vllm_device,
-                               vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization)
+                               vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                               vllm_tensor_parallel_size=config.vllm_tensor_parallel_size,
+                               vllm_external_launcher=dist.is_initialized() and dist.get_world_size() > 1,
+                               vllm_server=server)
     model = load_model(config.model, dtype=dtype, attn_implementation=config.attn_implementation, device=device)
     return build_generator("hf", model=model, tokenizer=load_tokenizer(config.model),
                            batch_size=config.generation_batch_size)
@@ -300,9 +305,8 @@ def run_eval(config: EvalConfig) -> int:
 
 
 def _run_eval(config: EvalConfig, ctx: distributed.DistributedContext) -> int:
-    if ctx.is_distributed and config.backend == "vllm":
-        raise SystemExit("error: --backend vllm does not run under torchrun yet (each rank would start its own "
-                         "engine); run one process, or use --backend hf")
+    if ctx.is_distributed and config.launch_problems(ctx.world_size):  # vLLM: a server, or one engine per rank
+        raise SystemExit("error: " + "; ".join(config.launch_problems(ctx.world_size)))
     with contextlib.nullcontext() if ctx.is_main else contextlib.redirect_stderr(io.StringIO()):
         sets, read = eval_sets(config)  # every rank reads the data; rank 0 reports what was read
     options = SamplingOptions(temperature=config.eval_temperature, top_p=config.eval_top_p,

@@ -85,6 +85,126 @@ class GenerationOptions:
     generation_batch_size: int = help_field(64, "sequences per generate call (hf backend)", group="generation")
     vllm_gpu_memory_utilization: float = help_field(0.3, "fraction of the GPU the vLLM engine may take", group="generation")
     vllm_device: str | None = help_field(None, "device of the vLLM engine (default: the policy's GPU, with sleep mode between uses)", group="generation")
+    vllm_tensor_parallel_size: int = help_field(1, "GPUs one in-process vLLM engine shards the model over (tensor parallel); under torchrun each rank runs its own engine, so 1 there", group="generation")
+    vllm_data_parallel_size: int | None = help_field(None, "vLLM engine replicas (data parallel), which the launch decides: under torchrun one engine per rank (the world size; a value given must match it), in one process 1 (vLLM's LLM cannot run data-parallel engines in one process), for --vllm-server-url the server's own --data-parallel-size", group="generation")
+    vllm_server_url: str | None = help_field(None, "sample from a running `vllm serve` (e.g. http://gpu-node:8000) instead of an in-process engine; see docs/scaling.md", group="generation")
+    vllm_weight_sync: Literal["auto", "nccl", "none"] = help_field("auto", "how the policy's weights reach the --vllm-server-url server: nccl (vLLM's weight-transfer API; the server needs --weight-transfer-config '{\"backend\": \"nccl\"}') or none (the server keeps its weights; eval only); auto: nccl for trainers, none for eval", group="generation")
+    vllm_weight_sync_address: str | None = help_field(None, "this trainer's address as the vLLM server's workers can reach it, for the NCCL weight group (default: this host's IP address)", group="generation")
+    vllm_weight_sync_port: int = help_field(0, "TCP port of the NCCL weight group's rendezvous on this trainer (0: a free port)", group="generation")
+
+    def vllm_problems(self, trainer: bool) -> list[str]:
+        """Returns what is wrong with the vLLM options: flags that need another, sizes out of range, a malformed server URL."""
+        problems: list[str] = []
+        _range(problems, "--vllm-tensor-parallel-size", self.vllm_tensor_parallel_size, 1)
+        _range(problems, "--vllm-data-parallel-size", self.vllm_data_parallel_size, 1)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))  # torchrun sets it before any config is read
+        _range(problems, "--vllm-weight-sync-port", self.vllm_weight_sync_port, 0, 65535)
+        given = [flag for flag, value in (("--vllm-server-url", self.vllm_server_url),
+                                          ("--vllm-device", self.vllm_device),
+                                          ("--vllm-tensor-parallel-size", self.vllm_tensor_parallel_size != 1),
+                                          ("--vllm-data-parallel-size", self.vllm_data_parallel_size)) if value]
+        if self.backend != "vllm" and given:
+            problems.append(f"{', '.join(given)} given with --backend {self.backend}: add --backend vllm or drop them")
+        sync_flags = [flag for flag, value in (("--vllm-weight-sync", self.vllm_weight_sync != "auto"),
+                                               ("--vllm-weight-sync-address", self.vllm_weight_sync_address),
+                                               ("--vllm-weight-sync-port", self.vllm_weight_sync_port)) if value]
+        if not self.vllm_server_url:
+            if sync_flags:
+                problems.append(f"{', '.join(sync_flags)} given without --vllm-server-url: weights are pushed over "
+                                "NCCL only to a vllm serve server; give its URL or drop them")
+            return problems + self.launch_problems(world_size)
+        problems += server_url_problems(self.vllm_server_url)
+        for flag, value in (("--vllm-device", self.vllm_device),
+                            ("--vllm-tensor-parallel-size", self.vllm_tensor_parallel_size != 1),
+                            ("--vllm-data-parallel-size", self.vllm_data_parallel_size)):
+            if value:
+                problems.append(f"{flag} with --vllm-server-url: the server owns its GPUs; give its devices and "
+                                "sizes on the vllm serve command line (CUDA_VISIBLE_DEVICES, --tensor-parallel-size, "
+                                "--data-parallel-size) and drop the flag here")
+        sync = self.weight_sync_mode(trainer)
+        if trainer and sync == "none":
+            problems.append("--vllm-weight-sync none: a trainer's rollouts must come from the policy being trained; "
+                            "use nccl (start the server with --weight-transfer-config '{\"backend\": \"nccl\"}')")
+        if not trainer and sync == "nccl":
+            problems.append("--vllm-weight-sync nccl: eval has no policy to push; the server samples from the model "
+                            "it loaded, so drop the flag")
+        if sync == "none" and (self.vllm_weight_sync_address or self.vllm_weight_sync_port):
+            problems.append("--vllm-weight-sync-address/--vllm-weight-sync-port need --vllm-weight-sync nccl")
+        return problems
+
+    def launch_problems(self, world_size: int) -> list[str]:
+        """Returns why the vLLM generator cannot run at this world size (none for hf)."""
+        if self.backend != "vllm":
+            return []
+        problems = []
+        if world_size > 1 and getattr(self, "async_steps", 0):
+            # The background rollout thread would sync weights with collectives (layer gathers, the barrier after a
+            # push) on the main process group, beside FSDP's collectives of the training step.
+            problems.append("--async-steps with --backend vllm under torchrun: a background weight sync would share "
+                            "the process group with training; use --backend hf, one process, or --async-steps 0")
+        if self.vllm_server_url:
+            return problems
+        if self.vllm_data_parallel_size not in (None, world_size):
+            problems.append(
+                f"--vllm-data-parallel-size {self.vllm_data_parallel_size}: "
+                + ("vLLM's LLM cannot run data-parallel engines in one process; launch with torchrun "
+                   f"--nproc_per_node {self.vllm_data_parallel_size} (one engine per rank) or use a vllm serve "
+                   "server (--vllm-server-url) started with --data-parallel-size" if world_size == 1 else
+                   f"under torchrun each of the {world_size} ranks runs its own engine, so the data-parallel "
+                   f"size is {world_size}; drop the flag or launch {self.vllm_data_parallel_size} processes"))
+        if world_size > 1 and self.vllm_tensor_parallel_size > 1:
+            problems.append(f"--vllm-tensor-parallel-size {self.vllm_tensor_parallel_size} under torchrun: each rank "
+                            "samples its own questions with its own engine, which a tensor-parallel group of ranks "
+                            "cannot; use a vllm serve server (--vllm-server-url) started with --tensor-parallel-size, "
+                            "or tensor parallel 1")
+        if world_size > 1 and self.vllm_device:
+            problems.append(f"--vllm-device {self.vllm_device} under torchrun: each rank's engine shares the rank's "
+                            "own GPU; to generate on other GPUs start a vllm serve server there (--vllm-server-url)")
+        if world_size == 1 and self.vllm_device and self.vllm_tensor_parallel_size > 1:
+            problems.append(f"--vllm-device with --vllm-tensor-parallel-size {self.vllm_tensor_parallel_size}: one "
+                            "device cannot hold a tensor-parallel engine; choose its GPUs with CUDA_VISIBLE_DEVICES")
+        return problems
+
+    def weight_sync_mode(self, trainer: bool) -> str:
+        """Returns ``--vllm-weight-sync`` with auto resolved: nccl for a trainer, none for eval."""
+        if self.vllm_weight_sync != "auto":
+            return self.vllm_weight_sync
+        return "nccl" if trainer else "none"
+
+
+@dataclass
+class ShardingOptions:
+    """How FSDP2 shards the policy under torchrun (no effect on one process, so refused there)."""
+
+    fsdp_mixed_precision: bool = help_field(False, "under torchrun: gather parameters as bfloat16 for compute and reduce gradients in float32, the sharded master weights and optimizer state staying in --dtype (use with --dtype float32 for fp32 master weights)", group="distributed")
+    fsdp_cpu_offload: bool = help_field(False, "under torchrun on GPUs: keep the sharded parameters, gradients and optimizer state in CPU memory (slower steps, much less GPU memory)", group="distributed")
+
+    def sharding_problems(self) -> list[str]:
+        """Returns what is wrong with the FSDP flags given this config's --device (launch and CUDA are environment checks)."""
+        device = getattr(self, "device", None)
+        if self.fsdp_cpu_offload and device and not str(device).startswith("cuda"):
+            return [(f"--fsdp-cpu-offload with --device {device}: offload moves sharded GPU state to CPU memory; on "
+                     "a CPU run it is there already, so drop the flag")]
+        return []
+
+    def sharding_environment_problems(self) -> list[str]:
+        """Returns what this launch lacks for the FSDP flags: torchrun with several processes, and CUDA for offload."""
+        flags = [flag for flag, on in (("--fsdp-mixed-precision", self.fsdp_mixed_precision),
+                                       ("--fsdp-cpu-offload", self.fsdp_cpu_offload)) if on]
+        if not flags:
+            return []
+        problems = []
+        if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+            problems.append(f"{', '.join(flags)}: FSDP2 shards the model only under torchrun with several processes "
+                            "(torchrun --nproc_per_node N -m reasontune …); one process trains in --dtype, so drop "
+                            "the flag")
+        if self.fsdp_cpu_offload:
+            import torch  # lazy: only when offload is asked for
+
+            if not torch.cuda.is_available():
+                problems.append("--fsdp-cpu-offload: CUDA is not available here; offload moves sharded GPU state "
+                                "to CPU memory, so drop the flag on a CPU machine")
+        return problems
 
 
 @dataclass
@@ -188,7 +308,7 @@ class LoggingOptions(TrackingOptions):
 
 @dataclass
 class TrainerOptions(LoggingOptions, CheckpointOptions, InLoopEvaluationOptions, GenerationOptions, GradingOptions,
-                     LoRAOptions, OptimizerOptions, TaskOptions, ModelOptions, RunOptions):
+                     LoRAOptions, OptimizerOptions, ShardingOptions, TaskOptions, ModelOptions, RunOptions):
     """Every option the three trainers share (SFT, expert iteration and GRPO add their own)."""
 
     train_data: str = help_field("", "training data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name (required)", group="data", aliases=("sft-data-path", "train-data-path"))
@@ -314,6 +434,24 @@ def template_problems(template: str) -> list[str]:
     return []
 
 
+def server_url_problems(url: str) -> list[str]:
+    """Returns what is wrong with --vllm-server-url: not http(s)://host[:port] (a trailing / or /v1 is accepted)."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # ValueError when not a number in 0..65535
+    except ValueError as error:
+        return [f"--vllm-server-url {url}: {error}; give http://HOST:PORT of the vllm serve server"]
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        return [f"--vllm-server-url {url}: give http://HOST:PORT of the vllm serve server (e.g. http://gpu-node:8000)"]
+    if parts.path.rstrip("/") not in ("", "/v1") or parts.query or parts.fragment:
+        return [f"--vllm-server-url {url}: give the server's base URL, http://HOST:PORT, without a path"]
+    if port == 0:
+        return [f"--vllm-server-url {url}: port 0; give the port vllm serve listens on (8000 by default)"]
+    return []
+
+
 def _range(problems: list[str], flag: str, value: Any, low: float | None = None, high: float | None = None,
            low_open: bool = False, high_open: bool = False, hint: str = "") -> None:
     """Appends a problem when ``value`` is not finite or not within [low, high] (or the open ends)."""
@@ -345,6 +483,9 @@ def validate_common(config: Any) -> list[str]:
     if isinstance(config, GenerationOptions):
         _range(problems, "--generation-batch-size", config.generation_batch_size, 1)
         _range(problems, "--vllm-gpu-memory-utilization", config.vllm_gpu_memory_utilization, 0, 1, low_open=True)
+        problems += config.vllm_problems(trainer=isinstance(config, TrainerOptions))
+    if isinstance(config, ShardingOptions):
+        problems += config.sharding_problems()
     if isinstance(config, EvaluationOptions):
         _range(problems, "--eval-temperature", config.eval_temperature, 0)
         _range(problems, "--eval-top-p", config.eval_top_p, 0, 1, low_open=True)
@@ -398,8 +539,12 @@ def environment_problems(config: Any) -> list[str]:
                 problems.append(f"--device {config.device}: CUDA is not available here; drop --device or use cpu")
     if isinstance(config, TaskOptions):
         problems += template_problems(config.prompt_template) + reward_problems(config.reward)
-    if isinstance(config, GenerationOptions) and config.backend == "vllm":
+    # A vllm serve server without weight pushes is plain HTTP: this side needs no vllm package.
+    if isinstance(config, GenerationOptions) and config.backend == "vllm" and (
+            not config.vllm_server_url or config.weight_sync_mode(isinstance(config, TrainerOptions)) == "nccl"):
         problems += package_problems("--backend vllm", "vllm", "vllm")
+    if isinstance(config, ShardingOptions):
+        problems += config.sharding_environment_problems()
     if isinstance(config, InLoopEvaluationOptions):
         problems += data_source_problems("--val-data", config.val_data)
     if isinstance(config, TrackingOptions):

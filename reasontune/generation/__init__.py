@@ -18,7 +18,8 @@ The contract every backend implements, so that trainers never ask which backend 
 - ``close()``: release the backend's resources.
 
 ``build_generator`` is the one factory. Backends: ``HFGenerator`` (``reasontune.generation.hf``;
-CPU and GPU) and ``VLLMGenerator`` (``reasontune.generation.vllm``; optional ``vllm`` extra).
+CPU and GPU), ``VLLMGenerator`` (``reasontune.generation.vllm``; optional ``vllm`` extra) and
+``VLLMServerGenerator`` (``reasontune.generation.vllm_server``: a running ``vllm serve``).
 """
 
 from __future__ import annotations
@@ -152,21 +153,45 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:
     return text[: best[0]], best[1]
 
 
+@dataclass(frozen=True)
+class VLLMServerOptions:
+    """Where a running ``vllm serve`` is and how weights reach it (``VLLMServerGenerator``'s arguments)."""
+
+    url: str
+    weight_sync: Literal["nccl", "none"] = "nccl"
+    sync_address: str | None = None
+    sync_port: int = 0
+
+
 def build_generator(backend: Literal["hf", "vllm"], *, model=None, tokenizer=None, model_name: str = "",
                     dtype: str = "float32", seed: int = 0, batch_size: int = 32, vllm_device: str | None = None,
-                    vllm_gpu_memory_utilization: float = 0.85, share_gpu_with_training: bool = False) -> Generator:
-    """Returns the generator of ``backend``: HF ``generate`` on ``model`` itself, or a vLLM engine built from ``model_name``.
+                    vllm_gpu_memory_utilization: float = 0.85, share_gpu_with_training: bool = False,
+                    vllm_tensor_parallel_size: int = 1, vllm_external_launcher: bool = False,
+                    vllm_server: VLLMServerOptions | None = None) -> Generator:
+    """Returns the generator of ``backend``: HF ``generate`` on ``model`` itself, a vLLM engine built from ``model_name``, or a vLLM server.
 
     A vLLM engine starts from the weights in ``model_name``; trainers call ``sync_weights``
     before each rollout or evaluation. ``share_gpu_with_training`` (a vLLM engine on the
     policy's own GPU) turns on sleep mode, so ``sleep()`` gives the KV cache back to training.
+    ``vllm_tensor_parallel_size`` shards the engine over GPUs; ``vllm_external_launcher``: one
+    engine per torchrun rank. With ``vllm_server`` (``backend == "vllm"``) nothing starts here:
+    ``VLLMServerGenerator`` samples from that server, weights pushed to it in ``dtype``.
     """
+    if backend == "vllm" and vllm_server is not None:
+        import torch
+
+        from reasontune.generation.vllm_server import VLLMServerGenerator  # plain HTTP; NCCL pushes import vllm
+
+        return VLLMServerGenerator(vllm_server.url, weight_sync=vllm_server.weight_sync,
+                                   sync_address=vllm_server.sync_address, sync_port=vllm_server.sync_port,
+                                   dtype=getattr(torch, dtype))
     if backend == "vllm":
         from reasontune.generation.vllm import VLLMGenerator  # optional extra: imported only when asked for
 
         return VLLMGenerator(model_name, device=vllm_device, dtype=dtype, seed=seed,
                              gpu_memory_utilization=vllm_gpu_memory_utilization,
-                             enable_sleep_mode=share_gpu_with_training and vllm_device is None)
+                             enable_sleep_mode=share_gpu_with_training and vllm_device is None,
+                             tensor_parallel_size=vllm_tensor_parallel_size, external_launcher=vllm_external_launcher)
     if backend != "hf":
         raise ValueError(f"unknown generation backend {backend!r}; expected hf or vllm")
     if model is None or tokenizer is None:
@@ -186,8 +211,12 @@ def __getattr__(name: str):
         from reasontune.generation.vllm import VLLMGenerator
 
         return VLLMGenerator
+    if name == "VLLMServerGenerator":
+        from reasontune.generation.vllm_server import VLLMServerGenerator
+
+        return VLLMServerGenerator
     raise AttributeError(f"module 'reasontune.generation' has no attribute {name!r}")
 
 
-__all__ = ["Completion", "FinishReason", "Generator", "HFGenerator", "SamplingOptions", "VLLMGenerator", "build_generator",
-           "cut_at_stop"]
+__all__ = ["Completion", "FinishReason", "Generator", "HFGenerator", "SamplingOptions", "VLLMGenerator",
+           "VLLMServerGenerator", "VLLMServerOptions", "build_generator", "cut_at_stop"]

@@ -16,6 +16,18 @@ Sharing one GPU with the policy: keep ``gpu_memory_utilization`` low enough for 
 ``enable_sleep_mode=True`` and call ``sleep()`` after each rollout (frees the KV cache, and
 with level 1 offloads weights to CPU); ``generate`` and ``sync_weights`` wake it.
 
+Parallelism: ``tensor_parallel_size`` shards one engine over that many GPUs (vLLM's own worker
+processes). Under torchrun (``external_launcher=True``) every rank builds its own engine on its
+own GPU in vLLM's ``external_launcher`` mode, which joins torchrun's process group instead of
+spawning workers (as TRL's colocate mode does): the ranks are the data-parallel engines, each
+sampling its own slice of the questions; tensor parallel stays 1 there (ranks of a
+tensor-parallel group would have to submit the same prompts). vLLM's ``LLM`` refuses
+``data_parallel_size > 1`` in one process, so data parallel comes from the launch.
+
+A policy sharded with FSDP2 is synced one decoder layer at a time (``policy_weight_batches``):
+every rank gathers each layer (a collective) and loads it into its own engine, so the whole
+model is never gathered on one device besides the engine's own copy.
+
 Log-probs: the engine is built with ``logprobs_mode="processed_logprobs"`` (vLLM 0.10.2+),
 so a completion's log-probs are those of the distribution actually sampled from
 (temperature and top-p applied), as the generator contract requires.
@@ -25,7 +37,8 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 from reasontune.generation import Completion, Generator, SamplingOptions
 
@@ -43,6 +56,19 @@ class WeightSyncExtension:
         return len(named_tensors)
 
 
+def check_engine_layout(tensor_parallel_size: int, external_launcher: bool, device: str | None,
+                             in_process: bool | None) -> None:
+    """Raises ValueError when an in-process engine's parallel layout cannot run (sizes, torchrun and a device)."""
+    if tensor_parallel_size < 1:
+        raise ValueError(f"tensor_parallel_size must be >= 1, got {tensor_parallel_size}")
+    if external_launcher and (tensor_parallel_size != 1 or device is not None or in_process is False):
+        raise ValueError("under torchrun each rank's engine runs in process on the rank's own GPU with tensor "
+                         "parallel 1; for tensor parallel or other GPUs use a vllm serve server (--vllm-server-url)")
+    if device is not None and tensor_parallel_size != 1:
+        raise ValueError(f"device={device!r} puts the engine on one GPU, tensor_parallel_size={tensor_parallel_size} "
+                         "on several; choose one (CUDA_VISIBLE_DEVICES picks the GPUs of a tensor-parallel engine)")
+
+
 def _checkpoint_name(name: str) -> str:
     """Returns a parameter name as it appears in a Hugging Face checkpoint (wrapper prefixes removed)."""
     for prefix in _NAME_PREFIXES_TO_DROP:
@@ -50,24 +76,73 @@ def _checkpoint_name(name: str) -> str:
     return name
 
 
+def policy_weights(model) -> Iterator[tuple[str, Any]]:
+    """Yields ``(checkpoint name, full tensor)`` of a policy: one FSDP2 layer gathered at a time, a LoRA policy merged.
+
+    A sharded model (``distributed.is_sharded``) goes through ``lora.merged_weights_by_layer``: every
+    rank must iterate to the end (each layer's gather is a collective). A LoRA policy yields its
+    merged weights under the base model's names (``lora.merged_weights``); a plain one its state dict.
+    """
+    from reasontune.distributed import is_sharded  # torch: only where weights move
+    from reasontune.lora import merged_weights, merged_weights_by_layer
+
+    if is_sharded(model):
+        for layer in merged_weights_by_layer(model):  # a sharded LoRA policy merged layer by layer too
+            for name, tensor in layer.items():
+                yield _checkpoint_name(name), tensor
+        return
+    for name, tensor in merged_weights(model):
+        yield _checkpoint_name(name), tensor.detach()
+
+
+def policy_weight_batches(model, chunk_bytes: int, dtype=None) -> Iterator[list[tuple[str, Any]]]:
+    """Yields the policy's weights (``policy_weights`` order) in lists of about ``chunk_bytes`` each.
+
+    A list closes as soon as its tensors reach ``chunk_bytes`` (one tensor larger than that is a
+    list of its own), so a consumer holds at most one list plus the layer being gathered.
+    ``dtype`` (a torch dtype or None): tensors are cast to it (e.g. the engine's bfloat16, to
+    halve what fp32 master weights would send); None keeps each tensor's own.
+    """
+    if chunk_bytes < 1:
+        raise ValueError(f"chunk_bytes must be >= 1, got {chunk_bytes}")
+    batch, size = [], 0
+    for name, tensor in policy_weights(model):
+        if dtype is not None and tensor.dtype != dtype and tensor.is_floating_point():
+            tensor = tensor.to(dtype)
+        batch.append((name, tensor))
+        size += tensor.numel() * tensor.element_size()
+        if size >= chunk_bytes:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
 class VLLMGenerator(Generator):
-    """Samples with a vLLM ``LLM`` built from a model directory or hub name (one GPU, tensor parallel 1).
+    """Samples with a vLLM ``LLM`` built from a model directory or hub name (one GPU, or ``tensor_parallel_size`` GPUs).
 
     ``device``: None for the current GPU (shared with the policy), or e.g. ``"cuda:1"`` for a
     second GPU; that starts the engine in its own process with only that GPU visible.
-    ``llm_kwargs`` go to ``vllm.LLM`` unchanged (``max_num_seqs``, ``enforce_eager`` …).
+    ``external_launcher``: under torchrun, one engine per rank joined to torchrun's process
+    group (tensor parallel 1, the current GPU, in process). ``llm_kwargs`` go to ``vllm.LLM``
+    unchanged (``max_num_seqs``, ``enforce_eager`` …).
     """
 
     def __init__(self, model: str, *, tokenizer: str | None = None, dtype: str = "bfloat16",
                  gpu_memory_utilization: float = 0.85, max_model_len: int | None = None,
                  enable_sleep_mode: bool = False, enable_prefix_caching: bool = True, seed: int = 0,
                  device: str | None = None, in_process: bool | None = None, chunk_bytes: int = 1 << 30,
-                 **llm_kwargs: Any):
+                 tensor_parallel_size: int = 1, external_launcher: bool = False, **llm_kwargs: Any):
+        check_engine_layout(tensor_parallel_size, external_launcher, device, in_process)
         try:
             from vllm import LLM
         except ImportError as error:
             raise ImportError("the vLLM backend needs vllm: pip install 'reasontune[vllm]' (a CUDA GPU is required)"
                               ) from error
+        if external_launcher:
+            # vLLM's torchrun mode: reads RANK/LOCAL_RANK/WORLD_SIZE/MASTER_* from torchrun's environment.
+            llm_kwargs.setdefault("distributed_executor_backend", "external_launcher")
+            in_process = True
         self.chunk_bytes = chunk_bytes
         self.enable_sleep_mode = enable_sleep_mode
         self._asleep = False
@@ -89,6 +164,7 @@ class VLLMGenerator(Generator):
             self.llm = LLM(model=model, tokenizer=tokenizer, dtype=dtype, gpu_memory_utilization=gpu_memory_utilization,
                            max_model_len=max_model_len, enable_sleep_mode=enable_sleep_mode,
                            enable_prefix_caching=enable_prefix_caching, seed=seed,
+                           tensor_parallel_size=tensor_parallel_size,
                            worker_extension_cls=f"{__name__}.WeightSyncExtension", **llm_kwargs)
         finally:
             for key, value in saved_env.items():
@@ -136,25 +212,13 @@ class VLLMGenerator(Generator):
         if self._asleep:
             self.llm.wake_up(tags=["weights"])  # weights must be mapped before they are written
         total = 0
-        from reasontune.lora import merged_weights  # a LoRA policy: base + B A under the base model's names
-
-        for chunk in self._chunks(merged_weights(policy_model)):
+        # A LoRA policy: base + B A under the base model's names; an FSDP2 policy: one gathered layer at a time.
+        for chunk in policy_weight_batches(policy_model, self.chunk_bytes):
             results = self.llm.collective_rpc("reasontune_load_weights", args=(chunk,))
             total += results[0]
         self.llm.reset_prefix_cache()
         self._weights_valid = True
         return total
-
-    def _chunks(self, items: Iterable[tuple[str, Any]]):
-        chunk, size = [], 0
-        for name, tensor in items:
-            chunk.append((_checkpoint_name(name), tensor.detach()))
-            size += tensor.numel() * tensor.element_size()
-            if size >= self.chunk_bytes:
-                yield chunk
-                chunk, size = [], 0
-        if chunk:
-            yield chunk
 
     # -- sampling --------------------------------------------------------------------------------
 
@@ -172,7 +236,7 @@ class VLLMGenerator(Generator):
                 max_tokens=options.max_new_tokens, min_tokens=options.min_new_tokens, stop=list(options.stop),
                 include_stop_str_in_output=True, skip_special_tokens=True,
                 # One seed per prompt, so that a prompt repeated in the batch still gets different samples.
-                seed=None if options.seed is None else options.seed + index,
+                seed=None if options.seed is None else options.seed + options.first_prompt_index + index,
                 logprobs=0 if options.return_logprobs else None,
             )
             for index in range(len(prompts))

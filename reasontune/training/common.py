@@ -31,7 +31,7 @@ from reasontune.benchmarks import load_benchmarks
 from reasontune.config import UserError, check_config, save_config
 from reasontune.data import Example, load_examples, with_chat_template
 from reasontune.evaluation import EvalSet, evaluate_sets
-from reasontune.generation import Generator, SamplingOptions, build_generator
+from reasontune.generation import Generator, SamplingOptions, VLLMServerOptions, build_generator
 from reasontune.lora import apply_lora, is_peft_model, load_for_resume, save_merged
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import RolloutOptions, TrainerOptions, resolved_dtype
@@ -180,12 +180,21 @@ def make_optimizer(model, config: TrainerOptions, learning_rate: float | None = 
 
 
 def make_generator(config: TrainerOptions, model, tokenizer, device: torch.device) -> Generator:
-    """Returns the run's generator of rollouts and evaluation (HF on the policy itself, or vLLM synced from it)."""
+    """Returns the run's generator of rollouts and evaluation (HF on the policy itself, or vLLM synced from it).
+
+    vLLM: an engine in this process (under torchrun one per rank, in vLLM's ``external_launcher``
+    mode), or with ``--vllm-server-url`` a running ``vllm serve`` the weights are pushed to.
+    """
+    server, torchrun = None, torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    if config.vllm_server_url:
+        server = VLLMServerOptions(url=config.vllm_server_url, weight_sync=config.weight_sync_mode(trainer=True),
+                                   sync_address=config.vllm_weight_sync_address, sync_port=config.vllm_weight_sync_port)
     return build_generator(config.backend, model=model, tokenizer=tokenizer, model_name=config.model,
                            dtype=resolved_dtype(config.dtype, str(device)), seed=config.seed,
                            batch_size=config.generation_batch_size, vllm_device=config.vllm_device,
                            vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
-                           share_gpu_with_training=True)
+                           share_gpu_with_training=True, vllm_tensor_parallel_size=config.vllm_tensor_parallel_size,
+                           vllm_external_launcher=torchrun, vllm_server=server)
 
 
 def make_logger(run_dir: Path, config: TrainerOptions, resume: bool) -> MetricsLogger:
@@ -283,8 +292,9 @@ def evaluate_policy(step: int, model, generator: Generator, sets: Sequence[EvalS
     accuracy, format rate and length over the sets and ``sets`` with each one's. The RNG is
     forked so that sampling in evaluation never changes the training run's random stream; the
     generator sleeps afterwards (giving a shared GPU back to training). Under torchrun (``ctx``)
-    every rank calls it with an unsharded ``model``: each generates its slice of every set and
-    rank 0 writes the records, gathered in the original order.
+    every rank calls it, with an unsharded ``model`` for the HF generator (a vLLM generator takes
+    the sharded one, gathered layer by layer): each generates its slice of every set and rank 0
+    writes the records, gathered in the original order.
     """
     generator.sync_weights(model)
     with torch.random.fork_rng(devices=[]):

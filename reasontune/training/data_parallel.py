@@ -11,6 +11,8 @@
 - ``sharded_rollouts``: EI's and GRPO's rollouts, each rank sampling its slice of the questions
   (whole groups), gathered in order so that every rank holds the whole batch.
 - ``record_launch``: the world size and global batch, written into config.json.
+- ``unsharded_replica`` / ``shard_policy``: the replica where the HF generator needs one, and
+  FSDP2 sharding with the run's ``--fsdp-*`` flags.
 
 At world size 1 each of these is the identity or does nothing.
 """
@@ -25,6 +27,7 @@ from typing import Any
 
 import torch
 
+from reasontune import distributed
 from reasontune.config import LAUNCH_RECORD
 from reasontune.data import Example, example_prompt
 from reasontune.distributed import (
@@ -91,6 +94,26 @@ class UnshardedReplica:
         return self.model
 
 
+def unsharded_replica(model: torch.nn.Module, config: Any, ctx: DistributedContext,
+                      needed: bool = True) -> UnshardedReplica | None:
+    """Returns the ``UnshardedReplica`` the HF generator of a sharded policy samples from, or None where none is needed.
+
+    None at world size 1, when ``needed`` is False (no generation at all), and for ``--backend
+    vllm``: a vLLM engine or server takes the weights from the shards themselves, one gathered
+    layer at a time (``generation.vllm.policy_weights``), so no rank holds a second full copy.
+    Call it before ``shard_policy``.
+    """
+    if not ctx.is_distributed or not needed or getattr(config, "backend", "hf") != "hf":
+        return None
+    return UnshardedReplica(model)
+
+
+def shard_policy(model: torch.nn.Module, config: Any, ctx: DistributedContext) -> torch.nn.Module:
+    """Returns ``distributed.shard_model(model, ctx)`` with the run's ``--fsdp-mixed-precision`` and ``--fsdp-cpu-offload``."""
+    return distributed.shard_model(model, ctx, mixed_precision=getattr(config, "fsdp_mixed_precision", False),
+                                   cpu_offload=getattr(config, "fsdp_cpu_offload", False))
+
+
 def generation_model(model: torch.nn.Module, replica: UnshardedReplica | None) -> torch.nn.Module:
     """Returns the model to generate with: the refreshed replica for a sharded policy (collective), else ``model``."""
     if replica is None or not is_sharded(model):
@@ -108,28 +131,34 @@ def record_launch(config_path: Path, ctx: DistributedContext, **sizes: Any) -> N
 
 
 def sharded_rollouts(generator: Generator, examples: Sequence[Example], template: str, sampling: SamplingOptions,
-                     reward_fn: RewardFn, ctx: DistributedContext, grading_workers: int | None = None) -> Rollouts:
+                     reward_fn: RewardFn, ctx: DistributedContext, grading_workers: int | None = None,
+                     group: Any = None) -> Rollouts:
     """Returns the graded ``Rollouts`` of every one of ``examples``, each rank having sampled and graded its ``rank_slice``.
 
     A question's ``sampling.n`` responses are sampled on one rank (groups are never split),
     seeded by the question's index in ``examples`` (``SamplingOptions.first_prompt_index``), so
-    that the HF generator draws the rollouts of one process; the ranks' rollouts are gathered in the order of
-    ``examples``, so every rank holds the same ``Rollouts`` afterwards. The generator must be
-    synced first (``generation_model``). At world size 1 it is ``generate_rollouts`` on all
-    the examples.
+    that the HF generator draws the rollouts of one process; the ranks' rollouts are gathered in
+    the order of ``examples`` (over ``group``: default the default group), so every rank holds the
+    same ``Rollouts`` afterwards. The generator must be synced first (``generation_model``). At
+    world size 1 it is ``generate_rollouts`` on all the examples.
     """
     part = rank_slice(len(examples), ctx)
     mine = list(examples[part])
     rollouts = generate_rollouts(generator, [example_prompt(e, template) for e in mine], [e.ground_truth for e in mine],
                                  sampling.replace(first_prompt_index=sampling.first_prompt_index + part.start), reward_fn,
                                  grading_workers=grading_workers, examples=mine)
-    return merge_rollouts(all_gather_objects(rollouts)) if ctx.is_distributed else rollouts
+    return merge_rollouts(all_gather_objects(rollouts, group)) if ctx.is_distributed else rollouts
 
 
 def refuse_what_torchrun_cannot_run(config: Any, ctx: DistributedContext) -> None:
-    """Raises SystemExit naming the option when a trainer's config asks for what does not run data-parallel yet."""
+    """Raises SystemExit naming the option when a trainer's config asks for what does not run data-parallel yet.
+
+    ``--backend vllm`` runs: with ``--vllm-server-url`` every rank sends its own questions to the
+    server and rank 0 pushes the weights; in process, one engine per rank on the rank's own GPU
+    (tensor parallel 1). What cannot (``GenerationOptions.launch_problems``) is refused here.
+    """
     if not ctx.is_distributed:
         return
-    if getattr(config, "backend", "hf") != "hf":
-        raise SystemExit(f"error: --backend {config.backend} does not run under torchrun yet (each rank would start "
-                         "its own engine); use --backend hf, or one process")
+    launch = config.launch_problems(ctx.world_size) if hasattr(config, "launch_problems") else []
+    if launch:
+        raise SystemExit("error: " + "; ".join(launch))

@@ -33,9 +33,9 @@ from reasontune.training.common import (PolicySession, eval_metrics, evaluate_po
                                         make_logger, question_batch, restore_training_state, rollout_sampling,
                                         save_training_checkpoint, start_run, stop_for_signal, stop_requested,
                                         trainer_state)
-from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, generation_model, record_launch,
+from reasontune.training.data_parallel import (SINGLE_PROCESS, generation_model, record_launch,
                                                refuse_what_torchrun_cannot_run,
-                                               sharded_rollouts)
+                                               shard_policy, sharded_rollouts, unsharded_replica)
 from reasontune.training.sft import SFTConfig, prepare_session, train_sft
 
 
@@ -108,8 +108,8 @@ def setup_expert_iteration(config: ExpertIterationConfig, ctx: distributed.Distr
     run_dir, device, checkpoint = start_run(config, ctx)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     questions, validation, data_counts = load_questions(config, tokenizer=tokenizer)
-    replica = UnshardedReplica(model) if ctx.is_distributed else None
-    model = distributed.shard_model(model, ctx)
+    replica = unsharded_replica(model, config, ctx)
+    model = shard_policy(model, config, ctx)
     session = ExpertIterationSession(
         config=config, model=model, tokenizer=tokenizer, device=device,
         generator=make_generator(config, replica.model if replica else model, tokenizer, device), questions=questions,

@@ -10,6 +10,8 @@ gradient-accumulation scaling live in ``reasontune.losses.grpo_microbatch_train_
 
 from __future__ import annotations
 
+import concurrent.futures
+import copy
 import dataclasses
 import statistics
 import time
@@ -37,9 +39,9 @@ from reasontune.training.common import (NonFiniteStep, PolicySession, clip_and_s
                                         make_generator, make_logger, make_optimizer, question_batch,
                                         restore_training_state, rollout_sampling, save_run_checkpoint, start_run,
                                         stop_diverged, stop_for_signal, stop_requested)
-from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, generation_model, rank_microbatches,
+from reasontune.training.data_parallel import (SINGLE_PROCESS, generation_model, rank_microbatches,
                                                record_launch, refuse_what_torchrun_cannot_run,
-                                               sharded_rollouts)
+                                               shard_policy, sharded_rollouts, unsharded_replica)
 
 
 @dataclasses.dataclass
@@ -73,6 +75,7 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
     rollout_correction_cap: float = help_field(2.0, "the cap C of --rollout-correction (> 1)", group="grpo")
     loss_aggregation: LossAggregation = help_field("sequence_mean", "per-token loss to scalar: sequence_mean (GRPO), sequence_sum (Dr. GRPO; constant = sampling-max-tokens) or token_mean (DAPO; over the optimizer step's tokens)", group="grpo")
     kl_coef: float = help_field(0.0, "weight of a per-token k3 KL penalty against the frozen starting model (0: off, no reference model loaded)", group="grpo")
+    async_steps: int = help_field(0, "overlap generation with training: the rollouts of step k+1 … k+K are generated in the background while step k trains, from weights at most K steps stale (0: on-policy, no overlap; > 0 needs grpo_clip, gspo or cispo)", group="grpo")
 
     @property
     def micro_train_batch_size(self) -> int:
@@ -120,7 +123,7 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
     @property
     def off_policy(self) -> bool:
         """Whether some optimizer step trains on rollouts sampled by an earlier version of the policy."""
-        return self.epochs_per_rollout_batch > 1 or self.train_batch_size < self.rollout_batch_size
+        return self.epochs_per_rollout_batch > 1 or self.train_batch_size < self.rollout_batch_size or self.async_steps > 0
 
     def validate(self) -> None:
         """Raises ``UserError`` naming every option whose value cannot work (shared groups: ``validate_common``)."""
@@ -129,6 +132,8 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
                     "gradient_accumulation_steps", "epochs_per_rollout_batch")
         problems += [f"--{name.replace('_', '-')}: must be >= 1, got {getattr(self, name)}"
                      for name in positive if getattr(self, name) < 1]
+        if self.async_steps < 0:
+            problems.append(f"--async-steps: must be >= 0, got {self.async_steps}")
         if self.group_size == 1:
             problems.append("--group-size 1: a group of one response has no baseline (its advantage is always 0, "
                             "nothing is learned); use --group-size 2 or more")
@@ -156,8 +161,9 @@ class GRPOConfig(RolloutOptions, TrainerOptions):
         if self.dual_clip_c is not None and self.dual_clip_c <= 1:
             problems.append(f"--dual-clip-c ({self.dual_clip_c}) must be > 1")
         if self.off_policy and self.loss_type not in ("grpo_clip", "gspo", "cispo"):
-            problems.append(f"epochs-per-rollout-batch > 1 or train-batch-size < rollout-batch-size is off-policy; "
-                            f"--loss-type {self.loss_type} has no importance ratio for it: use grpo_clip, gspo or cispo")
+            problems.append(f"epochs-per-rollout-batch > 1, train-batch-size < rollout-batch-size or async-steps > 0 "
+                            f"is off-policy; --loss-type {self.loss_type} has no importance ratio for it: use "
+                            "grpo_clip, gspo or cispo")
         if self.advantage_baseline == "leave_one_out" and self.group_size < 2:
             problems.append("--advantage-baseline leave_one_out needs --group-size >= 2")
         if not 0.0 <= self.overlong_buffer_fraction <= 1.0:
@@ -299,6 +305,7 @@ class GRPOSession(PolicySession):
     scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
     reference: Any = None  # frozen starting model for the KL penalty, or None
     start_step: int = 0
+    restored_batches: list[RolloutBatch] = dataclasses.field(default_factory=list)  # --async-steps: from the checkpoint
 
 
 def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = None) -> GRPOSession:
@@ -321,8 +328,8 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
                                device=device).eval().requires_grad_(False)
     questions, validation, data_counts = load_questions(config, needed=config.rollout_batch_size // config.group_size,
                                                         tokenizer=tokenizer)
-    replica = UnshardedReplica(model) if ctx.is_distributed else None
-    model = distributed.shard_model(model, ctx)
+    replica = unsharded_replica(model, config, ctx)
+    model = shard_policy(model, config, ctx)
     optimizer = make_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)  # constant, kept for the trainer state
     session = GRPOSession(
@@ -338,10 +345,19 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
                   microbatch_per_rank=config.microbatch_size(ctx.world_size),
                   gradient_accumulation_steps=config.gradient_accumulation_steps)
     if checkpoint is not None:
-        session.start_step = restore_training_state(checkpoint, optimizer, scheduler, model=model, ctx=ctx)["step"]
+        state = restore_training_state(checkpoint, optimizer, scheduler, model=model, ctx=ctx)
+        session.start_step = state["step"]
+        pending = state.get("pending_rollouts") or {}
+        if pending.get("async_steps") == config.async_steps:
+            session.restored_batches = [RolloutBatch.from_state(batch) for batch in pending["batches"]]
+        resampled = [step for step in range(session.start_step + 1, session.start_step + config.async_steps + 1)
+                     if step <= config.n_grpo_steps and step not in {b.step for b in session.restored_batches}]
         if session.logger is not None:
             session.logger.truncate_after(session.start_step)
-            session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
+            session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}" + (
+                f"; the rollouts of steps {resampled[0]}-{resampled[-1]} were not in it (torchrun, or another "
+                "--async-steps), so they sample from the resumed weights: less stale than an uninterrupted run's, "
+                "and not bit-identical to it" if resampled else ""))
     elif session.logger is not None:
         session.logger.log("data", 0, **data_counts, loss_type=config.loss_type,
                            loss_aggregation=config.loss_aggregation, off_policy=config.off_policy)
@@ -359,15 +375,18 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
     return session
 
 
-def rollout_batch(session: GRPOSession, step: int) -> tuple[Rollouts, dict[str, float]]:
-    """Returns step ``step``'s graded rollouts (seeded questions, ``group_size`` responses each from the current policy) and their counts.
+def rollout_batch(session: GRPOSession, step: int, policy=None, group=None) -> tuple[Rollouts, dict[str, float]]:
+    """Returns step ``step``'s graded rollouts (seeded questions, ``group_size`` responses each) and their counts.
 
-    With ``--dynamic-sampling`` groups whose rewards are all equal are dropped and fresh
-    questions drawn (seeds varied per draw) until the batch is full or the tries run out.
+    The responses are sampled from ``policy`` (an unsharded model; default: the current policy,
+    through its refreshed replica when sharded, which is a collective). With
+    ``--dynamic-sampling`` groups whose rewards are all equal are dropped and fresh questions
+    drawn (seeds varied per draw) until the batch is full or the tries run out. Under torchrun
+    the ranks' rollouts are gathered over ``group`` (default: the default process group).
     """
     config = session.config
     needed = config.rollout_batch_size // config.group_size
-    session.generator.sync_weights(generation_model(session.model, session.replica))
+    session.generator.sync_weights(policy if policy is not None else generation_model(session.model, session.replica))
 
     def draw(attempt: int) -> tuple[list[Rollouts], list[bool]]:
         indices = question_batch(len(session.questions), needed, config.seed + 7919 * attempt, step)
@@ -375,13 +394,14 @@ def rollout_batch(session: GRPOSession, step: int) -> tuple[Rollouts, dict[str, 
         # Under torchrun each rank samples its slice of the questions; every rank gets all the rollouts back.
         drawn = sharded_rollouts(session.generator, batch, session.template,
                                  session.rollouts.replace(seed=config.seed * 1_000_003 + step + 104_729 * attempt),
-                                 session.reward_fn, session.ctx, grading_workers=config.grading_workers)
+                                 session.reward_fn, session.ctx, grading_workers=config.grading_workers, group=group)
         rewards = torch.tensor([r["reward"] for r in drawn.flat_rewards()], dtype=torch.float32)
         keep = informative_groups(rewards, config.group_size).tolist() if config.dynamic_sampling else [True] * len(batch)
         return [drawn.select([i]) for i in range(len(batch))], keep
 
     filled = fill_batch(draw, needed, config.dynamic_sampling_max_tries if config.dynamic_sampling else 1)
-    session.generator.sleep()
+    if not config.async_steps:  # with overlap the engine generates while the policy trains: it never sleeps
+        session.generator.sleep()
     return (Rollouts.concat(filled.groups) if filled.groups else None), filled.metrics()
 
 
@@ -426,14 +446,16 @@ def training_microbatches(session: GRPOSession, rollouts: Rollouts) -> tuple[lis
     return microbatches, reward_stats
 
 
-def rank_train_batches(session: GRPOSession, microbatches: list[dict]) -> list[list[dict]]:
+def rank_train_batches(session: GRPOSession, microbatches: list[dict], behaviour=None) -> list[list[dict]]:
     """Returns this rank's microbatches of each optimizer step of a rollout batch, with old / reference log-probs added.
 
     An optimizer step takes ``world size x gradient-accumulation-steps`` consecutive microbatches
     (``train-batch-size`` rollouts) and each rank its ``rank_microbatches`` of them (fillers where
     a dynamic-sampling batch stayed short); at world size 1 the step's microbatches themselves.
-    Every rank computes the log-probs of its own microbatches (the same number on every rank:
-    the sharded policy's forwards are collectives).
+    The old log-probs of an off-policy run are those of ``behaviour``, the unsharded model that
+    sampled the rollouts (``--async-steps``), or else of the current policy, which sampled them:
+    every rank computes them for its own microbatches (the same number on every rank: the
+    sharded policy's forwards are collectives).
     """
     config = session.config
     per_step = session.ctx.world_size * config.gradient_accumulation_steps
@@ -441,11 +463,139 @@ def rank_train_batches(session: GRPOSession, microbatches: list[dict]) -> list[l
     mine = [rank_microbatches(step, session.ctx) if step else [] for step in steps]
     if config.off_policy and config.loss_type in ("grpo_clip", "gspo", "cispo"):
         for train_batch in mine:
-            add_log_probs(session.model, train_batch, "old_log_probs", session.device, config.sampling_temperature)
+            add_log_probs(behaviour if behaviour is not None else session.model, train_batch, "old_log_probs",
+                          session.device, config.sampling_temperature)
     if session.reference is not None:
         for train_batch in mine:
             add_log_probs(session.reference, train_batch, "ref_log_probs", session.device)
     return mine
+
+
+@dataclasses.dataclass
+class RolloutBatch:
+    """One GRPO step's rollouts, ready to train on: what ``prepare_step`` returns and the loop consumes.
+
+    ``policy_version`` is the GRPO step after whose update the sampling weights were taken (0:
+    the starting weights), so the rollouts of step ``step`` are ``step - 1 - policy_version``
+    steps stale. ``metrics`` holds what the step logs of its rollouts (``rollout_metrics``) and
+    is empty when dynamic sampling kept no group. ``rollouts`` is for inspection only: a batch
+    restored from a checkpoint (``from_state``) has none.
+    """
+
+    step: int
+    policy_version: int
+    sampling_counts: dict[str, float]
+    metrics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    train_batches: list[list[dict]] = dataclasses.field(default_factory=list)
+    rollout_seconds: float = 0.0
+    rollouts: Rollouts | None = None
+
+    def state(self) -> dict[str, Any]:
+        """Returns the batch as trainer state (JSON structure and tensors: no pickle), ``from_state``'s input."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if key != "rollouts"}
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> RolloutBatch:
+        """Returns the batch ``state()`` saved."""
+        return cls(**state)
+
+
+def prepare_step(session: GRPOSession, step: int, policy_version: int, behaviour=None, group=None) -> RolloutBatch:
+    """Returns step ``step``'s rollouts sampled from ``behaviour`` (default: the current policy), graded and cut into this rank's microbatches.
+
+    Under torchrun the rollouts are gathered over ``group`` (``RolloutPipeline``'s own, or the default group).
+    """
+    tick = time.perf_counter()
+    rollouts, sampling_counts = rollout_batch(session, step, behaviour, group)
+    batch = RolloutBatch(step, policy_version, sampling_counts, rollouts=rollouts)
+    if rollouts is not None:
+        microbatches, reward_stats = training_microbatches(session, rollouts)
+        batch.metrics = rollout_metrics(rollouts, reward_stats)
+        batch.train_batches = rank_train_batches(session, microbatches, behaviour)
+    batch.rollout_seconds = time.perf_counter() - tick
+    return batch
+
+
+class RolloutPipeline:
+    """Rollout batches of GRPO steps, generated up to ``--async-steps`` K steps ahead of training (K = 0: in line).
+
+    With K > 0 one background thread owns a behaviour copy of the policy. After the update of
+    step ``k`` the loop hands over a snapshot of the weights (``policy_version`` k) for the
+    rollouts of step ``k + 1 + K``, so step ``s`` trains on rollouts of the weights after step
+    ``max(s - 1 - K, first)``: at most K steps stale, and which weights produced which rollout
+    is fixed by the step numbers, never by timing. The thread also computes the old log-probs
+    under those same weights, so the importance ratio is against the behaviour policy (AReaL,
+    arXiv 2505.24298, and PipelineRL run training ahead of generation the same way). With K = 0
+    nothing runs in the background: each step samples from the current policy when it starts,
+    exactly the on-policy loop.
+
+    Under torchrun every rank runs its own thread on its slice of the questions and the thread
+    gathers the rollouts over a process group of its own; the snapshots (layer-by-layer gathers
+    of the shards) are taken by the main thread, between optimizer steps, on every rank alike.
+    """
+
+    def __init__(self, session: GRPOSession, first_step: int, last_step: int):
+        self.session, self.last_step = session, last_step
+        self.ahead = session.config.async_steps
+        self.pending: dict[int, concurrent.futures.Future] = {}
+        self.behaviour = self.executor = self.group = None
+        if self.ahead:
+            self.group = distributed.side_group()  # under torchrun: the thread's gathers stay off the FSDP collectives
+            self.behaviour = copy.deepcopy(generation_model(session.model, session.replica)).eval().requires_grad_(False)
+            self.executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="grpo-rollouts")
+            restored = {batch.step: batch for batch in session.restored_batches}
+            for step in range(first_step, min(first_step + self.ahead, last_step) + 1):
+                if step in restored:  # sampled before the checkpoint from weights it does not hold
+                    self.pending[step] = concurrent.futures.Future()
+                    self.pending[step].set_result(restored[step])
+                else:
+                    self._submit(step, first_step - 1)
+
+    def _submit(self, step: int, policy_version: int) -> None:
+        weights = {name: tensor.detach().clone()
+                   for name, tensor in generation_model(self.session.model, self.session.replica).state_dict().items()}
+        self.pending[step] = self.executor.submit(self._produce, step, policy_version, weights)
+
+    @torch.no_grad()
+    def _produce(self, step: int, policy_version: int, weights: dict[str, torch.Tensor]) -> RolloutBatch:
+        self.behaviour.load_state_dict(weights)
+        return prepare_step(self.session, step, policy_version, self.behaviour, self.group)
+
+    def take(self, step: int) -> tuple[RolloutBatch, float]:
+        """Returns (step ``step``'s rollout batch, seconds the trainer waited for it)."""
+        tick = time.perf_counter()
+        if not self.ahead:
+            return prepare_step(self.session, step, step - 1), time.perf_counter() - tick
+        batch = self.pending.pop(step).result()
+        return batch, time.perf_counter() - tick
+
+    def updated(self, step: int) -> None:
+        """Returns nothing; after step ``step``'s update, starts the rollouts of step ``step + 1 + K`` from the new weights."""
+        if self.ahead and step + 1 + self.ahead <= self.last_step:
+            self._submit(step + 1 + self.ahead, step)
+
+    def pending_state(self, step: int) -> dict[str, Any] | None:
+        """Returns the batches of steps after ``step`` sampled from weights before it, as trainer state (None: nothing to keep).
+
+        A checkpoint of step ``step`` holds the weights that sample step ``step + 1 + K``; the
+        batches of steps ``step + 1 … step + K`` come from older weights, so an exact resume
+        needs them saved (their rollouts are waited for). One process only: under torchrun each
+        rank holds its own microbatches, and a resume samples them again.
+        """
+        if not self.ahead or self.session.ctx.is_distributed:
+            return None
+        older = [batch for later, batch in sorted(self.pending.items()) if later <= step + self.ahead]
+        return {"async_steps": self.ahead, "batches": [future.result().state() for future in older]}
+
+    def drain(self) -> None:
+        """Returns nothing once the background thread is idle (the generator is then free, e.g. to evaluate with)."""
+        concurrent.futures.wait(list(self.pending.values()))
+
+    def close(self) -> None:
+        """Returns nothing; cancels rollouts not yet started and waits for the running one."""
+        if self.executor is not None:
+            self.executor.shutdown(wait=True, cancel_futures=True)
+        self.pending.clear()
 
 
 def rollout_metrics(rollouts: Rollouts, reward_stats: dict[str, float]) -> dict[str, Any]:
@@ -462,6 +612,51 @@ def rollout_metrics(rollouts: Rollouts, reward_stats: dict[str, float]) -> dict[
 # The loop
 
 
+def train_one_step(session: GRPOSession, pipeline: RolloutPipeline, step: int, progress: Progress, started: float,
+                   save) -> None:
+    """Returns nothing after GRPO step ``step``: its rollouts (from ``pipeline``), epochs x optimizer steps on them, the step's log line."""
+    config, model, logger, ctx = session.config, session.model, session.logger, session.ctx
+    tick = time.perf_counter()
+    # --- rollouts: seeded questions, group-size graded responses each (from the current policy, or K steps back)
+    batch, waited = pipeline.take(step)
+    if not batch.metrics:  # dynamic sampling found no group with differing rewards: nothing to learn from
+        pipeline.updated(step)
+        if logger is not None:
+            logger.log("event", step, message=f"GRPO step {step}: every drawn group had equal rewards; no update",
+                       **batch.sampling_counts)
+        progress.update(step)
+        return
+    # --- policy-gradient steps: epochs x train batches (this rank's part of each), each accumulated over its microbatches
+    model.train()
+    step_metrics = []
+    for _ in range(config.epochs_per_rollout_batch):
+        for train_batch in batch.train_batches:
+            if not train_batch:  # a dynamic-sampling batch that stayed short
+                continue
+            metrics = train_step(model, train_batch, config, session.device, ctx)
+            try:
+                grad_norm = clip_and_step(model, session.optimizer, session.scheduler, config.max_grad_norm,
+                                          metrics["loss"])
+            except NonFiniteStep as problem:
+                pipeline.close()
+                path = save(step - 1, f"checkpoint-{step - 1}")
+                stop_diverged(f"{problem} at GRPO step {step}; stopped. The weights after step {step - 1} are in "
+                              f"{path}; lower --learning-rate", step, logger, progress)
+            step_metrics.append({**metrics, "grad_norm": grad_norm})
+    pipeline.updated(step)
+    # --- log (means over the step's optimizer steps; rewards and lengths of the rollouts)
+    mean = {key: statistics.fmean(m[key] for m in step_metrics if key in m)
+            for key in step_metrics[0] if key != "response_tokens"}
+    if logger is not None and (step % config.log_every == 0 or step == config.n_grpo_steps):
+        overlap = ({"policy_version": batch.policy_version, "staleness": step - 1 - batch.policy_version,
+                    "rollout_wait_s": waited} if config.async_steps else {})
+        logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean, optimizer_steps=len(step_metrics),
+                   **batch.metrics, **batch.sampling_counts,
+                   rollout_s=batch.rollout_seconds, **overlap, step_s=time.perf_counter() - tick,
+                   elapsed_s=time.perf_counter() - started)
+    progress.update(step, loss=mean["loss"], reward=batch.metrics["reward"], accuracy=batch.metrics["accuracy"])
+
+
 def train_grpo(session: GRPOSession) -> Path:
     """Returns the run directory after GRPO steps ``start_step + 1 … n_grpo_steps``.
 
@@ -475,63 +670,35 @@ def train_grpo(session: GRPOSession) -> Path:
     eval_sampling = evaluation_sampling(config, config.backend)
 
     def save(step: int, name: str) -> Path:
+        pending = pipeline.pending_state(step) if pipeline is not None else None
         return save_run_checkpoint(run_dir, name, model, session.tokenizer, step, session.optimizer, session.scheduler,
-                                   f"grpo-seed-{config.seed}", keep=config.save_total_limit, ctx=ctx)
+                                   f"grpo-seed-{config.seed}", keep=config.save_total_limit, ctx=ctx,
+                                   **({"pending_rollouts": pending} if pending else {}))
 
     def evaluate_and_log(step: int) -> None:
         log_evaluation(session, step, eval_sampling, progress)
 
     progress = Progress(config.n_grpo_steps, initial_step=session.start_step, enabled=config.progress and ctx.is_main,
                         description="grpo")
+    pipeline = None
     if session.validation and config.eval_before_training and session.start_step == 0:
         evaluate_and_log(0)
     started = time.perf_counter()
-    for step in range(session.start_step + 1, config.n_grpo_steps + 1):
-        tick = time.perf_counter()
-        # --- rollouts: seeded questions, group-size graded responses each from the current policy
-        rollouts, sampling_counts = rollout_batch(session, step)
-        rollout_seconds = time.perf_counter() - tick
-        if rollouts is None:  # dynamic sampling found no group with differing rewards: nothing to learn from
-            if logger is not None:
-                logger.log("event", step, message=f"GRPO step {step}: every drawn group had equal rewards; no update",
-                           **sampling_counts)
-            progress.update(step)
-            continue
-        # --- group-normalised advantages → microbatches (old log-probs once when off-policy; reference log-probs)
-        microbatches, reward_stats = training_microbatches(session, rollouts)
-        train_batches = rank_train_batches(session, microbatches)  # this rank's part of each optimizer step
-        # --- policy-gradient steps: epochs × train batches, each accumulated over its microbatches
-        model.train()
-        step_metrics = []
-        for _ in range(config.epochs_per_rollout_batch):
-            for train_batch in train_batches:
-                if not train_batch:  # a dynamic-sampling batch that stayed short
-                    continue
-                metrics = train_step(model, train_batch, config, session.device, ctx)
-                try:
-                    grad_norm = clip_and_step(model, session.optimizer, session.scheduler, config.max_grad_norm,
-                                              metrics["loss"])
-                except NonFiniteStep as problem:
-                    path = save(step - 1, f"checkpoint-{step - 1}")
-                    stop_diverged(f"{problem} at GRPO step {step}; stopped. The weights after step {step - 1} are in "
-                                  f"{path}; lower --learning-rate", step, logger, progress)
-                step_metrics.append({**metrics, "grad_norm": grad_norm})
-        # --- log (means over the step's optimizer steps; rewards and lengths of the rollouts)
-        mean = {key: statistics.fmean(m[key] for m in step_metrics if key in m)
-                for key in step_metrics[0] if key != "response_tokens"}
-        if logger is not None and (step % config.log_every == 0 or step == config.n_grpo_steps):
-            logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean, optimizer_steps=len(step_metrics),
-                       **rollout_metrics(rollouts, reward_stats), **sampling_counts, rollout_s=rollout_seconds,
-                       step_s=time.perf_counter() - tick, elapsed_s=time.perf_counter() - started)
-        progress.update(step, loss=mean["loss"], reward=reward_stats["reward_mean"], accuracy=rollouts.summary()["accuracy"])
-        # --- evaluate
-        if session.validation and config.eval_every and step % config.eval_every == 0 and step != config.n_grpo_steps:
-            evaluate_and_log(step)
-        # --- checkpoint
-        if config.save_every and step % config.save_every == 0 and step != config.n_grpo_steps:
-            save(step, f"checkpoint-{step}")
-        if stop_requested(ctx) and step < config.n_grpo_steps:  # SIGINT/SIGTERM: saved, exit 130
-            stop_for_signal(config, run_dir, step, save, logger, progress)
+    pipeline = RolloutPipeline(session, session.start_step + 1, config.n_grpo_steps)
+    try:
+        for step in range(session.start_step + 1, config.n_grpo_steps + 1):
+            train_one_step(session, pipeline, step, progress, started, save)
+            # --- evaluate (the background thread idle first: it shares the generator)
+            if session.validation and config.eval_every and step % config.eval_every == 0 and step != config.n_grpo_steps:
+                pipeline.drain()
+                evaluate_and_log(step)
+            # --- checkpoint
+            if config.save_every and step % config.save_every == 0 and step != config.n_grpo_steps:
+                save(step, f"checkpoint-{step}")
+            if stop_requested(ctx) and step < config.n_grpo_steps:  # SIGINT/SIGTERM: saved, exit 130
+                stop_for_signal(config, run_dir, step, save, logger, progress)
+    finally:
+        pipeline.close()
     progress.close()
 
     # --- final weights, final evaluation, report

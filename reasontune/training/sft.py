@@ -37,7 +37,8 @@ from reasontune.training.common import (NonFiniteStep, clip_and_step, log_evalua
                                         make_logger, make_optimizer, restore_training_state, save_run_checkpoint,
                                         start_run, stop_diverged, stop_for_signal, stop_requested)
 from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, rank_microbatches,
-                                               record_launch, refuse_what_torchrun_cannot_run)
+                                               record_launch, refuse_what_torchrun_cannot_run, shard_policy,
+                                               unsharded_replica)
 from reasontune.training.common import TrainingDiverged  # noqa: F401  (raised by train_sft; importable from here)
 
 
@@ -334,8 +335,8 @@ def setup_sft(config: SFTConfig, ctx: distributed.DistributedContext | None = No
     train_examples = with_chat_template(train_examples, tokenizer, config.chat_template)
     validation = with_chat_template(validation, tokenizer, config.chat_template)
     validation_sets = evaluation_sets(config, validation, template)
-    replica = UnshardedReplica(model) if ctx.is_distributed and validation_sets else None
-    model = distributed.shard_model(model, ctx)
+    replica = unsharded_replica(model, config, ctx, needed=bool(validation_sets))
+    model = shard_policy(model, config, ctx)
     session = prepare_session(config, model, tokenizer, train_examples, device, template, ctx.world_size)
     session.run_dir, session.validation, session.ctx, session.replica = run_dir, validation_sets, ctx, replica
     if session.validation:
