@@ -292,4 +292,4 @@ def test_selection_split_is_disjoint_and_the_recipe_reaches_grpo(tmp_path):
     config = demo_grpo_config(demo, train_path, val_path, tmp_path / "sft" / "checkpoint-20")
     config.validate()
     assert (config.recipe, config.loss_aggregation, config.cliprange_high) == ("dapo", "token_mean", 0.28)
-    assert config.learning_rate == 5e-5 and config.n_grpo_steps == 40  # the demo's settings stay under the recipe
+    assert config.learning_rate == 3e-5 and config.n_grpo_steps == 60  # the demo's settings stay under the recipe
