@@ -449,20 +449,23 @@ def demo_grpo_config(config: DemoConfig, train_path: Path, val_path: Path, polic
     +10, temperature 1.0 +10, lr >= 7e-5 collapsed (earlier loop). Over 60 steps at lr 3e-5, one
     update per rollout batch gave +24 / +15 under rollout seeds 1 / 11 (on the bar); two updates
     (one more no-grad forward pass per step) gave +27 / +18. Held-out accuracy of 256 greedy
-    answers (about +-3 points of noise) from each seed's warm-up SFT start, on the shared 2-core
-    machine (other jobs running, so the minutes of the GRPO stage are upper bounds):
+    answers (about +-3 points of noise) from each seed's warm-up SFT start, with the per-question
+    sampler (issue 11); minutes of the GRPO stage with two such runs sharing the 2-core machine
+    (7.4 and 8.2: three or four runs):
 
     =========  ====  ===============  =====  =======
     recipe     seed  start -> after   gain   minutes
     =========  ====  ===============  =====  =======
-    (default)  0     51.6% -> 74.2%   +22.7  14.7
-    (default)  1     40.6% -> 67.2%   +26.6  10.4
-    (default)  2     23.4% -> 98.0%   +74.6   7.5
-    dapo       0     51.6% -> 77.3%   +25.8   7.7
-    dapo       1     40.6% -> 69.5%   +28.9   9.9
-    dapo       2     23.4% -> 97.7%   +74.2   6.3
+    (default)  0     51.6% -> 75.8%   +24.2   7.4
+    (default)  1     40.6% -> 62.1%   +21.5   4.1
+    (default)  2     23.4% -> 97.3%   +73.8   4.0
+    dapo       0     51.6% -> 74.6%   +23.0   4.2
+    dapo       1     40.6% -> 62.9%   +22.3   8.2
+    dapo       2     23.4% -> 96.9%   +73.4   4.0
     =========  ====  ===============  =====  =======
 
+    With the sampler before it (one generator for the batch) the same settings gave +22.7 /
+    +26.6 / +74.6 and, with dapo, +25.8 / +28.9 / +74.2; on that sampler
     ``reasontune demo --algorithm grpo --seed 1`` end to end printed 0.0% base -> 40.6% after 180
     SFT steps (9.5 min) -> 67.2% after grpo (12.2 min). Under rollout seed 11 instead of the demo
     seed, from the same starts: seed 1 +18.0 (default) / +23.8 (dapo), seed 0 +23.0 (default).
