@@ -82,3 +82,16 @@ def build_tiny_model_dir(path: Path, hidden_size: int = 32, num_layers: int = 2,
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny model + tokenizer directory (byte-level BPE, vocab ~320), loadable with from_pretrained."""
     return build_tiny_model_dir(tmp_path_factory.mktemp("tiny-model") / "model")
+
+
+@pytest.fixture
+def varied_reward(monkeypatch) -> str:
+    """Returns the ``--reward`` of ``tests/dist_scripts/length_reward.py``, importable here and in subprocesses.
+
+    A random tiny model never answers arithmetic, so r1_zero gives every response 0, every
+    advantage is 0 and GRPO never moves the weights; this reward differs within almost every group.
+    """
+    scripts = Path(__file__).parent / "dist_scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(scripts), os.environ.get("PYTHONPATH", "")]))
+    return "length_reward:reward"

@@ -9,7 +9,6 @@ refused before any process group starts, and an error on one rank stops both wit
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import sys
 import time
@@ -343,16 +342,15 @@ def test_grpo_trainer_steps_on_two_ranks_equal_one_process_with_twice_the_accumu
 # Full fine-tuning by default; LoRA (adapters + trained norms, grpo_clip with a KL penalty against the frozen base) slow.
 @pytest.mark.parametrize("lora", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_grpo_world_two_samples_and_trains_as_one_process_with_twice_the_accumulation(tiny_model_dir, tmp_path,
-                                                                                     monkeypatch, lora):
+                                                                                     varied_reward, lora):
     from test_grpo import _write_questions
 
     # The rollouts of a question are seeded by its index in the step's batch (not by the rank drawing it), so both
     # worlds sample the same responses; a reward that differs within every group makes every step move the weights.
-    monkeypatch.setenv("PYTHONPATH", f"{SCRIPTS}:{os.environ.get('PYTHONPATH', '')}")
     data = _write_questions(tmp_path / "questions.jsonl", 8)
     flags = ["grpo", "--model", str(tiny_model_dir), "--train-data", str(data), "--n-grpo-steps", str(STEPS),
              "--rollout-batch-size", "8", "--group-size", "2", "--train-batch-size", "8", "--learning-rate", "1e-2",
-             "--loss-type", "reinforce_with_baseline", "--reward", "length_reward:reward", "--sampling-min-tokens", "2",
+             "--loss-type", "reinforce_with_baseline", "--reward", varied_reward, "--sampling-min-tokens", "2",
              "--sampling-max-tokens", "6", "--grading-workers", "0", "--num-threads", "1", "--no-progress",
              "--no-write-report", "--device", "cpu", "--dtype", "float32"]
     if lora:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import threading
 
 import pytest
@@ -23,23 +22,13 @@ def _questions(path, count: int):
     return path
 
 
-PARITY_REWARD = """
-def parity(response, ground_truth):
-    score = float(len(response) % 2 == 0)
-    return {"format_reward": 1.0, "answer_reward": score, "reward": score}
-"""
-
-
 @pytest.fixture(autouse=True)
-def parity_reward(tmp_path, monkeypatch):
-    """A reward a random tiny model earns half the time (its answers to arithmetic are always wrong): updates move it."""
-    (tmp_path / "parity_reward.py").write_text(PARITY_REWARD)
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")]))  # torchrun
+def reward(varied_reward) -> str:
+    return varied_reward
 
 
 def _config(tiny_model_dir, tmp_path, **overrides) -> GRPOConfig:
-    values = dict(model=str(tiny_model_dir), reward="parity_reward:parity", train_data=str(_questions(tmp_path / "q.jsonl", 12)),
+    values = dict(model=str(tiny_model_dir), reward="length_reward:reward", train_data=str(_questions(tmp_path / "q.jsonl", 12)),
                   output_dir=str(tmp_path / "run"), n_grpo_steps=4, rollout_batch_size=4, group_size=2,
                   train_batch_size=4, gradient_accumulation_steps=2, loss_type="grpo_clip", learning_rate=5e-3,
                   sampling_min_tokens=1, sampling_max_tokens=6, sampling_temperature=1.0, grading_workers=0,
@@ -148,7 +137,7 @@ def test_async_grpo_on_two_ranks_is_deterministic_and_as_stale_as_asked(tiny_mod
 
     data = _questions(tmp_path / "q.jsonl", 12)
     flags = ["-m", "reasontune", "grpo", "--model", str(tiny_model_dir), "--train-data", str(data),
-             "--reward", "parity_reward:parity", "--n-grpo-steps", "3", "--rollout-batch-size", "4", "--group-size", "2",
+             "--reward", "length_reward:reward", "--n-grpo-steps", "3", "--rollout-batch-size", "4", "--group-size", "2",
              "--train-batch-size", "4", "--gradient-accumulation-steps", "1", "--loss-type", "grpo_clip",
              "--async-steps", "1", "--learning-rate", "5e-3", "--sampling-min-tokens", "1", "--sampling-max-tokens", "6",
              "--grading-workers", "0", "--num-threads", "1", "--no-progress", "--no-write-report", "--device", "cpu",

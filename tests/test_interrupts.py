@@ -102,24 +102,15 @@ def test_sft_interrupted_by_sigint_and_resumed_ends_at_the_uninterrupted_weights
     assert_same_final_weights(tmp_path / "straight", tmp_path / "stopped")
 
 
-PARITY_REWARD = """
-def parity(response, ground_truth):
-    score = float(len(response) % 2 == 0)
-    return {"format_reward": 1.0, "answer_reward": score, "reward": score}
-"""
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("overlap", [[], ["--async-steps", "1", "--loss-type", "grpo_clip"]], ids=["on-policy", "async-1"])
-def test_grpo_interrupted_by_sigterm_and_resumed_ends_at_the_uninterrupted_weights(tmp_path, monkeypatch, overlap):
+def test_grpo_interrupted_by_sigterm_and_resumed_ends_at_the_uninterrupted_weights(tmp_path, monkeypatch, overlap,
+                                                                                   varied_reward):
     model = build_tiny_model_dir(tmp_path / "model")
     with (tmp_path / "questions.jsonl").open("w") as handle:
         for i in range(12):
             handle.write(json.dumps({"question": f"What is {i} + 30?", "answer": str(i + 30)}) + "\n")
-    # A random model never answers arithmetic (every advantage 0, no update): reward the parity of the response's
-    # length instead, which it earns half the time, so every step moves the weights.
-    (tmp_path / "parity_reward.py").write_text(PARITY_REWARD)
-    monkeypatch.syspath_prepend(str(tmp_path))
+    # varied_reward: a reward a random model earns unevenly, so every step moves the weights.
     # 2 questions x 2 samples of 6 tokens a step, graded in this process: many short steps. With --async-steps 1
     # the checkpoint must also hold the next step's rollouts, sampled from the weights before it.
     common = ["grpo", "--model", str(model), "--train-data", str(tmp_path / "questions.jsonl"), "--n-grpo-steps", "60",
@@ -127,7 +118,7 @@ def test_grpo_interrupted_by_sigterm_and_resumed_ends_at_the_uninterrupted_weigh
               "--gradient-accumulation-steps", "2", "--sampling-max-tokens", "6", "--sampling-min-tokens", "1",
               "--learning-rate", "1e-3", "--grading-workers", "0", "--num-threads", "1", "--no-progress",
               "--no-write-report", "--eval-examples", "0", "--device", "cpu", "--dtype", "float32",
-              "--reward", "parity_reward:parity", *overlap]
+              "--reward", varied_reward, *overlap]
     stderr = interrupt_and_resume(tmp_path, [*common, "--output-dir", "stopped"], tmp_path / "stopped", signal.SIGTERM)
     assert "SIGTERM" in stderr
     monkeypatch.chdir(tmp_path)
