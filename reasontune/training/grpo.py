@@ -552,8 +552,9 @@ class RolloutPipeline:
                     self._submit(step, first_step - 1)
 
     def _submit(self, step: int, policy_version: int) -> None:
-        weights = {name: tensor.detach().clone()
-                   for name, tensor in generation_model(self.session.model, self.session.replica).state_dict().items()}
+        # Gathered layer by layer when sharded (collectives on the main thread, between steps), copied either way.
+        weights = {name: tensor.clone() for layer in distributed.full_state_dict_layers(self.session.model)
+                   for name, tensor in layer.items()}
         self.pending[step] = self.executor.submit(self._produce, step, policy_version, weights)
 
     @torch.no_grad()
