@@ -94,8 +94,14 @@ def extract_boxed_answer(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | 
     return None if box is None else box[0]
 
 
-# What may stand between boxes that together state one answer: ``\boxed{3}, \boxed{5}``.
-_BOX_JOINER = re.compile(r"^(?:\s|,|;|\$|\\quad|\\qquad|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b|\\[,;!])*$")
+# What may stand between boxes that together state one answer: ``\boxed{3}, \boxed{5}``, math
+# delimiters (``\(\boxed{1}\) and \(\boxed{2}\)``) and words that name parts of one question
+# (``\boxed{(3, 3)} \text{ for part (a) and } \boxed{(1, 1)}``).
+_PART_WORDS = r"(?:and|or|for|part|parts|the|first|second|third|question|respectively|\([a-dA-D]\)|\((?:i|ii|iii|iv)\)|[a-d]\))"
+_BOX_JOINER = re.compile(
+    r"^(?:\s|,|;|\.|\$|\\quad|\\qquad|\\[()\[\]]|\\text\{(?:\s|,|" + _PART_WORDS + r")*\}"
+    r"|(?<![a-zA-Z])" + _PART_WORDS + r"(?![a-zA-Z])|\\[,;!])*$"
+)
 
 
 def extract_boxed_answers(text: str, max_chars: int = MAX_ANSWER_CHARS, max_boxes: int = 16) -> list[str]:

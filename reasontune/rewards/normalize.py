@@ -28,7 +28,7 @@ _TEXT_COMMANDS = re.compile(
 )
 # JSON-escaped LaTeX: ``\\frac`` written with a doubled backslash.
 _DOUBLED_BACKSLASH = re.compile(
-    r"\\(?=\\(?:frac|dfrac|tfrac|sqrt|pi|infty|left|right|cdot|times|text|mathrm|mathbf|boxed|le|ge|leq|geq"
+    r"(?<!\\)\\(?=\\(?:frac|dfrac|tfrac|sqrt|pi|infty|left|right|cdot|times|text|mathrm|mathbf|boxed|le|ge|leq|geq"
     r"|neq|ne|lt|gt|cup|in|pm|mp|sin|cos|tan|log|ln|theta|alpha|beta|circ|approx|begin|end|binom|over)(?![a-zA-Z]))"
 )
 _TRAILING_BACKSLASH = re.compile(r"(?<!\\)(?:\\\\|\\)\s*$")
@@ -48,12 +48,18 @@ _RELATION_WORDS = (
     (re.compile(r"\\(?:neq|ne)(?![a-zA-Z])|!=|=/="), "\\ne "),
     (re.compile(r"\\lt(?![a-zA-Z])"), "<"),
     (re.compile(r"\\gt(?![a-zA-Z])"), ">"),
-    (re.compile(r"\\approx(?![a-zA-Z])|\\simeq(?![a-zA-Z])|\\doteq(?![a-zA-Z])"), "="),
+    (re.compile(r"\\(?:approx|simeq|doteq|thickapprox)(?![a-zA-Z])"), " \\approx "),
 )
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree(?![a-zA-Z])|\^\s*\{\s*o\s*\}")
 _PERCENT = re.compile(r"\\%|%|\\text\{\s*percent\s*\}|\bpercent\b")
 _DOLLAR = re.compile(r"\\\$|\$|\\\(|\\\)|\\\[|\\\]")
-_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])")
+# No group of thousands starts with 0: 0,111 is not 111 (it may be a decimal comma, see equivalence).
+_THOUSANDS = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])")
+# A comma followed by a negative thin space between digits is always digit grouping, whatever the
+# group sizes (MATH writes 10,\!000; Indian grouping 56,\!01,\!78,\!95,\!760).
+_GROUPED_DIGITS = re.compile(r"(?<=\d),\s*\\!\s*(?=\d)")
+# "(11,7)or(7,11)": an "or" written without spaces between brackets still separates answers.
+_TIGHT_OR = re.compile(r"(?<=[)\]}])\s*or\s*(?=[(\[{\\])")
 _BRACED_COMMA = re.compile(r"\{,\}")
 _FRAC_VARIANTS = re.compile(r"\\[dt]frac(?![a-zA-Z])|\\cfrac(?![a-zA-Z])")
 _BINOM_VARIANTS = re.compile(r"\\[dt]binom(?![a-zA-Z])")
@@ -125,6 +131,7 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
     text = _DOLLAR.sub(" ", text)
     text = _DROP_COMMANDS.sub("", text)
     text = text.translate(_UNICODE)
+    text = _GROUPED_DIGITS.sub("", text)
     text = _THIN_SPACING.sub("", text)  # 1\\,000 is one thousand
     text = _SPACING.sub(" ", text)
     text = _DEGREES.sub(" ", text)
@@ -144,6 +151,7 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
     text = _SHORT_FRAC_SECOND.sub(r"\\frac{\1}{\2}", text)
     text = _SHORT_SQRT.sub(r"\\sqrt{\1}", text)
     text = _BRACED_COMMA.sub(",", text)
+    text = _TIGHT_OR.sub(" or ", text)
     text = _IN_PREFIX.sub("", text)
     text = text.replace("\\dots", "").replace("\\ldots", "").replace("\\cdots,", "")
     text = _TRAILING_PUNCT.sub("", text).strip()
