@@ -481,6 +481,8 @@ def trees_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_sy
         pass
     except (Refused, ParseError, ZeroDivisionError, OverflowError):
         return False
+    if commutative_form(left) == commutative_form(right):
+        return True  # the same terms and factors in another order: no sympy needed
     try:
         check_exponents(left)
         check_exponents(right)
@@ -495,6 +497,28 @@ def trees_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_sy
         if abs(a - b) > 1e-9 * max(1.0, abs(a), abs(b)):
             return False
     return exact_equal(left, right)
+
+
+def commutative_form(tree: tuple) -> tuple:
+    """Return ``tree`` with nested sums and products flattened and their terms in a fixed order.
+
+    Two trees with equal forms are equal by commutativity and associativity alone
+    (``2\\sqrt{33} + 15`` and ``15 + 2\\sqrt{33}``); different forms prove nothing.
+    """
+    kind = tree[0]
+    if kind in ("add", "mul"):
+        children = []
+        for child in tree[1]:
+            child = commutative_form(child)
+            children.extend(child[1] if child[0] == kind else (child,))
+        return kind, tuple(sorted(children, key=repr))
+    if kind in ("neg", "fact"):
+        return kind, commutative_form(tree[1])
+    if kind in ("div", "pow", "root", "binom"):
+        return kind, commutative_form(tree[1]), commutative_form(tree[2])
+    if kind == "func":
+        return kind, tree[1], commutative_form(tree[2])
+    return tree
 
 
 def check_exponents(tree: tuple) -> None:
