@@ -303,7 +303,7 @@ def exact_side(text: str) -> str:
     label = None
     if not parts[0]:
         parts = parts[1:]
-    elif is_label(parts[0]):
+    elif is_label(parts[0]) and parts[0] not in ("\\pi", "e", "\\infty"):
         label, parts = parts[0], parts[1:]
     parts = [part for part in parts if part] or [""]
     decimal = [_DECIMAL.match(split_top_level(part, ("=",))[-1].strip()) is not None for part in parts]

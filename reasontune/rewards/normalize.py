@@ -71,10 +71,11 @@ _IN_PREFIX = re.compile(r"^\s*[a-zA-Z]\s*\\in\s*")
 _TRAILING_PUNCT = re.compile(r"[\s.;:]+$")
 _TRAILING_WORD = re.compile(r"(?:^|(?<=[\s}]))([a-zA-Z]+)\.?\s*(?:\^\s*\{?\s*[23]\s*\}?)?\s*$")
 
-# Words that carry mathematical meaning and so are never stripped as units.
+# Words that carry mathematical meaning (or scale a number: 5 million is not 5) and so are never
+# stripped as units.
 _MATH_WORDS = frozenset(
     "pi e i or and sqrt sin cos tan sec csc cot log ln exp arcsin arccos arctan infty inf "
-    "infinity no none undefined true false yes".split()
+    "infinity no none undefined true false yes hundred thousand million billion trillion dozen".split()
 )
 
 
@@ -153,7 +154,7 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
     text = _BRACED_COMMA.sub(",", text)
     text = _TIGHT_OR.sub(" or ", text)
     text = _IN_PREFIX.sub("", text)
-    text = text.replace("\\dots", "").replace("\\ldots", "").replace("\\cdots,", "")
+    text = text.replace("\\dots", "").replace("\\ldots", "")
     text = _TRAILING_PUNCT.sub("", text).strip()
     text = text[1:].strip() if text.startswith("=") and not text.startswith("==") else text  # "= 5" states 5
     text = strip_unit_words(text)

@@ -504,7 +504,9 @@ def numeric_value(node: tuple, values: dict) -> complex:
             return complex(math.pi)
         raise OverflowError("infinity")
     if kind == "neg":
-        return -numeric_value(node[1], values)
+        # 0 - z, not -z: -(1+0j) has a negative zero imaginary part, which puts \sqrt{-1} on the
+        # other side of the branch cut (-i instead of i).
+        return 0 - numeric_value(node[1], values)
     if kind == "add":
         return sum(numeric_value(term, values) for term in node[1])
     if kind == "mul":
