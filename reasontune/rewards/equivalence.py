@@ -85,7 +85,7 @@ _MATRIX = re.compile(r"^\\begin\{([pbBvV]?matrix|smallmatrix|array)\}(?:\{[^{}]*
 _BRACKETED_MATRIX = re.compile(r"^[(\[]\s*(\\begin\{(?:array|matrix)\}.*\\end\{(?:array|matrix)\})\s*[)\]]$", re.S)
 # What a label may be: ``x``, ``x_1``, ``\theta``, ``f(x)``, ``(p, q)``, ``\angle ABC``; and
 # names built from letters alone such as ``AB``, ``\frac{AB}{CD}``, ``V_1:V_2`` (see is_label).
-_SYMBOL = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:'|\\prime)*(?:\^\{?-1\}?)?"
+_SYMBOL = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:'|\\prime)*(?:\s*\^\s*\{?\s*(?:-1|T|\\top)\s*\}?)?"
 _LABEL = re.compile(
     rf"^\s*(?:{_SYMBOL}\s*(?:\(\s*[a-zA-Z0-9,.\s+-]*\))?|\(\s*{_SYMBOL}(?:\s*,\s*{_SYMBOL})+\s*\)"
     r"|(?:m\s*)?\\(?:angle|triangle|measuredangle)\s*[A-Z]{1,3}"
@@ -345,9 +345,18 @@ def _structure(text: str, depth: int = 0) -> tuple[str, object]:
             for _, items in parts:
                 merged.extend(item for item in items if item not in merged)
             return "set", tuple(merged)
-        if any(kind != "seq" or len(value[2]) != 2 for kind, value in parts):
-            raise ParseError("a union of something other than intervals")
-        return "union", tuple(value for _, value in parts)
+        if all(kind == "seq" and len(value[2]) == 2 for kind, value in parts):
+            return "union", tuple(value for _, value in parts)
+        # \{-1\} \cup [0, 7): points and intervals, one set of reals (a point is [a, a]).
+        intervals = []
+        for kind, value in parts:
+            if kind == "set" and all(item[0] == "expr" for item in value):
+                intervals.extend(relations.interval(item[1], True, item[1], True) for item in value)
+            elif kind == "seq" and len(value[2]) == 2:
+                intervals.append(_seq_interval(value))
+            else:
+                raise ParseError("a union of something other than intervals and points")
+        return "reals", relations.canonical(tuple(intervals))
     if text.startswith("\\{") and text.endswith("\\}") and _matching_close(text[1:]) == len(text) - 2:
         inner = text[2:-2]
         return "set", _elements(split_top_level(inner, (",", ";")) if inner.strip() else [], depth)

@@ -40,6 +40,8 @@ _TEXT_UNIT = re.compile(
     r"(?<=[\d})])\s*\\(?:text|mathrm|textrm|mbox|operatorname)\s*\{\s*[a-zA-Z]{1,12}(?:\s*/\s*[a-zA-Z]{1,6})?\.?\s*\}"
     r"(?:\s*\^\s*\{?\s*[23]\s*\}?)?[\s.]*$"
 )
+# A unit of two or more letters written against its number: 7,5cm, 12kg (never one letter: 5m may be 5·m).
+_ATTACHED_UNIT = re.compile(r"(?<=\d)(?:mm|cm|km|kg|mg|ml|mL|min|ft|yd|mi|km/h|m/s)\.?\s*$")
 _UNIT_SYMBOL = re.compile(r"(?<=\d)\s*(?:mm|cm|km|m|g|kg|mg|L|mL|s|ms|h|ft|in|yd|mi)\s*\^\s*\{?[23]\}?\s*$")
 _SPACE_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?![\d,]|\s*\d)")
 _RELATION_WORDS = (
@@ -59,6 +61,7 @@ _THOUSANDS = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])")
 # group sizes (MATH writes 10,\!000; Indian grouping 56,\!01,\!78,\!95,\!760).
 _GROUPED_DIGITS = re.compile(r"(?<=\d),\s*\\!\s*(?=\d)")
 # "(11,7)or(7,11)": an "or" written without spaces between brackets still separates answers.
+_SERIAL_AND = re.compile(r",\s*and\s+")
 _TIGHT_OR = re.compile(r"(?<=[)\]}])\s*or\s*(?=[(\[{\\])")
 _BRACED_COMMA = re.compile(r"\{,\}")
 _FRAC_VARIANTS = re.compile(r"\\[dt]frac(?![a-zA-Z])|\\cfrac(?![a-zA-Z])")
@@ -141,6 +144,7 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
         text = pattern.sub(lambda _, spelled=replacement: spelled, text)
     text = _TEXT_UNIT.sub("", text)
     text = _UNIT_SYMBOL.sub("", text)
+    text = _ATTACHED_UNIT.sub("", text)
     had_percent = _PERCENT.search(text) is not None
     if had_percent:
         text = _PERCENT.sub(" ", text)
@@ -153,6 +157,7 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
     text = _SHORT_SQRT.sub(r"\\sqrt{\1}", text)
     text = _BRACED_COMMA.sub(",", text)
     text = _TIGHT_OR.sub(" or ", text)
+    text = _SERIAL_AND.sub(", ", text)  # "19, 46, and 82": the serial comma's "and" joins nothing more
     text = _IN_PREFIX.sub("", text)
     text = text.replace("\\dots", "").replace("\\ldots", "")
     text = _TRAILING_PUNCT.sub("", text).strip()
@@ -169,4 +174,5 @@ def normalize_text(text: str) -> str:
     """Return ``text`` folded for comparing word answers: lower case, no spaces or braces."""
     text = strip_text_commands(text)
     text = re.sub(r"[{}$]|\\(?=[a-zA-Z])", "", text).lower()
+    text = re.sub(r"\s*([,;:()\[\]])\s*", r"\1", text)  # [0, 7) and [0,7) are written alike
     return " ".join(text.split()).strip(".")
