@@ -372,6 +372,9 @@ class _Parser:
             return None
         if denominator == 0:
             raise ParseError("zero denominator")
+        if numerator >= denominator:
+            # 11 7/6 is no mixed number (its fraction part is improper): neither 73/6 nor 11·7/6.
+            raise ParseError("an improper fraction in a mixed number")
         return ("num", whole + numerator / denominator)
 
 
