@@ -12,6 +12,8 @@ output directory as it was; an interrupted training run exits 130 after saving.
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import importlib
 import os
 import re
@@ -63,6 +65,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             positionals = " ".join(a.metavar or a.dest.upper() for a in sub._actions if not a.option_strings)
             sub.usage = f"%(prog)s [options] {positionals}".rstrip() + "   (grouped options below)"
     return parser
+
+
+def unknown_arguments_message(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """Returns one ``error:`` line naming the arguments ``command`` does not take, with the closest flag it does take."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = sorted(f for a in subparsers.choices[command]._actions for f in a.option_strings if f.startswith("--"))
+    named = [token for token in unknown if token.startswith("-")] or unknown
+    first = named[0].partition("=")[0]
+    close = difflib.get_close_matches(first, flags, n=1, cutoff=0.6) if first.startswith("--") else []
+    hint = f"did you mean {close[0]}?" if close else f"reasontune {command} --help lists every option"
+    what = "unknown option" if first.startswith("-") else "unexpected argument"
+    others = f" (and {', '.join(named[1:])})" if len(named) > 1 else ""
+    return f"error: reasontune {command}: {what} {first}{others}; {hint}"
 
 
 def _quiet_library_progress_bars() -> None:
@@ -124,10 +139,21 @@ def _undo_failed_start(path: Path | None, existed: bool) -> None:
         shutil.rmtree(path)
 
 
-def user_error_message(error: BaseException) -> str | None:
-    """Returns the ``error: …`` text of a user's mistake, or None for an internal error (which keeps its traceback)."""
+def user_error_message(error: BaseException, command: str | None = None, output_dir: Path | None = None) -> str | None:
+    """Returns the ``error: …`` text of a user's mistake, or None for an internal error (which keeps its traceback).
+
+    Damaged or crafted checkpoint files and a full disk count as the user's to fix; for a
+    full disk the message ends with the command that resumes once space is freed.
+    """
     from reasontune.data import DataError  # light: no torch
 
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = error.strerror if type(error).__name__ == "DiskFull" else f"{error.filename or 'a file'}: no space left on the device"
+        resume = (f"; free space, then resume with: reasontune {command} --resume --output-dir {output_dir}"
+                  if command in ("sft", "ei", "grpo") and output_dir is not None else "; free space and run it again")
+        return f"error: {where}{resume}"
+    if type(error).__name__ == "CheckpointError":  # reasontune.checkpoint imports torch: compared by name
+        return f"error: {' '.join(str(error).split())}"
     if isinstance(error, DataError):
         text = " ".join(str(error).split())
         if re.match(r"\S+:\d+: ", text) and "--skip-bad" not in text and "reference answer to grade" not in text:
@@ -146,7 +172,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         command = None
     parser = build_parser(command)
-    namespace = parser.parse_args(argv)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown and namespace.command is not None:
+        print(unknown_arguments_message(parser, namespace.command, unknown), file=sys.stderr)
+        return 2
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if namespace.command is None:
         parser.print_help()
         return 2
@@ -172,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, SystemExit) as error:
         if isinstance(error, SystemExit) and isinstance(error.code, int):
             return error.code  # an interrupted run (130, checkpoint saved) or a finished one (0) said so already
-        message = user_error_message(error)
+        message = user_error_message(error, namespace.command, output_dir)
         if message is None:
             raise
         _undo_failed_start(output_dir, existed)

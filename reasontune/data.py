@@ -261,12 +261,22 @@ def _reason(message: str) -> str:
 
 def _read_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """Yields (line, record or None, error) for a JSONL file, or for a .json holding one array."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}); "
+                        "save the file as UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             array = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}:1: invalid JSON: nested too deeply") from None
+        if not isinstance(array, list):
+            raise DataError(f"{path}:1: expected a JSON array of records or JSON lines")
         for index, record in enumerate(array, start=1):
             yield index, record, None
         return
@@ -274,9 +284,29 @@ def _read_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
         if not raw_line.strip():
             continue
         try:
-            yield number, json.loads(raw_line), None
+            record = json.loads(raw_line)
         except json.JSONDecodeError as error:
             yield number, None, f"invalid JSON: {error.msg} at column {error.colno}"
+        except RecursionError:
+            yield number, None, "invalid JSON: nested too deeply"
+        else:
+            yield number, record, None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def looks_like_local_file(source: str) -> bool:
+    """Returns whether a data source names a local path rather than a hub dataset: it exists, starts like a path, or ends in a file suffix.
+
+    A hub id is ``name`` or ``organisation/name``; ``data/train.tsv`` or ``./x`` is a path, and
+    so is any name ending in a letters-only suffix (``.tsv``, ``.txt``); a version suffix such
+    as ``NuminaMath-1.5`` is not one.
+    """
+    path = Path(source).expanduser()
+    if path.exists() or source.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(source):
+        return True
+    return bool(re.fullmatch(r"\.[A-Za-z]+", path.suffix))
 
 
 def _read_with_datasets(source: str, split: str | None, hub_config: str | None) -> Iterator[tuple[int, Any, None]]:
@@ -308,14 +338,17 @@ def load_examples(source: str | Path, *, split: str | None = None, hub_config: s
     """
     source_text = str(source)
     path = Path(source_text)
+    if looks_like_local_file(source_text):  # never sent to the hub: a typo would wait on network retries
+        if not path.exists():
+            raise DataError(f"{path}: no such file")
+        if path.is_dir():
+            raise DataError(f"{path}: is a directory; give a {'/'.join(sorted(_LOCAL_SUFFIXES))} file")
+        if path.suffix not in _LOCAL_SUFFIXES:
+            raise DataError(f"{path}: unsupported format {path.suffix or '(no suffix)'}; give a "
+                            f"{'/'.join(sorted(_LOCAL_SUFFIXES))} file (a .tsv converts with pandas: "
+                            "read_csv(sep='\\t').to_json(orient='records', lines=True))")
     if path.suffix in (".jsonl", ".json"):
-        if not path.exists():
-            raise DataError(f"{path}: no such file")
         records: Iterable[tuple[int, Any, str | None]] = _read_json_records(path)
-    elif path.exists() or path.suffix in _LOCAL_SUFFIXES:
-        if not path.exists():
-            raise DataError(f"{path}: no such file")
-        records = _read_with_datasets(source_text, split, hub_config)
     else:
         records = _read_with_datasets(source_text, split, hub_config)
 

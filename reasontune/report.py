@@ -741,6 +741,7 @@ def write_report(run_dir: str | Path) -> Path:
     out_dir.mkdir(exist_ok=True)
     plots = write_plots(run, out_dir)
     generated_at = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    (out_dir / "index.html").write_text(render_html(run, plots, generated_at), encoding="utf-8")
-    (out_dir / "summary.md").write_text(render_markdown(run, plots, generated_at), encoding="utf-8")
+    # A lone surrogate in a record's text (a dataset's half emoji) shows as U+FFFD rather than stopping the report.
+    (out_dir / "index.html").write_text(render_html(run, plots, generated_at), encoding="utf-8", errors="replace")
+    (out_dir / "summary.md").write_text(render_markdown(run, plots, generated_at), encoding="utf-8", errors="replace")
     return out_dir

@@ -24,7 +24,8 @@ from typing import Any, Sequence
 import torch
 
 from reasontune import distributed
-from reasontune.checkpoint import (SHARDED_DIR, TRAINER_STATE, latest_checkpoint, load_sharded, load_trainer_state,
+from reasontune.checkpoint import (SHARDED_DIR, TRAINER_STATE, CheckpointError, check_trainer_state,
+                                   checkpoint_problem, latest_checkpoint, list_checkpoints, load_sharded, load_trainer_state,
                                    prune_checkpoints, remove_stale_temporaries, restore_rng, rng_state, save_checkpoint,
                                    set_rng_state)
 from reasontune.benchmarks import load_benchmarks
@@ -98,6 +99,33 @@ def finished_run_check(run_dir: Path, planned_steps: int | None) -> Path | None:
     return final
 
 
+def resume_point(run_dir: Path, planned_steps: int | None, command: str) -> Path | None:
+    """Returns the checkpoint ``--resume`` continues from (final/ when it is behind the plan, else the newest checkpoint-N), None when there is none.
+
+    The chosen checkpoint is checked whole first (``checkpoint_problem``): a damaged one is
+    refused with the newest intact checkpoint and the exact commands that resume from it,
+    rather than silently falling back to an older one.
+    """
+    newest_first = [path for _, path in reversed(list_checkpoints(run_dir))]
+    if (run_dir / "final" / TRAINER_STATE).exists():
+        newest_first.insert(0, run_dir / "final")
+    if not newest_first:
+        return None
+    problem = checkpoint_problem(newest_first[0])
+    if problem is None:
+        final = finished_run_check(run_dir, planned_steps)
+        return final if final is not None else next(p for p in newest_first if p.name != "final")
+    damaged = newest_first[0]
+    intact = next((path for path in newest_first[1:] if checkpoint_problem(path) is None), None)
+    aside = damaged.with_name(f"damaged-{damaged.name}")
+    if intact is None:
+        raise UserError(f"--resume: {problem}; no intact checkpoint is left in {run_dir} to resume from; start "
+                        "afresh with --overwrite")
+    raise UserError(f"--resume: {problem}. The newest intact checkpoint is {intact}; resume from it with: "
+                    f"mv {shlex.quote(str(damaged))} {shlex.quote(str(aside))} && reasontune {command} --resume "
+                    f"--output-dir {shlex.quote(str(run_dir))}")
+
+
 def seed_and_device(seed: int, num_threads: int | None, device: str | None) -> torch.device:
     """Returns the training device (``device``, else cuda when available, else cpu) after seeding torch and setting its CPU threads."""
     if num_threads:
@@ -137,9 +165,7 @@ def _prepare_run(config: TrainerOptions) -> Path | None:
     checkpoint = None
     if config.resume:
         planned = getattr(config, "n_grpo_steps", getattr(config, "n_ei_steps", getattr(config, "max_steps", None)))
-        checkpoint = latest_checkpoint(run_dir)
-        final = finished_run_check(run_dir, planned)
-        checkpoint = final if final is not None else checkpoint
+        checkpoint = resume_point(run_dir, planned, COMMAND_OF_CONFIG.get(type(config).__name__, "sft"))
         if checkpoint is None:
             print(f"no checkpoint in {run_dir}; starting from step 0")
     save_config(config, run_dir / "config.json")
@@ -389,15 +415,25 @@ def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_o
     has one for its rank.
     """
     state = load_trainer_state(checkpoint)
-    if fingerprint_of_steps is not None and state["plan_fingerprint"] != fingerprint_of_steps(state["step"]):
+    where = str(Path(checkpoint) / TRAINER_STATE)
+    check_trainer_state(state, where)
+    if fingerprint_of_steps is not None and state.get("plan_fingerprint") != fingerprint_of_steps(state["step"]):
         raise UserError(f"--resume: {checkpoint} was trained on other data or batches than these options plan "
                         "for its steps; resume with the same data, seed and batching options")
     if model is not None and optimizer is not None and (Path(checkpoint) / SHARDED_DIR).is_dir():
         load_sharded(checkpoint, model, optimizer)
-    elif optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
+    try:
+        if optimizer is not None and state.get("optimizer") is not None and not (Path(checkpoint) / SHARDED_DIR).is_dir():
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            expected = scheduler.state_dict()
+            strangers = sorted(set(state["scheduler"]) - set(expected))
+            if strangers:  # load_state_dict would set them as attributes of the scheduler
+                raise KeyError(f"unknown scheduler fields {', '.join(map(str, strangers[:5]))}")
+            scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as error:
+        raise CheckpointError(f"{where}: the optimizer or schedule state does not fit this run "
+                              f"({' '.join(str(error).split())[:200]})") from None
     set_rng_state(state["rng"])
     if ctx is not None and ctx.rank > 0:
         restore_rng(checkpoint, ctx.rank)
