@@ -106,12 +106,12 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor], source: Path) -> Any:
     if "__tensor__" in value or "__ndarray__" in value:
         key = value.get("__tensor__", value.get("__ndarray__"))
         if key not in tensors:
-            raise ValueError(f"{source}: field {key!r} names a tensor that its .safetensors file lacks")
+            raise CheckpointError(f"{source}: field {key!r} names a tensor that its .safetensors file lacks")
         if "__tensor__" in value:
             return tensors[key]
         dtype = np.dtype(str(value.get("dtype")))
         if dtype.kind not in "biuf":
-            raise ValueError(f"{source}: field {key!r} has dtype {dtype}; only numeric arrays are stored")
+            raise CheckpointError(f"{source}: field {key!r} has dtype {dtype}; only numeric arrays are stored")
         return tensors[key].numpy().astype(dtype)
     if "__tuple__" in value:
         return tuple(_decode(item, tensors, source) for item in value["__tuple__"])

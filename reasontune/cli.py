@@ -129,7 +129,12 @@ START_FILES = {"config.json", "metrics.jsonl", "tensorboard", "wandb", "wandb_ru
 
 
 def _undo_failed_start(path: Path | None, existed: bool) -> None:
-    """Removes a directory this command created when it holds nothing but start files (a failed start leaves no trace)."""
+    """Puts back a run that ``--overwrite`` had moved aside, or removes a directory this command created when it holds nothing but start files (a failed start leaves no trace)."""
+    if path is not None and (path / f".replaced-{os.getpid()}").is_dir():
+        from reasontune.training.common import restore_replaced_run  # loaded already: a trainer was running
+
+        restore_replaced_run(path)
+        return
     if path is None or existed or not path.is_dir():
         return
     metrics = path / "metrics.jsonl"
@@ -205,6 +210,7 @@ def main(argv: list[str] | None = None) -> int:
             return error.code  # an interrupted run (130, checkpoint saved) or a finished one (0) said so already
         message = user_error_message(error, namespace.command, output_dir)
         if message is None:
+            _undo_failed_start(output_dir, True)  # an internal error: only a replaced run is put back
             raise
         _undo_failed_start(output_dir, existed)
         if debug:

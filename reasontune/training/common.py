@@ -41,9 +41,22 @@ from reasontune.tracking import MetricsLogger
 from reasontune.training.data_parallel import SINGLE_PROCESS, generation_model
 
 
-# What a training run writes into its directory: --overwrite deletes these and nothing else.
+# What a training run writes into its directory: --overwrite replaces these and nothing else.
 RUN_ENTRIES = re.compile(r"config\.json|metrics\.jsonl(\.tmp)?|checkpoint-\d+|final|eval|report|tensorboard|wandb|"
-                         r"wandb_run_id|ei-step-\d+|\..+\.(tmp|old)-\d+")
+                         r"wandb_run_id|ei-step-\d+|\..+\.(tmp|old)-\d+|\.replaced-\d+")
+# The files inside those entries that reasontune writes (paths relative to the run directory). Anything else
+# there (a README.md added to final/, notes in eval/) is the user's: --overwrite keeps it.
+_CHECKPOINT = r"(checkpoint-\d+|final|\.[^/]+\.(tmp|old)-\d+)(/adapter)?"
+RUN_FILES = re.compile("|".join((
+    r"config\.json|metrics\.jsonl(\.tmp)?|wandb_run_id",
+    _CHECKPOINT + r"/([^/]+\.(safetensors|json|jinja|model)|merges\.txt|vocab\.txt|sharded/(\.metadata|[^/]+\.distcp))",
+    _CHECKPOINT + r"/adapter/README\.md",
+    r"eval(/[^/]+)*/(records\.jsonl|summary\.json|results\.(md|json)|config\.json|eval_metrics\.jsonl|[^/]+\.png)",
+    r"report/[^/]+\.(png|svg|html|md)",
+    r"ei-step-\d+/rollouts\.jsonl",
+    r"(tensorboard|wandb)/.+",
+)))
+REPLACED_RUN = ".replaced-{pid}"
 
 
 def run_started(run_dir: Path) -> bool:
@@ -58,8 +71,10 @@ def prepare_run_dir(output_dir: str | Path, resume: bool = False, overwrite: boo
     """Returns the run directory, refusing to mix a new run into an old one unless asked, and never deleting others' files.
 
     ``--resume`` wins over ``--overwrite`` (a run started with --overwrite resumes with its own
-    config.json). ``--overwrite`` deletes only what a run writes (``RUN_ENTRIES``) and refuses a
-    directory that holds anything else; a directory whose start failed before any step is reused.
+    config.json). ``--overwrite`` refuses a directory that holds anything a run does not write;
+    otherwise the old run is moved aside into ``.replaced-<pid>/`` inside the directory, to be
+    removed only once the new run's setup has succeeded (``discard_replaced_run``) or put back
+    when it fails (``restore_replaced_run``). A directory whose start failed before any step is reused.
     """
     run_dir = Path(output_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -73,11 +88,67 @@ def prepare_run_dir(output_dir: str | Path, resume: bool = False, overwrite: boo
         if run_started(run_dir) and not overwrite:
             raise UserError(f"--output-dir {run_dir}: already holds a run; pass --resume to continue it, "
                             "--overwrite to replace it, or another --output-dir")
-        for child in entries:  # only reasontune's own files (checked above)
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        aside = run_dir / REPLACED_RUN.format(pid=os.getpid())
+        aside.mkdir()
+        for child in entries:  # only reasontune's own entries (checked above); renames, so nothing is copied
+            child.rename(aside / child.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
     return run_dir
+
+
+def restore_replaced_run(run_dir: str | Path) -> bool:
+    """Returns True after putting back the run that this process's ``--overwrite`` moved aside, removing what the failed start wrote.
+
+    Called when the new run fails before ``discard_replaced_run``: the directory is then as it
+    was before the command.
+    """
+    run_dir = Path(run_dir)
+    aside = run_dir / REPLACED_RUN.format(pid=os.getpid())
+    if not aside.is_dir():
+        return False
+    for child in run_dir.iterdir():
+        if child != aside and RUN_ENTRIES.fullmatch(child.name):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for child in aside.iterdir():
+        if not (run_dir / child.name).exists():
+            child.rename(run_dir / child.name)
+    shutil.rmtree(aside, ignore_errors=True) if not any(aside.iterdir()) else None
+    return True
+
+
+def discard_replaced_run(run_dir: str | Path) -> list[Path]:
+    """Returns the files kept (in the new run, at their old place) after deleting the replaced run's files that reasontune wrote.
+
+    Only ``RUN_FILES`` are deleted; any other file inside the old run's directories (a README
+    added to final/, notes in eval/) is moved into the new run directory at the same relative
+    path (beside it as ``NAME.kept`` if the new run already wrote that name) and listed.
+    """
+    run_dir = Path(run_dir)
+    aside = run_dir / REPLACED_RUN.format(pid=os.getpid())
+    if not aside.is_dir():
+        return []
+    kept = []
+    for path in sorted(aside.rglob("*")):
+        if not path.is_file() and not path.is_symlink():
+            continue
+        relative = path.relative_to(aside).as_posix()
+        while re.match(r"\.replaced-\d+/", relative):  # an older replacement a killed start left inside
+            relative = relative.split("/", 1)[1]
+        if RUN_FILES.fullmatch(relative):
+            path.unlink()
+            continue
+        target = run_dir / relative
+        if target.exists():
+            target = target.with_name(target.name + ".kept")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+        kept.append(target)
+    shutil.rmtree(aside)
+    if kept:
+        print(f"--overwrite: replaced the old run in {run_dir}; kept {len(kept)} file(s) reasontune did not write, at "
+              f"their old place: {', '.join(str(k.relative_to(run_dir)) for k in kept[:10])}", file=sys.stderr)
+    return kept
 
 
 def finished_run_check(run_dir: Path, planned_steps: int | None) -> Path | None:
@@ -224,9 +295,15 @@ def make_generator(config: TrainerOptions, model, tokenizer, device: torch.devic
 
 
 def make_logger(run_dir: Path, config: TrainerOptions, resume: bool) -> MetricsLogger:
-    """Returns the run's metrics logger (metrics.jsonl always; wandb and TensorBoard as the logging options ask)."""
-    return MetricsLogger(run_dir, wandb_project=config.wandb, tensorboard=config.tensorboard, config=asdict(config),
-                         resume=resume)
+    """Returns the run's metrics logger (metrics.jsonl always; wandb and TensorBoard as the logging options ask).
+
+    Every trainer makes it last in its setup, once model, tokenizer, data and generator have
+    loaded: a run that ``--overwrite`` moved aside is discarded here, never earlier.
+    """
+    logger = MetricsLogger(run_dir, wandb_project=config.wandb, tensorboard=config.tensorboard, config=asdict(config),
+                           resume=resume)
+    discard_replaced_run(run_dir)
+    return logger
 
 
 def load_questions(config: TrainerOptions, needed: int = 1, tokenizer=None
