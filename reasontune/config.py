@@ -185,8 +185,33 @@ def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
     return values
 
 
-# The largest config file read: a run's config.json is a few kilobytes.
-MAX_CONFIG_BYTES = 4 << 20
+# The largest config file read (a run's config.json is a few kilobytes) and its deepest nesting (options are flat).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NESTING = 64
+
+
+def _flow_nesting(text: str) -> int:
+    """Returns the deepest nesting of ``[`` / ``{`` outside quoted strings: the YAML parser recurses (slowly) on each level."""
+    depth = deepest = 0
+    quote = None
+    escaped = False
+    for char in text:
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\" and quote == '"':
+                escaped = True
+            elif char == quote:
+                quote = None
+            continue
+        if char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
 
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
@@ -201,7 +226,11 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
             raise UserError(f"--config {path}: is a directory; give a YAML or JSON file (a run's is {path}/config.json)")
         if path.stat().st_size > MAX_CONFIG_BYTES:
             raise UserError(f"--config {path}: {path.stat().st_size} bytes, not a config file (at most {MAX_CONFIG_BYTES})")
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        text = path.read_text(encoding="utf-8")
+        if _flow_nesting(text) > MAX_CONFIG_NESTING:
+            raise UserError(f"--config {path}: nested deeper than {MAX_CONFIG_NESTING} levels; a config file maps "
+                            "option names to plain values")
+        raw = yaml.safe_load(text)
     except FileNotFoundError:
         raise UserError(f"--config {path}: no such file") from None
     except UnicodeDecodeError as error:
