@@ -41,6 +41,8 @@ import torch
 TRAINER_STATE = "trainer_state.json"
 LEGACY_TRAINER_STATE = "trainer_state.pt"
 SHARDED_DIR = "sharded"
+# File kinds that torch.load / pickle would read: never in a checkpoint reasontune wrote.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -562,8 +564,9 @@ def checkpoint_problem(directory: str | Path) -> str | None:
     """Returns why a checkpoint directory cannot be resumed from (a missing, truncated, corrupt or crafted file), or None when it is intact.
 
     Checks without loading weights: trainer state (JSON, tensors, schema), every JSON file
-    (config, tokenizer), the framing of every safetensors file, and ``sharded/``'s metadata
-    against its shard files' sizes.
+    (config, tokenizer), the framing of every safetensors file, ``sharded/``'s metadata
+    against its shard files' sizes, and that no pickle-format file (``.bin``, ``.pt`` …) is
+    there for a loader to fall back on.
     """
     directory = Path(directory)
     try:
@@ -571,6 +574,9 @@ def checkpoint_problem(directory: str | Path) -> str | None:
         for path in sorted(directory.rglob("*")):
             if not path.is_file():
                 continue
+            if path.suffix in PICKLE_SUFFIXES:
+                return (f"{path}: a pickle-format file, which reasontune never writes into a checkpoint and does not "
+                        "open (unpickling can run code)")
             if path.suffix == ".json":
                 try:
                     json.loads(path.read_text(encoding="utf-8"))

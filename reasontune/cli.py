@@ -144,7 +144,7 @@ def _undo_failed_start(path: Path | None, existed: bool) -> None:
         shutil.rmtree(path)
 
 
-def user_error_message(error: BaseException, command: str | None = None, output_dir: Path | None = None) -> str | None:
+def user_error_message(error: BaseException, command: str | None = None, config: object = None) -> str | None:
     """Returns the ``error: …`` text of a user's mistake, or None for an internal error (which keeps its traceback).
 
     Damaged or crafted checkpoint files and a full disk count as the user's to fix; for a
@@ -154,8 +154,12 @@ def user_error_message(error: BaseException, command: str | None = None, output_
 
     if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
         where = error.strerror if type(error).__name__ == "DiskFull" else f"{error.filename or 'a file'}: no space left on the device"
-        resume = (f"; free space, then resume with: reasontune {command} --resume --output-dir {output_dir}"
-                  if command in ("sft", "ei", "grpo") and output_dir is not None else "; free space and run it again")
+        if command in ("sft", "ei", "grpo") and config is not None:
+            from reasontune.config import resume_command
+
+            resume = f"; free space, then resume with: {resume_command(command, config)}"
+        else:
+            resume = "; free space and run it again"
         return f"error: {where}{resume}"
     if type(error).__name__ == "CheckpointError":  # reasontune.checkpoint imports torch: compared by name
         return f"error: {' '.join(str(error).split())}"
@@ -190,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: reasontune {namespace.command} does not run under torchrun (each rank would run it "
                        f"whole); run it in one process. Data-parallel: {', '.join(DATA_PARALLEL_COMMANDS)}\n")
     module_name, config_name, function_name, _ = COMMANDS[namespace.command]
-    output_dir, existed = None, False
+    output_dir, existed, config = None, False, None
     # Training arms its own SIGINT/SIGTERM handlers (save, then exit 130); whatever happens, the caller's come back.
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, SystemExit) as error:
         if isinstance(error, SystemExit) and isinstance(error.code, int):
             return error.code  # an interrupted run (130, checkpoint saved) or a finished one (0) said so already
-        message = user_error_message(error, namespace.command, output_dir)
+        message = user_error_message(error, namespace.command, config)
         if message is None:
             _undo_failed_start(output_dir, True)  # an internal error: only a replaced run is put back
             raise

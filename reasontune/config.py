@@ -341,6 +341,27 @@ def is_run_config(path: str | Path) -> bool:
     return Path(path).name in ("config.json", "reasontune_config.json")
 
 
+# A run's options that --resume takes from its config.json only when confirmed (see untrusted_run_values).
+CONFIRMED_RUN_OPTIONS = ("reward", "vllm_server_url", "vllm_weight_sync_address", "prompt_template", "benchmark_dir")
+
+
+def _needs_confirming(name: str, value: Any) -> bool:
+    from reasontune.options import REWARD_NAMES, SHIPPED_TEMPLATES  # lazy: options imports this module
+
+    if value is None:
+        return False
+    return not ((name == "reward" and value in REWARD_NAMES) or (name == "prompt_template" and value in SHIPPED_TEMPLATES))
+
+
+def resume_command(command: str, config: Any) -> str:
+    """Returns the command line that resumes ``config``'s run: ``reasontune CMD --resume --output-dir RUN`` plus the options a resume must be told again."""
+    import shlex
+
+    flags = [f"{_flag(name)} {shlex.quote(str(getattr(config, name)))}" for name in CONFIRMED_RUN_OPTIONS
+             if _needs_confirming(name, getattr(config, name, None))]
+    return " ".join([f"reasontune {command} --resume --output-dir {shlex.quote(str(config.output_dir))}", *flags])
+
+
 def untrusted_run_values(path: str | Path, file_values: dict[str, Any], flag_values: dict[str, Any]) -> list[str]:
     """Returns one refusal naming every value of a run's config.json that would run code or reach beyond the directory, unless a flag repeats it.
 
@@ -349,16 +370,8 @@ def untrusted_run_values(path: str | Path, file_values: dict[str, Any], flag_val
     prompt template and benchmark directory would be read from paths it chose. The user
     confirms each by giving it on the command line, or all with ``--trust-run-config``.
     """
-    from reasontune.options import REWARD_NAMES, SHIPPED_TEMPLATES  # lazy: options imports this module
-
-    risky = []
-    for name in ("reward", "vllm_server_url", "vllm_weight_sync_address", "prompt_template", "benchmark_dir"):
-        value = file_values.get(name)
-        if value is None or name in flag_values:
-            continue
-        if (name == "reward" and value in REWARD_NAMES) or (name == "prompt_template" and value in SHIPPED_TEMPLATES):
-            continue
-        risky.append(f"{_flag(name)} {value}")
+    risky = [f"{_flag(name)} {file_values[name]}" for name in CONFIRMED_RUN_OPTIONS
+             if name not in flag_values and _needs_confirming(name, file_values.get(name))]
     if not risky:
         return []
     return [f"{path} sets {', '.join(risky)}: a run directory is data, not code, and these would be imported, "

@@ -419,7 +419,10 @@ def load_template(name_or_path: str | Path) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"prompt template {name!r} is neither a shipped template "
                                     f"({', '.join(SHIPPED_TEMPLATES)}) nor an existing file")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not UTF-8 text (byte offset {error.start}); save the template as UTF-8") from None
         where = str(path)
     text = text[:-1] if text.endswith("\n") else text
     if "{question}" not in text:

@@ -151,6 +151,16 @@ def test_a_legacy_pickle_trainer_state_is_refused_without_being_opened(run, caps
     assert not marker.exists()
 
 
+def test_a_pickled_weights_file_slipped_into_a_checkpoint_is_refused(run, capsys):
+    """transformers would fall back to a pytorch_model.bin; a reasontune checkpoint never holds one."""
+    marker = run.parent / f"{run.name}-marker"
+    (run / "checkpoint-2" / "model.safetensors").unlink()
+    torch.save({"payload": WritesMarker(marker)}, run / "checkpoint-2" / "pytorch_model.bin")
+    err = refused(resume(run), capsys)
+    assert "checkpoint-2/pytorch_model.bin: a pickle-format file" in err and "checkpoint-1" in err
+    assert not marker.exists()
+
+
 CRAFTED_TRAINER_STATES = {
     "step is a string": ({"step": "2"}, "field 'step' must be a whole number"),
     "no rng": ({"rng": None}, "field 'rng' must hold the python, numpy and torch generator states"),

@@ -29,7 +29,7 @@ from reasontune.checkpoint import (SHARDED_DIR, TRAINER_STATE, CheckpointError, 
                                    prune_checkpoints, remove_stale_temporaries, restore_rng, rng_state, save_checkpoint,
                                    set_rng_state)
 from reasontune.benchmarks import load_benchmarks
-from reasontune.config import UserError, check_config, save_config
+from reasontune.config import UserError, check_config, resume_command, save_config
 from reasontune.data import Example, load_examples, with_chat_template
 from reasontune.evaluation import EvalSet, evaluate_sets
 from reasontune.generation import Generator, SamplingOptions, VLLMServerOptions, build_generator
@@ -174,8 +174,8 @@ def resume_point(run_dir: Path, planned_steps: int | None, command: str) -> Path
     """Returns the checkpoint ``--resume`` continues from (final/ when it is behind the plan, else the newest checkpoint-N), None when there is none.
 
     The chosen checkpoint is checked whole first (``checkpoint_problem``): a damaged one is
-    refused with the newest intact checkpoint and the exact commands that resume from it,
-    rather than silently falling back to an older one.
+    refused with the newest intact checkpoint and the exact commands that resume from it
+    (``command``: the resume command line), rather than silently falling back to an older one.
     """
     newest_first = [path for _, path in reversed(list_checkpoints(run_dir))]
     if (run_dir / "final" / TRAINER_STATE).exists():
@@ -193,8 +193,7 @@ def resume_point(run_dir: Path, planned_steps: int | None, command: str) -> Path
         raise UserError(f"--resume: {problem}; no intact checkpoint is left in {run_dir} to resume from; start "
                         "afresh with --overwrite")
     raise UserError(f"--resume: {problem}. The newest intact checkpoint is {intact}; resume from it with: "
-                    f"mv {shlex.quote(str(damaged))} {shlex.quote(str(aside))} && reasontune {command} --resume "
-                    f"--output-dir {shlex.quote(str(run_dir))}")
+                    f"mv {shlex.quote(str(damaged))} {shlex.quote(str(aside))} && {command}")
 
 
 def seed_and_device(seed: int, num_threads: int | None, device: str | None) -> torch.device:
@@ -236,7 +235,8 @@ def _prepare_run(config: TrainerOptions) -> Path | None:
     checkpoint = None
     if config.resume:
         planned = getattr(config, "n_grpo_steps", getattr(config, "n_ei_steps", getattr(config, "max_steps", None)))
-        checkpoint = resume_point(run_dir, planned, COMMAND_OF_CONFIG.get(type(config).__name__, "sft"))
+        checkpoint = resume_point(run_dir, planned, resume_command(COMMAND_OF_CONFIG.get(type(config).__name__, "sft"),
+                                                                   config))
         if checkpoint is None:
             print(f"no checkpoint in {run_dir}; starting from step 0")
     save_config(config, run_dir / "config.json")
@@ -257,7 +257,10 @@ def load_policy(config: TrainerOptions, device: torch.device, weights: str | Pat
             model = load_for_resume(config.model, source, dtype=dtype, attn_implementation=config.attn_implementation,
                                     device=device)
         else:
-            model = load_model(source, dtype=dtype, attn_implementation=config.attn_implementation, device=device)
+            # A checkpoint is reasontune's own: safetensors only, never a pickled .bin a crafted directory slipped in.
+            safetensors_only = {"use_safetensors": True} if weights is not None else {}
+            model = load_model(source, dtype=dtype, attn_implementation=config.attn_implementation, device=device,
+                               **safetensors_only)
     except OSError as error:  # not on the hub, no network, not a model directory: the user's to fix
         raise UserError(f"--model {source}: cannot be loaded ({str(error).splitlines()[0]})") from error
     if config.gradient_checkpointing:
@@ -603,7 +606,7 @@ def stop_for_signal(config: TrainerOptions, run_dir: Path, step: int, save, logg
     """Exits 130 after ``save(step, "checkpoint-<step>")``, logging the stop and printing the exact resume command."""
     path = save(step, f"checkpoint-{step}")  # every rank, under torchrun
     name = signal.Signals(_stop["signal"]).name if _stop["signal"] is not None else "a signal to another rank"
-    command = f"reasontune {COMMAND_OF_CONFIG.get(type(config).__name__, 'sft')} --resume --output-dir {shlex.quote(str(run_dir))}"
+    command = resume_command(COMMAND_OF_CONFIG.get(type(config).__name__, "sft"), config)
     if progress is not None:
         progress.close()
     disarm_stop_signals()
