@@ -315,7 +315,21 @@ def _read_with_datasets(source: str, split: str | None, hub_config: str | None) 
     suffix = Path(source).suffix
     if suffix in _LOCAL_SUFFIXES:
         builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}[suffix]
-        dataset = datasets.load_dataset(builder, data_files=source, split="train")
+        # Quiet: a failure is reported once, below; datasets would log it and draw a bar for a local file first.
+        verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+        datasets.disable_progress_bars()
+        try:
+            dataset = datasets.load_dataset(builder, data_files=source, split="train")
+        except Exception as error:  # noqa: BLE001 - a truncated or mislabelled file: the datasets builders raise many kinds
+            while error.__cause__ is not None:  # "an error occurred while generating the dataset": say which
+                error = error.__cause__
+            first = " ".join(str(error).split())[:200] or type(error).__name__
+            raise DataError(f"{source}: cannot be read as {builder} ({first})") from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
+            if bars:
+                datasets.enable_progress_bars()
     else:
         try:
             dataset = datasets.load_dataset(source, hub_config, split=split or "train")
@@ -324,6 +338,27 @@ def _read_with_datasets(source: str, split: str | None, hub_config: str | None) 
                             f"(config={hub_config!r}, split={split or 'train'!r}): {error}") from None
     for index, record in enumerate(dataset, start=1):
         yield index, record, None
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """Returns ``value`` itself when no string in it holds a lone surrogate, else a copy with each replaced by U+FFFD.
+
+    JSON may spell half of a UTF-16 pair (``"\\ud83d"``); Python decodes it to a surrogate that
+    UTF-8 and every tokenizer refuse, so it would stop the run at the first batch that holds it.
+    """
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value) if _LONE_SURROGATE.search(value) else value
+    if isinstance(value, list):
+        items = [_without_lone_surrogates(item) for item in value]
+        return items if any(a is not b for a, b in zip(items, value)) else value
+    if isinstance(value, dict):
+        items = {_without_lone_surrogates(key): _without_lone_surrogates(item) for key, item in value.items()}
+        changed = any(a is not b for a, b in zip(items, value)) or any(items[k] is not v for k, v in zip(items, value.values()))
+        return items if changed else value
+    return value
 
 
 def load_examples(source: str | Path, *, split: str | None = None, hub_config: str | None = None,
@@ -356,11 +391,16 @@ def load_examples(source: str | Path, *, split: str | None = None, hub_config: s
     skipped: Counter[str] = Counter()
     skipped_lines: list[str] = []
     total = 0
+    repaired_lines: list[int] = []
     for line, record, error in records:
         total += 1
         try:
             if error is not None:
                 raise DataError(f"{source_text}:{line}: {error}")
+            repaired = _without_lone_surrogates(record)
+            if repaired is not record:
+                record = repaired
+                repaired_lines.append(line)
             examples.append(example_from_record(record, source_text, line))
         except DataError as problem:
             if not skip_bad:
@@ -373,6 +413,11 @@ def load_examples(source: str | Path, *, split: str | None = None, hub_config: s
         chosen = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
         examples = [examples[i] for i in chosen]
     result = ExampleSet(examples, dict(skipped), skipped_lines, total, source_text, valid)
+    if repaired_lines:
+        print(f"warning: {source_text}: {len(repaired_lines)} record(s) held a lone surrogate (half of a UTF-16 "
+              f"pair, such as \\ud83d; lines {', '.join(map(str, repaired_lines[:5]))}"
+              f"{' …' if len(repaired_lines) > 5 else ''}), replaced by U+FFFD: no tokenizer can encode it",
+              file=sys.stderr)
     if skipped:
         print(f"warning: {result.report()}", file=sys.stderr)
     return result

@@ -351,19 +351,45 @@ def test_a_local_path_is_never_sent_to_the_hub(name, workspace, monkeypatch, cap
         load_examples(name)
 
 
-def test_a_lone_surrogate_in_dataset_text_is_written_as_its_escape(workspace, monkeypatch, tmp_path):
-    """``"\\ud83d"`` in a JSON file decodes to half an emoji; records keep it as the same escape and read back equal."""
+def test_a_lone_surrogate_in_dataset_text_is_replaced_and_counted(tmp_path, capsys):
+    """``"\\ud83d"`` in JSON decodes to half an emoji, which no tokenizer encodes: U+FFFD instead, and a warning names the line."""
     from reasontune.data import load_examples
+
+    (tmp_path / "half.jsonl").write_text('{"prompt": "ok", "response": "fine"}\n'
+                                         '{"prompt": "smile \\ud83d", "response": "ok \\udc00 \\ud83d\\ude00"}\n')
+    examples = load_examples(tmp_path / "half.jsonl").examples
+    assert (examples[1].prompt, examples[1].response) == ("smile \ufffd", "ok \ufffd \U0001f600")  # a real pair stays
+    assert examples[1].raw["prompt"] == "smile \ufffd"
+    assert "1 record(s) held a lone surrogate" in capsys.readouterr().err
+
+
+def test_the_records_writer_escapes_a_lone_surrogate_rather_than_crashing(tmp_path):
     from reasontune.rollouts import write_jsonl
 
+    path = write_jsonl([{"response": "half \ud83d", "ground_truth": "x\udc80"}], tmp_path / "records.jsonl")
+    text = path.read_bytes().decode("utf-8")  # valid UTF-8
+    assert text == '{"response": "half \\ud83d", "ground_truth": "x\\udc80"}\n'
+    assert json.loads(text) == {"response": "half \ud83d", "ground_truth": "x\udc80"}  # reads back the same
+
+
+def test_eval_and_report_run_on_a_question_holding_a_lone_surrogate(workspace, monkeypatch, capsys):
     monkeypatch.chdir(workspace)
-    (tmp_path / "half.jsonl").write_text('{"prompt": "smile \\ud83d", "response": "ok \\udc00"}\n')
-    example = load_examples(tmp_path / "half.jsonl").examples[0]
-    assert example.prompt == "smile \ud83d"
-    path = write_jsonl([{"prompt": example.prompt, "response": example.response}], tmp_path / "records.jsonl")
-    text = path.read_text(encoding="utf-8")
-    assert text == '{"prompt": "smile \\ud83d", "response": "ok \\udc00"}\n'
-    assert json.loads(text) == {"prompt": "smile \ud83d", "response": "ok \udc00"}
+    (workspace / "half.jsonl").write_text('{"question": "What is 2 + 2? \\ud83d", "answer": "4"}\n')
+    assert main(["eval", "--model", "model", "--data", "half.jsonl", "--output-dir", "ev-half",
+                 "--eval-max-new-tokens", "3", "--grading-workers", "0"]) == 0, capsys.readouterr().err
+    text = (workspace / "ev-half" / "records.jsonl").read_bytes().decode("utf-8")
+    assert "2 + 2? \ufffd\nAssistant:" in json.loads(text.splitlines()[0])["prompt"]
+    assert main(["report", "ev-half"]) == 0
+
+
+def test_unreadable_tabular_files_are_one_line(workspace, monkeypatch, capsys):
+    monkeypatch.chdir(workspace)
+    (workspace / "latin1.csv").write_bytes(b"prompt,response\ncaf\xe9,x\n")
+    (workspace / "cut.parquet").write_bytes(b"PAR1" + b"\x00" * 40)
+    for name, expected in (("latin1.csv", "cannot be read as csv ('utf-8' codec can't decode byte 0xe9"),
+                           ("cut.parquet", "cannot be read as parquet")):
+        err = refused(["sft", "--model", "model", "--train-data", name, *TINY, "--output-dir", "x"], capsys)
+        assert f"{name}: {expected}" in err and not (workspace / "x").exists()
 
 
 # ---------------------------------------------------------------------------------------------
