@@ -51,12 +51,19 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 DATA_PARALLEL_COMMANDS = ("sft", "ei", "grpo", "eval")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one ``error: reasontune CMD: …`` line (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; {self.prog} --help lists every option\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Returns the top-level parser; only ``command``'s module is imported to add its flags."""
-    parser = argparse.ArgumentParser(prog="reasontune", allow_abbrev=False,
-                                     description="Teach language models to reason on math with verified rewards.")
+    parser = OneLineParser(prog="reasontune", allow_abbrev=False,
+                           description="Teach language models to reason on math with verified rewards.")
     parser.add_argument("--version", action="version", version=f"reasontune {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (module_name, config_name, _, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == command:
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         print(unknown_arguments_message(parser, namespace.command, unknown), file=sys.stderr)
         return 2
     if unknown:
-        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+        parser.error(f"unknown arguments {' '.join(unknown)}")
     if namespace.command is None:
         parser.print_help()
         return 2
