@@ -315,12 +315,16 @@ def config_from_namespace(namespace: argparse.Namespace, config_cls: type[Config
     trust_run_config = values.pop("__trust_run_config", False)
     known = {f.name for f in dataclasses.fields(config_cls)}
     flags = {k: v for k, v in values.items() if k in known}
-    resuming_missing_run = False
+    missing_run = None  # why --resume found no run to take the options from
     if not config_file and flags.get("resume") and "output_dir" in flags:
         run = Path(flags["output_dir"])
         saved = run / "config.json"
         config_file = saved if saved.is_file() else None
-        resuming_missing_run = not run.exists()
+        if not run.exists():
+            missing_run = f"{run} does not exist; check the path, or drop --resume to start a new run there"
+        elif config_file is None:
+            missing_run = (f"{run} holds no config.json, so it is not a run directory reasontune wrote; check the "
+                           "path, or give the run's options as flags")
     file_values, problems = typed_values(load_config_file(config_file, config_cls), config_cls,
                                          where=f"{config_file}: ") if config_file else ({}, [])
     flag_values, flag_problems = typed_values(flags, config_cls)
@@ -330,9 +334,8 @@ def config_from_namespace(namespace: argparse.Namespace, config_cls: type[Config
     try:
         return config_from_dict({**file_values, **flag_values}, config_cls, environment=environment)
     except UserError:
-        if resuming_missing_run:  # not the options' fault: the run to continue is not there
-            raise UserError(f"--resume --output-dir {flags['output_dir']}: {flags['output_dir']} does not exist; "
-                            "check the path, or drop --resume to start a new run there") from None
+        if missing_run:  # not the options' fault: the run to continue is not there
+            raise UserError(f"--resume --output-dir {flags['output_dir']}: {missing_run}") from None
         raise
 
 

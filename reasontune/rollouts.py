@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import statistics
 import time
@@ -255,12 +256,21 @@ def json_line(record: Mapping[str, Any]) -> str:
 
 
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
-    """Returns ``path`` after writing one JSON object a line (parent directories created; ``json_line``'s encoding)."""
+    """Returns ``path`` after writing one JSON object a line (parent directories created; ``json_line``'s encoding).
+
+    Written to a temporary sibling and renamed into place, so a full disk or a crash leaves the
+    earlier file (or none), never half of one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json_line(record) + "\n")
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json_line(record) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 

@@ -146,8 +146,11 @@ class MetricsLogger:
         dropped = len(data.splitlines()) - len(kept)
         self._file.close()
         temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_bytes(b"".join(kept))
-        os.replace(temporary, self.path)
+        try:
+            temporary.write_bytes(b"".join(kept))
+            os.replace(temporary, self.path)
+        finally:  # a full disk: the old file stays whole, and no half temporary beside it
+            temporary.unlink(missing_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         # TensorBoard cannot rewrite its files; it hides events from this step on instead.
         self._tensorboard_purge_step = step + 1

@@ -401,6 +401,9 @@ def test_resume_errors_name_the_problem(run, workspace, capsys, monkeypatch):
     assert refused(["sft", "--resume", "--output-dir", "nowhere"], capsys) == (
         "error: --resume --output-dir nowhere: nowhere does not exist; check the path, or drop --resume to start a "
         "new run there\n")
+    (workspace / "empty-dir").mkdir(exist_ok=True)
+    assert "empty-dir holds no config.json, so it is not a run directory" in refused(
+        ["sft", "--resume", "--output-dir", "empty-dir"], capsys)
     assert refused(["grpo", "--resume", "--output-dir", run.name], capsys) == (
         f"error: {run.name} was written by `sft`, not `grpo`; continue it with: reasontune sft --resume "
         f"--output-dir {run.name}\n")
