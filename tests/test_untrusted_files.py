@@ -306,12 +306,18 @@ def test_a_successful_overwrite_keeps_the_users_own_files(run, capsys):
     (run / "eval").mkdir(exist_ok=True)
     (run / "eval" / "my-notes.md").write_text("mine")
     (run / "checkpoint-1" / "README.md").write_text("model card")
-    assert main([*SFT, "--output-dir", run.name, "--overwrite", "--max-steps", "1"]) == 0
-    assert "kept 2 file(s) reasontune did not write" in capsys.readouterr().err
-    assert (run / "eval" / "my-notes.md").read_text() == "mine"
-    assert (run / "checkpoint-1" / "README.md").read_text() == "model card"
-    assert not (run / "checkpoint-2").exists() and (run / "final").is_dir()
+    assert main([*SFT, "--output-dir", run.name, "--overwrite", "--max-steps", "2", "--save-every", "1"]) == 0
+    assert (f"kept 2 file(s) reasontune did not write in {run.name}/kept-by-overwrite: checkpoint-1/README.md, "
+            "eval/my-notes.md") in capsys.readouterr().err
+    # where the new run's checkpoint-1 (saved, replaced, pruned by reasontune) cannot reach them
+    kept = run / "kept-by-overwrite"
+    assert (kept / "eval" / "my-notes.md").read_text() == "mine"
+    assert (kept / "checkpoint-1" / "README.md").read_text() == "model card"
+    assert not (run / "checkpoint-2").exists() and (run / "checkpoint-1").is_dir() and (run / "final").is_dir()
+    assert sorted(p.name for p in kept.rglob("*") if p.is_file()) == ["README.md", "my-notes.md"]
     assert not any(p.name.startswith(".replaced-") for p in run.iterdir())
+    assert "holds files a reasontune run did not write (kept-by-overwrite)" in refused(
+        [*SFT, "--output-dir", run.name, "--overwrite"], capsys)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,12 +117,16 @@ def restore_replaced_run(run_dir: str | Path) -> bool:
     return True
 
 
+KEPT_BY_OVERWRITE = "kept-by-overwrite"
+
+
 def discard_replaced_run(run_dir: str | Path) -> list[Path]:
-    """Returns the files kept (in the new run, at their old place) after deleting the replaced run's files that reasontune wrote.
+    """Returns the files kept in ``RUN/kept-by-overwrite/`` after deleting the replaced run's files that reasontune wrote.
 
     Only ``RUN_FILES`` are deleted; any other file inside the old run's directories (a README
-    added to final/, notes in eval/) is moved into the new run directory at the same relative
-    path (beside it as ``NAME.kept`` if the new run already wrote that name) and listed.
+    added to final/, notes in eval/) moves to ``kept-by-overwrite/<its old relative path>``,
+    where no later save or prune of the new run can reach it, and is listed. (Being a name no
+    run writes, that folder also makes a later ``--overwrite`` refuse until the user moves it.)
     """
     run_dir = Path(run_dir)
     aside = run_dir / REPLACED_RUN.format(pid=os.getpid())
@@ -138,16 +142,17 @@ def discard_replaced_run(run_dir: str | Path) -> list[Path]:
         if RUN_FILES.fullmatch(relative):
             path.unlink()
             continue
-        target = run_dir / relative
-        if target.exists():
+        target = run_dir / KEPT_BY_OVERWRITE / relative
+        while target.exists():
             target = target.with_name(target.name + ".kept")
         target.parent.mkdir(parents=True, exist_ok=True)
         path.rename(target)
         kept.append(target)
     shutil.rmtree(aside)
     if kept:
-        print(f"--overwrite: replaced the old run in {run_dir}; kept {len(kept)} file(s) reasontune did not write, at "
-              f"their old place: {', '.join(str(k.relative_to(run_dir)) for k in kept[:10])}", file=sys.stderr)
+        print(f"--overwrite: replaced the old run in {run_dir}; kept {len(kept)} file(s) reasontune did not write in "
+              f"{run_dir / KEPT_BY_OVERWRITE}: {', '.join(str(k.relative_to(run_dir / KEPT_BY_OVERWRITE)) for k in kept[:10])}",
+              file=sys.stderr)
     return kept
 
 
