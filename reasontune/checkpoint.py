@@ -162,7 +162,7 @@ def load_trainer_state(directory: str | Path, name: str = "trainer_state") -> di
         encoded = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise CheckpointError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
-    except (UnicodeDecodeError, RecursionError) as error:
+    except (ValueError, RecursionError) as error:  # not UTF-8, nested too deeply, a number past int()'s limit
         raise CheckpointError(f"{path}: not a trainer state ({_why(error)})") from None
     tensor_file = directory / f"{name}.safetensors"
     try:
@@ -547,7 +547,7 @@ def _safetensors_problem(path: Path) -> str | None:
             return f"{path}: truncated or corrupt (its header says {header_length} bytes; the file has {size})"
         try:
             header = json.loads(handle.read(header_length).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        except (ValueError, RecursionError):
             return f"{path}: corrupt (its header is not JSON)"
     if not isinstance(header, dict):
         return f"{path}: corrupt (its header is not a JSON object)"
@@ -580,7 +580,7 @@ def checkpoint_problem(directory: str | Path) -> str | None:
             if path.suffix == ".json":
                 try:
                     json.loads(path.read_text(encoding="utf-8"))
-                except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+                except (ValueError, RecursionError) as error:
                     return f"{path}: truncated or corrupt JSON ({_why(error)})"
             elif path.suffix == ".safetensors":
                 problem = _safetensors_problem(path)

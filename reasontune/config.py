@@ -239,6 +239,8 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise UserError(f"--config {path}: not valid YAML: {_one_line(error)}") from None
     except RecursionError:
         raise UserError(f"--config {path}: not valid YAML: nested too deeply") from None
+    except ValueError as error:  # a number past int()'s digit limit
+        raise UserError(f"--config {path}: not valid YAML: {str(error).split(';')[0]}") from None
     except OSError as error:
         raise UserError(f"--config {path}: cannot be read ({error.strerror})") from None
     if raw is None:

@@ -275,6 +275,8 @@ def _read_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             raise DataError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
         except RecursionError:
             raise DataError(f"{path}:1: invalid JSON: nested too deeply") from None
+        except ValueError as error:  # a number past int()'s digit limit
+            raise DataError(f"{path}:1: invalid JSON: {' '.join(str(error).split(';')[0].split())}") from None
         if not isinstance(array, list):
             raise DataError(f"{path}:1: expected a JSON array of records or JSON lines")
         for index, record in enumerate(array, start=1):
@@ -289,6 +291,8 @@ def _read_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
             yield number, None, f"invalid JSON: {error.msg} at column {error.colno}"
         except RecursionError:
             yield number, None, "invalid JSON: nested too deeply"
+        except ValueError as error:  # a number past int()'s digit limit
+            yield number, None, f"invalid JSON: {str(error).split(';')[0]}"
         else:
             yield number, record, None
 

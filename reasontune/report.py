@@ -137,8 +137,9 @@ def _read_jsonl(path: Path, problems: list[str], label: str) -> list[dict[str, A
             except json.JSONDecodeError as error:
                 skipped.append(f"{label} line {number} skipped: not valid JSON ({error.msg} at column {error.colno})")
                 continue
-            except RecursionError:
-                skipped.append(f"{label} line {number} skipped: not valid JSON (nested too deeply)")
+            except (RecursionError, ValueError):
+                skipped.append(f"{label} line {number} skipped: not valid JSON (nested too deeply, or a number "
+                               "too long)")
                 continue
             if not isinstance(record, dict):
                 skipped.append(f"{label} line {number} skipped: expected a JSON object, got {type(record).__name__}")
@@ -157,8 +158,8 @@ def _read_json_object(path: Path, problems: list[str], label: str) -> dict[str, 
     except json.JSONDecodeError as error:
         problems.append(f"{label} not read: not valid JSON ({error.msg} at line {error.lineno})")
         return None
-    except RecursionError:
-        problems.append(f"{label} not read: not valid JSON (nested too deeply)")
+    except (RecursionError, ValueError):
+        problems.append(f"{label} not read: not valid JSON (nested too deeply, or a number too long)")
         return None
     if not isinstance(value, dict):
         problems.append(f"{label} not read: expected a JSON object")

@@ -364,15 +364,18 @@ def merge_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Returns the records of a ``records.jsonl``; a malformed line raises ``DataError`` naming file and line."""
     records = []
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object")
-            records.append(record)
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{number}: not UTF-8 text") from None
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+        except (ValueError, RecursionError):  # nested too deeply, a number past int()'s digit limit
+            raise DataError(f"{path}:{number}: invalid JSON (nested too deeply, or a number too long)") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object")
+        records.append(record)
     return records

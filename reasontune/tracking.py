@@ -139,7 +139,7 @@ class MetricsLogger:
                 record = json.loads(line.decode("utf-8", errors="replace"))
                 line_step = record.get("step") if isinstance(record, dict) else None
                 beyond = isinstance(line_step, Number) and not isinstance(line_step, bool) and line_step > step
-            except (json.JSONDecodeError, RecursionError):
+            except (ValueError, RecursionError):  # not JSON, too deep, a number past int()'s limit: kept
                 beyond = False
             if not beyond:
                 kept.append(line)

@@ -1,8 +1,8 @@
 """Fuzzing every reader of files a run directory or a user hands in: damaged input gives a clear error, never a traceback.
 
 Real files (a tiny SFT run's config.json, metrics.jsonl, trainer state and in-loop eval records,
-and SFT/GSM8K data) are cut short, overwritten byte by byte and wrapped in deep nesting by
-hypothesis. Each reader must then succeed or raise the error type the command line prints as
+and SFT/GSM8K data) are cut short, overwritten byte by byte, wrapped in deep nesting and given
+numbers too long to convert by hypothesis. Each reader must then succeed or raise the error type the command line prints as
 one ``error:`` line (``user_error_message``), within the example deadline, and write nothing
 outside the directory it was given.
 """
@@ -32,15 +32,17 @@ FUZZ = settings(max_examples=60, deadline=5_000, derandomize=True, phases=[Phase
 
 @st.composite
 def damaged(draw, original: bytes) -> bytes:
-    """Returns ``original`` cut short, with bytes overwritten, or with deep brackets inserted (one or two of these)."""
+    """Returns ``original`` cut short, with bytes overwritten, deep brackets or a 5,000-digit number inserted (one or two of these)."""
     data = bytearray(original)
     for _ in range(draw(st.integers(1, 2))):
-        kind = draw(st.sampled_from(["truncate", "bytes", "nest"]))
+        kind = draw(st.sampled_from(["truncate", "bytes", "nest", "digits"]))
         at = draw(st.integers(0, max(len(data) - 1, 0)))
         if kind == "truncate":
             del data[at:]
         elif kind == "bytes":
             data[at:at + 4] = draw(st.binary(min_size=1, max_size=4))
+        elif kind == "digits":  # past Python's 4,300-digit limit on int(): a ValueError that is not a JSONDecodeError
+            data[at:at] = b"7" * 5_000
         else:
             depth = draw(st.sampled_from([3, 50, 5_000, 200_000]))
             opener = draw(st.sampled_from([b"[", b'{"a":']))
@@ -170,3 +172,19 @@ def test_metrics_kept_across_a_resume(real_run, tmp_path_factory, data):
     kept = (folder / "metrics.jsonl").read_bytes()
     # lines are only ever dropped whole (a step beyond 1, or a cut-off last line), never rewritten
     assert all(line in damaged_bytes.splitlines() for line in kept.splitlines())
+
+
+@settings(FUZZ, max_examples=20, deadline=20_000)
+@given(data=st.data())
+def test_compare_reads_damaged_records(real_run, tmp_path_factory, data, capsys):
+    """``reasontune compare`` of an evaluation against a damaged copy of it (records.jsonl or summary.json)."""
+    folder = tmp_path_factory.mktemp("compare")
+    step = sorted((real_run / "run" / "eval").glob("step-*"))[-1]
+    shutil.copytree(step, folder / "a")
+    shutil.copytree(step, folder / "b")
+    target = folder / "b" / data.draw(st.sampled_from(["records.jsonl", "summary.json"]))
+    target.write_bytes(data.draw(damaged(target.read_bytes())))
+    status = main(["compare", str(folder / "a"), str(folder / "b"), "--output-dir", str(folder / "out"),
+                   "--n-bootstrap", "20"])
+    assert status in (0, 2), capsys.readouterr().err
+    assert {p.name for p in folder.iterdir()} <= {"a", "b", "out"}
