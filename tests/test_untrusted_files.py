@@ -425,3 +425,40 @@ def test_resume_errors_name_the_problem(run, workspace, capsys, monkeypatch):
     (evaluation / "config.json").write_text(json.dumps({"model": "model", "data": "sft.jsonl", "output_dir": "ev"}))
     assert "ev is an eval directory (written by `reasontune eval`), not a `sft` run" in refused(
         ["sft", "--resume", "--output-dir", "ev"], capsys)
+
+
+def test_overwrite_deletes_exactly_the_files_reasontune_writes(tmp_path, capsys):
+    """The file rules on a hand-made old run: what reasontune writes goes, every other file is kept and listed."""
+    from reasontune.training.common import discard_replaced_run, prepare_run_dir, restore_replaced_run
+
+    run = tmp_path / "run"
+    ours = ["config.json", "metrics.jsonl", "checkpoint-3/model.safetensors", "checkpoint-3/tokenizer.json",
+            "checkpoint-3/merges.txt", "checkpoint-3/sharded/.metadata", "checkpoint-3/sharded/__0_0.distcp",
+            "final/adapter/adapter_model.safetensors", "eval/step-000003/records.jsonl",
+            "eval/step-000003/gsm8k/summary.json", "eval/step-000003/.records.jsonl.tmp-77", "report/index.html",
+            "report/loss.png", "ei-step-2/rollouts.jsonl", "tensorboard/events.out.tfevents.1", "wandb_run_id"]
+    theirs = ["checkpoint-3/README.md", "checkpoint-3/notes.txt", "eval/analysis.ipynb", "report/extra.csv",
+              "ei-step-2/my.jsonl"]
+    for name in ours + theirs:
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text(f"'{name}'")
+    (run / "checkpoint-3" / "metrics.jsonl").write_text('{"kind": "train", "step": 3}\n')  # started: --overwrite needed
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 3}\n')
+    # peft's model card beside an adapter is reasontune's (peft writes it on every save); a user's README is not
+    (run / "checkpoint-4").mkdir()
+    (run / "checkpoint-4" / "adapter_config.json").write_text("{}")
+    (run / "checkpoint-4" / "README.md").write_text("---\nbase_model: x\nlibrary_name: peft\n---\n")
+    before = {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+    prepare_run_dir(run, overwrite=True)
+    (run / "config.json").write_text("{}")  # the new run's start
+    assert restore_replaced_run(run)  # a failed start: exactly as before
+    assert {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+    prepare_run_dir(run, overwrite=True)
+    kept = discard_replaced_run(run)
+    assert sorted(str(p.relative_to(run / "kept-by-overwrite")) for p in kept) == sorted(
+        theirs + ["checkpoint-3/metrics.jsonl"])
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*") if p.is_file()) == sorted(
+        f"kept-by-overwrite/{name}" for name in theirs + ["checkpoint-3/metrics.jsonl"])
+    assert "kept 6 file(s) reasontune did not write" in capsys.readouterr().err

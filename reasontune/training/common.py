@@ -49,8 +49,8 @@ RUN_ENTRIES = re.compile(r"config\.json|metrics\.jsonl(\.tmp)?|checkpoint-\d+|fi
 _CHECKPOINT = r"(checkpoint-\d+|final|\.[^/]+\.(tmp|old)-\d+)(/adapter)?"
 RUN_FILES = re.compile("|".join((
     r"config\.json|metrics\.jsonl(\.tmp)?|wandb_run_id",
-    _CHECKPOINT + r"/([^/]+\.(safetensors|json|jinja|model)|merges\.txt|vocab\.txt|sharded/(\.metadata|[^/]+\.distcp))",
-    _CHECKPOINT + r"/adapter/README\.md",
+    r"(.+/)?\.[^/]+\.tmp-\d+",  # a records file's temporary, left by a crash
+    _CHECKPOINT + r"/([^/]+\.(safetensors|json|jinja|model)|merges\.txt|vocab\.txt|sharded/[^/]+)",
     r"eval(/[^/]+)*/(records\.jsonl|summary\.json|results\.(md|json)|config\.json|eval_metrics\.jsonl|[^/]+\.png)",
     r"report/[^/]+\.(png|svg|html|md)",
     r"ei-step-\d+/rollouts\.jsonl",
@@ -120,6 +120,16 @@ def restore_replaced_run(run_dir: str | Path) -> bool:
 KEPT_BY_OVERWRITE = "kept-by-overwrite"
 
 
+def _peft_model_card(path: Path, relative: str) -> bool:
+    """Returns whether ``path`` is the README.md that peft writes beside an adapter (a user's own README is not)."""
+    if path.name != "README.md" or not re.fullmatch(_CHECKPOINT + r"/README\.md", relative):
+        return False
+    if not (path.parent / "adapter_config.json").is_file():
+        return False
+    head = path.read_text(encoding="utf-8", errors="replace")[:2000]
+    return "library_name: peft" in head
+
+
 def discard_replaced_run(run_dir: str | Path) -> list[Path]:
     """Returns the files kept in ``RUN/kept-by-overwrite/`` after deleting the replaced run's files that reasontune wrote.
 
@@ -139,7 +149,7 @@ def discard_replaced_run(run_dir: str | Path) -> list[Path]:
         relative = path.relative_to(aside).as_posix()
         while re.match(r"\.replaced-\d+/", relative):  # an older replacement a killed start left inside
             relative = relative.split("/", 1)[1]
-        if RUN_FILES.fullmatch(relative):
+        if RUN_FILES.fullmatch(relative) or _peft_model_card(path, relative):
             path.unlink()
             continue
         target = run_dir / KEPT_BY_OVERWRITE / relative
