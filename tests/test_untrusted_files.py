@@ -236,6 +236,22 @@ def test_a_full_disk_keeps_the_last_good_checkpoint_and_leaves_no_temporary(run,
     assert main([*resume(run), "--max-steps", "4", "--save-every", "1"]) == 0
 
 
+def test_a_full_disk_while_logging_says_so_with_the_resume_command(run, capsys, monkeypatch):
+    from reasontune.tracking import MetricsLogger
+
+    real_log = MetricsLogger.log
+
+    def fills_the_disk(self, kind, step=None, **values):
+        if kind == "train":
+            raise OSError(errno.ENOSPC, "No space left on device", str(self.path))
+        return real_log(self, kind, step, **values)
+
+    monkeypatch.setattr(MetricsLogger, "log", fills_the_disk)
+    err = refused([*resume(run), "--max-steps", "4"], capsys)
+    assert err == (f"error: {run.name}/metrics.jsonl: no space left on the device; free space, then resume with: "
+                   f"reasontune sft --resume --output-dir {run.name}\n")
+
+
 # ---------------------------------------------------------------------------------------------
 # A run directory is data, not code
 
