@@ -560,6 +560,27 @@ def _safetensors_problem(path: Path) -> str | None:
     return None
 
 
+def model_files_problem(directory: str | Path) -> str | None:
+    """Returns what is wrong with a model directory's top-level files (a JSON file that does not parse, a truncated safetensors file), or None.
+
+    Cheap (no tensor is read): run before loading, so a damaged ``final/`` given as ``--model``
+    is one line rather than a loader's traceback.
+    """
+    for path in sorted(Path(directory).iterdir()):
+        if not path.is_file():
+            continue
+        if path.suffix == ".json":
+            try:
+                json.loads(path.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as error:
+                return f"{path}: truncated or corrupt JSON ({_why(error)})"
+        elif path.suffix == ".safetensors":
+            problem = _safetensors_problem(path)
+            if problem:
+                return problem
+    return None
+
+
 def checkpoint_problem(directory: str | Path) -> str | None:
     """Returns why a checkpoint directory cannot be resumed from (a missing, truncated, corrupt or crafted file), or None when it is intact.
 

@@ -371,7 +371,10 @@ def model_problems(flag: str, model: str) -> list[str]:
     if not path.is_dir() or not (path / "config.json").exists():
         return [(f"{flag} {model}: not a model directory (no config.json); give the directory save_pretrained wrote, "
                  "e.g. a run's final/")]
-    return []
+    from reasontune.checkpoint import model_files_problem  # lazy: imports torch
+
+    problem = model_files_problem(path)
+    return [f"{flag} {model}: {problem}"] if problem else []
 
 
 def _nearby(name: str, files: bool) -> str | None:

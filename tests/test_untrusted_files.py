@@ -202,6 +202,14 @@ def test_a_corrupt_shard_of_the_right_length_is_refused_when_loaded(run, capsys)
     assert "checkpoint-2/sharded" in err and "truncated or corrupt" in err
 
 
+def test_a_truncated_model_given_as_model_is_one_line(run, capsys):
+    weights = run / "checkpoint-2" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])
+    err = refused(["eval", "--model", f"{run.name}/checkpoint-2", "--data", "sft.jsonl", "--output-dir", "ev-cut"],
+                  capsys)
+    assert f"--model {run.name}/checkpoint-2: {run.name}/checkpoint-2/model.safetensors: truncated or corrupt" in err
+
+
 def test_no_intact_checkpoint_left(run, capsys):
     for name in ("checkpoint-1", "checkpoint-2"):
         (run / name / "trainer_state.json").write_text("{")
