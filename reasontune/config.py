@@ -171,7 +171,9 @@ def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
     raw = read_config_file(path)
     known = {f.name for f in dataclasses.fields(config_cls)}
     command = command_of(config_cls)
-    written_by = raw.pop(COMMAND_RECORD, None) or _command_judged_by_options(raw, command)
+    written_by = raw.pop(COMMAND_RECORD, None)
+    if written_by is None and is_run_config(path):  # a run's record from before config.json named its command
+        written_by = _command_judged_by_options(raw, command)
     if written_by is not None and command is not None and written_by != command:
         raise UserError(_written_by_another(Path(path), written_by, command))
     values = {}
