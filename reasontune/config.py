@@ -172,6 +172,8 @@ def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
     known = {f.name for f in dataclasses.fields(config_cls)}
     command = command_of(config_cls)
     written_by = raw.pop(COMMAND_RECORD, None)
+    if written_by is not None and not isinstance(written_by, str):
+        raise UserError(f"{path}: field 'command' must name the command that wrote it, got {written_by!r:.40}")
     if written_by is None and is_run_config(path):  # a run's record from before config.json named its command
         written_by = _command_judged_by_options(raw, command)
     if written_by is not None and command is not None and written_by != command:
