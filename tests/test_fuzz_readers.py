@@ -1,8 +1,8 @@
 """Fuzzing every reader of files a run directory or a user hands in: damaged input gives a clear error, never a traceback.
 
 Real files (a tiny SFT run's config.json, metrics.jsonl, trainer state and in-loop eval records,
-and SFT/GSM8K data) are cut short, overwritten byte by byte, wrapped in deep nesting and given
-numbers too long to convert by hypothesis. Each reader must then succeed or raise the error type the command line prints as
+and SFT/GSM8K data) are cut short, overwritten byte by byte, wrapped in deep nesting, given
+numbers too long to convert, or have fields set to arbitrary JSON values, by hypothesis. Each reader must then succeed or raise the error type the command line prints as
 one ``error:`` line (``user_error_message``), within the example deadline, and write nothing
 outside the directory it was given.
 """
@@ -50,6 +50,36 @@ def damaged(draw, original: bytes) -> bytes:
     return bytes(data)
 
 
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner,
+                                                                                     max_size=3), max_leaves=8)
+
+
+@st.composite
+def crafted_fields(draw, original: bytes) -> bytes:
+    """Returns the JSON object of ``original`` (or one of its JSON lines) with one or two fields set to arbitrary JSON values."""
+    text = original.decode("utf-8")
+    try:
+        whole = json.loads(text)
+        lines = None
+    except json.JSONDecodeError:  # JSON lines
+        whole, lines = None, text.splitlines()
+    index = draw(st.integers(0, len(lines) - 1)) if lines else 0
+    record = whole if lines is None else json.loads(lines[index])
+    for _ in range(draw(st.integers(1, 2))):
+        key = draw(st.sampled_from(sorted(record) + ["command", "__items__", "__tensor__"]))
+        record[key] = draw(JSON_VALUES)
+    if lines is None:
+        return json.dumps(record).encode()
+    lines[index] = json.dumps(record)
+    return ("\n".join(lines) + "\n").encode()
+
+
+def mutated(original: bytes) -> st.SearchStrategy[bytes]:
+    """Returns damaged bytes or crafted field values of ``original``."""
+    return st.one_of(damaged(original), crafted_fields(original))
+
+
 @pytest.fixture(scope="module")
 def real_run(tmp_path_factory):
     """A 2-step SFT run with a checkpoint and an in-loop evaluation (its records.jsonl), plus its data."""
@@ -94,12 +124,13 @@ def test_data_files(real_run, tmp_path_factory, data):
         sources.append(gsm8k / "test.jsonl")
     source = data.draw(st.sampled_from(sources))
     original = b"".join(source.read_bytes().splitlines(keepends=True)[:8])
+    crafted = data.draw(st.booleans())
     suffix = data.draw(st.sampled_from([".jsonl", ".json"]))
     if suffix == ".json" and data.draw(st.booleans()):  # a .json array of the same records
         original = ("[" + ",".join(line.decode() for line in original.splitlines()) + "]").encode()
     folder = tmp_path_factory.mktemp("data")
     path = folder / f"fuzzed{suffix}"
-    path.write_bytes(data.draw(damaged(original)))
+    path.write_bytes(data.draw(crafted_fields(original) if crafted and suffix == ".jsonl" else damaged(original)))
     outside = files_outside(folder)
     clear_or_none(lambda: load_examples(path, skip_bad=data.draw(st.booleans())))
     assert files_outside(folder) == outside
@@ -113,7 +144,7 @@ def test_config_files(real_run, tmp_path_factory, data):
 
     folder = tmp_path_factory.mktemp("config")
     path = folder / data.draw(st.sampled_from(["config.json", "options.yaml"]))
-    path.write_bytes(data.draw(damaged((real_run / "run" / "config.json").read_bytes())))
+    path.write_bytes(data.draw(mutated((real_run / "run" / "config.json").read_bytes())))
     outside = files_outside(folder)
     clear_or_none(lambda: load_config_file(path, SFTConfig))
     assert files_outside(folder) == outside
@@ -129,7 +160,8 @@ def test_trainer_state(real_run, tmp_path_factory, data):
     name = data.draw(st.sampled_from(["trainer_state.json", "trainer_state.safetensors"]))
     for file in ("trainer_state.json", "trainer_state.safetensors"):
         shutil.copy(real_run / "run" / "checkpoint-1" / file, folder / file)
-    (folder / name).write_bytes(data.draw(damaged((folder / name).read_bytes())))
+    original = (folder / name).read_bytes()
+    (folder / name).write_bytes(data.draw(mutated(original) if name.endswith(".json") else damaged(original)))
     outside = files_outside(folder.parent)
 
     def read() -> None:
@@ -150,7 +182,7 @@ def test_report_reads_damaged_metrics_records_and_summaries(real_run, tmp_path_f
     step = sorted((run / "eval").glob("step-*"))[-1]
     target = data.draw(st.sampled_from([run / "metrics.jsonl", step / "records.jsonl", step / "summary.json",
                                         run / "config.json"]))
-    target.write_bytes(data.draw(damaged(target.read_bytes())))
+    target.write_bytes(data.draw(mutated(target.read_bytes())))
     outside = files_outside(run)
     status = main(["report", str(run)])
     assert status in (0, 2), capsys.readouterr().err
@@ -183,7 +215,7 @@ def test_compare_reads_damaged_records(real_run, tmp_path_factory, data, capsys)
     shutil.copytree(step, folder / "a")
     shutil.copytree(step, folder / "b")
     target = folder / "b" / data.draw(st.sampled_from(["records.jsonl", "summary.json"]))
-    target.write_bytes(data.draw(damaged(target.read_bytes())))
+    target.write_bytes(data.draw(mutated(target.read_bytes())))
     status = main(["compare", str(folder / "a"), str(folder / "b"), "--output-dir", str(folder / "out"),
                    "--n-bootstrap", "20"])
     assert status in (0, 2), capsys.readouterr().err
