@@ -220,3 +220,24 @@ def test_compare_reads_damaged_records(real_run, tmp_path_factory, data, capsys)
                    "--n-bootstrap", "20"])
     assert status in (0, 2), capsys.readouterr().err
     assert {p.name for p in folder.iterdir()} <= {"a", "b", "out"}
+
+
+@settings(FUZZ, max_examples=15, deadline=60_000)
+@given(data=st.data())
+def test_resume_from_a_crafted_trainer_state(real_run, tmp_path_factory, data, capsys):
+    """``--resume`` from a checkpoint whose trainer state has crafted fields: it resumes or refuses in one line."""
+    folder = tmp_path_factory.mktemp("resume")
+    run = folder / "run"
+    shutil.copytree(real_run / "run", run, ignore=shutil.ignore_patterns("final"))
+    state = run / "checkpoint-1" / "trainer_state.json"
+    state.write_bytes(data.draw(crafted_fields(state.read_bytes())))
+    before = Path.cwd()
+    os.chdir(real_run)  # the run's config names model/ and sft.jsonl relative to it
+    try:
+        status = main(["sft", "--resume", "--output-dir", str(run)])
+    finally:
+        os.chdir(before)
+    err = capsys.readouterr().err
+    assert status in (0, 2), err
+    assert status == 0 or (err.count("error: ") == 1 and "Traceback" not in err), err
+    assert {p.name for p in folder.iterdir()} == {"run"}

@@ -168,6 +168,12 @@ CRAFTED_TRAINER_STATES = {
     "an object dtype": ({"rng": {"__ndarray__": "/rng/numpy/1", "dtype": "object"}}, "only numeric arrays"),
     "a key that cannot be a key": ({"optimizer": {"__items__": [[[1], 2]]}}, "malformed trainer state"),
     "a missing tensor": ({"rng": {"__tensor__": "nowhere"}}, "names a tensor that its .safetensors file lacks"),
+    # load_state_dict would set these as the scheduler's attributes, to crash steps later
+    "a scheduler field of the wrong type": ({"scheduler": {"base_lrs": "x", "last_epoch": 2, "_step_count": 3,
+                                                           "_is_initial": False, "_get_lr_called_within_step": False,
+                                                           "_last_lr": [1e-5], "lr_lambdas": [None]}},
+                                            "scheduler.base_lrs: expected a list of 1"),
+    "an unknown scheduler field": ({"scheduler": {"optimizer": None}}, "the optimizer or schedule state does not fit"),
 }
 
 

@@ -201,14 +201,26 @@ def resume_point(run_dir: Path, planned_steps: int | None, command: str) -> Path
     if problem is None:
         final = finished_run_check(run_dir, planned_steps)
         return final if final is not None else next(p for p in newest_first if p.name != "final")
-    damaged = newest_first[0]
-    intact = next((path for path in newest_first[1:] if checkpoint_problem(path) is None), None)
-    aside = damaged.with_name(f"damaged-{damaged.name}")
+    refuse_damaged_checkpoint(newest_first[0], problem, command)
+
+
+def refuse_damaged_checkpoint(damaged: Path, problem: str, command: str | None = None) -> None:
+    """Raises the ``UserError`` of a checkpoint that cannot be resumed from: the problem, the newest intact older checkpoint, and how to resume from it.
+
+    ``command`` is the resume command line (None: "the same command").
+    """
+    run_dir = damaged.parent
+    numbered = re.fullmatch(r"checkpoint-(\d+)", damaged.name)
+    older = [path for number, path in reversed(list_checkpoints(run_dir))
+             if path != damaged and (numbered is None or number < int(numbered.group(1)))]
+    intact = next((path for path in older if checkpoint_problem(path) is None), None)
     if intact is None:
         raise UserError(f"--resume: {problem}; no intact checkpoint is left in {run_dir} to resume from; start "
                         "afresh with --overwrite")
+    aside = damaged.with_name(f"damaged-{damaged.name}")
     raise UserError(f"--resume: {problem}. The newest intact checkpoint is {intact}; resume from it with: "
-                    f"mv {shlex.quote(str(damaged))} {shlex.quote(str(aside))} && {command}")
+                    f"mv {shlex.quote(str(damaged))} {shlex.quote(str(aside))} && "
+                    f"{command or 'the same command again'}")
 
 
 def seed_and_device(seed: int, num_threads: int | None, device: str | None) -> torch.device:
@@ -509,6 +521,16 @@ def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_o
     world size; every rank calls it); each rank restores its own RNG state when the checkpoint
     has one for its rank.
     """
+    try:
+        return _restore_training_state(checkpoint, optimizer, scheduler, fingerprint_of_steps, model=model, ctx=ctx)
+    except CheckpointError as error:  # found only now, against the live optimizer and schedule
+        if ctx is not None and ctx.is_distributed:
+            raise
+        refuse_damaged_checkpoint(Path(checkpoint), str(error))
+
+
+def _restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_of_steps=None, *, model=None,
+                            ctx: distributed.DistributedContext | None = None) -> dict:
     state = load_trainer_state(checkpoint)
     where = str(Path(checkpoint) / TRAINER_STATE)
     check_trainer_state(state, where)
@@ -521,10 +543,7 @@ def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_o
         if optimizer is not None and state.get("optimizer") is not None and not (Path(checkpoint) / SHARDED_DIR).is_dir():
             optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state.get("scheduler") is not None:
-            expected = scheduler.state_dict()
-            strangers = sorted(set(state["scheduler"]) - set(expected))
-            if strangers:  # load_state_dict would set them as attributes of the scheduler
-                raise KeyError(f"unknown scheduler fields {', '.join(map(str, strangers[:5]))}")
+            _check_like(state["scheduler"], scheduler.state_dict(), "scheduler")
             scheduler.load_state_dict(state["scheduler"])
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as error:
         raise CheckpointError(f"{where}: the optimizer or schedule state does not fit this run "
@@ -533,6 +552,33 @@ def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_o
     if ctx is not None and ctx.rank > 0:
         restore_rng(checkpoint, ctx.rank)
     return state
+
+
+def _check_like(saved: Any, expected: Any, where: str) -> None:
+    """Raises TypeError unless ``saved`` has ``expected``'s shape: the same keys, list lengths and value types (int for float allowed).
+
+    A scheduler's ``load_state_dict`` sets every saved key as an attribute, so a crafted value
+    would surface steps later as a crash in the schedule; checked against the fresh state first.
+    """
+    if isinstance(expected, dict):
+        if not isinstance(saved, dict) or set(saved) != set(expected):
+            raise TypeError(f"{where}: expected the fields {', '.join(sorted(map(str, expected)))}")
+        for key in expected:
+            _check_like(saved[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(expected):
+            raise TypeError(f"{where}: expected a list of {len(expected)}")
+        for index, (item, reference) in enumerate(zip(saved, expected)):
+            _check_like(item, reference, f"{where}[{index}]")
+    elif expected is None or isinstance(expected, bool):
+        if saved is not None and not isinstance(saved, bool):
+            raise TypeError(f"{where}: expected {type(expected).__name__}")
+    elif isinstance(expected, (int, float)):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)) or (isinstance(expected, int) and
+                                                                               not isinstance(saved, int)):
+            raise TypeError(f"{where}: expected {type(expected).__name__}, got {type(saved).__name__}")
+    elif type(saved) is not type(expected):
+        raise TypeError(f"{where}: expected {type(expected).__name__}, got {type(saved).__name__}")
 
 
 class TrainingDiverged(RuntimeError):
