@@ -51,6 +51,17 @@ def read_eval_records(path: str | Path) -> list[dict[str, Any]]:
     for number, record in enumerate(records, start=1):
         if "answer_reward" not in record:
             raise DataError(f"{path}: record {number}: field 'answer_reward' missing (not an eval record)")
+        # The fields the estimators read, each of the type they need: a crafted file is named, not a traceback.
+        for field_name, kinds, required in (("answer_reward", (int, float), True), ("sample", (int,), False),
+                                            ("question_id", (str, int), False), ("prompt", (str,), False),
+                                            ("answer", (str, type(None)), False)):
+            value = record.get(field_name)
+            if (required or value is not None) and (not isinstance(value, kinds) or
+                                                    (field_name == "answer_reward" and value != value)):
+                raise DataError(f"{path}: record {number}: field {field_name!r} must be "
+                                f"{' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+        if record.get("question_id") is None and record.get("prompt") is None:
+            raise DataError(f"{path}: record {number}: needs 'question_id' or 'prompt' to match questions across runs")
     return records
 
 
@@ -69,8 +80,12 @@ def find_evaluations(path: str | Path) -> dict[str, Path]:
         raise FileNotFoundError(f"{path}: no such directory (give a run directory, an eval output directory "
                                 f"or an eval directory with {RECORDS})")
     if (path / RECORDS).is_file():
-        summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else {}
-        return {str(summary.get("benchmark") or "eval"): path}
+        try:
+            summary = json.loads((path / SUMMARY).read_text(encoding="utf-8")) if (path / SUMMARY).is_file() else {}
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, too deep: the benchmark name is then unknown
+            summary = {}
+        name = summary.get("benchmark") if isinstance(summary, dict) else None
+        return {str(name or "eval"): path}
     found = {child.name: child for child in sorted(path.iterdir()) if (child / RECORDS).is_file()}
     if found:
         return found

@@ -340,7 +340,9 @@ def data_source_problems(flag: str, source: str | None) -> list[str]:
     """Returns what is wrong with a data flag's value: a local file that is missing, a directory or empty (hub names pass)."""
     if not source:
         return []
-    if not looks_like_path(source):
+    from reasontune.data import looks_like_local_file  # lazy: the data module imports the graders
+
+    if not looks_like_path(source) and not looks_like_local_file(source):
         nearby = _nearby(source, files=True)
         return [f"{flag} {source}: no such file (did you mean {nearby}?), and it would be tried as a hub dataset"] if nearby else []
     path = Path(source).expanduser()
@@ -348,6 +350,9 @@ def data_source_problems(flag: str, source: str | None) -> list[str]:
         return [f"{flag} {source}: no such file; check the path (or give a hub dataset name)"]
     if path.is_dir():
         return [f"{flag} {source}: is a directory; give a .jsonl/.json/.parquet file"]
+    if path.suffix not in DATA_SUFFIXES:
+        return [f"{flag} {source}: unsupported format {path.suffix or '(no suffix)'}; give a "
+                f"{'/'.join(DATA_SUFFIXES)} file (local files are never looked up on the hub)"]
     if path.stat().st_size == 0 or (path.suffix in (".jsonl", ".json") and path.stat().st_size < 1 << 20
                                      and not path.read_text(encoding="utf-8", errors="replace").strip()):
         return [f"{flag} {source}: the file is empty; give a file with at least one record"]
@@ -366,7 +371,10 @@ def model_problems(flag: str, model: str) -> list[str]:
     if not path.is_dir() or not (path / "config.json").exists():
         return [(f"{flag} {model}: not a model directory (no config.json); give the directory save_pretrained wrote, "
                  "e.g. a run's final/")]
-    return []
+    from reasontune.checkpoint import model_files_problem  # lazy: imports torch
+
+    problem = model_files_problem(path)
+    return [f"{flag} {model}: {problem}"] if problem else []
 
 
 def _nearby(name: str, files: bool) -> str | None:

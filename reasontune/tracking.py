@@ -128,25 +128,29 @@ class MetricsLogger:
         an unterminated last line (a write cut short by a crash), which is dropped.
         """
         self._file.flush()
-        text = self.path.read_text(encoding="utf-8")
-        lines = text.splitlines(keepends=True)
-        if lines and not lines[-1].endswith("\n"):
+        # Bytes, not text: a line damaged into invalid UTF-8 is kept as it was, not a reason to stop the resume.
+        data = self.path.read_bytes()
+        lines = data.splitlines(keepends=True)
+        if lines and not lines[-1].endswith(b"\n"):
             lines.pop()
         kept = []
         for line in lines:
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8", errors="replace"))
                 line_step = record.get("step") if isinstance(record, dict) else None
-                beyond = isinstance(line_step, Number) and line_step > step
-            except json.JSONDecodeError:
+                beyond = isinstance(line_step, Number) and not isinstance(line_step, bool) and line_step > step
+            except (ValueError, RecursionError):  # not JSON, too deep, a number past int()'s limit: kept
                 beyond = False
             if not beyond:
                 kept.append(line)
-        dropped = len(text.splitlines()) - len(kept)
+        dropped = len(data.splitlines()) - len(kept)
         self._file.close()
         temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(kept), encoding="utf-8")
-        os.replace(temporary, self.path)
+        try:
+            temporary.write_bytes(b"".join(kept))
+            os.replace(temporary, self.path)
+        finally:  # a full disk: the old file stays whole, and no half temporary beside it
+            temporary.unlink(missing_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         # TensorBoard cannot rewrite its files; it hides events from this step on instead.
         self._tensorboard_purge_step = step + 1

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from reasontune import distributed
+from reasontune.checkpoint import CheckpointError
 from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import load_template
 from reasontune.logprobs import get_response_log_probs
@@ -348,8 +349,11 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
         state = restore_training_state(checkpoint, optimizer, scheduler, model=model, ctx=ctx)
         session.start_step = state["step"]
         pending = state.get("pending_rollouts") or {}
+        where = str(checkpoint / "trainer_state.json")
+        if not isinstance(pending, dict) or not isinstance(pending.get("batches", []), list):
+            raise CheckpointError(f"{where}: field 'pending_rollouts' must be an object with a list of batches")
         if pending.get("async_steps") == config.async_steps:
-            session.restored_batches = [RolloutBatch.from_state(batch) for batch in pending["batches"]]
+            session.restored_batches = [RolloutBatch.from_state(batch, where) for batch in pending["batches"]]
         resampled = [step for step in range(session.start_step + 1, session.start_step + config.async_steps + 1)
                      if step <= config.n_grpo_steps and step not in {b.step for b in session.restored_batches}]
         if session.logger is not None:
@@ -495,8 +499,15 @@ class RolloutBatch:
         return {key: value for key, value in dataclasses.asdict(self).items() if key != "rollouts"}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> RolloutBatch:
-        """Returns the batch ``state()`` saved."""
+    def from_state(cls, state: Any, where: str = "trainer state") -> RolloutBatch:
+        """Returns the batch ``state()`` saved; ``CheckpointError`` naming ``where`` when it is not one."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"rollouts"}
+        if not isinstance(state, dict) or not {"step", "policy_version", "sampling_counts"} <= set(state) <= fields:
+            raise CheckpointError(f"{where}: field 'pending_rollouts' holds a batch that is not one")
+        if not (isinstance(state["step"], int) and isinstance(state.get("train_batches", []), list)
+                and all(isinstance(rank, list) and all(isinstance(b, dict) for b in rank)
+                        for rank in state.get("train_batches", []))):
+            raise CheckpointError(f"{where}: field 'pending_rollouts' holds a malformed batch")
         return cls(**state)
 
 
