@@ -91,6 +91,7 @@ class GenerationOptions:
     vllm_weight_sync: Literal["auto", "nccl", "none"] = help_field("auto", "how the policy's weights reach the --vllm-server-url server: nccl (vLLM's weight-transfer API; the server needs --weight-transfer-config '{\"backend\": \"nccl\"}') or none (the server keeps its weights; eval only); auto: nccl for trainers, none for eval", group="generation")
     vllm_weight_sync_address: str | None = help_field(None, "this trainer's address as the vLLM server's workers can reach it, for the NCCL weight group (default: this host's IP address)", group="generation")
     vllm_weight_sync_port: int = help_field(0, "TCP port of the NCCL weight group's rendezvous on this trainer (0: a free port)", group="generation")
+    vllm_timeout: float = help_field(600.0, "seconds one request to the --vllm-server-url server may take, its reply included (a completions request samples all its responses in that time)", group="generation")
 
     def vllm_problems(self, trainer: bool) -> list[str]:
         """Returns what is wrong with the vLLM options: flags that need another, sizes out of range, a malformed server URL."""
@@ -105,6 +106,7 @@ class GenerationOptions:
                                           ("--vllm-data-parallel-size", self.vllm_data_parallel_size)) if value]
         if self.backend != "vllm" and given:
             problems.append(f"{', '.join(given)} given with --backend {self.backend}: add --backend vllm or drop them")
+        _range(problems, "--vllm-timeout", self.vllm_timeout, 0, low_open=True, hint="seconds, e.g. 600")
         sync_flags = [flag for flag, value in (("--vllm-weight-sync", self.vllm_weight_sync != "auto"),
                                                ("--vllm-weight-sync-address", self.vllm_weight_sync_address),
                                                ("--vllm-weight-sync-port", self.vllm_weight_sync_port)) if value]
@@ -112,6 +114,9 @@ class GenerationOptions:
             if sync_flags:
                 problems.append(f"{', '.join(sync_flags)} given without --vllm-server-url: weights are pushed over "
                                 "NCCL only to a vllm serve server; give its URL or drop them")
+            if self.vllm_timeout != 600.0:
+                problems.append("--vllm-timeout given without --vllm-server-url: it bounds requests to a vllm serve "
+                                "server; give its URL or drop the flag")
             return problems + self.launch_problems(world_size)
         problems += server_url_problems(self.vllm_server_url)
         for flag, value in (("--vllm-device", self.vllm_device),

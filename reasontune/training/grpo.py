@@ -26,7 +26,8 @@ from reasontune.data import load_template
 from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import (AdvantageBaseline, AdvantageStd, LossAggregation, PolicyLossType, RolloutCorrection,
                                compute_advantages, grpo_microbatch_train_step, mask_truncated_responses, masked_mean,
-                               overlong_penalty, rollout_correction_weights, rollout_mismatch_metrics)
+                               overlong_penalty, rollout_correction_weights, rollout_mismatch_metrics,
+                               sequences_with_loss_tokens)
 from reasontune.modeling import load_model
 from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
                                 TrainerOptions, resolved_dtype, validate_common)
@@ -229,7 +230,8 @@ def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torc
     """
     real = [mb for mb in microbatches if not mb.get("filler")]
     tokens_in_step = distributed.global_sum(int(sum(int(mb["response_mask"].sum()) for mb in real)))
-    examples_in_step = distributed.global_sum(sum(int(mb["response_mask"].shape[0]) for mb in real))
+    # Responses masked out whole (--mask-truncated) are out of the loss, also out of its divisor (aggregate_loss).
+    examples_in_step = distributed.global_sum(sum(sequences_with_loss_tokens(mb["response_mask"]) for mb in real))
     sums: dict[str, float] = {"loss": 0.0, "response_tokens": 0}
     for mb in microbatches:
         input_ids, labels = mb["input_ids"].to(device), mb["labels"].to(device)
@@ -629,12 +631,17 @@ def train_one_step(session: GRPOSession, pipeline: RolloutPipeline, step: int, p
         return
     # --- policy-gradient steps: epochs x train batches (this rank's part of each), each accumulated over its microbatches
     model.train()
-    step_metrics = []
+    step_metrics, skipped_updates = [], 0
     for _ in range(config.epochs_per_rollout_batch):
         for train_batch in batch.train_batches:
             if not train_batch:  # a dynamic-sampling batch that stayed short
                 continue
             metrics = train_step(model, train_batch, config, session.device, ctx)
+            if metrics["response_tokens"] == 0:  # every response masked out (--mask-truncated): no update at all,
+                session.optimizer.zero_grad(set_to_none=True)  # not even AdamW's momentum and weight decay
+                skipped_updates += 1
+                step_metrics.append({**metrics, "grad_norm": 0.0})
+                continue
             try:
                 grad_norm = clip_and_step(model, session.optimizer, session.scheduler, config.max_grad_norm,
                                           metrics["loss"])
@@ -651,7 +658,9 @@ def train_one_step(session: GRPOSession, pipeline: RolloutPipeline, step: int, p
     if logger is not None and (step % config.log_every == 0 or step == config.n_grpo_steps):
         overlap = ({"policy_version": batch.policy_version, "staleness": step - 1 - batch.policy_version,
                     "rollout_wait_s": waited} if config.async_steps else {})
-        logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean, optimizer_steps=len(step_metrics),
+        logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean,
+                   optimizer_steps=len(step_metrics) - skipped_updates, **({"skipped_updates": skipped_updates}
+                                                                          if skipped_updates else {}),
                    **batch.metrics, **batch.sampling_counts,
                    rollout_s=batch.rollout_seconds, **overlap, step_s=time.perf_counter() - tick,
                    elapsed_s=time.perf_counter() - started)
