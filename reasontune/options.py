@@ -35,6 +35,7 @@ class RunOptions:
 
     seed: int = help_field(0, "seed of data order, subsets, initialisation and sampling", group="run")
     num_threads: int | None = help_field(None, "torch CPU threads (default: torch's choice)", group="run")
+    process_group_timeout: float = help_field(600.0, "under torchrun: seconds a rank waits in one collective for the others (every process group) before the job stops, naming the rank that stopped answering", group="distributed")
 
 
 @dataclass
@@ -74,7 +75,7 @@ class TaskOptions:
 class GradingOptions:
     """Where grading runs."""
 
-    grading_workers: int | None = help_field(None, "grading worker processes (0: grade in this process; default: the grader's choice)", group="grading")
+    grading_workers: int | None = help_field(None, "grading worker processes (0: grade in this process; default: this node's cores divided by the ranks on it, LOCAL_WORLD_SIZE under torchrun)", group="grading")
 
 
 @dataclass
@@ -479,6 +480,8 @@ def validate_common(config: Any) -> list[str]:
     problems: list[str] = []
     if isinstance(config, RunOptions):
         _range(problems, "--num-threads", config.num_threads, 1)
+        _range(problems, "--process-group-timeout", config.process_group_timeout, 0, low_open=True,
+               hint="seconds, e.g. 600")
     if isinstance(config, LoRAOptions):
         problems += config.lora_problems()
     if isinstance(config, TaskOptions) and config.reward not in REWARD_NAMES and ":" not in config.reward:
