@@ -292,3 +292,22 @@ def test_gspo_with_mask_truncated_when_every_response_is_truncated_takes_no_step
     start = load_file(tiny_model_dir / "model.safetensors")
     final = load_file(run_dir / "final" / "model.safetensors")
     assert all(torch.equal(start[name], final[name]) for name in start)
+
+
+def test_three_steps_of_all_zero_rewards_warn_what_it_means_and_what_to_check(tiny_model_dir, tmp_path, capsys):
+    """A random model never writes '</think> <answer>': every reward 0, every advantage 0, nothing learnt; the run says so."""
+    data = _write_questions(tmp_path / "questions.jsonl", 8)
+    config = GRPOConfig(model=str(tiny_model_dir), train_data=str(data), output_dir=str(tmp_path / "run"),
+                        n_grpo_steps=4, rollout_batch_size=4, group_size=2, train_batch_size=4,
+                        gradient_accumulation_steps=2, sampling_min_tokens=1, sampling_max_tokens=3, grading_workers=0,
+                        num_threads=1, progress=False, write_report=False, eval_before_training=False)
+    run_dir = run_grpo(config)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["kind"] == "train"]
+    assert [r["reward"] for r in train] == [0.0] * 4 and [r["nonzero_advantage_fraction"] for r in train] == [0.0] * 4
+    (event,) = [r for r in lines if r["kind"] == "event"]  # once for the streak, at its third step
+    assert event["step"] == 3 and event["message"].startswith("warning: GRPO steps 1-3: every reward was 0, so every "
+                                                               "advantage is 0 and the policy learns nothing")
+    for hint in ("prompt template and the reward agree", "references are read", "answers are extracted"):
+        assert hint in event["message"]
+    assert capsys.readouterr().err.count("warning: GRPO steps 1-3: every reward was 0") == 1

@@ -45,6 +45,12 @@ from reasontune.training.data_parallel import (SINGLE_PROCESS, generation_model,
                                                shard_policy, sharded_rollouts, unsharded_replica)
 
 
+# A step whose every advantage is below this (equal rewards in every group) gives no policy gradient.
+ZERO_ADVANTAGE = 1e-8
+# After this many such steps in a row the run says so (once per streak): the run trains on nothing.
+DEGENERATE_REWARD_STEPS = 3
+
+
 @dataclasses.dataclass
 class GRPOConfig(RolloutOptions, TrainerOptions):
     """Options of ``reasontune grpo`` (defaults: the CS336 handout's GRPO settings for Qwen2.5-Math-1.5B)."""
@@ -308,6 +314,7 @@ class GRPOSession(PolicySession):
     reference: Any = None  # frozen starting model for the KL penalty, or None
     start_step: int = 0
     restored_batches: list[RolloutBatch] = dataclasses.field(default_factory=list)  # --async-steps: from the checkpoint
+    steps_without_signal: list[int] = dataclasses.field(default_factory=list)  # consecutive steps, every advantage 0
 
 
 def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = None) -> GRPOSession:
@@ -424,7 +431,8 @@ def training_microbatches(session: GRPOSession, rollouts: Rollouts) -> tuple[lis
             max(1, round(config.overlong_buffer_fraction * config.sampling_max_tokens)), config.overlong_penalty_factor)
     advantages = compute_advantages(raw_rewards, config.group_size, config.advantage_baseline, config.advantage_std,
                                     config.advantage_eps)
-    reward_stats = {"reward_mean": float(raw_rewards.mean()),
+    reward_stats = {"nonzero_advantage_fraction": float((advantages.abs() > ZERO_ADVANTAGE).float().mean()),
+                    "reward_mean": float(raw_rewards.mean()),
                     "reward_std": float(raw_rewards.std()) if raw_rewards.numel() > 1 else 0.0,
                     "answer_reward_mean": statistics.fmean(float(s["answer_reward"]) for s in scores),
                     "format_reward_mean": statistics.fmean(float(s["format_reward"]) for s in scores)}
@@ -605,6 +613,7 @@ def rollout_metrics(rollouts: Rollouts, reward_stats: dict[str, float]) -> dict[
     """Returns what a GRPO step logs of its rollouts: rewards, accuracy and response lengths (correct / incorrect / truncated)."""
     summary = rollouts.summary()
     return {"reward": reward_stats["reward_mean"], "reward_std": reward_stats["reward_std"],
+            "nonzero_advantage_fraction": reward_stats["nonzero_advantage_fraction"],
             "format_reward": reward_stats.get("format_reward_mean"), "answer_reward": reward_stats.get("answer_reward_mean"),
             **{key: summary[key] for key in ("accuracy", "pass_at_n", "mean_response_tokens",
                                              "mean_response_tokens_correct", "mean_response_tokens_incorrect",
@@ -665,6 +674,33 @@ def train_one_step(session: GRPOSession, pipeline: RolloutPipeline, step: int, p
                    rollout_s=batch.rollout_seconds, **overlap, step_s=time.perf_counter() - tick,
                    elapsed_s=time.perf_counter() - started)
     progress.update(step, loss=mean["loss"], reward=batch.metrics["reward"], accuracy=batch.metrics["accuracy"])
+    warn_when_rewards_carry_no_signal(session, step, batch.metrics, progress)
+
+
+def degenerate_rewards_message(steps: list[int], metrics: dict[str, Any]) -> str:
+    """Returns the warning for GRPO steps ``steps`` whose every advantage was 0 (``metrics``: the last one's rollout metrics)."""
+    what = ("every reward was 0" if metrics.get("reward") == 0 and not metrics.get("reward_std")
+            else "every group's rewards were equal")
+    return (f"warning: GRPO steps {steps[0]}-{steps[-1]}: {what}, so every advantage is 0 and the policy learns "
+            "nothing from them (the loss is 0 by construction, not because training converged). Check that the "
+            "prompt template and the reward agree (r1_zero wants '</think> <answer>...</answer>'; "
+            "--prompt-template/--reward), that the references are read (the data's answer/ground_truth field), and "
+            "that answers are extracted (reasontune eval on a few questions: its records show format and answer "
+            "rewards). A model that never formats its answer needs SFT first; one that always succeeds needs "
+            "harder questions.")
+
+
+def warn_when_rewards_carry_no_signal(session: GRPOSession, step: int, metrics: dict[str, Any], progress: Progress) -> None:
+    """Returns nothing; after ``DEGENERATE_REWARD_STEPS`` consecutive steps without a non-zero advantage, logs and prints a warning (once per streak)."""
+    if metrics.get("nonzero_advantage_fraction", 1.0) > 0:
+        session.steps_without_signal.clear()
+        return
+    session.steps_without_signal.append(step)
+    if len(session.steps_without_signal) != DEGENERATE_REWARD_STEPS or session.logger is None:
+        return
+    message = degenerate_rewards_message(session.steps_without_signal, metrics)
+    session.logger.log("event", step, message=message)
+    progress.write(message)
 
 
 def train_grpo(session: GRPOSession) -> Path:
