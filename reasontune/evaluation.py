@@ -221,7 +221,8 @@ def _build_eval_generator(config: EvalConfig) -> Generator:
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolved_dtype(config.dtype, device)
     if config.backend == "vllm":
-        server = VLLMServerOptions(config.vllm_server_url, weight_sync="none") if config.vllm_server_url else None
+        server = (VLLMServerOptions(config.vllm_server_url, weight_sync="none", timeout_s=config.vllm_timeout)
+                  if config.vllm_server_url else None)
         return build_generator("vllm", model_name=config.model, dtype=dtype, seed=config.seed,
                                vllm_device=config.vllm_device,
                                vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,

@@ -35,6 +35,7 @@ class RunOptions:
 
     seed: int = help_field(0, "seed of data order, subsets, initialisation and sampling", group="run")
     num_threads: int | None = help_field(None, "torch CPU threads (default: torch's choice)", group="run")
+    process_group_timeout: float = help_field(600.0, "under torchrun: seconds a rank waits in one collective for the others (every process group) before the job stops, naming the rank that stopped answering", group="distributed")
 
 
 @dataclass
@@ -74,7 +75,7 @@ class TaskOptions:
 class GradingOptions:
     """Where grading runs."""
 
-    grading_workers: int | None = help_field(None, "grading worker processes (0: grade in this process; default: the grader's choice)", group="grading")
+    grading_workers: int | None = help_field(None, "grading worker processes (0: grade in this process; default: this node's cores divided by the ranks on it, LOCAL_WORLD_SIZE under torchrun)", group="grading")
 
 
 @dataclass
@@ -91,6 +92,7 @@ class GenerationOptions:
     vllm_weight_sync: Literal["auto", "nccl", "none"] = help_field("auto", "how the policy's weights reach the --vllm-server-url server: nccl (vLLM's weight-transfer API; the server needs --weight-transfer-config '{\"backend\": \"nccl\"}') or none (the server keeps its weights; eval only); auto: nccl for trainers, none for eval", group="generation")
     vllm_weight_sync_address: str | None = help_field(None, "this trainer's address as the vLLM server's workers can reach it, for the NCCL weight group (default: this host's IP address)", group="generation")
     vllm_weight_sync_port: int = help_field(0, "TCP port of the NCCL weight group's rendezvous on this trainer (0: a free port)", group="generation")
+    vllm_timeout: float = help_field(600.0, "seconds one request to the --vllm-server-url server may take, its reply included (a completions request samples all its responses in that time)", group="generation")
 
     def vllm_problems(self, trainer: bool) -> list[str]:
         """Returns what is wrong with the vLLM options: flags that need another, sizes out of range, a malformed server URL."""
@@ -105,6 +107,7 @@ class GenerationOptions:
                                           ("--vllm-data-parallel-size", self.vllm_data_parallel_size)) if value]
         if self.backend != "vllm" and given:
             problems.append(f"{', '.join(given)} given with --backend {self.backend}: add --backend vllm or drop them")
+        _range(problems, "--vllm-timeout", self.vllm_timeout, 0, low_open=True, hint="seconds, e.g. 600")
         sync_flags = [flag for flag, value in (("--vllm-weight-sync", self.vllm_weight_sync != "auto"),
                                                ("--vllm-weight-sync-address", self.vllm_weight_sync_address),
                                                ("--vllm-weight-sync-port", self.vllm_weight_sync_port)) if value]
@@ -112,6 +115,9 @@ class GenerationOptions:
             if sync_flags:
                 problems.append(f"{', '.join(sync_flags)} given without --vllm-server-url: weights are pushed over "
                                 "NCCL only to a vllm serve server; give its URL or drop them")
+            if self.vllm_timeout != 600.0:
+                problems.append("--vllm-timeout given without --vllm-server-url: it bounds requests to a vllm serve "
+                                "server; give its URL or drop the flag")
             return problems + self.launch_problems(world_size)
         problems += server_url_problems(self.vllm_server_url)
         for flag, value in (("--vllm-device", self.vllm_device),
@@ -482,6 +488,8 @@ def validate_common(config: Any) -> list[str]:
     problems: list[str] = []
     if isinstance(config, RunOptions):
         _range(problems, "--num-threads", config.num_threads, 1)
+        _range(problems, "--process-group-timeout", config.process_group_timeout, 0, low_open=True,
+               hint="seconds, e.g. 600")
     if isinstance(config, LoRAOptions):
         problems += config.lora_problems()
     if isinstance(config, TaskOptions) and config.reward not in REWARD_NAMES and ":" not in config.reward:

@@ -315,7 +315,8 @@ def make_generator(config: TrainerOptions, model, tokenizer, device: torch.devic
     server, torchrun = None, torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     if config.vllm_server_url:
         server = VLLMServerOptions(url=config.vllm_server_url, weight_sync=config.weight_sync_mode(trainer=True),
-                                   sync_address=config.vllm_weight_sync_address, sync_port=config.vllm_weight_sync_port)
+                                   sync_address=config.vllm_weight_sync_address, sync_port=config.vllm_weight_sync_port,
+                                   timeout_s=config.vllm_timeout)
     return build_generator(config.backend, model=model, tokenizer=tokenizer, model_name=config.model,
                            dtype=resolved_dtype(config.dtype, str(device)), seed=config.seed,
                            batch_size=config.generation_batch_size, vllm_device=config.vllm_device,
