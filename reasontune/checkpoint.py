@@ -263,15 +263,26 @@ def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, trainer_s
             (temporary / name).write_text(text)
     distributed.barrier()  # every rank's files are in place
     if is_main:
-        _fsync_tree(temporary)
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(retired)
-            temporary.rename(directory)
-            shutil.rmtree(retired)
-        else:
-            temporary.rename(directory)
+        move_into_place(temporary, directory)
     distributed.barrier()
+    return directory
+
+
+def move_into_place(temporary: str | Path, directory: str | Path) -> Path:
+    """Returns ``directory`` after renaming the complete ``temporary`` directory to it (synced to disk first).
+
+    An older ``directory`` is replaced only once the new one is whole: a crash at any point
+    leaves either the old or the new directory under the name, never a half-written one.
+    """
+    temporary, directory = Path(temporary), Path(directory)
+    _fsync_tree(temporary)
+    if directory.exists():
+        retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        directory.rename(retired)
+        temporary.rename(directory)
+        shutil.rmtree(retired)
+    else:
+        temporary.rename(directory)
     return directory
 
 
