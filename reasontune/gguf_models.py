@@ -82,7 +82,10 @@ def load_gguf_tokenizer(path: str | Path):
 
     require_gguf_packages()
     path = Path(path).expanduser().resolve()
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))
+    try:
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=str(path))
+    except (ValueError, KeyError) as error:  # a tokenizer kind transformers cannot convert
+        raise OSError(f"transformers cannot read the tokenizer of {path.name}: {str(error).splitlines()[0]}") from error
 
 
 def load_gguf_model(path: str | Path, dtype: Any = None, attn_implementation: str = "sdpa"):
@@ -103,9 +106,12 @@ def load_gguf_model(path: str | Path, dtype: Any = None, attn_implementation: st
     require_gguf_packages()
     path = Path(path).expanduser().resolve()
     with Heartbeat(f"reading {path.name} and dequantising its weights", every_s=10.0):
-        # float32 whatever ``dtype`` is: the copy below casts once, from the exact dequantised values.
-        quantised = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=str(path), dtype=torch.float32,
-                                                         **_dequantising_options())
+        try:
+            # float32 whatever ``dtype`` is: the copy below casts once, from the exact dequantised values.
+            quantised = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=str(path),
+                                                             dtype=torch.float32, **_dequantising_options())
+        except (ValueError, KeyError) as error:  # an architecture or tensor type transformers cannot read
+            raise OSError(f"transformers cannot read {path.name}: {str(error).splitlines()[0]}") from error
     return plain_model_like(quantised, dtype or torch.float32, attn_implementation)
 
 

@@ -142,8 +142,11 @@ def convert_gguf(gguf: Path, output_dir: Path, dtype: str, source: dict) -> Path
 
     from reasontune.modeling import load_model, load_tokenizer
 
-    model = load_model(str(gguf), dtype=dtype)
-    tokenizer = load_tokenizer(str(gguf))
+    try:
+        model = load_model(str(gguf), dtype=dtype)
+        tokenizer = load_tokenizer(str(gguf))
+    except OSError as error:
+        raise UserError(f"{gguf}: cannot be converted ({str(error).splitlines()[0]})") from error
     expected = _probe_logits(model, tokenizer)
 
     def fill(directory: Path) -> None:
