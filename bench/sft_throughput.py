@@ -79,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--learning-rate", type=float, default=1e-4, help="constant learning rate of AdamW")
     parser.add_argument("--model", help="a real model instead of the tiny one: HF directory, .gguf file or known model "
                                          "name (reasontune models list)")
+    parser.add_argument("--packing-layout", choices=("rows", "flat"), default="rows",
+                        help="our packed layout: rows (padded to the fullest row) or flat (padding-free, TRL's layout)")
     parser.add_argument("--hidden", type=int, default=64, help="hidden size of the tiny Qwen2 model")
     parser.add_argument("--layers", type=int, default=2, help="decoder layers")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads of every variant (the machine is shared)")
@@ -195,7 +197,7 @@ def run_ours(args: argparse.Namespace, workdir: Path, packed: bool, run_name: st
         batch_size=args.batch_size, gradient_accumulation_steps=args.gradient_accumulation_steps,
         learning_rate=args.learning_rate, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.95, max_grad_norm=1.0,
         lr_scheduler="constant", warmup_ratio=0.0, max_length=args.max_length, loss_aggregation="token_mean",
-        packing=packed, seed=0, eval_before_training=False, val_fraction=0.0, save_every=0, log_every=1,
+        packing=packed, packing_layout=args.packing_layout, seed=0, eval_before_training=False, val_fraction=0.0, save_every=0, log_every=1,
         progress=False, write_report=False, num_threads=args.threads,
     )
     run_dir = run_sft(config)
@@ -393,7 +395,7 @@ def run_child(args: argparse.Namespace, variant: str, workdir: Path) -> dict:
     result_path = workdir / f"result-{variant}.json"
     command = [sys.executable, __file__, "--variant", variant, "--result", str(result_path), "--workdir", str(workdir)]
     for name in ("examples", "max_length", "batch_size", "gradient_accumulation_steps", "learning_rate", "hidden",
-                 "layers", "threads"):
+                 "layers", "threads", "packing_layout"):
         command.append(f"--{name.replace('_', '-')}={getattr(args, name)}")
     threads = str(args.threads)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
