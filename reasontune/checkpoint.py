@@ -442,13 +442,7 @@ def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, trainer_s
                                                        "there is no earlier checkpoint")) from None
         raise
     if is_main:
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(retired)
-            temporary.rename(directory)
-            shutil.rmtree(retired)
-        else:
-            temporary.rename(directory)
+        move_into_place(temporary, directory)
     distributed.barrier()
     return directory
 
@@ -462,6 +456,24 @@ def _is_disk_full(error: BaseException) -> bool:
         if any(sign in text for sign in ("No space left on device", "StorageFull", "Disk quota exceeded")):
             return True
     return False
+
+
+def move_into_place(temporary: str | Path, directory: str | Path) -> Path:
+    """Returns ``directory`` after renaming the complete ``temporary`` directory to it (synced to disk first).
+
+    An older ``directory`` is replaced only once the new one is whole: a crash at any point
+    leaves either the old or the new directory under the name, never a half-written one.
+    """
+    temporary, directory = Path(temporary), Path(directory)
+    _fsync_tree(temporary)
+    if directory.exists():
+        retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        directory.rename(retired)
+        temporary.rename(directory)
+        shutil.rmtree(retired)
+    else:
+        temporary.rename(directory)
+    return directory
 
 
 def _save_sharded(path: Path, model: Any, optimizer: Any) -> None:

@@ -44,6 +44,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "side-by-side table of runs or evaluations over their shared benchmarks, with paired bootstrap p-values and a plot"),
     "report": ("reasontune.report", "ReportConfig", "run_report",
                "plots and a summary page for a run directory"),
+    "models": ("reasontune.models", "ModelsConfig", "run_models",
+               "write a model directory for --model: a known model (models get NAME), a GGUF file converted (--gguf), "
+               "a tiny random one (models tiny), or list the known ones"),
 }
 
 

@@ -61,9 +61,9 @@ def same_field(options_cls: type, name: str, default: Any, aliases: tuple[str, .
                       aliases=original.metadata.get("aliases", ()) if aliases is None else aliases)
 
 
-def positional_field(help: str) -> Any:
-    """Returns a required dataclass field given on the command line without a flag (``report RUN_DIR``)."""
-    return dataclasses.field(metadata={"help": help, "positional": True})
+def positional_field(help: str, default: Any = dataclasses.MISSING) -> Any:
+    """Returns a dataclass field given on the command line without a flag (``report RUN_DIR``): required unless it has a ``default``."""
+    return dataclasses.field(default=default, metadata={"help": help, "positional": True})
 
 
 def _flag(name: str) -> str:
@@ -119,8 +119,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -
             if typing.get_origin(annotation) is list:  # several values: reasontune compare RUN_A RUN_B …
                 (item_type,) = typing.get_args(annotation) or (str,)
                 parser.add_argument(field.name, nargs="+", type=item_type, help=help_text)
+            elif field.default is not dataclasses.MISSING:  # optional: reasontune models get [NAME]
+                parser.add_argument(field.name, nargs="?", default=field.default, type=_parser_for(annotation, allows_none),
+                                    metavar=f"[{field.name.upper()}]", help=help_text)
             else:
-                parser.add_argument(field.name, type=_parser_for(annotation, allows_none), help=help_text)
+                choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+                parser.add_argument(field.name, type=_parser_for(annotation, allows_none), help=help_text,
+                                    metavar="{" + ",".join(choices) + "}" if choices else None)
             continue
         group_name = field.metadata.get("group") or "options"
         if group_name not in groups:

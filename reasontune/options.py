@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from reasontune.config import help_field
+from reasontune.gguf_models import gguf_file_problem, is_gguf_file, missing_gguf_packages, missing_packages_message
 
 DType = Literal["float32", "bfloat16", "float16"]
 REWARD_NAMES = ("auto", "r1_zero", "question_only")
@@ -42,7 +43,7 @@ class RunOptions:
 class ModelOptions:
     """Which model, in which dtype, on which device."""
 
-    model: str = help_field("Qwen/Qwen2.5-Math-1.5B", "hub name or local directory of the causal LM (with its tokenizer)", group="model", aliases=("model-path", "model-name-or-path"))
+    model: str = help_field("Qwen/Qwen2.5-Math-1.5B", "hub name, local directory (with its tokenizer) or local .gguf file (dequantised to --dtype; needs reasontune[gguf]) of the causal LM", group="model", aliases=("model-path", "model-name-or-path"))
     dtype: DType | None = help_field(None, "parameter dtype (default: bfloat16 on a GPU, float32 on a CPU)", group="model")
     device: str | None = help_field(None, "torch device (default: cuda when available, else cpu)", group="model")
     attn_implementation: str | None = help_field(None, "attention kernel: sdpa, flash_attention_2 or eager (default: flash_attention_2 when installed on CUDA, else sdpa)", group="model")
@@ -369,6 +370,11 @@ def model_problems(flag: str, model: str) -> list[str]:
     """Returns what is wrong with a model flag: a local directory that is missing or holds no config.json, or a malformed hub id."""
     if not model:
         return [f"{flag}: required; give a local model directory or a hub id such as Qwen/Qwen2.5-Math-1.5B"]
+    if is_gguf_file(model):  # a local GGUF file, dequantised on load
+        problem = gguf_file_problem(model)
+        missing = missing_gguf_packages()
+        return ([f"{flag} {model}: {problem}"] if problem else []) + (
+            [f"{flag} {model}: {missing_packages_message(missing)}"] if missing else [])
     if not looks_like_path(model):
         return hub_model_problems(flag, model)
     path = Path(model).expanduser()
@@ -559,6 +565,9 @@ def environment_problems(config: Any) -> list[str]:
     if isinstance(config, GenerationOptions) and config.backend == "vllm" and (
             not config.vllm_server_url or config.weight_sync_mode(isinstance(config, TrainerOptions)) == "nccl"):
         problems += package_problems("--backend vllm", "vllm", "vllm")
+        if isinstance(config, ModelOptions) and is_gguf_file(config.model):
+            problems.append(f"--backend vllm: loads --model itself, and {config.model} is a GGUF file; convert it once "
+                            f"with reasontune models get --gguf {config.model} --output-dir DIR and give --model DIR")
     if isinstance(config, ShardingOptions):
         problems += config.sharding_environment_problems()
     if isinstance(config, InLoopEvaluationOptions):

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from numbers import Number
 from pathlib import Path
@@ -280,3 +281,39 @@ def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Heartbeat:
+    """Prints ``<description>: <elapsed> …`` every ``every_s`` seconds while a long step that reports no counts runs.
+
+    For steps such as reading and dequantising a model file: a line each time (never a
+    carriage-return bar), so a batch job's log shows the work is alive, and one closing line
+    with the total time. ``status()`` (when given) adds what is known so far to each line.
+    """
+
+    def __init__(self, description: str, every_s: float = 10.0, stream: Any = None, status: Any = None):
+        self.description, self.every_s, self.status = description, every_s, status
+        self.stream = sys.stderr if stream is None else stream
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._started = time.monotonic()
+
+    def _line(self, suffix: str = "") -> str:
+        known = self.status() if self.status is not None else ""
+        return f"{self.description}: {_duration(time.monotonic() - self._started)}{' ' + known if known else ''}{suffix}"
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.every_s):
+            print(self._line(" …"), file=self.stream, flush=True)
+
+    def __enter__(self) -> Heartbeat:
+        print(f"{self.description} …", file=self.stream, flush=True)
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        self._done.set()
+        self._thread.join()
+        if exc_type is None:
+            print(self._line(", done"), file=self.stream, flush=True)
