@@ -20,7 +20,7 @@ TRAINED = {"sft", "grpo"}
 
 
 def read_minutes(runs: Path) -> dict[str, float]:
-    """Returns {stage: minutes} from minutes.tsv (the last line of a stage wins: a resumed stage adds its parts)."""
+    """Returns {stage: minutes} from minutes.tsv (an interrupted and resumed stage has one line per part; they are summed)."""
     minutes: dict[str, float] = {}
     path = runs / "minutes.tsv"
     if path.exists():
