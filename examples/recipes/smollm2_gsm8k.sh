@@ -18,7 +18,7 @@ THREADS=${THREADS:-1}                       # 1: on a loaded 2-core machine two 
 PROMPT=${PROMPT:-$(dirname "$0")/smollm2_r1_zero_chat.prompt}  # SmolLM2's chat template, R1-Zero instruction, ends in <think>
 EVAL_QUESTIONS=${EVAL_QUESTIONS:-200}       # the same seeded subset of the test split for every stage
 SFT_EXAMPLES=${SFT_EXAMPLES:-256}
-GRPO_STEPS=${GRPO_STEPS:-2}
+GRPO_STEPS=${GRPO_STEPS:-1}
 REASONTUNE=${REASONTUNE:-python3 -m reasontune}
 
 mkdir -p "$RUNS"
@@ -62,9 +62,9 @@ stage_grpo() {
     local out=$RUNS/grpo
     if [ -d "$out/final" ]; then echo "== grpo: done ($out/final)" >&2; return; fi
     timed grpo $REASONTUNE grpo --model "$RUNS/sft/final" --train-data "$GSM8K_DIR/train.jsonl" \
-        --prompt-template "$PROMPT" --n-grpo-steps "$GRPO_STEPS" --rollout-batch-size 64 --group-size 8 \
-        --train-batch-size 64 --gradient-accumulation-steps 8 --learning-rate 2e-5 \
-        --sampling-temperature 0.8 --sampling-max-tokens 256 --generation-batch-size 64 --eval-examples 0 --save-every 1 \
+        --prompt-template "$PROMPT" --n-grpo-steps "$GRPO_STEPS" --rollout-batch-size 32 --group-size 8 \
+        --train-batch-size 32 --gradient-accumulation-steps 4 --learning-rate 2e-5 \
+        --sampling-temperature 0.8 --sampling-max-tokens 256 --generation-batch-size 32 --eval-examples 0 --save-every 1 \
         --num-threads "$THREADS" --output-dir "$out" $(resume_flag "$out")
 }
 
