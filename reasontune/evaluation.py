@@ -310,6 +310,8 @@ def _run_eval(config: EvalConfig, ctx: distributed.DistributedContext) -> int:
         raise SystemExit("error: " + "; ".join(config.launch_problems(ctx.world_size)))
     with contextlib.nullcontext() if ctx.is_main else contextlib.redirect_stderr(io.StringIO()):
         sets, read = eval_sets(config)  # every rank reads the data; rank 0 reports what was read
+    if config.num_threads:  # e.g. 1 on a loaded machine, where OpenMP threads fighting over cores cost 10x
+        torch.set_num_threads(config.num_threads)
     options = SamplingOptions(temperature=config.eval_temperature, top_p=config.eval_top_p,
                               max_new_tokens=config.eval_max_new_tokens, n=config.eval_n_samples, seed=config.seed,
                               return_entropy=config.entropy and config.backend == "hf")
