@@ -581,15 +581,21 @@ def model_files_problem(directory: str | Path) -> str | None:
     for path in sorted(Path(directory).iterdir()):
         if not path.is_file():
             continue
-        if path.suffix == ".json":
-            try:
-                json.loads(path.read_text(encoding="utf-8"))
-            except (ValueError, RecursionError) as error:
-                return f"{path}: truncated or corrupt JSON ({_why(error)})"
-        elif path.suffix == ".safetensors":
-            problem = _safetensors_problem(path)
-            if problem:
-                return problem
+        problem = _file_problem(path)
+        if problem:
+            return problem
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Returns why one JSON or safetensors file is truncated or corrupt, or None (other files are not read)."""
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as error:
+            return f"{path}: truncated or corrupt JSON ({_why(error)})"
+    elif path.suffix == ".safetensors":
+        return _safetensors_problem(path)
     return None
 
 
@@ -610,15 +616,9 @@ def checkpoint_problem(directory: str | Path) -> str | None:
             if path.suffix in PICKLE_SUFFIXES:
                 return (f"{path}: a pickle-format file, which reasontune never writes into a checkpoint and does not "
                         "open (unpickling can run code)")
-            if path.suffix == ".json":
-                try:
-                    json.loads(path.read_text(encoding="utf-8"))
-                except (ValueError, RecursionError) as error:
-                    return f"{path}: truncated or corrupt JSON ({_why(error)})"
-            elif path.suffix == ".safetensors":
-                problem = _safetensors_problem(path)
-                if problem:
-                    return problem
+            problem = _file_problem(path)
+            if problem:
+                return problem
         if (directory / SHARDED_DIR).is_dir():
             read_sharded_metadata(directory / SHARDED_DIR)
     except CheckpointError as error:
