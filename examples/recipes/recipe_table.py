@@ -4,7 +4,7 @@
 
 Reads what examples/recipes/smollm2_gsm8k.sh wrote under the run directory: ``minutes.tsv``
 (wall-clock minutes of each stage), ``eval-<stage>/summary.json`` (accuracy with its
-percentile-bootstrap interval over questions, format rate, mean response tokens) and
+95% interval over questions (Wilson score for 0/1 scores), format rate, mean response tokens) and
 ``compare-<a>-<b>/comparison.json`` (the paired difference of consecutive stages and its
 p-value). Stages without results yet are listed as not run.
 """
