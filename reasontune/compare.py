@@ -277,12 +277,12 @@ def format_comparison(comparison: Comparison) -> str:
 
 def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     """Returns ``path`` after drawing the comparison as grouped bars (one group per row, one bar per run, 95% intervals)."""
-    from matplotlib.figure import Figure
+    from reasontune.plotting import new_axes, save  # lazy: matplotlib, only when a plot is drawn
 
     rows = comparison.rows
-    figure = Figure(figsize=(max(6.0, 1.2 * len(rows) * len(comparison.runs) / 2 + 2), 4.5), dpi=100,
-                    layout="constrained")
-    axes = figure.add_subplot()
+    figure, axes = new_axes("runs compared (bars: 95% bootstrap intervals over matched questions)",
+                            "percent of questions", xlabel="",
+                            size=(max(6.0, 1.2 * len(rows) * len(comparison.runs) / 2 + 2), 4.5))
     width = 0.8 / len(comparison.runs)
     for run_index, label in enumerate(comparison.runs):
         xs = [i + (run_index - (len(comparison.runs) - 1) / 2) * width for i in range(len(rows))]
@@ -291,15 +291,10 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
                   [100 * (row["values"][run_index]["high"] - row["values"][run_index]["value"]) for row in rows]]
         axes.bar(xs, values, width=width, yerr=errors, capsize=3, label=label)
     axes.set_xticks(range(len(rows)), [f"{row['benchmark']}\n{row['metric']}" for row in rows])
-    axes.set_ylabel("percent of questions")
     axes.set_ylim(0, 100)
-    axes.set_title("runs compared (bars: 95% bootstrap intervals over matched questions)")
-    axes.grid(True, axis="y", alpha=0.35)
+    axes.grid(False, axis="x")
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: bars reach 100%
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return save(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """Plots of an evaluation directory: pass@k against k, accuracy by response length, lengths by outcome.
 
 Each plot has a pure function computing its numbers (tested) and a drawing function writing a
-PNG with matplotlib's Agg canvas (a bare ``Figure``: pyplot's global backend is left alone).
+PNG in the one figure style of ``reasontune.plotting``. A pass@k "curve" of one k (one sample per
+question) is one dot: it is left to the tables, which state it as a number.
 Records are ``reasontune eval``'s per-sample records (``answer_reward``, ``category``,
 ``response_tokens``, ``sample``, ``question_id`` or ``prompt``).
 """
@@ -14,7 +15,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from reasontune.estimators import bootstrap_interval, group_samples, question_scores
-from reasontune.report import new_axes  # the one figure style of every plot
+from reasontune.plotting import new_axes, powers_of_two_axis, save
 from reasontune.rollouts import CATEGORIES  # the one definition of the outcome categories
 
 
@@ -75,27 +76,32 @@ def lengths_by_category(records: Sequence[Mapping[str, Any]]) -> dict[str, list[
     return result
 
 
-def _save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
-
-
 def plot_pass_at_k(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path,
-                   n_bootstrap: int = 200, seed: int = 0) -> Path:
-    """Returns the path of ``pass_at_k.png`` in ``out_dir``: pass@k against k (log2 axis), one line per benchmark."""
+                   n_bootstrap: int = 200, seed: int = 0) -> Path | None:
+    """Returns the path of ``pass_at_k.png`` in ``out_dir`` (pass@k against k, log2 axis, one line per benchmark), or None.
+
+    None, and no file, when no benchmark has more than one k: one dot is not a curve, and the
+    tables already give that pass@1 as a number. A one-k benchmark beside curves is a dot
+    labelled with its value.
+    """
+    curves = {name: points for name, records in records_by_benchmark.items()
+              if (points := pass_at_k_curve(records, n_bootstrap=n_bootstrap, seed=seed))}
+    if not any(len(points) > 1 for points in curves.values()):
+        return None
     figure, axes = new_axes("pass@k (unbiased; band: 95% bootstrap over questions)", "pass@k (%)", xlabel="k (samples)")
-    for name, records in records_by_benchmark.items():
-        points = pass_at_k_curve(records, n_bootstrap=n_bootstrap, seed=seed)
-        if not points:
-            continue
+    for name, points in curves.items():
         ks = [p["k"] for p in points]
-        axes.plot(ks, [100 * p["value"] for p in points], marker="o", label=name)
+        values = [100 * p["value"] for p in points]
+        if len(points) == 1:
+            axes.errorbar(ks, values, yerr=[[values[0] - 100 * points[0]["low"]], [100 * points[0]["high"] - values[0]]],
+                          marker="o", capsize=3, label=f"{name}: pass@{ks[0]} {values[0]:.1f}%")
+            continue
+        axes.plot(ks, values, marker="o", label=name)
         axes.fill_between(ks, [100 * p["low"] for p in points], [100 * p["high"] for p in points], alpha=0.2)
-    axes.set_xscale("log", base=2)
+    powers_of_two_axis(axes, [p["k"] for points in curves.values() for p in points])
     axes.set_ylim(0, 100)
     axes.legend()
-    return _save(figure, Path(out_dir) / "pass_at_k.png")
+    return save(figure, Path(out_dir) / "pass_at_k.png")
 
 
 def plot_accuracy_by_length(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
@@ -108,7 +114,7 @@ def plot_accuracy_by_length(records: Sequence[Mapping[str, Any]], out_dir: str |
         axes.annotate(str(b["count"]), ((b["low"] + b["high"]) / 2, 100 * b["accuracy"]), ha="center", va="bottom",
                       fontsize=8)
     axes.set_ylim(0, 105)
-    return _save(figure, Path(out_dir) / f"accuracy_by_length{f'_{name}' if name else ''}.png")
+    return save(figure, Path(out_dir) / f"accuracy_by_length{f'_{name}' if name else ''}.png")
 
 
 def plot_length_by_category(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
@@ -124,13 +130,14 @@ def plot_length_by_category(records: Sequence[Mapping[str, Any]], out_dir: str |
         if lengths:
             axes.hist(lengths, bins=edges, alpha=0.5, color=colors[category], label=f"{category} ({len(lengths)})")
     axes.legend()
-    return _save(figure, Path(out_dir) / f"length_by_category{f'_{name}' if name else ''}.png")
+    return save(figure, Path(out_dir) / f"length_by_category{f'_{name}' if name else ''}.png")
 
 
 def write_eval_plots(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path,
                      n_bootstrap: int = 200, seed: int = 0) -> list[Path]:
-    """Returns the PNGs written into ``out_dir``: the pass@k plot, then per benchmark accuracy-by-length and length-by-outcome."""
-    written = [plot_pass_at_k(records_by_benchmark, out_dir, n_bootstrap, seed)]
+    """Returns the PNGs written into ``out_dir``: the pass@k plot (when some benchmark has several k), then per benchmark accuracy-by-length and length-by-outcome."""
+    pass_at_k = plot_pass_at_k(records_by_benchmark, out_dir, n_bootstrap, seed)
+    written = [pass_at_k] if pass_at_k is not None else []
     for name, records in records_by_benchmark.items():
         if records:
             written.append(plot_accuracy_by_length(records, out_dir, name))

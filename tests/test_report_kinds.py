@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 
 from reasontune.cli import main
-from reasontune.report import read_run, write_report
+from reasontune.report import write_report
+from reasontune.report.reading import read_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -17,7 +18,7 @@ def write_jsonl(path: Path, records) -> None:
 
 
 def test_grpo_report_plots_rollout_curves_per_grpo_step_and_shows_grpo_settings(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model": "m", "train_data": "q.jsonl", "n_grpo_steps": 3,
+    (tmp_path / "config.json").write_text(json.dumps({"command": "grpo", "model": "m", "train_data": "q.jsonl", "n_grpo_steps": 3,
                                                       "group_size": 8, "loss_type": "grpo_clip", "kl_coef": 0.04,
                                                       "batch_size_never_a_grpo_field": 99}))
     write_jsonl(tmp_path / "metrics.jsonl", [
@@ -39,7 +40,7 @@ def test_grpo_report_plots_rollout_curves_per_grpo_step_and_shows_grpo_settings(
 
 
 def test_report_works_on_an_eval_directory(tmp_path, capsys):
-    (tmp_path / "config.json").write_text(json.dumps({"model": "m", "data": "q.jsonl", "eval_n_samples": 1}))
+    (tmp_path / "config.json").write_text(json.dumps({"command": "eval", "model": "m", "data": "q.jsonl", "eval_n_samples": 1}))
     write_jsonl(tmp_path / "records.jsonl", [
         {"index": 0, "sample": 0, "prompt": "Q", "response": "</think> <answer>1</answer>", "ground_truth": "1",
          "format_reward": 1.0, "answer_reward": 1.0, "reward": 1.0, "category": "correct", "response_tokens": 5,
