@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from reasontune.estimators import bootstrap_interval, group_samples, question_scores
 from reasontune.plotting import new_axes, powers_of_two_axis, save
@@ -76,13 +77,12 @@ def lengths_by_category(records: Sequence[Mapping[str, Any]]) -> dict[str, list[
     return result
 
 
-def plot_pass_at_k(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path,
-                   n_bootstrap: int = 200, seed: int = 0) -> Path | None:
-    """Returns the path of ``pass_at_k.png`` in ``out_dir`` (pass@k against k, log2 axis, one line per benchmark), or None.
+def pass_at_k_figure(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]]], n_bootstrap: int = 200,
+                     seed: int = 0) -> Figure | None:
+    """Returns pass@k against k (log2 axis, one line per benchmark, 95% bootstrap band), or None when no benchmark has several k.
 
-    None, and no file, when no benchmark has more than one k: one dot is not a curve, and the
-    tables already give that pass@1 as a number. A one-k benchmark beside curves is a dot
-    labelled with its value.
+    One dot is not a curve: with a single k the tables give pass@k as a number. A one-k
+    benchmark beside curves is a dot with its interval, its value in the legend.
     """
     curves = {name: points for name, records in records_by_benchmark.items()
               if (points := pass_at_k_curve(records, n_bootstrap=n_bootstrap, seed=seed))}
@@ -101,12 +101,18 @@ def plot_pass_at_k(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]
     powers_of_two_axis(axes, [p["k"] for points in curves.values() for p in points])
     axes.set_ylim(0, 100)
     axes.legend()
-    return save(figure, Path(out_dir) / "pass_at_k.png")
+    return figure
 
 
-def plot_accuracy_by_length(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
-                            bins: int = 10) -> Path:
-    """Returns the path of ``accuracy_by_length[_NAME].png``: accuracy per response-length bin, sample counts on the bars."""
+def plot_pass_at_k(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path,
+                   n_bootstrap: int = 200, seed: int = 0) -> Path | None:
+    """Returns the path of ``pass_at_k.png`` in ``out_dir`` (``pass_at_k_figure``), or None, writing nothing, when there is one k."""
+    figure = pass_at_k_figure(records_by_benchmark, n_bootstrap, seed)
+    return None if figure is None else save(figure, Path(out_dir) / "pass_at_k.png")
+
+
+def accuracy_by_length_figure(records: Sequence[Mapping[str, Any]], name: str = "", bins: int = 10) -> Figure:
+    """Returns accuracy per response-length bin as bars, the sample count on each."""
     figure, axes = new_axes(f"accuracy by response length{f' ({name})' if name else ''}", "accuracy (%)",
                             xlabel="response tokens")
     for b in accuracy_by_length(records, bins):
@@ -114,12 +120,18 @@ def plot_accuracy_by_length(records: Sequence[Mapping[str, Any]], out_dir: str |
         axes.annotate(str(b["count"]), ((b["low"] + b["high"]) / 2, 100 * b["accuracy"]), ha="center", va="bottom",
                       fontsize=8)
     axes.set_ylim(0, 105)
-    return save(figure, Path(out_dir) / f"accuracy_by_length{f'_{name}' if name else ''}.png")
+    return figure
 
 
-def plot_length_by_category(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
-                            bins: int = 30) -> Path:
-    """Returns the path of ``length_by_category[_NAME].png``: response-length histograms of the three outcomes."""
+def plot_accuracy_by_length(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
+                            bins: int = 10) -> Path:
+    """Returns the path of ``accuracy_by_length[_NAME].png`` (``accuracy_by_length_figure``) in ``out_dir``."""
+    return save(accuracy_by_length_figure(records, name, bins),
+                Path(out_dir) / f"accuracy_by_length{f'_{name}' if name else ''}.png")
+
+
+def length_by_category_figure(records: Sequence[Mapping[str, Any]], name: str = "", bins: int = 30) -> Figure:
+    """Returns response-length histograms of the three outcomes, each labelled with its count."""
     figure, axes = new_axes(f"response length by outcome{f' ({name})' if name else ''}", "samples",
                             xlabel="response tokens")
     groups = lengths_by_category(records)
@@ -130,7 +142,14 @@ def plot_length_by_category(records: Sequence[Mapping[str, Any]], out_dir: str |
         if lengths:
             axes.hist(lengths, bins=edges, alpha=0.5, color=colors[category], label=f"{category} ({len(lengths)})")
     axes.legend()
-    return save(figure, Path(out_dir) / f"length_by_category{f'_{name}' if name else ''}.png")
+    return figure
+
+
+def plot_length_by_category(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
+                            bins: int = 30) -> Path:
+    """Returns the path of ``length_by_category[_NAME].png`` (``length_by_category_figure``) in ``out_dir``."""
+    return save(length_by_category_figure(records, name, bins),
+                Path(out_dir) / f"length_by_category{f'_{name}' if name else ''}.png")
 
 
 def write_eval_plots(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path,
