@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from reasontune.compare import CompareConfig, compare_runs, find_evaluations, format_comparison, run_compare
+from reasontune.config import check_config
+from reasontune.compare import CompareConfig, compare_runs, format_comparison, run_compare
+from reasontune.run_layout import find_evaluations, read_jsonl
 from reasontune.data import DataError
 from reasontune.eval_plots import accuracy_by_length, curve_ks, lengths_by_category, pass_at_k_curve, write_eval_plots
 
@@ -107,7 +109,7 @@ def test_run_compare_prints_and_writes_files(tmp_path, capsys):
     _write_eval(tmp_path / "tuned" / "math500", ALL)
     config = CompareConfig(runs=[str(tmp_path / "base"), str(tmp_path / "tuned")], k="1", n_bootstrap=200,
                            output_dir=str(tmp_path / "out"))
-    config.validate()
+    check_config(config, environment=False)
     assert run_compare(config) == 0
     printed = capsys.readouterr().out
     assert "math500" in printed and "tuned - base (p)" in printed
@@ -115,7 +117,7 @@ def test_run_compare_prints_and_writes_files(tmp_path, capsys):
     payload = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert payload["rows"][0]["values"][1]["value"] == 1.0
     with pytest.raises(SystemExit, match="at least two runs"):
-        CompareConfig(runs=["one"]).validate()
+        check_config(CompareConfig(runs=["one"]), environment=False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -139,9 +141,7 @@ def test_accuracy_by_length_hand_bins():
 
 def test_pass_at_k_curve_and_categories(tmp_path):
     _write_eval(tmp_path / "e", [[True, False, False, False], [False, False, False, False]])
-    from reasontune.compare import read_records
-
-    records = read_records(tmp_path / "e" / "records.jsonl")
+    records = read_jsonl(tmp_path / "e" / "records.jsonl")
     curve = pass_at_k_curve(records, n_bootstrap=50)
     # Question 0: c=1 of 4 -> pass@1 1/4, pass@2 1 - C(3,2)/C(4,2) = 1/2, pass@4 1; question 1: 0. Mean over 2.
     assert [p["k"] for p in curve] == [1, 2, 4]

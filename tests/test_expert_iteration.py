@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from reasontune.training.common import question_batch
+from reasontune.training.policy_sampling import question_batch
 from reasontune.training.expert_iteration import ExpertIterationConfig, run_expert_iteration
 
 torch.set_num_threads(1)

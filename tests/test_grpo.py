@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from reasontune.config import check_config
 from reasontune.losses import compute_group_normalized_rewards, compute_k3_kl, grpo_microbatch_train_step
-from reasontune.training.grpo import GRPOConfig, add_log_probs, rollout_microbatches, run_grpo, train_step
+from reasontune.training.grpo import run_grpo, train_step
+from reasontune.training.grpo_config import GRPOConfig
+from reasontune.training.grpo_rollouts import add_log_probs, rollout_microbatches
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -47,7 +50,7 @@ def _response_log_prob_sums(model, microbatches) -> list[float]:
 
 
 def test_config_invariants_have_clear_errors():
-    _config().validate()
+    check_config(_config(), environment=False)
     cases = [
         (dict(train_batch_size=4, gradient_accumulation_steps=3), "divisible by --gradient-accumulation-steps"),
         (dict(rollout_batch_size=6, group_size=4, train_batch_size=6, gradient_accumulation_steps=1),
@@ -63,7 +66,7 @@ def test_config_invariants_have_clear_errors():
     ]
     for overrides, message in cases:
         with pytest.raises(SystemExit, match=message):
-            _config(**overrides).validate()
+            check_config(_config(**overrides), environment=False)
     assert _config(train_batch_size=2, gradient_accumulation_steps=1, loss_type="grpo_clip").off_policy
     assert not _config().off_policy
 
@@ -206,7 +209,7 @@ def test_recipe_fills_what_was_not_given_and_flags_win():
     assert GRPOConfig.from_recipe("dr_grpo", train_data="q").advantage_std == "none"
     assert GRPOConfig.from_recipe("rloo", train_data="q").advantage_baseline == "leave_one_out"
     with pytest.raises(SystemExit, match="cliprange-high"):
-        GRPOConfig(train_data="q", loss_type="grpo_clip", cliprange=0.2, cliprange_high=0.1).validate()
+        check_config(GRPOConfig(train_data="q", loss_type="grpo_clip", cliprange=0.2, cliprange_high=0.1), environment=False)
 
 
 def argparse_namespace(namespace):
