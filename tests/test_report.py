@@ -85,7 +85,7 @@ def test_report_writes_valid_pngs_and_a_page_with_the_run(run_dir):
     # Outcomes counted from records: after = 2 correct, 1 formatted wrong (43 vs 42), 1 unformatted.
     assert "2 correct / 1 formatted but wrong / 1 unformatted of 4" in page
     assert "1 correct / 0 formatted but wrong / 1 unformatted of 2" in page
-    assert "metrics.jsonl line 8 skipped: not valid JSON" in page
+    assert "metrics.jsonl line 8 skipped: invalid JSON" in page
     assert "resumed from checkpoint-5" in page and "train_examples 480, truncated_examples 3</li>" in page
     assert "Qwen/Qwen2.5-Math-1.5B" in page and "token_mean" in page and "bfloat16" in page
     assert "1,007 (median over logged steps)" in page  # tokens/s 1001..1012: the upper median, 7th of 12

@@ -22,10 +22,8 @@ from pathlib import Path
 from reasontune.config import positional_field
 from reasontune.report.pages import build_page, render_html, render_markdown
 from reasontune.report.plots import write_plots
-from reasontune.report.reading import COMPARISON_FILE, REPORT_DIR, read_run
-
-# What makes a directory one the report can show (one of them present).
-RECOGNISED_FILES = ("metrics.jsonl", "summary.json", "results.json", "config.json", COMPARISON_FILE)
+from reasontune.report.reading import read_run
+from reasontune.run_layout import CONFIG_FILE, REPORT_DIR, is_compare_dir, is_eval_output, is_training_run
 
 
 @dataclasses.dataclass
@@ -43,9 +41,8 @@ def run_report(config: ReportConfig) -> int:
     if not run_dir.is_dir():
         raise SystemExit(f"error: run directory {run_dir} does not exist (give the --output-dir of a training run, "
                          "of reasontune eval or of reasontune compare)")
-    recognised = any((run_dir / name).exists() for name in RECOGNISED_FILES) or any(
-        (child / "summary.json").is_file() for child in run_dir.iterdir() if child.is_dir())
-    if not recognised:
+    if not ((run_dir / CONFIG_FILE).is_file() or is_training_run(run_dir) or is_eval_output(run_dir)
+            or is_compare_dir(run_dir)):
         raise SystemExit(f"error: {run_dir}: neither a run directory (metrics.jsonl), an evaluation directory "
                          "(summary.json) nor a comparison (comparison.json); give the --output-dir of reasontune "
                          "sft/ei/grpo/eval/compare")

@@ -16,13 +16,13 @@ from typing import Any
 
 from reasontune.compare import Comparison
 from reasontune.rollouts import CATEGORIES, category
+from reasontune.run_layout import (CHECKPOINT_NAME, COMPARISON_FILES, CONFIG_FILE, EVAL_DIR, EVAL_STEP_NAME, FINAL_DIR,
+                                   METRICS_FILE, RECORDS_FILE, REPORT_DIR, SUMMARY_FILE, read_jsonl, recorded_command)
 
-REPORT_DIR = "report"
-COMPARISON_FILE = "comparison.json"
+COMPARISON_FILE = next(name for name in COMPARISON_FILES if name.endswith(".json"))
 TRAINING_COMMANDS = ("sft", "ei", "grpo")
 STEP_UNIT = {"sft": "optimizer step", "ei": "EI step (sample → grade → SFT)", "grpo": "GRPO step (one rollout batch)",
              "run": "step", "eval": "evaluation", "compare": "comparison"}
-MOST_PROBLEMS_PER_FILE = 10
 
 
 @dataclasses.dataclass
@@ -59,8 +59,7 @@ class RunData:
     @property
     def command(self) -> str | None:
         """Returns the command that wrote the directory as its config.json records it, or None."""
-        command = (self.config or {}).get("command")
-        return command if isinstance(command, str) else None
+        return recorded_command(self.config)
 
     @property
     def kind(self) -> str:
@@ -79,33 +78,6 @@ class RunData:
 
 # ---------------------------------------------------------------------------------------------
 # Files
-
-
-def read_jsonl_tolerantly(path: Path, problems: list[str], label: str) -> list[dict[str, Any]]:
-    """Returns the JSON objects of ``path``'s lines; each unreadable line is skipped and named in ``problems``."""
-    records, skipped = [], []
-    with open(path, encoding="utf-8", errors="replace") as file:
-        for number, line in enumerate(file, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                skipped.append(f"{label} line {number} skipped: not valid JSON ({error.msg} at column {error.colno})")
-                continue
-            except (RecursionError, ValueError):
-                skipped.append(f"{label} line {number} skipped: not valid JSON (nested too deeply, or a number "
-                               "too long)")
-                continue
-            if not isinstance(record, dict):
-                skipped.append(f"{label} line {number} skipped: expected a JSON object, got {type(record).__name__}")
-                continue
-            records.append(record)
-    # Name the first few; a file of thousands of bad lines should not bury the page.
-    problems.extend(skipped[:MOST_PROBLEMS_PER_FILE])
-    if len(skipped) > MOST_PROBLEMS_PER_FILE:
-        problems.append(f"{label}: {len(skipped) - MOST_PROBLEMS_PER_FILE} more lines skipped")
-    return records
 
 
 def read_json_object(path: Path, problems: list[str], label: str) -> dict[str, Any] | None:
@@ -134,8 +106,8 @@ def _as_int(value: Any) -> int | None:
     return None
 
 
-def _step_of(name: str, prefix: str) -> int | None:
-    match = re.fullmatch(re.escape(prefix) + r"(\d+)", name)
+def _step_of(name: str, pattern: re.Pattern) -> int | None:
+    match = pattern.fullmatch(name)
     return int(match.group(1)) if match else None
 
 
@@ -147,17 +119,18 @@ def read_run(run_dir: str | Path) -> RunData:
     """Returns the contents of a run, evaluation or comparison directory; unreadable pieces are listed in ``problems``."""
     run_dir = Path(run_dir)
     run = RunData(run_dir=run_dir)
-    if (run_dir / "config.json").is_file():
-        run.config = read_json_object(run_dir / "config.json", run.problems, "config.json")
+    if (run_dir / CONFIG_FILE).is_file():
+        run.config = read_json_object(run_dir / CONFIG_FILE, run.problems, CONFIG_FILE)
     if (run_dir / COMPARISON_FILE).is_file():
         run.comparison = read_comparison(run_dir / COMPARISON_FILE, run.problems)
         if run.comparison is not None:
             return run
 
     evals: dict[int, EvalResult] = {}
-    if (run_dir / "metrics.jsonl").is_file():
+    metrics = run_dir / METRICS_FILE
+    if metrics.is_file():
         train_by_step: dict[int, dict[str, Any]] = {}
-        for record in read_jsonl_tolerantly(run_dir / "metrics.jsonl", run.problems, "metrics.jsonl"):
+        for record in read_jsonl(metrics, strict=False, problems=run.problems):
             kind, step = record.get("kind"), _as_int(record.get("step"))
             if kind == "train" and step is not None:
                 # A resumed run that was not truncated repeats steps; the later line is the run that went on.
@@ -173,18 +146,18 @@ def read_run(run_dir: str | Path) -> RunData:
                 run.events.append(record)
         run.train = [train_by_step[step] for step in sorted(train_by_step)]
 
-    eval_root = run_dir / "eval"
+    eval_root = run_dir / EVAL_DIR
     if eval_root.is_dir():
         for directory in eval_root.iterdir():
-            step = _step_of(directory.name, "step-")
+            step = _step_of(directory.name, EVAL_STEP_NAME)
             if step is not None and directory.is_dir():
                 result = evals.setdefault(step, EvalResult(step=step))
                 if result.directory is None or not result.directory.is_dir():
                     result.directory = directory
-    if not evals and not (run_dir / "metrics.jsonl").is_file() and run.command not in TRAINING_COMMANDS:
+    if not evals and not metrics.is_file() and run.command not in TRAINING_COMMANDS:
         # reasontune eval's output: one evaluation here, or one per benchmark below.
         for directory in [run_dir] + sorted(d for d in run_dir.iterdir() if d.is_dir() and d.name != REPORT_DIR):
-            if (directory / "summary.json").is_file() or (directory / "records.jsonl").is_file():
+            if (directory / SUMMARY_FILE).is_file() or (directory / RECORDS_FILE).is_file():
                 evals[len(evals)] = EvalResult(step=len(evals), directory=directory,
                                                name="" if directory == run_dir else directory.name)
                 run.evaluation_only = True
@@ -192,11 +165,12 @@ def read_run(run_dir: str | Path) -> RunData:
         _read_eval_directory(result, run, run_dir)
     run.evals = [evals[step] for step in sorted(evals)]
 
+    # Every checkpoint directory is listed, a partial one too: the page shows what is on disk.
     checkpoints = [(step, path.name) for path in run_dir.glob("checkpoint-*")
-                   if path.is_dir() and (step := _step_of(path.name, "checkpoint-")) is not None]
+                   if path.is_dir() and (step := _step_of(path.name, CHECKPOINT_NAME)) is not None]
     run.checkpoints = [name for _, name in sorted(checkpoints)]
-    if (run_dir / "final").is_dir():
-        run.checkpoints.append("final")
+    if (run_dir / FINAL_DIR).is_dir():
+        run.checkpoints.append(FINAL_DIR)
     return run
 
 
@@ -206,15 +180,16 @@ def _read_eval_directory(result: EvalResult, run: RunData, run_dir: Path) -> Non
         return
     label = directory.relative_to(run_dir).as_posix() if directory.is_relative_to(run_dir) else str(directory)
     label = "" if label == "." else f"{label}/"
-    if (directory / "summary.json").is_file():
-        result.summary = read_json_object(directory / "summary.json", run.problems, f"{label}summary.json")
+    if (directory / SUMMARY_FILE).is_file():
+        result.summary = read_json_object(directory / SUMMARY_FILE, run.problems, f"{label}{SUMMARY_FILE}")
         # Numbers missing from the metrics line (or no metrics line at all) come from the summary.
         for key, value in (result.summary or {}).items():
             result.values.setdefault(key, value)
         if not result.name and isinstance((result.summary or {}).get("benchmark"), str):
             result.name = result.summary["benchmark"]
-    if (directory / "records.jsonl").is_file():
-        result.records = read_jsonl_tolerantly(directory / "records.jsonl", run.problems, f"{label}records.jsonl")
+    if (directory / RECORDS_FILE).is_file():
+        result.records = read_jsonl(directory / RECORDS_FILE, strict=False, problems=run.problems,
+                                    label=f"{label}{RECORDS_FILE}")
 
 
 def _is_figure(value: Any, keys: tuple[str, ...]) -> bool:
