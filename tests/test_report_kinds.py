@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from reasontune.cli import main
 from reasontune.report import write_report
 from reasontune.report.reading import read_run
@@ -50,3 +52,59 @@ def test_report_works_on_an_eval_directory(tmp_path, capsys):
     page = (tmp_path / "report" / "index.html").read_text()
     assert "25.0%" in page and "75.0%" in page and "q.jsonl" in page
     assert read_run(tmp_path).kind == "eval"
+
+
+BENCHMARK_DIR = Path(__file__).parent / "data" / "benchmarks"
+
+
+@pytest.mark.slow
+def test_report_of_real_eval_and_compare_directories_shows_their_results_and_sampling(tmp_path, tiny_model_dir, capsys):
+    """Two real evaluations sampled differently (T=1.0, 6 tokens vs T=0.6, 4 tokens), then compare: the report of each
+    eval directory has its per-benchmark estimates, sampling and plots; the compare directory's has its table and warning."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, temperature, tokens in (("a", "1.0", "6"), ("b", "0.6", "4")):
+            assert main(["eval", "--model", str(tiny_model_dir), "--benchmarks", "math500,gsm8k",
+                         "--benchmark-dir", str(BENCHMARK_DIR), "--output-dir", str(tmp_path / name),
+                         "--n-samples", "4", "--k", "1,4", "--eval-temperature", temperature,
+                         "--eval-max-new-tokens", tokens, "--n-bootstrap", "50", "--grading-workers", "0"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main(["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--k", "1,4", "--n-bootstrap", "50",
+                 "--output-dir", str(tmp_path / "cmp")]) == 0
+    capsys.readouterr()
+
+    assert main(["report", str(tmp_path / "a")]) == 0
+    assert capsys.readouterr().out.strip() == str(tmp_path / "a" / "report" / "index.html")
+    page = (tmp_path / "a" / "report" / "index.html").read_text()
+    assert "Evaluation report: a" in page and "written by reasontune eval" in page
+    assert "No metrics to plot yet" not in page
+    for benchmark in ("math500", "gsm8k"):
+        summary = json.loads((tmp_path / "a" / benchmark / "summary.json").read_text())
+        pass_at_4 = summary["estimates"]["metrics"]["pass@4"]
+        shown = f"{100 * pass_at_4['value']:.1f}% [{100 * pass_at_4['low']:.1f}, {100 * pass_at_4['high']:.1f}]"
+        assert f"<td>{benchmark}</td><td>{summary['estimates']['n_questions']}</td><td>4</td>" in page
+        assert f"<td>{shown}</td>" in page
+        assert (tmp_path / "a" / "report" / f"accuracy_by_length_{benchmark}.png").read_bytes()[:8] == PNG_MAGIC
+    assert "<td>temperature</td><td>1.0</td><td>1.0</td>" in page and "<td>max new tokens</td><td>6</td><td>6</td>" in page
+    assert (tmp_path / "a" / "report" / "pass_at_k.png").read_bytes()[:8] == PNG_MAGIC  # k = 1, 2, 4: a curve
+
+    assert main(["report", str(tmp_path / "cmp")]) == 0  # a compare directory: once an exit 2
+    page = (tmp_path / "cmp" / "report" / "index.html").read_text()
+    comparison = json.loads((tmp_path / "cmp" / "comparison.json").read_text())
+    assert "Comparison report: cmp" in page and "The runs were not evaluated alike:" in page
+    assert "the runs were sampled differently (temperature 1 vs 0.6; max new tokens 6 vs 4)" in page
+    assert "<td>temperature (differs)</td><td>1.0</td><td>0.6</td>" in page
+    assert "<td>max new tokens (differs)</td><td>6</td><td>4</td>" in page
+    assert "<td>samples per question</td><td>4</td><td>4</td>" in page  # alike: not marked
+    for row in comparison["rows"]:
+        difference = row["differences"][0]
+        assert f"<td>{row['benchmark']}</td><td>{row['metric']}</td><td>{row['n_questions']}</td>" in page
+        assert f"{100 * difference['difference']:+.1f} [" in page
+    assert {row["metric"] for row in comparison["rows"]} == {"pass@1", "maj@1", "avg@1", "pass@4", "maj@4", "avg@4"}
+    assert (tmp_path / "cmp" / "report" / "comparison.png").read_bytes()[:8] == PNG_MAGIC
+    summary_md = (tmp_path / "cmp" / "report" / "summary.md").read_text()
+    assert "| temperature (differs) | 1.0 | 0.6 |" in summary_md
