@@ -120,6 +120,48 @@ def test_run_compare_prints_and_writes_files(tmp_path, capsys):
         check_config(CompareConfig(runs=["one"]), environment=False)
 
 
+def _set_sampling(directory: Path, **sampling) -> None:
+    summary = json.loads((directory / "summary.json").read_text())
+    (directory / "summary.json").write_text(json.dumps({**summary, "sampling": sampling}))
+
+
+def test_runs_sampled_differently_are_marked_in_the_table_and_warned_about(tmp_path, capsys):
+    """A greedy 1,024-token evaluation beside a T=0.6 256-token one: the table states both settings, marked, and warns."""
+    _write_eval(tmp_path / "greedy" / "math500", HALF)
+    _write_eval(tmp_path / "sampled" / "math500", ALL)
+    _set_sampling(tmp_path / "greedy" / "math500", temperature=0.0, top_p=1.0, max_new_tokens=1024, n=2)
+    _set_sampling(tmp_path / "sampled" / "math500", temperature=0.6, top_p=1.0, max_new_tokens=256, n=2)
+    config = CompareConfig(runs=[str(tmp_path / "greedy"), str(tmp_path / "sampled")], k="1", n_bootstrap=50,
+                           output_dir=str(tmp_path / "out"))
+    assert run_compare(config) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("sampling (math500)")))
+    table = [line.split() for line in lines[header:header + 6]]
+    assert table[0] == ["sampling", "(math500)", "greedy", "sampled"]
+    assert table[1] == ["temperature", "(differs)", "0", "0.6"]
+    assert table[2] == ["top-p", "1", "1"]  # alike: shown, not marked
+    assert table[3] == ["max", "new", "tokens", "(differs)", "1024", "256"]
+    assert table[4] == ["samples", "per", "question", "2", "2"]
+    assert table[5] == ["prompt", "template", "?", "?"]  # recorded by neither: not compared
+    warning = ("warning: math500: the runs were sampled differently (temperature 0 vs 0.6; max new tokens 1024 vs 256)")
+    assert warning in captured.out and warning in captured.err  # stderr too: a log of errors only still shows it
+    assert (tmp_path / "out" / "comparison.txt").read_text().count("(differs)") == 2
+    payload = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert payload["sampling"]["math500"][1] == {"temperature": 0.6, "top_p": 1.0, "max_new_tokens": 256, "n": 2}
+    assert len(payload["warnings"]) == 1
+
+
+def test_runs_sampled_alike_or_recording_a_setting_once_get_no_warning(tmp_path):
+    _write_eval(tmp_path / "a" / "math500", HALF)
+    _write_eval(tmp_path / "b" / "math500", ALL)
+    _set_sampling(tmp_path / "a" / "math500", temperature=0.6, max_new_tokens=256)
+    _set_sampling(tmp_path / "b" / "math500", temperature=0.6)  # an older summary without max_new_tokens
+    comparison = compare_runs([tmp_path / "a", tmp_path / "b"], ks="1", n_bootstrap=20)
+    assert comparison.warnings == []
+    assert "sampling (" not in format_comparison(comparison)  # nothing differs: no settings table
+
+
 # ---------------------------------------------------------------------------------------------
 # eval_plots
 
