@@ -314,3 +314,29 @@ def test_three_steps_of_all_zero_rewards_warn_what_it_means_and_what_to_check(ti
     for hint in ("prompt template and the reward agree", "references are read", "answers are extracted"):
         assert hint in event["message"]
     assert capsys.readouterr().err.count("warning: GRPO steps 1-3: every reward was 0") == 1
+
+
+def test_three_steps_of_equal_nonzero_rewards_warn_too(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Every response rewarded 1 (a reward that cannot fail, or questions too easy): every group's rewards are equal,
+    every advantage 0, as silent a non-run as all zeros; the warning names it and what to check."""
+    (tmp_path / "always_one_reward.py").write_text(
+        "def reward(response, ground_truth):\n"
+        "    return {'format_reward': 1.0, 'answer_reward': 1.0, 'reward': 1.0}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = _write_questions(tmp_path / "questions.jsonl", 8)
+    config = GRPOConfig(model=str(tiny_model_dir), train_data=str(data), output_dir=str(tmp_path / "run"),
+                        reward="always_one_reward:reward", n_grpo_steps=3, rollout_batch_size=4, group_size=2,
+                        train_batch_size=4, gradient_accumulation_steps=2, sampling_min_tokens=1, sampling_max_tokens=3,
+                        grading_workers=0, num_threads=1, progress=False, write_report=False,
+                        eval_before_training=False)
+    run_dir = run_grpo(config)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["kind"] == "train"]
+    assert [r["reward"] for r in train] == [1.0] * 3 and [r["nonzero_advantage_fraction"] for r in train] == [0.0] * 3
+    (event,) = [r for r in lines if r["kind"] == "event"]
+    assert event["step"] == 3 and event["message"].startswith(
+        "warning: GRPO steps 1-3: every group's rewards were equal, so every advantage is 0")
+    for hint in ("prompt template and the reward agree", "references are read", "answers are extracted",
+                 "one that always succeeds needs harder questions"):
+        assert hint in event["message"]
+    assert capsys.readouterr().err.count("warning: GRPO steps 1-3: every group's rewards were equal") == 1
