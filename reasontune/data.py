@@ -259,6 +259,9 @@ def _reason(message: str) -> str:
     return reason.split(";")[0].split(" (")[0]
 
 
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
 def read_json_records(path: Path, errors: str = "strict") -> Iterator[tuple[int, Any, str | None]]:
     """Yields (line, record or None, error) for a JSONL file, or for a .json holding one array: the one parser of JSON lines.
 
@@ -286,7 +289,9 @@ def read_json_records(path: Path, errors: str = "strict") -> Iterator[tuple[int,
         for index, record in enumerate(array, start=1):
             yield index, record, None
         return
-    for number, raw_line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n, \r\n or \r only: str.splitlines would also cut at U+2028, U+0085 and the like, which JSON
+    # keeps unescaped inside strings (a model's response may hold them), breaking a valid record in two.
+    for number, raw_line in enumerate(_LINE_END.split(text), start=1):
         if not raw_line.strip():
             continue
         try:
