@@ -200,7 +200,8 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
         summary = rollouts.summary()
         last = sft_history[-1] if sft_history else {}
         if logger is not None and (step % config.log_every == 0 or step == config.n_ei_steps):
-            logger.log("train", step, loss=last.get("loss"), lr=config.learning_rate if kept else None,
+            logger.log("train", step, loss=last.get("loss"), mean_token_nll=last.get("mean_token_nll"),
+                       lr=config.learning_rate if kept else None,
                        grad_norm=last.get("grad_norm"), sft_steps=len(sft_history), kept=len(kept),
                        samples=summary["n_samples"], accuracy=summary["accuracy"], format_rate=summary["format_rate"],
                        pass_at_n=summary["pass_at_n"], token_entropy=summary["mean_entropy"],
