@@ -108,3 +108,27 @@ def test_report_of_real_eval_and_compare_directories_shows_their_results_and_sam
     assert (tmp_path / "cmp" / "report" / "comparison.png").read_bytes()[:8] == PNG_MAGIC
     summary_md = (tmp_path / "cmp" / "report" / "summary.md").read_text()
     assert "| temperature (differs) | 1.0 | 0.6 |" in summary_md
+
+
+def test_a_damaged_comparison_json_shows_its_good_rows_and_names_the_bad_ones(tmp_path, capsys):
+    good = {"benchmark": "math500", "metric": "pass@1", "n_questions": 40,
+            "values": [{"value": 0.5, "low": 0.35, "high": 0.65}, {"value": 1.0, "low": 1.0, "high": 1.0}],
+            "differences": [{"difference": 0.5, "low": 0.35, "high": 0.65, "p_value": 0.002}]}
+    short = {**good, "metric": "pass@4", "values": good["values"][:1]}  # one value for two runs
+    (tmp_path / "comparison.json").write_text(json.dumps({
+        "runs": ["base", "tuned"], "rows": [good, short, "not a row"], "notes": ["math500: 2 question(s) left out"],
+        "sampling": {"math500": [{"temperature": 0.0}, {"temperature": 0.6}]}, "warnings": ["<b>sampled</b> apart"],
+        "n_bootstrap": 1000, "seed": 0}))
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<td>math500</td><td>pass@1</td><td>40</td><td>50.0% [35.0, 65.0]</td><td>100.0% [100.0, 100.0]</td>" in page
+    assert "<td>+50.0 [+35.0, +65.0] (p 0.002)</td>" in page and "pass@4" not in page
+    assert "comparison.json: row 2 skipped" in page and "comparison.json: row 3 skipped" in page
+    assert "&lt;b&gt;sampled&lt;/b&gt; apart" in page and "<b>sampled" not in page
+    assert "<td>temperature (differs)</td><td>0.0</td><td>0.6</td>" in page
+    assert (tmp_path / "report" / "comparison.png").read_bytes()[:8] == PNG_MAGIC
+
+    (tmp_path / "comparison.json").write_text('{"runs": "one"}')
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "comparison.json not read: field &#x27;runs&#x27; must list two or more run names" in page
