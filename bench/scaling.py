@@ -124,7 +124,7 @@ def worker(args: argparse.Namespace) -> None:
     from reasontune.logprobs import get_response_log_probs
     from reasontune.losses import sft_microbatch_train_step
     from reasontune.modeling import build_model_from_config
-    from reasontune.training.common import clip_and_step
+    from reasontune.training.optimizer_step import clip_and_step
 
     torch.set_num_threads(args.threads)
     ctx = distributed.init_distributed(args.device)

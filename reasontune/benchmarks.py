@@ -25,7 +25,7 @@ from reasontune.data import (
     Example,
     ExampleSet,
     GroundTruth,
-    _read_json_records,
+    read_json_records,
     _read_with_datasets,
     split_gsm8k_solution,
 )
@@ -188,7 +188,7 @@ def local_file(spec: BenchmarkSpec, benchmark_dir: str | Path) -> Path:
 
 def _rows(source: Path | str, spec: BenchmarkSpec, local: bool) -> Iterator[tuple[int, Any, str | None]]:
     if local and Path(source).suffix in (".jsonl", ".json"):
-        return _read_json_records(Path(source))
+        return read_json_records(Path(source))
     if local:
         return _read_with_datasets(str(source), None, None)
     return _read_with_datasets(spec.hub_id, spec.split, spec.hub_config)

@@ -27,7 +27,7 @@ import json
 import os
 import pickle
 import random
-import re
+import shlex
 import shutil
 import struct
 import warnings
@@ -38,12 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-TRAINER_STATE = "trainer_state.json"
-LEGACY_TRAINER_STATE = "trainer_state.pt"
-SHARDED_DIR = "sharded"
+from reasontune.config import UserError
+from reasontune.run_layout import (ADAPTER_DIR, CHECKPOINT_CONFIG_COPY, CHECKPOINT_NAME, CONFIG_FILE, FINAL_DIR,
+                                   REPORT_DIR, REPORT_PAGE, SHARDED_DIR, TRAINER_STATE, final_checkpoint,
+                                   latest_checkpoint, list_checkpoints)
+
 # File kinds that torch.load / pickle would read: never in a checkpoint reasontune wrote.
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-_CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
 class CheckpointError(ValueError):
@@ -144,19 +145,13 @@ def load_trainer_state(directory: str | Path, name: str = "trainer_state") -> di
     """Returns the trainer state saved by ``save_trainer_state``, without unpickling anything.
 
     Any damage (truncated JSON or safetensors, a crafted structure, nesting too deep for the
-    parser) raises ``CheckpointError`` naming the file. The old pickle format
-    (``trainer_state.pt``) is refused without being opened: unpickling a file can run code.
+    parser) raises ``CheckpointError`` naming the file.
     """
     from safetensors.torch import load_file
 
     directory = Path(directory)
     path = directory / f"{name}.json"
     if not path.exists():
-        legacy = directory / LEGACY_TRAINER_STATE
-        if name == "trainer_state" and legacy.exists():
-            raise CheckpointError(f"{legacy}: a pickle (an older reasontune's trainer state); it is not opened "
-                                  "because unpickling a file can run arbitrary code. Resume from a checkpoint "
-                                  "written by this version, or start a new run from its weights (--model DIR)")
         raise CheckpointError(f"{directory} has no {path.name}; it cannot be resumed from")
     try:
         encoded = json.loads(path.read_text(encoding="utf-8"))
@@ -628,25 +623,6 @@ def checkpoint_problem(directory: str | Path) -> str | None:
     return None
 
 
-def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
-    """Returns the complete ``checkpoint-N`` directories of a run, oldest first, as (N, path)."""
-    found = []
-    run_dir = Path(run_dir)
-    if not run_dir.exists():
-        return found
-    for path in run_dir.iterdir():
-        match = _CHECKPOINT_NAME.match(path.name)
-        if match and path.is_dir() and (path / TRAINER_STATE).exists():
-            found.append((int(match.group(1)), path))
-    return sorted(found)
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """Returns the newest complete ``checkpoint-N`` of a run, or None."""
-    checkpoints = list_checkpoints(run_dir)
-    return checkpoints[-1][1] if checkpoints else None
-
-
 def remove_stale_temporaries(run_dir: str | Path) -> list[Path]:
     """Returns and deletes half-written checkpoint directories left by a crash."""
     removed = []
@@ -666,3 +642,185 @@ def prune_checkpoints(run_dir: str | Path, keep: int | None) -> list[Path]:
     for path in doomed:
         shutil.rmtree(path)
     return doomed
+
+
+# ---------------------------------------------------------------------------------------------
+# A trainer's checkpoints: what an exact resume needs, saved and restored, and which checkpoint to resume from
+
+
+def trainer_state(step: int, optimizer, scheduler, plan_fingerprint: str, **extra: Any) -> dict:
+    """Returns everything besides the weights that an exact resume needs (``extra``: a trainer's own positions)."""
+    return {"step": step, "optimizer": optimizer.state_dict() if optimizer is not None else None,
+            "scheduler": scheduler.state_dict() if scheduler is not None else None,
+            "rng": rng_state(), "plan_fingerprint": plan_fingerprint, **extra}
+
+
+def save_training_checkpoint(run_dir: Path, name: str, model, tokenizer, state: dict, keep: int | None = None, *,
+                             optimizer=None, ctx: Any = None) -> Path:
+    """Returns the checkpoint directory ``run_dir/name`` after an atomic save of weights, tokenizer, trainer state and config.json.
+
+    A LoRA model's checkpoint holds its adapter (PEFT format); its ``final/`` holds the merged
+    full model (loadable by ``from_pretrained`` and vLLM without peft) and the adapter in
+    ``final/adapter/``. With ``optimizer`` the model and optimizer state also go to
+    ``sharded/`` (every rank writes its shard; loadable at any world size), and ``state``
+    should then not hold the optimizer. Under torchrun every rank calls it; rank 0 writes the
+    shared files and prunes.
+    """
+    from reasontune.lora import is_peft_model, save_merged
+
+    is_main = ctx is None or ctx.is_main
+    extra = {CHECKPOINT_CONFIG_COPY: (run_dir / CONFIG_FILE).read_text()} if is_main else None
+    if name == FINAL_DIR and is_peft_model(model):
+        path = save_merged(model, tokenizer, run_dir / name, is_main)
+        save_checkpoint(path / ADAPTER_DIR, model, tokenizer, state, extra, ctx=ctx)
+        return path
+    path = save_checkpoint(run_dir / name, model, tokenizer, state, extra, optimizer=optimizer, ctx=ctx)
+    if is_main:
+        prune_checkpoints(run_dir, keep)
+    return path
+
+
+def save_run_checkpoint(run_dir: Path, name: str, model, tokenizer, step: int, optimizer, scheduler,
+                        plan_fingerprint: str, *, keep: int | None = None, ctx: Any = None, **extra: Any) -> Path:
+    """Returns the checkpoint ``run_dir/name`` of a trainer with an optimizer after saving it (every rank calls it).
+
+    The optimizer state goes to ``sharded/`` with the model's (each rank its shard), so that a
+    resume may change the world size; a LoRA model in one process keeps small adapter
+    checkpoints, the adapter's optimizer state in ``trainer_state`` (under torchrun: in ``sharded/``).
+    """
+    from reasontune.distributed import is_sharded
+    from reasontune.lora import is_peft_model
+
+    # A LoRA model in one process: the adapter's optimizer state is small; sharded, it is in DTensor shards.
+    sharded = optimizer is not None and (not is_peft_model(model) or is_sharded(model))
+    state = trainer_state(step, None if sharded else optimizer, scheduler, plan_fingerprint, **extra)
+    return save_training_checkpoint(run_dir, name, model, tokenizer, state, keep=keep,
+                                    optimizer=optimizer if sharded else None, ctx=ctx)
+
+
+def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_of_steps=None, *, model=None,
+                           ctx: Any = None) -> dict:
+    """Returns the checkpoint's trainer state after loading the optimizer, schedule (each when not None) and RNG states from it.
+
+    ``fingerprint_of_steps(step)`` (when given) must reproduce the saved fingerprint of the
+    steps already trained; a resume with other data or batching is refused. With ``model`` and
+    a ``sharded/`` directory in the checkpoint, model and optimizer state come from there (any
+    world size; every rank calls it); each rank restores its own RNG state when the checkpoint
+    has one for its rank.
+    """
+    try:
+        return _restore_training_state(checkpoint, optimizer, scheduler, fingerprint_of_steps, model=model, ctx=ctx)
+    except CheckpointError as error:  # found only now, against the live optimizer and schedule
+        if ctx is not None and ctx.is_distributed:
+            raise
+        refuse_damaged_checkpoint(Path(checkpoint), str(error))
+
+
+def _restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_of_steps=None, *, model=None,
+                            ctx: Any = None) -> dict:
+    state = load_trainer_state(checkpoint)
+    where = str(Path(checkpoint) / TRAINER_STATE)
+    check_trainer_state(state, where)
+    if fingerprint_of_steps is not None and state.get("plan_fingerprint") != fingerprint_of_steps(state["step"]):
+        raise UserError(f"--resume: {checkpoint} was trained on other data or batches than these options plan "
+                        "for its steps; resume with the same data, seed and batching options")
+    sharded = (Path(checkpoint) / SHARDED_DIR).is_dir()
+    if model is not None and optimizer is not None and sharded:
+        load_sharded(checkpoint, model, optimizer)
+    try:
+        if optimizer is not None and state.get("optimizer") is not None and not sharded:
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            _check_like(state["scheduler"], scheduler.state_dict(), "scheduler")
+            scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as error:
+        raise CheckpointError(f"{where}: the optimizer or schedule state does not fit this run "
+                              f"({' '.join(str(error).split())[:200]})") from None
+    set_rng_state(state["rng"])
+    if ctx is not None and ctx.rank > 0:
+        restore_rng(checkpoint, ctx.rank)
+    return state
+
+
+def _check_like(saved: Any, expected: Any, where: str) -> None:
+    """Raises TypeError unless ``saved`` has ``expected``'s shape: the same keys, list lengths and value types (int for float allowed).
+
+    A scheduler's ``load_state_dict`` sets every saved key as an attribute, so a crafted value
+    would surface steps later as a crash in the schedule; checked against the fresh state first.
+    """
+    if isinstance(expected, dict):
+        if not isinstance(saved, dict) or set(saved) != set(expected):
+            raise TypeError(f"{where}: expected the fields {', '.join(sorted(map(str, expected)))}")
+        for key in expected:
+            _check_like(saved[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(expected):
+            raise TypeError(f"{where}: expected a list of {len(expected)}")
+        for index, (item, reference) in enumerate(zip(saved, expected)):
+            _check_like(item, reference, f"{where}[{index}]")
+    elif expected is None or isinstance(expected, bool):
+        if saved is not None and not isinstance(saved, bool):
+            raise TypeError(f"{where}: expected {type(expected).__name__}")
+    elif isinstance(expected, (int, float)):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)) or (isinstance(expected, int) and
+                                                                               not isinstance(saved, int)):
+            raise TypeError(f"{where}: expected {type(expected).__name__}, got {type(saved).__name__}")
+    elif type(saved) is not type(expected):
+        raise TypeError(f"{where}: expected {type(expected).__name__}, got {type(saved).__name__}")
+
+
+def finished_run_check(run_dir: Path, planned_steps: int | None) -> Path | None:
+    """Returns final/ to resume from when it holds fewer steps than planned, None when there is no final/; exits 0 when the run is done.
+
+    ``planned_steps`` None (SFT without --max-steps: known only after planning) counts final/ as done.
+    """
+    final = final_checkpoint(run_dir)
+    if final is None:
+        return None
+    done = load_trainer_state(final)["step"]
+    if planned_steps is None or done >= planned_steps:
+        report = run_dir / REPORT_DIR / REPORT_PAGE
+        print(f"{run_dir} already finished: final/ holds step {done}"
+              f"{'' if planned_steps is None else f' of {planned_steps}'}; nothing to resume"
+              f"{f'; its report is {report}' if report.exists() else ''}. To train longer, raise the step count "
+              "(--max-steps, --n-ei-steps, --n-grpo-steps) with --resume.")
+        raise SystemExit(0)
+    return final
+
+
+def resume_point(run_dir: Path, planned_steps: int | None, command: str) -> Path | None:
+    """Returns the checkpoint ``--resume`` continues from (final/ when it is behind the plan, else the newest checkpoint-N), None when there is none.
+
+    The chosen checkpoint is checked whole first (``checkpoint_problem``): a damaged one is
+    refused with the newest intact checkpoint and the exact commands that resume from it
+    (``command``: the resume command line), rather than silently falling back to an older one.
+    """
+    newest_first = [path for _, path in reversed(list_checkpoints(run_dir))]
+    if final_checkpoint(run_dir) is not None:
+        newest_first.insert(0, run_dir / FINAL_DIR)
+    if not newest_first:
+        return None
+    problem = checkpoint_problem(newest_first[0])
+    if problem is None:
+        final = finished_run_check(run_dir, planned_steps)
+        return final if final is not None else next(p for p in newest_first if p.name != FINAL_DIR)
+    refuse_damaged_checkpoint(newest_first[0], problem, command)
+
+
+def refuse_damaged_checkpoint(damaged: Path, problem: str, command: str | None = None) -> None:
+    """Raises the ``UserError`` of a checkpoint that cannot be resumed from: the problem, the newest intact older checkpoint, and how to resume from it.
+
+    ``command`` is the resume command line (None: "the same command").
+    """
+    run_dir = damaged.parent
+    numbered = CHECKPOINT_NAME.fullmatch(damaged.name)
+    older = [path for number, path in reversed(list_checkpoints(run_dir))
+             if path != damaged and (numbered is None or number < int(numbered.group(1)))]
+    intact = next((path for path in older if checkpoint_problem(path) is None), None)
+    if intact is None:
+        raise UserError(f"--resume: {problem}; no intact checkpoint is left in {run_dir} to resume from; start "
+                        "afresh with --overwrite")
+    aside = damaged.with_name(f"damaged-{damaged.name}")
+    raise UserError(f"--resume: {problem}. The newest intact checkpoint is {intact}; resume from it with: "
+                    f"mv {shlex.quote(str(damaged))} {shlex.quote(str(aside))} && "
+                    f"{command or 'the same command again'}")

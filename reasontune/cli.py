@@ -134,21 +134,19 @@ def _run_dir_snapshot(config) -> tuple[Path | None, bool]:
     return path, path.exists()
 
 
-# What a start writes before its first step: removed again when a fresh directory's start fails.
-START_FILES = {"config.json", "metrics.jsonl", "tensorboard", "wandb", "wandb_run_id", ".reasontune-demo"}
-
-
 def _undo_failed_start(path: Path | None, existed: bool) -> None:
     """Puts back a run that ``--overwrite`` had moved aside, or removes a directory this command created when it holds nothing but start files (a failed start leaves no trace)."""
-    if path is not None and (path / f".replaced-{os.getpid()}").is_dir():
-        from reasontune.training.common import restore_replaced_run  # loaded already: a trainer was running
+    # Lazy, on this error path only: the run layout reads data's errors, and `reasontune --help` stays instant.
+    from reasontune.run_layout import START_FILES, has_trained, replaced_run_dir
+
+    if path is not None and replaced_run_dir(path, os.getpid()).is_dir():
+        from reasontune.training.run_setup import restore_replaced_run  # loaded already: a trainer was running
 
         restore_replaced_run(path)
         return
     if path is None or existed or not path.is_dir():
         return
-    metrics = path / "metrics.jsonl"
-    if metrics.exists() and '"kind": "train"' in metrics.read_text(encoding="utf-8", errors="replace"):
+    if has_trained(path):
         return  # steps were trained: their metrics are the user's record of the run
     if all(child.name in START_FILES for child in path.iterdir()):
         shutil.rmtree(path)

@@ -18,14 +18,12 @@ scores, else the paired bootstrap).
 from __future__ import annotations
 
 import json
-import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from reasontune.config import help_field, positional_field
-from reasontune.rollouts import read_records
 from reasontune.data import DataError
 from reasontune.estimators import (
     METRICS,
@@ -38,9 +36,8 @@ from reasontune.estimators import (
     proportion_interval,
     question_scores,
 )
+from reasontune.run_layout import RECORDS_FILE, SUMMARY_FILE, find_evaluations, read_jsonl
 
-RECORDS = "records.jsonl"
-SUMMARY = "summary.json"
 # What sampled an evaluation (its summary.json), as the table names them: runs that differ here are not
 # comparable as models alone (a greedy 1,024-token evaluation beside a T=0.6 256-token one).
 SAMPLING_SETTINGS = (("temperature", "temperature"), ("top_p", "top-p"), ("max_new_tokens", "max new tokens"),
@@ -52,8 +49,8 @@ SAMPLING_SETTINGS = (("temperature", "temperature"), ("top_p", "top-p"), ("max_n
 
 
 def read_eval_records(path: str | Path) -> list[dict[str, Any]]:
-    """Returns the records of an evaluation's ``records.jsonl`` (``rollouts.read_records``), each checked to be graded."""
-    records = read_records(path)
+    """Returns the records of an evaluation's ``records.jsonl`` (``run_layout.read_jsonl``, strict), each checked to be graded."""
+    records = read_jsonl(path, strict=True)
     for number, record in enumerate(records, start=1):
         if "answer_reward" not in record:
             raise DataError(f"{path}: record {number}: field 'answer_reward' missing (not an eval record)")
@@ -71,35 +68,6 @@ def read_eval_records(path: str | Path) -> list[dict[str, Any]]:
     return records
 
 
-def _latest_eval(eval_root: Path) -> Path | None:
-    if (eval_root / "final").is_dir():
-        return eval_root / "final"
-    steps = [(int(m.group(1)), p) for p in eval_root.iterdir()
-             if p.is_dir() and (m := re.fullmatch(r"step-(\d+)", p.name))]
-    return max(steps)[1] if steps else None
-
-
-def find_evaluations(path: str | Path) -> dict[str, Path]:
-    """Returns ``{benchmark: directory with records.jsonl}`` of a run, eval output or eval directory (see module doc)."""
-    path = Path(path)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such directory (give a run directory, an eval output directory "
-                                f"or an eval directory with {RECORDS})")
-    if (path / RECORDS).is_file():
-        try:
-            summary = json.loads((path / SUMMARY).read_text(encoding="utf-8")) if (path / SUMMARY).is_file() else {}
-        except (ValueError, RecursionError):  # not UTF-8, not JSON, too deep: the benchmark name is then unknown
-            summary = {}
-        name = summary.get("benchmark") if isinstance(summary, dict) else None
-        return {str(name or "eval"): path}
-    found = {child.name: child for child in sorted(path.iterdir()) if (child / RECORDS).is_file()}
-    if found:
-        return found
-    if (path / "eval").is_dir() and (latest := _latest_eval(path / "eval")) is not None:
-        return find_evaluations(latest)
-    raise FileNotFoundError(f"{path}: found no {RECORDS} in it, in its subdirectories, or in its latest eval/ directory")
-
-
 def sampling_settings(directory: Path) -> dict[str, Any]:
     """Returns how the evaluation in ``directory`` was sampled, from its summary.json: ``SAMPLING_SETTINGS`` keys, those it records.
 
@@ -107,7 +75,7 @@ def sampling_settings(directory: Path) -> dict[str, Any]:
     ``template_text`` when the summary holds it (two runs may name the same text differently).
     """
     try:
-        summary = json.loads((directory / SUMMARY).read_text(encoding="utf-8"))
+        summary = json.loads((directory / SUMMARY_FILE).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     if not isinstance(summary, dict):
@@ -229,7 +197,7 @@ def compare_runs(paths: list[str | Path], ks: str | list[int] = (1,), metrics: s
                             for key in differing)
                 + "): their differences mix the models with how they were sampled; evaluate them alike "
                   "(--eval-temperature, --eval-max-new-tokens, --n-samples, --prompt-template) to compare the models")
-        grouped_runs = [group_samples(read_eval_records(found[benchmark] / RECORDS)) for found in evaluations]
+        grouped_runs = [group_samples(read_eval_records(found[benchmark] / RECORDS_FILE)) for found in evaluations]
         _compare_benchmark(benchmark, grouped_runs, ks, metrics, n_bootstrap, seed, equivalent, comparison)
     return comparison
 
@@ -282,12 +250,12 @@ def format_comparison(comparison: Comparison) -> str:
 
 def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     """Returns ``path`` after drawing the comparison as grouped bars (one group per row, one bar per run, 95% intervals)."""
-    from matplotlib.figure import Figure
+    from reasontune.plotting import new_axes, save  # lazy: matplotlib, only when a plot is drawn
 
     rows = comparison.rows
-    figure = Figure(figsize=(max(6.0, 1.2 * len(rows) * len(comparison.runs) / 2 + 2), 4.5), dpi=100,
-                    layout="constrained")
-    axes = figure.add_subplot()
+    figure, axes = new_axes("runs compared (bars: 95% intervals over matched questions)",
+                            "percent of questions", xlabel="",
+                            size=(max(6.0, 1.2 * len(rows) * len(comparison.runs) / 2 + 2), 4.5))
     width = 0.8 / len(comparison.runs)
     for run_index, label in enumerate(comparison.runs):
         xs = [i + (run_index - (len(comparison.runs) - 1) / 2) * width for i in range(len(rows))]
@@ -296,15 +264,10 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
                   [100 * (row["values"][run_index]["high"] - row["values"][run_index]["value"]) for row in rows]]
         axes.bar(xs, values, width=width, yerr=errors, capsize=3, label=label)
     axes.set_xticks(range(len(rows)), [f"{row['benchmark']}\n{row['metric']}" for row in rows])
-    axes.set_ylabel("percent of questions")
     axes.set_ylim(0, 100)
-    axes.set_title("runs compared (bars: 95% intervals over matched questions)")
-    axes.grid(True, axis="y", alpha=0.35)
+    axes.grid(False, axis="x")
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: bars reach 100%
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+    return save(figure, path)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -315,6 +278,8 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
 class CompareConfig:
     """Options of ``reasontune compare``."""
 
+    command: ClassVar[str] = "compare"
+
     runs: list[str] = positional_field("run directories, eval output directories or eval directories; the first is the baseline")
     labels: list[str] | None = help_field(None, "a name per run for the table and plot (default: directory names)")
     k: str = help_field("1", "comma-separated k values of pass@k, maj@k and avg@k, e.g. 1,4,16")
@@ -323,13 +288,16 @@ class CompareConfig:
     seed: int = help_field(0, "seed of the bootstrap")
     output_dir: str = help_field("compare", "directory for comparison.png, comparison.txt and comparison.json")
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the runs, labels and bootstrap options."""
+        problems = []
         if len(self.runs) < 2:
-            raise SystemExit("error: reasontune compare needs at least two runs: reasontune compare RUN_A RUN_B ...")
+            problems.append("reasontune compare needs at least two runs: reasontune compare RUN_A RUN_B ...")
         if self.n_bootstrap < 1:
-            raise SystemExit("error: --n-bootstrap must be >= 1")
+            problems.append("--n-bootstrap must be >= 1")
         if self.labels is not None and len(self.labels) != len(self.runs):
-            raise SystemExit(f"error: --labels gives {len(self.labels)} names for {len(self.runs)} runs")
+            problems.append(f"--labels gives {len(self.labels)} names for {len(self.runs)} runs")
+        return problems
 
 
 def run_compare(config: CompareConfig) -> int:

@@ -179,8 +179,6 @@ def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
     written_by = raw.pop(COMMAND_RECORD, None)
     if written_by is not None and not isinstance(written_by, str):
         raise UserError(f"{path}: field 'command' must name the command that wrote it, got {written_by!r:.40}")
-    if written_by is None and is_run_config(path):  # a run's record from before config.json named its command
-        written_by = _command_judged_by_options(raw, command)
     if written_by is not None and command is not None and written_by != command:
         raise UserError(_written_by_another(Path(path), written_by, command))
     values = {}
@@ -268,38 +266,8 @@ OUTPUT_ONLY_COMMANDS = {"eval": "an eval directory", "filter": "a filter output"
 
 
 def command_of(config_cls: type) -> str | None:
-    """Returns the ``reasontune`` subcommand whose config class is ``config_cls`` (None for a class no command uses)."""
-    from reasontune.cli import COMMANDS  # lazy: cli imports this module
-
-    return next((name for name, (_, config_name, _, _) in COMMANDS.items() if config_name == config_cls.__name__), None)
-
-
-def _command_judged_by_options(raw: dict[str, Any], command: str | None) -> str | None:
-    """Returns the command that an old config.json (written before it recorded one) came from, judged by its option names; None when they fit ``command``.
-
-    Only consulted when some option is unknown to ``command``: then the first other command
-    whose options include every key is named (importing its module, on this error path only).
-    """
-    import importlib
-
-    from reasontune.cli import COMMANDS
-
-    keys = {str(key).replace("-", "_") for key in raw}
-    if command is None:
-        return None
-    own = COMMANDS[command]
-    if keys <= {f.name for f in dataclasses.fields(getattr(importlib.import_module(own[0]), own[1]))}:
-        return None
-    for name, (module_name, config_name, _, _) in COMMANDS.items():
-        if name == command or name in ("demo", "report", "compare"):
-            continue
-        try:
-            fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module_name), config_name))}
-        except (ImportError, AttributeError):
-            continue
-        if keys <= fields:
-            return name
-    return None
+    """Returns the ``reasontune`` subcommand a config class declares (its ``command`` class variable), None for a class of no command."""
+    return getattr(config_cls, "command", None)
 
 
 def _written_by_another(path: Path, written_by: str, command: str) -> str:
@@ -360,7 +328,8 @@ CONFIRMED_RUN_OPTIONS = ("reward", "vllm_server_url", "vllm_weight_sync_address"
 
 
 def _needs_confirming(name: str, value: Any) -> bool:
-    from reasontune.options import REWARD_NAMES, SHIPPED_TEMPLATES  # lazy: options imports this module
+    from reasontune.data import SHIPPED_TEMPLATES  # lazy: the data module imports the graders
+    from reasontune.options import REWARD_NAMES  # lazy: options imports this module
 
     if value is None:
         return False
@@ -441,7 +410,7 @@ def config_from_dict(values: dict[str, Any], config_cls: type[ConfigT], *, where
     """Builds a config from plain values (a config file, flags, a config.json read back), checking each type.
 
     Every wrong value and unknown name is named in one ``UserError`` (``where`` prefixes them,
-    e.g. the config file); then, with ``validate``, the config's ``validate()`` checks ranges
+    e.g. the config file); then, with ``validate``, ``value_problems`` checks ranges
     and combinations (and with ``environment`` files, the model and packages: ``check_config``).
     """
     kwargs, problems = typed_values(values, config_cls, where)
@@ -482,32 +451,43 @@ def typed_values(values: dict[str, Any], config_cls: type, where: str = "") -> t
 
 
 def check_config(config: Any, environment: bool = True) -> None:
-    """Raises one ``UserError`` naming every problem: the config's own ``validate()`` and (with ``environment``) ``options.environment_problems``.
+    """Raises one ``UserError`` naming every problem: ``value_problems`` (every option group's ``problems()``) and (with ``environment``) ``options.environment_problems``.
 
     A command runs this before it creates or changes its output directory.
     """
-    problems: list[str] = []
-    check = getattr(config, "validate", None)
-    if callable(check):
-        try:
-            check()
-        except UserError as error:
-            problems += error.problems
-        except SystemExit as error:
-            if not (isinstance(error.code, str) and error.code.startswith("error:")):
-                raise
-            problems += [line.removeprefix("error: ") for line in error.code.splitlines()]
+    problems = value_problems(config)
     # The shared option groups (reasontune.options) give a data command's config environment_problems().
     environment_check = getattr(config, "environment_problems", None) if environment else None
     raise_problems(problems + (environment_check() if callable(environment_check) else []))
 
 
-def save_config(config: Any, path: str | Path) -> None:
-    """Writes the resolved config as JSON, with the command that wrote it under ``"command"``, so it can be loaded back equal."""
+def value_problems(config: Any) -> list[str]:
+    """Returns every problem of ``config``'s values, one string each: the ``problems()`` of each class it is made of, base groups first.
+
+    A config is composed of option groups (``reasontune.options``) and adds its own fields;
+    each class's ``problems()`` checks the fields it declares, so each check exists once and
+    runs for every command whose config includes that group. A message two classes both
+    return is kept once.
+    """
+    problems: list[str] = []
+    for cls in reversed(type(config).__mro__):
+        own = vars(cls).get("problems")
+        if callable(own):
+            problems += own(config)
+    return list(dict.fromkeys(problems))
+
+
+def save_config(config: Any, path: str | Path, launch: dict[str, Any] | None = None) -> None:
+    """Writes the resolved config as JSON, with the command that wrote it under ``"command"``, so it can be loaded back equal.
+
+    ``launch`` (a trainer's world size and batch sizes) is recorded under ``"distributed"``.
+    """
     payload = dataclasses.asdict(config)
     command = command_of(type(config))
     if command is not None:
         payload[COMMAND_RECORD] = command
+    if launch is not None:
+        payload[LAUNCH_RECORD] = launch
     Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 

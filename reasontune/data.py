@@ -259,11 +259,18 @@ def _reason(message: str) -> str:
     return reason.split(";")[0].split(" (")[0]
 
 
-def _read_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
-    """Yields (line, record or None, error) for a JSONL file, or for a .json holding one array."""
+_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def read_json_records(path: Path, errors: str = "strict") -> Iterator[tuple[int, Any, str | None]]:
+    """Yields (line, record or None, error) for a JSONL file, or for a .json holding one array: the one parser of JSON lines.
+
+    Text that is not UTF-8 raises ``DataError`` naming the line, unless ``errors="replace"``
+    (a reader that shows what it can: its bad bytes become U+FFFD).
+    """
     raw = path.read_bytes()
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8", errors=errors)
     except UnicodeDecodeError as error:
         line = raw.count(b"\n", 0, error.start) + 1
         raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}); "
@@ -282,7 +289,9 @@ def _read_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
         for index, record in enumerate(array, start=1):
             yield index, record, None
         return
-    for number, raw_line in enumerate(text.splitlines(), start=1):
+    # Lines end at \n, \r\n or \r only: str.splitlines would also cut at U+2028, U+0085 and the like, which JSON
+    # keeps unescaped inside strings (a model's response may hold them), breaking a valid record in two.
+    for number, raw_line in enumerate(_LINE_END.split(text), start=1):
         if not raw_line.strip():
             continue
         try:
@@ -387,7 +396,7 @@ def load_examples(source: str | Path, *, split: str | None = None, hub_config: s
                             f"{'/'.join(sorted(_LOCAL_SUFFIXES))} file (a .tsv converts with pandas: "
                             "read_csv(sep='\\t').to_json(orient='records', lines=True))")
     if path.suffix in (".jsonl", ".json"):
-        records: Iterable[tuple[int, Any, str | None]] = _read_json_records(path)
+        records: Iterable[tuple[int, Any, str | None]] = read_json_records(path)
     else:
         records = _read_with_datasets(source_text, split, hub_config)
 
@@ -451,6 +460,7 @@ def train_validation_split(examples: Sequence[Example], validation_size: int | f
 # ---------------------------------------------------------------------------------------------
 # Templates and SFT targets
 
+# The prompt templates that ship with the package (reasontune/templates/NAME.txt), by name.
 SHIPPED_TEMPLATES = ("r1_zero", "question_only")
 
 

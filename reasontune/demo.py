@@ -11,11 +11,10 @@ report.
 from __future__ import annotations
 
 import dataclasses
-import json
 import random
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
@@ -23,6 +22,7 @@ from transformers import PreTrainedTokenizerFast
 from reasontune.config import UserError, help_field
 from reasontune.modeling import QWEN2_PATTERN, build_model_from_config, tiny_qwen2_config
 from reasontune.rollouts import write_jsonl
+from reasontune.run_layout import FINAL_DIR, checkpoint_name, eval_summaries
 from reasontune.training.expert_iteration import ExpertIterationConfig, run_expert_iteration
 from reasontune.training.grpo import GRPOConfig, run_grpo
 from reasontune.training.sft import SFTConfig, run_sft
@@ -175,6 +175,8 @@ LORA_NUM_EPOCHS = 2
 class DemoConfig:
     """Options of ``reasontune demo`` (the defaults are tuned to reach >= 90% on a 2-core CPU in minutes)."""
 
+    command: ClassVar[str] = "demo"
+
     algorithm: Literal["sft", "ei", "grpo"] = help_field("sft", "sft: SFT on the traces; ei / grpo: a deliberately under-trained SFT (--warmup-sft-steps), then expert iteration or GRPO from its final/")
     output_dir: str = help_field("runs/demo", "directory for data/, base-model/ and the runs (sft/, and ei/ or grpo/: checkpoints, eval/, report/)")
     seed: int = help_field(0, "seed of the task, tokenizer corpus, initialisation and data order")
@@ -213,25 +215,29 @@ class DemoConfig:
 
     recipe: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"] | None = help_field(None, "grpo: a --recipe of reasontune grpo applied under the demo's GRPO settings")
 
-    def validate(self) -> None:
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the demo's sizes and options."""
+        problems = []
         if self.n_train < self.batch_size:
-            raise SystemExit(f"error: --n-train ({self.n_train}) must be at least --batch-size ({self.batch_size})")
+            problems.append(f"--n-train ({self.n_train}) must be at least --batch-size ({self.batch_size})")
         if self.n_eval < 1:
-            raise SystemExit("error: --n-eval must be at least 1")
+            problems.append("--n-eval must be at least 1")
         if self.evaluations < 0:
-            raise SystemExit("error: --evaluations must be >= 0")
+            problems.append("--evaluations must be >= 0")
         if self.algorithm != "sft" and self.warmup_sft_steps < 1:
-            raise SystemExit("error: --warmup-sft-steps must be at least 1")
+            problems.append("--warmup-sft-steps must be at least 1")
         if self.lora_rank < 0 or self.lora_num_epochs < 1 or (self.lora_rank and self.algorithm != "sft"):
-            raise SystemExit("error: --lora-rank must be >= 0 (for --algorithm sft only) and --lora-num-epochs >= 1")
+            problems.append("--lora-rank must be >= 0 (for --algorithm sft only) and --lora-num-epochs >= 1")
         if not self.lora_rank and (self.lora_alpha is not None or self.lora_trainable_modules):
-            raise SystemExit("error: --lora-alpha / --lora-trainable-modules given without --lora-rank")
+            problems.append("--lora-alpha / --lora-trainable-modules given without --lora-rank")
         if self.num_digits < 1:
-            raise SystemExit("error: --num-digits must be at least 1")
+            problems.append("--num-digits must be at least 1")
+            return problems
         distinct = (9 * 10 ** (self.num_digits - 1)) ** 2
         if self.n_train + self.n_eval > distinct:
-            raise SystemExit(f"error: --n-train + --n-eval ({self.n_train + self.n_eval}) exceeds the {distinct} distinct "
-                             f"{self.num_digits}-digit additions; lower them or raise --num-digits")
+            problems.append(f"--n-train + --n-eval ({self.n_train + self.n_eval}) exceeds the {distinct} distinct "
+                            f"{self.num_digits}-digit additions; lower them or raise --num-digits")
+        return problems
 
 
 def prepare_demo(config: DemoConfig) -> tuple[Path, Path, Path]:
@@ -331,17 +337,6 @@ def demo_sft_config(config: DemoConfig, train_path: Path, val_path: Path, model_
     )
 
 
-def eval_summaries(run_dir: Path) -> list[tuple[int, dict[str, Any]]]:
-    """Returns ``(step, summary)`` of each ``eval/step-N/summary.json`` in ``run_dir``, by step."""
-    found = []
-    for path in (run_dir / "eval").glob("step-*/summary.json"):
-        try:
-            found.append((int(path.parent.name.split("-", 1)[1]), json.loads(path.read_text())))
-        except (ValueError, json.JSONDecodeError):
-            continue
-    return sorted(found, key=lambda item: item[0])
-
-
 def demo_ei_config(config: DemoConfig, train_path: Path, val_path: Path, policy_dir: Path):
     """Returns the ``ExpertIterationConfig`` of the demo's EI run, starting from the under-trained SFT's ``final/``."""
     budget = demo_max_new_tokens(config)
@@ -394,7 +389,7 @@ def pick_under_trained(sft_dir: Path, target: float) -> tuple[Path, int, dict[st
     summaries = eval_summaries(sft_dir)
     candidates = []
     for step, summary in summaries:
-        directory = sft_dir / ("final" if step == summaries[-1][0] else f"checkpoint-{step}")
+        directory = sft_dir / (FINAL_DIR if step == summaries[-1][0] else checkpoint_name(step))
         if step > 0 and directory.is_dir():
             candidates.append((abs(summary.get("accuracy", 0.0) - target), step, directory, summary))
     if not candidates:

@@ -1,7 +1,8 @@
 """Plots of an evaluation directory: pass@k against k, accuracy by response length, lengths by outcome.
 
 Each plot has a pure function computing its numbers (tested) and a drawing function writing a
-PNG with matplotlib's Agg canvas (a bare ``Figure``: pyplot's global backend is left alone).
+PNG in the one figure style of ``reasontune.plotting``. A pass@k "curve" of one k (one sample per
+question) is one dot: it is left to the tables, which state it as a number.
 Records are ``reasontune eval``'s per-sample records (``answer_reward``, ``category``,
 ``response_tokens``, ``sample``, ``question_id`` or ``prompt``).
 """
@@ -12,9 +13,10 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from reasontune.estimators import group_samples, proportion_interval, question_scores
-from reasontune.report import new_axes  # the one figure style of every plot
+from reasontune.plotting import new_axes, powers_of_two_axis, save
 from reasontune.rollouts import CATEGORIES  # the one definition of the outcome categories
 
 
@@ -75,32 +77,42 @@ def lengths_by_category(records: Sequence[Mapping[str, Any]]) -> dict[str, list[
     return result
 
 
-def _save(figure, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
-    return path
+def pass_at_k_figure(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]]], n_bootstrap: int = 200,
+                     seed: int = 0) -> Figure | None:
+    """Returns pass@k against k (log2 axis, one line per benchmark, 95% bootstrap band), or None when no benchmark has several k.
+
+    One dot is not a curve: with a single k the tables give pass@k as a number. A one-k
+    benchmark beside curves is a dot with its interval, its value in the legend.
+    """
+    curves = {name: points for name, records in records_by_benchmark.items()
+              if (points := pass_at_k_curve(records, n_bootstrap=n_bootstrap, seed=seed))}
+    if not any(len(points) > 1 for points in curves.values()):
+        return None
+    figure, axes = new_axes("pass@k (unbiased; band: 95% bootstrap over questions)", "pass@k (%)", xlabel="k (samples)")
+    for name, points in curves.items():
+        ks = [p["k"] for p in points]
+        values = [100 * p["value"] for p in points]
+        if len(points) == 1:
+            axes.errorbar(ks, values, yerr=[[values[0] - 100 * points[0]["low"]], [100 * points[0]["high"] - values[0]]],
+                          marker="o", capsize=3, label=f"{name}: pass@{ks[0]} {values[0]:.1f}%")
+            continue
+        axes.plot(ks, values, marker="o", label=name)
+        axes.fill_between(ks, [100 * p["low"] for p in points], [100 * p["high"] for p in points], alpha=0.2)
+    powers_of_two_axis(axes, [p["k"] for points in curves.values() for p in points])
+    axes.set_ylim(0, 100)
+    axes.legend()
+    return figure
 
 
 def plot_pass_at_k(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path,
-                   n_bootstrap: int = 200, seed: int = 0) -> Path:
-    """Returns the path of ``pass_at_k.png`` in ``out_dir``: pass@k against k (log2 axis), one line per benchmark."""
-    figure, axes = new_axes("pass@k (unbiased; band: 95% bootstrap over questions)", "pass@k (%)", xlabel="k (samples)")
-    for name, records in records_by_benchmark.items():
-        points = pass_at_k_curve(records, n_bootstrap=n_bootstrap, seed=seed)
-        if not points:
-            continue
-        ks = [p["k"] for p in points]
-        axes.plot(ks, [100 * p["value"] for p in points], marker="o", label=name)
-        axes.fill_between(ks, [100 * p["low"] for p in points], [100 * p["high"] for p in points], alpha=0.2)
-    axes.set_xscale("log", base=2)
-    axes.set_ylim(0, 100)
-    axes.legend()
-    return _save(figure, Path(out_dir) / "pass_at_k.png")
+                   n_bootstrap: int = 200, seed: int = 0) -> Path | None:
+    """Returns the path of ``pass_at_k.png`` in ``out_dir`` (``pass_at_k_figure``), or None, writing nothing, when there is one k."""
+    figure = pass_at_k_figure(records_by_benchmark, n_bootstrap, seed)
+    return None if figure is None else save(figure, Path(out_dir) / "pass_at_k.png")
 
 
-def plot_accuracy_by_length(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
-                            bins: int = 10) -> Path:
-    """Returns the path of ``accuracy_by_length[_NAME].png``: accuracy per response-length bin, sample counts on the bars."""
+def accuracy_by_length_figure(records: Sequence[Mapping[str, Any]], name: str = "", bins: int = 10) -> Figure:
+    """Returns accuracy per response-length bin as bars, the sample count on each."""
     figure, axes = new_axes(f"accuracy by response length{f' ({name})' if name else ''}", "accuracy (%)",
                             xlabel="response tokens")
     for b in accuracy_by_length(records, bins):
@@ -108,12 +120,18 @@ def plot_accuracy_by_length(records: Sequence[Mapping[str, Any]], out_dir: str |
         axes.annotate(str(b["count"]), ((b["low"] + b["high"]) / 2, 100 * b["accuracy"]), ha="center", va="bottom",
                       fontsize=8)
     axes.set_ylim(0, 105)
-    return _save(figure, Path(out_dir) / f"accuracy_by_length{f'_{name}' if name else ''}.png")
+    return figure
 
 
-def plot_length_by_category(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
-                            bins: int = 30) -> Path:
-    """Returns the path of ``length_by_category[_NAME].png``: response-length histograms of the three outcomes."""
+def plot_accuracy_by_length(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
+                            bins: int = 10) -> Path:
+    """Returns the path of ``accuracy_by_length[_NAME].png`` (``accuracy_by_length_figure``) in ``out_dir``."""
+    return save(accuracy_by_length_figure(records, name, bins),
+                Path(out_dir) / f"accuracy_by_length{f'_{name}' if name else ''}.png")
+
+
+def length_by_category_figure(records: Sequence[Mapping[str, Any]], name: str = "", bins: int = 30) -> Figure:
+    """Returns response-length histograms of the three outcomes, each labelled with its count."""
     figure, axes = new_axes(f"response length by outcome{f' ({name})' if name else ''}", "samples",
                             xlabel="response tokens")
     groups = lengths_by_category(records)
@@ -124,13 +142,21 @@ def plot_length_by_category(records: Sequence[Mapping[str, Any]], out_dir: str |
         if lengths:
             axes.hist(lengths, bins=edges, alpha=0.5, color=colors[category], label=f"{category} ({len(lengths)})")
     axes.legend()
-    return _save(figure, Path(out_dir) / f"length_by_category{f'_{name}' if name else ''}.png")
+    return figure
+
+
+def plot_length_by_category(records: Sequence[Mapping[str, Any]], out_dir: str | Path, name: str = "",
+                            bins: int = 30) -> Path:
+    """Returns the path of ``length_by_category[_NAME].png`` (``length_by_category_figure``) in ``out_dir``."""
+    return save(length_by_category_figure(records, name, bins),
+                Path(out_dir) / f"length_by_category{f'_{name}' if name else ''}.png")
 
 
 def write_eval_plots(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]]], out_dir: str | Path,
                      n_bootstrap: int = 200, seed: int = 0) -> list[Path]:
-    """Returns the PNGs written into ``out_dir``: the pass@k plot, then per benchmark accuracy-by-length and length-by-outcome."""
-    written = [plot_pass_at_k(records_by_benchmark, out_dir, n_bootstrap, seed)]
+    """Returns the PNGs written into ``out_dir``: the pass@k plot (when some benchmark has several k), then per benchmark accuracy-by-length and length-by-outcome."""
+    pass_at_k = plot_pass_at_k(records_by_benchmark, out_dir, n_bootstrap, seed)
+    written = [pass_at_k] if pass_at_k is not None else []
     for name, records in records_by_benchmark.items():
         if records:
             written.append(plot_accuracy_by_length(records, out_dir, name))

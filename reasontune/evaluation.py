@@ -13,22 +13,25 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 import torch.distributed as dist
 
 from reasontune.benchmarks import BENCHMARKS, STANDARD_PROMPT, STANDARD_REWARD, load_benchmarks, resolve_benchmarks
-from reasontune.config import UserError, help_field, raise_problems, same_field, save_config
+from reasontune.config import UserError, help_field, same_field, save_config
 from reasontune.data import Example, load_examples, load_template, with_chat_template
 from reasontune.estimators import parse_ks, results_table, summarize_samples
 from reasontune.eval_plots import write_eval_plots
 from reasontune.generation import Generator, SamplingOptions, VLLMServerOptions, build_generator
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import (EvaluationOptions, GenerationOptions, GradingOptions, ModelOptions, RunOptions,
-                                TaskOptions, TrackingOptions, data_source_problems, resolved_dtype, validate_common)
+                                TaskOptions, TrackingOptions, data_source_problems, resolved_dtype)
 from reasontune import distributed
-from reasontune.rollouts import RewardFn, generate_rollouts, merge_rollouts, reward_fn_by_name, rollouts_for_examples
+from reasontune.run_layout import (CONFIG_FILE, EVAL_METRICS_FILE, RECORDS_FILE, REPORT_DIR, RESULTS_FILES,
+                                   SUMMARY_FILE, is_training_run)
+from reasontune.rollouts import (RewardFn, generate_rollouts, merge_rollouts, reward_fn_by_name, rollouts_for_examples,
+                                 stop_sequences)
 
 
 def evaluate(generator: Generator, examples: Sequence[Example], reward_fn: RewardFn, options: SamplingOptions,
@@ -107,8 +110,7 @@ def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: Sampl
     summaries: dict[str, dict[str, Any]] = {}
     records_by_set: dict[str, list[dict[str, Any]]] = {}
     for eval_set in sets:
-        default_stop = ("</answer>",) if eval_set.reward == "r1_zero" else ()
-        options = sampling.replace(stop=tuple(stop) if stop is not None else default_stop)
+        options = sampling.replace(stop=tuple(stop) if stop is not None else stop_sequences(eval_set.reward))
         examples = eval_set.examples
         if sharded:  # this rank's slice; a question's samples seeded by its index in the set, as in one process
             part = distributed.rank_slice(len(examples), ctx)
@@ -143,6 +145,8 @@ class EvalConfig(TrackingOptions, GenerationOptions, GradingOptions, EvaluationO
                  RunOptions):
     """Options of ``reasontune eval``."""
 
+    command: ClassVar[str] = "eval"
+
     data: str | None = help_field(None, "evaluation data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name (or use --benchmarks)", group="data")
     benchmarks: str | None = help_field(None, f"comma-separated benchmarks, or all: {', '.join(BENCHMARKS)} (hub datasets, or --benchmark-dir)", group="data")
     benchmark_dir: str | None = help_field(None, "read the benchmarks from local files <dir>/<name>.jsonl|.json|.parquet in each dataset's own schema instead of the hub", group="data")
@@ -157,9 +161,9 @@ class EvalConfig(TrackingOptions, GenerationOptions, GradingOptions, EvaluationO
     generation_batch_size: int = same_field(GenerationOptions, "generation_batch_size", 32)
     vllm_gpu_memory_utilization: float = same_field(GenerationOptions, "vllm_gpu_memory_utilization", 0.85)
 
-    def validate(self) -> None:
-        """Raises ``UserError`` naming every option whose value cannot work, and an output directory it must not write into."""
-        problems = validate_common(self)
+    def problems(self) -> list[str]:
+        """Returns what is wrong with this command's own options (data or benchmarks, k against the samples, …)."""
+        problems = []
         if not self.output_dir or not (self.data or self.benchmarks):
             problems.append("reasontune eval needs --output-dir DIR and --data PATH or --benchmarks NAMES")
         if self.data and self.benchmarks:
@@ -178,7 +182,7 @@ class EvalConfig(TrackingOptions, GenerationOptions, GradingOptions, EvaluationO
                 resolve_benchmarks(self.benchmarks)
             except ValueError as error:
                 problems.append(f"--benchmarks: {error}")
-        raise_problems(problems)
+        return problems
 
     def own_environment_problems(self) -> list[str]:
         """Returns what is wrong with --data's file and --output-dir on this machine (see ``options.environment_problems``)."""
@@ -194,13 +198,13 @@ def eval_output_problems(output_dir: str) -> list[str]:
     path = Path(output_dir) if output_dir else None
     if path is None or not path.is_dir() or not any(path.iterdir()):
         return []
-    if (path / "metrics.jsonl").exists() or (path / "final").is_dir() or any(path.glob("checkpoint-*")):
+    if is_training_run(path):
         return [(f"--output-dir {output_dir}: is a training run's directory, whose config.json eval would replace; "
                  f"write under it instead, e.g. --output-dir {path / 'eval' / 'mine'}")]
-    ours = {"config.json", "summary.json", "records.jsonl", "results.md", "results.json", EVAL_METRICS_FILE, "wandb",
-            "tensorboard", "report"}
-    earlier_eval = (path / "config.json").exists() and any((path / name).exists() for name in ours - {"config.json"})
-    if earlier_eval or any(child.is_dir() and (child / "summary.json").exists() for child in path.iterdir()):
+    ours = {CONFIG_FILE, SUMMARY_FILE, RECORDS_FILE, *RESULTS_FILES, EVAL_METRICS_FILE, "wandb", "tensorboard",
+            REPORT_DIR}
+    earlier_eval = (path / CONFIG_FILE).exists() and any((path / name).exists() for name in ours - {CONFIG_FILE})
+    if earlier_eval or any(child.is_dir() and (child / SUMMARY_FILE).exists() for child in path.iterdir()):
         return []
     strangers = sorted(child.name for child in path.iterdir() if child.name not in ours)
     if strangers:
@@ -279,7 +283,6 @@ def format_summary(summary: dict[str, Any]) -> str:
     ])
 
 
-EVAL_METRICS_FILE = "eval_metrics.jsonl"
 
 
 def track_summaries(config: EvalConfig, summaries: dict[str, dict[str, Any]]) -> None:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import ClassVar, Sequence
 
-from reasontune.config import UserError, check_config, help_field, raise_problems
+from reasontune.config import UserError, check_config, help_field
 from reasontune.data import Example, load_examples
 from reasontune.generation import Completion
-from reasontune.options import GradingOptions, TaskOptions, TrackingOptions, data_source_problems, validate_common
+from reasontune.options import GradingOptions, TaskOptions, TrackingOptions, data_source_problems
 from reasontune.rollouts import grade_completions, reward_fn_by_name, write_jsonl
 
 REASONS = ("kept", "formatted but wrong", "unformatted", "no response", "no reference answer")
@@ -23,19 +23,21 @@ REASONS = ("kept", "formatted but wrong", "unformatted", "no response", "no refe
 class FilterConfig(TrackingOptions, GradingOptions, TaskOptions):
     """Options of ``reasontune filter``."""
 
+    command: ClassVar[str] = "filter"
+
     data: str = help_field("", "SFT data (JSONL/JSON/Parquet, any accepted format) whose responses are graded", group="data")
     out: str = help_field("", "where to write the kept records (JSONL, each record exactly as read)", group="data")
 
-    def validate(self) -> None:
-        """Raises ``UserError`` naming every option whose value cannot work (an --out that is --data, a missing file …)."""
-        problems = validate_common(self)
+    def problems(self) -> list[str]:
+        """Returns what is wrong with this command's own options (an --out that is --data, a missing file …)."""
+        problems = []
         if not self.data or not self.out:
             problems.append("reasontune filter needs --data SFT.jsonl and --out FILTERED.jsonl")
         if self.out and self.data and Path(self.out).resolve() == Path(self.data).resolve():
             problems.append(f"--out {self.out}: is the input file; write the kept records to another file")
         if self.out and Path(self.out).is_dir():
             problems.append(f"--out {self.out}: is a directory; give a file name such as {Path(self.out) / 'kept.jsonl'}")
-        raise_problems(problems)
+        return problems
 
     def own_environment_problems(self) -> list[str]:
         """Returns what is wrong with --data's file on this machine (see ``options.environment_problems``)."""

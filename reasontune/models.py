@@ -19,12 +19,12 @@ import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 
 from reasontune.checkpoint import move_into_place
-from reasontune.config import UserError, help_field, positional_field, raise_problems
+from reasontune.config import UserError, help_field, positional_field
 from reasontune.gguf_models import gguf_file_problem, is_gguf_file, missing_gguf_packages, missing_packages_message
 from reasontune.model_registry import KNOWN_MODELS, FetchError, default_cache_dir, fetch_gguf, known_model, sha256_of
 from reasontune.options import DType
@@ -37,6 +37,8 @@ ROUND_TRIP_ATOL = 1e-5
 @dataclass
 class ModelsConfig:
     """Options of ``reasontune models``."""
+
+    command: ClassVar[str] = "models"
 
     action: Literal["get", "tiny", "list"] = positional_field(
         "get: a known model (or --gguf FILE) as a Hugging Face directory; tiny: a small random model; list: the known models")
@@ -51,8 +53,8 @@ class ModelsConfig:
     num_layers: int = help_field(2, "models tiny: decoder layers", group="tiny")
     seed: int = help_field(0, "models tiny: seed of the random weights", group="tiny")
 
-    def validate(self) -> None:
-        """Raises ``UserError`` naming every option that does not fit the action."""
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the options for the action (a name, a file, sizes)."""
         problems = []
         if self.action == "get":
             if not self.name and not self.gguf:
@@ -71,7 +73,7 @@ class ModelsConfig:
         if self.action == "tiny" and (self.hidden_size < 4 or self.hidden_size % 4 or self.num_layers < 1):
             problems.append(f"--hidden-size {self.hidden_size} / --num-layers {self.num_layers}: the hidden size must be "
                             "a positive multiple of 4 (4 attention heads) and the layers at least 1")
-        raise_problems(problems)
+        return problems
 
     def environment_problems(self) -> list[str]:
         """Returns what this machine lacks for the action: packages, the --gguf file, a free --output-dir."""

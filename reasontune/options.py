@@ -17,14 +17,13 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from reasontune.config import help_field
 from reasontune.gguf_models import gguf_file_problem, is_gguf_file, missing_gguf_packages, missing_packages_message
 
 DType = Literal["float32", "bfloat16", "float16"]
 REWARD_NAMES = ("auto", "r1_zero", "question_only")
-SHIPPED_TEMPLATES = ("r1_zero", "question_only")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 # A hub id: "name" or "organisation/name" (letters, digits, - _ .), optionally with a revision after "@".
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w./-]+)?")
@@ -37,6 +36,13 @@ class RunOptions:
     seed: int = help_field(0, "seed of data order, subsets, initialisation and sampling", group="run")
     num_threads: int | None = help_field(None, "torch CPU threads (default: torch's choice)", group="run")
     process_group_timeout: float = help_field(600.0, "under torchrun: seconds a rank waits in one collective for the others (every process group) before the job stops, naming the rank that stopped answering", group="distributed")
+
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the thread count and the collective timeout."""
+        problems: list[str] = []
+        _range(problems, "--num-threads", self.num_threads, 1)
+        _range(problems, "--process-group-timeout", self.process_group_timeout, 0, low_open=True, hint="seconds, e.g. 600")
+        return problems
 
 
 @dataclass
@@ -64,6 +70,12 @@ class TaskOptions:
         """Returns what the machine lacks for this config: files, the model, the reward, packages (``options.environment_problems``)."""
         return environment_problems(self)
 
+    def problems(self) -> list[str]:
+        """Returns what is wrong with --reward's value: neither a shipped name nor module:function."""
+        if self.reward in REWARD_NAMES or ":" in self.reward:
+            return []
+        return [f"--reward {self.reward}: unknown; give {', '.join(REWARD_NAMES)} or module:function"]
+
     @property
     def reward_name(self) -> str:
         """Returns the reward function's name with ``auto`` resolved."""
@@ -77,6 +89,12 @@ class GradingOptions:
     """Where grading runs."""
 
     grading_workers: int | None = help_field(None, "grading worker processes (0: grade in this process; default: this node's cores divided by the ranks on it, LOCAL_WORLD_SIZE under torchrun)", group="grading")
+
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the number of grading workers."""
+        problems: list[str] = []
+        _range(problems, "--grading-workers", self.grading_workers, 0)
+        return problems
 
 
 @dataclass
@@ -94,6 +112,15 @@ class GenerationOptions:
     vllm_weight_sync_address: str | None = help_field(None, "this trainer's address as the vLLM server's workers can reach it, for the NCCL weight group (default: this host's IP address)", group="generation")
     vllm_weight_sync_port: int = help_field(0, "TCP port of the NCCL weight group's rendezvous on this trainer (0: a free port)", group="generation")
     vllm_timeout: float = help_field(600.0, "seconds one request to the --vllm-server-url server may take, its reply included (a completions request samples all its responses in that time)", group="generation")
+    # Whether the config trains the policy it generates from (a trainer pushes weights to a vLLM server; eval does not).
+    trains_policy: ClassVar[bool] = False
+
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the generation options: batch size, vLLM's memory share, the vLLM flags together."""
+        problems: list[str] = []
+        _range(problems, "--generation-batch-size", self.generation_batch_size, 1)
+        _range(problems, "--vllm-gpu-memory-utilization", self.vllm_gpu_memory_utilization, 0, 1, low_open=True)
+        return problems + self.vllm_problems(trainer=self.trains_policy)
 
     def vllm_problems(self, trainer: bool) -> list[str]:
         """Returns what is wrong with the vLLM options: flags that need another, sizes out of range, a malformed server URL."""
@@ -186,7 +213,7 @@ class ShardingOptions:
     fsdp_mixed_precision: bool = help_field(False, "under torchrun: gather parameters as bfloat16 for compute and reduce gradients in float32, the sharded master weights and optimizer state staying in --dtype (use with --dtype float32 for fp32 master weights)", group="distributed")
     fsdp_cpu_offload: bool = help_field(False, "under torchrun on GPUs: keep the sharded parameters, gradients and optimizer state in CPU memory (slower steps, much less GPU memory)", group="distributed")
 
-    def sharding_problems(self) -> list[str]:
+    def problems(self) -> list[str]:
         """Returns what is wrong with the FSDP flags given this config's --device (launch and CUDA are environment checks)."""
         device = getattr(self, "device", None)
         if self.fsdp_cpu_offload and device and not str(device).startswith("cuda"):
@@ -223,6 +250,18 @@ class EvaluationOptions:
     eval_max_new_tokens: int = help_field(1024, "token budget of each evaluation response", group="evaluation")
     eval_n_samples: int = help_field(1, "responses sampled per evaluation question (more than 1 needs --eval-temperature > 0 to differ)", group="evaluation")
 
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the evaluation sampling options."""
+        problems: list[str] = []
+        _range(problems, "--eval-temperature", self.eval_temperature, 0)
+        _range(problems, "--eval-top-p", self.eval_top_p, 0, 1, low_open=True)
+        _range(problems, "--eval-max-new-tokens", self.eval_max_new_tokens, 1)
+        _range(problems, "--eval-n-samples", self.eval_n_samples, 1)
+        if self.eval_n_samples > 1 and self.eval_temperature == 0:
+            problems.append(f"--eval-n-samples {self.eval_n_samples}: greedy decoding (--eval-temperature 0) makes "
+                            "every sample identical; set --eval-temperature > 0 (e.g. 0.6) or --eval-n-samples 1")
+        return problems
+
 
 @dataclass
 class InLoopEvaluationOptions(EvaluationOptions):
@@ -235,6 +274,13 @@ class InLoopEvaluationOptions(EvaluationOptions):
     eval_benchmarks: str | None = help_field(None, "also evaluate on these benchmarks (comma-separated, or all; see reasontune eval --help), with the run's prompt template and reward", group="evaluation")
     benchmark_dir: str | None = help_field(None, "read --eval-benchmarks from local files <dir>/<name>.jsonl|.json|.parquet instead of the hub", group="evaluation")
 
+    def problems(self) -> list[str]:
+        """Returns what is wrong with how many examples are evaluated and how often."""
+        problems: list[str] = []
+        _range(problems, "--eval-examples", self.eval_examples, 0)
+        _range(problems, "--eval-every", self.eval_every, 0)
+        return problems
+
 
 @dataclass
 class RolloutOptions:
@@ -245,6 +291,18 @@ class RolloutOptions:
     sampling_top_p: float = help_field(1.0, "nucleus-sampling threshold of rollout sampling", group="rollouts")
     sampling_min_tokens: int = help_field(4, "no EOS or stop string before this many tokens (>= 1, so no response is empty)", group="rollouts")
     sampling_max_tokens: int = help_field(1024, "token budget of each rollout response", group="rollouts")
+
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the rollout sampling options."""
+        problems: list[str] = []
+        _range(problems, "--group-size", self.group_size, 1)
+        _range(problems, "--sampling-temperature", self.sampling_temperature, 0, low_open=True,
+               hint="rollouts must be sampled")
+        _range(problems, "--sampling-top-p", self.sampling_top_p, 0, 1, low_open=True)
+        if not 1 <= self.sampling_min_tokens <= self.sampling_max_tokens:
+            problems.append(f"--sampling-min-tokens {self.sampling_min_tokens} / --sampling-max-tokens "
+                            f"{self.sampling_max_tokens}: need 1 <= min <= max")
+        return problems
 
 
 @dataclass
@@ -258,6 +316,16 @@ class OptimizerOptions:
     max_grad_norm: float = help_field(1.0, "clip the global gradient norm to this (0 disables clipping)", group="optimisation")
     gradient_checkpointing: bool = help_field(False, "recompute activations in backward to save memory (sets use_cache=False)", group="optimisation")
 
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the AdamW and clipping options."""
+        problems: list[str] = []
+        _range(problems, "--learning-rate", self.learning_rate, 0, low_open=True, hint="e.g. 1e-5")
+        _range(problems, "--weight-decay", self.weight_decay, 0)
+        _range(problems, "--adam-beta1", self.adam_beta1, 0, 1, high_open=True)
+        _range(problems, "--adam-beta2", self.adam_beta2, 0, 1, high_open=True)
+        _range(problems, "--max-grad-norm", self.max_grad_norm, 0, hint="0 disables clipping")
+        return problems
+
 
 @dataclass
 class LoRAOptions:
@@ -269,7 +337,7 @@ class LoRAOptions:
     lora_target_modules: list[str] | None = help_field(None, "module names that get adapters (default: every linear layer of the decoder: q/k/v/o and gate/up/down projections)", group="lora")
     lora_trainable_modules: list[str] | None = help_field(None, "modules trained in full beside the adapters and merged with them, e.g. norm", group="lora")
 
-    def lora_problems(self) -> list[str]:
+    def problems(self) -> list[str]:
         """Returns what is wrong with the LoRA options (flags without --lora-rank, a missing peft)."""
         problems = []
         if self.lora_rank < 0:
@@ -295,6 +363,13 @@ class CheckpointOptions:
     save_every: int = help_field(0, "write checkpoint-N/ every N steps (0: only final/)", group="checkpoints", aliases=("save-every-n-steps", "save-steps"))
     save_total_limit: int | None = help_field(None, "keep only the newest N checkpoint-N/ directories", group="checkpoints")
 
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the run directory and checkpoint options."""
+        problems = [] if self.output_dir else ["--output-dir: required; give the run directory"]
+        _range(problems, "--save-every", self.save_every, 0)
+        _range(problems, "--save-total-limit", self.save_total_limit, 1)
+        return problems
+
 
 @dataclass
 class TrackingOptions:
@@ -312,13 +387,31 @@ class LoggingOptions(TrackingOptions):
     progress: bool = help_field(True, "show a progress bar (step, loss, tokens/s, ETA)", group="logging")
     write_report: bool = help_field(True, "write report/ (plots and summary page) at the end", group="logging")
 
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the logging interval."""
+        problems: list[str] = []
+        _range(problems, "--log-every", self.log_every, 1)
+        return problems
+
 
 @dataclass
 class TrainerOptions(LoggingOptions, CheckpointOptions, InLoopEvaluationOptions, GenerationOptions, GradingOptions,
                      LoRAOptions, OptimizerOptions, ShardingOptions, TaskOptions, ModelOptions, RunOptions):
-    """Every option the three trainers share (SFT, expert iteration and GRPO add their own)."""
+    """Every option the three trainers share (SFT, expert iteration and GRPO add their own).
+
+    Each trainer's config also declares ``command`` (its subcommand, recorded in config.json),
+    ``planned_steps`` (the steps a run trains; None when known only after planning) and
+    ``launch_sizes(world_size)`` (the batch sizes config.json records of a launch).
+    """
+
+    command: ClassVar[str]
+    trains_policy: ClassVar[bool] = True
 
     train_data: str = help_field("", "training data: JSONL/JSON/Parquet in any accepted format, or a hub dataset name (required)", group="data", aliases=("sft-data-path", "train-data-path"))
+
+    def problems(self) -> list[str]:
+        """Returns what is wrong with --train-data's value (its file is an environment check)."""
+        return [] if self.train_data else ["--train-data: required; give a JSONL/JSON/Parquet file or a hub dataset name"]
 
 
 def resolved_dtype(dtype: str | None, device: str) -> str:
@@ -427,11 +520,12 @@ def package_problems(flag: str, package: str, extra: str) -> list[str]:
 
 
 def reward_problems(reward: str) -> list[str]:
-    """Returns what is wrong with --reward: neither a shipped name nor an importable module:function."""
-    if reward in REWARD_NAMES:
+    """Returns what is wrong with a --reward of module:function on this machine: not importable, or not a reward function.
+
+    An unknown name is a value problem (``TaskOptions.problems``), named there once.
+    """
+    if reward in REWARD_NAMES or ":" not in reward:
         return []
-    if ":" not in reward:
-        return [f"--reward {reward}: unknown; give {', '.join(REWARD_NAMES)} or module:function"]
     from reasontune.rollouts import reward_fn_by_name  # lazy: imports the graders
 
     try:
@@ -443,6 +537,8 @@ def reward_problems(reward: str) -> list[str]:
 
 def template_problems(template: str) -> list[str]:
     """Returns what is wrong with --prompt-template: neither a shipped name nor a readable file containing {question}."""
+    from reasontune.data import SHIPPED_TEMPLATES  # lazy: the data module imports the graders
+
     if template in SHIPPED_TEMPLATES or template == "auto":
         return []
     path = Path(template).expanduser()
@@ -489,66 +585,10 @@ def _range(problems: list[str], flag: str, value: Any, low: float | None = None,
         problems.append(f"{flag}: must be {wanted}, got {value:g}{'; ' + hint if hint else ''}")
 
 
-def validate_common(config: Any) -> list[str]:
-    """Returns every problem of the values of the option groups ``config`` is made of (ranges, combinations), one string each."""
-    problems: list[str] = []
-    if isinstance(config, RunOptions):
-        _range(problems, "--num-threads", config.num_threads, 1)
-        _range(problems, "--process-group-timeout", config.process_group_timeout, 0, low_open=True,
-               hint="seconds, e.g. 600")
-    if isinstance(config, LoRAOptions):
-        problems += config.lora_problems()
-    if isinstance(config, TaskOptions) and config.reward not in REWARD_NAMES and ":" not in config.reward:
-        problems.append(f"--reward {config.reward}: unknown; give {', '.join(REWARD_NAMES)} or module:function")
-    if isinstance(config, GradingOptions):
-        _range(problems, "--grading-workers", config.grading_workers, 0)
-    if isinstance(config, GenerationOptions):
-        _range(problems, "--generation-batch-size", config.generation_batch_size, 1)
-        _range(problems, "--vllm-gpu-memory-utilization", config.vllm_gpu_memory_utilization, 0, 1, low_open=True)
-        problems += config.vllm_problems(trainer=isinstance(config, TrainerOptions))
-    if isinstance(config, ShardingOptions):
-        problems += config.sharding_problems()
-    if isinstance(config, EvaluationOptions):
-        _range(problems, "--eval-temperature", config.eval_temperature, 0)
-        _range(problems, "--eval-top-p", config.eval_top_p, 0, 1, low_open=True)
-        _range(problems, "--eval-max-new-tokens", config.eval_max_new_tokens, 1)
-        _range(problems, "--eval-n-samples", config.eval_n_samples, 1)
-        if config.eval_n_samples > 1 and config.eval_temperature == 0:
-            problems.append(f"--eval-n-samples {config.eval_n_samples}: greedy decoding (--eval-temperature 0) makes "
-                            "every sample identical; set --eval-temperature > 0 (e.g. 0.6) or --eval-n-samples 1")
-    if isinstance(config, InLoopEvaluationOptions):
-        _range(problems, "--eval-examples", config.eval_examples, 0)
-        _range(problems, "--eval-every", config.eval_every, 0)
-    if isinstance(config, RolloutOptions):
-        _range(problems, "--group-size", config.group_size, 1)
-        _range(problems, "--sampling-temperature", config.sampling_temperature, 0, low_open=True,
-               hint="rollouts must be sampled")
-        _range(problems, "--sampling-top-p", config.sampling_top_p, 0, 1, low_open=True)
-        if not 1 <= config.sampling_min_tokens <= config.sampling_max_tokens:
-            problems.append(f"--sampling-min-tokens {config.sampling_min_tokens} / --sampling-max-tokens "
-                            f"{config.sampling_max_tokens}: need 1 <= min <= max")
-    if isinstance(config, OptimizerOptions):
-        _range(problems, "--learning-rate", config.learning_rate, 0, low_open=True, hint="e.g. 1e-5")
-        _range(problems, "--weight-decay", config.weight_decay, 0)
-        _range(problems, "--adam-beta1", config.adam_beta1, 0, 1, high_open=True)
-        _range(problems, "--adam-beta2", config.adam_beta2, 0, 1, high_open=True)
-        _range(problems, "--max-grad-norm", config.max_grad_norm, 0, hint="0 disables clipping")
-    if isinstance(config, CheckpointOptions):
-        if not config.output_dir:
-            problems.append("--output-dir: required; give the run directory")
-        _range(problems, "--save-every", config.save_every, 0)
-        _range(problems, "--save-total-limit", config.save_total_limit, 1)
-    if isinstance(config, LoggingOptions):
-        _range(problems, "--log-every", config.log_every, 1)
-    if isinstance(config, TrainerOptions) and not config.train_data:
-        problems.append("--train-data: required; give a JSONL/JSON/Parquet file or a hub dataset name")
-    return problems
-
-
 def environment_problems(config: Any) -> list[str]:
     """Returns every problem of ``config`` with this machine: missing or empty files, a model that is not there, packages the flags need.
 
-    ``validate()`` checks that the values can work together; this checks that they can work
+    ``config.value_problems`` checks that the values can work together; this checks that they can work
     here and now. Both run before a command touches its output directory.
     """
     problems: list[str] = []
@@ -563,7 +603,7 @@ def environment_problems(config: Any) -> list[str]:
         problems += template_problems(config.prompt_template) + reward_problems(config.reward)
     # A vllm serve server without weight pushes is plain HTTP: this side needs no vllm package.
     if isinstance(config, GenerationOptions) and config.backend == "vllm" and (
-            not config.vllm_server_url or config.weight_sync_mode(isinstance(config, TrainerOptions)) == "nccl"):
+            not config.vllm_server_url or config.weight_sync_mode(config.trains_policy) == "nccl"):
         problems += package_problems("--backend vllm", "vllm", "vllm")
         if isinstance(config, ModelOptions) and is_gguf_file(config.model):
             problems.append(f"--backend vllm: loads --model itself, and {config.model} is a GGUF file; convert it once "

@@ -28,11 +28,15 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 from reasontune.data import DataError, Example, example_prompt
 from reasontune.generation import Completion, Generator, SamplingOptions
 from reasontune.rewards import extract_final_answer, grade_batch, question_only_reward_fn, r1_zero_reward_fn
+from reasontune.run_layout import RECORDS_FILE, SUMMARY_FILE
 
 RewardFn = Callable[[str, Any], dict[str, float]]
 CATEGORIES = ("correct", "formatted_wrong", "unformatted")
-RECORDS_FILE = "records.jsonl"
-SUMMARY_FILE = "summary.json"
+
+
+def stop_sequences(reward_name: str) -> tuple[str, ...]:
+    """Returns the strings that end a response graded by ``reward_name``: ``</answer>`` for r1_zero (nothing after it counts), none otherwise."""
+    return ("</answer>",) if reward_name == "r1_zero" else ()
 
 
 def reward_fn_by_name(name: str) -> RewardFn:
@@ -359,23 +363,3 @@ def merge_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
         timing["tokens_per_second"] = timing["generated_tokens"] / seconds if seconds > 0 else None
     merged.timing = timing
     return merged
-
-
-def read_records(path: str | Path) -> list[dict[str, Any]]:
-    """Returns the records of a ``records.jsonl``; a malformed line raises ``DataError`` naming file and line."""
-    records = []
-    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
-        if not raw.strip():
-            continue
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            raise DataError(f"{path}:{number}: not UTF-8 text") from None
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-        except (ValueError, RecursionError):  # nested too deeply, a number past int()'s digit limit
-            raise DataError(f"{path}:{number}: invalid JSON (nested too deeply, or a number too long)") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object")
-        records.append(record)
-    return records

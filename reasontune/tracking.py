@@ -20,7 +20,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-METRICS_FILE = "metrics.jsonl"
+from reasontune.run_layout import METRICS_FILE
+
 WANDB_RUN_ID_FILE = "wandb_run_id"
 
 

@@ -7,7 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from reasontune.compare import CompareConfig, compare_runs, find_evaluations, format_comparison, run_compare
+from reasontune.config import check_config
+from reasontune.compare import CompareConfig, compare_runs, format_comparison, run_compare
+from reasontune.run_layout import find_evaluations, read_jsonl
 from reasontune.data import DataError
 from reasontune.eval_plots import accuracy_by_length, curve_ks, lengths_by_category, pass_at_k_curve, write_eval_plots
 
@@ -108,7 +110,7 @@ def test_run_compare_prints_and_writes_files(tmp_path, capsys):
     _write_eval(tmp_path / "tuned" / "math500", ALL)
     config = CompareConfig(runs=[str(tmp_path / "base"), str(tmp_path / "tuned")], k="1", n_bootstrap=200,
                            output_dir=str(tmp_path / "out"))
-    config.validate()
+    check_config(config, environment=False)
     assert run_compare(config) == 0
     printed = capsys.readouterr().out
     assert "math500" in printed and "tuned - base (p)" in printed
@@ -116,7 +118,49 @@ def test_run_compare_prints_and_writes_files(tmp_path, capsys):
     payload = json.loads((tmp_path / "out" / "comparison.json").read_text())
     assert payload["rows"][0]["values"][1]["value"] == 1.0
     with pytest.raises(SystemExit, match="at least two runs"):
-        CompareConfig(runs=["one"]).validate()
+        check_config(CompareConfig(runs=["one"]), environment=False)
+
+
+def _set_sampling(directory: Path, **sampling) -> None:
+    summary = json.loads((directory / "summary.json").read_text())
+    (directory / "summary.json").write_text(json.dumps({**summary, "sampling": sampling}))
+
+
+def test_runs_sampled_differently_are_marked_in_the_table_and_warned_about(tmp_path, capsys):
+    """A greedy 1,024-token evaluation beside a T=0.6 256-token one: the table states both settings, marked, and warns."""
+    _write_eval(tmp_path / "greedy" / "math500", HALF)
+    _write_eval(tmp_path / "sampled" / "math500", ALL)
+    _set_sampling(tmp_path / "greedy" / "math500", temperature=0.0, top_p=1.0, max_new_tokens=1024, n=2)
+    _set_sampling(tmp_path / "sampled" / "math500", temperature=0.6, top_p=1.0, max_new_tokens=256, n=2)
+    config = CompareConfig(runs=[str(tmp_path / "greedy"), str(tmp_path / "sampled")], k="1", n_bootstrap=50,
+                           output_dir=str(tmp_path / "out"))
+    assert run_compare(config) == 0
+    captured = capsys.readouterr()
+    lines = captured.out.splitlines()
+    header = lines.index(next(line for line in lines if line.startswith("sampling (math500)")))
+    table = [line.split() for line in lines[header:header + 6]]
+    assert table[0] == ["sampling", "(math500)", "greedy", "sampled"]
+    assert table[1] == ["temperature", "(differs)", "0", "0.6"]
+    assert table[2] == ["top-p", "1", "1"]  # alike: shown, not marked
+    assert table[3] == ["max", "new", "tokens", "(differs)", "1024", "256"]
+    assert table[4] == ["samples", "per", "question", "2", "2"]
+    assert table[5] == ["prompt", "template", "?", "?"]  # recorded by neither: not compared
+    warning = ("warning: math500: the runs were sampled differently (temperature 0 vs 0.6; max new tokens 1024 vs 256)")
+    assert warning in captured.out and warning in captured.err  # stderr too: a log of errors only still shows it
+    assert (tmp_path / "out" / "comparison.txt").read_text().count("(differs)") == 2
+    payload = json.loads((tmp_path / "out" / "comparison.json").read_text())
+    assert payload["sampling"]["math500"][1] == {"temperature": 0.6, "top_p": 1.0, "max_new_tokens": 256, "n": 2}
+    assert len(payload["warnings"]) == 1
+
+
+def test_runs_sampled_alike_or_recording_a_setting_once_get_no_warning(tmp_path):
+    _write_eval(tmp_path / "a" / "math500", HALF)
+    _write_eval(tmp_path / "b" / "math500", ALL)
+    _set_sampling(tmp_path / "a" / "math500", temperature=0.6, max_new_tokens=256)
+    _set_sampling(tmp_path / "b" / "math500", temperature=0.6)  # an older summary without max_new_tokens
+    comparison = compare_runs([tmp_path / "a", tmp_path / "b"], ks="1", n_bootstrap=20)
+    assert comparison.warnings == []
+    assert "sampling (" not in format_comparison(comparison)  # nothing differs: no settings table
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,9 +184,7 @@ def test_accuracy_by_length_hand_bins():
 
 def test_pass_at_k_curve_and_categories(tmp_path):
     _write_eval(tmp_path / "e", [[True, False, False, False], [False, False, False, False]])
-    from reasontune.compare import read_records
-
-    records = read_records(tmp_path / "e" / "records.jsonl")
+    records = read_jsonl(tmp_path / "e" / "records.jsonl")
     curve = pass_at_k_curve(records, n_bootstrap=50)
     # Question 0: c=1 of 4 -> pass@1 1/4, pass@2 1 - C(3,2)/C(4,2) = 1/2, pass@4 1; question 1: 0. Mean over 2.
     assert [p["k"] for p in curve] == [1, 2, 4]

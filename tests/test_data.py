@@ -175,3 +175,19 @@ def test_filter_keeps_only_correct_responses_and_reports_reasons(tmp_path, capsy
     assert "5 examples read" in printed and "2 kept" in printed
     for line in ("kept: 2", "formatted but wrong: 1", "unformatted: 1", "no reference answer: 1"):
         assert line in printed
+
+
+def test_json_lines_holding_unicode_line_separators_read_back_whole(tmp_path):
+    """JSON leaves U+2028, U+2029, U+0085 and \\x1c unescaped in strings (json.dumps(ensure_ascii=False) writes them raw):
+    they are inside a record, not ends of lines."""
+    from reasontune.rollouts import write_jsonl
+    from reasontune.run_layout import read_jsonl
+
+    records = [{"response": f"before{separator}after"} for separator in ("\u2028", "\u2029", "\x85", "\x1c", "\x0c")]
+    path = write_jsonl(records + [{"response": "plain"}], tmp_path / "records.jsonl")
+    assert "\u2028" in path.read_text(encoding="utf-8")  # written raw, so the reader must not split there
+    assert read_jsonl(path, strict=True) == records + [{"response": "plain"}]
+    problems: list[str] = []
+    assert read_jsonl(path, strict=False, problems=problems) == records + [{"response": "plain"}] and problems == []
+    (tmp_path / "crlf.jsonl").write_bytes(b'{"a": 1}\r\n{"a": 2}\r{"a": 3}\n')
+    assert read_jsonl(tmp_path / "crlf.jsonl") == [{"a": 1}, {"a": 2}, {"a": 3}]

@@ -7,6 +7,7 @@ import re
 import pytest
 import torch
 
+from reasontune.config import check_config
 from reasontune.demo import (
     DEMO_TEMPLATE_PATH,
     FORMAT_TAGS,
@@ -271,7 +272,7 @@ def test_demo_grpo_config_is_valid_and_starts_from_the_picked_checkpoint(tmp_pat
     demo = DemoConfig(output_dir=str(tmp_path), seed=3, num_threads=2)
     config = demo_grpo_config(demo, tmp_path / "data" / "train.jsonl", tmp_path / "data" / "val.jsonl",
                               tmp_path / "sft" / "checkpoint-40")
-    config.validate()
+    check_config(config, environment=False)
     assert config.model == str(tmp_path / "sft" / "checkpoint-40") and config.val_data == str(tmp_path / "data" / "val.jsonl")
     assert config.seed == 3 and config.num_threads == 2 and config.eval_temperature == 0.0
     assert config.output_dir == str(tmp_path / "grpo")
@@ -290,6 +291,6 @@ def test_selection_split_is_disjoint_and_the_recipe_reaches_grpo(tmp_path):
     assert len(questions["select"]) == 16
     assert not questions["select"] & questions["train"] and not questions["select"] & questions["val"]
     config = demo_grpo_config(demo, train_path, val_path, tmp_path / "sft" / "checkpoint-20")
-    config.validate()
+    check_config(config, environment=False)
     assert (config.recipe, config.loss_aggregation, config.cliprange_high) == ("dapo", "token_mean", 0.28)
     assert config.learning_rate == 3e-5 and config.n_grpo_steps == 60  # the demo's settings stay under the recipe

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import torch
 
-from reasontune import checkpoint, distributed
+from reasontune import checkpoint, distributed, run_layout
 
 SCRIPTS = Path(__file__).parent / "dist_scripts"
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -188,12 +188,12 @@ def test_a_crafted_pickle_trainer_state_is_refused_and_never_run(tmp_path):
     crafted = tmp_path / "checkpoint-5"
     crafted.mkdir()
     marker = tmp_path / "pwned"
-    torch.save({"step": 5, "payload": _Payload(marker)}, crafted / checkpoint.LEGACY_TRAINER_STATE)
+    torch.save({"step": 5, "payload": _Payload(marker)}, crafted / "trainer_state.pt")
 
-    with pytest.raises(ValueError, match="arbitrary code"):
+    with pytest.raises(ValueError, match="has no trainer_state.json"):
         checkpoint.load_trainer_state(crafted)
     assert not marker.exists()
-    assert checkpoint.latest_checkpoint(tmp_path) is None  # not even offered for --resume
+    assert run_layout.latest_checkpoint(tmp_path) is None  # not even offered for --resume
 
 
 def test_trainer_state_refuses_objects_and_reports_broken_files(tmp_path):
@@ -284,7 +284,7 @@ def test_consolidated_checkpoint_from_two_ranks_loads_with_from_pretrained(runs)
     from_one = AutoModelForCausalLM.from_pretrained(runs / "A" / "checkpoint-2").state_dict()
     assert from_two.keys() == from_one.keys()
     assert max(relative_difference(from_two[k], from_one[k]) for k in from_one) <= 1e-6
-    assert checkpoint.latest_checkpoint(runs / "C") == sharded
+    assert run_layout.latest_checkpoint(runs / "C") == sharded
     assert not list((runs / "C").glob(".*tmp*"))  # renamed into place, nothing left behind
 
 

@@ -93,16 +93,14 @@ def test_a_command_that_is_not_data_parallel_refuses_torchrun(monkeypatch, capsy
 
 def test_the_launch_recorded_in_config_json_loads_back_and_serves_as_config_file(tmp_path):
     from reasontune.config import load_config, load_config_file, save_config
-    from reasontune.distributed import DistributedContext
-    from reasontune.training.data_parallel import record_launch
     from reasontune.training.sft import SFTConfig
 
     config = SFTConfig(train_data="train.jsonl", batch_size=3, gradient_accumulation_steps=5)
-    save_config(config, tmp_path / "config.json")
-    ctx = DistributedContext(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"), backend="gloo")
-    record_launch(tmp_path / "config.json", ctx, global_batch=60)
+    save_config(config, tmp_path / "config.json", launch={"world_size": 4, "backend": "gloo",
+                                                          **config.launch_sizes(4)})
+    # global batch = 4 ranks x batch 3 x accumulation 5 = 60
     assert json.loads((tmp_path / "config.json").read_text())["distributed"] == {
-        "world_size": 4, "backend": "gloo", "global_batch": 60}
+        "world_size": 4, "backend": "gloo", "global_batch": 60, "per_rank_batch": 3, "gradient_accumulation_steps": 5}
     assert load_config(tmp_path / "config.json", SFTConfig) == config
     assert load_config_file(tmp_path / "config.json", SFTConfig)["batch_size"] == 3
 

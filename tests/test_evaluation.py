@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from reasontune.config import check_config
 from reasontune.data import Example
 from reasontune.evaluation import EvalConfig, evaluate, log_generations
 from reasontune.generation import Completion, Generator, SamplingOptions
@@ -181,8 +182,8 @@ def test_eval_suite_with_samples_writes_per_benchmark_results_and_compare_reads_
 
 def test_eval_rejects_k_beyond_the_samples_and_unknown_benchmarks(tmp_path):
     with pytest.raises(SystemExit, match="exceeds --n-samples"):
-        EvalConfig(model="m", data="d.jsonl", output_dir=str(tmp_path), k="1,8", eval_n_samples=4).validate()
+        check_config(EvalConfig(model="m", data="d.jsonl", output_dir=str(tmp_path), k="1,8", eval_n_samples=4), environment=False)
     with pytest.raises(SystemExit, match="--benchmarks"):
-        EvalConfig(model="m", benchmarks="math500,mathbench", output_dir=str(tmp_path)).validate()
+        check_config(EvalConfig(model="m", benchmarks="math500,mathbench", output_dir=str(tmp_path)), environment=False)
     with pytest.raises(SystemExit, match="not both"):
-        EvalConfig(model="m", data="d.jsonl", benchmarks="gsm8k", output_dir=str(tmp_path)).validate()
+        check_config(EvalConfig(model="m", data="d.jsonl", benchmarks="gsm8k", output_dir=str(tmp_path)), environment=False)

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from reasontune.training.common import question_batch
+from reasontune.training.policy_sampling import question_batch
 from reasontune.training.expert_iteration import ExpertIterationConfig, run_expert_iteration
 
 torch.set_num_threads(1)
@@ -111,6 +111,7 @@ def test_policy_that_answers_gets_fine_tuned_on_its_correct_samples(tiny_model_d
         # Exactly the correct samples were trained on, in memory: batch 2, one epoch.
         assert line["kept"] == len(correct) and line["sft_steps"] == (len(correct) + 1) // 2
         assert line["loss"] is not None and line["lr"] == 1e-3
+        assert line["mean_token_nll"] > 0  # the per-token number the report plots beside a summed loss
     assert not list(run_dir.glob("ei-step-*/sft"))  # no per-step SFT run directory written and read back
     final, before = load_file(run_dir / "final" / "model.safetensors"), load_file(taught / "model.safetensors")
     assert any(not torch.equal(final[k], before[k]) for k in before)

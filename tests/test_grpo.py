@@ -11,8 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from reasontune.config import check_config
 from reasontune.losses import compute_group_normalized_rewards, compute_k3_kl, grpo_microbatch_train_step
-from reasontune.training.grpo import GRPOConfig, add_log_probs, rollout_microbatches, run_grpo, train_step
+from reasontune.training.grpo import run_grpo, train_step
+from reasontune.training.grpo_config import GRPOConfig
+from reasontune.training.grpo_rollouts import add_log_probs, rollout_microbatches
 
 torch.set_num_threads(1)
 CPU = torch.device("cpu")
@@ -47,7 +50,7 @@ def _response_log_prob_sums(model, microbatches) -> list[float]:
 
 
 def test_config_invariants_have_clear_errors():
-    _config().validate()
+    check_config(_config(), environment=False)
     cases = [
         (dict(train_batch_size=4, gradient_accumulation_steps=3), "divisible by --gradient-accumulation-steps"),
         (dict(rollout_batch_size=6, group_size=4, train_batch_size=6, gradient_accumulation_steps=1),
@@ -63,7 +66,7 @@ def test_config_invariants_have_clear_errors():
     ]
     for overrides, message in cases:
         with pytest.raises(SystemExit, match=message):
-            _config(**overrides).validate()
+            check_config(_config(**overrides), environment=False)
     assert _config(train_batch_size=2, gradient_accumulation_steps=1, loss_type="grpo_clip").off_policy
     assert not _config().off_policy
 
@@ -206,7 +209,7 @@ def test_recipe_fills_what_was_not_given_and_flags_win():
     assert GRPOConfig.from_recipe("dr_grpo", train_data="q").advantage_std == "none"
     assert GRPOConfig.from_recipe("rloo", train_data="q").advantage_baseline == "leave_one_out"
     with pytest.raises(SystemExit, match="cliprange-high"):
-        GRPOConfig(train_data="q", loss_type="grpo_clip", cliprange=0.2, cliprange_high=0.1).validate()
+        check_config(GRPOConfig(train_data="q", loss_type="grpo_clip", cliprange=0.2, cliprange_high=0.1), environment=False)
 
 
 def argparse_namespace(namespace):
@@ -311,3 +314,29 @@ def test_three_steps_of_all_zero_rewards_warn_what_it_means_and_what_to_check(ti
     for hint in ("prompt template and the reward agree", "references are read", "answers are extracted"):
         assert hint in event["message"]
     assert capsys.readouterr().err.count("warning: GRPO steps 1-3: every reward was 0") == 1
+
+
+def test_three_steps_of_equal_nonzero_rewards_warn_too(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    """Every response rewarded 1 (a reward that cannot fail, or questions too easy): every group's rewards are equal,
+    every advantage 0, as silent a non-run as all zeros; the warning names it and what to check."""
+    (tmp_path / "always_one_reward.py").write_text(
+        "def reward(response, ground_truth):\n"
+        "    return {'format_reward': 1.0, 'answer_reward': 1.0, 'reward': 1.0}\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    data = _write_questions(tmp_path / "questions.jsonl", 8)
+    config = GRPOConfig(model=str(tiny_model_dir), train_data=str(data), output_dir=str(tmp_path / "run"),
+                        reward="always_one_reward:reward", n_grpo_steps=3, rollout_batch_size=4, group_size=2,
+                        train_batch_size=4, gradient_accumulation_steps=2, sampling_min_tokens=1, sampling_max_tokens=3,
+                        grading_workers=0, num_threads=1, progress=False, write_report=False,
+                        eval_before_training=False)
+    run_dir = run_grpo(config)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["kind"] == "train"]
+    assert [r["reward"] for r in train] == [1.0] * 3 and [r["nonzero_advantage_fraction"] for r in train] == [0.0] * 3
+    (event,) = [r for r in lines if r["kind"] == "event"]
+    assert event["step"] == 3 and event["message"].startswith(
+        "warning: GRPO steps 1-3: every group's rewards were equal, so every advantage is 0")
+    for hint in ("prompt template and the reward agree", "references are read", "answers are extracted",
+                 "one that always succeeds needs harder questions"):
+        assert hint in event["message"]
+    assert capsys.readouterr().err.count("warning: GRPO steps 1-3: every group's rewards were equal") == 1

@@ -9,11 +9,12 @@ import threading
 import pytest
 import torch
 
+from reasontune.config import check_config
 from reasontune.logprobs import get_response_log_probs
 from reasontune.modeling import load_model
-from reasontune.training.common import clip_and_step
-from reasontune.training.grpo import (GRPOConfig, RolloutPipeline, rank_train_batches, rollout_batch, run_grpo,
-                                      setup_grpo, train_step, training_microbatches)
+from reasontune.training.optimizer_step import clip_and_step
+from reasontune.training.grpo import GRPOConfig, run_grpo, setup_grpo, train_step
+from reasontune.training.grpo_rollouts import RolloutPipeline, rank_train_batches, rollout_batch, training_microbatches
 
 
 def _questions(path, count: int):
@@ -123,10 +124,10 @@ def test_async_run_logs_versions_staleness_and_waits(tiny_model_dir, tmp_path):
 
 def test_async_steps_needs_an_importance_ratio_and_a_non_negative_count():
     with pytest.raises(SystemExit, match="async-steps > 0"):
-        GRPOConfig(train_data="q", async_steps=1, loss_type="reinforce_with_baseline").validate()
+        check_config(GRPOConfig(train_data="q", async_steps=1, loss_type="reinforce_with_baseline"), environment=False)
     with pytest.raises(SystemExit, match="--async-steps: must be >= 0"):
-        GRPOConfig(train_data="q", async_steps=-1, loss_type="grpo_clip").validate()
-    GRPOConfig(train_data="q", async_steps=2, loss_type="cispo", cliprange_high=0.2).validate()
+        check_config(GRPOConfig(train_data="q", async_steps=-1, loss_type="grpo_clip"), environment=False)
+    check_config(GRPOConfig(train_data="q", async_steps=2, loss_type="cispo", cliprange_high=0.2), environment=False)
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ import json
 import pytest
 
 from reasontune.cli import main
-from reasontune.report import outcome_counts, pick_samples, write_report
+from reasontune.report import write_report
+from reasontune.report.pages import pick_samples
+from reasontune.report.reading import outcome_counts
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SCRIPT_RESPONSE = "Let me think <script>alert('x')</script> </think> <answer>41</answer>"
@@ -29,7 +31,7 @@ def run_dir(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.json").write_text(json.dumps({
-        "model": "Qwen/Qwen2.5-Math-1.5B", "learning_rate": 3e-05, "batch_size": 4, "gradient_accumulation_steps": 8,
+        "command": "sft", "model": "Qwen/Qwen2.5-Math-1.5B", "learning_rate": 3e-05, "batch_size": 4, "gradient_accumulation_steps": 8,
         "num_epochs": 2, "max_length": 1024, "loss_normalization": "token_mean", "packing": False, "dtype": "bfloat16",
         "seed": 17, "eval_every": 12}))
     lines = [json.dumps({"kind": "data", "step": 0, "train_examples": 480, "truncated_examples": 3})]
@@ -83,7 +85,7 @@ def test_report_writes_valid_pngs_and_a_page_with_the_run(run_dir):
     # Outcomes counted from records: after = 2 correct, 1 formatted wrong (43 vs 42), 1 unformatted.
     assert "2 correct / 1 formatted but wrong / 1 unformatted of 4" in page
     assert "1 correct / 0 formatted but wrong / 1 unformatted of 2" in page
-    assert "metrics.jsonl line 8 skipped: not valid JSON" in page
+    assert "metrics.jsonl line 8 skipped: invalid JSON" in page
     assert "resumed from checkpoint-5" in page and "train_examples 480, truncated_examples 3</li>" in page
     assert "Qwen/Qwen2.5-Math-1.5B" in page and "token_mean" in page and "bfloat16" in page
     assert "1,007 (median over logged steps)" in page  # tokens/s 1001..1012: the upper median, 7th of 12

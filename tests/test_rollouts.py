@@ -9,8 +9,9 @@ import pytest
 from reasontune.data import DataError, Example
 from reasontune.generation import Completion
 from reasontune.rewards import r1_zero_reward_fn
-from reasontune.rollouts import (CATEGORIES, category, grade_completions, read_records, reward_fn_by_name,
+from reasontune.rollouts import (CATEGORIES, category, grade_completions, reward_fn_by_name,
                                  summarize)
+from reasontune.run_layout import read_jsonl
 
 CORRECT = " 12 + 30 = 42 </think> <answer>42</answer>"
 FORMATTED_WRONG = " 12 + 30 = 41 </think> <answer>41</answer>"
@@ -62,10 +63,10 @@ def test_summary_and_records_hand_values(tmp_path):
     assert records[4]["question_id"] == "q.jsonl:2" and records[4]["category"] == "unformatted"
     rollouts.write(tmp_path, extra_summary={"template": "t"})
     # Read back from disk, the same records give the same statistics (the report's path).
-    assert read_records(tmp_path / "records.jsonl") == records
+    assert read_jsonl(tmp_path / "records.jsonl") == records
     on_disk = json.loads((tmp_path / "summary.json").read_text())
     assert on_disk["template"] == "t"
-    assert summarize(read_records(tmp_path / "records.jsonl"))["counts"] == summary["counts"]
+    assert summarize(read_jsonl(tmp_path / "records.jsonl"))["counts"] == summary["counts"]
 
 
 def test_select_keeps_prompt_alignment_and_categories_are_exhaustive():
@@ -84,11 +85,11 @@ def test_bad_inputs_are_named():
         reward_fn_by_name("exact_match")
 
 
-def test_read_records_names_file_and_line(tmp_path):
+def test_read_jsonl_strict_names_file_and_line(tmp_path):
     path = tmp_path / "records.jsonl"
     path.write_text('{"index": 0}\n\nnot json\n')
     with pytest.raises(DataError, match=r"records.jsonl:3: invalid JSON"):
-        read_records(path)
+        read_jsonl(path, strict=True)
 
 
 def test_grading_in_worker_processes_keeps_order():

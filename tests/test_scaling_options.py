@@ -1,7 +1,7 @@
 """The scale-out flags on CPU: vLLM parallel sizes, the vllm serve mode and its weight sync, the FSDP flags.
 
 What is checked: each bad combination is refused before anything starts, naming the flag and
-what to do instead (through ``validate_common`` and through the real command line); what runs
+what to do instead (through ``config.value_problems`` and through the real command line); what runs
 under torchrun (a server; one in-process engine per rank) passes ``refuse_what_torchrun_cannot_run``;
 the FSDP flags reach ``distributed.shard_model`` from a real ``setup_sft``; a vLLM backend gets no
 unsharded replica.
@@ -20,7 +20,8 @@ from reasontune import distributed
 from reasontune.cli import main
 from reasontune.distributed import DistributedContext
 from reasontune.evaluation import EvalConfig
-from reasontune.options import ShardingOptions, environment_problems, server_url_problems, validate_common
+from reasontune.config import value_problems
+from reasontune.options import ShardingOptions, environment_problems, server_url_problems
 from reasontune.training.data_parallel import refuse_what_torchrun_cannot_run, unsharded_replica
 from reasontune.training.grpo import GRPOConfig
 from reasontune.training.sft import SFTConfig, setup_sft
@@ -31,7 +32,7 @@ HAS_VLLM = importlib.util.find_spec("vllm") is not None
 def problems_of(config, world_size: int = 1, monkeypatch=None) -> str:
     if monkeypatch is not None:
         monkeypatch.setenv("WORLD_SIZE", str(world_size))
-    return "\n".join(validate_common(config))
+    return "\n".join(value_problems(config))
 
 
 def grpo(**values) -> GRPOConfig:
@@ -78,7 +79,7 @@ def test_good_combinations_pass():
 
 
 def test_eval_samples_from_a_server_without_pushing_weights():
-    base = {"data": "d.jsonl", "backend": "vllm", "vllm_server_url": "http://h:8000"}
+    base = {"data": "d.jsonl", "output_dir": "out", "backend": "vllm", "vllm_server_url": "http://h:8000"}
     assert problems_of(EvalConfig(**base)) == ""
     assert EvalConfig(**base).weight_sync_mode(trainer=False) == "none"
     assert "eval has no policy to push" in problems_of(EvalConfig(**base, vllm_weight_sync="nccl"))

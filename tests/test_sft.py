@@ -15,7 +15,8 @@ import torch
 from safetensors.torch import load_file
 
 from reasontune.config import load_config
-from reasontune.training.sft import SFTConfig, TrainingDiverged, learning_rate_lambda, run_sft
+from reasontune.training.optimizer_step import TrainingDiverged
+from reasontune.training.sft import SFTConfig, learning_rate_lambda, run_sft
 
 
 def write_sft_data(path: Path, count: int = 40) -> Path:

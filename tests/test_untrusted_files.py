@@ -20,7 +20,7 @@ import pytest
 import torch
 from conftest import build_tiny_model_dir
 
-from reasontune import checkpoint
+from reasontune import checkpoint, run_layout
 from reasontune.cli import main
 
 SFT_RECORDS = [{"prompt": f"What is {i} + 30?", "response": f" {i} + 30 = {i + 30} </think> <answer>{i + 30}</answer>",
@@ -139,15 +139,16 @@ def test_a_crafted_value_inside_the_shards_is_refused_by_the_weights_only_planne
     assert not marker.exists()
 
 
-def test_a_legacy_pickle_trainer_state_is_refused_without_being_opened(run, capsys):
+def test_a_pickle_trainer_state_is_refused_without_being_opened(run, capsys):
     marker = run.parent / f"{run.name}-marker"
     for name in ("checkpoint-1", "checkpoint-2"):
         (run / name / "trainer_state.json").unlink()
-        torch.save({"step": 2, "payload": WritesMarker(marker)}, run / name / checkpoint.LEGACY_TRAINER_STATE)
+        torch.save({"step": 2, "payload": WritesMarker(marker)}, run / name / "trainer_state.pt")
     # Without trainer_state.json neither is a checkpoint: resume starts afresh, and never opens the pickle.
-    assert checkpoint.latest_checkpoint(run) is None
-    with pytest.raises(checkpoint.CheckpointError, match="arbitrary code"):
+    assert run_layout.latest_checkpoint(run) is None
+    with pytest.raises(checkpoint.CheckpointError, match="has no trainer_state.json"):
         checkpoint.load_trainer_state(run / "checkpoint-2")
+    assert not marker.exists()
     assert not marker.exists()
 
 
@@ -443,23 +444,17 @@ def test_resume_errors_name_the_problem(run, workspace, capsys, monkeypatch):
     assert refused(["grpo", "--resume", "--output-dir", run.name], capsys) == (
         f"error: {run.name} was written by `sft`, not `grpo`; continue it with: reasontune sft --resume "
         f"--output-dir {run.name}\n")
-    # A run written before config.json recorded its command: judged by its options.
-    config = json.loads((run / "config.json").read_text())
-    assert config.pop("command") == "sft"
-    (run / "config.json").write_text(json.dumps(config))
-    assert f"{run.name} was written by `sft`, not `grpo`" in refused(["grpo", "--resume", "--output-dir", run.name],
-                                                                     capsys)
-    assert main(["sft", "--resume", "--output-dir", run.name]) == 0  # and its own command still resumes it
     evaluation = workspace / "ev"
     evaluation.mkdir(exist_ok=True)
-    (evaluation / "config.json").write_text(json.dumps({"model": "model", "data": "sft.jsonl", "output_dir": "ev"}))
+    (evaluation / "config.json").write_text(json.dumps({"model": "model", "data": "sft.jsonl", "output_dir": "ev",
+                                                        "command": "eval"}))
     assert "ev is an eval directory (written by `reasontune eval`), not a `sft` run" in refused(
         ["sft", "--resume", "--output-dir", "ev"], capsys)
 
 
 def test_overwrite_deletes_exactly_the_files_reasontune_writes(tmp_path, capsys):
     """The file rules on a hand-made old run: what reasontune writes goes, every other file is kept and listed."""
-    from reasontune.training.common import discard_replaced_run, prepare_run_dir, restore_replaced_run
+    from reasontune.training.run_setup import discard_replaced_run, prepare_run_dir, restore_replaced_run
 
     run = tmp_path / "run"
     ours = ["config.json", "metrics.jsonl", "checkpoint-3/model.safetensors", "checkpoint-3/tokenizer.json",

@@ -10,7 +10,6 @@
   every rank generates on its own questions without any collective.
 - ``sharded_rollouts``: EI's and GRPO's rollouts, each rank sampling its slice of the questions
   (whole groups), gathered in order so that every rank holds the whole batch.
-- ``record_launch``: the world size and global batch, written into config.json.
 - ``unsharded_replica`` / ``shard_policy``: the replica where the HF generator needs one, and
   FSDP2 sharding with the run's ``--fsdp-*`` flags.
 
@@ -20,15 +19,12 @@ At world size 1 each of these is the identity or does nothing.
 from __future__ import annotations
 
 import copy
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from reasontune import distributed
-from reasontune.config import LAUNCH_RECORD
 from reasontune.data import Example, example_prompt
 from reasontune.distributed import (
     DistributedContext,
@@ -119,15 +115,6 @@ def generation_model(model: torch.nn.Module, replica: UnshardedReplica | None) -
     if replica is None or not is_sharded(model):
         return model
     return replica.refresh(model)
-
-
-def record_launch(config_path: Path, ctx: DistributedContext, **sizes: Any) -> None:
-    """Adds ``{"distributed": {"world_size": …, **sizes}}`` to the config.json at ``config_path`` (rank 0 writes)."""
-    if not ctx.is_main:
-        return
-    payload = json.loads(config_path.read_text())
-    payload[LAUNCH_RECORD] = {"world_size": ctx.world_size, "backend": ctx.backend, **sizes}
-    config_path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def sharded_rollouts(generator: Generator, examples: Sequence[Example], template: str, sampling: SamplingOptions,

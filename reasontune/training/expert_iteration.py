@@ -18,30 +18,31 @@ from __future__ import annotations
 import dataclasses
 import time
 from pathlib import Path
-from typing import Any, Literal
-
+from typing import Any, ClassVar, Literal
 
 from reasontune import distributed
-from reasontune.config import help_field, raise_problems, same_field
+from reasontune.checkpoint import restore_training_state, save_training_checkpoint, trainer_state
+from reasontune.config import check_config, help_field, resume_command, same_field
 from reasontune.data import Example, load_template
 from reasontune.losses import LossAggregation
-from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
-                                TrainerOptions, validate_common)
+from reasontune.options import CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions, TrainerOptions
 from reasontune.rollouts import reward_fn_by_name, write_jsonl
-from reasontune.training.common import (PolicySession, eval_metrics, evaluate_policy, evaluation_sampling,
-                                        evaluation_sets, finish_run, load_policy, load_questions, make_generator,
-                                        make_logger, question_batch, restore_training_state, rollout_sampling,
-                                        save_training_checkpoint, start_run, stop_for_signal, stop_requested,
-                                        trainer_state)
-from reasontune.training.data_parallel import (SINGLE_PROCESS, generation_model, record_launch,
-                                               refuse_what_torchrun_cannot_run,
+from reasontune.run_layout import FINAL_DIR, checkpoint_name, ei_rollouts_file
+from reasontune.training.data_parallel import (SINGLE_PROCESS, generation_model, refuse_what_torchrun_cannot_run,
                                                shard_policy, sharded_rollouts, unsharded_replica)
+from reasontune.training.in_loop_eval import evaluation_sampling, evaluation_sets, log_evaluation
+from reasontune.training.policy_sampling import (PolicySession, load_questions, question_batch, rollout_sampling,
+                                                 step_seed)
+from reasontune.training.run_setup import finish_run, load_policy, log_resumed, make_generator, make_logger, start_run
 from reasontune.training.sft import SFTConfig, prepare_session, train_sft
+from reasontune.training.stop_signals import stop_for_signal
 
 
 @dataclasses.dataclass
 class ExpertIterationConfig(RolloutOptions, TrainerOptions):
     """Options of ``reasontune ei``."""
+
+    command: ClassVar[str] = "ei"
 
     output_dir: str = same_field(CheckpointOptions, "output_dir", "runs/ei")
     learning_rate: float = same_field(OptimizerOptions, "learning_rate", 1e-5)
@@ -59,9 +60,19 @@ class ExpertIterationConfig(RolloutOptions, TrainerOptions):
     lr_scheduler: Literal["cosine", "linear", "constant"] = help_field("constant", "SFT learning-rate decay after warmup, within each EI step", group="expert iteration")
     warmup_ratio: float = help_field(0.0, "fraction of each step's SFT steps spent warming up", group="expert iteration")
 
-    def validate(self) -> None:
-        """Raises ``UserError`` naming every option whose value cannot work (shared groups: ``validate_common``)."""
-        problems = validate_common(self)
+    @property
+    def planned_steps(self) -> int:
+        """Returns the EI steps the run trains: ``n_ei_steps``."""
+        return self.n_ei_steps
+
+    def launch_sizes(self, world_size: int) -> dict[str, int]:
+        """Returns the sizes config.json records of a launch on ``world_size`` ranks."""
+        return {"questions_per_step": self.questions_per_step,
+                "sft_global_batch": world_size * self.batch_size * self.gradient_accumulation_steps}
+
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the EI options themselves (the shared groups check theirs: ``config.value_problems``)."""
+        problems = []
         for flag, value in (("--n-ei-steps", self.n_ei_steps), ("--questions-per-step", self.questions_per_step),
                             ("--sft-epochs", self.sft_epochs), ("--batch-size", self.batch_size),
                             ("--gradient-accumulation-steps", self.gradient_accumulation_steps)):
@@ -71,7 +82,7 @@ class ExpertIterationConfig(RolloutOptions, TrainerOptions):
             problems.append(f"--max-length: must be at least 2, got {self.max_length}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             problems.append(f"--warmup-ratio: must be in [0, 1), got {self.warmup_ratio:g}")
-        raise_problems(problems)
+        return problems
 
 
 def sft_config_for_step(config: ExpertIterationConfig, step: int) -> SFTConfig:
@@ -84,7 +95,7 @@ def sft_config_for_step(config: ExpertIterationConfig, step: int) -> SFTConfig:
         weight_decay=config.weight_decay, adam_beta1=config.adam_beta1, adam_beta2=config.adam_beta2,
         max_grad_norm=config.max_grad_norm, lr_scheduler=config.lr_scheduler, warmup_ratio=config.warmup_ratio,
         max_length=config.max_length, loss_aggregation=config.loss_aggregation,
-        seed=config.seed * 1_000_003 + step, eval_examples=0, progress=config.progress, write_report=False,
+        seed=step_seed(config.seed, step), eval_examples=0, progress=config.progress, write_report=False,
     )
 
 
@@ -102,10 +113,10 @@ def setup_expert_iteration(config: ExpertIterationConfig, ctx: distributed.Distr
     Under torchrun (``ctx`` of world size > 1) the policy is sharded with FSDP2 and the HF
     generator samples from an unsharded replica refreshed before each use; rank 0 alone writes.
     """
-    config.validate()
+    check_config(config, environment=False)
     ctx = ctx or SINGLE_PROCESS
     refuse_what_torchrun_cannot_run(config, ctx)
-    run_dir, device, checkpoint = start_run(config, ctx)
+    run_dir, device, checkpoint, stop = start_run(config, ctx)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     questions, validation, data_counts = load_questions(config, tokenizer=tokenizer)
     replica = unsharded_replica(model, config, ctx)
@@ -116,16 +127,12 @@ def setup_expert_iteration(config: ExpertIterationConfig, ctx: distributed.Distr
         validation=evaluation_sets(config, validation, load_template(config.prompt_template)),
         template=load_template(config.prompt_template), reward_fn=reward_fn_by_name(config.reward_name),
         rollouts=rollout_sampling(config, config.reward_name, return_entropy=config.backend == "hf"), run_dir=run_dir,
-        logger=make_logger(run_dir, config, resume=checkpoint is not None) if ctx.is_main else None,
+        logger=make_logger(run_dir, config, resume=checkpoint is not None) if ctx.is_main else None, stop=stop,
         ctx=ctx, replica=replica)
-    record_launch(run_dir / "config.json", ctx, questions_per_step=config.questions_per_step,
-                  sft_global_batch=ctx.world_size * config.batch_size * config.gradient_accumulation_steps)
     if checkpoint is not None:
         # EI keeps no optimizer across steps (each step's SFT starts a fresh one): weights, RNG and step come back.
         session.start_step = restore_training_state(checkpoint, None, None, ctx=ctx)["step"]
-        if session.logger is not None:
-            session.logger.truncate_after(session.start_step)
-            session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
+        log_resumed(session.logger, checkpoint, session.start_step)
     elif session.logger is not None:
         session.logger.log("data", 0, **data_counts)
     if ctx.is_distributed and ctx.is_main:
@@ -152,13 +159,7 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
     eval_sampling = evaluation_sampling(config, config.backend)
 
     def evaluate_and_log(step: int) -> None:
-        summary = evaluate_policy(step, generation_model(model, session.replica), session.generator,
-                                  session.validation, run_dir, sampling=eval_sampling,
-                                  grading_workers=config.grading_workers, ctx=ctx)
-        if logger is not None:
-            logger.log("eval", step, **eval_metrics(summary, step))
-            print(f"EI step {step}: held-out accuracy {summary['accuracy']:.3f}, format rate "
-                  f"{summary['format_rate']:.3f}", flush=True)
+        log_evaluation(session, step, eval_sampling)
 
     def save(step: int, name: str) -> Path:
         state = trainer_state(step, None, None, f"ei-seed-{config.seed}")
@@ -176,12 +177,12 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
         # Under torchrun each rank samples its slice of the questions; every rank gets all the rollouts back.
         session.generator.sync_weights(generation_model(model, session.replica))
         rollouts = sharded_rollouts(session.generator, batch, session.template,
-                                    session.rollouts.replace(seed=config.seed * 1_000_003 + step), session.reward_fn,
+                                    session.rollouts.replace(seed=step_seed(config.seed, step)), session.reward_fn,
                                     ctx, grading_workers=config.grading_workers)
         session.generator.sleep()
         rollout_seconds = time.perf_counter() - tick
         if ctx.is_main:
-            write_jsonl(rollouts.records(), run_dir / f"ei-step-{step}" / "rollouts.jsonl")
+            write_jsonl(rollouts.records(), ei_rollouts_file(run_dir, step))
         # --- keep exactly the correct samples; SFT on them in memory (the SFT loop of sft.py)
         kept = [Example(question="", prompt=r["prompt"], response=r["response"], ground_truth=r["ground_truth"],
                         source=f"ei-step-{step}", line=i + 1) for i, r in enumerate(rollouts.correct())]
@@ -199,7 +200,8 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
         summary = rollouts.summary()
         last = sft_history[-1] if sft_history else {}
         if logger is not None and (step % config.log_every == 0 or step == config.n_ei_steps):
-            logger.log("train", step, loss=last.get("loss"), lr=config.learning_rate if kept else None,
+            logger.log("train", step, loss=last.get("loss"), mean_token_nll=last.get("mean_token_nll"),
+                       lr=config.learning_rate if kept else None,
                        grad_norm=last.get("grad_norm"), sft_steps=len(sft_history), kept=len(kept),
                        samples=summary["n_samples"], accuracy=summary["accuracy"], format_rate=summary["format_rate"],
                        pass_at_n=summary["pass_at_n"], token_entropy=summary["mean_entropy"],
@@ -217,14 +219,14 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
             evaluate_and_log(step)
         # --- checkpoint
         if config.save_every and step % config.save_every == 0 and step != config.n_ei_steps:
-            save(step, f"checkpoint-{step}")
-        if stop_requested(ctx) and step < config.n_ei_steps:  # SIGINT/SIGTERM: saved, exit 130
-            stop_for_signal(config, run_dir, step, save, logger, None)
+            save(step, checkpoint_name(step))
+        if session.stop.requested(ctx) and step < config.n_ei_steps:  # SIGINT/SIGTERM: saved, exit 130
+            stop_for_signal(session.stop, resume_command(config.command, config), step, save, logger, None)
 
     # --- final policy, report
-    save(config.n_ei_steps, "final")
+    save(config.n_ei_steps, FINAL_DIR)
     session.generator.close()
-    return finish_run(run_dir, logger, config.write_report) if logger is not None else run_dir
+    return finish_run(run_dir, logger, session.stop, config.write_report)
 
 
 def run_expert_iteration(config: ExpertIterationConfig) -> Path:

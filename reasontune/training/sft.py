@@ -14,13 +14,14 @@ import hashlib
 import math
 import time
 from pathlib import Path
-from typing import Any, Literal, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 
 from reasontune import distributed
 from reasontune.batching import flatten_packed, pack_examples, packed_forward_kwargs, token_budget_batches
-from reasontune.config import help_field, raise_problems, same_field
+from reasontune.checkpoint import restore_training_state, save_run_checkpoint
+from reasontune.config import check_config, help_field, resume_command, same_field
 from reasontune.data import (Example, example_prompt, load_examples, load_template, train_validation_split,
                              with_chat_template, with_r1_zero_targets)
 from reasontune.evaluation import EvalSet
@@ -28,23 +29,25 @@ from reasontune.generation import Generator
 from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import LossAggregation, sft_microbatch_train_step
 from reasontune.options import (CheckpointOptions, EvaluationOptions, GenerationOptions, InLoopEvaluationOptions,
-                                OptimizerOptions, TrainerOptions, validate_common)
+                                OptimizerOptions, TrainerOptions)
 from reasontune.rollouts import RewardFn, reward_fn_by_name
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.tracking import MetricsLogger, Progress
-from reasontune.training.common import (NonFiniteStep, clip_and_step, log_evaluation,
-                                        evaluation_sampling, evaluation_sets, finish_run, load_policy, make_generator,
-                                        make_logger, make_optimizer, restore_training_state, save_run_checkpoint,
-                                        start_run, stop_diverged, stop_for_signal, stop_requested)
+from reasontune.run_layout import FINAL_DIR, checkpoint_name
 from reasontune.training.data_parallel import (SINGLE_PROCESS, UnshardedReplica, rank_microbatches,
-                                               record_launch, refuse_what_torchrun_cannot_run, shard_policy,
-                                               unsharded_replica)
-from reasontune.training.common import TrainingDiverged  # noqa: F401  (raised by train_sft; importable from here)
+                                               refuse_what_torchrun_cannot_run, shard_policy, unsharded_replica)
+from reasontune.training.in_loop_eval import evaluation_sampling, evaluation_sets, log_evaluation
+from reasontune.training.optimizer_step import NonFiniteStep, clip_and_step, make_optimizer, stop_diverged
+from reasontune.training.run_setup import (finish_run, load_policy, log_resumed, make_generator, make_logger,
+                                           start_run)
+from reasontune.training.stop_signals import StopSignals, stop_for_signal
 
 
 @dataclasses.dataclass
 class SFTConfig(TrainerOptions):
     """Options of ``reasontune sft`` (the seeds' flags, plus what a real run needs)."""
+
+    command: ClassVar[str] = "sft"
 
     output_dir: str = same_field(CheckpointOptions, "output_dir", "runs/sft")
     learning_rate: float = same_field(OptimizerOptions, "learning_rate", 2e-5)
@@ -69,9 +72,19 @@ class SFTConfig(TrainerOptions):
     packing_layout: Literal["rows", "flat"] = help_field("rows", "with --packing: rows (--batch-size rows of --max-length tokens, padded to the fullest) or flat (those rows' tokens in one row without padding, as TRL's padding-free: no compute on padding, but sdpa/eager attention spans the whole microbatch)", group="optimisation")
     tokens_per_batch: int | None = help_field(None, "with --packing (or dynamic batching): token budget of a microbatch instead of --batch-size examples", group="optimisation")
 
-    def validate(self) -> None:
-        """Raises ``UserError`` naming every option whose value cannot work (shared groups: ``validate_common``)."""
-        problems = validate_common(self)
+    @property
+    def planned_steps(self) -> int | None:
+        """Returns ``--max-steps``: the optimizer steps of the run when given (else known only once the data is planned)."""
+        return self.max_steps
+
+    def launch_sizes(self, world_size: int) -> dict[str, int]:
+        """Returns the batch sizes config.json records of a launch on ``world_size`` ranks."""
+        return {"global_batch": world_size * self.batch_size * self.gradient_accumulation_steps,
+                "per_rank_batch": self.batch_size, "gradient_accumulation_steps": self.gradient_accumulation_steps}
+
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the SFT options themselves (the shared groups check theirs: ``config.value_problems``)."""
+        problems = []
         for flag, value in (("--batch-size", self.batch_size), ("--gradient-accumulation-steps", self.gradient_accumulation_steps),
                             ("--num-epochs", self.num_epochs), ("--max-steps", self.max_steps),
                             ("--max-train-examples", self.max_train_examples), ("--tokens-per-batch", self.tokens_per_batch)):
@@ -96,7 +109,7 @@ class SFTConfig(TrainerOptions):
         if self.eval_every and not (self.val_data or self.val_fraction > 0 or self.eval_benchmarks):
             problems.append(f"--eval-every {self.eval_every}: nothing to evaluate; give --val-data FILE, "
                             "--val-fraction 0.05 (a split of the training data) or --eval-benchmarks")
-        raise_problems(problems)
+        return problems
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,6 +315,7 @@ class SFTSession:
     run_dir: Path | None = None
     logger: MetricsLogger | None = None
     start_step: int = 0
+    stop: StopSignals | None = None  # with a run directory: SIGINT/SIGTERM save and stop after a step
     ctx: distributed.DistributedContext = SINGLE_PROCESS
     replica: UnshardedReplica | None = None  # world size > 1 with evaluation: what the HF generator samples from
 
@@ -327,10 +341,10 @@ def setup_sft(config: SFTConfig, ctx: distributed.DistributedContext | None = No
     Under torchrun (``ctx`` of world size > 1) the model is sharded with FSDP2 before the
     optimizer is built over its shards; rank 0 alone writes the run directory and logs.
     """
-    config.validate()
+    check_config(config, environment=False)
     ctx = ctx or SINGLE_PROCESS
     refuse_what_torchrun_cannot_run(config, ctx)
-    run_dir, device, checkpoint = start_run(config, ctx)
+    run_dir, device, checkpoint, stop = start_run(config, ctx)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     template = load_template(config.prompt_template)
     train_examples, validation, data_counts = load_sft_examples(config)
@@ -341,19 +355,16 @@ def setup_sft(config: SFTConfig, ctx: distributed.DistributedContext | None = No
     model = shard_policy(model, config, ctx)
     session = prepare_session(config, model, tokenizer, train_examples, device, template, ctx.world_size)
     session.run_dir, session.validation, session.ctx, session.replica = run_dir, validation_sets, ctx, replica
+    session.stop = stop
     if session.validation:
         session.generator = make_generator(config, replica.model if replica else model, tokenizer, device)
-    global_batch = ctx.world_size * config.batch_size * config.gradient_accumulation_steps
-    record_launch(run_dir / "config.json", ctx, global_batch=global_batch, per_rank_batch=config.batch_size,
-                  gradient_accumulation_steps=config.gradient_accumulation_steps)
+    global_batch = config.launch_sizes(ctx.world_size)["global_batch"]
     session.logger = make_logger(run_dir, config, resume=checkpoint is not None) if ctx.is_main else None
     if checkpoint is not None:
         state = restore_training_state(checkpoint, session.optimizer, session.scheduler,
                                        lambda step: fingerprint(session.steps[:step]), model=model, ctx=ctx)
         session.start_step = state["step"]
-        if session.logger is not None:
-            session.logger.truncate_after(session.start_step)
-            session.logger.log("event", session.start_step, message=f"resumed from {checkpoint.name}")
+        log_resumed(session.logger, checkpoint, session.start_step)
     elif session.logger is not None:
         session.logger.log("data", 0, **data_counts, **session.data.counts, loss_aggregation=config.loss_aggregation)
     counts = session.data.counts
@@ -406,7 +417,7 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
         try:
             grad_norm = clip_and_step(model, session.optimizer, session.scheduler, config.max_grad_norm, metrics["loss"])
         except NonFiniteStep as problem:
-            where = f"in {save(step - 1, f'checkpoint-{step - 1}')}" if run_dir is not None else "in memory"
+            where = f"in {save(step - 1, checkpoint_name(step - 1))}" if run_dir is not None else "in memory"
             stop_diverged(f"{problem} at step {step}; stopped. The last good weights (after step {step - 1}) are "
                           f"{where}; lower --learning-rate or check the data, then --resume", step, logger, progress)
         # --- log
@@ -423,18 +434,17 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
             evaluate_and_log(step)
         # --- checkpoint
         if run_dir is not None and config.save_every and step % config.save_every == 0 and step != len(steps):
-            save(step, f"checkpoint-{step}")
-        if run_dir is not None and stop_requested(ctx) and step < len(steps):  # SIGINT/SIGTERM: saved, exit 130
-            stop_for_signal(config, run_dir, step, save, logger, progress)
+            save(step, checkpoint_name(step))
+        if session.stop is not None and session.stop.requested(ctx) and step < len(steps):  # SIGINT/SIGTERM: saved, exit 130
+            stop_for_signal(session.stop, resume_command(config.command, config), step, save, logger, progress)
     progress.close()
 
     # --- final weights, final evaluation, report
     if run_dir is not None:
-        save(len(steps), "final")
+        save(len(steps), FINAL_DIR)
         if evaluating:
             evaluate_and_log(len(steps))
-        if logger is not None:
-            finish_run(run_dir, logger, config.write_report)
+        finish_run(run_dir, logger, session.stop, config.write_report)
     return history
 
 

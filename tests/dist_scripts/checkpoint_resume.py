@@ -26,7 +26,7 @@ from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import sft_microbatch_train_step
 from reasontune.modeling import build_model_from_config, tiny_qwen2_config
 from reasontune.tokenization import pad_and_shift
-from reasontune.training.common import clip_and_step
+from reasontune.training.optimizer_step import clip_and_step
 
 VOCAB, PAD, GLOBAL_EXAMPLES = 97, 0, 4
 

@@ -19,10 +19,12 @@ from types import SimpleNamespace
 import torch
 from safetensors.torch import save_file
 
+from reasontune.config import check_config
 from reasontune import distributed
 from reasontune.modeling import build_model_from_config, tiny_qwen2_config
-from reasontune.training.common import clip_and_step
-from reasontune.training.grpo import GRPOConfig, rank_train_batches, rollout_microbatches, train_step
+from reasontune.training.optimizer_step import clip_and_step
+from reasontune.training.grpo import GRPOConfig, train_step
+from reasontune.training.grpo_rollouts import rank_train_batches, rollout_microbatches
 
 VOCAB, PAD, GROUP = 97, 0, 2
 # (loss type, aggregation, rollout batch, train batch): off-policy when the train batch is the smaller
@@ -49,7 +51,7 @@ def run_case(case, ctx) -> tuple[dict[str, torch.Tensor], list[dict]]:
                         rollout_batch_size=rollout_size, train_batch_size=train_size,
                         gradient_accumulation_steps=2 // ctx.world_size, sampling_max_tokens=16, cliprange=0.2,
                         sampling_temperature=1.0)
-    config.validate()
+    check_config(config, environment=False)
     assert not config.world_problems(ctx.world_size)
     model = distributed.shard_model(build_model_from_config(
         tiny_qwen2_config(vocab_size=VOCAB, hidden_size=32, num_heads=4, num_kv_heads=2), seed=0), ctx)

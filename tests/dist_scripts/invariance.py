@@ -8,7 +8,7 @@ tests/test_distributed.py compares the two worlds.
 
 The step is the trainers' own: reasontune.logprobs.get_response_log_probs,
 reasontune.losses.sft/grpo_microbatch_train_step with counts summed over every rank and
-microbatch (distributed.global_sum), then training.common.clip_and_step.
+microbatch (distributed.global_sum), then training.optimizer_step.clip_and_step.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import grpo_microbatch_train_step, sft_microbatch_train_step
 from reasontune.modeling import build_model_from_config, tiny_qwen2_config
 from reasontune.tokenization import pad_and_shift
-from reasontune.training.common import clip_and_step
+from reasontune.training.optimizer_step import clip_and_step
 
 VOCAB, PAD = 97, 0
 GLOBAL_EXAMPLES = 4  # per optimizer step: 2 microbatches of 2 (world 1) or 1 of 2 per rank (world 2)
