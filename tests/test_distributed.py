@@ -125,10 +125,10 @@ def test_cpu_offload_is_refused_where_it_cannot_apply(tiny_qwen2):
 
 
 def test_grpo_examples_in_step_makes_uneven_microbatches_a_mean_over_all_sequences():
-    from reasontune.losses import grpo_microbatch_train_step
+    from reasontune.losses import PolicyLossSettings, policy_microbatch_train_step
 
     # Two microbatches of 1 and 3 responses; advantages 2, -1, 0.5, 3 on the first response token only.
-    # sequence_sum_constant with constant 5: per-sequence loss = -A * logp / 5 at logp = -1 -> A / 5.
+    # sequence_sum with constant 5: per-sequence loss = -A * logp / 5 at logp = -1 -> A / 5.
     # Mean over the 4 sequences = (2 - 1 + 0.5 + 3) / 5 / 4 = 0.225; the batch means / 2 would give
     # 2/5/2 + (-1 + 0.5 + 3)/5/3/2 = 0.2 + 0.08333 = 0.28333.
     advantages = [torch.tensor([2.0]), torch.tensor([-1.0, 0.5, 3.0])]
@@ -136,14 +136,14 @@ def test_grpo_examples_in_step_makes_uneven_microbatches_a_mean_over_all_sequenc
     for advantage in advantages:
         log_probs = torch.full((len(advantage), 3), -1.0, requires_grad=True)
         mask = torch.tensor([[True, False, False]] * len(advantage))
-        loss, _ = grpo_microbatch_train_step(log_probs, mask, 2, "reinforce_with_baseline", advantages=advantage,
-                                             loss_aggregation="sequence_sum_constant", normalize_constant=5.0,
-                                             examples_in_step=4)
+        settings = PolicyLossSettings("reinforce_with_baseline", 2, aggregation="sequence_sum", normalize_constant=5.0)
+        loss, _ = policy_microbatch_train_step(log_probs, mask, settings, advantages=advantage, examples_in_step=4)
         total += float(loss)
     assert total == pytest.approx(0.225, rel=1e-6)
     with pytest.raises(ValueError, match="examples_in_step"):
-        grpo_microbatch_train_step(torch.zeros(1, 2, requires_grad=True), torch.ones(1, 2, dtype=torch.bool), 1,
-                                   "reinforce_with_baseline", advantages=torch.ones(1), examples_in_step=0)
+        policy_microbatch_train_step(torch.zeros(1, 2, requires_grad=True), torch.ones(1, 2, dtype=torch.bool),
+                                     PolicyLossSettings("reinforce_with_baseline"), advantages=torch.ones(1),
+                                     examples_in_step=0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -251,7 +251,7 @@ def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch
         totals["tokens"] += tokens
         loss, metadata = sft_microbatch_train_step(
             outputs["log_probs"], response_mask, config.gradient_accumulation_steps,
-            normalize_constant=config.normalize_constant, normalization=config.loss_aggregation,
+            normalize_constant=config.normalize_constant, aggregation=config.loss_aggregation,
             tokens_in_step=tokens_in_step, examples_in_step=examples_in_step,
         )
         totals["loss"] += float(loss)
