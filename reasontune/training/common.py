@@ -27,14 +27,15 @@ from reasontune import distributed
 from reasontune.checkpoint import (SHARDED_DIR, TRAINER_STATE, CheckpointError, check_trainer_state,
                                    checkpoint_problem, latest_checkpoint, list_checkpoints, load_sharded, load_trainer_state,
                                    prune_checkpoints, remove_stale_temporaries, restore_rng, rng_state, save_checkpoint,
-                                   set_rng_state)
+                                   save_merged, set_rng_state)
 from reasontune.benchmarks import load_benchmarks
 from reasontune.config import UserError, check_config, resume_command, save_config
 from reasontune.data import Example, load_examples, with_chat_template
 from reasontune.evaluation import EvalSet, evaluate_sets
 from reasontune.generation import Generator, SamplingOptions, VLLMServerOptions, build_generator
-from reasontune.lora import apply_lora, is_peft_model, load_for_resume, save_merged
-from reasontune.modeling import load_model, load_tokenizer
+from reasontune.lora import apply_lora
+from reasontune.model_layers import is_peft_model
+from reasontune.modeling import load_for_resume, load_model, load_tokenizer
 from reasontune.options import RolloutOptions, TrainerOptions, resolved_dtype
 from reasontune.rollouts import RewardFn
 from reasontune.tracking import MetricsLogger

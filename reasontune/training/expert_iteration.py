@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 
-from reasontune import distributed
+from reasontune import distributed, launch
 from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import Example, load_template
 from reasontune.losses import LossAggregation
@@ -233,4 +233,4 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
     Under ``torchrun --nproc_per_node N -m reasontune ei …``: questions sharded over ranks for
     sampling, the kept responses gathered on every rank, their SFT data-parallel with FSDP2.
     """
-    return distributed.run_on_every_rank(config, lambda ctx: train_expert_iteration(setup_expert_iteration(config, ctx)))
+    return launch.run_on_every_rank(config, lambda ctx: train_expert_iteration(setup_expert_iteration(config, ctx)))

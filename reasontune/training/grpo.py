@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 import torch
 
-from reasontune import distributed
+from reasontune import distributed, launch
 from reasontune.checkpoint import CheckpointError
 from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import load_template
@@ -782,4 +782,4 @@ def run_grpo(config: GRPOConfig) -> Path:
     every step's questions (whole groups), the rollouts are gathered on every rank, and each
     optimizer step's train batch is split over the ranks (FSDP2, counts summed over ranks).
     """
-    return distributed.run_on_every_rank(config, lambda ctx: train_grpo(setup_grpo(config, ctx)))
+    return launch.run_on_every_rank(config, lambda ctx: train_grpo(setup_grpo(config, ctx)))

@@ -18,7 +18,7 @@ from typing import Any, Literal, Sequence
 
 import torch
 
-from reasontune import distributed
+from reasontune import distributed, launch
 from reasontune.batching import flatten_packed, pack_examples, packed_forward_kwargs, token_budget_batches
 from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import (Example, example_prompt, load_examples, load_template, train_validation_split,
@@ -450,4 +450,4 @@ def run_sft(config: SFTConfig) -> Path:
         train_sft(session)
         return session.run_dir
 
-    return distributed.run_on_every_rank(config, setup_and_train)
+    return launch.run_on_every_rank(config, setup_and_train)

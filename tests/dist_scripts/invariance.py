@@ -7,7 +7,7 @@ gathered layer by layer) and ``OUT/world-N.json`` (each step's gradient norm bef
 tests/test_distributed.py compares the two worlds.
 
 The step is the trainers' own: reasontune.logprobs.get_response_log_probs,
-reasontune.losses.sft/grpo_microbatch_train_step with counts summed over every rank and
+reasontune.losses.sft_microbatch_train_step / policy_microbatch_train_step with counts summed over every rank and
 microbatch (distributed.global_sum), then training.common.clip_and_step.
 """
 
@@ -58,7 +58,7 @@ def sft_microbatches(examples, packed: bool) -> list[dict]:
 
 def sft_step(model, examples, ctx, accumulation: int, aggregation: str, packed: bool) -> dict:
     """Runs forward/backward of this rank's share of the step (gradients accumulated)."""
-    mine = distributed.shard_indices(examples, ctx)
+    mine = examples[distributed.rank_slice(len(examples), ctx)]
     per_microbatch = len(mine) // accumulation
     microbatches = [mb for k in range(accumulation)
                     for mb in sft_microbatches(mine[k * per_microbatch:(k + 1) * per_microbatch], packed)]
