@@ -158,7 +158,7 @@ def worker(args: argparse.Namespace) -> None:
                     log_probs = get_response_log_probs(model, sequences[:, :-1], sequences[:, 1:],
                                                        response_mask=response_mask)["log_probs"]
                 loss, _ = sft_microbatch_train_step(log_probs, response_mask, args.accumulation,
-                                                    normalization="token_mean", tokens_in_step=tokens_in_step)
+                                                    aggregation="token_mean", tokens_in_step=tokens_in_step)
                 loss_sum += float(loss)
             clip_and_step(model, optimizer, scheduler, 1.0, distributed.global_sum(loss_sum))
             return tokens_in_step

@@ -36,7 +36,7 @@ each step end and a count of label tokens != -100 in ``compute_loss``.
 A separate process checks equivalence before any update: the tokenised data (TRL's input_ids
 and completion mask vs ours, every example), and the loss of one batch (the first
 --batch-size examples, padded and packed) by our get_response_log_probs +
-sft_microbatch_train_step(normalization="token_mean") vs TRL's compute_loss, each against a
+sft_microbatch_train_step(aggregation="token_mean") vs TRL's compute_loss, each against a
 float64 reference that runs every example alone. The loss check must agree to rtol 1e-4.
 
 TRL settings that differ from its defaults to match ours: gradient_checkpointing=False and
@@ -325,7 +325,7 @@ def ours_batch_loss(model, prompt_ids, output_ids, pad_token_id: int, packed: bo
         batch, forward = pad_and_shift(prompt_ids, output_ids, pad_token_id, max_length=max_length), {}
     outputs = get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy=True,
                                      response_mask=batch["response_mask"], **forward)
-    loss, _ = sft_microbatch_train_step(outputs["log_probs"], batch["response_mask"], 1, normalization="token_mean",
+    loss, _ = sft_microbatch_train_step(outputs["log_probs"], batch["response_mask"], 1, aggregation="token_mean",
                                         tokens_in_step=int(batch["response_mask"].sum()))
     model.zero_grad(set_to_none=True)
     return float(loss)

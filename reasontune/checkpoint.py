@@ -36,7 +36,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import safetensors.torch
 import torch
+import torch.distributed as dist
+
+from reasontune import distributed
+from reasontune.distributed import full_state_dict_layers, is_sharded
+from reasontune.lora import merged_state_dict, merged_weights_by_layer, save_adapter
+from reasontune.model_layers import decoder_layers, is_peft_model
 
 from reasontune.config import UserError
 from reasontune.run_layout import (ADAPTER_DIR, CHECKPOINT_CONFIG_COPY, CHECKPOINT_NAME, CONFIG_FILE, FINAL_DIR,
@@ -130,12 +137,10 @@ def save_trainer_state(directory: str | Path, state: dict[str, Any], name: str =
     numpy arrays (an optimizer's or scheduler's ``state_dict()``, ``rng_state()``); anything else
     raises TypeError naming the field, so no object ever needs pickling.
     """
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     tensors: dict[str, torch.Tensor] = {}
     encoded = _encode(state, tensors, "")
-    save_file(tensors, str(directory / f"{name}.safetensors"))
+    safetensors.torch.save_file(tensors, str(directory / f"{name}.safetensors"))
     path = directory / f"{name}.json"
     path.write_text(json.dumps(encoded))
     return path
@@ -147,8 +152,6 @@ def load_trainer_state(directory: str | Path, name: str = "trainer_state") -> di
     Any damage (truncated JSON or safetensors, a crafted structure, nesting too deep for the
     parser) raises ``CheckpointError`` naming the file.
     """
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     path = directory / f"{name}.json"
     if not path.exists():
@@ -161,7 +164,7 @@ def load_trainer_state(directory: str | Path, name: str = "trainer_state") -> di
         raise CheckpointError(f"{path}: not a trainer state ({_why(error)})") from None
     tensor_file = directory / f"{name}.safetensors"
     try:
-        tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
+        tensors = safetensors.torch.load_file(str(tensor_file)) if tensor_file.exists() else {}
     except Exception as error:  # noqa: BLE001 — safetensors' one error type: truncated or corrupt
         raise CheckpointError(f"{tensor_file}: truncated or corrupt ({_why(error)})") from None
     try:
@@ -339,9 +342,6 @@ def save_consolidated(directory: str | Path, model: Any, is_main: bool = True) -
     device or host ever holds more than one layer's full tensors besides the embeddings. Every
     rank must call it (the gathers are collectives); an unsharded model uses ``save_pretrained``.
     """
-    from reasontune.distributed import full_state_dict_layers, is_sharded
-    from reasontune.lora import is_peft_model, save_adapter
-
     directory = Path(directory)
     if is_peft_model(model) and is_sharded(model):  # an adapter checkpoint, as one process writes it
         save_adapter(model, directory, is_main)
@@ -358,10 +358,6 @@ def save_layer_files(directory: Path, model: Any, layers: Iterator[dict[str, tor
 
     Every rank iterates ``layers`` (its gathers are collectives); ``is_main`` writes.
     """
-    from safetensors.torch import save_file
-
-    from reasontune.distributed import decoder_layers
-
     tied = {"lm_head.weight"} if getattr(model.config, "tie_word_embeddings", False) else set()
     files = len(decoder_layers(model)) + 1  # the root's tensors, then one file per decoder layer
     weight_map, total_bytes = {}, 0
@@ -371,7 +367,7 @@ def save_layer_files(directory: Path, model: Any, layers: Iterator[dict[str, tor
         layer = {name: tensor.cpu().contiguous() for name, tensor in layer.items() if name not in tied}
         file_name = f"model-{number:05d}-of-{files:05d}.safetensors"
         if is_main:
-            save_file(layer, str(directory / file_name), metadata={"format": "pt"})
+            safetensors.torch.save_file(layer, str(directory / file_name), metadata={"format": "pt"})
         weight_map.update({name: file_name for name in layer})
         total_bytes += sum(tensor.numel() * tensor.element_size() for tensor in layer.values())
     if is_main:
@@ -380,6 +376,25 @@ def save_layer_files(directory: Path, model: Any, layers: Iterator[dict[str, tor
         model.config.save_pretrained(directory)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(directory)
+
+
+def save_merged(model: Any, tokenizer: Any, directory: str | Path, is_main: bool = True) -> Path:
+    """Returns ``directory`` after writing a full model with the adapter merged in, plus the tokenizer.
+
+    The directory loads with ``AutoModelForCausalLM.from_pretrained`` and vLLM, without peft.
+    The live LoRA model is unchanged (the merged weights are new tensors, see ``lora.merged_state_dict``).
+    An FSDP2-sharded model is gathered and merged one decoder layer at a time and written as
+    one safetensors file per layer group (every rank calls it; ``is_main`` writes).
+    """
+    directory = Path(directory)
+    base = model.get_base_model() if is_peft_model(model) else model
+    if is_sharded(model):
+        save_layer_files(directory, base, merged_weights_by_layer(model), is_main)
+    elif is_main:
+        base.save_pretrained(directory, state_dict=merged_state_dict(model), safe_serialization=True)
+    if tokenizer is not None and is_main:
+        tokenizer.save_pretrained(directory)
+    return directory
 
 
 def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, trainer_state: dict[str, Any] | None = None,
@@ -397,10 +412,6 @@ def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, trainer_s
     Args:
         ctx: the run's ``DistributedContext`` (None: the default process group's rank, if any).
     """
-    import torch.distributed as dist
-
-    from reasontune import distributed
-
     rank = ctx.rank if ctx is not None else (dist.get_rank() if dist.is_initialized() else 0)
     is_main = rank == 0
     directory = Path(directory)
@@ -472,7 +483,6 @@ def move_into_place(temporary: str | Path, directory: str | Path) -> Path:
 
 
 def _save_sharded(path: Path, model: Any, optimizer: Any) -> None:
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict
 
@@ -499,7 +509,6 @@ def load_sharded(directory: str | Path, model: Any, optimizer: Any) -> None:
     ``weights_only``: nothing in the directory can run code. Every rank calls it, after
     ``shard_model`` and after building the optimizer.
     """
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
@@ -666,8 +675,6 @@ def save_training_checkpoint(run_dir: Path, name: str, model, tokenizer, state: 
     should then not hold the optimizer. Under torchrun every rank calls it; rank 0 writes the
     shared files and prunes.
     """
-    from reasontune.lora import is_peft_model, save_merged
-
     is_main = ctx is None or ctx.is_main
     extra = {CHECKPOINT_CONFIG_COPY: (run_dir / CONFIG_FILE).read_text()} if is_main else None
     if name == FINAL_DIR and is_peft_model(model):
@@ -688,9 +695,6 @@ def save_run_checkpoint(run_dir: Path, name: str, model, tokenizer, step: int, o
     resume may change the world size; a LoRA model in one process keeps small adapter
     checkpoints, the adapter's optimizer state in ``trainer_state`` (under torchrun: in ``sharded/``).
     """
-    from reasontune.distributed import is_sharded
-    from reasontune.lora import is_peft_model
-
     # A LoRA model in one process: the adapter's optimizer state is small; sharded, it is in DTensor shards.
     sharded = optimizer is not None and (not is_peft_model(model) or is_sharded(model))
     state = trainer_state(step, None if sharded else optimizer, scheduler, plan_fingerprint, **extra)

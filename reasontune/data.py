@@ -533,23 +533,6 @@ def r1_zero_target(reasoning: str, answer: str) -> str:
     return f" {reasoning.strip()} </think> <answer>{answer.strip()}</answer>"
 
 
-def gsm8k_to_r1_zero(solution: str) -> str:
-    """Returns the R1-Zero target of a GSM8K solution: annotations dropped, ``#### N`` moved into ``<answer>``."""
-    split = split_gsm8k_solution(solution)
-    if split is None:
-        raise DataError("GSM8K solution has no '#### N' final-answer line")
-    return r1_zero_target(*split)
-
-
-def math_to_r1_zero(solution: str, answer: str | None = None) -> str:
-    """Returns the R1-Zero target of a MATH solution; the answer is ``answer`` or the solution's last ``\\boxed{}``."""
-    if answer is None:
-        answer = _boxed_answer(solution)
-        if answer is None:
-            raise DataError("MATH solution has no \\boxed{} answer and no answer was given")
-    return r1_zero_target(solution, answer)
-
-
 def with_r1_zero_targets(examples: Iterable[Example]) -> list[Example]:
     """Returns the examples with ``response`` set to the R1-Zero target built from their ``solution``.
 

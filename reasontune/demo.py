@@ -438,34 +438,16 @@ def demo_grpo_config(config: DemoConfig, train_path: Path, val_path: Path, polic
     responses at temperature 0.7 and takes two optimizer steps of 64 rollouts on them (grpo_clip,
     so the second, one step stale, is importance-weighted; the clip rarely binds: < 0.1% of tokens).
 
-    Why: the start that lagged (seed 1) errs mostly in writing the sum from the trace (its last
-    digits come from the first columns, far back), a skill that grew with the number of updates
-    and not with less noise per update. On seed 1 at 40 steps: lr 5e-5 +11, 32 questions a step
-    +10, temperature 1.0 +10, lr >= 7e-5 collapsed (earlier loop). Over 60 steps at lr 3e-5, one
-    update per rollout batch gave +24 / +15 under rollout seeds 1 / 11 (on the bar); two updates
-    (one more no-grad forward pass per step) gave +27 / +18. Held-out accuracy of 256 greedy
-    answers (about +-3 points of noise) from each seed's warm-up SFT start, with the per-question
-    sampler (issue 11); minutes of the GRPO stage with two such runs sharing the 2-core machine
-    (7.4 and 8.2: three or four runs):
-
-    =========  ====  ===============  =====  =======
-    recipe     seed  start -> after   gain   minutes
-    =========  ====  ===============  =====  =======
-    (default)  0     51.6% -> 75.8%   +24.2   7.4
-    (default)  1     40.6% -> 62.1%   +21.5   4.1
-    (default)  2     23.4% -> 97.3%   +73.8   4.0
-    dapo       0     51.6% -> 74.6%   +23.0   4.2
-    dapo       1     40.6% -> 62.9%   +22.3   8.2
-    dapo       2     23.4% -> 96.9%   +73.4   4.0
-    =========  ====  ===============  =====  =======
-
-    With the sampler before it (one generator for the batch) the same settings gave +22.7 /
-    +26.6 / +74.6 and, with dapo, +25.8 / +28.9 / +74.2; on that sampler
-    ``reasontune demo --algorithm grpo --seed 1`` end to end printed 0.0% base -> 40.6% after 180
-    SFT steps (9.5 min) -> 67.2% after grpo (12.2 min). Under rollout seed 11 instead of the demo
-    seed, from the same starts: seed 1 +18.0 (default) / +23.8 (dapo), seed 0 +23.0 (default).
-    ``--recipe`` applies a paper's objective (DAPO: clip-higher, token mean, dynamic sampling)
-    under these settings.
+    Why these settings: what the warm-up SFT start gets wrong is mostly writing the sum out of
+    its own trace (the last digits come from the first columns, far back), a skill that grows
+    with the number of updates rather than with less noise per update. So the budget goes to
+    updates: two per rollout batch (one more no-grad forward pass per step), 60 steps at lr
+    3e-5 (7e-5 and above collapse the policy), 16 questions a step at temperature 0.7 (twice
+    the questions or temperature 1.0 gain less per minute). From the 23-52% starts of seeds
+    0-2 this adds 21 to 74 points of held-out greedy accuracy (256 answers, about +-3 points of
+    noise) in 4-8 minutes of a 2-core CPU; ``reasontune demo --algorithm grpo --seed N`` shows
+    it. ``--recipe`` applies a paper's objective (DAPO: clip-higher, token mean, dynamic
+    sampling) under the same settings, and gains as much.
     """
     budget = demo_max_new_tokens(config)
     return GRPOConfig.from_recipe(config.recipe,

@@ -2,7 +2,7 @@
 
 A plain ``python -m reasontune …`` is world size 1: no process group is created and every
 function here is the identity (``global_sum(x) == x``, ``rank_slice`` takes everything,
-``shard_model`` returns the model untouched), so single-process runs behave exactly as before.
+``shard_model`` returns the model untouched): one process runs the same code with no process group.
 Under ``torchrun --nproc_per_node N`` the same code runs on N ranks.
 
 Loss normalisation across ranks: the microbatch losses divide by counts summed over every rank
@@ -19,14 +19,15 @@ import datetime
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from reasontune.config import check_config
+from reasontune.model_layers import decoder_layer_prefixes, decoder_layers
 
 
 @dataclass(frozen=True)
@@ -135,8 +136,6 @@ def stop_all_ranks_on_error(ctx: DistributedContext) -> Iterator[None]:
         # A SystemExit with a status (0 done, 130 stopped by a signal after saving) is an exit every rank agreed on.
         if not ctx.is_distributed or isinstance(error, SystemExit) and (error.code is None or isinstance(error.code, int)):
             raise
-        import traceback
-
         if _timed_out(error) or _lost_a_peer(error):
             # Not this rank's fault: say whose it was, once the others have said why they stopped.
             cause = "timed_out" if _timed_out(error) else "lost_peer"
@@ -164,9 +163,7 @@ def _post_and_collect(ctx: DistributedContext, cause: str, wait: bool = True,
     early once every rank has posted, or once one posted "error" (that rank prints the cause).
     """
     try:
-        from torch.distributed import distributed_c10d
-
-        store = distributed_c10d._get_default_store()
+        store = dist.distributed_c10d._get_default_store()
         store.set(f"{_REPORT_KEY}{ctx.rank}", cause)
     except Exception:  # no default group or store (it was destroyed, or the store host is gone)
         return None
@@ -224,30 +221,6 @@ def peer_failure_message(ctx: DistributedContext, cause: str, posted: dict[int, 
         return (f"{here} stopped: {ranks} {names} went away without an error (killed by a signal: out of memory? "
                 "see torchrun's summary and the system log)")
     return f"{here} stopped: another rank went away (see torchrun's summary)"
-
-
-def run_on_every_rank(config: Any, work: Callable[[DistributedContext], Any]) -> Any:
-    """Returns ``work(ctx)`` after checking ``config`` and joining torchrun's process group (none without torchrun).
-
-    The config is checked (``config.check_config``: its ``validate()`` and the files, model and
-    packages it names) before any process group starts; an error on one rank stops every rank
-    with one message (``stop_all_ranks_on_error``); the process group is closed at the end, also
-    after an exit every rank agreed on (``SystemExit`` with a status). A command's entry point
-    is ``run_on_every_rank(config, lambda ctx: …)``.
-    """
-    check_config(config)
-    ctx = init_distributed(config.device, timeout_s=getattr(config, "process_group_timeout", DEFAULT_TIMEOUT_S))
-    try:
-        with stop_all_ranks_on_error(ctx):
-            result = work(ctx)
-    except SystemExit:
-        # An exit every rank agreed on (a finished run, a stop by a signal; any other error never gets here at
-        # world size > 1): the process group is destroyed first, as after success. Python tearing down a live
-        # gloo group can abort ("terminate called without an active exception", pytorch#190489).
-        close_distributed()
-        raise
-    close_distributed()
-    return result
 
 
 def _timed_out(error: BaseException) -> bool:
@@ -325,15 +298,6 @@ def side_group() -> Any:
     return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_process_group_timeout_s))
 
 
-def gather_slices(local_items: Sequence[Any]) -> list[Any]:
-    """Returns every rank's ``local_items`` concatenated in rank order: the original order when each rank held its ``rank_slice``.
-
-    For evaluation records, rollouts' rewards for logging and the like (picklable objects from
-    our own processes); every rank receives the whole list.
-    """
-    return [item for part in all_gather_objects(list(local_items)) for item in part]
-
-
 def broadcast_object(obj: Any, source_rank: int = 0) -> Any:
     """Returns ``source_rank``'s ``obj`` on every rank (e.g. a path or seed rank 0 chose)."""
     if not _active():
@@ -370,33 +334,10 @@ def rank_slice(n_items: int, ctx: DistributedContext, group_size: int = 1) -> sl
     return slice(start * group_size, stop * group_size)
 
 
-def shard_indices(items: Sequence[Any], ctx: DistributedContext, group_size: int = 1) -> list[Any]:
-    """Returns this rank's part of ``items`` (``items[rank_slice(len(items), ctx, group_size)]``)."""
-    return list(items[rank_slice(len(items), ctx, group_size)])
-
-
-def require_divisible_batch(global_batch: int, ctx: DistributedContext, what: str = "batch") -> None:
-    """Raises ValueError (naming the sizes) unless ``global_batch`` splits evenly over the ranks."""
-    if global_batch % ctx.world_size:
-        raise ValueError(f"the global {what} of {global_batch} does not split over {ctx.world_size} ranks; "
-                         f"choose a multiple of {ctx.world_size}")
 
 
 # ---------------------------------------------------------------------------------------------
 # FSDP2
-
-
-def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """Returns the model's transformer blocks (``model.model.layers`` for Llama/Qwen-style HF models, also under a PEFT wrapper)."""
-    from reasontune.lora import is_peft_model
-
-    if is_peft_model(model):
-        model = model.get_base_model()
-    body = getattr(model, "model", None)
-    layers = getattr(body, "layers", None)
-    if layers is None:
-        raise ValueError(f"{type(model).__name__} has no model.layers; shard_model knows HF decoder-only LMs")
-    return list(layers)
 
 
 def shard_model(model: torch.nn.Module, ctx: DistributedContext, *, mixed_precision: bool = False,
@@ -451,12 +392,6 @@ def is_sharded(model: torch.nn.Module) -> bool:
     from torch.distributed.tensor import DTensor
 
     return any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def decoder_layer_prefixes(model: torch.nn.Module) -> list[str]:
-    """Returns the ``state_dict`` name prefix of each decoder layer (``"model.layers.0."``, under PEFT ``"base_model.model.model.layers.0."``)."""
-    names = {id(module): name for name, module in model.named_modules()}
-    return [names[id(layer)] + "." for layer in decoder_layers(model)]
 
 
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:

@@ -51,11 +51,6 @@ Equivalent = Callable[[str, str], bool]
 METRICS = ("pass", "maj", "avg")
 
 
-def exact_equivalent(left: str, right: str) -> bool:
-    """Returns whether two answers are the same string after stripping surrounding whitespace."""
-    return left.strip() == right.strip()
-
-
 def default_equivalent() -> Equivalent:
     """Returns the grader's ``answers_equivalent``: votes count ``1/2`` and ``0.5`` as one answer, with the grading policy's bounds."""
     return answers_equivalent
@@ -343,21 +338,6 @@ def group_samples(records: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, l
                        "answers": [r.get("answer") for r in samples],
                        "has_answers": all("answer" in r for r in samples)}
     return result
-
-
-def scores_by_question(records: Iterable[Mapping[str, Any]], metric: str, k: int,
-                       equivalent: Equivalent | None = None) -> dict[str, float]:
-    """Returns ``{question key: metric@k}`` for one run's records (every question needs at least k samples)."""
-    grouped = group_samples(records)
-    too_few = [key for key, g in grouped.items() if len(g["correct"]) < k]
-    if too_few:
-        raise ValueError(f"{metric}@{k} needs {k} samples per question; {len(too_few)} question(s) have fewer "
-                         f"(first: {too_few[0][:80]!r} with {len(grouped[too_few[0]]['correct'])})")
-    if metric == "maj" and not all(g["has_answers"] for g in grouped.values()):
-        raise ValueError("maj@k needs an extracted 'answer' field in every record")
-    values = question_scores(metric, k, [g["correct"] for g in grouped.values()],
-                             [g["answers"] for g in grouped.values()], equivalent)
-    return dict(zip(grouped, values.tolist()))
 
 
 def parse_ks(text: str | Sequence[int]) -> list[int]:

@@ -27,7 +27,7 @@ from reasontune.generation import Generator, SamplingOptions, VLLMServerOptions,
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.options import (EvaluationOptions, GenerationOptions, GradingOptions, ModelOptions, RunOptions,
                                 TaskOptions, TrackingOptions, data_source_problems, resolved_dtype)
-from reasontune import distributed
+from reasontune import distributed, launch
 from reasontune.run_layout import (CONFIG_FILE, EVAL_METRICS_FILE, RECORDS_FILE, REPORT_DIR, RESULTS_FILES,
                                    SUMMARY_FILE, is_training_run)
 from reasontune.rollouts import (RewardFn, generate_rollouts, merge_rollouts, reward_fn_by_name, rollouts_for_examples,
@@ -305,7 +305,7 @@ def run_eval(config: EvalConfig) -> int:
     and evaluates its slice of the questions; rank 0 gathers the records in the original order
     and writes every file (the same records.jsonl as one process, for greedy decoding).
     """
-    return distributed.run_on_every_rank(config, lambda ctx: _run_eval(config, ctx))
+    return launch.run_on_every_rank(config, lambda ctx: _run_eval(config, ctx))
 
 
 def _run_eval(config: EvalConfig, ctx: distributed.DistributedContext) -> int:

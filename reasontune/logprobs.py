@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reasontune.model_layers import is_peft_model
+
 Implementation = Literal["auto", "fused", "chunked", "naive"]
 
 # One float32 chunk of logits is at most this many bytes (220 tokens at vocabulary 151,936).
@@ -93,8 +95,6 @@ def _own_class(model: Any) -> type:
 
 def _unwrap_causal_lm(model: Any) -> tuple[Any, str | None]:
     """Returns (the causal LM itself, None), or (None, reason) for a wrapper that is not a PEFT LoRA model."""
-    from reasontune.lora import is_peft_model
-
     if not is_peft_model(model):
         return model, None
     tuner = model.base_model

@@ -1,12 +1,12 @@
-"""LoRA adapters (the optional ``peft`` library): wrap a causal LM, save the adapter or a merged model, resume.
+"""LoRA adapters (the optional ``peft`` library): wrap a causal LM, save the adapter, merge it into the base weights, resume.
 
 A LoRA-wrapped policy is a ``peft.PeftModel`` whose base weights are frozen; only the adapter's
 ``lora_A`` / ``lora_B`` matrices train. Where the adapter goes:
 
 - ``checkpoint-N/``: the adapter alone (``adapter_config.json`` + ``adapter_model.safetensors``,
-  PEFT's format), a few MB; ``load_for_resume(base, checkpoint)`` rebuilds the trainable model.
-- ``final/``: also a merged full model (``save_merged``): base + scaled ``B @ A`` in every
-  adapted layer, loadable by ``from_pretrained`` and vLLM without peft.
+  PEFT's format), a few MB; ``modeling.load_for_resume(base, checkpoint)`` rebuilds the trainable model.
+- ``final/``: also a merged full model (``checkpoint.save_merged`` of ``merged_weights``): base
+  + scaled ``B @ A`` in every adapted layer, loadable by ``from_pretrained`` and vLLM without peft.
 - A rollout engine that holds its own copy of the weights (vLLM) gets ``merged_weights``
   at each sync, under the base model's parameter names; the HF generator samples from the
   wrapped model itself and needs nothing.
@@ -17,10 +17,12 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
+
+from reasontune.distributed import full_state_dict_layers, full_tensor, is_sharded
+from reasontune.model_layers import decoder_layer_prefixes, is_peft_model
 
 # The decoder's linear layers in Qwen2/2.5, Qwen3, Llama and Mistral: attention and MLP projections.
 DECODER_LINEAR_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -34,11 +36,6 @@ def require_peft():
     except ImportError as error:
         raise ImportError(f"LoRA needs the peft library, which is not installed: {INSTALL_HINT}") from error
     return peft
-
-
-def is_peft_model(model: Any) -> bool:
-    """Returns True when ``model`` is a ``peft.PeftModel`` (without importing peft when it is absent)."""
-    return any(cls.__module__.startswith("peft.") and cls.__name__ == "PeftModel" for cls in type(model).__mro__)
 
 
 def apply_lora(model: nn.Module, rank: int, alpha: float | None = None, dropout: float = 0.0,
@@ -112,8 +109,6 @@ def save_adapter(model: nn.Module, directory: str | Path, is_main: bool = True) 
     """
     if not is_peft_model(model):
         raise TypeError(f"save_adapter needs a LoRA-wrapped model (apply_lora), got {type(model).__name__}")
-    from reasontune.distributed import decoder_layer_prefixes, full_tensor, is_sharded
-
     directory = Path(directory)
     state = None
     if is_sharded(model):
@@ -151,8 +146,6 @@ def merged_weights_by_layer(model: nn.Module) -> Iterator[dict[str, torch.Tensor
     every rank iterates, every rank receives full tensors) and merged, so no rank ever holds
     more than one layer's full weights besides the embeddings. Unsharded models work too.
     """
-    from reasontune.distributed import full_state_dict_layers
-
     prefix = "base_model.model." if is_peft_model(model) else ""
     for layer in full_state_dict_layers(model):
         base_state = {name.removeprefix(prefix): tensor for name, tensor in layer.items()}
@@ -196,42 +189,3 @@ def _merged(model: nn.Module, base_state: dict[str, torch.Tensor]) -> Iterator[t
 def merged_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Returns ``dict(merged_weights(model))``: the merged model's full state dict (new tensors for adapted layers)."""
     return dict(merged_weights(model))
-
-
-def save_merged(model: nn.Module, tokenizer: Any, directory: str | Path, is_main: bool = True) -> Path:
-    """Returns ``directory`` after writing a full model with the adapter merged in, plus the tokenizer.
-
-    The directory loads with ``AutoModelForCausalLM.from_pretrained`` and vLLM, without peft.
-    The live LoRA model is unchanged (the merged weights are new tensors, see ``merged_state_dict``).
-    An FSDP2-sharded model is gathered and merged one decoder layer at a time and written as
-    one safetensors file per layer group (every rank calls it; ``is_main`` writes).
-    """
-    from reasontune.checkpoint import save_layer_files
-    from reasontune.distributed import is_sharded
-
-    directory = Path(directory)
-    base = model.get_base_model() if is_peft_model(model) else model
-    if is_sharded(model):
-        save_layer_files(directory, base, merged_weights_by_layer(model), is_main)
-    elif is_main:
-        base.save_pretrained(directory, state_dict=merged_state_dict(model), safe_serialization=True)
-    if tokenizer is not None and is_main:
-        tokenizer.save_pretrained(directory)
-    return directory
-
-
-def load_for_resume(base_model_path: str | Path, adapter_dir: str | Path, *, dtype: str = "float32",
-                    attn_implementation: str | None = None, device: str | torch.device = "cpu") -> nn.Module:
-    """Returns the base model from ``base_model_path`` with the adapter of ``adapter_dir`` attached, trainable.
-
-    ``adapter_dir`` is a directory written by ``save_adapter`` (e.g. ``checkpoint-N/``); the base
-    weights stay frozen and the adapter's ``lora_A`` / ``lora_B`` require gradients again.
-    """
-    peft = require_peft()
-    from reasontune.modeling import load_model
-
-    if not (Path(adapter_dir) / "adapter_config.json").exists():
-        raise FileNotFoundError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json is missing)")
-    base = load_model(str(base_model_path), dtype=dtype, attn_implementation=attn_implementation, device=device)
-    model = peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
-    return model.to(device)

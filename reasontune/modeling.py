@@ -1,4 +1,4 @@
-"""Loading models and tokenizers (hub names, local directories or GGUF files) and building tiny ones offline."""
+"""Loading models and tokenizers (hub names, local directories, GGUF files, a LoRA adapter on its base) and building tiny ones offline."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 from transformers.convert_slow_tokenizer import TikTokenConverter
 
 from reasontune.gguf_models import is_gguf_file, load_gguf_model, load_gguf_tokenizer
+from reasontune.lora import require_peft
 
 # Qwen2/2.5 pre-tokenizer pattern: digits are split one by one.
 QWEN2_PATTERN = (
@@ -171,4 +172,19 @@ def load_model(name_or_path: str, dtype: str = "float32", attn_implementation: s
         name_or_path, dtype=DTYPES[dtype], attn_implementation=default_attn_implementation(attn_implementation),
         **kwargs,
     )
+    return model.to(device)
+
+
+def load_for_resume(base_model_path: str | Path, adapter_dir: str | Path, *, dtype: str = "float32",
+                    attn_implementation: str | None = None, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Returns the base model from ``base_model_path`` with the adapter of ``adapter_dir`` attached, trainable.
+
+    ``adapter_dir`` is a directory written by ``lora.save_adapter`` (e.g. ``checkpoint-N/``); the base
+    weights stay frozen and the adapter's ``lora_A`` / ``lora_B`` require gradients again.
+    """
+    peft = require_peft()
+    if not (Path(adapter_dir) / "adapter_config.json").exists():
+        raise FileNotFoundError(f"{adapter_dir} holds no LoRA adapter (adapter_config.json is missing)")
+    base = load_model(str(base_model_path), dtype=dtype, attn_implementation=attn_implementation, device=device)
+    model = peft.PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=True)
     return model.to(device)

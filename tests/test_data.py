@@ -9,12 +9,11 @@ import pytest
 from reasontune.data import (
     DataError,
     Example,
+    example_from_record,
     example_prompt,
     format_prompt,
-    gsm8k_to_r1_zero,
     load_examples,
     load_template,
-    math_to_r1_zero,
     train_validation_split,
     with_r1_zero_targets,
 )
@@ -65,7 +64,8 @@ def test_math_reference_comes_from_the_last_boxed_answer(tmp_path):
     record = {"problem": "Find x.", "solution": "First \\boxed{1} then $x = \\boxed{\\frac{1}{2}}$."}
     [example] = load_examples(write_jsonl(tmp_path / "math.jsonl", [record]))
     assert example.ground_truth == "\\frac{1}{2}"
-    assert math_to_r1_zero(record["solution"]).endswith("</think> <answer>\\frac{1}{2}</answer>")
+    [target] = with_r1_zero_targets([example])  # SFT's target: the whole solution, then the reference
+    assert target.response == " First \\boxed{1} then $x = \\boxed{\\frac{1}{2}}$. </think> <answer>\\frac{1}{2}</answer>"
 
 
 def test_json_array_and_parquet_files_load(tmp_path):
@@ -141,11 +141,12 @@ def test_templates(tmp_path):
 
 def test_gsm8k_solution_becomes_an_r1_zero_target():
     # Annotations <<…>> dropped, the '#### 7' line moved into <answer>, thousands separator removed.
-    assert gsm8k_to_r1_zero(GSM8K_RECORD["answer"]) == (
-        " He has 3 + 4 = 7 apples.\nIn total 1,007 - 1000 = 7. </think> <answer>7</answer>")
-    assert gsm8k_to_r1_zero("a\n#### 1,234") == " a </think> <answer>1234</answer>"
-    [example] = with_r1_zero_targets([Example(question="Q", solution=GSM8K_RECORD["answer"], ground_truth="7")])
-    assert example.response.endswith("</think> <answer>7</answer>")
+    records = [GSM8K_RECORD, {"question": "Q", "answer": "a\n#### 1,234"}]
+    gsm8k, thousands = with_r1_zero_targets([example_from_record(record) for record in records])
+    assert gsm8k.response == " He has 3 + 4 = 7 apples.\nIn total 1,007 - 1000 = 7. </think> <answer>7</answer>"
+    assert thousands.response == " a </think> <answer>1234</answer>"
+    [kept] = with_r1_zero_targets([Example(question="Q", response=" mine", solution="x\n#### 2", ground_truth="2")])
+    assert kept.response == " mine"
 
 
 def test_gsm8k_sample_loads_in_full(gsm8k_dir):

@@ -95,9 +95,6 @@ def test_rank_slices_are_disjoint_cover_everything_and_never_split_a_group(n_ite
 def test_rank_slice_refuses_items_that_do_not_form_whole_groups():
     with pytest.raises(ValueError, match="groups of 4"):
         distributed.rank_slice(10, single(0, 2), group_size=4)
-    distributed.require_divisible_batch(12, single(0, 3), "rollout batch")
-    with pytest.raises(ValueError, match="rollout batch of 10 does not split over 4 ranks"):
-        distributed.require_divisible_batch(10, single(0, 4), "rollout batch")
 
 
 def test_plain_process_is_world_size_one_without_a_process_group(monkeypatch, tiny_qwen2):
@@ -109,7 +106,7 @@ def test_plain_process_is_world_size_one_without_a_process_group(monkeypatch, ti
     assert distributed.shard_model(tiny_qwen2, ctx) is tiny_qwen2 and not distributed.is_sharded(tiny_qwen2)
     assert distributed.global_sum(3) == 3 and distributed.global_max(2.5) == 2.5
     assert distributed.all_gather_objects({"a": 1}) == [{"a": 1}]
-    assert distributed.shard_indices(list("abcd"), ctx, group_size=2) == list("abcd")
+    assert distributed.rank_slice(4, ctx, group_size=2) == slice(0, 4)
     layers = list(distributed.full_state_dict_layers(tiny_qwen2))
     assert len(layers) == 1 + 2  # the root's tensors, then each of the 2 decoder layers
     assert sorted(k for layer in layers for k in layer) == sorted(tiny_qwen2.state_dict())
@@ -125,10 +122,10 @@ def test_cpu_offload_is_refused_where_it_cannot_apply(tiny_qwen2):
 
 
 def test_grpo_examples_in_step_makes_uneven_microbatches_a_mean_over_all_sequences():
-    from reasontune.losses import grpo_microbatch_train_step
+    from reasontune.losses import PolicyLossSettings, policy_microbatch_train_step
 
     # Two microbatches of 1 and 3 responses; advantages 2, -1, 0.5, 3 on the first response token only.
-    # sequence_sum_constant with constant 5: per-sequence loss = -A * logp / 5 at logp = -1 -> A / 5.
+    # sequence_sum with constant 5: per-sequence loss = -A * logp / 5 at logp = -1 -> A / 5.
     # Mean over the 4 sequences = (2 - 1 + 0.5 + 3) / 5 / 4 = 0.225; the batch means / 2 would give
     # 2/5/2 + (-1 + 0.5 + 3)/5/3/2 = 0.2 + 0.08333 = 0.28333.
     advantages = [torch.tensor([2.0]), torch.tensor([-1.0, 0.5, 3.0])]
@@ -136,14 +133,14 @@ def test_grpo_examples_in_step_makes_uneven_microbatches_a_mean_over_all_sequenc
     for advantage in advantages:
         log_probs = torch.full((len(advantage), 3), -1.0, requires_grad=True)
         mask = torch.tensor([[True, False, False]] * len(advantage))
-        loss, _ = grpo_microbatch_train_step(log_probs, mask, 2, "reinforce_with_baseline", advantages=advantage,
-                                             loss_aggregation="sequence_sum_constant", normalize_constant=5.0,
-                                             examples_in_step=4)
+        settings = PolicyLossSettings("reinforce_with_baseline", 2, aggregation="sequence_sum", normalize_constant=5.0)
+        loss, _ = policy_microbatch_train_step(log_probs, mask, settings, advantages=advantage, examples_in_step=4)
         total += float(loss)
     assert total == pytest.approx(0.225, rel=1e-6)
     with pytest.raises(ValueError, match="examples_in_step"):
-        grpo_microbatch_train_step(torch.zeros(1, 2, requires_grad=True), torch.ones(1, 2, dtype=torch.bool), 1,
-                                   "reinforce_with_baseline", advantages=torch.ones(1), examples_in_step=0)
+        policy_microbatch_train_step(torch.zeros(1, 2, requires_grad=True), torch.ones(1, 2, dtype=torch.bool),
+                                     PolicyLossSettings("reinforce_with_baseline"), advantages=torch.ones(1),
+                                     examples_in_step=0)
 
 
 # ---------------------------------------------------------------------------------------------

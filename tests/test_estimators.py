@@ -12,15 +12,15 @@ import numpy as np
 import pytest
 
 from reasontune.estimators import (
-    exact_equivalent,
     avg_at_k,
     bootstrap_interval,
+    group_samples,
     maj_at_k,
     paired_bootstrap,
     parse_ks,
     pass_at_k,
+    question_scores,
     results_table,
-    scores_by_question,
     summarize_samples,
     vote,
 )
@@ -80,7 +80,7 @@ def test_maj_at_k_uses_first_k_samples_and_the_graders_equivalence():
     answers = ["0.5", "1/2", "7", "7", "7"]
     correct = [True, True, False, False, False]
     # k=4, exact strings: clusters {0.5}, {1/2}, {7, 7} -> "7" wins (wrong).
-    assert maj_at_k(answers, correct, 4, exact_equivalent) == 0.0
+    assert maj_at_k(answers, correct, 4, lambda a, b: a.strip() == b.strip()) == 0.0
     # k=4, the default (the grader's answers_equivalent) joins 0.5 and 1/2: a 2-2 tie the earlier cluster wins.
     assert maj_at_k(answers, correct, 4) == 1.0
     # k=4, 1/2 == 0.5: clusters {0.5, 1/2}, {7, 7} tie 2-2 -> the earlier cluster (0.5, correct) wins.
@@ -240,11 +240,15 @@ def test_summarize_samples_without_answers_leaves_maj_out():
     assert "answer" in summary["maj_missing"]
 
 
-def test_scores_by_question_falls_back_to_prompt_text():
+def test_samples_are_grouped_by_prompt_text_without_a_question_id():
+    """compare's path: group_samples, then question_scores over the groups."""
     records = _records(QUESTIONS)
     for record in records:
         del record["question_id"]
-    assert scores_by_question(records, "pass", 1) == {"question 0": 0.75, "question 1": 0.25, "question 2": 0.5}
+    grouped = group_samples(records)
+    assert list(grouped) == ["question 0", "question 1", "question 2"]
+    scores = question_scores("pass", 1, [group["correct"] for group in grouped.values()])
+    assert scores.tolist() == [0.75, 0.25, 0.5]
 
 
 def test_results_table_markdown_and_json():

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from reasontune.config import check_config
-from reasontune.losses import compute_group_normalized_rewards, compute_k3_kl, grpo_microbatch_train_step
+from reasontune.losses import (PolicyLossSettings, compute_group_normalized_rewards, compute_k3_kl,
+                               policy_microbatch_train_step)
 from reasontune.training.grpo import run_grpo, train_step
 from reasontune.training.grpo_config import GRPOConfig
 from reasontune.training.grpo_rollouts import add_log_probs, rollout_microbatches
@@ -100,7 +101,7 @@ def test_on_policy_grpo_clip_equals_reinforce_with_baseline_on_a_real_model(tiny
         torch.testing.assert_close(clip_grads[name], baseline_grads[name], rtol=1e-5, atol=1e-8)
 
 
-@pytest.mark.parametrize("aggregation", ["sequence_mean", "sequence_sum_constant", "token_mean"])
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "sequence_sum", "token_mean"])
 def test_train_step_accumulation_equivalence_per_aggregation(tiny_qwen2, aggregation):
     """(microbatch 4, accumulation 1) and (microbatch 1, accumulation 4) give the same gradient for each aggregation.
 
@@ -132,13 +133,15 @@ def test_k3_kl_hand_values_and_gradient():
     assert kl[0, 0].item() == pytest.approx(1.0 - math.log(2.0))
     assert kl[0, 1].item() == 0.0
     # No advantage: the loss is the KL alone, kl_coef 0.5, sequence mean over 2 tokens.
-    loss, metadata = grpo_microbatch_train_step(policy, mask, 1, "reinforce_with_baseline",
-                                                advantages=torch.zeros(1), ref_log_probs=reference, kl_coef=0.5)
+    settings = PolicyLossSettings("reinforce_with_baseline", kl_coef=0.5)
+    loss, metadata = policy_microbatch_train_step(policy, mask, settings, advantages=torch.zeros(1),
+                                                  ref_log_probs=reference)
     assert loss.item() == pytest.approx(0.5 * (1.0 - math.log(2.0)) / 2)
     assert metadata["kl"].item() == pytest.approx((1.0 - math.log(2.0)) / 2)
     torch.testing.assert_close(policy.grad, torch.tensor([[0.5 * -1.0 / 2, 0.0, 0.0]]))
     with pytest.raises(ValueError, match="needs ref_log_probs"):
-        grpo_microbatch_train_step(policy, mask, 1, "reinforce_with_baseline", advantages=torch.zeros(1), kl_coef=0.1)
+        policy_microbatch_train_step(policy, mask, PolicyLossSettings("reinforce_with_baseline", kl_coef=0.1),
+                                     advantages=torch.zeros(1))
 
 
 def test_kl_penalty_against_an_identical_reference_is_zero_with_zero_gradient(tiny_qwen2):

@@ -11,8 +11,10 @@ import torch
 peft = pytest.importorskip("peft")
 
 from reasontune.logprobs import fused_unsupported_reason, get_response_log_probs  # noqa: E402
-from reasontune.lora import (apply_lora, is_peft_model, load_for_resume, merged_state_dict,  # noqa: E402
-                             save_adapter, save_merged, trainable_parameters)
+from reasontune.checkpoint import save_merged  # noqa: E402
+from reasontune.lora import apply_lora, merged_state_dict, save_adapter, trainable_parameters  # noqa: E402
+from reasontune.model_layers import is_peft_model  # noqa: E402
+from reasontune.modeling import load_for_resume  # noqa: E402
 
 ALL_DECODER = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 

@@ -18,6 +18,7 @@ from reasontune import (
     masked_normalize,
     sft_microbatch_train_step,
 )
+from reasontune.losses import PolicyLossSettings, policy_microbatch_train_step
 
 T, F = True, False
 
@@ -64,11 +65,11 @@ def test_sft_microbatch_step_hand_values_and_gradient():
 def test_sft_token_mean_and_examples_in_step():
     log_probs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -0.25, -4.0]], requires_grad=True)
     mask = torch.tensor([[F, T, T], [T, T, F]])
-    loss, _ = sft_microbatch_train_step(log_probs, mask, 2, normalization="token_mean", tokens_in_step=10)
+    loss, _ = sft_microbatch_train_step(log_probs, mask, 2, aggregation="token_mean", tokens_in_step=10)
     assert loss.item() == pytest.approx(5.75 / 10)
     assert log_probs.grad[0, 1].item() == pytest.approx(-0.1)
     log_probs.grad = None
-    loss, _ = sft_microbatch_train_step(log_probs, mask, 2, normalization="token_mean")  # own count x accumulation
+    loss, _ = sft_microbatch_train_step(log_probs, mask, 2, aggregation="token_mean")  # own count x accumulation
     assert loss.item() == pytest.approx(5.75 / (4 * 2))
     log_probs.grad = None
     loss, _ = sft_microbatch_train_step(log_probs, mask, 99, normalize_constant=2.0, examples_in_step=5)
@@ -76,7 +77,7 @@ def test_sft_token_mean_and_examples_in_step():
     with pytest.raises(ValueError, match="same shape"):
         sft_microbatch_train_step(log_probs, mask[:, :2], 1)
     with pytest.raises(ValueError, match="unknown loss aggregation"):
-        sft_microbatch_train_step(log_probs, mask, 1, normalization="per_token")
+        sft_microbatch_train_step(log_probs, mask, 1, aggregation="per_token")
 
 
 def _grads(model):
@@ -186,17 +187,18 @@ def test_grpo_microbatch_aggregations_on_4_and_7_tokens():
     assert log_probs.grad[0, 1].item() == pytest.approx(-2.0 / 4 / 2 / 2)
     assert log_probs.grad[1, 1].item() == pytest.approx(1.0 / 7 / 2 / 2)
     log_probs.grad = None
-    loss, _ = grpo_microbatch_train_step(log_probs, mask, 2, "reinforce_with_baseline", advantages=advantages,
-                                         loss_aggregation="sequence_sum_constant", normalize_constant=8.0)
+    settings = PolicyLossSettings("reinforce_with_baseline", 2, aggregation="sequence_sum", normalize_constant=8.0)
+    loss, _ = policy_microbatch_train_step(log_probs, mask, settings, advantages=advantages)
     assert loss.item() == pytest.approx(((8.0 / 8) + (-7.0 / 8)) / 2 / 2)
     log_probs.grad = None
-    loss, _ = grpo_microbatch_train_step(log_probs, mask, 2, "reinforce_with_baseline", advantages=advantages,
-                                         loss_aggregation="token_mean", tokens_in_step=22)
+    settings = PolicyLossSettings("reinforce_with_baseline", 2, aggregation="token_mean")
+    loss, _ = policy_microbatch_train_step(log_probs, mask, settings, advantages=advantages, tokens_in_step=22)
     assert loss.item() == pytest.approx((8.0 - 7.0) / 22)
     assert log_probs.grad[0, 1].item() == pytest.approx(-2.0 / 22)
     with pytest.raises(ValueError, match="needs normalize_constant"):
-        grpo_microbatch_train_step(log_probs, mask, 1, "reinforce_with_baseline", advantages=advantages,
-                                   loss_aggregation="sequence_sum_constant")
+        policy_microbatch_train_step(log_probs, mask, PolicyLossSettings("reinforce_with_baseline",
+                                                                         aggregation="sequence_sum"),
+                                     advantages=advantages)
 
 
 def test_grpo_clip_equals_reinforce_with_baseline_on_policy():
@@ -224,14 +226,13 @@ def test_aggregate_loss_is_one_reduction_for_sft_and_grpo():
     assert aggregate_loss(per_token, mask, "sequence_sum", 2, normalize_constant=4.0).item() == pytest.approx(0.625)
     assert aggregate_loss(per_token, mask, "sequence_sum", 2, normalize_constant=4.0,
                           examples_in_step=5).item() == pytest.approx(0.5)
-    # the earlier names are the same reduction
-    for alias in ("constant", "sequence_sum_constant"):
-        assert aggregate_loss(per_token, mask, alias, 2, normalize_constant=4.0).item() == pytest.approx(0.625)
     # token_mean: 10 / 9 tokens of the step; without the count: 10 / (4 * 2)
     assert aggregate_loss(per_token, mask, "token_mean", 2, tokens_in_step=9).item() == pytest.approx(10 / 9)
     assert aggregate_loss(per_token, mask, "token_mean", 2).item() == pytest.approx(10 / 8)
     with pytest.raises(ValueError, match="needs normalize_constant"):
         aggregate_loss(per_token, mask, "sequence_sum", 1)
+    with pytest.raises(ValueError, match="unknown loss aggregation 'sequence_sum_constant'"):
+        aggregate_loss(per_token, mask, "sequence_sum_constant", 1, normalize_constant=4.0)
     with pytest.raises(ValueError, match="examples_in_step must be positive"):
         aggregate_loss(per_token, mask, "sequence_mean", 1, examples_in_step=0)
 

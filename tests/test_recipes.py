@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from reasontune.data import gsm8k_to_r1_zero, load_template
+from reasontune.data import example_from_record, load_template, with_r1_zero_targets
 
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
 SMOLLM2_DIR = Path(os.environ.get("REASONTUNE_SMOLLM2_DIR", "/work/cache/smollm2-hf"))
@@ -28,8 +28,9 @@ def test_recipe_prompt_is_smollm2_chat_template_with_r1_zero_instruction_ending_
                                              tokenize=False, add_generation_prompt=True) + "<think>"
     assert template == expected
     # The SFT target continues the prompt: " reasoning </think> <answer>N</answer>", annotations gone.
-    target = gsm8k_to_r1_zero("She sold 48/2 = <<48/2=24>>24 clips.\n#### 1,024")
-    assert target == " She sold 48/2 = 24 clips. </think> <answer>1024</answer>"
+    record = {"question": "Q", "answer": "She sold 48/2 = <<48/2=24>>24 clips.\n#### 1,024"}
+    [example] = with_r1_zero_targets([example_from_record(record)])
+    assert example.response == " She sold 48/2 = 24 clips. </think> <answer>1024</answer>"
     ids = tokenizer(template.replace("{question}", "Q"))["input_ids"]
     assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")  # special tokens parsed, not spelled out
 

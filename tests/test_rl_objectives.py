@@ -1,4 +1,4 @@
-"""Issue 12's objectives, advantages, overlong shaping, rollout correction, dynamic sampling and recipes, by hand."""
+"""Policy objectives beyond the design's three, advantages, overlong shaping, rollout correction, recipes, by hand."""
 
 from __future__ import annotations
 
@@ -65,14 +65,20 @@ def test_dual_clip_bounds_negative_advantage_tokens():
         compute_clip_higher_loss(advantages, policy, old, 0.2, 0.2, dual_clip_c=1.0)
 
 
-def test_symmetric_clip_higher_equals_the_existing_grpo_clip():
+def test_the_design_grpo_clip_is_the_symmetric_clip_against_a_scalar_reference():
+    """compute_grpo_clip_loss (the trainer's clip with eps_low = eps_high) against the formula, token by token in floats."""
     generator = torch.Generator().manual_seed(3)
     policy, old = torch.randn(4, 7, generator=generator) * 0.3, torch.randn(4, 7, generator=generator) * 0.3
     advantages = torch.tensor([0.7, -1.3, 0.0, 2.1])
-    ours, meta = compute_clip_higher_loss(advantages, policy, old, 0.2, 0.2)
-    reference, reference_meta = compute_grpo_clip_loss(advantages, policy, old, 0.2)
-    torch.testing.assert_close(ours, reference)
-    assert torch.equal(meta["clipped"], reference_meta["clipped"])
+    loss, meta = compute_grpo_clip_loss(advantages, policy, old, 0.2)
+    for i in range(4):
+        a = float(advantages[i])
+        for t in range(7):
+            r = math.exp(float(policy[i, t]) - float(old[i, t]))
+            unclipped, clipped = r * a, min(max(r, 0.8), 1.2) * a
+            assert float(loss[i, t]) == pytest.approx(-min(unclipped, clipped), rel=1e-5, abs=1e-7)
+            assert bool(meta["clipped"][i, t]) == (clipped < unclipped)
+    assert meta["clipped"].any() and not meta["clipped"].all()
 
 
 # --- GSPO
@@ -160,14 +166,14 @@ def test_compute_policy_loss_clip_fractions_and_rollout_weights():
     policy, old, advantages = clip_case()
     mask = torch.tensor([[T, T, T], [T, T, F]])
     loss, meta = compute_policy_loss("grpo_clip", policy, mask, advantages=advantages, old_log_probs=old,
-                                     eps_low=0.2, eps_high=0.28)
+                                     cliprange=0.2, cliprange_high=0.28)
     # clipped high: (0, 0); clipped low: (1, 0); of 5 response tokens
     assert meta["clip_fraction_high"].item() == pytest.approx(1 / 5)
     assert meta["clip_fraction_low"].item() == pytest.approx(1 / 5)
     assert meta["clip_fraction"].item() == pytest.approx(2 / 5)
     weights = torch.tensor([[1.0, 0.5, 2.0], [0.0, 1.0, 1.0]])
     weighted, meta = compute_policy_loss("grpo_clip", policy, mask, advantages=advantages, old_log_probs=old,
-                                         eps_low=0.2, eps_high=0.28, rollout_weights=weights)
+                                         cliprange=0.2, cliprange_high=0.28, rollout_weights=weights)
     torch.testing.assert_close(weighted, loss * weights)
     assert meta["rollout_weight_mean"].item() == pytest.approx(4.5 / 5)
 
@@ -181,13 +187,16 @@ def test_compute_policy_loss_reinforce_types_and_argument_checks():
     loss, _ = compute_policy_loss("no_baseline", policy, mask, raw_rewards=torch.tensor([1.0, 0.0]))
     torch.testing.assert_close(loss, torch.tensor([[1.0, 2.0], [0.0, 0.0]]))
     with pytest.raises(ValueError, match="needs old_log_probs"):
-        compute_policy_loss("cispo", policy, mask, advantages=torch.tensor([1.0, 1.0]), eps_high=0.2)
+        compute_policy_loss("cispo", policy, mask, advantages=torch.tensor([1.0, 1.0]), cliprange_high=0.2)
+    with pytest.raises(ValueError, match="needs cliprange"):
+        compute_policy_loss("cispo", policy, mask, advantages=torch.tensor([1.0, 1.0]), old_log_probs=policy)
     with pytest.raises(ValueError, match="unknown loss_type"):
         compute_policy_loss("ppo", policy, mask, advantages=torch.tensor([1.0, 1.0]))
 
 
-def test_compute_policy_loss_aggregates_like_the_existing_train_step():
-    # the existing step's grpo_clip (sequence_mean) and our dispatcher's, aggregated the same way, agree
+def test_the_design_train_step_is_the_masked_mean_of_compute_policy_loss():
+    # the design's step (sequence_mean aggregation) equals the dispatcher's per-token loss put through
+    # the design's formula: masked_mean over each response, then the batch mean
     generator = torch.Generator().manual_seed(5)
     old = torch.randn(3, 6, generator=generator) * 0.2 - 1.0
     start = old + torch.randn(3, 6, generator=generator) * 0.3
@@ -196,7 +205,7 @@ def test_compute_policy_loss_aggregates_like_the_existing_train_step():
     existing = start.clone().requires_grad_(True)
     grpo_microbatch_train_step(existing, mask, 1, "grpo_clip", advantages=advantages, old_log_probs=old, cliprange=0.2)
     ours = start.clone().requires_grad_(True)
-    loss, _ = compute_policy_loss("grpo_clip", ours, mask, advantages=advantages, old_log_probs=old, eps_low=0.2, eps_high=0.2)
+    loss, _ = compute_policy_loss("grpo_clip", ours, mask, advantages=advantages, old_log_probs=old, cliprange=0.2)
     masked_mean(loss, mask, dim=-1).mean().backward()
     torch.testing.assert_close(ours.grad, existing.grad)
 
@@ -208,7 +217,7 @@ def test_huge_log_ratio_gaps_stay_finite():
     for loss_type in ("grpo_clip", "gspo", "cispo"):
         policy.grad = None
         loss, meta = compute_policy_loss(loss_type, policy, mask, advantages=torch.tensor([1.0, -1.0]),
-                                         old_log_probs=old, eps_low=0.2, eps_high=0.28)
+                                         old_log_probs=old, cliprange=0.2, cliprange_high=0.28)
         masked_mean(loss, mask, dim=-1).mean().backward()
         assert torch.isfinite(loss).all() and torch.isfinite(policy.grad).all(), loss_type
         assert meta["ratio"].max().item() <= math.exp(20.0) * (1 + 1e-6)

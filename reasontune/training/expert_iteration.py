@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from reasontune import distributed
+from reasontune import distributed, launch
 from reasontune.checkpoint import restore_training_state, save_training_checkpoint, trainer_state
 from reasontune.config import check_config, help_field, resume_command, same_field
 from reasontune.data import Example, load_template
@@ -235,4 +235,4 @@ def run_expert_iteration(config: ExpertIterationConfig) -> Path:
     Under ``torchrun --nproc_per_node N -m reasontune ei …``: questions sharded over ranks for
     sampling, the kept responses gathered on every rank, their SFT data-parallel with FSDP2.
     """
-    return distributed.run_on_every_rank(config, lambda ctx: train_expert_iteration(setup_expert_iteration(config, ctx)))
+    return launch.run_on_every_rank(config, lambda ctx: train_expert_iteration(setup_expert_iteration(config, ctx)))

@@ -4,7 +4,7 @@ Each GRPO step samples ``rollout_batch_size / group_size`` questions, generates 
 responses to each with the current policy, grades them, normalises the rewards within each
 group into advantages and takes ``epochs_per_rollout_batch`` passes of policy-gradient steps
 over the rollouts (one optimizer step per ``train_batch_size`` rollouts). Loss aggregation and
-gradient-accumulation scaling live in ``reasontune.losses.grpo_microbatch_train_step``.
+gradient-accumulation scaling live in ``reasontune.losses.policy_microbatch_train_step``.
 ``setup_grpo(config)`` returns the objects; ``train_grpo(session)`` is the loop.
 """
 
@@ -17,12 +17,12 @@ from typing import Any
 
 import torch
 
-from reasontune import distributed
+from reasontune import distributed, launch
 from reasontune.checkpoint import CheckpointError, restore_training_state, save_run_checkpoint
 from reasontune.config import check_config, resume_command
 from reasontune.data import load_template
 from reasontune.logprobs import get_response_log_probs
-from reasontune.losses import (grpo_microbatch_train_step, masked_mean, rollout_correction_weights,
+from reasontune.losses import (PolicyLossSettings, masked_mean, policy_microbatch_train_step, rollout_correction_weights,
                                rollout_mismatch_metrics, sequences_with_loss_tokens)
 from reasontune.modeling import load_model
 from reasontune.options import resolved_dtype
@@ -48,6 +48,17 @@ DEGENERATE_REWARD_STEPS = 3
 # One optimizer step
 
 
+def loss_settings(config: GRPOConfig) -> PolicyLossSettings:
+    """Returns the loss settings of ``config``: what ``policy_microbatch_train_step`` needs besides the microbatch."""
+    # Dr. GRPO's constant is the generation budget: every response divided by the same length.
+    return PolicyLossSettings(
+        loss_type=config.loss_type, gradient_accumulation_steps=config.gradient_accumulation_steps,
+        cliprange=config.cliprange, cliprange_high=config.cliprange_high, dual_clip_c=config.dual_clip_c,
+        aggregation=config.loss_aggregation, normalize_constant=float(config.sampling_max_tokens),
+        kl_coef=config.kl_coef,
+    )
+
+
 def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torch.device,
                ctx: distributed.DistributedContext = SINGLE_PROCESS) -> dict[str, float]:
     """Returns the step's metrics after forward and backward of every microbatch (gradients accumulated, no optimizer step).
@@ -63,6 +74,7 @@ def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torc
     normalise the loss and every metric are reduced over all ranks (sums; the largest
     mismatch), and a ``filler`` microbatch runs forward and backward with loss 0.
     """
+    settings = loss_settings(config)
     real = [mb for mb in microbatches if not mb.get("filler")]
     tokens_in_step = distributed.global_sum(int(sum(int(mb["response_mask"].sum()) for mb in real)))
     # Responses masked out whole (--mask-truncated) are out of the loss, also out of its divisor (aggregate_loss).
@@ -88,13 +100,10 @@ def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torc
                 weights, correction = rollout_correction_weights(old_log_probs, behaviour, response_mask,
                                                                  config.rollout_correction, config.rollout_correction_cap)
                 per_batch.update({k: float(v) for k, v in correction.items()})
-        loss, metadata = grpo_microbatch_train_step(
-            outputs["log_probs"], response_mask, config.gradient_accumulation_steps, config.loss_type,
-            raw_rewards=mb["raw_rewards"].to(device), advantages=mb["advantages"].to(device),
-            old_log_probs=old_log_probs, cliprange=config.cliprange, loss_aggregation=config.loss_aggregation,
-            normalize_constant=float(config.sampling_max_tokens), tokens_in_step=tokens_in_step,
-            examples_in_step=examples_in_step, ref_log_probs=mb.get("ref_log_probs"), kl_coef=config.kl_coef,
-            cliprange_high=config.cliprange_high, dual_clip_c=config.dual_clip_c, rollout_weights=weights,
+        loss, metadata = policy_microbatch_train_step(
+            outputs["log_probs"], response_mask, settings, raw_rewards=mb["raw_rewards"].to(device),
+            advantages=mb["advantages"].to(device), old_log_probs=old_log_probs, ref_log_probs=mb.get("ref_log_probs"),
+            rollout_weights=weights, tokens_in_step=tokens_in_step, examples_in_step=examples_in_step,
         )
         tokens = int(metadata["num_response_tokens"])
         sums["loss"] += float(loss)
@@ -340,4 +349,4 @@ def run_grpo(config: GRPOConfig) -> Path:
     every step's questions (whole groups), the rollouts are gathered on every rank, and each
     optimizer step's train batch is split over the ranks (FSDP2, counts summed over ranks).
     """
-    return distributed.run_on_every_rank(config, lambda ctx: train_grpo(setup_grpo(config, ctx)))
+    return launch.run_on_every_rank(config, lambda ctx: train_grpo(setup_grpo(config, ctx)))

@@ -20,8 +20,9 @@ from reasontune import distributed
 from reasontune.checkpoint import remove_stale_temporaries, resume_point
 from reasontune.config import UserError, check_config, resume_command, save_config
 from reasontune.generation import Generator, VLLMServerOptions, build_generator
-from reasontune.lora import apply_lora, is_peft_model, load_for_resume
-from reasontune.modeling import load_model, load_tokenizer
+from reasontune.lora import apply_lora
+from reasontune.model_layers import is_peft_model
+from reasontune.modeling import load_for_resume, load_model, load_tokenizer
 from reasontune.options import TrainerOptions, resolved_dtype
 from reasontune.run_layout import (CHECKPOINT_PATH, CONFIG_FILE, KEPT_BY_OVERWRITE, REPLACED_RUN_NAME, REPORT_PAGE,
                                    RUN_ENTRIES, RUN_FILES, has_trained, replaced_run_dir)

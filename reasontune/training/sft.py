@@ -18,7 +18,7 @@ from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 
-from reasontune import distributed
+from reasontune import distributed, launch
 from reasontune.batching import flatten_packed, pack_examples, packed_forward_kwargs, token_budget_batches
 from reasontune.checkpoint import restore_training_state, save_run_checkpoint
 from reasontune.config import check_config, help_field, resume_command, same_field
@@ -264,7 +264,7 @@ def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch
         totals["tokens"] += tokens
         loss, metadata = sft_microbatch_train_step(
             outputs["log_probs"], response_mask, config.gradient_accumulation_steps,
-            normalize_constant=config.normalize_constant, normalization=config.loss_aggregation,
+            normalize_constant=config.normalize_constant, aggregation=config.loss_aggregation,
             tokens_in_step=tokens_in_step, examples_in_step=examples_in_step,
         )
         totals["loss"] += float(loss)
@@ -460,4 +460,4 @@ def run_sft(config: SFTConfig) -> Path:
         train_sft(session)
         return session.run_dir
 
-    return distributed.run_on_every_rank(config, setup_and_train)
+    return launch.run_on_every_rank(config, setup_and_train)

@@ -35,7 +35,7 @@ def sft_step(model, step: int, ctx, optimizer, scheduler) -> float:
     generator = torch.Generator().manual_seed(500 + step)
     lengths = torch.randint(4, 12, (GLOBAL_EXAMPLES,), generator=generator).tolist()
     sequences = [torch.randint(1, VOCAB, (n,), generator=generator).tolist() for n in lengths]
-    mine = distributed.shard_indices(sequences, ctx)
+    mine = sequences[distributed.rank_slice(len(sequences), ctx)]
     accumulation = GLOBAL_EXAMPLES // ctx.world_size // 2  # microbatches of 2 examples
     examples_in_step = distributed.global_sum(len(mine))
     loss_sum = 0.0

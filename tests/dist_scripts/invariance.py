@@ -7,7 +7,7 @@ gathered layer by layer) and ``OUT/world-N.json`` (each step's gradient norm bef
 tests/test_distributed.py compares the two worlds.
 
 The step is the trainers' own: reasontune.logprobs.get_response_log_probs,
-reasontune.losses.sft/grpo_microbatch_train_step with counts summed over every rank and
+reasontune.losses.sft_microbatch_train_step / policy_microbatch_train_step with counts summed over every rank and
 microbatch (distributed.global_sum), then training.optimizer_step.clip_and_step.
 """
 
@@ -21,7 +21,7 @@ import torch
 from reasontune import distributed
 from reasontune.batching import pack_examples, packed_forward_kwargs
 from reasontune.logprobs import get_response_log_probs
-from reasontune.losses import grpo_microbatch_train_step, sft_microbatch_train_step
+from reasontune.losses import PolicyLossSettings, policy_microbatch_train_step, sft_microbatch_train_step
 from reasontune.modeling import build_model_from_config, tiny_qwen2_config
 from reasontune.tokenization import pad_and_shift
 from reasontune.training.optimizer_step import clip_and_step
@@ -56,9 +56,9 @@ def sft_microbatches(examples, packed: bool) -> list[dict]:
     return [batch]
 
 
-def sft_step(model, examples, ctx, accumulation: int, normalization: str, packed: bool) -> dict:
+def sft_step(model, examples, ctx, accumulation: int, aggregation: str, packed: bool) -> dict:
     """Runs forward/backward of this rank's share of the step (gradients accumulated)."""
-    mine = distributed.shard_indices(examples, ctx)
+    mine = examples[distributed.rank_slice(len(examples), ctx)]
     per_microbatch = len(mine) // accumulation
     microbatches = [mb for k in range(accumulation)
                     for mb in sft_microbatches(mine[k * per_microbatch:(k + 1) * per_microbatch], packed)]
@@ -70,7 +70,7 @@ def sft_step(model, examples, ctx, accumulation: int, normalization: str, packed
         outputs = get_response_log_probs(model, mb["input_ids"], mb["labels"], response_mask=mb["response_mask"],
                                          **forward)
         loss, _ = sft_microbatch_train_step(outputs["log_probs"], mb["response_mask"], accumulation,
-                                            normalize_constant=SFT_NORMALIZE_CONSTANT, normalization=normalization,
+                                            normalize_constant=SFT_NORMALIZE_CONSTANT, aggregation=aggregation,
                                             tokens_in_step=tokens_in_step, examples_in_step=examples_in_step)
         loss_sum += float(loss)
     return {"loss": distributed.global_sum(loss_sum)}
@@ -99,17 +99,18 @@ def grpo_step(model, rollouts, ctx, accumulation: int, aggregation: str) -> dict
     for mb in microbatches:
         outputs = get_response_log_probs(model, mb["input_ids"], mb["labels"], response_mask=mb["response_mask"])
         old_log_probs = mb.get("old_log_probs", outputs["log_probs"].detach())
-        loss, _ = grpo_microbatch_train_step(
-            outputs["log_probs"], mb["response_mask"], accumulation, "grpo_clip", raw_rewards=mb["raw_rewards"],
-            advantages=mb["advantages"], old_log_probs=old_log_probs, cliprange=0.2, loss_aggregation=aggregation,
-            normalize_constant=GRPO_NORMALIZE_CONSTANT, tokens_in_step=tokens_in_step,
+        settings = PolicyLossSettings("grpo_clip", accumulation, cliprange=0.2, aggregation=aggregation,
+                                      normalize_constant=GRPO_NORMALIZE_CONSTANT)
+        loss, _ = policy_microbatch_train_step(
+            outputs["log_probs"], mb["response_mask"], settings, raw_rewards=mb["raw_rewards"],
+            advantages=mb["advantages"], old_log_probs=old_log_probs, tokens_in_step=tokens_in_step,
             examples_in_step=examples_in_step)
         loss_sum += float(loss)
     return {"loss": distributed.global_sum(loss_sum)}
 
 
-CASES = [("sft", normalization, packed) for normalization in ("constant", "token_mean") for packed in (False, True)] + [
-    ("grpo", aggregation, off_policy) for aggregation in ("sequence_mean", "sequence_sum_constant", "token_mean")
+CASES = [("sft", aggregation, packed) for aggregation in ("sequence_sum", "token_mean") for packed in (False, True)] + [
+    ("grpo", aggregation, off_policy) for aggregation in ("sequence_mean", "sequence_sum", "token_mean")
     for off_policy in (False, True)]
 
 

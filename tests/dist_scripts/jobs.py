@@ -2,7 +2,7 @@
 
 Jobs: ``invariance OUT`` (invariance.run_cases), ``save OUT`` and ``resume FROM OUT``
 (checkpoint_resume.save_or_resume), ``fused OUT`` (fused_log_probs.run), ``gather OUT`` (each rank takes its groups of 2 of 10
-items; ``gather_slices`` must give rank 0 all 10 in order). Works under plain python (world size 1) and torchrun.
+items; gathering every rank's part with ``all_gather_objects`` must give all 10 in order). Works under plain python (world size 1) and torchrun.
 """
 
 import json
@@ -36,8 +36,8 @@ def main(arguments: list[str]) -> None:
             elif job == "fused":
                 run_fused_log_probs(ctx, Path(arguments.pop(0)))
             elif job == "gather":
-                mine = distributed.shard_indices([f"item-{i}" for i in range(10)], ctx, group_size=2)
-                gathered = distributed.gather_slices(mine)
+                mine = [f"item-{i}" for i in range(10)][distributed.rank_slice(10, ctx, group_size=2)]
+                gathered = [item for part in distributed.all_gather_objects(mine) for item in part]
                 if ctx.is_main:
                     Path(arguments.pop(0)).write_text(json.dumps({"mine": mine, "gathered": gathered}))
                 else:
