@@ -25,6 +25,7 @@ from pathlib import Path
 
 from reasontune import __version__
 from reasontune.config import add_dataclass_arguments, config_from_namespace
+from reasontune.run_layout import START_FILES, has_trained, replaced_run_dir
 
 # name -> (module, config class, entry function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
@@ -136,9 +137,6 @@ def _run_dir_snapshot(config) -> tuple[Path | None, bool]:
 
 def _undo_failed_start(path: Path | None, existed: bool) -> None:
     """Puts back a run that ``--overwrite`` had moved aside, or removes a directory this command created when it holds nothing but start files (a failed start leaves no trace)."""
-    # Lazy, on this error path only: the run layout reads data's errors, and `reasontune --help` stays instant.
-    from reasontune.run_layout import START_FILES, has_trained, replaced_run_dir
-
     if path is not None and replaced_run_dir(path, os.getpid()).is_dir():
         from reasontune.training.run_setup import restore_replaced_run  # loaded already: a trainer was running
 

@@ -20,6 +20,9 @@ from typing import Any, TypeVar
 
 import yaml
 
+from reasontune.run_layout import COMMAND_RECORD
+from reasontune.shipped import REWARD_NAMES, SHIPPED_TEMPLATES
+
 ConfigT = TypeVar("ConfigT")
 
 # The --help groups, in the order a reader looks for them; a field's group outside this list comes after.
@@ -258,8 +261,6 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
     return raw
 
 
-# config.json's record of the command that wrote it ("sft", "grpo", "eval" …)
-COMMAND_RECORD = "command"
 # Commands whose output directory is not a training run (nothing there to --resume).
 OUTPUT_ONLY_COMMANDS = {"eval": "an eval directory", "filter": "a filter output", "compare": "a compare directory",
                         "report": "a report", "demo": "a demo directory"}
@@ -328,8 +329,6 @@ CONFIRMED_RUN_OPTIONS = ("reward", "vllm_server_url", "vllm_weight_sync_address"
 
 
 def _needs_confirming(name: str, value: Any) -> bool:
-    from reasontune.data import SHIPPED_TEMPLATES  # lazy: the data module imports the graders
-    from reasontune.options import REWARD_NAMES  # lazy: options imports this module
 
     if value is None:
         return False

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from reasontune.config import help_field
+from reasontune.shipped import REWARD_NAMES, SHIPPED_TEMPLATES
 from reasontune.gguf_models import gguf_file_problem, is_gguf_file, missing_gguf_packages, missing_packages_message
 
 DType = Literal["float32", "bfloat16", "float16"]
-REWARD_NAMES = ("auto", "r1_zero", "question_only")
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".arrow", ".csv")
 # A hub id: "name" or "organisation/name" (letters, digits, - _ .), optionally with a revision after "@".
 HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?(@[\w./-]+)?")
@@ -537,8 +537,6 @@ def reward_problems(reward: str) -> list[str]:
 
 def template_problems(template: str) -> list[str]:
     """Returns what is wrong with --prompt-template: neither a shipped name nor a readable file containing {question}."""
-    from reasontune.data import SHIPPED_TEMPLATES  # lazy: the data module imports the graders
-
     if template in SHIPPED_TEMPLATES or template == "auto":
         return []
     path = Path(template).expanduser()

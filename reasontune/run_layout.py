@@ -29,13 +29,14 @@ import re
 from pathlib import Path
 from typing import Any, Iterator
 
-from reasontune.config import COMMAND_RECORD
-from reasontune.data import DataError, read_json_records
+from reasontune.json_lines import DataError, read_json_records
 
 # ---------------------------------------------------------------------------------------------
 # Names
 
 CONFIG_FILE = "config.json"
+# config.json's record of the command that wrote it ("sft", "grpo", "eval" …)
+COMMAND_RECORD = "command"
 METRICS_FILE = "metrics.jsonl"
 FINAL_DIR = "final"
 EVAL_DIR = "eval"
