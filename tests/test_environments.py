@@ -149,3 +149,32 @@ def test_the_math_environment_is_todays_single_call():
     assert with_env.records() == without.records() and with_env.trajectories is None
     assert len(policy.calls) == 2  # one generate call each
     assert "tool_calls" not in summarize(with_env.records())
+
+
+def test_eval_env_python_records_turns_and_reports_tool_statistics(tmp_path, tiny_model_dir, capsys):
+    """``reasontune eval --env python`` end to end on a real (random, tiny) model: it rarely writes a tool call,
+    so what is checked is the shape: every record has its turns and tool counts, the summary the tool statistics."""
+    import json
+
+    import torch
+
+    from reasontune.cli import main
+
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"What is {a}*{b}?", "ground_truth": str(a * b)}) + "\n"
+                            for a, b in ((12, 34), (56, 78), (91, 23))))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["eval", "--model", str(tiny_model_dir), "--data", str(data), "--output-dir", str(tmp_path / "out"),
+                     "--env", "python", "--max-tool-calls", "2", "--tool-timeout", "5", "--eval-max-new-tokens", "8",
+                     "--grading-workers", "0", "--n-bootstrap", "20"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert len(records) == 3 and all(r["turns"][0]["role"] == "model" for r in records)
+    assert all(r["tool_calls"] == sum(t["role"] == "environment" for t in r["turns"]) for r in records)
+    assert summary["env"] == "python" and summary["tool_calls"] == sum(r["tool_calls"] for r in records)
+    assert {"tool_call_rate", "tool_error_rate", "accuracy_with_tool", "accuracy_without_tool"} <= set(summary)
+    assert "tool calls" in capsys.readouterr().out
