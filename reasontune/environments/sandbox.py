@@ -231,8 +231,10 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Executi
             raise SandboxUnavailable(text.strip())
         if exit_code == 0:
             status = "ok"
-        elif exit_code in (128 + signal.SIGXCPU, 128 + signal.SIGKILL) or exit_code < 0:
-            status = "timeout" if exit_code == 128 + signal.SIGXCPU else "killed"
+        elif exit_code == 128 + signal.SIGXCPU:  # the launcher reports a signal as 128 + its number
+            status = "timeout"
+        elif exit_code >= 128 or exit_code < 0:
+            status = "killed"
         else:
             status = "error"
     return ExecutionResult(output=text, status=status, exit_code=exit_code,
