@@ -94,3 +94,23 @@ def test_trajectory_loss_is_the_sum_of_its_model_turns_and_environment_tokens_ge
     expected = trajectories[0].model_turns[0].logprobs + trajectories[0].model_turns[1].logprobs
     assert behaviour == pytest.approx(expected)
     assert torch.all(batch["behaviour_log_probs"][~mask] == 0)
+
+
+def test_one_turn_trajectory_microbatches_equal_the_single_turn_grpo_batches(model_and_tokenizer):
+    from reasontune.training.grpo import rollout_microbatches
+
+    _, tokenizer = model_and_tokenizer
+    texts = [" 12 </think> <answer>12</answer>", " 7 </think> <answer>7</answer> more", " x </think> <answer></answer>"]
+    trajectories = [_trajectory(tokenizer, prompt=f"Q{i}: <think>", turns=((text, "model"),)) for i, text in enumerate(texts)]
+    advantages, raw_rewards = torch.tensor([0.5, -1.0, 0.25]), torch.tensor([1.0, 0.0, 0.5])
+    from reasontune.environments.tokens import trajectory_microbatches
+
+    ours = trajectory_microbatches(trajectories, advantages, raw_rewards, micro_batch_size=2, tokenizer=tokenizer)
+    prompt_ids = tokenizer([t.prompt for t in trajectories], add_special_tokens=True)["input_ids"]
+    theirs = rollout_microbatches(prompt_ids, [t.turns[0].token_ids for t in trajectories], advantages, raw_rewards,
+                                  2, tokenizer.pad_token_id)
+    assert len(ours) == len(theirs) == 2
+    for mine, reference in zip(ours, theirs):
+        for key in ("input_ids", "labels", "response_mask", "advantages", "raw_rewards"):
+            assert torch.equal(mine[key], reference[key]), key
+        assert torch.equal(mine["behaviour_log_probs"] != 0, mine["response_mask"])

@@ -48,3 +48,24 @@ def trajectory_batch(trajectories: Sequence[Trajectory], tokenizer: Any, max_len
         values = [[v for turn in t.model_turns for v in turn.logprobs] for t in trajectories]
         batch["behaviour_log_probs"] = scatter_response_values(values, batch["response_mask"])
     return batch
+
+
+def trajectory_microbatches(trajectories: Sequence[Trajectory], advantages: torch.Tensor, raw_rewards: torch.Tensor,
+                            micro_batch_size: int, tokenizer: Any) -> list[dict[str, torch.Tensor]]:
+    """Returns the trajectories cut into GRPO microbatches (in order), each ``trajectory_batch`` of its rows plus rewards.
+
+    The multi-turn counterpart of ``training.grpo.rollout_microbatches``, with the same keys:
+    ``input_ids``/``labels``/``response_mask`` (micro, L - 1), ``advantages``/``raw_rewards``
+    (micro,) float32, and ``behaviour_log_probs`` (micro, L - 1) when the sampler returned
+    log-probs. For one-turn trajectories it is the same batch as the single-turn path.
+    """
+    microbatches = []
+    for start in range(0, len(trajectories), micro_batch_size):
+        rows = slice(start, start + micro_batch_size)
+        batch = trajectory_batch(trajectories[rows], tokenizer)
+        microbatch = {"input_ids": batch["input_ids"], "labels": batch["labels"], "response_mask": batch["response_mask"],
+                      "advantages": advantages[rows], "raw_rewards": raw_rewards[rows]}
+        if "behaviour_log_probs" in batch:
+            microbatch["behaviour_log_probs"] = batch["behaviour_log_probs"]
+        microbatches.append(microbatch)
+    return microbatches
