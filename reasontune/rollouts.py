@@ -262,11 +262,25 @@ class Rollouts:
     def correct(self) -> list[dict[str, Any]]:
         """Returns the SFT records ``{prompt, response, ground_truth}`` of exactly the samples with answer reward 1, in order.
 
-        Duplicate correct responses to one prompt are kept as sampled (each was drawn).
+        Duplicate correct responses to one prompt are kept as sampled (each was drawn). A
+        multi-turn sample gives one record per model turn, its prompt holding every turn before
+        it: SFT on them trains the model's turns alone, the environment's output being context.
         """
-        return [{"prompt": prompt, "response": completion.text, "ground_truth": truth}
-                for prompt, truth, group, rewards in zip(self.prompts, self.ground_truths, self.completions, self.rewards)
-                for completion, reward in zip(group, rewards) if category(reward) == "correct"]
+        records = []
+        for index, (prompt, truth, group, rewards) in enumerate(zip(self.prompts, self.ground_truths,
+                                                                    self.completions, self.rewards)):
+            for sample, (completion, reward) in enumerate(zip(group, rewards)):
+                if category(reward) != "correct":
+                    continue
+                if self.trajectories is None:
+                    records.append({"prompt": prompt, "response": completion.text, "ground_truth": truth})
+                    continue
+                context = prompt
+                for turn in self.trajectories[index][sample].turns:
+                    if turn.role == "model":
+                        records.append({"prompt": context, "response": turn.text, "ground_truth": truth})
+                    context += turn.text
+        return records
 
     def write(self, output_dir: str | Path, extra_summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Returns the summary after writing ``records.jsonl`` and ``summary.json`` (with ``extra_summary``) into ``output_dir``."""

@@ -113,6 +113,10 @@ def test_a_tool_call_runs_and_its_output_feeds_the_next_turn():
     record = rollouts.records()[1]
     assert record["tool_calls"] == 1 and record["tool_errors"] == 0 and len(record["turns"]) == 3
     assert record["turns"][1]["status"] == "ok" and record["turns"][1]["seconds"] > 0
+    # the SFT records of correct samples: one per model turn, the tool's output in the second one's prompt
+    kept = rollouts.correct()
+    assert len(kept) == 8 and kept[1]["prompt"] == PROMPTS[0] + trajectory.turns[0].text + trajectory.turns[1].text
+    assert kept[1]["response"] == trajectory.turns[2].text and kept[0]["response"] == trajectory.turns[0].text
     summary = rollouts.summary()
     assert summary["tool_calls"] == 4 and summary["tool_call_rate"] == 1.0 and summary["tool_error_rate"] == 0.0
     assert summary["accuracy_with_tool"] == 1.0 and summary["accuracy_without_tool"] is None
