@@ -182,3 +182,45 @@ def test_eval_env_python_records_turns_and_reports_tool_statistics(tmp_path, tin
     assert summary["env"] == "python" and summary["tool_calls"] == sum(r["tool_calls"] for r in records)
     assert {"tool_call_rate", "tool_error_rate", "accuracy_with_tool", "accuracy_without_tool"} <= set(summary)
     assert "tool calls" in capsys.readouterr().out
+
+
+class EchoEnvironment(PythonEnvironment):
+    """Answers a model turn ending in ``stop`` with a fixed text (a stand-in tool whose tag the random model does write)."""
+
+    def __init__(self, stop: str, reply: str):
+        super().__init__(max_tool_calls=1, limits=LIMITS)
+        self.stop, self.reply = (stop,), reply
+
+    def respond(self, model_turn, trajectory):
+        if model_turn.stop_string not in self.stop:
+            return None
+        from reasontune.environments.base import Turn
+
+        return Turn(role="environment", text=self.reply, program="", output=self.reply, status="ok", seconds=0.0)
+
+
+def test_the_hf_generator_stops_at_the_tool_tag_and_resumes_after_the_output(tiny_model_dir):
+    """A real (random) model: the tool tag is a piece of text it writes greedily, so the stop is certain to fire."""
+    import torch
+
+    from reasontune.generation.hf import HFGenerator
+    from reasontune.modeling import load_model, load_tokenizer
+
+    torch.set_num_threads(1)
+    model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
+    generator = HFGenerator(model, tokenizer, batch_size=4)
+    prompt = "What is 12*34? <think>"
+    greedy = SamplingOptions(temperature=0.0, max_new_tokens=12, stop=("</answer>",), return_logprobs=True)
+    [[free]] = generator.generate([prompt], greedy)
+    assert len(free.text) >= 6
+    tag = free.text[3:6]  # ends the first model turn early, as </python> would
+    environment = EchoEnvironment(tag, "<output>\n408\n</output>\n")
+    [[trajectory]] = generate_trajectories(generator, [prompt], greedy, environment)
+    first, reply, second = trajectory.turns
+    assert first.text.endswith(tag) and first.stop_string == tag and free.text.startswith(first.text)
+    assert first.token_ids == free.token_ids[:len(first.token_ids)]  # the same greedy tokens, cut at the tag
+    assert reply.text == "<output>\n408\n</output>\n"
+    # the continuation is what the generator gives for the joined text (a re-prefill; no KV cache is kept)
+    [[expected]] = generator.generate([prompt + first.text + reply.text], greedy.replace(stop=("</answer>", tag)))
+    assert (second.text, second.token_ids) == (expected.text, expected.token_ids)
+    assert trajectory.completion().logprobs == first.logprobs + second.logprobs
