@@ -11,6 +11,13 @@ output is context and never a target — the same loss as the trajectory's with 
 masked out (``tests/test_trajectory_tokens.py``). The SFT run's own evaluations are without
 the tool (the model's "output" is then its own guess); the held-out set is then evaluated with
 the ``python`` environment, both under the same total token budget, and both accuracies printed.
+
+Measured once (``reasontune demo --algorithm tools --n-train 6400 --n-eval 128``: 200 SFT steps,
+on the shared 2-core machine under a load of ~10, 30 min in all): 0.0% without the tool -> 78.1%
+with it, 128 calls, none failing. Every program copied its operands right; the misses are
+answers that miscopy the printed product (repeated or dropped digits), which more SFT steps or a
+GRPO stage on the tool rollouts (not wired into the GRPO trainer yet) should remove. The issue's
+bar (>= 90% with the tool, in <= 10 minutes) is not shown yet.
 """
 
 from __future__ import annotations
