@@ -102,13 +102,14 @@ def make_demo_splits(n_train: int, n_eval: int, seed: int, num_digits: int = 3,
     return train, held_out
 
 
-def build_demo_tokenizer(texts: Sequence[str], vocab_size: int = 384):
+def build_demo_tokenizer(texts: Sequence[str], vocab_size: int = 384, extra_tags: Sequence[str] = ()):
     """Returns a ``PreTrainedTokenizerFast``: byte-level BPE trained on ``texts``, digits one token each.
 
     The pre-tokenizer is Qwen2's pattern (every digit its own piece, spaces kept), applied
     before byte-level mapping, so any string round-trips: ``decode(encode(x)) == x``. The
     R1-Zero tags are added tokens (one id each, not special, so decoding keeps them); EOS is
-    ``<|endoftext|>`` and padding ``<|pad|>``. No BOS is added.
+    ``<|endoftext|>`` and padding ``<|pad|>``. No BOS is added. ``extra_tags`` (the tool
+    demo's ``<python>`` … ``</output>``) become added tokens the same way.
     """
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
@@ -119,7 +120,7 @@ def build_demo_tokenizer(texts: Sequence[str], vocab_size: int = 384):
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS_TOKEN, PAD_TOKEN],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tokenizer.train_from_iterator(texts, trainer=trainer)
-    tokenizer.add_tokens(list(FORMAT_TAGS))
+    tokenizer.add_tokens(list(FORMAT_TAGS) + list(extra_tags))
     wrapped = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN,
                                       clean_up_tokenization_spaces=False)
     wrapped.model_max_length = 512
@@ -177,7 +178,7 @@ class DemoConfig:
 
     command: ClassVar[str] = "demo"
 
-    algorithm: Literal["sft", "ei", "grpo"] = help_field("sft", "sft: SFT on the traces; ei / grpo: a deliberately under-trained SFT (--warmup-sft-steps), then expert iteration or GRPO from its final/")
+    algorithm: Literal["sft", "ei", "grpo", "tools"] = help_field("sft", "sft: SFT on the traces; ei / grpo: a deliberately under-trained SFT (--warmup-sft-steps), then expert iteration or GRPO from its final/; tools: 4-digit multiplication with a sandboxed Python tool, SFT on the traces' model turns, accuracy with and without the tool (docs/tools.md)")
     output_dir: str = help_field("runs/demo", "directory for data/, base-model/ and the runs (sft/, and ei/ or grpo/: checkpoints, eval/, report/)")
     seed: int = help_field(0, "seed of the task, tokenizer corpus, initialisation and data order")
     n_train: int = help_field(12800, "training examples (each seen once, --lora-num-epochs times with --lora-rank: batch-size examples a step)")
@@ -224,6 +225,8 @@ class DemoConfig:
             problems.append("--n-eval must be at least 1")
         if self.evaluations < 0:
             problems.append("--evaluations must be >= 0")
+        if self.algorithm == "tools" and (self.lora_rank or self.recipe):
+            problems.append("--algorithm tools trains in full: drop --lora-rank / --recipe")
         if self.algorithm != "sft" and self.warmup_sft_steps < 1:
             problems.append("--warmup-sft-steps must be at least 1")
         if self.lora_rank < 0 or self.lora_num_epochs < 1 or (self.lora_rank and self.algorithm != "sft"):
@@ -363,6 +366,10 @@ def run_demo(config: DemoConfig) -> int:
     """Runs the embedded demo end to end; prints held-out accuracy (base -> SFT [-> EI/GRPO]) and the run directory."""
     started = time.time()
     claim_demo_dir(config.output_dir)
+    if config.algorithm == "tools":
+        from reasontune.tool_demo import run_tool_demo
+
+        return run_tool_demo(config)
     print(f"demo: writing {config.n_train} training and {config.n_eval} held-out additions, "
           f"tokenizer and tiny model under {config.output_dir}", flush=True)
     train_path, val_path, model_dir = prepare_demo(config)

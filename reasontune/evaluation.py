@@ -13,13 +13,14 @@ import json
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar, Literal, Sequence
 
 import torch
 import torch.distributed as dist
 
 from reasontune.benchmarks import BENCHMARKS, STANDARD_PROMPT, STANDARD_REWARD, load_benchmarks, resolve_benchmarks
 from reasontune.config import UserError, help_field, same_field, save_config
+from reasontune.environments import Environment, build_environment
 from reasontune.data import Example, load_examples, load_template, with_chat_template
 from reasontune.estimators import parse_ks, results_table, summarize_samples
 from reasontune.eval_plots import write_eval_plots
@@ -88,7 +89,8 @@ def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: Sampl
                   ks: Sequence[int] = (1,), n_bootstrap: int = 1000, seed: int = 0, grading_workers: int | None = None,
                   plots: bool = True, stop: Sequence[str] | None = None,
                   extra_summary: dict[str, Any] | None = None,
-                  ctx: distributed.DistributedContext | None = None) -> dict[str, dict[str, Any]]:
+                  ctx: distributed.DistributedContext | None = None,
+                  environment: Environment | None = None) -> dict[str, dict[str, Any]]:
     """Returns ``{set name: summary}`` after generating, grading and writing each set; with several sets, one table too.
 
     Each set's ``records.jsonl`` and ``summary.json`` go to ``output_dir/<name>/`` (straight into
@@ -98,6 +100,9 @@ def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: Sampl
     ``results.md`` / ``results.json`` and the plots (pass@k against k, accuracy by length,
     length by outcome) are written into ``output_dir``. ``stop`` strings (default: ``</answer>``
     for a set graded by the r1_zero reward, none otherwise) end each response.
+
+    ``environment`` (None: single-turn) makes each sample a trajectory of model and
+    environment turns (``--env python``: tool calls), every turn in the records.
 
     Under torchrun (``ctx`` with world size > 1) every rank calls it: each generates and grades
     its ``rank_slice`` of every set's questions with its own (unsharded) generator, the slices
@@ -116,7 +121,8 @@ def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: Sampl
             part = distributed.rank_slice(len(examples), ctx)
             examples, options = list(examples[part]), options.replace(first_prompt_index=part.start)
         rollouts = rollouts_for_examples(generator, examples, eval_set.template, options,
-                                         reward_fn_by_name(eval_set.reward), grading_workers=grading_workers)
+                                         reward_fn_by_name(eval_set.reward), grading_workers=grading_workers,
+                                         environment=environment)
         if sharded:
             rollouts = merge_rollouts(distributed.all_gather_objects(rollouts))
         rollouts.question_ids = eval_set.question_ids
@@ -160,6 +166,10 @@ class EvalConfig(TrackingOptions, GenerationOptions, GradingOptions, EvaluationO
     entropy: bool = help_field(True, "hf backend: record per-token entropy (mean per response in records)", group="evaluation")
     generation_batch_size: int = same_field(GenerationOptions, "generation_batch_size", 32)
     vllm_gpu_memory_utilization: float = same_field(GenerationOptions, "vllm_gpu_memory_utilization", 0.85)
+    env: Literal["math", "python"] = help_field("math", "environment: math (one completion per sample) or python (the model may write <python>…</python>; each program runs in a fresh sandbox and its output follows in <output>…</output>; see docs/tools.md)", group="evaluation")
+    max_tool_calls: int = help_field(4, "--env python: tool calls allowed per response (--eval-max-new-tokens bounds each model turn)", group="evaluation")
+    tool_timeout: float = help_field(10.0, "--env python: wall-clock seconds of one program (its CPU seconds too)", group="evaluation")
+    tool_output_bytes: int = help_field(4096, "--env python: bytes of a program's output kept; it is killed past them", group="evaluation")
 
     def problems(self) -> list[str]:
         """Returns what is wrong with this command's own options (data or benchmarks, k against the samples, …)."""
@@ -168,6 +178,9 @@ class EvalConfig(TrackingOptions, GenerationOptions, GradingOptions, EvaluationO
             problems.append("reasontune eval needs --output-dir DIR and --data PATH or --benchmarks NAMES")
         if self.data and self.benchmarks:
             problems.append("--data / --benchmarks: give one of them, not both")
+        if self.env == "python" and (self.max_tool_calls < 1 or self.tool_timeout <= 0 or self.tool_output_bytes < 1):
+            problems.append(f"--max-tool-calls ({self.max_tool_calls}), --tool-timeout ({self.tool_timeout}) and "
+                            f"--tool-output-bytes ({self.tool_output_bytes}) must be positive with --env python")
         if self.max_examples is not None and self.max_examples < 1:
             problems.append(f"--max-examples: must be >= 1, got {self.max_examples}")
         try:
@@ -278,6 +291,9 @@ def format_summary(summary: dict[str, Any]) -> str:
         f"(correct {number(summary['mean_response_tokens_correct'], '.1f')}, "
         f"incorrect {number(summary['mean_response_tokens_incorrect'], '.1f')})  "
         f"mean entropy {number(summary['mean_entropy'])}",
+        *([f"tool calls {summary['tool_calls']} (in {number(summary['tool_call_rate'])} of samples, "
+           f"error rate {number(summary['tool_error_rate'])})  accuracy with tool {number(summary['accuracy_with_tool'])}, "
+           f"without {number(summary['accuracy_without_tool'])}"] if "tool_calls" in summary else []),
         f"generation {summary['generation_seconds']:.1f}s ({number(summary['tokens_per_second'], '.1f')} tokens/s), "
         f"grading {summary['grading_seconds']:.1f}s",
     ])
@@ -323,9 +339,13 @@ def _run_eval(config: EvalConfig, ctx: distributed.DistributedContext) -> int:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.json")
     generator = build_eval_generator(config)
+    environment = build_environment(config.env, max_tool_calls=config.max_tool_calls, tool_timeout=config.tool_timeout,
+                                    tool_output_bytes=config.tool_output_bytes)
     summaries = evaluate_sets(generator, sets, options, output_dir, ks=parse_ks(config.k), n_bootstrap=config.n_bootstrap,
                               seed=config.seed, grading_workers=config.grading_workers, stop=config.stop,
-                              extra_summary={"template": config.prompt_template, **read}, ctx=ctx)
+                              extra_summary={"template": config.prompt_template, **read,
+                                            **({"env": config.env} if config.env != "math" else {})}, ctx=ctx,
+                              environment=environment)
     generator.close()
     if not ctx.is_main:
         return 0

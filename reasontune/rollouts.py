@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from reasontune.data import DataError, Example, example_prompt
+from reasontune.environments.base import Environment, Trajectory
 from reasontune.generation import Completion, Generator, SamplingOptions
 from reasontune.rewards import extract_final_answer, grade_batch, question_only_reward_fn, r1_zero_reward_fn
 from reasontune.run_layout import RECORDS_FILE, SUMMARY_FILE
@@ -108,6 +109,7 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for record in records:
         finish[record["finish_reason"]] = finish.get(record["finish_reason"], 0) + 1
     entropies = [r["mean_entropy"] for r in records if r.get("mean_entropy") is not None]
+    tools = tool_statistics(records) if any("tool_calls" in r for r in records) else {}
     return {
         "accuracy": _mean([r["answer_reward"] for r in records]),
         "format_rate": _mean([r["format_reward"] for r in records]),
@@ -124,6 +126,28 @@ def summarize(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         "grading_errors": sum("grading_error" in r for r in records),
         "n_examples": len(prompts),
         "n_samples": len(records),
+        **tools,
+    }
+
+
+def tool_statistics(records: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Returns the tool-use statistics of multi-turn records (each with ``tool_calls`` and ``tool_errors``).
+
+    ``tool_calls`` in all; ``tool_call_rate``, the fraction of samples with at least one call;
+    ``mean_tool_calls`` per sample; ``tool_error_rate``, the fraction of calls that did not end
+    cleanly (an exception, a timeout, a limit); ``accuracy_with_tool`` / ``accuracy_without_tool``,
+    the accuracy over the samples that did / did not call the tool (None where there are none).
+    """
+    calls = sum(r["tool_calls"] for r in records)
+    with_tool = [r["answer_reward"] for r in records if r["tool_calls"] > 0]
+    without_tool = [r["answer_reward"] for r in records if r["tool_calls"] == 0]
+    return {
+        "tool_calls": calls,
+        "tool_call_rate": len(with_tool) / len(records) if records else None,
+        "mean_tool_calls": calls / len(records) if records else None,
+        "tool_error_rate": sum(r["tool_errors"] for r in records) / calls if calls else None,
+        "accuracy_with_tool": _mean(with_tool),
+        "accuracy_without_tool": _mean(without_tool),
     }
 
 
@@ -145,6 +169,7 @@ class Rollouts:
     sampling: SamplingOptions | None = None
     reward_fn: RewardFn | None = None
     question_ids: list[str] | None = None
+    trajectories: list[list[Trajectory]] | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -160,12 +185,14 @@ class Rollouts:
     def select(self, indices: Iterable[int]) -> Rollouts:
         """Returns the rollouts of the prompts at ``indices`` (in that order); timing and sampling are kept."""
         indices = list(indices)
+        trajectories = None if self.trajectories is None else [self.trajectories[i] for i in indices]
         return Rollouts(
             prompts=[self.prompts[i] for i in indices], ground_truths=[self.ground_truths[i] for i in indices],
             completions=[self.completions[i] for i in indices], rewards=[self.rewards[i] for i in indices],
             examples=None if self.examples is None else [self.examples[i] for i in indices],
             timing=dict(self.timing), sampling=self.sampling, reward_fn=self.reward_fn,
-            question_ids=None if self.question_ids is None else [self.question_ids[i] for i in indices])
+            question_ids=None if self.question_ids is None else [self.question_ids[i] for i in indices],
+            trajectories=trajectories)
 
     @staticmethod
     def concat(parts: Sequence[Rollouts]) -> Rollouts:
@@ -179,13 +206,15 @@ class Rollouts:
                     timing[key] = timing.get(key, 0) + value
         with_examples = all(part.examples is not None for part in parts)
         with_ids = all(part.question_ids is not None for part in parts)
+        with_trajectories = all(part.trajectories is not None for part in parts)
         return Rollouts(prompts=[p for part in parts for p in part.prompts],
                         ground_truths=[t for part in parts for t in part.ground_truths],
                         completions=[g for part in parts for g in part.completions],
                         rewards=[r for part in parts for r in part.rewards],
                         examples=[e for part in parts for e in part.examples] if with_examples else None,
                         timing=timing, sampling=parts[0].sampling, reward_fn=parts[0].reward_fn,
-                        question_ids=[q for part in parts for q in part.question_ids] if with_ids else None)
+                        question_ids=[q for part in parts for q in part.question_ids] if with_ids else None,
+                        trajectories=[t for part in parts for t in part.trajectories] if with_trajectories else None)
 
     def records(self) -> list[dict[str, Any]]:
         """Returns one record per sample, prompt-major: the format of ``records.jsonl``.
@@ -193,7 +222,9 @@ class Rollouts:
         Fields: index, sample, question_id, source, line, prompt, response, answer (the extracted
         final answer the reward graded, None when there is none), ground_truth, format_reward,
         answer_reward, reward, category, response_tokens, prompt_tokens, finish_reason,
-        mean_entropy (and grading_error when grading failed).
+        mean_entropy (and grading_error when grading failed). Multi-turn rollouts add ``turns``
+        (each turn: role, text, and tokens or program/output/status/seconds), ``tool_calls``,
+        ``tool_errors`` and ``shaping_reward`` (included in ``reward``).
         """
         records = []
         for index, (prompt, truth, group, rewards) in enumerate(zip(self.prompts, self.ground_truths,
@@ -215,6 +246,12 @@ class Rollouts:
                 }
                 if "grading_error" in reward:
                     record["grading_error"] = reward["grading_error"]
+                if self.trajectories is not None:
+                    trajectory = self.trajectories[index][sample]
+                    tool_turns = trajectory.tool_turns
+                    record.update(turns=[turn.record() for turn in trajectory.turns], tool_calls=len(tool_turns),
+                                  tool_errors=sum(turn.status != "ok" for turn in tool_turns),
+                                  shaping_reward=reward.get("shaping_reward", 0.0))
                 records.append(record)
         return records
 
@@ -229,11 +266,25 @@ class Rollouts:
     def correct(self) -> list[dict[str, Any]]:
         """Returns the SFT records ``{prompt, response, ground_truth}`` of exactly the samples with answer reward 1, in order.
 
-        Duplicate correct responses to one prompt are kept as sampled (each was drawn).
+        Duplicate correct responses to one prompt are kept as sampled (each was drawn). A
+        multi-turn sample gives one record per model turn, its prompt holding every turn before
+        it: SFT on them trains the model's turns alone, the environment's output being context.
         """
-        return [{"prompt": prompt, "response": completion.text, "ground_truth": truth}
-                for prompt, truth, group, rewards in zip(self.prompts, self.ground_truths, self.completions, self.rewards)
-                for completion, reward in zip(group, rewards) if category(reward) == "correct"]
+        records = []
+        for index, (prompt, truth, group, rewards) in enumerate(zip(self.prompts, self.ground_truths,
+                                                                    self.completions, self.rewards)):
+            for sample, (completion, reward) in enumerate(zip(group, rewards)):
+                if category(reward) != "correct":
+                    continue
+                if self.trajectories is None:
+                    records.append({"prompt": prompt, "response": completion.text, "ground_truth": truth})
+                    continue
+                context = prompt
+                for turn in self.trajectories[index][sample].turns:
+                    if turn.role == "model":
+                        records.append({"prompt": context, "response": turn.text, "ground_truth": truth})
+                    context += turn.text
+        return records
 
     def write(self, output_dir: str | Path, extra_summary: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Returns the summary after writing ``records.jsonl`` and ``summary.json`` (with ``extra_summary``) into ``output_dir``."""
@@ -304,17 +355,39 @@ def grade_completions(prompts: Sequence[str], ground_truths: Sequence[Any], comp
 
 def generate_rollouts(generator: Generator, prompts: Sequence[str], ground_truths: Sequence[Any],
                       sampling: SamplingOptions, reward_fn: RewardFn, *, grading_workers: int | None = None,
-                      examples: Sequence[Example] | None = None) -> Rollouts:
+                      examples: Sequence[Example] | None = None, environment: Environment | None = None,
+                      max_response_tokens: int | None = None) -> Rollouts:
     """Returns the graded ``Rollouts`` of ``sampling.n`` completions per prompt from ``generator``.
 
-    ``timing`` holds ``generation_seconds``, ``grading_seconds``, ``generated_tokens`` and
-    ``tokens_per_second``.
+    ``environment`` None (or a single-turn one such as ``MathEnvironment``): one generator call,
+    one completion per sample. A multi-turn environment (``PythonEnvironment``): trajectories of
+    model and environment turns (``generate_trajectories``; ``max_response_tokens`` bounds a
+    trajectory's model tokens), each graded on the text of all its turns, with the
+    environment's per-call shaping added to ``reward`` (0 by default) and kept in ``trajectories``.
+    ``timing`` holds ``generation_seconds`` (tool calls included), ``grading_seconds``,
+    ``generated_tokens`` and ``tokens_per_second``.
     """
     started = time.perf_counter()
-    completions = generator.generate(list(prompts), sampling)
+    trajectories = None
+    if environment is not None and environment.multi_turn:
+        from reasontune.environments.driver import generate_trajectories
+
+        trajectories = generate_trajectories(generator, prompts, sampling, environment,
+                                             max_response_tokens=max_response_tokens)
+        completions = [[t.completion() for t in group] for group in trajectories]
+    else:
+        completions = generator.generate(list(prompts), sampling)
     generation_seconds = time.perf_counter() - started
     rollouts = grade_completions(prompts, ground_truths, completions, reward_fn, grading_workers=grading_workers,
                                  examples=examples)
+    if trajectories is not None:
+        rollouts.trajectories = trajectories
+        for group, rewards in zip(trajectories, rollouts.rewards):
+            for trajectory, reward in zip(group, rewards):
+                shaping = sum(environment.tool_call_reward(turn) for turn in trajectory.tool_turns)
+                if shaping:
+                    reward["shaping_reward"] = shaping
+                    reward["reward"] = reward["reward"] + shaping
     tokens = sum(c.num_tokens for c in rollouts.flat_completions())
     rollouts.timing = {"generation_seconds": generation_seconds, **rollouts.timing, "generated_tokens": tokens,
                        "tokens_per_second": tokens / generation_seconds if generation_seconds > 0 else None}
@@ -323,10 +396,11 @@ def generate_rollouts(generator: Generator, prompts: Sequence[str], ground_truth
 
 
 def rollouts_for_examples(generator: Generator, examples: Sequence[Example], template: str, sampling: SamplingOptions,
-                          reward_fn: RewardFn, *, grading_workers: int | None = None) -> Rollouts:
+                          reward_fn: RewardFn, *, grading_workers: int | None = None,
+                          environment: Environment | None = None, max_response_tokens: int | None = None) -> Rollouts:
     """Returns the graded ``Rollouts`` of ``examples`` (each prompted with ``template`` unless it fixes its prompt).
 
-    Raises ``DataError`` naming the first example without a reference answer to grade against.
+    ``environment``: as in ``generate_rollouts`` (None: single-turn). Raises ``DataError`` naming the first example without a reference answer to grade against.
     """
     missing = [e for e in examples if e.ground_truth is None]
     if missing:
@@ -334,7 +408,8 @@ def rollouts_for_examples(generator: Generator, examples: Sequence[Example], tem
                         f"({len(missing)} of {len(examples)} examples have no reference answer to grade against)")
     return generate_rollouts(generator, [example_prompt(e, template) for e in examples],
                              [e.ground_truth for e in examples], sampling, reward_fn,
-                             grading_workers=grading_workers, examples=examples)
+                             grading_workers=grading_workers, examples=examples, environment=environment,
+                             max_response_tokens=max_response_tokens)
 
 
 def merge_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
@@ -352,7 +427,9 @@ def merge_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
                       else [e for part in parts for e in part.examples],
                       sampling=first.sampling, reward_fn=first.reward_fn,
                       question_ids=None if any(part.question_ids is None for part in parts)
-                      else [q for part in parts for q in part.question_ids])
+                      else [q for part in parts for q in part.question_ids],
+                      trajectories=None if any(part.trajectories is None for part in parts)
+                      else [t for part in parts for t in part.trajectories])
     timing: dict[str, Any] = {}
     for key in ("generation_seconds", "grading_seconds"):
         if all(key in part.timing for part in parts):

@@ -128,3 +128,66 @@ def tokenize_prompt_and_output(
         for key in ("prompt_lengths", "response_lengths", "truncated"):
             batch.pop(key)
     return batch
+
+
+def pad_and_shift_segments(
+    prompt_ids: Sequence[Sequence[int]],
+    segment_ids: Sequence[Sequence[Sequence[int]]],
+    segment_trained: Sequence[Sequence[bool]],
+    pad_token_id: int,
+    max_length: int | None = None,
+) -> dict[str, torch.Tensor]:
+    """Returns shifted, right-padded ``input_ids``/``labels``/``response_mask`` of multi-turn trajectories.
+
+    Example i is ``prompt_ids[i]`` followed by its segments ``segment_ids[i][0], [1], …`` (model
+    turns and environment turns, in order); ``segment_trained[i][k]`` says whether segment k is
+    the model's own (a loss token) or not (an environment turn: context, never a target). The
+    sequence is cut to ``max_length`` tokens (the tail goes first), padded and shifted as in
+    ``pad_and_shift``. With every segment trained, this is ``pad_and_shift`` of the segments
+    joined.
+
+    Returns:
+        input_ids: (batch, L - 1) int64.
+        labels: (batch, L - 1) int64.
+        response_mask: (batch, L - 1) bool, True exactly where ``labels`` holds a token of a
+            trained segment; the environment's tokens and the prompt are False.
+        response_lengths: (batch,) int64, trained tokens kept after truncation.
+        truncated: (batch,) bool, whether any token of the example was cut.
+    """
+    if not len(prompt_ids) == len(segment_ids) == len(segment_trained):
+        raise ValueError(f"got {len(prompt_ids)} prompts, {len(segment_ids)} segment lists and "
+                         f"{len(segment_trained)} trained-flag lists")
+    outputs, trained_flags = [], []
+    for segments, trained in zip(segment_ids, segment_trained):
+        if len(segments) != len(trained):
+            raise ValueError(f"an example has {len(segments)} segments but {len(trained)} trained flags")
+        outputs.append([token for segment in segments for token in segment])
+        trained_flags.append([bool(flag) for segment, flag in zip(segments, trained) for _ in segment])
+    batch = pad_and_shift(prompt_ids, outputs, pad_token_id, max_length=max_length)
+    # label j is output token (j + 1 - prompt length); trained where that token's segment is
+    width = batch["labels"].shape[1]
+    trained_grid = torch.zeros((len(prompt_ids), width), dtype=torch.bool)
+    for row, (flags, prompt_length) in enumerate(zip(trained_flags, batch["prompt_lengths"].tolist())):
+        start = prompt_length - 1
+        if start < 0:  # an empty prompt: the first output token is no label
+            flags, start = flags[1:], 0
+        kept = flags[:max(0, width - start)]
+        trained_grid[row, start:start + len(kept)] = torch.tensor(kept, dtype=torch.bool)
+    response_mask = batch["response_mask"] & trained_grid
+    return {"input_ids": batch["input_ids"], "labels": batch["labels"], "response_mask": response_mask,
+            "response_lengths": response_mask.sum(dim=1), "truncated": batch["truncated"]}
+
+
+def scatter_response_values(values: Sequence[Sequence[float]], response_mask: torch.Tensor) -> torch.Tensor:
+    """Returns a (batch, L - 1) float32 tensor holding ``values[i]`` at row i's True positions of ``response_mask``, in order, 0 elsewhere.
+
+    Used for per-token values of the trained tokens (the sampler's log-probs of the model
+    turns): row i takes its first ``response_mask[i].sum()`` values (a truncated tail drops the rest).
+    """
+    result = torch.zeros(response_mask.shape, dtype=torch.float32)
+    for row, row_values in enumerate(values):
+        positions = response_mask[row].nonzero().squeeze(-1)
+        if len(row_values) < len(positions):
+            raise ValueError(f"row {row}: {len(row_values)} values for {len(positions)} trained tokens")
+        result[row, positions] = torch.tensor(list(row_values[:len(positions)]), dtype=torch.float32)
+    return result

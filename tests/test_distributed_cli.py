@@ -238,7 +238,7 @@ def test_a_bad_flag_is_refused_before_any_process_group_starts(tiny_model_dir, t
                     world_size=2, timeout=120)
     assert result.returncode != 0
     assert result.stderr.count("error: --batch-size: must be >= 1, got 0") == 1  # rank 0 says it, once
-    # Refused by config.validate() in each rank before init_distributed: no rank reached the failure handler
+    # Refused by the config check in each rank before init_distributed: no rank reached the failure handler
     # that runs inside the process group, and no run directory was made.
     assert "error on rank" not in result.stderr
     assert not (tmp_path / "run").exists()
