@@ -29,7 +29,7 @@ from reasontune.run_layout import START_FILES, has_trained, replaced_run_dir
 
 # name -> (module, config class, entry function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str, str]] = {
-    "demo": ("reasontune.demo", "DemoConfig", "run_demo",
+    "demo": ("reasontune.demos", "DemoConfig", "run_demo",
              "the embedded default: synthetic arithmetic task, tiny model, SFT, eval before/after, report (CPU, no download)"),
     "sft": ("reasontune.training.sft", "SFTConfig", "run_sft",
             "supervised fine-tuning on prompt/response traces, loss on response tokens only"),

@@ -366,10 +366,6 @@ def run_demo(config: DemoConfig) -> int:
     """Runs the embedded demo end to end; prints held-out accuracy (base -> SFT [-> EI/GRPO]) and the run directory."""
     started = time.time()
     claim_demo_dir(config.output_dir)
-    if config.algorithm == "tools":
-        from reasontune.tool_demo import run_tool_demo
-
-        return run_tool_demo(config)
     print(f"demo: writing {config.n_train} training and {config.n_eval} held-out additions, "
           f"tokenizer and tiny model under {config.output_dir}", flush=True)
     train_path, val_path, model_dir = prepare_demo(config)

@@ -27,6 +27,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from reasontune.data import DataError, Example, example_prompt
 from reasontune.environments.base import Environment, Trajectory
+from reasontune.environments.driver import generate_trajectories
 from reasontune.generation import Completion, Generator, SamplingOptions
 from reasontune.rewards import extract_final_answer, grade_batch, question_only_reward_fn, r1_zero_reward_fn
 from reasontune.run_layout import RECORDS_FILE, SUMMARY_FILE
@@ -370,8 +371,6 @@ def generate_rollouts(generator: Generator, prompts: Sequence[str], ground_truth
     started = time.perf_counter()
     trajectories = None
     if environment is not None and environment.multi_turn:
-        from reasontune.environments.driver import generate_trajectories
-
         trajectories = generate_trajectories(generator, prompts, sampling, environment,
                                              max_response_tokens=max_response_tokens)
         completions = [[t.completion() for t in group] for group in trajectories]

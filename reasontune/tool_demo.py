@@ -22,14 +22,23 @@ bar (>= 90% with the tool, in <= 10 minutes) is not shown yet.
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from reasontune.data import load_examples
+from reasontune.demo import build_demo_model, build_demo_tokenizer, claim_demo_dir, demo_sft_config, eval_summaries
 from reasontune.environments.python import PythonEnvironment, format_output
 from reasontune.environments.sandbox import SandboxLimits
-from reasontune.rollouts import write_jsonl
+from reasontune.generation import SamplingOptions, build_generator
+from reasontune.modeling import load_model, load_tokenizer
+from reasontune.rewards import r1_zero_reward_fn
+from reasontune.rollouts import rollouts_for_examples, write_jsonl
+from reasontune.training.sft import run_sft
 
 TOOL_TAGS = ("<python>", "</python>", "<output>", "</output>")
 TOOL_TEMPLATE = ("Think in <think> </think>. Run Python in <python> </python>; its output follows in <output> </output>. "
@@ -75,7 +84,6 @@ def question_records(pairs: list[tuple[int, int]]) -> list[dict[str, str]]:
 
 def prepare_tool_demo(config) -> tuple[Path, Path, Path]:
     """Writes data/train.jsonl (turn records), data/val.jsonl (held-out questions) and base-model/; returns their paths."""
-    from reasontune.demo import build_demo_model, build_demo_tokenizer
 
     output_dir = Path(config.output_dir)
     held_out = make_multiplication_questions(config.n_eval, seed=config.seed + 1)
@@ -97,14 +105,6 @@ def prepare_tool_demo(config) -> tuple[Path, Path, Path]:
 
 def evaluate_with_tool(model_dir: Path, val_path: Path, output_dir: Path, config) -> dict[str, Any]:
     """Returns the summary of the held-out questions answered with the ``python`` environment (written to ``output_dir``)."""
-    import torch
-
-    from reasontune.data import load_examples
-    from reasontune.generation import SamplingOptions, build_generator
-    from reasontune.modeling import load_model, load_tokenizer
-    from reasontune.rewards import r1_zero_reward_fn
-    from reasontune.rollouts import rollouts_for_examples
-
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     generator = build_generator("hf", model=load_model(str(model_dir)), tokenizer=load_tokenizer(str(model_dir)),
@@ -119,9 +119,6 @@ def evaluate_with_tool(model_dir: Path, val_path: Path, output_dir: Path, config
 
 def tool_sft_config(config, train_path: Path, val_path: Path, model_dir: Path):
     """Returns the demo's SFT config on the turn records; its evaluations are without the tool, at the same total budget."""
-    import dataclasses
-
-    from reasontune.demo import demo_sft_config
 
     return dataclasses.replace(demo_sft_config(config, train_path, val_path, model_dir),
                                eval_max_new_tokens=2 * TURN_TOKENS, eval_every=0)
@@ -129,10 +126,8 @@ def tool_sft_config(config, train_path: Path, val_path: Path, model_dir: Path):
 
 def run_tool_demo(config) -> int:
     """Runs the tool demo: data, tiny model, SFT on the traces' model turns, then held-out accuracy with and without the tool."""
-    from reasontune.demo import eval_summaries
-    from reasontune.training.sft import run_sft
-
     started = time.time()
+    claim_demo_dir(config.output_dir)
     print(f"demo: {config.n_train // 2} traces of 4-digit multiplications that call Python once "
           f"({config.n_train} model turns), {config.n_eval} held-out questions, under {config.output_dir}", flush=True)
     train_path, val_path, model_dir = prepare_tool_demo(config)

@@ -11,6 +11,9 @@ from __future__ import annotations
 from typing import Literal
 
 from reasontune.environments.base import Environment, Trajectory, Turn
+from reasontune.environments.math import MathEnvironment
+from reasontune.environments.python import PythonEnvironment
+from reasontune.environments.sandbox import SandboxLimits
 
 ENVIRONMENTS = ("math", "python")
 
@@ -19,13 +22,8 @@ def build_environment(name: Literal["math", "python"], *, max_tool_calls: int = 
                       tool_output_bytes: int = 4096) -> Environment:
     """Returns the environment called ``name``; the python one with its call budget and each call's wall time and output bounds."""
     if name == "math":
-        from reasontune.environments.math import MathEnvironment
-
         return MathEnvironment()
     if name == "python":
-        from reasontune.environments.python import PythonEnvironment
-        from reasontune.environments.sandbox import SandboxLimits
-
         limits = SandboxLimits(wall_seconds=tool_timeout, cpu_seconds=max(1, int(tool_timeout)),
                                output_bytes=tool_output_bytes)
         return PythonEnvironment(max_tool_calls=max_tool_calls, limits=limits)
