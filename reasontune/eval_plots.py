@@ -79,7 +79,7 @@ def lengths_by_category(records: Sequence[Mapping[str, Any]]) -> dict[str, list[
 
 def pass_at_k_figure(records_by_benchmark: Mapping[str, Sequence[Mapping[str, Any]]], n_bootstrap: int = 200,
                      seed: int = 0) -> Figure | None:
-    """Returns pass@k against k (log2 axis, one line per benchmark, 95% bootstrap band), or None when no benchmark has several k.
+    """Returns pass@k against k (log2 axis, one line per benchmark, 95% interval band), or None when no benchmark has several k.
 
     One dot is not a curve: with a single k the tables give pass@k as a number. A one-k
     benchmark beside curves is a dot with its interval, its value in the legend.
@@ -88,7 +88,7 @@ def pass_at_k_figure(records_by_benchmark: Mapping[str, Sequence[Mapping[str, An
               if (points := pass_at_k_curve(records, n_bootstrap=n_bootstrap, seed=seed))}
     if not any(len(points) > 1 for points in curves.values()):
         return None
-    figure, axes = new_axes("pass@k (unbiased; band: 95% bootstrap over questions)", "pass@k (%)", xlabel="k (samples)")
+    figure, axes = new_axes("pass@k (unbiased; band: 95% interval over questions)", "pass@k (%)", xlabel="k (samples)")
     for name, points in curves.items():
         ks = [p["k"] for p in points]
         values = [100 * p["value"] for p in points]

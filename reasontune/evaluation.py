@@ -115,7 +115,7 @@ def evaluate_sets(generator: Generator, sets: Sequence[EvalSet], sampling: Sampl
     summaries: dict[str, dict[str, Any]] = {}
     records_by_set: dict[str, list[dict[str, Any]]] = {}
     for eval_set in sets:
-        options = sampling.replace(stop=tuple(stop) if stop is not None else stop_sequences(eval_set.reward))
+        options = sampling.replace(stop=tuple(stop) if stop is not None else stop_sequences(eval_set.reward, eval_set.template))
         examples = eval_set.examples
         if sharded:  # this rank's slice; a question's samples seeded by its index in the set, as in one process
             part = distributed.rank_slice(len(examples), ctx)

@@ -36,9 +36,11 @@ RewardFn = Callable[[str, Any], dict[str, float]]
 CATEGORIES = ("correct", "formatted_wrong", "unformatted")
 
 
-def stop_sequences(reward_name: str) -> tuple[str, ...]:
-    """Returns the strings that end a response graded by ``reward_name``: ``</answer>`` for r1_zero (nothing after it counts), none otherwise."""
-    return ("</answer>",) if reward_name == "r1_zero" else ()
+def stop_sequences(reward_name: str, template: str = "") -> tuple[str, ...]:
+    """Returns the strings that end a response: ``</answer>`` when the r1_zero reward grades it (nothing after the
+    tag counts) or the prompt ``template`` asks for the tag (a user's own reward on R1-Zero prompts: without the
+    stop every response would run to the token budget); none otherwise."""
+    return ("</answer>",) if reward_name == "r1_zero" or "</answer>" in template else ()
 
 
 def reward_fn_by_name(name: str) -> RewardFn:

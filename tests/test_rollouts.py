@@ -98,3 +98,16 @@ def test_grading_in_worker_processes_keeps_order():
                                  [[completion(t, 1) for t in responses[i * 3:(i + 1) * 3]] for i in range(4)],
                                  r1_zero_reward_fn, grading_workers=2)
     assert [r["answer_reward"] for r in rollouts.flat_rewards()] == [float(i % 3 == 0) for i in range(12)]
+
+
+def test_responses_stop_at_the_answer_tag_when_the_reward_or_the_prompt_asks_for_it():
+    from reasontune.data import load_template
+    from reasontune.rollouts import stop_sequences
+
+    assert stop_sequences("r1_zero") == ("</answer>",)
+    # A user's own reward on the shipped R1-Zero prompt: the prompt asks for <answer>…</answer>, so stop there.
+    assert stop_sequences("my_rewards:score", load_template("r1_zero")) == ("</answer>",)
+    # The question-only prompt asks for no tag: nothing to stop at.
+    assert "</answer>" not in load_template("question_only")
+    assert stop_sequences("question_only", load_template("question_only")) == ()
+    assert stop_sequences("my_rewards:score", "{question}") == ()

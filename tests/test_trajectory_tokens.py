@@ -97,7 +97,7 @@ def test_trajectory_loss_is_the_sum_of_its_model_turns_and_environment_tokens_ge
 
 
 def test_one_turn_trajectory_microbatches_equal_the_single_turn_grpo_batches(model_and_tokenizer):
-    from reasontune.training.grpo import rollout_microbatches
+    from reasontune.training.grpo_rollouts import rollout_microbatches
 
     _, tokenizer = model_and_tokenizer
     texts = [" 12 </think> <answer>12</answer>", " 7 </think> <answer>7</answer> more", " x </think> <answer></answer>"]

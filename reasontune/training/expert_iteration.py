@@ -126,7 +126,7 @@ def setup_expert_iteration(config: ExpertIterationConfig, ctx: distributed.Distr
         generator=make_generator(config, replica.model if replica else model, tokenizer, device), questions=questions,
         validation=evaluation_sets(config, validation, load_template(config.prompt_template)),
         template=load_template(config.prompt_template), reward_fn=reward_fn_by_name(config.reward_name),
-        rollouts=rollout_sampling(config, config.reward_name, return_entropy=config.backend == "hf"), run_dir=run_dir,
+        rollouts=rollout_sampling(config, config.reward_name, load_template(config.prompt_template), return_entropy=config.backend == "hf"), run_dir=run_dir,
         logger=make_logger(run_dir, config, resume=checkpoint is not None) if ctx.is_main else None, stop=stop,
         ctx=ctx, replica=replica)
     if checkpoint is not None:

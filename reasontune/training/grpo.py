@@ -172,7 +172,7 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
         generator=make_generator(config, replica.model if replica else model, tokenizer, device), questions=questions,
         validation=evaluation_sets(config, validation, load_template(config.prompt_template)),
         template=load_template(config.prompt_template), reward_fn=reward_fn_by_name(config.reward_name),
-        rollouts=rollout_sampling(config, config.reward_name).replace(return_logprobs=True), run_dir=run_dir,
+        rollouts=rollout_sampling(config, config.reward_name, load_template(config.prompt_template)).replace(return_logprobs=True), run_dir=run_dir,
         logger=make_logger(run_dir, config, resume=checkpoint is not None) if ctx.is_main else None, stop=stop,
         ctx=ctx, replica=replica, optimizer=optimizer, scheduler=scheduler, reference=reference)
     if checkpoint is not None:

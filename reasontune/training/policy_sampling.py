@@ -62,11 +62,13 @@ def load_questions(config: TrainerOptions, needed: int = 1, tokenizer=None
     return questions, validation, counts
 
 
-def rollout_sampling(config: RolloutOptions, reward_name: str, return_entropy: bool = False) -> SamplingOptions:
-    """Returns the sampling options of an RL trainer's rollouts: ``group_size`` responses a question, stopped as the reward needs."""
+def rollout_sampling(config: RolloutOptions, reward_name: str, template: str = "",
+                     return_entropy: bool = False) -> SamplingOptions:
+    """Returns the sampling options of an RL trainer's rollouts: ``group_size`` responses a question, stopped as the reward
+    and the prompt ``template`` need (``stop_sequences``)."""
     return SamplingOptions(temperature=config.sampling_temperature, top_p=config.sampling_top_p,
                            max_new_tokens=config.sampling_max_tokens, min_new_tokens=config.sampling_min_tokens,
-                           stop=stop_sequences(reward_name), n=config.group_size, return_entropy=return_entropy)
+                           stop=stop_sequences(reward_name, template), n=config.group_size, return_entropy=return_entropy)
 
 
 @dataclass
