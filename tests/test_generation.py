@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 
@@ -275,19 +276,37 @@ def test_a_question_gets_the_same_samples_whatever_call_batch_or_position_draws_
 
 
 def test_each_row_samples_its_tokens_in_proportion_to_their_probability():
-    from reasontune.generation.hf import _SamplingWarper, row_seed
+    from reasontune.generation.hf import row_seed, row_uniforms, sample_tokens
 
-    # 4000 rows, each its own generator, all with the distribution softmax([0, 1, 2, -inf, 3] / 0.5) =
+    # 4000 rows, each its own seed, all with the distribution softmax([0, 1, 2, -inf, 3] / 0.5) =
     # (e^0, e^2, e^4, 0, e^6) / 466.4: p = 0.0021, 0.0158, 0.1171, 0, 0.8650. Top-p 0.95 keeps tokens 4 and 2
     # (0.8650 < 0.95 <= 0.9821): renormalised 0.8808 and 0.1192.
     rows = 4000
     scores = torch.tensor([[0.0, 1.0, 2.0, -float("inf"), 3.0]]).repeat(rows, 1)
+    seeds = np.array([row_seed(5, row, 0) for row in range(rows)], dtype=np.uint64)
     for top_p, expected in [(1.0, [0.0021, 0.0158, 0.1171, 0.0, 0.8650]), (0.95, [0.0, 0.0, 0.1192, 0.0, 0.8808])]:
-        warper = _SamplingWarper(0.5, top_p, False, [torch.Generator().manual_seed(row_seed(5, row, 0))
-                                                     for row in range(rows)])
-        chosen = warper(torch.zeros(rows, 1, dtype=torch.long), scores.clone())
-        assert ((chosen == 0).sum(dim=1) == 1).all() and (chosen[chosen != 0] == -float("inf")).all()
-        frequencies = torch.bincount(chosen.argmax(dim=1), minlength=5).double() / rows
+        tokens, log_probs = sample_tokens(scores.clone(), 0.5, top_p, row_uniforms(seeds, step=3))
+        frequencies = torch.bincount(tokens, minlength=5).double() / rows
         # Binomial standard error at p = 0.12 over 4000 rows: 0.005; 4 of them allowed.
         torch.testing.assert_close(frequencies, torch.tensor(expected, dtype=torch.float64), atol=0.02, rtol=0)
         assert frequencies[3] == 0 and (top_p == 1.0 or frequencies[:2].sum() == 0)  # nothing outside the support
+        # Each row's log-prob is that of its token under the distribution above.
+        torch.testing.assert_close(log_probs.exp().double(), torch.tensor(expected, dtype=torch.float64)[tokens],
+                                   atol=2e-4, rtol=0)
+
+
+def test_row_uniforms_are_uniform_and_depend_on_a_rows_seed_and_step_alone():
+    from reasontune.generation.hf import row_seed, row_uniforms
+
+    seeds = np.array([row_seed(7, row, sample) for row in range(500) for sample in range(4)], dtype=np.uint64)
+    steps = torch.stack([row_uniforms(seeds, step) for step in range(10)])  # (10, 2000)
+    assert ((steps > 0) & (steps <= 1)).all()
+    # 20,000 draws: the mean of U(0, 1] is 1/2 with standard error 1/sqrt(12 * 20000) = 0.002; its deciles hold 10% each
+    # (standard error 0.2 points).
+    assert abs(float(steps.mean()) - 0.5) < 0.01
+    deciles = torch.bincount((steps.flatten() * 10).clamp(max=9.999).long(), minlength=10).double() / steps.numel()
+    torch.testing.assert_close(deciles, torch.full((10,), 0.1, dtype=torch.float64), atol=0.012, rtol=0)
+    # A row's draws are the same drawn alone or in another batch; different steps and rows differ.
+    assert torch.equal(row_uniforms(seeds[5:6], 4), steps[4, 5:6])
+    assert torch.equal(row_uniforms(seeds[::-1].copy(), 4).flip(0), steps[4])
+    assert len(set(steps.flatten().tolist())) == steps.numel()
