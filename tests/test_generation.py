@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import numpy as np
 import pytest
@@ -132,6 +133,43 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(qwen_tokeni
     single = HFGenerator(random_model, qwen_tokenizer, batch_size=1).generate(prompts, options)
     assert [g[0].token_ids for g in batched] == [g[0].token_ids for g in single]
     assert all(len(g[0].token_ids) == 6 for g in batched)
+
+
+@pytest.fixture(scope="module")
+def position_sensitive_model():
+    """Returns a random tiny Qwen2 whose attention is sharp (queries and keys scaled up), so a wrong position shows in its logits."""
+    model = build_model_from_config(tiny_qwen2_config(vocab_size=QWEN2_5_VOCAB_SIZE, hidden_size=32, num_layers=2,
+                                                      num_heads=2, num_kv_heads=1), seed=4)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40.0)
+            layer.self_attn.k_proj.weight.mul_(40.0)
+    return model
+
+
+def test_prompts_sharing_a_template_decode_as_they_would_alone(qwen_tokenizer, position_sensitive_model):
+    # A common prefix of 26 tokens is prefilled once for the batch; the rest of each prompt (1 to ~15 tokens, so
+    # several length buckets) after it, then padding sits between prefix and rest. Each row must decode as alone.
+    template = ("A conversation between User and Assistant. The assistant first thinks about the reasoning process "
+                "and then provides the user with the answer.\nUser: {question}\nAssistant: <think>")
+    questions = ["Hi", "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
+                 "What is 2 + 2?", "Name a prime number larger than ten but smaller than twenty, please.", "Why?"]
+    prompts = [template.format(question=q) for q in questions]
+    ids = qwen_tokenizer(prompts)["input_ids"]
+    assert len(os.path.commonprefix(ids)) == 26
+    greedy = SamplingOptions(temperature=0.0, max_new_tokens=6, stop=(), return_logprobs=True, return_entropy=True)
+    batched = HFGenerator(position_sensitive_model, qwen_tokenizer, batch_size=8).generate(prompts, greedy)
+    single = HFGenerator(position_sensitive_model, qwen_tokenizer, batch_size=1).generate(prompts, greedy)
+    assert [g[0].token_ids for g in batched] == [g[0].token_ids for g in single]
+    for together, alone in zip(batched, single):
+        torch.testing.assert_close(torch.tensor(together[0].logprobs), torch.tensor(alone[0].logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(together[0].entropies), torch.tensor(alone[0].entropies), atol=1e-4,
+                                   rtol=0)
+    sampled = SamplingOptions(temperature=1.0, n=3, max_new_tokens=6, stop=(), seed=4)
+    whole = HFGenerator(position_sensitive_model, qwen_tokenizer, batch_size=15).generate(prompts, sampled)
+    parts = [HFGenerator(position_sensitive_model, qwen_tokenizer, batch_size=3).generate([prompt], sampled.replace(first_prompt_index=i))
+             for i, prompt in enumerate(prompts)]
+    assert [[c.token_ids for c in g] for g in whole] == [[c.token_ids for c in part[0]] for part in parts]
 
 
 def sampling_log_probs_reference(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import inspect
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -149,6 +150,7 @@ class DecodeSettings:
     stopped). ``prefill_buckets``: prompts are prefilled in groups of similar length (padding
     ≤ ``bucket_padding`` of a group's width) instead of padded to the longest.
     ``shared_prefill``: a prompt with ``n`` samples is prefilled once and its cache repeated.
+    ``shared_prefix``: the batch's common token prefix (the template) is prefilled once for all rows.
     ``num_threads``: torch threads during generation (None: leave the process setting).
     """
 
@@ -156,6 +158,7 @@ class DecodeSettings:
     drop_finished: bool = True
     prefill_buckets: bool = True
     shared_prefill: bool = True
+    shared_prefix: bool = True
     bucket_padding: float = 0.1
     num_threads: int | None = None
 
@@ -368,9 +371,7 @@ class HFGenerator(Generator):
         device, settings, steps = self.device, self.settings, options.max_new_tokens
         rows = len(batch_ids) * rows_per_prompt
         lengths = torch.tensor([len(ids) for ids in batch_ids]).repeat_interleave(rows_per_prompt)
-        cache, logits, width = self._prefill(batch_ids, rows_per_prompt, steps)
-        columns = torch.arange(width)
-        attention_mask = (columns >= width - lengths[:, None]).long().to(device)  # left padding
+        cache, logits, attention_mask = self._prefill(batch_ids, rows_per_prompt, steps)
         positions = lengths.to(device)  # the position of each row's next token
         row_seeds = np.array(seeds, dtype=np.uint64)
 
@@ -458,58 +459,84 @@ class HFGenerator(Generator):
         return tokens, token_logprobs if options.return_logprobs else None, entropy
 
     def _prefill(self, batch_ids: list[list[int]], rows_per_prompt: int, max_new_tokens: int):
-        """Returns (KV cache of every row, last-position logits (rows, vocab), padded prompt width) after prefilling the prompts.
+        """Returns (KV cache, last-position logits (rows, vocab), attention mask (rows, width)) of every row after its prompt.
 
-        Prompts (longest first) are prefilled in buckets of similar length, each prompt once,
-        and written right-aligned into one cache of ``len(batch_ids)`` rows, which is then
-        repeated ``rows_per_prompt`` times per prompt.
+        The prompts' common token prefix (a template's instructions) is run once and its keys
+        and values shared by every row; the rest of each prompt (longest first) is prefilled in
+        buckets of similar length, each prompt once, and written right-aligned after the prefix
+        into one cache of ``len(batch_ids)`` rows, then repeated ``rows_per_prompt`` times per
+        prompt. A row's columns: prefix, padding, the rest of its prompt; positions skip the padding.
         """
         settings, device = self.settings, self.device
-        width = max(len(ids) for ids in batch_ids)
         unique = settings.shared_prefill
         prompts = batch_ids if unique else [ids for ids in batch_ids for _ in range(rows_per_prompt)]
-        lengths = [len(ids) for ids in prompts]
-        buckets = _length_buckets(lengths, settings.bucket_padding) if settings.prefill_buckets else [(0, len(prompts))]
         cache_argument = _forward_cache_argument(self.model)
-        if settings.preallocated_cache:
-            layers = DynamicCache(config=self.model.config).layers if hasattr(self.model, "config") else []
+        growable = False
+        if settings.preallocated_cache and hasattr(self.model, "config"):
+            layers = DynamicCache(config=self.model.config).layers
             growable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-        else:
-            growable = False
-        if not growable:
-            buckets = [(0, len(prompts))]  # without our own layers the cache of one bucket is the whole cache
-        cache = None
+        prefix: list[int] = []
+        if growable and settings.shared_prefix and len(prompts) > 1:
+            # At least one token of every prompt stays after the prefix: its logits start the response.
+            prefix = os.path.commonprefix(prompts)[:min(len(ids) for ids in prompts) - 1]
+            if len(prefix) < 8:  # too short to pay for its own forward pass
+                prefix = []
+        shared = len(prefix)
+        rests = [ids[shared:] for ids in prompts]
+        lengths = [len(ids) for ids in rests]
+        width = shared + max(lengths)
+        if growable and settings.prefill_buckets:
+            buckets = _length_buckets(lengths, settings.bucket_padding)
+        else:  # without our own layers the cache of one bucket is the whole cache
+            buckets = [(0, len(prompts))]
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        attention_mask[:, :shared] = 1
+        for row, length in enumerate(lengths):
+            attention_mask[row, width - length:] = 1  # LEFT padding: every prompt ends at the same column
+        cache = prefix_states = None
+        if growable:
+            cache = DynamicCache()
+            cache.layers = [_GrowingLayer(width + min(max_new_tokens, 256), width + max_new_tokens) for _ in layers]
+            cache.layer_class_to_replicate = None
+        if shared:
+            prefix_cache = DynamicCache()
+            self.model(input_ids=torch.tensor([prefix], device=device), position_ids=torch.arange(shared, device=device)[None],
+                       use_cache=True, logits_to_keep=1, **{cache_argument: prefix_cache})
+            prefix_states = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+            for layer, (keys, values) in zip(cache.layers, prefix_states):
+                layer.place(slice(0, len(prompts)), len(prompts), 0, keys.expand(len(prompts), -1, -1, -1),
+                            values.expand(len(prompts), -1, -1, -1))
         last_logits = []
         for start, end in buckets:
             bucket_width = lengths[start]
             input_ids = torch.full((end - start, bucket_width), self.pad_token_id, dtype=torch.long)
-            attention_mask = torch.zeros((end - start, bucket_width), dtype=torch.long)
-            for row, ids in enumerate(prompts[start:end]):  # LEFT padding: every prompt ends at the same column
+            for row, ids in enumerate(rests[start:end]):
                 input_ids[row, bucket_width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[row, bucket_width - len(ids):] = 1
-            position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_(min=0)
-            bucket_cache = DynamicCache()
-            output = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+            bucket_mask = torch.cat([attention_mask[start:end, :shared], attention_mask[start:end, width - bucket_width:]],
+                                    dim=1)
+            position_ids = (bucket_mask.cumsum(dim=1) - 1).clamp_(min=0)[:, shared:]
+            rows = end - start
+            bucket_cache = DynamicCache() if prefix_states is None else DynamicCache(
+                ddp_cache_data=[(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+                                for keys, values in prefix_states])
+            output = self.model(input_ids=input_ids.to(device), attention_mask=bucket_mask.to(device),
                                 position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1,
                                 **{cache_argument: bucket_cache})
             last_logits.append(output.logits[:, -1])
             if not growable:
                 cache = bucket_cache
                 break
-            if cache is None:
-                cache = DynamicCache()
-                cache.layers = [_GrowingLayer(width + min(max_new_tokens, 256), width + max_new_tokens)
-                                for _ in bucket_cache.layers]
-                cache.layer_class_to_replicate = None
             for layer, filled in zip(cache.layers, bucket_cache.layers):
-                layer.place(slice(start, end), len(prompts), width - bucket_width, filled.keys, filled.values)
+                layer.place(slice(start, end), len(prompts), width - bucket_width, filled.keys[:, :, shared:],
+                            filled.values[:, :, shared:])
             del bucket_cache, output
         logits = torch.cat(last_logits)
+        attention_mask = attention_mask.to(device)
         if unique and rows_per_prompt > 1:
             index = torch.arange(len(batch_ids), device=device).repeat_interleave(rows_per_prompt)
             cache.batch_select_indices(index)
-            logits = logits[index]
-        return cache, logits, width
+            logits, attention_mask = logits[index], attention_mask[index]
+        return cache, logits, attention_mask
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
