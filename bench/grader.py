@@ -2,8 +2,9 @@
 
     python bench/grader.py [--rounds N] [--workers W] [--show-misses]
 
-The labelled cases are tests/data/reward_cases.jsonl and reward_cases_round2.jsonl (only
-formatted responses: unformatted ones test the format rule, which math-verify lacks). Both
+The labelled cases are tests/data/reward_cases.jsonl, reward_cases_round2.jsonl and
+reward_cases_round3.jsonl (only formatted responses: unformatted ones test the format rule,
+which math-verify lacks). Both
 graders see the same answer text: the R1-Zero format rule picks the ``<answer>`` content;
 math-verify then gets its best setting (its own extraction from that text — boxes, "final
 answer is", the last LaTeX — falling back to the text wrapped in ``\\boxed{}``), and for
@@ -35,7 +36,8 @@ from reasontune.rewards import grade_batch, question_only_reward_fn, r1_zero_rew
 from reasontune.rewards.extract import extract_r1_zero_answer  # noqa: E402
 from reasontune.rewards.grading import _parse_cached  # noqa: E402
 
-CASES_PATHS = [ROOT / "tests" / "data" / "reward_cases.jsonl", ROOT / "tests" / "data" / "reward_cases_round2.jsonl"]
+CASES_PATHS = [ROOT / "tests" / "data" / name for name in
+               ("reward_cases.jsonl", "reward_cases_round2.jsonl", "reward_cases_round3.jsonl")]
 
 
 def load_cases() -> list[dict]:

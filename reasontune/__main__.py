@@ -1,7 +1,13 @@
 """``python -m reasontune`` (and ``torchrun … -m reasontune``): the same command line as ``reasontune``."""
 
+import os
 import sys
 
-from reasontune.cli import main
+# `python -m` puts the working directory first on sys.path. It may be a run directory someone else
+# wrote, so nothing is imported from it implicitly (a reward module comes from PYTHONPATH, explicitly).
+if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
+    del sys.path[0]
+
+from reasontune.cli import main  # noqa: E402
 
 sys.exit(main())

@@ -289,6 +289,31 @@ def packed_forward_kwargs(
                      "choose one with --attn-implementation or turn packing off")
 
 
+def flatten_packed(batch: dict[str, Any]) -> dict[str, Any]:
+    """Returns a packed microbatch with its rows' tokens concatenated into one row and the padding dropped.
+
+    The same examples in the same order, positions restarting at each one: with
+    ``packed_forward_kwargs`` every example still attends only to itself, so log-probs and
+    gradients are those of the rows layout (up to float summation order). No compute is spent
+    on padding (what TRL calls padding-free); in exchange, sdpa/eager attention spans the whole
+    microbatch, whose cost grows with its length squared (flash-attention's varlen does not).
+
+    Args:
+        batch: a microbatch from ``pack_examples`` ((rows, T) tensors).
+
+    Returns:
+        The microbatch with input_ids, labels, response_mask, position_ids and sequence_ids of
+        shape (1, N), N = its tokens that are not padding; the per-example fields unchanged.
+    """
+    keep = batch["sequence_ids"] >= 0  # row-major: examples stay in sequence-id order
+    if not bool(keep.any()):
+        return batch
+    flat = dict(batch)
+    for key in ("input_ids", "labels", "response_mask", "position_ids", "sequence_ids"):
+        flat[key] = batch[key][keep].unsqueeze(0)
+    return flat
+
+
 def split_packed(values: torch.Tensor, batch: dict[str, Any]) -> list[torch.Tensor]:
     """Returns the per-example slices of a packed (rows, T) tensor, in ``batch["example_indices"]`` order.
 

@@ -10,18 +10,26 @@ checkpoint intact and never a half one under a final name. Layout of ``checkpoin
     sharded/                                           torch.distributed.checkpoint: model + optimizer,
                                                        one file per rank; loads at any world size
 
-Nothing here unpickles: trainer state is JSON plus tensors in safetensors, so a crafted
-checkpoint directory cannot run code on ``--resume``.
+Nothing read from a checkpoint is unpickled freely, so a crafted checkpoint directory cannot
+run code on ``--resume``: trainer state is JSON plus tensors in safetensors, checked against
+its schema; ``sharded/.metadata`` (a pickle that ``torch.distributed.checkpoint`` writes) is
+read by an unpickler that builds only DCP's own metadata classes, torch sizes and dtypes; the
+shards' bytes go through ``torch.load(weights_only=True)``. Every refusal is a
+``CheckpointError`` naming the file (docs/security.md lists every file and how it is parsed).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import struct
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -33,7 +41,17 @@ import torch
 TRAINER_STATE = "trainer_state.json"
 LEGACY_TRAINER_STATE = "trainer_state.pt"
 SHARDED_DIR = "sharded"
+# File kinds that torch.load / pickle would read: never in a checkpoint reasontune wrote.
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that is missing, truncated, corrupt or crafted; the message names the file and what is wrong."""
+
+
+class DiskFull(OSError):
+    """A checkpoint could not be written for lack of space; its partial files are removed, older checkpoints kept."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -90,10 +108,13 @@ def _decode(value: Any, tensors: dict[str, torch.Tensor], source: Path) -> Any:
     if "__tensor__" in value or "__ndarray__" in value:
         key = value.get("__tensor__", value.get("__ndarray__"))
         if key not in tensors:
-            raise ValueError(f"{source}: field {key!r} names a tensor that its .safetensors file lacks")
+            raise CheckpointError(f"{source}: field {key!r} names a tensor that its .safetensors file lacks")
         if "__tensor__" in value:
             return tensors[key]
-        return tensors[key].numpy().astype(np.dtype(value["dtype"]))
+        dtype = np.dtype(str(value.get("dtype")))
+        if dtype.kind not in "biuf":
+            raise CheckpointError(f"{source}: field {key!r} has dtype {dtype}; only numeric arrays are stored")
+        return tensors[key].numpy().astype(dtype)
     if "__tuple__" in value:
         return tuple(_decode(item, tensors, source) for item in value["__tuple__"])
     if "__items__" in value:
@@ -122,10 +143,9 @@ def save_trainer_state(directory: str | Path, state: dict[str, Any], name: str =
 def load_trainer_state(directory: str | Path, name: str = "trainer_state") -> dict[str, Any]:
     """Returns the trainer state saved by ``save_trainer_state``, without unpickling anything.
 
-    A checkpoint of the old pickle format (``trainer_state.pt``) is read only with
-    ``torch.load(weights_only=True)``, which refuses every object but tensors and plain
-    containers: a crafted file cannot run code, and an old file holding NumPy RNG state is
-    refused with a message rather than trusted.
+    Any damage (truncated JSON or safetensors, a crafted structure, nesting too deep for the
+    parser) raises ``CheckpointError`` naming the file. The old pickle format
+    (``trainer_state.pt``) is refused without being opened: unpickling a file can run code.
     """
     from safetensors.torch import load_file
 
@@ -134,24 +154,170 @@ def load_trainer_state(directory: str | Path, name: str = "trainer_state") -> di
     if not path.exists():
         legacy = directory / LEGACY_TRAINER_STATE
         if name == "trainer_state" and legacy.exists():
-            try:
-                return torch.load(legacy, map_location="cpu", weights_only=True)
-            except Exception as error:  # noqa: BLE001 — any refusal of the safe unpickler means the same
-                raise ValueError(f"{legacy} is a pickle that the safe loader refuses ({type(error).__name__}); "
-                                 "it is not loaded because unpickling can run arbitrary code. Resume from a "
-                                 "checkpoint written by this version, or start afresh") from None
-        raise FileNotFoundError(f"{directory} has no {path.name}; it cannot be resumed from")
+            raise CheckpointError(f"{legacy}: a pickle (an older reasontune's trainer state); it is not opened "
+                                  "because unpickling a file can run arbitrary code. Resume from a checkpoint "
+                                  "written by this version, or start a new run from its weights (--model DIR)")
+        raise CheckpointError(f"{directory} has no {path.name}; it cannot be resumed from")
     try:
-        encoded = json.loads(path.read_text())
+        encoded = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
-        raise ValueError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+        raise CheckpointError(f"{path}: line {error.lineno}: not valid JSON ({error.msg})") from None
+    except (ValueError, RecursionError) as error:  # not UTF-8, nested too deeply, a number past int()'s limit
+        raise CheckpointError(f"{path}: not a trainer state ({_why(error)})") from None
     tensor_file = directory / f"{name}.safetensors"
-    tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
-    state = _decode(encoded, tensors, path)
+    try:
+        tensors = load_file(str(tensor_file)) if tensor_file.exists() else {}
+    except Exception as error:  # noqa: BLE001 — safetensors' one error type: truncated or corrupt
+        raise CheckpointError(f"{tensor_file}: truncated or corrupt ({_why(error)})") from None
+    try:
+        state = _decode(encoded, tensors, path)
+    except CheckpointError:
+        raise
+    except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as error:
+        raise CheckpointError(f"{path}: malformed trainer state ({_why(error)})") from None
     if not isinstance(state, dict):
-        # A malformed file, not a caller's wrong argument: ValueError like every other bad content.
-        raise ValueError(f"{path}: expected a JSON object at the top, got {type(state).__name__}")  # noqa: TRY004
+        raise CheckpointError(f"{path}: expected a JSON object at the top, got {type(state).__name__}")
     return state
+
+
+def _why(error: BaseException) -> str:
+    """Returns an exception as one short line (its type when it has no message)."""
+    text = " ".join(str(error).split())[:200]
+    return text or type(error).__name__
+
+
+def check_rng_state(state: Any, where: str) -> None:
+    """Raises ``CheckpointError`` unless ``state`` is what ``rng_state`` returns (checked on scratch generators, none changed)."""
+    if not isinstance(state, dict) or not {"python", "numpy", "torch"} <= set(state):
+        raise CheckpointError(f"{where}: field 'rng' must hold the python, numpy and torch generator states")
+    try:
+        random.Random().setstate(state["python"])
+        np.random.RandomState().set_state(state["numpy"])
+        if not (torch.is_tensor(state["torch"]) and state["torch"].dtype == torch.uint8 and state["torch"].dim() == 1):
+            raise TypeError("torch generator state must be a 1-D uint8 tensor")
+        torch.Generator().set_state(state["torch"])
+        cuda = state.get("cuda", [])
+        if not (isinstance(cuda, list) and all(torch.is_tensor(t) and t.dtype == torch.uint8 for t in cuda)):
+            raise TypeError("cuda generator states must be a list of uint8 tensors")
+    except (TypeError, ValueError, RuntimeError, OverflowError) as error:
+        raise CheckpointError(f"{where}: field 'rng' is not a generator state ({_why(error)})") from None
+
+
+def check_trainer_state(state: dict[str, Any], where: str) -> None:
+    """Raises ``CheckpointError`` naming the field when ``state`` lacks the shape a resume reads (step, fingerprint, rng, optimizer, scheduler)."""
+    step = state.get("step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{where}: field 'step' must be a whole number >= 0, got {step!r:.40}")
+    if "plan_fingerprint" in state and not isinstance(state["plan_fingerprint"], str):
+        raise CheckpointError(f"{where}: field 'plan_fingerprint' must be a string")
+    for key in ("optimizer", "scheduler"):
+        if state.get(key) is not None and not isinstance(state[key], dict):
+            raise CheckpointError(f"{where}: field {key!r} must be an object or null, got {type(state[key]).__name__}")
+    check_rng_state(state.get("rng"), where)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the sharded state without trusting its pickle
+
+
+_DCP_METADATA_CLASSES = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
+        "TensorStorageMetadata", "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+     ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PureWindowsPath")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Builds only the classes DCP's metadata is made of (plus torch sizes, dtypes and layouts); any other global is refused.
+
+    The classes admitted are plain records (dataclasses, an enum, ``torch.Size``, paths) whose
+    construction runs no code of the file's choosing, so a crafted ``.metadata`` can at worst
+    describe tensors wrongly, which ``load_sharded`` then checks.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
+            return getattr(torch, name)
+        if (module, name) not in _DCP_METADATA_CLASSES:
+            raise pickle.UnpicklingError(f"refused global {module}.{name}")
+        return super().find_class(module, name)
+
+
+def read_sharded_metadata(sharded: str | Path) -> Any:
+    """Returns the ``Metadata`` of a DCP checkpoint directory, read with ``_MetadataUnpickler`` and checked against its files.
+
+    Every storage item must name a file inside ``sharded`` (no path separators) that is long
+    enough for its byte range; anything else raises ``CheckpointError``.
+    """
+    from torch.distributed.checkpoint.filesystem import _StorageInfo
+    from torch.distributed.checkpoint.metadata import Metadata, MetadataIndex
+
+    sharded = Path(sharded)
+    path = sharded / ".metadata"
+    try:
+        data = path.read_bytes()
+        metadata = _MetadataUnpickler(io.BytesIO(data)).load()
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}: missing") from None
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, KeyError, IndexError,
+            RecursionError, ImportError, struct.error) as error:
+        raise CheckpointError(f"{path}: not DCP metadata, or truncated ({_why(error)}); it is not loaded") from None
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"{path}: not DCP metadata (holds a {type(metadata).__name__})")
+    sizes: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        if not isinstance(index, MetadataIndex) or not isinstance(info, _StorageInfo):
+            raise CheckpointError(f"{path}: malformed storage entry {index!r:.60}")
+        name = info.relative_path
+        if not isinstance(name, str) or not name or "/" in name or "\\" in name or name in (".", ".."):
+            raise CheckpointError(f"{path}: entry {index.fqn!r} names the file {name!r:.60}, outside {sharded}")
+        offset, length = info.offset, info.length
+        if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in (offset, length)):
+            raise CheckpointError(f"{path}: entry {index.fqn!r} has a malformed byte range")
+        if name not in sizes:
+            file = sharded / name
+            if not file.is_file():
+                raise CheckpointError(f"{file}: missing (named by {path.name})")
+            sizes[name] = file.stat().st_size
+        if offset + length > sizes[name]:
+            raise CheckpointError(f"{sharded / name}: truncated ({sizes[name]} bytes; {index.fqn!r} needs bytes "
+                                  f"{offset}-{offset + length})")
+    return metadata
+
+
+def _safe_dcp_reader_and_planner(path: Path) -> tuple[Any, Any]:
+    """Returns (a DCP storage reader whose metadata comes from ``read_sharded_metadata``, a load planner that unpickles with ``weights_only``)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class CheckedReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs.get("rank") is not None:
+                raise CheckpointError(f"{path}: rank-local metadata is not read; resume from a checkpoint with "
+                                      ".metadata")
+            metadata = read_sharded_metadata(path)
+            metadata.storage_meta = metadata.storage_meta if isinstance(metadata.storage_meta, StorageMeta) else StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class WeightsOnlyPlanner(DefaultLoadPlanner):
+        # Non-tensor values (optimizer hyperparameters) are torch.save'd; torch's own planner loads them unrestricted.
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            from torch.distributed.checkpoint._traverse import set_element
+
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except Exception as error:  # noqa: BLE001 — the restricted unpickler refuses with several types
+                raise CheckpointError(f"{path}: value {read_item.dest_index.fqn!r} refused by the weights-only "
+                                      f"loader ({_why(error)})") from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return CheckedReader(str(path)), WeightsOnlyPlanner()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,33 +411,68 @@ def save_checkpoint(directory: str | Path, model: Any, tokenizer: Any, trainer_s
     directory = Path(directory)
     # One temporary name for every rank: rank 0's pid.
     temporary = directory.with_name(f".{directory.name}.tmp-{distributed.broadcast_object(os.getpid())}")
+    try:
+        if is_main:
+            if temporary.exists():
+                shutil.rmtree(temporary)
+            temporary.mkdir(parents=True)
+        distributed.barrier()
+        if optimizer is not None:
+            _save_sharded(temporary / SHARDED_DIR, model, optimizer)
+        save_consolidated(temporary, model, is_main)
+        save_trainer_state(temporary, rng_state(), name=f"rng-rank-{rank}")
+        if is_main:
+            if tokenizer is not None:
+                tokenizer.save_pretrained(temporary)
+            if trainer_state is not None:
+                save_trainer_state(temporary, trainer_state)
+            for name, text in (extra_files or {}).items():
+                (temporary / name).write_text(text, encoding="utf-8")
+        distributed.barrier()  # every rank's files are in place
+        if is_main:
+            _fsync_tree(temporary)
+    except BaseException as error:
+        # Whatever stopped the write (a full disk, a signal), no half checkpoint stays behind, under any name.
+        if is_main:
+            shutil.rmtree(temporary, ignore_errors=True)
+        if _is_disk_full(error):
+            kept = latest_checkpoint(directory.parent)
+            raise DiskFull(errno.ENOSPC, f"{directory}: no space left on the device while writing it; its partial "
+                           "files are removed and " + (f"{kept} is kept" if kept is not None else
+                                                       "there is no earlier checkpoint")) from None
+        raise
     if is_main:
-        if temporary.exists():
-            shutil.rmtree(temporary)
-        temporary.mkdir(parents=True)
+        move_into_place(temporary, directory)
     distributed.barrier()
-    if optimizer is not None:
-        _save_sharded(temporary / SHARDED_DIR, model, optimizer)
-    save_consolidated(temporary, model, is_main)
-    save_trainer_state(temporary, rng_state(), name=f"rng-rank-{rank}")
-    if is_main:
-        if tokenizer is not None:
-            tokenizer.save_pretrained(temporary)
-        if trainer_state is not None:
-            save_trainer_state(temporary, trainer_state)
-        for name, text in (extra_files or {}).items():
-            (temporary / name).write_text(text)
-    distributed.barrier()  # every rank's files are in place
-    if is_main:
-        _fsync_tree(temporary)
-        if directory.exists():
-            retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
-            directory.rename(retired)
-            temporary.rename(directory)
-            shutil.rmtree(retired)
-        else:
-            temporary.rename(directory)
-    distributed.barrier()
+    return directory
+
+
+def _is_disk_full(error: BaseException) -> bool:
+    """Returns whether a write failed for lack of space: ENOSPC/EDQUOT, or the same as safetensors and torch's zip writer word it."""
+    for cause in (error, error.__cause__, error.__context__):
+        if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        text = str(cause or "")
+        if any(sign in text for sign in ("No space left on device", "StorageFull", "Disk quota exceeded")):
+            return True
+    return False
+
+
+def move_into_place(temporary: str | Path, directory: str | Path) -> Path:
+    """Returns ``directory`` after renaming the complete ``temporary`` directory to it (synced to disk first).
+
+    An older ``directory`` is replaced only once the new one is whole: a crash at any point
+    leaves either the old or the new directory under the name, never a half-written one.
+    """
+    temporary, directory = Path(temporary), Path(directory)
+    _fsync_tree(temporary)
+    if directory.exists():
+        retired = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+        directory.rename(retired)
+        temporary.rename(directory)
+        shutil.rmtree(retired)
+    else:
+        temporary.rename(directory)
     return directory
 
 
@@ -299,19 +500,36 @@ def load_sharded(directory: str | Path, model: Any, optimizer: Any) -> None:
 
     Works at any world size, whatever the one that saved: ``torch.distributed.checkpoint``
     reads the pieces each rank's shards need (FSDP2 DTensors, or whole tensors at world size 1).
-    Every rank calls it, after ``shard_model`` and after building the optimizer.
+    Its metadata is read by ``read_sharded_metadata`` and its non-tensor values with
+    ``weights_only``: nothing in the directory can run code. Every rank calls it, after
+    ``shard_model`` and after building the optimizer.
     """
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
     path = Path(directory) / SHARDED_DIR
     if not (path / ".metadata").exists():
-        raise FileNotFoundError(f"{directory} has no {SHARDED_DIR}/ model and optimizer state to resume from")
+        raise CheckpointError(f"{directory} has no {SHARDED_DIR}/ model and optimizer state to resume from")
     model_state, optimizer_state = get_state_dict(model, optimizer)
     state = {"model": model_state, "optimizer": optimizer_state}
+    read_sharded_metadata(path)  # refused here, in one clear line, before DCP wraps errors per rank
+    reader, planner = _safe_dcp_reader_and_planner(path)
     with _one_process_intended():
-        dcp.load(state, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        try:
+            dcp.load(state, storage_reader=reader, planner=planner, no_dist=not dist.is_initialized())
+        except CheckpointException as error:  # a BaseException: one entry per rank that failed
+            failures = [failure[0] if isinstance(failure, tuple) else failure for failure in error.failures.values()]
+            first = next((f for f in failures if isinstance(f, CheckpointError)), failures[0] if failures else error)
+            if isinstance(first, CheckpointError):
+                raise first from None
+            detail = ("a value's bytes are not a tensor: the weights-only loader refused them"
+                      if isinstance(first, pickle.UnpicklingError) else _why(first))
+            raise CheckpointError(f"{path}: truncated or corrupt, or not this model's and optimizer's state "
+                                  f"({detail})") from None
+        except (ValueError, RuntimeError, KeyError, pickle.UnpicklingError) as error:
+            raise CheckpointError(f"{path}: cannot be loaded into this model and optimizer ({_why(error)})") from None
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optimizer"])
 
 
@@ -323,8 +541,91 @@ def restore_rng(directory: str | Path, rank: int = 0) -> bool:
     path = Path(directory) / f"rng-rank-{rank}.json"
     if not path.exists():
         return False
-    set_rng_state(load_trainer_state(directory, name=f"rng-rank-{rank}"))
+    state = load_trainer_state(directory, name=f"rng-rank-{rank}")
+    check_rng_state(state, str(path))
+    set_rng_state(state)
     return True
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Returns what is wrong with a safetensors file's framing (header length, JSON header, data size), or None; no tensor is read."""
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            return f"{path}: truncated ({size} bytes)"
+        (header_length,) = struct.unpack("<Q", head)
+        if header_length > min(size - 8, 100 << 20):
+            return f"{path}: truncated or corrupt (its header says {header_length} bytes; the file has {size})"
+        try:
+            header = json.loads(handle.read(header_length).decode("utf-8"))
+        except (ValueError, RecursionError):
+            return f"{path}: corrupt (its header is not JSON)"
+    if not isinstance(header, dict):
+        return f"{path}: corrupt (its header is not a JSON object)"
+    ends = [entry.get("data_offsets", [0, 0])[1] for key, entry in header.items()
+            if key != "__metadata__" and isinstance(entry, dict) and isinstance(entry.get("data_offsets"), list)
+            and len(entry["data_offsets"]) == 2]
+    needed = 8 + header_length + max(ends, default=0)
+    if not all(isinstance(end, int) for end in ends) or needed != size:
+        return f"{path}: truncated or corrupt ({size} bytes; its header describes {needed})"
+    return None
+
+
+def model_files_problem(directory: str | Path) -> str | None:
+    """Returns what is wrong with a model directory's top-level files (a JSON file that does not parse, a truncated safetensors file), or None.
+
+    Cheap (no tensor is read): run before loading, so a damaged ``final/`` given as ``--model``
+    is one line rather than a loader's traceback.
+    """
+    for path in sorted(Path(directory).iterdir()):
+        if not path.is_file():
+            continue
+        problem = _file_problem(path)
+        if problem:
+            return problem
+    return None
+
+
+def _file_problem(path: Path) -> str | None:
+    """Returns why one JSON or safetensors file is truncated or corrupt, or None (other files are not read)."""
+    if path.suffix == ".json":
+        try:
+            json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError) as error:
+            return f"{path}: truncated or corrupt JSON ({_why(error)})"
+    elif path.suffix == ".safetensors":
+        return _safetensors_problem(path)
+    return None
+
+
+def checkpoint_problem(directory: str | Path) -> str | None:
+    """Returns why a checkpoint directory cannot be resumed from (a missing, truncated, corrupt or crafted file), or None when it is intact.
+
+    Checks without loading weights: trainer state (JSON, tensors, schema), every JSON file
+    (config, tokenizer), the framing of every safetensors file, ``sharded/``'s metadata
+    against its shard files' sizes, and that no pickle-format file (``.bin``, ``.pt`` …) is
+    there for a loader to fall back on.
+    """
+    directory = Path(directory)
+    try:
+        check_trainer_state(load_trainer_state(directory), str(directory / f"{TRAINER_STATE}"))
+        for path in sorted(directory.rglob("*")):
+            if not path.is_file():
+                continue
+            if path.suffix in PICKLE_SUFFIXES:
+                return (f"{path}: a pickle-format file, which reasontune never writes into a checkpoint and does not "
+                        "open (unpickling can run code)")
+            problem = _file_problem(path)
+            if problem:
+                return problem
+        if (directory / SHARDED_DIR).is_dir():
+            read_sharded_metadata(directory / SHARDED_DIR)
+    except CheckpointError as error:
+        return str(error)
+    except OSError as error:
+        return f"{directory}: unreadable ({_why(error)})"
+    return None
 
 
 def list_checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:

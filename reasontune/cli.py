@@ -12,6 +12,8 @@ output directory as it was; an interrupted training run exits 130 after saving.
 from __future__ import annotations
 
 import argparse
+import difflib
+import errno
 import importlib
 import os
 import re
@@ -42,6 +44,9 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
                 "side-by-side table of runs or evaluations over their shared benchmarks, with paired bootstrap p-values and a plot"),
     "report": ("reasontune.report", "ReportConfig", "run_report",
                "plots and a summary page for a run directory"),
+    "models": ("reasontune.models", "ModelsConfig", "run_models",
+               "write a model directory for --model: a known model (models get NAME), a GGUF file converted (--gguf), "
+               "a tiny random one (models tiny), or list the known ones"),
 }
 
 
@@ -49,12 +54,19 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
 DATA_PARALLEL_COMMANDS = ("sft", "ei", "grpo", "eval")
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An ArgumentParser whose mistakes are one ``error: reasontune CMD: …`` line (``--help`` shows the usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {message}; {self.prog} --help lists every option\n")
+
+
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """Returns the top-level parser; only ``command``'s module is imported to add its flags."""
-    parser = argparse.ArgumentParser(prog="reasontune", allow_abbrev=False,
-                                     description="Teach language models to reason on math with verified rewards.")
+    parser = OneLineParser(prog="reasontune", allow_abbrev=False,
+                           description="Teach language models to reason on math with verified rewards.")
     parser.add_argument("--version", action="version", version=f"reasontune {__version__}")
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=OneLineParser)
     for name, (module_name, config_name, _, help_text) in COMMANDS.items():
         sub = subparsers.add_parser(name, help=help_text, description=help_text, allow_abbrev=False)
         if name == command:
@@ -63,6 +75,19 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
             positionals = " ".join(a.metavar or a.dest.upper() for a in sub._actions if not a.option_strings)
             sub.usage = f"%(prog)s [options] {positionals}".rstrip() + "   (grouped options below)"
     return parser
+
+
+def unknown_arguments_message(parser: argparse.ArgumentParser, command: str, unknown: list[str]) -> str:
+    """Returns one ``error:`` line naming the arguments ``command`` does not take, with the closest flag it does take."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = sorted(f for a in subparsers.choices[command]._actions for f in a.option_strings if f.startswith("--"))
+    named = [token for token in unknown if token.startswith("-")] or unknown
+    first = named[0].partition("=")[0]
+    close = difflib.get_close_matches(first, flags, n=1, cutoff=0.6) if first.startswith("--") else []
+    hint = f"did you mean {close[0]}?" if close else f"reasontune {command} --help lists every option"
+    what = "unknown option" if first.startswith("-") else "unexpected argument"
+    others = f" (and {', '.join(named[1:])})" if len(named) > 1 else ""
+    return f"error: reasontune {command}: {what} {first}{others}; {hint}"
 
 
 def _quiet_library_progress_bars() -> None:
@@ -114,7 +139,12 @@ START_FILES = {"config.json", "metrics.jsonl", "tensorboard", "wandb", "wandb_ru
 
 
 def _undo_failed_start(path: Path | None, existed: bool) -> None:
-    """Removes a directory this command created when it holds nothing but start files (a failed start leaves no trace)."""
+    """Puts back a run that ``--overwrite`` had moved aside, or removes a directory this command created when it holds nothing but start files (a failed start leaves no trace)."""
+    if path is not None and (path / f".replaced-{os.getpid()}").is_dir():
+        from reasontune.training.common import restore_replaced_run  # loaded already: a trainer was running
+
+        restore_replaced_run(path)
+        return
     if path is None or existed or not path.is_dir():
         return
     metrics = path / "metrics.jsonl"
@@ -124,10 +154,25 @@ def _undo_failed_start(path: Path | None, existed: bool) -> None:
         shutil.rmtree(path)
 
 
-def user_error_message(error: BaseException) -> str | None:
-    """Returns the ``error: …`` text of a user's mistake, or None for an internal error (which keeps its traceback)."""
+def user_error_message(error: BaseException, command: str | None = None, config: object = None) -> str | None:
+    """Returns the ``error: …`` text of a user's mistake, or None for an internal error (which keeps its traceback).
+
+    Damaged or crafted checkpoint files and a full disk count as the user's to fix; for a
+    full disk the message ends with the command that resumes once space is freed.
+    """
     from reasontune.data import DataError  # light: no torch
 
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = error.strerror if type(error).__name__ == "DiskFull" else f"{error.filename or 'a file'}: no space left on the device"
+        if command in ("sft", "ei", "grpo") and config is not None:
+            from reasontune.config import resume_command
+
+            resume = f"; free space, then resume with: {resume_command(command, config)}"
+        else:
+            resume = "; free space and run it again"
+        return f"error: {where}{resume}"
+    if type(error).__name__ == "CheckpointError":  # reasontune.checkpoint imports torch: compared by name
+        return f"error: {' '.join(str(error).split())}"
     if isinstance(error, DataError):
         text = " ".join(str(error).split())
         if re.match(r"\S+:\d+: ", text) and "--skip-bad" not in text and "reference answer to grade" not in text:
@@ -146,7 +191,12 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         command = None
     parser = build_parser(command)
-    namespace = parser.parse_args(argv)
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown and namespace.command is not None:
+        print(unknown_arguments_message(parser, namespace.command, unknown), file=sys.stderr)
+        return 2
+    if unknown:
+        parser.error(f"unknown arguments {' '.join(unknown)}")
     if namespace.command is None:
         parser.print_help()
         return 2
@@ -154,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: reasontune {namespace.command} does not run under torchrun (each rank would run it "
                        f"whole); run it in one process. Data-parallel: {', '.join(DATA_PARALLEL_COMMANDS)}\n")
     module_name, config_name, function_name, _ = COMMANDS[namespace.command]
-    output_dir, existed = None, False
+    output_dir, existed, config = None, False, None
     # Training arms its own SIGINT/SIGTERM handlers (save, then exit 130); whatever happens, the caller's come back.
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -172,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, SystemExit) as error:
         if isinstance(error, SystemExit) and isinstance(error.code, int):
             return error.code  # an interrupted run (130, checkpoint saved) or a finished one (0) said so already
-        message = user_error_message(error)
+        message = user_error_message(error, namespace.command, config)
         if message is None:
+            _undo_failed_start(output_dir, True)  # an internal error: only a replaced run is put back
             raise
         _undo_failed_start(output_dir, existed)
         if debug:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,10 @@ from reasontune.estimators import (
 
 RECORDS = "records.jsonl"
 SUMMARY = "summary.json"
+# What sampled an evaluation (its summary.json), as the table names them: runs that differ here are not
+# comparable as models alone (a greedy 1,024-token evaluation beside a T=0.6 256-token one).
+SAMPLING_SETTINGS = (("temperature", "temperature"), ("top_p", "top-p"), ("max_new_tokens", "max new tokens"),
+                     ("n", "samples per question"), ("template", "prompt template"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,6 +56,17 @@ def read_eval_records(path: str | Path) -> list[dict[str, Any]]:
     for number, record in enumerate(records, start=1):
         if "answer_reward" not in record:
             raise DataError(f"{path}: record {number}: field 'answer_reward' missing (not an eval record)")
+        # The fields the estimators read, each of the type they need: a crafted file is named, not a traceback.
+        for field_name, kinds, required in (("answer_reward", (int, float), True), ("sample", (int,), False),
+                                            ("question_id", (str, int), False), ("prompt", (str,), False),
+                                            ("answer", (str, type(None)), False)):
+            value = record.get(field_name)
+            if (required or value is not None) and (not isinstance(value, kinds) or
+                                                    (field_name == "answer_reward" and value != value)):
+                raise DataError(f"{path}: record {number}: field {field_name!r} must be "
+                                f"{' or '.join(k.__name__ for k in kinds)}, got {type(value).__name__}")
+        if record.get("question_id") is None and record.get("prompt") is None:
+            raise DataError(f"{path}: record {number}: needs 'question_id' or 'prompt' to match questions across runs")
     return records
 
 
@@ -69,14 +85,51 @@ def find_evaluations(path: str | Path) -> dict[str, Path]:
         raise FileNotFoundError(f"{path}: no such directory (give a run directory, an eval output directory "
                                 f"or an eval directory with {RECORDS})")
     if (path / RECORDS).is_file():
-        summary = json.loads((path / SUMMARY).read_text()) if (path / SUMMARY).is_file() else {}
-        return {str(summary.get("benchmark") or "eval"): path}
+        try:
+            summary = json.loads((path / SUMMARY).read_text(encoding="utf-8")) if (path / SUMMARY).is_file() else {}
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, too deep: the benchmark name is then unknown
+            summary = {}
+        name = summary.get("benchmark") if isinstance(summary, dict) else None
+        return {str(name or "eval"): path}
     found = {child.name: child for child in sorted(path.iterdir()) if (child / RECORDS).is_file()}
     if found:
         return found
     if (path / "eval").is_dir() and (latest := _latest_eval(path / "eval")) is not None:
         return find_evaluations(latest)
     raise FileNotFoundError(f"{path}: found no {RECORDS} in it, in its subdirectories, or in its latest eval/ directory")
+
+
+def sampling_settings(directory: Path) -> dict[str, Any]:
+    """Returns how the evaluation in ``directory`` was sampled, from its summary.json: ``SAMPLING_SETTINGS`` keys, those it records.
+
+    ``template`` is the template's name as given, with the prompt text itself under
+    ``template_text`` when the summary holds it (two runs may name the same text differently).
+    """
+    try:
+        summary = json.loads((directory / SUMMARY).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(summary, dict):
+        return {}
+    sampling = summary.get("sampling") if isinstance(summary.get("sampling"), dict) else {}
+    settings = {key: sampling[key] for key, _ in SAMPLING_SETTINGS if key in sampling}
+    if isinstance(summary.get("template"), str):
+        settings["template"] = summary["template"]
+    estimates = summary.get("estimates") if isinstance(summary.get("estimates"), dict) else {}
+    if isinstance(estimates.get("prompt"), str):
+        settings["template_text"] = estimates["prompt"]
+        settings.setdefault("template", "(recorded text)")
+    return settings
+
+
+def sampling_differences(settings: list[dict[str, Any]]) -> list[str]:
+    """Returns the names (``SAMPLING_SETTINGS`` keys) of the settings in which the runs differ; a setting some run does not record is not compared."""
+    differing = []
+    for key, _ in SAMPLING_SETTINGS:
+        compared = "template_text" if key == "template" and all("template_text" in one for one in settings) else key
+        if all(compared in one for one in settings) and len({json.dumps(one[compared]) for one in settings}) > 1:
+            differing.append(key)
+    return differing
 
 
 # ---------------------------------------------------------------------------------------------
@@ -90,12 +143,16 @@ class Comparison:
     Each row: ``benchmark``, ``metric`` (``pass@1`` …), ``n_questions`` (matched), ``values``
     (one ``{"value", "low", "high"}`` per run) and ``differences`` (one ``paired_bootstrap``
     dict per run after the first, against the first). ``notes`` say what was left out and why.
+    ``sampling``: per benchmark, each run's ``sampling_settings``; ``warnings``: benchmarks whose
+    runs were sampled differently (their differences are not the models' alone).
     """
 
     runs: list[str]
     rows: list[dict[str, Any]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    sampling: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
 
 def _compare_benchmark(benchmark: str, grouped_runs: list[dict[str, dict]], ks: list[int], metrics: list[str],
@@ -161,9 +218,28 @@ def compare_runs(paths: list[str | Path], ks: str | list[int] = (1,), metrics: s
         raise ValueError("the runs share no benchmark: " + "; ".join(
             f"{label}: {', '.join(found)}" for label, found in zip(labels, evaluations)))
     for benchmark in benchmarks:
+        settings = [sampling_settings(found[benchmark]) for found in evaluations]
+        comparison.sampling[benchmark] = settings
+        if differing := sampling_differences(settings):
+            names = dict(SAMPLING_SETTINGS)
+            comparison.warnings.append(
+                f"{benchmark}: the runs were sampled differently ("
+                + "; ".join(f"{names[key]} " + " vs ".join(_setting_text(one, key) for one in settings)
+                            for key in differing)
+                + "): their differences mix the models with how they were sampled; evaluate them alike "
+                  "(--eval-temperature, --eval-max-new-tokens, --n-samples, --prompt-template) to compare the models")
         grouped_runs = [group_samples(read_eval_records(found[benchmark] / RECORDS)) for found in evaluations]
         _compare_benchmark(benchmark, grouped_runs, ks, metrics, n_bootstrap, seed, equivalent, comparison)
     return comparison
+
+
+def _setting_text(settings: dict[str, Any], key: str) -> str:
+    if key not in settings:
+        return "?"
+    value = settings[key]
+    if key == "template" and "template_text" in settings:
+        return f"{value} ({len(settings['template_text'])} chars)"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _percent(figure: dict[str, float]) -> str:
@@ -186,6 +262,16 @@ def format_comparison(comparison: Comparison) -> str:
     lines.append(f"percent; [95% percentile bootstrap over matched questions, {settings.get('n_bootstrap')} resamples, "
                  f"seed {settings.get('seed')}]; p: paired bootstrap, two-sided")
     lines += [f"note: {note}" for note in comparison.notes]
+    for benchmark, settings in comparison.sampling.items():
+        differing = set(sampling_differences(settings))
+        if not differing:
+            continue
+        table = [[f"sampling ({benchmark})", *comparison.runs]]
+        table += [[f"{label}{' (differs)' if key in differing else ''}", *(_setting_text(one, key) for one in settings)]
+                  for key, label in SAMPLING_SETTINGS]
+        widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+        lines += ["", *("  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in table)]
+    lines += [f"warning: {warning}" for warning in comparison.warnings]
     return "\n".join(lines)
 
 
@@ -247,10 +333,13 @@ def run_compare(config: CompareConfig) -> int:
                               labels=config.labels)
     text = format_comparison(comparison)
     print(text)
+    for warning in comparison.warnings:  # also on stderr: a log that keeps only errors still shows it
+        print(f"warning: {warning}", file=sys.stderr)
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.txt").write_text(text + "\n", encoding="utf-8")
-    payload = {"runs": comparison.runs, "rows": comparison.rows, "notes": comparison.notes, **comparison.settings}
+    payload = {"runs": comparison.runs, "rows": comparison.rows, "notes": comparison.notes,
+               "sampling": comparison.sampling, "warnings": comparison.warnings, **comparison.settings}
     (out / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     if comparison.rows:
         print(f"wrote {plot_comparison(comparison, out / 'comparison.png')}")

@@ -61,9 +61,9 @@ def same_field(options_cls: type, name: str, default: Any, aliases: tuple[str, .
                       aliases=original.metadata.get("aliases", ()) if aliases is None else aliases)
 
 
-def positional_field(help: str) -> Any:
-    """Returns a required dataclass field given on the command line without a flag (``report RUN_DIR``)."""
-    return dataclasses.field(metadata={"help": help, "positional": True})
+def positional_field(help: str, default: Any = dataclasses.MISSING) -> Any:
+    """Returns a dataclass field given on the command line without a flag (``report RUN_DIR``): required unless it has a ``default``."""
+    return dataclasses.field(default=default, metadata={"help": help, "positional": True})
 
 
 def _flag(name: str) -> str:
@@ -119,8 +119,13 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -
             if typing.get_origin(annotation) is list:  # several values: reasontune compare RUN_A RUN_B …
                 (item_type,) = typing.get_args(annotation) or (str,)
                 parser.add_argument(field.name, nargs="+", type=item_type, help=help_text)
+            elif field.default is not dataclasses.MISSING:  # optional: reasontune models get [NAME]
+                parser.add_argument(field.name, nargs="?", default=field.default, type=_parser_for(annotation, allows_none),
+                                    metavar=f"[{field.name.upper()}]", help=help_text)
             else:
-                parser.add_argument(field.name, type=_parser_for(annotation, allows_none), help=help_text)
+                choices = typing.get_args(annotation) if typing.get_origin(annotation) is typing.Literal else None
+                parser.add_argument(field.name, type=_parser_for(annotation, allows_none), help=help_text,
+                                    metavar="{" + ",".join(choices) + "}" if choices else None)
             continue
         group_name = field.metadata.get("group") or "options"
         if group_name not in groups:
@@ -144,6 +149,10 @@ def add_dataclass_arguments(parser: argparse.ArgumentParser, config_cls: type) -
     run_group.add_argument("--config", dest="__config_file", default=None, metavar="FILE.yaml",
                            help="YAML (or JSON) file of option values (a run's config.json too); flags given on the "
                                 "command line override it")
+    run_group.add_argument("--trust-run-config", dest="__trust_run_config", action="store_true", default=False,
+                           help="with --resume (or --config RUN/config.json): accept the run's own reward module, "
+                                "server URL, template and benchmark paths without repeating them as flags; only "
+                                "for a run directory you wrote")
     run_group.add_argument("--debug", dest="__debug", action="store_true", default=False,
                            help="show the full traceback of an error, also of a user error")
 
@@ -164,20 +173,17 @@ LAUNCH_RECORD = "distributed"
 
 def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
     """Reads a YAML/JSON file of options for ``config_cls``; keys may use - or _."""
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise UserError(f"--config {path}: no such file") from None
-    except yaml.YAMLError as error:
-        raise UserError(f"--config {path}: not valid YAML: {_one_line(error)}") from None
-    if raw is None:
-        return {}
-    if not isinstance(raw, dict):
-        raise UserError(f"--config {path}: must hold a mapping of option names to values")
+    raw = read_config_file(path)
     known = {f.name for f in dataclasses.fields(config_cls)}
+    command = command_of(config_cls)
+    written_by = raw.pop(COMMAND_RECORD, None)
+    if written_by is not None and not isinstance(written_by, str):
+        raise UserError(f"{path}: field 'command' must name the command that wrote it, got {written_by!r:.40}")
+    if written_by is None and is_run_config(path):  # a run's record from before config.json named its command
+        written_by = _command_judged_by_options(raw, command)
+    if written_by is not None and command is not None and written_by != command:
+        raise UserError(_written_by_another(Path(path), written_by, command))
     values = {}
-    raw.pop(LAUNCH_RECORD, None)  # a run's config.json given back as --config: the launch is not an option
     for key, value in raw.items():
         name = str(key).replace("-", "_")
         if name not in known:
@@ -186,6 +192,124 @@ def load_config_file(path: str | Path, config_cls: type) -> dict[str, Any]:
             raise UserError(f"{path}: unknown option {key!r}; {hint}")
         values[name] = value
     return values
+
+
+# The largest config file read (a run's config.json is a few kilobytes) and its deepest nesting (options are flat).
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_NESTING = 64
+
+
+def _flow_nesting(text: str) -> int:
+    """Returns the deepest nesting of ``[`` / ``{`` outside quoted strings: the YAML parser recurses (slowly) on each level."""
+    depth = deepest = 0
+    quote = None
+    escaped = False
+    for char in text:
+        if quote:
+            if escaped:
+                escaped = False
+            elif char == "\\" and quote == '"':
+                escaped = True
+            elif char == quote:
+                quote = None
+            continue
+        if char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(depth - 1, 0)
+    return deepest
+
+
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """Returns the mapping a YAML/JSON config file holds, with a run's launch record dropped; ``UserError`` naming the file otherwise.
+
+    Parsed with ``yaml.safe_load`` (plain data only: no YAML tags that build objects); the file
+    must be UTF-8, at most ``MAX_CONFIG_BYTES``, and hold one mapping.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            raise UserError(f"--config {path}: is a directory; give a YAML or JSON file (a run's is {path}/config.json)")
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise UserError(f"--config {path}: {path.stat().st_size} bytes, not a config file (at most {MAX_CONFIG_BYTES})")
+        text = path.read_text(encoding="utf-8")
+        if _flow_nesting(text) > MAX_CONFIG_NESTING:
+            raise UserError(f"--config {path}: nested deeper than {MAX_CONFIG_NESTING} levels; a config file maps "
+                            "option names to plain values")
+        raw = yaml.safe_load(text)
+    except FileNotFoundError:
+        raise UserError(f"--config {path}: no such file") from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"--config {path}: not UTF-8 text (byte offset {error.start}); save it as UTF-8") from None
+    except yaml.YAMLError as error:
+        raise UserError(f"--config {path}: not valid YAML: {_one_line(error)}") from None
+    except RecursionError:
+        raise UserError(f"--config {path}: not valid YAML: nested too deeply") from None
+    except ValueError as error:  # a number past int()'s digit limit
+        raise UserError(f"--config {path}: not valid YAML: {str(error).split(';')[0]}") from None
+    except OSError as error:
+        raise UserError(f"--config {path}: cannot be read ({error.strerror})") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise UserError(f"--config {path}: must hold a mapping of option names to values")
+    raw.pop(LAUNCH_RECORD, None)  # a run's config.json given back as --config: the launch is not an option
+    return raw
+
+
+# config.json's record of the command that wrote it ("sft", "grpo", "eval" …)
+COMMAND_RECORD = "command"
+# Commands whose output directory is not a training run (nothing there to --resume).
+OUTPUT_ONLY_COMMANDS = {"eval": "an eval directory", "filter": "a filter output", "compare": "a compare directory",
+                        "report": "a report", "demo": "a demo directory"}
+
+
+def command_of(config_cls: type) -> str | None:
+    """Returns the ``reasontune`` subcommand whose config class is ``config_cls`` (None for a class no command uses)."""
+    from reasontune.cli import COMMANDS  # lazy: cli imports this module
+
+    return next((name for name, (_, config_name, _, _) in COMMANDS.items() if config_name == config_cls.__name__), None)
+
+
+def _command_judged_by_options(raw: dict[str, Any], command: str | None) -> str | None:
+    """Returns the command that an old config.json (written before it recorded one) came from, judged by its option names; None when they fit ``command``.
+
+    Only consulted when some option is unknown to ``command``: then the first other command
+    whose options include every key is named (importing its module, on this error path only).
+    """
+    import importlib
+
+    from reasontune.cli import COMMANDS
+
+    keys = {str(key).replace("-", "_") for key in raw}
+    if command is None:
+        return None
+    own = COMMANDS[command]
+    if keys <= {f.name for f in dataclasses.fields(getattr(importlib.import_module(own[0]), own[1]))}:
+        return None
+    for name, (module_name, config_name, _, _) in COMMANDS.items():
+        if name == command or name in ("demo", "report", "compare"):
+            continue
+        try:
+            fields = {f.name for f in dataclasses.fields(getattr(importlib.import_module(module_name), config_name))}
+        except (ImportError, AttributeError):
+            continue
+        if keys <= fields:
+            return name
+    return None
+
+
+def _written_by_another(path: Path, written_by: str, command: str) -> str:
+    """Returns the refusal of a config file written by another command (a resume of the wrong directory, usually)."""
+    run = path.parent if path.name == "config.json" else path
+    if written_by in OUTPUT_ONLY_COMMANDS:
+        return (f"{run} is {OUTPUT_ONLY_COMMANDS[written_by]} (written by `reasontune {written_by}`), not a `{command}` "
+                f"run; give a run directory that `reasontune {command}` wrote")
+    return (f"{run} was written by `{written_by}`, not `{command}`; continue it with: reasontune {written_by} --resume "
+            f"--output-dir {run}")
 
 
 def config_from_namespace(namespace: argparse.Namespace, config_cls: type[ConfigT], *,
@@ -199,16 +323,74 @@ def config_from_namespace(namespace: argparse.Namespace, config_cls: type[Config
     values = vars(namespace).copy()
     config_file = values.pop("__config_file", None)
     values.pop("__debug", None)
+    trust_run_config = values.pop("__trust_run_config", False)
     known = {f.name for f in dataclasses.fields(config_cls)}
     flags = {k: v for k, v in values.items() if k in known}
+    missing_run = None  # why --resume found no run to take the options from
     if not config_file and flags.get("resume") and "output_dir" in flags:
-        saved = Path(flags["output_dir"]) / "config.json"
+        run = Path(flags["output_dir"])
+        saved = run / "config.json"
         config_file = saved if saved.is_file() else None
+        if not run.exists():
+            missing_run = f"{run} does not exist; check the path, or drop --resume to start a new run there"
+        elif config_file is None:
+            missing_run = (f"{run} holds no config.json, so it is not a run directory reasontune wrote; check the "
+                           "path, or give the run's options as flags")
     file_values, problems = typed_values(load_config_file(config_file, config_cls), config_cls,
                                          where=f"{config_file}: ") if config_file else ({}, [])
     flag_values, flag_problems = typed_values(flags, config_cls)
     raise_problems(problems + flag_problems)  # a wrong value in the file is named even when a flag overrides it
-    return config_from_dict({**file_values, **flag_values}, config_cls, environment=environment)
+    if config_file and is_run_config(config_file) and not trust_run_config:
+        raise_problems(untrusted_run_values(config_file, file_values, flag_values))
+    try:
+        return config_from_dict({**file_values, **flag_values}, config_cls, environment=environment)
+    except UserError:
+        if missing_run:  # not the options' fault: the run to continue is not there
+            raise UserError(f"--resume --output-dir {flags['output_dir']}: {missing_run}") from None
+        raise
+
+
+def is_run_config(path: str | Path) -> bool:
+    """Returns whether a config file is one reasontune wrote into a run directory (``config.json``, or a checkpoint's copy)."""
+    return Path(path).name in ("config.json", "reasontune_config.json")
+
+
+# A run's options that --resume takes from its config.json only when confirmed (see untrusted_run_values).
+CONFIRMED_RUN_OPTIONS = ("reward", "vllm_server_url", "vllm_weight_sync_address", "prompt_template", "benchmark_dir")
+
+
+def _needs_confirming(name: str, value: Any) -> bool:
+    from reasontune.options import REWARD_NAMES, SHIPPED_TEMPLATES  # lazy: options imports this module
+
+    if value is None:
+        return False
+    return not ((name == "reward" and value in REWARD_NAMES) or (name == "prompt_template" and value in SHIPPED_TEMPLATES))
+
+
+def resume_command(command: str, config: Any) -> str:
+    """Returns the command line that resumes ``config``'s run: ``reasontune CMD --resume --output-dir RUN`` plus the options a resume must be told again."""
+    import shlex
+
+    flags = [f"{_flag(name)} {shlex.quote(str(getattr(config, name)))}" for name in CONFIRMED_RUN_OPTIONS
+             if _needs_confirming(name, getattr(config, name, None))]
+    return " ".join([f"reasontune {command} --resume --output-dir {shlex.quote(str(config.output_dir))}", *flags])
+
+
+def untrusted_run_values(path: str | Path, file_values: dict[str, Any], flag_values: dict[str, Any]) -> list[str]:
+    """Returns one refusal naming every value of a run's config.json that would run code or reach beyond the directory, unless a flag repeats it.
+
+    A run directory is data that anyone may have written: its ``reward`` as ``module:function``
+    would be imported, its ``vllm_server_url`` would receive the prompts and the weights, its
+    prompt template and benchmark directory would be read from paths it chose. The user
+    confirms each by giving it on the command line, or all with ``--trust-run-config``.
+    """
+    risky = [f"{_flag(name)} {file_values[name]}" for name in CONFIRMED_RUN_OPTIONS
+             if name not in flag_values and _needs_confirming(name, file_values.get(name))]
+    if not risky:
+        return []
+    return [f"{path} sets {', '.join(risky)}: a run directory is data, not code, and these would be imported, "
+            "contacted or read on its say-so; repeat them on the command line, or pass --trust-run-config if you "
+            "wrote this run"]
 
 
 def _one_line(error: Exception) -> str:
@@ -321,8 +503,11 @@ def check_config(config: Any, environment: bool = True) -> None:
 
 
 def save_config(config: Any, path: str | Path) -> None:
-    """Writes the resolved config as JSON (with the class name) so it can be loaded back equal."""
+    """Writes the resolved config as JSON, with the command that wrote it under ``"command"``, so it can be loaded back equal."""
     payload = dataclasses.asdict(config)
+    command = command_of(type(config))
+    if command is not None:
+        payload[COMMAND_RECORD] = command
     Path(path).write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
@@ -331,6 +516,7 @@ def load_config(path: str | Path, config_cls: type[ConfigT]) -> ConfigT:
 
     The launch that a torchrun run records under "distributed" (world size, global batch) is skipped.
     """
-    values = json.loads(Path(path).read_text())
+    values = json.loads(Path(path).read_text(encoding="utf-8"))
     values.pop(LAUNCH_RECORD, None)
+    values.pop(COMMAND_RECORD, None)
     return config_from_dict(values, config_cls, validate=False)

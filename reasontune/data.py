@@ -261,12 +261,24 @@ def _reason(message: str) -> str:
 
 def _read_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """Yields (line, record or None, error) for a JSONL file, or for a .json holding one array."""
-    text = path.read_text(encoding="utf-8")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = raw.count(b"\n", 0, error.start) + 1
+        raise DataError(f"{path}:{line}: not UTF-8 text (byte {raw[error.start]:#04x} at offset {error.start}); "
+                        "save the file as UTF-8") from None
     if path.suffix == ".json" and text.lstrip().startswith("["):
         try:
             array = json.loads(text)
         except json.JSONDecodeError as error:
             raise DataError(f"{path}:{error.lineno}: invalid JSON: {error.msg}") from None
+        except RecursionError:
+            raise DataError(f"{path}:1: invalid JSON: nested too deeply") from None
+        except ValueError as error:  # a number past int()'s digit limit
+            raise DataError(f"{path}:1: invalid JSON: {' '.join(str(error).split(';')[0].split())}") from None
+        if not isinstance(array, list):
+            raise DataError(f"{path}:1: expected a JSON array of records or JSON lines")
         for index, record in enumerate(array, start=1):
             yield index, record, None
         return
@@ -274,9 +286,31 @@ def _read_json_records(path: Path) -> Iterator[tuple[int, Any, str | None]]:
         if not raw_line.strip():
             continue
         try:
-            yield number, json.loads(raw_line), None
+            record = json.loads(raw_line)
         except json.JSONDecodeError as error:
             yield number, None, f"invalid JSON: {error.msg} at column {error.colno}"
+        except RecursionError:
+            yield number, None, "invalid JSON: nested too deeply"
+        except ValueError as error:  # a number past int()'s digit limit
+            yield number, None, f"invalid JSON: {str(error).split(';')[0]}"
+        else:
+            yield number, record, None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")
+
+
+def looks_like_local_file(source: str) -> bool:
+    """Returns whether a data source names a local path rather than a hub dataset: it exists, starts like a path, or ends in a file suffix.
+
+    A hub id is ``name`` or ``organisation/name``; ``data/train.tsv`` or ``./x`` is a path, and
+    so is any name ending in a letters-only suffix (``.tsv``, ``.txt``); a version suffix such
+    as ``NuminaMath-1.5`` is not one.
+    """
+    path = Path(source).expanduser()
+    if path.exists() or source.startswith((".", "/", "~")) or not _HUB_ID.fullmatch(source):
+        return True
+    return bool(re.fullmatch(r"\.[A-Za-z]+", path.suffix))
 
 
 def _read_with_datasets(source: str, split: str | None, hub_config: str | None) -> Iterator[tuple[int, Any, None]]:
@@ -285,7 +319,21 @@ def _read_with_datasets(source: str, split: str | None, hub_config: str | None) 
     suffix = Path(source).suffix
     if suffix in _LOCAL_SUFFIXES:
         builder = {".parquet": "parquet", ".arrow": "arrow", ".csv": "csv"}[suffix]
-        dataset = datasets.load_dataset(builder, data_files=source, split="train")
+        # Quiet: a failure is reported once, below; datasets would log it and draw a bar for a local file first.
+        verbosity, bars = datasets.logging.get_verbosity(), datasets.is_progress_bar_enabled()
+        datasets.logging.set_verbosity(datasets.logging.CRITICAL)
+        datasets.disable_progress_bars()
+        try:
+            dataset = datasets.load_dataset(builder, data_files=source, split="train")
+        except Exception as error:  # noqa: BLE001 - a truncated or mislabelled file: the datasets builders raise many kinds
+            while error.__cause__ is not None:  # "an error occurred while generating the dataset": say which
+                error = error.__cause__
+            first = " ".join(str(error).split())[:200] or type(error).__name__
+            raise DataError(f"{source}: cannot be read as {builder} ({first})") from None
+        finally:
+            datasets.logging.set_verbosity(verbosity)
+            if bars:
+                datasets.enable_progress_bars()
     else:
         try:
             dataset = datasets.load_dataset(source, hub_config, split=split or "train")
@@ -294,6 +342,27 @@ def _read_with_datasets(source: str, split: str | None, hub_config: str | None) 
                             f"(config={hub_config!r}, split={split or 'train'!r}): {error}") from None
     for index, record in enumerate(dataset, start=1):
         yield index, record, None
+
+
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def _without_lone_surrogates(value: Any) -> Any:
+    """Returns ``value`` itself when no string in it holds a lone surrogate, else a copy with each replaced by U+FFFD.
+
+    JSON may spell half of a UTF-16 pair (``"\\ud83d"``); Python decodes it to a surrogate that
+    UTF-8 and every tokenizer refuse, so it would stop the run at the first batch that holds it.
+    """
+    if isinstance(value, str):
+        return _LONE_SURROGATE.sub("\ufffd", value) if _LONE_SURROGATE.search(value) else value
+    if isinstance(value, list):
+        items = [_without_lone_surrogates(item) for item in value]
+        return items if any(a is not b for a, b in zip(items, value)) else value
+    if isinstance(value, dict):
+        items = {_without_lone_surrogates(key): _without_lone_surrogates(item) for key, item in value.items()}
+        changed = any(a is not b for a, b in zip(items, value)) or any(items[k] is not v for k, v in zip(items, value.values()))
+        return items if changed else value
+    return value
 
 
 def load_examples(source: str | Path, *, split: str | None = None, hub_config: str | None = None,
@@ -308,14 +377,17 @@ def load_examples(source: str | Path, *, split: str | None = None, hub_config: s
     """
     source_text = str(source)
     path = Path(source_text)
+    if looks_like_local_file(source_text):  # never sent to the hub: a typo would wait on network retries
+        if not path.exists():
+            raise DataError(f"{path}: no such file")
+        if path.is_dir():
+            raise DataError(f"{path}: is a directory; give a {'/'.join(sorted(_LOCAL_SUFFIXES))} file")
+        if path.suffix not in _LOCAL_SUFFIXES:
+            raise DataError(f"{path}: unsupported format {path.suffix or '(no suffix)'}; give a "
+                            f"{'/'.join(sorted(_LOCAL_SUFFIXES))} file (a .tsv converts with pandas: "
+                            "read_csv(sep='\\t').to_json(orient='records', lines=True))")
     if path.suffix in (".jsonl", ".json"):
-        if not path.exists():
-            raise DataError(f"{path}: no such file")
         records: Iterable[tuple[int, Any, str | None]] = _read_json_records(path)
-    elif path.exists() or path.suffix in _LOCAL_SUFFIXES:
-        if not path.exists():
-            raise DataError(f"{path}: no such file")
-        records = _read_with_datasets(source_text, split, hub_config)
     else:
         records = _read_with_datasets(source_text, split, hub_config)
 
@@ -323,11 +395,16 @@ def load_examples(source: str | Path, *, split: str | None = None, hub_config: s
     skipped: Counter[str] = Counter()
     skipped_lines: list[str] = []
     total = 0
+    repaired_lines: list[int] = []
     for line, record, error in records:
         total += 1
         try:
             if error is not None:
                 raise DataError(f"{source_text}:{line}: {error}")
+            repaired = _without_lone_surrogates(record)
+            if repaired is not record:
+                record = repaired
+                repaired_lines.append(line)
             examples.append(example_from_record(record, source_text, line))
         except DataError as problem:
             if not skip_bad:
@@ -340,6 +417,11 @@ def load_examples(source: str | Path, *, split: str | None = None, hub_config: s
         chosen = sorted(random.Random(seed).sample(range(len(examples)), max_examples))
         examples = [examples[i] for i in chosen]
     result = ExampleSet(examples, dict(skipped), skipped_lines, total, source_text, valid)
+    if repaired_lines:
+        print(f"warning: {source_text}: {len(repaired_lines)} record(s) held a lone surrogate (half of a UTF-16 "
+              f"pair, such as \\ud83d; lines {', '.join(map(str, repaired_lines[:5]))}"
+              f"{' …' if len(repaired_lines) > 5 else ''}), replaced by U+FFFD: no tokenizer can encode it",
+              file=sys.stderr)
     if skipped:
         print(f"warning: {result.report()}", file=sys.stderr)
     return result
@@ -386,7 +468,10 @@ def load_template(name_or_path: str | Path) -> str:
         if not path.is_file():
             raise FileNotFoundError(f"prompt template {name!r} is neither a shipped template "
                                     f"({', '.join(SHIPPED_TEMPLATES)}) nor an existing file")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise DataError(f"{path}: not UTF-8 text (byte offset {error.start}); save the template as UTF-8") from None
         where = str(path)
     text = text[:-1] if text.endswith("\n") else text
     if "{question}" not in text:

@@ -18,6 +18,7 @@ import contextlib
 import datetime
 import os
 import sys
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -48,6 +49,15 @@ class DistributedContext:
         return self.world_size > 1
 
 
+DEFAULT_TIMEOUT_S = 600.0
+# Every process group of the job waits this long at most in one collective (init_distributed sets it).
+_process_group_timeout_s = DEFAULT_TIMEOUT_S
+# After a failed collective, how long a rank waits to hear from the others (each says why it stopped) before it
+# names the ranks that said nothing: long enough for every rank waiting in the same collective to time out too.
+REPORT_GRACE_S = 10.0
+_REPORT_KEY = "reasontune/stopped/"
+
+
 def _launched_by_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
@@ -64,8 +74,11 @@ def init_distributed(device: str | None = None, backend: str | None = None,
     Args:
         device: "cpu", "cuda" or None (cuda when available, else cpu).
         backend: "nccl" or "gloo"; None picks by device.
-        timeout_s: seconds a collective may wait before the process group gives up.
+        timeout_s: seconds a collective may wait before the process group gives up; the same
+            bound for every group of the job (``side_group`` too), ``--process-group-timeout``.
     """
+    global _process_group_timeout_s
+    _process_group_timeout_s = float(timeout_s)
     kind = device or ("cuda" if torch.cuda.is_available() else "cpu")
     kind = torch.device(kind).type
     if not _launched_by_torchrun() or int(os.environ["WORLD_SIZE"]) == 1:
@@ -104,13 +117,17 @@ def _active() -> bool:
 
 @contextlib.contextmanager
 def stop_all_ranks_on_error(ctx: DistributedContext) -> Iterator[None]:
-    """Yields; an exception inside prints ``error on rank R: message`` once and exits this rank with status 1.
+    """Yields; an exception inside prints one message saying why this rank stopped and exits it with status 1.
 
     Under torchrun a rank exiting with an error makes the agent stop every other rank at once
     (``--max-restarts 0``, the default), so nobody waits in a collective for a dead peer; under
     another launcher the process-group timeout of ``init_distributed`` bounds that wait. The
-    traceback is printed by the failing rank only. World size 1 re-raises unchanged, and so does
-    a ``SystemExit`` with an integer status (an exit that every rank takes together).
+    traceback is printed by the failing rank only. A rank whose collective failed because of
+    another rank says which: the rank whose error is printed, a rank that went away without one
+    (killed by a signal), or, when the collective timed out, the ranks that stopped answering
+    (hung or far slower), learnt from what each rank leaves in the job's store as it stops.
+    World size 1 re-raises unchanged, and so does a ``SystemExit`` with an integer status (an
+    exit that every rank takes together).
     """
     try:
         yield
@@ -120,11 +137,14 @@ def stop_all_ranks_on_error(ctx: DistributedContext) -> Iterator[None]:
             raise
         import traceback
 
-        if _lost_a_peer(error):
-            # Not this rank's fault: the rank that failed has printed the cause.
-            print(f"rank {ctx.rank} of {ctx.world_size} stopped: another rank failed (its error is above)",
-                  file=sys.stderr, flush=True)
+        if _timed_out(error) or _lost_a_peer(error):
+            # Not this rank's fault: say whose it was, once the others have said why they stopped.
+            cause = "timed_out" if _timed_out(error) else "lost_peer"
+            message = peer_failure_message(ctx, cause, _post_and_collect(ctx, cause))
+            if message:
+                print(message, file=sys.stderr, flush=True)
         else:
+            _post_and_collect(ctx, "error", wait=False)
             message = f"{type(error).__name__}: {error}" if not isinstance(error, SystemExit) else str(error.code)
             traceback.print_exc(file=sys.stderr)
             print(f"error on rank {ctx.rank} of {ctx.world_size}: {message}", file=sys.stderr, flush=True)
@@ -134,6 +154,76 @@ def stop_all_ranks_on_error(ctx: DistributedContext) -> Iterator[None]:
             (abort or dist.destroy_process_group)()
         sys.stderr.flush()
         os._exit(1)  # no atexit/collective cleanup that could wait on the other ranks
+
+
+def _post_and_collect(ctx: DistributedContext, cause: str, wait: bool = True,
+                      grace_s: float | None = None) -> dict[int, str] | None:
+    """Returns every rank's reason for stopping that reached the job's store within the grace time (None without a store).
+
+    This rank's ``cause`` ("error", "timed_out" or "lost_peer") is posted first. Waiting ends
+    early once every rank has posted, or once one posted "error" (that rank prints the cause).
+    """
+    try:
+        from torch.distributed import distributed_c10d
+
+        store = distributed_c10d._get_default_store()
+        store.set(f"{_REPORT_KEY}{ctx.rank}", cause)
+    except Exception:  # no default group or store (it was destroyed, or the store host is gone)
+        return None
+    if not wait:
+        return {ctx.rank: cause}
+    if grace_s is None:  # peers in the same collective time out within about one timeout of each other at most
+        grace_s = min(REPORT_GRACE_S, max(2.0, _process_group_timeout_s))
+    deadline = time.monotonic() + grace_s
+    posted: dict[int, str] = {}
+    while True:
+        for rank in range(ctx.world_size):
+            if rank in posted:
+                continue
+            try:
+                if store.check([f"{_REPORT_KEY}{rank}"]):
+                    posted[rank] = store.get(f"{_REPORT_KEY}{rank}").decode()
+            except Exception:
+                return posted or None
+        if len(posted) == ctx.world_size or "error" in posted.values() or time.monotonic() > deadline:
+            return posted
+        time.sleep(0.2)
+
+
+def peer_failure_message(ctx: DistributedContext, cause: str, posted: dict[int, str] | None) -> str | None:
+    """Returns the one line a rank prints when a collective failed because of another rank (None: another rank prints it).
+
+    ``posted``: each rank's reason for stopping, from the job's store (``_post_and_collect``);
+    the ranks missing from it said nothing. Of the ranks that report the same thing, the
+    lowest prints it.
+    """
+    here = f"rank {ctx.rank} of {ctx.world_size}"
+    timeout = f"{_process_group_timeout_s:g}"
+    if posted is None:  # the store is gone too: what this rank saw is all there is
+        if cause == "timed_out":
+            return (f"{here}: a collective timed out after {timeout} s (--process-group-timeout): another rank "
+                    "stopped answering (hung or far slower than the others)")
+        return f"{here} stopped: another rank went away (see the error above, or torchrun's summary)"
+    failed = sorted(rank for rank, why in posted.items() if why == "error")
+    if failed:
+        return (f"{here} stopped: rank {', '.join(map(str, failed))} failed (its error is above)"
+                if ctx.rank == min(rank for rank in posted if posted[rank] != "error") else None)
+    silent = [rank for rank in range(ctx.world_size) if rank not in posted]
+    if ctx.rank != min(posted):
+        return None
+    names = ", ".join(map(str, silent))
+    ranks = "rank" if len(silent) == 1 else "ranks"
+    if cause == "timed_out" and silent:
+        return (f"{here}: hang: a collective waited {timeout} s (--process-group-timeout) for {ranks} {names}, which "
+                f"stopped answering: hung or far slower than the others (a stuck data read, generation or "
+                f"grading, an overloaded node); raise --process-group-timeout only if {ranks} {names} is merely slow")
+    if cause == "timed_out":
+        return (f"{here}: hang: every rank timed out after {timeout} s (--process-group-timeout) waiting for the "
+                "others: they are in different collectives (one rank skipped or added one)")
+    if silent:
+        return (f"{here} stopped: {ranks} {names} went away without an error (killed by a signal: out of memory? "
+                "see torchrun's summary and the system log)")
+    return f"{here} stopped: another rank went away (see torchrun's summary)"
 
 
 def run_on_every_rank(config: Any, work: Callable[[DistributedContext], Any]) -> Any:
@@ -146,7 +236,7 @@ def run_on_every_rank(config: Any, work: Callable[[DistributedContext], Any]) ->
     is ``run_on_every_rank(config, lambda ctx: …)``.
     """
     check_config(config)
-    ctx = init_distributed(config.device)
+    ctx = init_distributed(config.device, timeout_s=getattr(config, "process_group_timeout", DEFAULT_TIMEOUT_S))
     try:
         with stop_all_ranks_on_error(ctx):
             result = work(ctx)
@@ -158,6 +248,13 @@ def run_on_every_rank(config: Any, work: Callable[[DistributedContext], Any]) ->
         raise
     close_distributed()
     return result
+
+
+def _timed_out(error: BaseException) -> bool:
+    """Returns True for a collective that gave up waiting after the process-group timeout (gloo's "Timed out waiting")."""
+    text = str(error)
+    return isinstance(error, RuntimeError) and ("Timed out waiting" in text or "timed out" in text.lower()
+                                                and ("gloo" in text or "collective" in text.lower()))
 
 
 def _lost_a_peer(error: BaseException) -> bool:
@@ -223,7 +320,9 @@ def side_group() -> Any:
     gathers objects on the default group would interleave with the main thread's FSDP
     collectives. Its own group keeps the two streams apart (gloo: the objects are on CPU).
     """
-    return dist.new_group(backend="gloo") if _active() else None
+    if not _active():
+        return None
+    return dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=_process_group_timeout_s))
 
 
 def gather_slices(local_items: Sequence[Any]) -> list[Any]:

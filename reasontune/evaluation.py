@@ -221,7 +221,8 @@ def _build_eval_generator(config: EvalConfig) -> Generator:
     device = config.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = resolved_dtype(config.dtype, device)
     if config.backend == "vllm":
-        server = VLLMServerOptions(config.vllm_server_url, weight_sync="none") if config.vllm_server_url else None
+        server = (VLLMServerOptions(config.vllm_server_url, weight_sync="none", timeout_s=config.vllm_timeout)
+                  if config.vllm_server_url else None)
         return build_generator("vllm", model_name=config.model, dtype=dtype, seed=config.seed,
                                vllm_device=config.vllm_device,
                                vllm_gpu_memory_utilization=config.vllm_gpu_memory_utilization,
@@ -309,6 +310,8 @@ def _run_eval(config: EvalConfig, ctx: distributed.DistributedContext) -> int:
         raise SystemExit("error: " + "; ".join(config.launch_problems(ctx.world_size)))
     with contextlib.nullcontext() if ctx.is_main else contextlib.redirect_stderr(io.StringIO()):
         sets, read = eval_sets(config)  # every rank reads the data; rank 0 reports what was read
+    if config.num_threads:  # e.g. 1 on a loaded machine, where OpenMP threads fighting over cores cost 10x
+        torch.set_num_threads(config.num_threads)
     options = SamplingOptions(temperature=config.eval_temperature, top_p=config.eval_top_p,
                               max_new_tokens=config.eval_max_new_tokens, n=config.eval_n_samples, seed=config.seed,
                               return_entropy=config.entropy and config.backend == "hf")

@@ -81,6 +81,13 @@ def aggregate_loss(
     and data parallelism — and otherwise this microbatch's mean divided by
     ``gradient_accumulation_steps`` (equal when every microbatch holds as many sequences).
 
+    A sequence with no loss tokens (a response masked out whole, e.g. truncated under
+    ``--mask-truncated``) is out of the loss, as verl's aggregation treats it: it adds 0 to the
+    value and to the gradient, and it is not one of the sequences the mean divides by. Callers
+    count ``examples_in_step`` the same way (``sequences_with_loss_tokens``), so dropping such
+    a row from the batch changes nothing, whatever the split over microbatches and ranks. A
+    step with no loss token at all gives a loss of 0 with zero gradient (never 0 / 0).
+
     Args:
         per_token_loss: (batch, seq) float, the loss of each token (with gradient).
         response_mask: (batch, seq) bool, True on the tokens that count.
@@ -99,25 +106,45 @@ def aggregate_loss(
                          f"{tuple(response_mask.shape)} must have the same shape")
     if gradient_accumulation_steps < 1:
         raise ValueError(f"gradient_accumulation_steps must be >= 1, got {gradient_accumulation_steps}")
+    mask = response_mask.bool()
+    # 0 with a zero gradient: the value of a microbatch that has nothing to learn from
+    nothing = masked_normalize(per_token_loss, mask, 1.0)
     if aggregation == "token_mean":
-        denominator = tokens_in_step if tokens_in_step is not None else (
-            int(response_mask.sum()) * gradient_accumulation_steps)
-        if denominator <= 0:
-            raise ValueError("token_mean aggregation needs at least one response token in the step")
-        return masked_normalize(per_token_loss, response_mask, float(denominator))
+        tokens = int(mask.sum())
+        denominator = tokens_in_step if tokens_in_step is not None else tokens * gradient_accumulation_steps
+        if denominator < tokens or denominator < 0:
+            raise ValueError(f"tokens_in_step ({denominator}) is fewer than this microbatch's {tokens} response "
+                             "tokens; count the whole optimizer step")
+        return nothing if tokens == 0 else masked_normalize(per_token_loss, mask, float(denominator))
+    token_counts = mask.sum(dim=-1)
     if aggregation == "sequence_mean":
-        per_sequence = masked_mean(per_token_loss, response_mask, dim=-1)
+        # A count clamped to 1 only where the sum is over no token: the row's mean is 0, not 0 / 0.
+        per_sequence = masked_normalize(per_token_loss, mask, 1.0, dim=-1) / token_counts.clamp(min=1)
     elif aggregation == "sequence_sum":
         if normalize_constant is None:
             raise ValueError("loss aggregation 'sequence_sum' needs normalize_constant")
-        per_sequence = masked_normalize(per_token_loss, response_mask, normalize_constant, dim=-1)
+        per_sequence = masked_normalize(per_token_loss, mask, normalize_constant, dim=-1)
     else:
         raise ValueError(f"unknown loss aggregation {aggregation!r}; expected sequence_mean, sequence_sum or token_mean")
+    counted = sequences_with_loss_tokens(mask)
     if examples_in_step is not None:
-        if examples_in_step <= 0:
-            raise ValueError(f"examples_in_step must be positive, got {examples_in_step}")
-        return per_sequence.sum() / examples_in_step
-    return per_sequence.mean() / gradient_accumulation_steps
+        if examples_in_step < counted or examples_in_step < 0:
+            raise ValueError(f"examples_in_step must be positive and at least this microbatch's {counted} sequences "
+                             f"with loss tokens, got {examples_in_step}")
+        return nothing if counted == 0 else per_sequence.sum() / examples_in_step
+    if counted == 0:
+        return nothing
+    return per_sequence.sum() / counted / gradient_accumulation_steps
+
+
+def _metric_mean(tensor: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Returns the 0-d mean of ``tensor`` over ``mask`` for logging: 0 for a microbatch without a masked token (weighted by 0 tokens)."""
+    return masked_normalize(tensor, mask, float(max(int(mask.bool().sum()), 1)))
+
+
+def sequences_with_loss_tokens(response_mask: torch.Tensor) -> int:
+    """Returns how many rows of ``response_mask`` (batch, seq) bool hold at least one True: the sequences a per-sequence mean counts."""
+    return int(response_mask.bool().any(dim=-1).sum())
 
 
 def sft_microbatch_train_step(
@@ -392,7 +419,7 @@ def grpo_microbatch_train_step(
     metadata = dict(metadata)
     metadata["num_response_tokens"] = response_mask.sum()
     if kl is not None:
-        metadata["kl"] = masked_mean(kl.detach(), response_mask)
+        metadata["kl"] = _metric_mean(kl.detach(), response_mask)
     return loss.detach(), metadata
 
 
@@ -506,7 +533,8 @@ def compute_gspo_loss(
         advantages: (batch, 1) or (batch,) float.
         policy_log_probs: (batch, seq) float, current policy (with gradient).
         old_log_probs: (batch, seq) float.
-        response_mask: (batch, seq) bool; every row needs at least one true entry.
+        response_mask: (batch, seq) bool; a row without a true entry has sequence ratio 1 and
+            must stay out of the aggregation (``aggregate_loss`` leaves it out).
         eps_low, eps_high: the sequence ratio's clip range ``[1 - eps_low, 1 + eps_high]``.
 
     Returns:
@@ -514,12 +542,13 @@ def compute_gspo_loss(
         metadata: ``sequence_ratio`` (batch,) detached; bool (batch, seq) maps ``clipped_low``,
             ``clipped_high`` and ``clipped`` (the response's sequence clip, broadcast over its tokens).
     """
-    if response_mask.sum(dim=-1).min() < 1:
-        raise ValueError("GSPO needs at least one response token in every row (the sequence ratio is a mean over them)")
     advantages = advantages.reshape(-1, 1).to(policy_log_probs.dtype)
     mask = response_mask.bool()
     log_ratio = clamped_log_ratio(policy_log_probs, old_log_probs)
-    mean_log_ratio = masked_mean(log_ratio, mask, dim=-1).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
+    # A row with no response token (masked out whole) gets log-ratio 0, ratio 1, as in verl (its
+    # length clamped to 1); its loss is never counted, since every aggregation leaves such a row out.
+    mean_log_ratio = (masked_normalize(log_ratio, mask, 1.0, dim=-1) / mask.sum(dim=-1).clamp(min=1)
+                      ).clamp(-MAX_LOG_RATIO, MAX_LOG_RATIO)
     token_log_ratio = mean_log_ratio.detach().unsqueeze(-1) + policy_log_probs - policy_log_probs.detach()
     ratio = torch.exp(token_log_ratio).to(policy_log_probs.dtype)
     loss = -torch.minimum(ratio * advantages, torch.clamp(ratio, 1.0 - eps_low, 1.0 + eps_high) * advantages)
@@ -641,14 +670,14 @@ def compute_policy_loss(
     metadata = dict(metadata)
     for suffix in ("", "_low", "_high"):
         flags = metadata.get(f"clipped{suffix}")
-        metadata[f"clip_fraction{suffix}"] = (masked_mean(flags.float(), response_mask) if flags is not None
+        metadata[f"clip_fraction{suffix}"] = (_metric_mean(flags.float(), response_mask) if flags is not None
                                               else torch.zeros((), device=policy_log_probs.device))
     if rollout_weights is not None:
         if rollout_weights.shape != policy_log_probs.shape:
             raise ValueError(f"rollout_weights {tuple(rollout_weights.shape)} must have the shape of policy_log_probs "
                              f"{tuple(policy_log_probs.shape)}")
         loss = loss * rollout_weights.detach().to(loss.dtype)
-        metadata["rollout_weight_mean"] = masked_mean(rollout_weights.detach().float(), response_mask)
+        metadata["rollout_weight_mean"] = _metric_mean(rollout_weights.detach().float(), response_mask)
     return loss, metadata
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from reasontune.config import help_field
+from reasontune.gguf_models import gguf_file_problem, is_gguf_file, missing_gguf_packages, missing_packages_message
 
 DType = Literal["float32", "bfloat16", "float16"]
 REWARD_NAMES = ("auto", "r1_zero", "question_only")
@@ -35,13 +36,14 @@ class RunOptions:
 
     seed: int = help_field(0, "seed of data order, subsets, initialisation and sampling", group="run")
     num_threads: int | None = help_field(None, "torch CPU threads (default: torch's choice)", group="run")
+    process_group_timeout: float = help_field(600.0, "under torchrun: seconds a rank waits in one collective for the others (every process group) before the job stops, naming the rank that stopped answering", group="distributed")
 
 
 @dataclass
 class ModelOptions:
     """Which model, in which dtype, on which device."""
 
-    model: str = help_field("Qwen/Qwen2.5-Math-1.5B", "hub name or local directory of the causal LM (with its tokenizer)", group="model", aliases=("model-path", "model-name-or-path"))
+    model: str = help_field("Qwen/Qwen2.5-Math-1.5B", "hub name, local directory (with its tokenizer) or local .gguf file (dequantised to --dtype; needs reasontune[gguf]) of the causal LM", group="model", aliases=("model-path", "model-name-or-path"))
     dtype: DType | None = help_field(None, "parameter dtype (default: bfloat16 on a GPU, float32 on a CPU)", group="model")
     device: str | None = help_field(None, "torch device (default: cuda when available, else cpu)", group="model")
     attn_implementation: str | None = help_field(None, "attention kernel: sdpa, flash_attention_2 or eager (default: flash_attention_2 when installed on CUDA, else sdpa)", group="model")
@@ -74,7 +76,7 @@ class TaskOptions:
 class GradingOptions:
     """Where grading runs."""
 
-    grading_workers: int | None = help_field(None, "grading worker processes (0: grade in this process; default: the grader's choice)", group="grading")
+    grading_workers: int | None = help_field(None, "grading worker processes (0: grade in this process; default: this node's cores divided by the ranks on it, LOCAL_WORLD_SIZE under torchrun)", group="grading")
 
 
 @dataclass
@@ -91,6 +93,7 @@ class GenerationOptions:
     vllm_weight_sync: Literal["auto", "nccl", "none"] = help_field("auto", "how the policy's weights reach the --vllm-server-url server: nccl (vLLM's weight-transfer API; the server needs --weight-transfer-config '{\"backend\": \"nccl\"}') or none (the server keeps its weights; eval only); auto: nccl for trainers, none for eval", group="generation")
     vllm_weight_sync_address: str | None = help_field(None, "this trainer's address as the vLLM server's workers can reach it, for the NCCL weight group (default: this host's IP address)", group="generation")
     vllm_weight_sync_port: int = help_field(0, "TCP port of the NCCL weight group's rendezvous on this trainer (0: a free port)", group="generation")
+    vllm_timeout: float = help_field(600.0, "seconds one request to the --vllm-server-url server may take, its reply included (a completions request samples all its responses in that time)", group="generation")
 
     def vllm_problems(self, trainer: bool) -> list[str]:
         """Returns what is wrong with the vLLM options: flags that need another, sizes out of range, a malformed server URL."""
@@ -105,6 +108,7 @@ class GenerationOptions:
                                           ("--vllm-data-parallel-size", self.vllm_data_parallel_size)) if value]
         if self.backend != "vllm" and given:
             problems.append(f"{', '.join(given)} given with --backend {self.backend}: add --backend vllm or drop them")
+        _range(problems, "--vllm-timeout", self.vllm_timeout, 0, low_open=True, hint="seconds, e.g. 600")
         sync_flags = [flag for flag, value in (("--vllm-weight-sync", self.vllm_weight_sync != "auto"),
                                                ("--vllm-weight-sync-address", self.vllm_weight_sync_address),
                                                ("--vllm-weight-sync-port", self.vllm_weight_sync_port)) if value]
@@ -112,6 +116,9 @@ class GenerationOptions:
             if sync_flags:
                 problems.append(f"{', '.join(sync_flags)} given without --vllm-server-url: weights are pushed over "
                                 "NCCL only to a vllm serve server; give its URL or drop them")
+            if self.vllm_timeout != 600.0:
+                problems.append("--vllm-timeout given without --vllm-server-url: it bounds requests to a vllm serve "
+                                "server; give its URL or drop the flag")
             return problems + self.launch_problems(world_size)
         problems += server_url_problems(self.vllm_server_url)
         for flag, value in (("--vllm-device", self.vllm_device),
@@ -340,7 +347,9 @@ def data_source_problems(flag: str, source: str | None) -> list[str]:
     """Returns what is wrong with a data flag's value: a local file that is missing, a directory or empty (hub names pass)."""
     if not source:
         return []
-    if not looks_like_path(source):
+    from reasontune.data import looks_like_local_file  # lazy: the data module imports the graders
+
+    if not looks_like_path(source) and not looks_like_local_file(source):
         nearby = _nearby(source, files=True)
         return [f"{flag} {source}: no such file (did you mean {nearby}?), and it would be tried as a hub dataset"] if nearby else []
     path = Path(source).expanduser()
@@ -348,6 +357,9 @@ def data_source_problems(flag: str, source: str | None) -> list[str]:
         return [f"{flag} {source}: no such file; check the path (or give a hub dataset name)"]
     if path.is_dir():
         return [f"{flag} {source}: is a directory; give a .jsonl/.json/.parquet file"]
+    if path.suffix not in DATA_SUFFIXES:
+        return [f"{flag} {source}: unsupported format {path.suffix or '(no suffix)'}; give a "
+                f"{'/'.join(DATA_SUFFIXES)} file (local files are never looked up on the hub)"]
     if path.stat().st_size == 0 or (path.suffix in (".jsonl", ".json") and path.stat().st_size < 1 << 20
                                      and not path.read_text(encoding="utf-8", errors="replace").strip()):
         return [f"{flag} {source}: the file is empty; give a file with at least one record"]
@@ -358,6 +370,11 @@ def model_problems(flag: str, model: str) -> list[str]:
     """Returns what is wrong with a model flag: a local directory that is missing or holds no config.json, or a malformed hub id."""
     if not model:
         return [f"{flag}: required; give a local model directory or a hub id such as Qwen/Qwen2.5-Math-1.5B"]
+    if is_gguf_file(model):  # a local GGUF file, dequantised on load
+        problem = gguf_file_problem(model)
+        missing = missing_gguf_packages()
+        return ([f"{flag} {model}: {problem}"] if problem else []) + (
+            [f"{flag} {model}: {missing_packages_message(missing)}"] if missing else [])
     if not looks_like_path(model):
         return hub_model_problems(flag, model)
     path = Path(model).expanduser()
@@ -366,7 +383,10 @@ def model_problems(flag: str, model: str) -> list[str]:
     if not path.is_dir() or not (path / "config.json").exists():
         return [(f"{flag} {model}: not a model directory (no config.json); give the directory save_pretrained wrote, "
                  "e.g. a run's final/")]
-    return []
+    from reasontune.checkpoint import model_files_problem  # lazy: imports torch
+
+    problem = model_files_problem(path)
+    return [f"{flag} {model}: {problem}"] if problem else []
 
 
 def _nearby(name: str, files: bool) -> str | None:
@@ -474,6 +494,8 @@ def validate_common(config: Any) -> list[str]:
     problems: list[str] = []
     if isinstance(config, RunOptions):
         _range(problems, "--num-threads", config.num_threads, 1)
+        _range(problems, "--process-group-timeout", config.process_group_timeout, 0, low_open=True,
+               hint="seconds, e.g. 600")
     if isinstance(config, LoRAOptions):
         problems += config.lora_problems()
     if isinstance(config, TaskOptions) and config.reward not in REWARD_NAMES and ":" not in config.reward:
@@ -543,6 +565,9 @@ def environment_problems(config: Any) -> list[str]:
     if isinstance(config, GenerationOptions) and config.backend == "vllm" and (
             not config.vllm_server_url or config.weight_sync_mode(isinstance(config, TrainerOptions)) == "nccl"):
         problems += package_problems("--backend vllm", "vllm", "vllm")
+        if isinstance(config, ModelOptions) and is_gguf_file(config.model):
+            problems.append(f"--backend vllm: loads --model itself, and {config.model} is a GGUF file; convert it once "
+                            f"with reasontune models get --gguf {config.model} --output-dir DIR and give --model DIR")
     if isinstance(config, ShardingOptions):
         problems += config.sharding_environment_problems()
     if isinstance(config, InLoopEvaluationOptions):

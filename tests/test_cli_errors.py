@@ -188,9 +188,15 @@ def test_a_failed_start_can_simply_be_retried(workspace, monkeypatch, capsys):
 
 def test_argparse_habits(workspace, monkeypatch, capsys):
     monkeypatch.chdir(workspace)
-    with pytest.raises(SystemExit) as exit_info:  # no prefix matching: --learning-r is not --learning-rate
-        main([*SFT, "--learning-r", "1e-4", "--output-dir", "new"])
-    assert exit_info.value.code == 2 and "unrecognized arguments: --learning-r" in capsys.readouterr().err
+    # no prefix matching: --learning-r is not --learning-rate; one line from the subcommand, with the closest flag
+    assert main([*SFT, "--learning-r", "1e-4", "--output-dir", "new"]) == 2
+    assert capsys.readouterr().err == ("error: reasontune sft: unknown option --learning-r; did you mean "
+                                       "--learning-rate?\n")
+    with pytest.raises(SystemExit) as exit_info:  # a value argparse refuses: one line too, not the usage
+        main([*SFT, "--batch-size", "two", "--output-dir", "new"])
+    assert exit_info.value.code == 2 and capsys.readouterr().err == (
+        "error: reasontune sft: argument --batch-size: invalid int value: 'two'; reasontune sft --help lists every "
+        "option\n")
     with pytest.raises(SystemExit) as exit_info:
         main(["--version"])
     assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("reasontune ")

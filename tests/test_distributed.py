@@ -7,6 +7,7 @@ launches serve every invariance and checkpoint test (module fixture); one more t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -335,6 +336,40 @@ def test_an_error_on_one_rank_stops_every_rank_promptly_with_one_message():
     assert result.stderr.count("error on rank 1 of 2: ValueError: microbatch 17 has no response tokens") == 1
     assert result.stderr.count("error on rank 0") == 0  # rank 0 only says it stopped because of a peer
     assert elapsed < 60  # the process-group timeout is 120 s: rank 0 did not wait it out
+
+
+@pytest.mark.parametrize("group", ["main", "side"])
+def test_a_hung_rank_is_reported_as_a_hang_naming_it_after_the_timeout_of_every_group(group):
+    """Rank 1 sleeps 120 s; with a 3 s timeout the job ends within seconds and rank 0 names rank 1 (default or side group)."""
+    started = time.time()
+    result = launch([str(SCRIPTS / "hang.py"), group, "3"], world_size=2, timeout=90)
+    elapsed = time.time() - started
+    assert result.returncode != 0
+    assert result.stderr.count("rank 0 of 2: hang: a collective waited 3 s (--process-group-timeout) for rank 1, "
+                               "which stopped answering") == 1, result.stderr[-2000:]
+    assert "its error is above" not in result.stderr and "error on rank" not in result.stderr
+    # 3 s timeout + at most 3 s for rank 1 to say why it stopped (it never does) + start-up; never rank 1's 120 s
+    # (nor torch's 30-minute default that a side group used to keep)
+    assert elapsed < 60
+
+
+def test_peer_failure_messages_name_whose_fault_it_was():
+    ctx = distributed.DistributedContext(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    # ranks 0 and 2 timed out, rank 1 and 3 said nothing: they stopped answering
+    assert "for ranks 1, 3, which stopped answering" in distributed.peer_failure_message(
+        ctx, "timed_out", {0: "timed_out", 2: "timed_out"})
+    # everyone timed out: the ranks wait in different collectives
+    assert "they are in different collectives" in distributed.peer_failure_message(
+        ctx, "timed_out", {rank: "timed_out" for rank in range(4)})
+    # a rank with an error prints it; the others point to it
+    assert distributed.peer_failure_message(ctx, "lost_peer", {0: "lost_peer", 3: "error"}) == (
+        "rank 0 of 4 stopped: rank 3 failed (its error is above)")
+    # a rank that went away silently (killed by a signal) is named as such
+    assert "rank 2 went away without an error (killed by a signal" in distributed.peer_failure_message(
+        ctx, "lost_peer", {0: "lost_peer", 1: "lost_peer", 3: "lost_peer"})
+    # only the lowest of the ranks that saw the same thing prints it
+    later = dataclasses.replace(ctx, rank=2)
+    assert distributed.peer_failure_message(later, "timed_out", {0: "timed_out", 2: "timed_out"}) is None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,14 +113,15 @@ def test_eval_command_writes_readable_records_and_summary(tmp_path, qwen_tokeniz
     data.write_text("".join(json.dumps({"question": f"What is {i} + {i}?", "answer": f"{i} + {i} = {2 * i}\n#### {2 * i}"})
                             + "\n" for i in range(5)))
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(2)
     try:
         code = main(["eval", "--model", str(model_dir), "--data", str(data), "--output-dir", str(tmp_path / "out"),
                      "--max-examples", "3", "--eval-max-new-tokens", "4", "--generation-batch-size", "2",
-                     "--grading-workers", "0"])
+                     "--grading-workers", "0", "--num-threads", "1"])
+        threads_used = torch.get_num_threads()
     finally:
         torch.set_num_threads(threads)
-    assert code == 0
+    assert code == 0 and threads_used == 1  # --num-threads reaches torch (it was set to 2 before)
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     records = [json.loads(line) for line in (tmp_path / "out" / "records.jsonl").read_text().splitlines()]
     assert summary["n_examples"] == 3 and len(records) == 3

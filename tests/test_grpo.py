@@ -271,3 +271,43 @@ def test_dapo_recipe_run_logs_clip_fractions_mismatch_and_dynamic_sampling(tiny_
     (event,) = [r for r in lines if r["kind"] == "event"]
     assert "equal rewards" in event["message"] and event["dynamic_sampling_tries"] == 2
     assert event["groups_drawn"] == 4 and event["groups_dropped"] == 4
+
+
+def test_gspo_with_mask_truncated_when_every_response_is_truncated_takes_no_step(tiny_model_dir, tmp_path):
+    """Every response cut by the budget and masked out: no NaN, loss 0, no optimizer step (AdamW's weight decay included)."""
+    from safetensors.torch import load_file
+
+    data = _write_questions(tmp_path / "questions.jsonl", 8)
+    config = GRPOConfig(model=str(tiny_model_dir), train_data=str(data), output_dir=str(tmp_path / "run"),
+                        n_grpo_steps=1, rollout_batch_size=4, group_size=2, train_batch_size=4,
+                        gradient_accumulation_steps=2, loss_type="gspo", mask_truncated=True, weight_decay=0.1,
+                        learning_rate=1e-2, sampling_min_tokens=3, sampling_max_tokens=3, grading_workers=0,
+                        num_threads=1, progress=False, write_report=False, eval_before_training=False)
+    run_dir = run_grpo(config)
+    (train,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+                if json.loads(line)["kind"] == "train"]
+    assert train["truncated_fraction"] == 1.0  # EOS is forbidden before the 3-token budget: all cut by it
+    assert train["loss"] == 0.0 and train["skipped_updates"] == 1 and train["optimizer_steps"] == 0
+    assert all(math.isfinite(value) for value in train.values() if isinstance(value, float))
+    start = load_file(tiny_model_dir / "model.safetensors")
+    final = load_file(run_dir / "final" / "model.safetensors")
+    assert all(torch.equal(start[name], final[name]) for name in start)
+
+
+def test_three_steps_of_all_zero_rewards_warn_what_it_means_and_what_to_check(tiny_model_dir, tmp_path, capsys):
+    """A random model never writes '</think> <answer>': every reward 0, every advantage 0, nothing learnt; the run says so."""
+    data = _write_questions(tmp_path / "questions.jsonl", 8)
+    config = GRPOConfig(model=str(tiny_model_dir), train_data=str(data), output_dir=str(tmp_path / "run"),
+                        n_grpo_steps=4, rollout_batch_size=4, group_size=2, train_batch_size=4,
+                        gradient_accumulation_steps=2, sampling_min_tokens=1, sampling_max_tokens=3, grading_workers=0,
+                        num_threads=1, progress=False, write_report=False, eval_before_training=False)
+    run_dir = run_grpo(config)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in lines if r["kind"] == "train"]
+    assert [r["reward"] for r in train] == [0.0] * 4 and [r["nonzero_advantage_fraction"] for r in train] == [0.0] * 4
+    (event,) = [r for r in lines if r["kind"] == "event"]  # once for the streak, at its third step
+    assert event["step"] == 3 and event["message"].startswith("warning: GRPO steps 1-3: every reward was 0, so every "
+                                                               "advantage is 0 and the policy learns nothing")
+    for hint in ("prompt template and the reward agree", "references are read", "answers are extracted"):
+        assert hint in event["message"]
+    assert capsys.readouterr().err.count("warning: GRPO steps 1-3: every reward was 0") == 1

@@ -158,7 +158,9 @@ def test_merged_model_equals_the_adapter_model_and_leaves_it_intact(tiny_qwen2, 
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert not is_peft_model(merged) and type(merged).__name__ == "Qwen2ForCausalLM"
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+        # float32 through two kernel paths (the adapter wrapper vs the merged model) differs by ~2e-5 on a few
+        # logits; a head left at the frozen original would differ by the randomised embedding, O(0.1) and up.
+        torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, atol=1e-4, rtol=1e-4)
     # The live adapter model is untouched, bit for bit, and still trains only its adapters.
     for name, parameter in model.named_parameters():
         assert torch.equal(parameter, before[name]), name
@@ -328,4 +330,6 @@ def test_trained_tied_embeddings_train_the_output_head_too_and_merge_tied(tmp_pa
     merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
     assert merged.lm_head.weight is merged.get_input_embeddings().weight
     with torch.no_grad():
-        torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, atol=1e-5, rtol=1e-5)
+        # float32 through two kernel paths (the adapter wrapper vs the merged model) differs by ~2e-5 on a few
+        # logits; a head left at the frozen original would differ by the randomised embedding, O(0.1) and up.
+        torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, atol=1e-4, rtol=1e-4)

@@ -234,3 +234,57 @@ def test_aggregate_loss_is_one_reduction_for_sft_and_grpo():
         aggregate_loss(per_token, mask, "sequence_sum", 1)
     with pytest.raises(ValueError, match="examples_in_step must be positive"):
         aggregate_loss(per_token, mask, "sequence_mean", 1, examples_in_step=0)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "sequence_sum"])
+def test_a_sequence_without_loss_tokens_is_out_of_the_loss_value_gradient_and_divisor(aggregation):
+    """The case above plus a third row masked out whole, nan and inf under its mask: same value, same gradient."""
+    from reasontune.losses import aggregate_loss, sequences_with_loss_tokens
+
+    per_token = torch.tensor([[9.0, 2.0, 4.0], [1.0, 3.0, 9.0], [float("nan"), float("inf"), 7.0]], requires_grad=True)
+    mask = torch.tensor([[F, T, T], [T, T, F], [F, F, F]])
+    assert sequences_with_loss_tokens(mask) == 2
+    constant = {"normalize_constant": 4.0} if aggregation == "sequence_sum" else {}
+    loss = aggregate_loss(per_token, mask, aggregation, 2, **constant)
+    # sequence_mean: (3 + 2) over the 2 sequences that have loss tokens, / 2 steps = 1.25 (the third row not counted);
+    # sequence_sum: (6/4 + 4/4) / 2 / 2 = 0.625.
+    assert loss.item() == pytest.approx(1.25 if aggregation == "sequence_mean" else 0.625)
+    loss.backward()
+    # d/d token: sequence_mean 1 / (2 tokens) / (2 sequences) / 2 steps = 1/8; sequence_sum 1/4 / 2 / 2 = 1/16
+    g = 1 / 8 if aggregation == "sequence_mean" else 1 / 16
+    torch.testing.assert_close(per_token.grad, torch.tensor([[0.0, g, g], [g, g, 0.0], [0.0, 0.0, 0.0]]))
+    # With the step's count (the sequences with loss tokens of every microbatch, here 5): (3 + 2) / 5 = 1.0
+    counted = aggregate_loss(per_token, mask, aggregation, 2, examples_in_step=5, **constant)
+    assert counted.item() == pytest.approx(1.0 if aggregation == "sequence_mean" else 0.5)
+
+
+@pytest.mark.parametrize("aggregation", ["sequence_mean", "sequence_sum", "token_mean"])
+def test_a_microbatch_or_step_without_any_loss_token_is_zero_with_zero_gradient(aggregation):
+    from reasontune.losses import aggregate_loss
+
+    per_token = torch.tensor([[float("nan"), 2.0], [float("-inf"), 4.0]], requires_grad=True)
+    mask = torch.zeros(2, 2, dtype=torch.bool)
+    for counts in ({}, {"examples_in_step": 0, "tokens_in_step": 0}, {"examples_in_step": 3, "tokens_in_step": 7}):
+        loss = aggregate_loss(per_token, mask, aggregation, 2, normalize_constant=4.0, **counts)
+        assert loss.item() == 0.0
+        loss.backward()
+        assert torch.equal(per_token.grad, torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="fewer than this microbatch's 1 response tokens"):
+        aggregate_loss(per_token.detach(), torch.tensor([[F, T], [F, F]]), "token_mean", 1, tokens_in_step=0)
+
+
+def test_grpo_step_with_a_truncated_response_masked_out_has_no_nan():
+    """--mask-truncated on a microbatch: the truncated row adds nothing; the loss is the kept row's, by hand."""
+    from reasontune.losses import mask_truncated_responses
+
+    log_probs = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]], requires_grad=True)
+    mask = mask_truncated_responses(torch.ones(2, 3, dtype=torch.bool), torch.tensor([False, True]))
+    for loss_type in ("reinforce_with_baseline", "grpo_clip"):
+        log_probs.grad = None
+        loss, metadata = grpo_microbatch_train_step(log_probs, mask, 1, loss_type, advantages=torch.tensor([2.0, -1.0]),
+                                                    old_log_probs=log_probs.detach(), cliprange=0.2)
+        # row 0 only: per-token -A log p = 2, 4, 6 -> mean 4 over its 3 tokens, 1 sequence counted; on-policy
+        # grpo_clip has ratio 1: loss -A = -2 in value (same gradient as REINFORCE).
+        assert loss.item() == pytest.approx(4.0 if loss_type == "reinforce_with_baseline" else -2.0)
+        torch.testing.assert_close(log_probs.grad, torch.tensor([[-2 / 3] * 3, [0.0] * 3]))
+        assert all(math.isfinite(float(value)) for value in metadata.values() if value.dim() == 0)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from reasontune.batching import (
     block_causal_attention_mask,
+    flatten_packed,
     pack_examples,
     pack_rows,
     packed_forward_kwargs,
@@ -353,3 +354,30 @@ def test_packed_kwargs_through_get_response_log_probs():
                 reference = alone_log_probs(model, prompts[index] + outputs[index])
                 torch.testing.assert_close(piece[masks[k]], reference[masks[k]], rtol=0, atol=1e-5)
                 assert masks[k].any()
+
+
+def test_flat_layout_by_hand_and_equal_to_each_example_alone():
+    # The by-hand microbatch above: rows [10 11 12 | 20 21] and [30 31 32 | pad pad]; flat drops the
+    # two padding tokens and concatenates the rows: 10 11 12 20 21 30 31 32, positions 0 1 2 0 1 0 1 2.
+    prompts, outputs = [[10, 11], [20], [30, 31, 32]], [[12, 13], [21, 22], [33]]
+    (rows,) = pack_examples(prompts, outputs, pad_token_id=PAD, tokens_per_row=5, rows_per_batch=2)
+    flat = flatten_packed(rows)
+    assert flat["input_ids"].tolist() == [[10, 11, 12, 20, 21, 30, 31, 32]]
+    assert flat["labels"].tolist() == [[11, 12, 13, 21, 22, 31, 32, 33]]
+    assert flat["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1, 2]]
+    assert flat["sequence_ids"].tolist() == [[0, 0, 0, 1, 1, 2, 2, 2]]
+    assert flat["response_mask"].tolist() == [[False, True, True, True, True, False, False, True]]
+    assert flat["example_indices"].tolist() == [0, 1, 2] and flat["num_examples"] == 3
+
+    prompts, outputs = random_examples(7, seed=11)
+    model = tiny_model("sdpa")
+    for batch in pack_examples(prompts, outputs, pad_token_id=PAD, tokens_per_row=16, rows_per_batch=3):
+        flat = flatten_packed(batch)
+        assert flat["input_ids"].shape == (1, int((batch["sequence_ids"] >= 0).sum()))
+        with torch.no_grad():
+            packed = label_log_probs(model, flat["input_ids"], flat["labels"], **packed_forward_kwargs(flat, "sdpa"))
+        for k, pieces in enumerate(split_packed(packed, flat)):
+            index = int(flat["example_indices"][k])
+            with torch.no_grad():
+                alone = alone_log_probs(model, prompts[index] + outputs[index])
+            torch.testing.assert_close(pieces, alone, atol=1e-5, rtol=0)

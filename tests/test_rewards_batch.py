@@ -104,3 +104,23 @@ def test_symbolic_items_are_graded_inside_the_workers():
         [_ok("(x-1)(x+1)"), _ok("2\\sqrt{3}"), _ok("x^2+1")], ["x^2-1", "\\sqrt{12}", "(x+1)^2"], workers=2
     )
     assert [r["answer_reward"] for r in results] == [1.0, 1.0, 0.0]
+
+
+def pid_reward_fn(response: str, ground_truth):
+    """Grades as R1-Zero and says which worker process graded."""
+    return {**r1_zero_reward_fn(response, ground_truth), "worker_pid": os.getpid()}
+
+
+def test_default_workers_share_the_node_cores_among_its_ranks(monkeypatch):
+    from reasontune.rewards.batch import default_grading_workers
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert default_grading_workers() == cores
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun --nproc_per_node 4 sets it in every rank
+    assert default_grading_workers() == max(1, cores // 4)
+    # As many ranks as cores: one worker per rank; every item of a batch is graded by that one process.
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", str(cores))
+    results = grade_batch([_ok(str(i)) for i in range(40)], [str(i) for i in range(40)], reward_fn=pid_reward_fn)
+    assert len({result["worker_pid"] for result in results}) == 1 and results.num_errors == 0
+    assert all(result["reward"] == 1.0 for result in results)

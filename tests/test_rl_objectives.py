@@ -114,10 +114,24 @@ def test_gspo_clips_whole_sequences():
     torch.testing.assert_close(masked_mean(loss.detach(), mask, dim=-1), torch.tensor([-1.1, 0.95]))
 
 
-def test_gspo_needs_a_response_token_per_row():
-    policy, old, _, advantages = gspo_case()
-    with pytest.raises(ValueError, match="at least one response token"):
-        compute_gspo_loss(advantages, policy, old, torch.tensor([[T, F, F], [F, F, F]]), 0.1, 0.1)
+def test_gspo_with_a_response_masked_out_whole_leaves_it_out_as_verl_does():
+    """A row without response tokens (--mask-truncated) has sequence ratio 1 and adds nothing; the other row is unchanged."""
+    from reasontune.losses import grpo_microbatch_train_step
+
+    policy, old, mask, advantages = gspo_case()
+    empty = torch.tensor([[T, T, F], [F, F, F]])  # row 1 truncated: masked out whole
+    loss, meta = compute_gspo_loss(advantages, policy, old, empty, eps_low=0.3, eps_high=0.3)
+    # row 0 as before: s = e^0.2; row 1: log-ratio sum 0 over a length clamped to 1 -> s = e^0 = 1 (verl's clamp)
+    torch.testing.assert_close(meta["sequence_ratio"], torch.tensor([math.exp(0.2), 1.0]))
+    assert not meta["clipped"][1].any()
+    assert torch.isfinite(loss).all()
+    step_loss, step_meta = grpo_microbatch_train_step(policy, empty, 1, "gspo", advantages=advantages,
+                                                      old_log_probs=old, cliprange=0.3)
+    # sequence_mean over the one row that counts: -A s = -1 * e^0.2; gradient -A s / |y| = -e^0.2 / 2 on its 2 tokens
+    assert step_loss.item() == pytest.approx(-math.exp(0.2))
+    row0 = -math.exp(0.2) / 2
+    torch.testing.assert_close(policy.grad, torch.tensor([[row0, row0, 0.0], [0.0, 0.0, 0.0]]))
+    assert float(step_meta["clip_fraction"]) == 0.0
 
 
 # --- CISPO

@@ -60,6 +60,10 @@ def grpo(**values) -> GRPOConfig:
     ({"backend": "vllm", "vllm_server_url": "http://h:8000", "vllm_weight_sync_port": 70000},
      "--vllm-weight-sync-port: must be >= 0 and <= 65535"),
     ({"fsdp_cpu_offload": True, "device": "cpu"}, "--fsdp-cpu-offload with --device cpu"),
+    ({"backend": "vllm", "vllm_server_url": "http://h:8000", "vllm_timeout": 0.0}, "--vllm-timeout: must be > 0, got 0"),
+    ({"backend": "vllm", "vllm_server_url": "http://h:8000", "vllm_timeout": float("inf")}, "--vllm-timeout: must be > 0"),
+    ({"backend": "vllm", "vllm_timeout": 30.0}, "--vllm-timeout given without --vllm-server-url"),
+    ({"process_group_timeout": -1.0}, "--process-group-timeout: must be > 0, got -1"),
 ])
 def test_each_bad_combination_names_its_flag(values, expected):
     assert expected in problems_of(grpo(**values))

@@ -376,3 +376,156 @@ def test_an_fsdp2_policy_under_torchrun_is_pushed_by_rank_0_one_gathered_layer_a
     assert [path for path in server.paths() if path in ("/pause?mode=wait", "/resume")] == ["/pause?mode=wait",
                                                                                            "/resume"]
     assert server.paths().count("/init_weight_transfer_engine") == 1
+
+
+# --- replies are checked, not believed: each violation is a VLLMServerError naming the URL and the field
+
+VOCAB = 1000
+
+
+def good_choice(**changes):
+    choice = {"index": 0, "text": " 7 </answer>", "token_ids": [5, 6, 7], "finish_reason": "stop",
+              "stop_reason": "</answer>", "logprobs": {"token_logprobs": [-0.5, -0.25, -1.0],
+                                                      "tokens": ["token_id:5", "token_id:6", "token_id:7"]}}
+    return {**choice, **changes}
+
+
+def crafted_server(reply_of):
+    """A /v1/completions server whose reply is ``reply_of(request body)`` (a dict, sent as JSON)."""
+    return JsonServer({("GET", "/v1/models"): models_route,
+                       ("POST", "/v1/completions"): lambda body: (200, reply_of(body))})
+
+
+@pytest.mark.parametrize(("reply", "field"), [
+    ({"choices": [good_choice(token_ids=[5, -1, 7])]}, r"token_ids\[1\] is -1, not a token id in \[0, 1000\)"),
+    ({"choices": [good_choice(token_ids=[5, 6, VOCAB])]}, r"token_ids\[2\] is 1000, not a token id in \[0, 1000\)"),
+    ({"choices": [good_choice(token_ids=[5, 6.5, 7])]}, r"token_ids\[1\] is 6.5"),
+    ({"choices": [good_choice(token_ids=list(range(4)))]}, r"token_ids holds 4 tokens; at most 3 were asked for"),
+    ({"choices": [good_choice(token_ids=None, logprobs={"token_logprobs": [-1.0], "tokens": ["token_id:-3"]})]},
+     r"logprobs.tokens holds 'token_id:-3'"),
+    ({"choices": [good_choice(logprobs={"token_logprobs": [-0.5, float("nan"), -1.0]})]},
+     r"logprobs.token_logprobs\[1\] is nan, not a finite log-probability"),
+    ({"choices": [good_choice(logprobs={"token_logprobs": [-0.5, -0.25, float("-inf")]})]},
+     r"logprobs.token_logprobs\[2\] is -inf"),
+    ({"choices": [good_choice(logprobs={"token_logprobs": [-0.5, 3.0, -1.0]})]}, r"token_logprobs\[1\] is 3.0"),
+    ({"choices": [good_choice(logprobs={"token_logprobs": [-0.5]})]}, r"token_logprobs: .* got 1 for 3 tokens"),
+    ({"choices": [good_choice(finish_reason="abort")]}, r"finish_reason is 'abort'"),
+    ({"choices": [good_choice(stop_reason="7")]}, r"stop_reason is '7', not one of the stop strings"),
+    ({"choices": [good_choice(text=["x"])]}, r"field text is list"),
+    ({"choices": [good_choice(index=3)]}, r"choices\[\]\.index is \[3\]"),
+    ({"choices": [good_choice(), good_choice()]}, r"field choices: expected 1 choices, got 2"),
+    ({"choices": [good_choice()], "prompt_token_ids": None, "usage": {"prompt_tokens": -4}},
+     r"usage.prompt_tokens is -4"),
+], ids=["negative id", "id = vocab", "float id", "more tokens than asked", "negative token_id:N", "nan log-prob",
+        "-inf log-prob", "positive log-prob", "log-prob count", "aborted", "unasked stop string", "text not a string",
+        "index out of range", "extra choice", "negative prompt count"])
+def test_each_violation_of_a_completions_reply_is_an_error_naming_the_url_and_the_field(reply, field):
+    server = crafted_server(lambda body: reply)
+    try:
+        generator = VLLMServerGenerator(server.url, weight_sync="none", vocab_size=VOCAB, timeout_s=10)
+        with pytest.raises(VLLMServerError, match=rf"{server.url}/v1/completions \(prompt 0\).*{field}"):
+            generator.generate(["Hello"], SamplingOptions(max_new_tokens=3, return_logprobs=True))
+    finally:
+        server.close()
+
+
+def test_a_valid_crafted_reply_passes_and_the_vocabulary_comes_from_the_model(tiny_qwen2):
+    server = crafted_server(lambda body: {"choices": [good_choice()], "usage": {"prompt_tokens": 2}})
+    try:
+        [[completion]] = VLLMServerGenerator(server.url, weight_sync="none", vocab_size=VOCAB).generate(
+            ["Hello"], SamplingOptions(max_new_tokens=3, return_logprobs=True))
+        assert (completion.token_ids, completion.logprobs, completion.stop_string) == (
+            [5, 6, 7], [-0.5, -0.25, -1.0], "</answer>")
+        generator = build_generator("vllm", model=tiny_qwen2, vllm_server=VLLMServerOptions(
+            server.url, weight_sync="none", timeout_s=7.0))
+        assert generator.vocab_size == tiny_qwen2.config.vocab_size and generator.client.timeout_s == 7.0
+    finally:
+        server.close()
+
+
+def test_a_reply_body_larger_than_the_request_can_need_is_refused_unread():
+    # 1 token asked for: the bound is 1 MiB + 512 bytes; a 2 MiB text is more than any honest reply.
+    server = crafted_server(lambda body: {"choices": [good_choice(text="x" * (2 << 20), token_ids=[5],
+                                                                  logprobs=None)]})
+    try:
+        generator = VLLMServerGenerator(server.url, weight_sync="none", vocab_size=VOCAB)
+        with pytest.raises(VLLMServerError, match=rf"{server.url}/v1/completions: the reply body is \d+ bytes, "
+                                                  r"more than the 1049088 this request can need"):
+            generator.generate(["Hello"], SamplingOptions(max_new_tokens=1))
+    finally:
+        server.close()
+
+
+class SlowServer:
+    """A real HTTP server whose /v1/completions reply trickles out a byte every ``gap_s`` (no Content-Length) or never comes."""
+
+    def __init__(self, gap_s: float, silent: bool = False):
+        owner = self
+        self.stop = threading.Event()
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+
+            def do_GET(self):
+                data = json.dumps(models_route(None)[1]).encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_POST(self):
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if silent:
+                    owner.stop.wait(10)
+                    return
+                self.send_response(200)
+                self.end_headers()
+                while not owner.stop.is_set():
+                    try:
+                        self.wfile.write(b" ")
+                        self.wfile.flush()
+                    except OSError:
+                        return
+                    owner.stop.wait(gap_s)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.stop.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("silent", [True, False], ids=["no answer", "one byte at a time"])
+def test_vllm_timeout_bounds_the_whole_request_also_a_reply_that_trickles(silent):
+    server = SlowServer(gap_s=0.1, silent=silent)
+    try:
+        generator = VLLMServerGenerator(server.url, weight_sync="none", timeout_s=1.0)
+        started = time.monotonic()
+        expected = "no reply within 1 s" if silent else "the reply took longer than 1 s to arrive"
+        with pytest.raises(VLLMServerError, match=rf"{server.url}/v1/completions: {expected} \(--vllm-timeout\)"):
+            generator.generate(["Hello"], SamplingOptions(max_new_tokens=3))
+        assert time.monotonic() - started < 5  # each byte came within the socket timeout: only the deadline stops it
+    finally:
+        server.close()
+
+
+def test_malformed_model_list_and_worker_count_are_errors():
+    for reply, message in (([1, 2], "field data is not a list of models"),
+                           ({"data": [{"id": 3}]}, "field data lists no model id")):
+        server = JsonServer({("GET", "/v1/models"): lambda _, reply=reply: (200, reply)})
+        with pytest.raises(VLLMServerError, match=rf"{server.url}/v1/models: {message}"):
+            VLLMServerGenerator(server.url, weight_sync="none")
+        server.close()
+    server = weight_server()
+    server.routes[("GET", "/get_world_size")] = lambda _: (200, {"world_size": 10 ** 9})
+    generator = VLLMServerGenerator(server.url, sync_address="127.0.0.1", sync_port=1, sender_factory=RecordingSender)
+    with pytest.raises(VLLMServerError, match="/get_world_size: no worker count"):
+        generator.sync_weights(torch.nn.Linear(1, 1))
+    server.close()

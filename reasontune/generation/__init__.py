@@ -161,6 +161,8 @@ class VLLMServerOptions:
     weight_sync: Literal["nccl", "none"] = "nccl"
     sync_address: str | None = None
     sync_port: int = 0
+    timeout_s: float = 600.0  # one request, reply included (--vllm-timeout)
+    vocab_size: int | None = None  # bound of the token ids a reply may hold (None: the model's, when known here)
 
 
 def build_generator(backend: Literal["hf", "vllm"], *, model=None, tokenizer=None, model_name: str = "",
@@ -184,7 +186,8 @@ def build_generator(backend: Literal["hf", "vllm"], *, model=None, tokenizer=Non
 
         return VLLMServerGenerator(vllm_server.url, weight_sync=vllm_server.weight_sync,
                                    sync_address=vllm_server.sync_address, sync_port=vllm_server.sync_port,
-                                   dtype=getattr(torch, dtype))
+                                   dtype=getattr(torch, dtype), timeout_s=vllm_server.timeout_s,
+                                   vocab_size=vllm_server.vocab_size or model_vocab_size(model, model_name))
     if backend == "vllm":
         from reasontune.generation.vllm import VLLMGenerator  # optional extra: imported only when asked for
 
@@ -199,6 +202,25 @@ def build_generator(backend: Literal["hf", "vllm"], *, model=None, tokenizer=Non
     from reasontune.generation.hf import HFGenerator  # torch/transformers stay out of `import reasontune.generation`
 
     return HFGenerator(model, tokenizer, batch_size=batch_size)
+
+
+def model_vocab_size(model=None, model_name: str = "") -> int | None:
+    """Returns the vocabulary size of ``model`` (its config), else of the config of ``model_name`` when it is on disk or cached; None when unknown."""
+    config = getattr(model, "config", None)
+    size = getattr(config, "vocab_size", None)
+    if isinstance(size, int):
+        return size
+    if not model_name:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_name, local_files_only=True)  # never a download for a bound
+    except (OSError, ValueError, ImportError):
+        return None
+    config = getattr(config, "text_config", None) or config
+    size = getattr(config, "vocab_size", None)
+    return size if isinstance(size, int) else None
 
 
 def __getattr__(name: str):

@@ -34,6 +34,20 @@ def _failed(reason: str) -> dict:
     return {"format_reward": 0.0, "answer_reward": 0.0, "reward": 0.0, "grading_error": reason}
 
 
+def default_grading_workers() -> int:
+    """Returns the grading workers one process starts by default: this node's cores shared by its ranks (``LOCAL_WORLD_SIZE``, torchrun's), at least 1.
+
+    Every rank grades its own slice, so N ranks on a node with ``os.cpu_count()`` workers each
+    would start N times as many processes as cores.
+    """
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        local_ranks = 1
+    return max(1, cores // local_ranks)
+
+
 def grade_batch(
     responses: Sequence[str],
     ground_truths: Sequence[GroundTruth],
@@ -45,7 +59,8 @@ def grade_batch(
 ) -> GradedBatch:
     """Return ``reward_fn(response, ground_truth)`` for every pair, in input order, as a GradedBatch.
 
-    Items run in ``workers`` worker processes (default: one per CPU, at most one per item),
+    Items run in ``workers`` worker processes (default: ``default_grading_workers()``, this
+    node's cores divided by its ranks; at most one per item),
     each limited to ``memory_limit_bytes`` of address space; an item gets ``timeout`` seconds
     of wall time. A worker that overruns is killed, one that dies is noticed, both are
     replaced, and their item is graded all-zero with ``"grading_error"`` set. ``reward_fn``
@@ -60,7 +75,7 @@ def grade_batch(
         return GradedBatch([reward_fn(response, truth) for response, truth in zip(responses, ground_truths)], {})
     if total == 0:
         return GradedBatch([], {})
-    workers = max(1, min(workers or os.cpu_count() or 1, total))
+    workers = max(1, min(workers or default_grading_workers(), total))
     chunk_size = chunk_size or max(1, min(32, total // (4 * workers)))
     results: list[dict | None] = [None] * total
     errors: dict[int, str] = {}

@@ -12,8 +12,9 @@ that raises ``NeedsSymbolic`` so that sympy runs only inside a bounded worker pr
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from fractions import Fraction
 from typing import Callable
 
@@ -56,6 +57,12 @@ class Answer:
     ``equation`` keeps ``(lhs, rhs)`` of a labelled answer such as ``y = 2x+1`` (whose value
     side is the answer) so that it can still be compared as an equation; ``decimals`` is the
     number of decimal places when the answer is a single decimal literal (``0.33`` → 2).
+    ``comma_decimal`` is the tree of the decimal-comma reading of a lone ``2,74`` (used only
+    against a single number, see ``answers_match``); ``bases`` the explicit base subscripts
+    written on numbers (``1011_2`` → ``{"2"}``); ``choice`` the letter of a multiple-choice
+    answer followed by its text (``C. x = 42`` → ``"C"``, valued as ``x = 42``).
+    Kinds added to the above: ``time`` (``(hours, minutes)`` of ``h:mm``) and ``group``
+    (values in plain braces ``{1, 3}``: a list, or a tuple against a tuple).
     """
 
     kind: str
@@ -65,6 +72,9 @@ class Answer:
     normalized: str = ""
     equation: tuple | None = None
     decimals: int | None = None
+    comma_decimal: tuple | None = None
+    bases: frozenset = frozenset()
+    choice: str | None = None
 
 
 _OR_SEPARATORS = (" or ", "\\lor", "\\vee")
@@ -75,14 +85,22 @@ _MATRIX = re.compile(r"^\\begin\{([pbBvV]?matrix|smallmatrix|array)\}(?:\{[^{}]*
 _BRACKETED_MATRIX = re.compile(r"^[(\[]\s*(\\begin\{(?:array|matrix)\}.*\\end\{(?:array|matrix)\})\s*[)\]]$", re.S)
 # What a label may be: ``x``, ``x_1``, ``\theta``, ``f(x)``, ``(p, q)``, ``\angle ABC``; and
 # names built from letters alone such as ``AB``, ``\frac{AB}{CD}``, ``V_1:V_2`` (see is_label).
-_SYMBOL = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:'|\\prime)*(?:\^\{?-1\}?)?"
+_SYMBOL = r"(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?(?:'|\\prime)*(?:\s*\^\s*\{?\s*(?:-1|T|\\top)\s*\}?)?"
 _LABEL = re.compile(
     rf"^\s*(?:{_SYMBOL}\s*(?:\(\s*[a-zA-Z0-9,.\s+-]*\))?|\(\s*{_SYMBOL}(?:\s*,\s*{_SYMBOL})+\s*\)"
-    r"|(?:m\s*)?\\(?:angle|triangle|measuredangle)\s*[A-Z]{1,3})\s*$"
+    r"|(?:m\s*)?\\(?:angle|triangle|measuredangle)\s*[A-Z]{1,3}"
+    r"|\|\s*(?:\\overline\s*\{\s*[A-Z]{1,4}\s*\}|\\vec\s*\{?\s*[a-zA-Z]{1,2}\s*\}?|[A-Z]{1,4})\s*\|"  # |AB|, |\vec{v}|
+    r"|\\(?:overline|widehat|overrightarrow)\s*\{\s*[A-Z]{1,4}\s*\})\s*$"
 )
 _LETTER_NAME = re.compile(r"^(?:[a-zA-Z\s{}/:]|\\frac|\\cdot|_\{?\w+\}?)+$")
 _EMPTY_SET = re.compile(r"^(?:\\emptyset|\\varnothing|\\\{\s*\\\}|\{\s*\})$")
 _DECIMAL = re.compile(r"^[-+]?(\d*)\.(\d+)$")
+_TIME = re.compile(r"^([01]?\d|2[0-3]):([0-5]\d)$")
+_COMMA_DECIMAL = re.compile(r"^([-+]?\d+),(\d+)$")
+_BASE = re.compile(r"(?<![a-zA-Z\\_{])\d+\s*_\s*\{?\s*(\d+)\s*\}?")
+# A choice letter with its text after it: "C. x = 42", "(C) 12", "C) 12", "C: 12".
+_CHOICE_WITH_TEXT = re.compile(r"^(?:\(\s*([A-E])\s*\)\s*|([A-E])\s*[.:)]\s+)(\S.*)$")
+_OTHER_CHOICE = re.compile(r"(?:^|\s)\(?[A-E][.:)]\s|\([A-E]\)")
 _OPENERS = "([{"
 _CLOSERS = ")]}"
 MAX_NESTING = 6
@@ -246,6 +264,53 @@ def _without_points(whole: str, points: str, depth: int) -> tuple[str, tuple]:
     return "reals", relations.canonical(tuple(intervals))
 
 
+def _list_items(text: str) -> list[str]:
+    """Return the items of one alternative of an "or" answer: ``21, 16`` → two, ``(1, 2)`` → one."""
+    if _is_structure(text) or text[:1] == "{":
+        return [text]
+    return split_top_level(text, (",",))
+
+
+def _assignment_groups(text: str) -> tuple | None:
+    """Return the solutions of ``p=5, q=2; p=7, q=2`` as tuples in name order, else None.
+
+    Groups are separated by ``;``, "and" or "or"; each must assign the same two or more names
+    (a solution of a system), so ``(5, 2), (7, 2)`` is the same answer.
+    """
+    groups = split_top_level(text, (";",) + _OR_SEPARATORS + (" and ",))
+    if len(groups) < 2 or len(groups) > MAX_ITEMS:
+        return None
+    solutions, names = [], None
+    for group in groups:
+        parts = split_top_level(group, (",",))
+        assignment = _assignment(parts) if len(parts) > 1 else None
+        if assignment is None or (names is not None and assignment[0] != names):
+            return None
+        names = assignment[0]
+        solutions.append(("seq", ("(", ")", tuple(("expr", tree) for tree in assignment[1]))))
+    return tuple(solutions)
+
+
+def exact_side(text: str) -> str:
+    """Return the part of ``a \\approx b`` that counts: the exact side, on either side of the ``\\approx``.
+
+    ``x = \\frac13 \\approx 0.33`` gives ``x = \\frac13``; ``x \\approx 11`` gives ``x = 11``;
+    ``x \\approx 1.41`` gives ``x = 1.41`` (only a decimal was written: it is graded as one).
+    """
+    parts = split_top_level(text, ("\\approx",))
+    if len(parts) == 1:
+        return text
+    label = None
+    if not parts[0]:
+        parts = parts[1:]
+    elif is_label(parts[0]) and parts[0] not in ("\\pi", "e", "\\infty"):
+        label, parts = parts[0], parts[1:]
+    parts = [part for part in parts if part] or [""]
+    decimal = [_DECIMAL.match(split_top_level(part, ("=",))[-1].strip()) is not None for part in parts]
+    chosen = next((part for part, is_decimal in zip(parts, decimal) if not is_decimal), parts[0])
+    return f"{label} = {chosen}" if label else chosen
+
+
 def _structure(text: str, depth: int = 0) -> tuple[str, object]:
     """Return ``(kind, value)`` of a normalised answer; raise ParseError when it has none."""
     if depth > MAX_NESTING:
@@ -280,16 +345,34 @@ def _structure(text: str, depth: int = 0) -> tuple[str, object]:
             for _, items in parts:
                 merged.extend(item for item in items if item not in merged)
             return "set", tuple(merged)
-        if any(kind != "seq" or len(value[2]) != 2 for kind, value in parts):
-            raise ParseError("a union of something other than intervals")
-        return "union", tuple(value for _, value in parts)
+        if all(kind == "seq" and len(value[2]) == 2 for kind, value in parts):
+            return "union", tuple(value for _, value in parts)
+        # \{-1\} \cup [0, 7): points and intervals, one set of reals (a point is [a, a]).
+        intervals = []
+        for kind, value in parts:
+            if kind == "set" and all(item[0] == "expr" for item in value):
+                intervals.extend(relations.interval(item[1], True, item[1], True) for item in value)
+            elif kind == "seq" and len(value[2]) == 2:
+                intervals.append(_seq_interval(value))
+            else:
+                raise ParseError("a union of something other than intervals and points")
+        return "reals", relations.canonical(tuple(intervals))
     if text.startswith("\\{") and text.endswith("\\}") and _matching_close(text[1:]) == len(text) - 2:
         inner = text[2:-2]
         return "set", _elements(split_top_level(inner, (",", ";")) if inner.strip() else [], depth)
+    solutions = _assignment_groups(text)
+    if solutions is not None:
+        return "set", solutions
     alternatives = split_top_level(_EITHER.sub("", text), _OR_SEPARATORS)
     if len(alternatives) > 1:
-        # "3 or 5": several answers, graded as the set of them (so never as one of them).
-        return "set", _elements(alternatives, depth)
+        # "3 or 5": several answers, graded as the set of them (so never as one of them);
+        # "21, 16 or 11" lists three.
+        flat = [item for alternative in alternatives for item in _list_items(alternative)]
+        return "set", _elements(flat, depth)
+    if text[:1] == "{" and _matching_close(text) == len(text) - 1:
+        items = split_top_level(text[1:-1], (",", ";"))
+        if len(items) > 1:
+            return "group", _elements(items, depth)
     if text[:1] in "([" and _matching_close(text) == len(text) - 1:
         parts = split_top_level(text[1:-1], (",",))
         if len(parts) == 1:
@@ -301,12 +384,18 @@ def _structure(text: str, depth: int = 0) -> tuple[str, object]:
         assignment = _assignment(parts)
         return ("assignment", assignment) if assignment is not None else ("set", _elements(parts, depth))
     sides = split_top_level(text, ("=",))
+    if len(sides) > 2:
+        # A chain a = b = c states its last side, the result of the working before it.
+        return _structure(sides[-1], depth + 1)
     if len(sides) > 1 and not is_label(sides[0]):
-        if len(sides) != 2:
-            raise ParseError("a chain of equations")
         return "eq", (parse_expression(sides[0]), parse_expression(sides[1]))
     if len(sides) > 1 and "\\pm" not in sides[-1] and "\\mp" not in sides[-1]:
         return _structure(sides[-1], depth + 1)
+    time = _TIME.match(text)
+    if time is not None and (time.group(2)[0] == "0" or math.gcd(int(time.group(1)), int(time.group(2))) != 1):
+        # 10:30 and 3:00 are times of day (a ratio is written in lowest terms, and never as 3:00):
+        # 10:30 is not 5:15, 3:00 is not 5:00. 11:21 stays a ratio.
+        return "time", (int(time.group(1)), int(time.group(2)))
     ratio = split_top_level(text, (":",))
     if len(ratio) > 1:
         if len(ratio) > MAX_ITEMS:
@@ -339,16 +428,34 @@ def parse_answer(raw: str) -> Answer:
     if normalized is None:
         return Answer("refused", None, False, "")
     text, percent = normalized
+    text = exact_side(text)
     folded = normalize_text(text)
     if not text:
         return Answer("empty", None, percent, "")
+    choice, valued = None, text
+    with_text = _CHOICE_WITH_TEXT.match(text)
+    if with_text is not None and not _OTHER_CHOICE.search(with_text.group(3)):
+        choice, valued = with_text.group(1) or with_text.group(2), with_text.group(3)
+    bases = frozenset(_BASE.findall(valued))
     try:
-        kind, value = _structure(text)
+        kind, value = _structure(valued)
     except Refused:
         return Answer("refused", None, percent, folded, text)
     except (ParseError, RecursionError, ValueError, ZeroDivisionError, OverflowError):
-        return Answer("text", folded, percent, folded, text)
-    return Answer(kind, value, percent, folded, text, _labelled_equation(text), _decimals(text))
+        return Answer("text", folded, percent, folded, text, choice=choice)
+    return Answer(kind, value, percent, folded, text, _labelled_equation(valued), _decimals(valued),
+                  _comma_decimal(valued), bases, choice)
+
+
+def _comma_decimal(text: str) -> tuple | None:
+    """Return the tree of ``2,74`` read with a decimal comma (one comma, no space, not thousands), else None."""
+    match = _COMMA_DECIMAL.match(text)
+    if match is None:
+        return None
+    try:
+        return parse_expression(f"{match.group(1)}.{match.group(2)}")
+    except ParseError:
+        return None
 
 
 # ---------------------------------------------------------------------------------------
@@ -383,6 +490,8 @@ def trees_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_sy
         pass
     except (Refused, ParseError, ZeroDivisionError, OverflowError):
         return False
+    if commutative_form(left) == commutative_form(right):
+        return True  # the same terms and factors in another order: no sympy needed
     try:
         check_exponents(left)
         check_exponents(right)
@@ -397,6 +506,28 @@ def trees_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_sy
         if abs(a - b) > 1e-9 * max(1.0, abs(a), abs(b)):
             return False
     return exact_equal(left, right)
+
+
+def commutative_form(tree: tuple) -> tuple:
+    """Return ``tree`` with nested sums and products flattened and their terms in a fixed order.
+
+    Two trees with equal forms are equal by commutativity and associativity alone
+    (``2\\sqrt{33} + 15`` and ``15 + 2\\sqrt{33}``); different forms prove nothing.
+    """
+    kind = tree[0]
+    if kind in ("add", "mul"):
+        children = []
+        for child in tree[1]:
+            child = commutative_form(child)
+            children.extend(child[1] if child[0] == kind else (child,))
+        return kind, tuple(sorted(children, key=repr))
+    if kind in ("neg", "fact"):
+        return kind, commutative_form(tree[1])
+    if kind in ("div", "pow", "root", "binom"):
+        return kind, commutative_form(tree[1]), commutative_form(tree[2])
+    if kind == "func":
+        return kind, tree[1], commutative_form(tree[2])
+    return tree
 
 
 def check_exponents(tree: tuple) -> None:
@@ -479,9 +610,16 @@ def _seq_interval(seq: tuple) -> tuple:
 
 
 def _ratio_equal(left: tuple, right: tuple, exact_equal: ExactEqual) -> bool:
-    """Return True when two ratios ``a:b:c`` are proportional (cross products equal)."""
+    """Return True when two ratios ``a:b:c`` are proportional (cross products equal).
+
+    Cross products against a zero term prove nothing (``3:0`` and ``5:0`` have equal cross
+    products), so a ratio with a zero term equals only one with the same terms.
+    """
     if len(left) != len(right):
         return False
+    zero = ("num", Fraction(0))
+    if any(trees_equal(term, zero, exact_equal) for term in left + right):
+        return _items_equal(left, right, exact_equal)
     return all(
         trees_equal(("mul", (left[index], right[0])), ("mul", (right[index], left[0])), exact_equal)
         for index in range(1, len(left))
@@ -522,37 +660,83 @@ def equations_equal(left: tuple, right: tuple, exact_equal: ExactEqual) -> bool:
     return trees_equal(first, ("mul", (("num", scale), second)), exact_equal)
 
 
-def _rounds_to(exact: tuple, decimal: tuple, places: int) -> bool:
-    """Return True when the exact value ``exact`` rounds to the decimal literal ``decimal`` at ``places``.
+FLOAT_PRECISION_DIGITS = 12
+"""A decimal with at least this many significant digits is a value written to float precision."""
 
-    ``\\frac{1}{3}`` rounds to 0.33 and to 0.333, ``\\pi`` to 3.14; never 0.34. The decimal
-    must carry at least two significant digits, and the exact side must be a constant.
-    """
-    if places > 12 or symbols_of(exact) - {"e"}:
-        return False
+
+def _decimal_digits(decimal_text: str) -> int:
+    """Return the significant digits written in a decimal literal (``0.0830`` → 3, ``4.10`` → 3)."""
+    digits = decimal_text.lstrip("+-").replace(".", "").lstrip("0")
+    return len(digits)
+
+
+def _exact_number(tree: tuple) -> Fraction | float | None:
+    """Return the value of a constant tree: a Fraction when rational, a float when real, else None."""
+    if symbols_of(tree) - {"e"}:
+        return None
     try:
-        written = rational_value(decimal)
-    except (NotRational, ParseError, Refused):
-        return False
-    digits = str(abs(written.numerator * 10**places // written.denominator)).lstrip("0")
-    if len(digits) < 2:
-        return False
-    half_step = Fraction(1, 2 * 10**places)
-    try:
-        return abs(rational_value(exact) - written) <= half_step
+        return rational_value(tree)
     except NotRational:
         pass
     except (ParseError, Refused, ZeroDivisionError, OverflowError):
-        return False
+        return None
     try:
-        check_exponents(exact)
-        value = numeric_value(exact, {})
+        check_exponents(tree)
+        value = numeric_value(tree, {})
     except (ArithmeticError, ValueError, KeyError, TypeError, Refused, ParseError):
+        return None
+    if abs(value.imag) > 1e-12 or not abs(value.real) < 1e300:
+        return None
+    return value.real
+
+
+def _float_precision_equal(exact: tuple, decimal: tuple) -> bool:
+    """Return True when a decimal written to float precision agrees with ``exact`` to 12 significant digits.
+
+    ``0.0833333333333333`` (the float of 1/12) and ``0.6666666666666666`` equal ``\\frac1{12}``
+    and ``\\frac23``; the agreement is within half a unit of the twelfth significant digit.
+    """
+    value = _exact_number(exact)
+    written = _exact_number(decimal)
+    if value is None or written is None or value == 0:
         return False
-    if abs(value.imag) > 1e-12 or abs(value.real) > 1e6:
+    exponent = math.floor(math.log10(abs(float(value))))
+    tolerance = Fraction(1, 2) * Fraction(10) ** (exponent - FLOAT_PRECISION_DIGITS + 1)
+    if isinstance(value, Fraction):
+        return abs(value - written) <= tolerance
+    return abs(value - float(written)) <= float(tolerance)
+
+
+def _round_half_away(value: Fraction, places: int) -> Fraction:
+    """Return ``value`` rounded to ``places`` decimals, a tie rounding away from zero (0.125 → 0.13)."""
+    scaled = abs(value) * 10**places
+    rounded = Fraction(math.floor(scaled + Fraction(1, 2)), 10**places)
+    return rounded if value >= 0 else -rounded
+
+
+def _rounds_to(exact: tuple, decimal: tuple, places: int, digits: int) -> bool:
+    """Return True when the exact value ``exact`` rounds to the reference decimal ``decimal`` at its ``places``.
+
+    ``\\frac{1}{3}`` rounds to 0.33 and to 0.333, ``\\pi`` to 3.14; never 0.34. A tie rounds
+    away from zero: ``\\frac18`` is 0.13, not 0.12. The decimal must carry at least two
+    significant digits (``digits``), and the exact side must be a constant. A decimal written
+    to float precision (12 or more significant digits) is compared to that precision instead.
+    """
+    if digits >= FLOAT_PRECISION_DIGITS:
+        return _float_precision_equal(exact, decimal)
+    if digits < 2:
         return False
-    # Strictly inside the rounding interval, with room for floating-point error at its edges.
-    return abs(value.real - float(written)) < float(half_step) * (1 - 1e-6)
+    value, written = _exact_number(exact), _exact_number(decimal)
+    if value is None or not isinstance(written, Fraction):
+        return False
+    if isinstance(value, Fraction):
+        return _round_half_away(value, places) == written
+    if abs(value) > 1e6:
+        return False
+    half_step = Fraction(1, 2 * 10**places)
+    # Strictly inside the rounding interval, with room for floating-point error at its edges
+    # (an irrational value is never exactly on a tie).
+    return abs(value - float(written)) < float(half_step) * (1 - 1e-6)
 
 
 def _assignment_equal(left: tuple, right: tuple, exact_equal: ExactEqual) -> bool:
@@ -575,7 +759,15 @@ def _assignment_equal(left: tuple, right: tuple, exact_equal: ExactEqual) -> boo
 def values_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_symbolic) -> bool:
     """Return True when two ``(kind, value)`` structures are equal (elements of tuples and sets)."""
     (left_kind, left_value), (right_kind, right_value) = left, right
+    if left_kind == "group":
+        left_kind = "seq" if right_kind == "seq" and right_value[:2] == ("(", ")") else "set"
+        left_value = ("(", ")", left_value) if left_kind == "seq" else left_value
+    if right_kind == "group":
+        right_kind = "seq" if left_kind == "seq" and left_value[:2] == ("(", ")") else "set"
+        right_value = ("(", ")", right_value) if right_kind == "seq" else right_value
     kinds = {left_kind, right_kind}
+    if "time" in kinds:
+        return left_kind == right_kind and left_value == right_value
     if kinds == {"expr"}:
         return trees_equal(left_value, right_value, exact_equal)
     if kinds == {"eq"}:
@@ -619,26 +811,54 @@ def values_equal(left: tuple, right: tuple, exact_equal: ExactEqual = defer_to_s
     return False
 
 
+def _decimal_digits_of(answer: Answer) -> int:
+    """Return the significant digits of an answer that is one decimal literal (``x = 0.0830`` → 3)."""
+    digits = split_top_level(answer.normalized, ("=",))[-1].strip().lstrip("+-").replace(".", "")
+    return len(digits.lstrip("0"))
+
+
 def _expressions_match(given: Answer, truth: Answer, exact_equal: ExactEqual) -> bool:
-    """Return True when two single expressions match: exactly, through a percent sign, or by rounding."""
-    if given.percent == truth.percent:
-        readings = [(given.value, given.decimals, truth.value, truth.decimals)]
-    else:
-        # One side has a percent sign: 50\% matches both 50 and 0.5.
-        marked, plain = (given, truth) if given.percent else (truth, given)
-        places = None if marked.decimals is None else marked.decimals + 2
-        readings = [(marked.value, marked.decimals, plain.value, plain.decimals),
-                    (_scaled(marked.value, True)[1], places, plain.value, plain.decimals)]
-    for left, left_places, right, right_places in readings:
-        if trees_equal(left, right, exact_equal):
-            return True
-    for left, left_places, right, right_places in readings:
-        # A rounded decimal against an exact value, never two decimals against each other.
-        if (left_places is None) != (right_places is None):
-            exact, decimal, places = (right, left, left_places) if left_places is not None else (left, right, right_places)
-            if _rounds_to(exact, decimal, places):
+    """Return True when two single expressions match: exactly, through a percent sign, or by rounding.
+
+    Rounding runs one way. A decimal reference (the dataset rounded) equals an exact answer
+    that rounds to it at the reference's places. A decimal answer equals an exact reference
+    only when written to float precision (12 significant digits agreeing): a short rounding
+    (``0.33`` for ``\\frac13``) is a different, easier answer, not the same one.
+    """
+    given_readings = _scaled(given.value, given.percent and not truth.percent)
+    truth_readings = _scaled(truth.value, truth.percent and not given.percent)
+    for left in given_readings:
+        for right in truth_readings:
+            if trees_equal(left, right, exact_equal):
                 return True
-    return False
+    if (given.decimals is None) == (truth.decimals is None):
+        return False  # two decimals are never rounded to each other; two exact values must be equal
+    if truth.decimals is not None:
+        digits = _decimal_digits_of(truth)
+        places = [truth.decimals, truth.decimals + 2] if len(truth_readings) == 2 else [truth.decimals]
+        return any(
+            _rounds_to(left, right, place, digits)
+            for left in given_readings for right, place in zip(truth_readings, places)
+        )
+    if _decimal_digits_of(given) < FLOAT_PRECISION_DIGITS:
+        return False
+    return any(_float_precision_equal(right, left) for left in given_readings for right in truth_readings)
+
+
+def _as_comma_decimal(answer: Answer) -> Answer:
+    """Return ``answer`` (a lone ``2,74``) read with a decimal comma, as the number 2.74."""
+    places = len(answer.normalized.split(",")[1])
+    return replace(answer, kind="expr", value=answer.comma_decimal, decimals=places,
+                   normalized=answer.normalized.replace(",", "."))
+
+
+def _resolve_group(answer: Answer, other: Answer) -> Answer:
+    """Return a plain-braces answer ``{1, 3}`` read by the other side's kind: a tuple against a tuple, else a list."""
+    if answer.kind != "group":
+        return answer
+    if other.kind == "seq" and other.value[:2] == ("(", ")"):
+        return replace(answer, kind="seq", value=("(", ")", answer.value))
+    return replace(answer, kind="set")
 
 
 def answers_match(given: Answer, truth: Answer, exact_equal: ExactEqual = defer_to_symbolic) -> bool:
@@ -653,10 +873,24 @@ def answers_match(given: Answer, truth: Answer, exact_equal: ExactEqual = defer_
         return True
     choice = _CHOICE.match(truth.normalized)
     if choice is not None:
-        # A multiple-choice reference: (B), B and \\text{(B)} all name the same letter.
+        # A multiple-choice reference: (B), B, \\text{(B)} and "B. x = 42" all name the same letter.
         given_choice = _GIVEN_CHOICE.match(given.normalized)
-        letter = None if given_choice is None else (given_choice.group(1) or given_choice.group(2))
+        letter = given.choice or (None if given_choice is None else (given_choice.group(1) or given_choice.group(2)))
         return letter is not None and letter.upper() == choice.group(1)
+    if truth.choice is not None and _CHOICE.match(given.normalized):
+        return _CHOICE.match(given.normalized).group(1) == truth.choice
+    if given.bases and truth.bases and given.bases != truth.bases:
+        return False  # 1011_{10} and 1011_2 are different numbers
+    # "2,74" against one number can only mean 2.74 (a list never equals a single value).
+    if given.comma_decimal is not None and truth.kind == "expr" and truth.comma_decimal is None:
+        given = _as_comma_decimal(given)
+    elif truth.comma_decimal is not None and given.kind == "expr" and given.comma_decimal is None:
+        truth = _as_comma_decimal(truth)
+    if given.kind == "time" and truth.kind != "time":
+        # Only a time of day in the reference makes h:mm a time: against a ratio, 22:42 is 11:21.
+        given = replace(given, kind="ratio", value=tuple(("num", Fraction(part)) for part in given.value))
+    if given.kind == "group" or truth.kind == "group":
+        given, truth = _resolve_group(given, truth), _resolve_group(truth, given)
     kinds = {given.kind, truth.kind}
     if kinds == {"expr"} and _expressions_match(given, truth, exact_equal):
         return True

@@ -94,8 +94,25 @@ def extract_boxed_answer(text: str, max_chars: int = MAX_ANSWER_CHARS) -> str | 
     return None if box is None else box[0]
 
 
-# What may stand between boxes that together state one answer: ``\boxed{3}, \boxed{5}``.
-_BOX_JOINER = re.compile(r"^(?:\s|,|;|\$|\\quad|\\qquad|\\text\{\s*(?:and|or)\s*\}|\band\b|\bor\b|\\[,;!])*$")
+# What may stand between boxes that together state one answer: ``\boxed{3}, \boxed{5}``, math
+# delimiters (``\(\boxed{1}\) and \(\boxed{2}\)``) and words that name parts of one question
+# (``\boxed{(3, 3)} \text{ for part (a) and } \boxed{(1, 1)}``).
+_PART_WORDS = r"(?:and|or|for|part|parts|the|first|second|third|question|respectively|\([a-dA-D]\)|\((?:i|ii|iii|iv)\)|[a-d]\))"
+_BOX_JOINER = re.compile(
+    r"^(?:\s|,|;|\.|\$|\\quad|\\qquad|\\[()\[\]]|\\text\{(?:\s|,|" + _PART_WORDS + r")*\}"
+    r"|(?<![a-zA-Z])" + _PART_WORDS + r"(?![a-zA-Z])|\\[,;!])*$"
+)
+
+
+# Between the answers to the parts of one question: "$\boxed{3}$. Part (b): $\boxed{5}$",
+# "\boxed{3}$ and for part (b) it is $\boxed{5}". A part label must be there, so a correction
+# ("\boxed{4}, but the answer is \boxed{5}") never joins.
+_PART_GAP = re.compile(
+    r"^(?:[\s,;:.$]|\\[()\[\]]|\\text\s*\{|\}|\\quad|\\qquad|(?<![a-zA-Z])(?:and|for|part|parts|the|answer|answers|is|it|to"
+    r"|question|\((?:[a-dA-D]|i{1,3}|iv)\)|[a-d]\))(?![a-zA-Z]))*$",
+    re.I,
+)
+_PART_LABEL = re.compile(r"(?<![a-zA-Z])part\b|\((?:[a-dA-D]|i{1,3}|iv)\)", re.I)
 
 
 def extract_boxed_answers(text: str, max_chars: int = MAX_ANSWER_CHARS, max_boxes: int = 16) -> list[str]:
@@ -117,7 +134,9 @@ def extract_boxed_answers(text: str, max_chars: int = MAX_ANSWER_CHARS, max_boxe
             break
         contents, box_end = box
         gap = text[box_end:next_start] if next_start is not None else ""
-        if next_start is not None and (len(gap) > 40 or not _BOX_JOINER.match(gap)):
+        if next_start is not None and not (
+            (len(gap) <= 40 and _BOX_JOINER.match(gap)) or (len(gap) <= 60 and _PART_GAP.match(gap) and _PART_LABEL.search(gap))
+        ):
             break
         boxes.append(contents)
         next_start, end = position, position

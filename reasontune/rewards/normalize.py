@@ -28,7 +28,7 @@ _TEXT_COMMANDS = re.compile(
 )
 # JSON-escaped LaTeX: ``\\frac`` written with a doubled backslash.
 _DOUBLED_BACKSLASH = re.compile(
-    r"\\(?=\\(?:frac|dfrac|tfrac|sqrt|pi|infty|left|right|cdot|times|text|mathrm|mathbf|boxed|le|ge|leq|geq"
+    r"(?<!\\)\\(?=\\(?:frac|dfrac|tfrac|sqrt|pi|infty|left|right|cdot|times|text|mathrm|mathbf|boxed|le|ge|leq|geq"
     r"|neq|ne|lt|gt|cup|in|pm|mp|sin|cos|tan|log|ln|theta|alpha|beta|circ|approx|begin|end|binom|over)(?![a-zA-Z]))"
 )
 _TRAILING_BACKSLASH = re.compile(r"(?<!\\)(?:\\\\|\\)\s*$")
@@ -40,6 +40,8 @@ _TEXT_UNIT = re.compile(
     r"(?<=[\d})])\s*\\(?:text|mathrm|textrm|mbox|operatorname)\s*\{\s*[a-zA-Z]{1,12}(?:\s*/\s*[a-zA-Z]{1,6})?\.?\s*\}"
     r"(?:\s*\^\s*\{?\s*[23]\s*\}?)?[\s.]*$"
 )
+# A unit of two or more letters written against its number: 7,5cm, 12kg (never one letter: 5m may be 5·m).
+_ATTACHED_UNIT = re.compile(r"(?<=\d)(?:mm|cm|km|kg|mg|ml|mL|min|ft|yd|mi|km/h|m/s)\.?\s*$")
 _UNIT_SYMBOL = re.compile(r"(?<=\d)\s*(?:mm|cm|km|m|g|kg|mg|L|mL|s|ms|h|ft|in|yd|mi)\s*\^\s*\{?[23]\}?\s*$")
 _SPACE_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?: \d{3})+(?![\d,]|\s*\d)")
 _RELATION_WORDS = (
@@ -48,12 +50,19 @@ _RELATION_WORDS = (
     (re.compile(r"\\(?:neq|ne)(?![a-zA-Z])|!=|=/="), "\\ne "),
     (re.compile(r"\\lt(?![a-zA-Z])"), "<"),
     (re.compile(r"\\gt(?![a-zA-Z])"), ">"),
-    (re.compile(r"\\approx(?![a-zA-Z])|\\simeq(?![a-zA-Z])|\\doteq(?![a-zA-Z])"), "="),
+    (re.compile(r"\\(?:approx|simeq|doteq|thickapprox)(?![a-zA-Z])"), " \\approx "),
 )
 _DEGREES = re.compile(r"\^\s*\{\s*\\circ\s*\}|\^\s*\\circ|\\circ|°|\\degree(?![a-zA-Z])|\^\s*\{\s*o\s*\}")
 _PERCENT = re.compile(r"\\%|%|\\text\{\s*percent\s*\}|\bpercent\b")
 _DOLLAR = re.compile(r"\\\$|\$|\\\(|\\\)|\\\[|\\\]")
-_THOUSANDS = re.compile(r"(?<![\d.,])\d{1,3}(?:,\d{3})+(?![\d,])")
+# No group of thousands starts with 0: 0,111 is not 111 (it may be a decimal comma, see equivalence).
+_THOUSANDS = re.compile(r"(?<![\d.,])[1-9]\d{0,2}(?:,\d{3})+(?![\d,])")
+# A comma followed by a negative thin space between digits is always digit grouping, whatever the
+# group sizes (MATH writes 10,\!000; Indian grouping 56,\!01,\!78,\!95,\!760).
+_GROUPED_DIGITS = re.compile(r"(?<=\d),\s*\\!\s*(?=\d)")
+# "(11,7)or(7,11)": an "or" written without spaces between brackets still separates answers.
+_SERIAL_AND = re.compile(r",\s*and\s+")
+_TIGHT_OR = re.compile(r"(?<=[)\]}])\s*or\s*(?=[(\[{\\])")
 _BRACED_COMMA = re.compile(r"\{,\}")
 _FRAC_VARIANTS = re.compile(r"\\[dt]frac(?![a-zA-Z])|\\cfrac(?![a-zA-Z])")
 _BINOM_VARIANTS = re.compile(r"\\[dt]binom(?![a-zA-Z])")
@@ -65,10 +74,11 @@ _IN_PREFIX = re.compile(r"^\s*[a-zA-Z]\s*\\in\s*")
 _TRAILING_PUNCT = re.compile(r"[\s.;:]+$")
 _TRAILING_WORD = re.compile(r"(?:^|(?<=[\s}]))([a-zA-Z]+)\.?\s*(?:\^\s*\{?\s*[23]\s*\}?)?\s*$")
 
-# Words that carry mathematical meaning and so are never stripped as units.
+# Words that carry mathematical meaning (or scale a number: 5 million is not 5) and so are never
+# stripped as units.
 _MATH_WORDS = frozenset(
     "pi e i or and sqrt sin cos tan sec csc cot log ln exp arcsin arccos arctan infty inf "
-    "infinity no none undefined true false yes".split()
+    "infinity no none undefined true false yes hundred thousand million billion trillion dozen".split()
 )
 
 
@@ -125,6 +135,7 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
     text = _DOLLAR.sub(" ", text)
     text = _DROP_COMMANDS.sub("", text)
     text = text.translate(_UNICODE)
+    text = _GROUPED_DIGITS.sub("", text)
     text = _THIN_SPACING.sub("", text)  # 1\\,000 is one thousand
     text = _SPACING.sub(" ", text)
     text = _DEGREES.sub(" ", text)
@@ -133,6 +144,7 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
         text = pattern.sub(lambda _, spelled=replacement: spelled, text)
     text = _TEXT_UNIT.sub("", text)
     text = _UNIT_SYMBOL.sub("", text)
+    text = _ATTACHED_UNIT.sub("", text)
     had_percent = _PERCENT.search(text) is not None
     if had_percent:
         text = _PERCENT.sub(" ", text)
@@ -144,8 +156,10 @@ def normalize_answer(text: str) -> tuple[str, bool] | None:
     text = _SHORT_FRAC_SECOND.sub(r"\\frac{\1}{\2}", text)
     text = _SHORT_SQRT.sub(r"\\sqrt{\1}", text)
     text = _BRACED_COMMA.sub(",", text)
+    text = _TIGHT_OR.sub(" or ", text)
+    text = _SERIAL_AND.sub(", ", text)  # "19, 46, and 82": the serial comma's "and" joins nothing more
     text = _IN_PREFIX.sub("", text)
-    text = text.replace("\\dots", "").replace("\\ldots", "").replace("\\cdots,", "")
+    text = text.replace("\\dots", "").replace("\\ldots", "")
     text = _TRAILING_PUNCT.sub("", text).strip()
     text = text[1:].strip() if text.startswith("=") and not text.startswith("==") else text  # "= 5" states 5
     text = strip_unit_words(text)
@@ -160,4 +174,5 @@ def normalize_text(text: str) -> str:
     """Return ``text`` folded for comparing word answers: lower case, no spaces or braces."""
     text = strip_text_commands(text)
     text = re.sub(r"[{}$]|\\(?=[a-zA-Z])", "", text).lower()
+    text = re.sub(r"\s*([,;:()\[\]])\s*", r"\1", text)  # [0, 7) and [0,7) are written alike
     return " ".join(text.split()).strip(".")

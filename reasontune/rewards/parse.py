@@ -372,6 +372,9 @@ class _Parser:
             return None
         if denominator == 0:
             raise ParseError("zero denominator")
+        if numerator >= denominator:
+            # 11 7/6 is no mixed number (its fraction part is improper): neither 73/6 nor 11·7/6.
+            raise ParseError("an improper fraction in a mixed number")
         return ("num", whole + numerator / denominator)
 
 
@@ -504,7 +507,9 @@ def numeric_value(node: tuple, values: dict) -> complex:
             return complex(math.pi)
         raise OverflowError("infinity")
     if kind == "neg":
-        return -numeric_value(node[1], values)
+        # 0 - z, not -z: -(1+0j) has a negative zero imaginary part, which puts \sqrt{-1} on the
+        # other side of the branch cut (-i instead of i).
+        return 0 - numeric_value(node[1], values)
     if kind == "add":
         return sum(numeric_value(term, values) for term in node[1])
     if kind == "mul":

@@ -26,7 +26,7 @@ MAX_SENTENCES = 8
 
 _DELIMITERS = (("$$", "$$"), ("\\[", "\\]"), ("\\(", "\\)"), ("$", "$"))
 _MARKER = re.compile(
-    r"(?:(?:answer|result|solution|total|value|sum|\bis)\s*:|\bis\b|\bare\b|\bequals\b|\bbe\b|\bwas\b|=)", re.I
+    r"(?:(?:answer|result|solution|total|value|sum|\bis)\s*:|\bis\b|\bare\b|\bequals\b|\bbe\b|\bwas\b|\bit['’]s\b|=)", re.I
 )
 # Words that make a sentence with math in it state a result, in a whole solution (strict mode).
 _RESULT_WORD = re.compile(
@@ -47,6 +47,7 @@ _QUALIFIER = re.compile(
 _NAME = re.compile(r"^\s*(?:[a-zA-Z]|\\[a-zA-Z]+)(?:_\{?\w+\}?)?\s*$")
 _JOINERS = (",", "and", ", and", "or", ", or")
 _MATHY = re.compile(r"[\d\\]")
+_DIGIT = re.compile(r"\d")
 _WORD = re.compile(r"[A-Za-z]{2,}")
 _CODE_CHARACTERS = frozenset("()[]{}'\"_=;\\")
 _SENTENCE_END = re.compile(r"[.!?](?=\s|$)|\n\s*\n")
@@ -168,16 +169,20 @@ def stated_answers(text: str, strict: bool = False) -> list[str]:
         if strict and not markers and not (inside and ("=" in inside[-1][2] or _RESULT_WORD.search(plain))):
             continue
         stating = [marker for marker in markers if inside and inside[-1][0] >= start + marker.end()]
+        stated = ""
+        if markers:
+            stated = text[start + markers[-1].end() : end]
+            stated = _FILLER.sub("", stated).strip().rstrip(".!?;, ").strip()
+        if stated and not [segment for segment in inside if segment[0] >= start + markers[-1].end()] and _DIGIT.search(stated):
+            # "The largest $n$ is 34.": the plain number after the last marker, not the math before it.
+            candidates.append(stated)
         if stating:
             # "The answer is $5$ because $x > 2$": the math right after the last marker that has some.
             candidates.append(_joined_segments(text, _first_run_after(text, inside, start + stating[-1].end())))
         if inside:
             candidates.append(_joined_segments(text, inside))
-        if markers:
-            stated = text[start + markers[-1].end() : end]
-            stated = _FILLER.sub("", stated).strip().rstrip(".!?;, ").strip()
-            if stated:
-                candidates.append(stated)
+        if stated:
+            candidates.append(stated)
         numbers = [] if strict or not _is_wordy(plain) or _QUALIFIER.search(plain) else _NUMBER_TOKEN.findall(plain)
         if len(numbers) == 1:  # one number in a sentence of words; two would be a hedge
             candidates.append(numbers[-1].strip().rstrip(".!?;,").strip())

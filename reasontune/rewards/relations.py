@@ -10,9 +10,11 @@ by their floating-point values and compared exactly (rationals, or the caller's 
 from __future__ import annotations
 
 import math
+import re
+from fractions import Fraction
 from typing import Callable
 
-from reasontune.rewards.parse import ParseError, numeric_value, parse_expression, symbols_of
+from reasontune.rewards.parse import NotRational, ParseError, numeric_value, parse_expression, rational_value, symbols_of
 
 INFINITY = ("const", "inf")
 NEGATIVE_INFINITY = ("neg", ("const", "inf"))
@@ -68,40 +70,124 @@ def interval(low: tuple, low_closed: bool, high: tuple, high_closed: bool) -> tu
     return (low, low_closed, high, high_closed)
 
 
+def _affine(node: tuple, variable: str) -> tuple[Fraction, tuple] | None:
+    """Return ``(a, b)`` with ``node = a·variable + b`` (``a`` rational, ``b`` a constant tree), or None.
+
+    Read off the tree's structure (sums, negations, products and quotients by rational
+    constants), never by sampling, so ``x(x-1)(x-2) + x`` is not mistaken for ``x``.
+    """
+    if variable not in symbols_of(node):
+        return Fraction(0), node
+    kind = node[0]
+    if kind == "sym":
+        return Fraction(1), ("num", Fraction(0))
+    if kind == "neg":
+        inner = _affine(node[1], variable)
+        return None if inner is None else (-inner[0], ("neg", inner[1]))
+    if kind == "add":
+        parts = [_affine(term, variable) for term in node[1]]
+        if any(part is None for part in parts):
+            return None
+        return sum((part[0] for part in parts), Fraction(0)), ("add", tuple(part[1] for part in parts))
+    if kind == "mul":
+        varying = [factor for factor in node[1] if variable in symbols_of(factor)]
+        constants = [factor for factor in node[1] if variable not in symbols_of(factor)]
+        inner = _affine(varying[0], variable) if len(varying) == 1 else None
+        try:
+            scale = math.prod((rational_value(factor) for factor in constants), start=Fraction(1))
+        except (NotRational, ParseError):
+            return None
+        return None if inner is None else (scale * inner[0], ("mul", (("num", scale), inner[1])))
+    if kind == "div" and variable not in symbols_of(node[2]):
+        inner = _affine(node[1], variable)
+        try:
+            divisor = rational_value(node[2])
+        except (NotRational, ParseError):
+            return None
+        if inner is None or divisor == 0:
+            return None
+        return inner[0] / divisor, ("div", inner[1], ("num", divisor))
+    return None
+
+
+_FLIPPED = {"<": ">", ">": "<", "\\le": "\\ge", "\\ge": "\\le", "\\ne": "\\ne"}
+
+
+def _link_set(quantity: tuple, operator: str, bound: tuple, variable: str | None) -> tuple:
+    """Return the set of values of ``variable`` where ``quantity operator bound`` holds (canonical intervals).
+
+    ``quantity`` is the variable itself (``variable`` None: a named quantity such as ``f(x)``),
+    an affine expression in it (``-2x + 4 < 0`` is ``x > 2``: dividing by a negative number
+    flips the relation) or the absolute value of one (``|x - 2| \\ge 3`` is ``x \\le -1`` or
+    ``x \\ge 5``).
+    """
+    end_value(bound)
+    if quantity[0] == "func" and quantity[1] == "abs":
+        negated = ("neg", bound)
+        if operator == "\\ne":
+            return intersect(_link_set(quantity[2], "\\ne", bound, variable), _link_set(quantity[2], "\\ne", negated, variable))
+        if operator in ("<", "\\le"):  # -c < u < c
+            return intersect(_link_set(quantity[2], operator, bound, variable),
+                             _link_set(quantity[2], _FLIPPED[operator], negated, variable))
+        # |u| > c: u > c or u < -c (every real when c < 0)
+        return canonical(_link_set(quantity[2], operator, bound, variable)
+                         + _link_set(quantity[2], _FLIPPED[operator], negated, variable))
+    if variable is not None:
+        affine = _affine(quantity, variable)
+        if affine is None or affine[0] == 0:
+            raise ParseError("a relation that is not affine in its variable")
+        slope, offset = affine
+        if slope != 1 or offset != ("num", Fraction(0)):
+            bound = ("div", ("add", (bound, ("neg", offset))), ("num", slope))
+            if slope < 0:
+                operator = _FLIPPED[operator]
+    if operator == "\\ne":
+        return canonical((interval(NEGATIVE_INFINITY, False, bound, False), interval(bound, False, INFINITY, False)))
+    direction, closed = _ORDER[operator]
+    if direction < 0:
+        return canonical((interval(NEGATIVE_INFINITY, False, bound, closed),))
+    return canonical((interval(bound, closed, INFINITY, False),))
+
+
 def relation_set(text: str, parse: Callable[[str], tuple] = parse_expression) -> tuple[str, tuple]:
-    """Return ``(variable, intervals)`` of one relation chain such as ``-1 < x \\le 3`` or ``x \\ne 0``."""
+    """Return ``(variable, intervals)`` of one relation chain such as ``-1 < x \\le 3``, ``x \\ne 0``, ``|x| < 1``.
+
+    Exactly one side of the chain varies: one variable (bare, in an affine expression such as
+    ``-x > -1``, or inside an absolute value), or a function's value such as ``f(x)`` (``0 < f(x) < 1``
+    is the interval ``(0, 1)``, named ``f(x)``). The other
+    sides are real constants. A chain is the intersection of its links, so it may not change
+    direction (``1 < x > 0``).
+    """
     parts = split_relation(text)
     sides, operators = parts[0::2], parts[1::2]
-    trees = [parse(side) for side in sides]
-    variables = [index for index, tree in enumerate(trees) if tree[0] == "sym" and tree[1] not in ("e", "i")]
-    if len(variables) != 1 or any(symbols_of(tree) - {"e"} for index, tree in enumerate(trees) if index not in variables):
-        raise ParseError("a relation that is not one variable against constants")
-    position = variables[0]
-    variable = trees[position][1]
-    if operators == ["\\ne"]:
-        value = trees[1 - position]
-        end_value(value)
-        return variable, (interval(NEGATIVE_INFINITY, False, value, False), interval(value, False, INFINITY, False))
-    if "\\ne" in operators or len(sides) > 3:
+    if len(sides) > 3 or len(operators) == 0:
         raise ParseError("an unsupported relation chain")
-    low, low_closed, high, high_closed = NEGATIVE_INFINITY, False, INFINITY, False
+    trees = [parse(side) for side in sides]
+    varying = [index for index, tree in enumerate(trees) if symbols_of(tree) - {"e"}]
+    if len(varying) != 1:
+        raise ParseError("a relation that is not one varying side against constants")
+    position = varying[0]
+    free = sorted(symbols_of(trees[position]) - {"e", "i"})
+    if len(free) == 1 and "i" not in symbols_of(trees[position]) and not _is_function_of(sides[position]):
+        variable, name = free[0], free[0]
+    elif _is_function_of(sides[position]):
+        variable, name = None, "".join(sides[position].split())
+    else:
+        raise ParseError("a relation in several variables")
+    quantity = trees[position] if variable is not None else ("sym", name)
+    directions = {_ORDER[operator][0] for operator in operators if operator != "\\ne"}
+    if len(directions) > 1 or (len(operators) > 1 and "\\ne" in operators):
+        raise ParseError("a chain that changes direction")
+    result = None
     for index, operator in enumerate(operators):
-        direction, closed = _ORDER[operator]
-        left, right = index, index + 1
-        # Read every link as "variable above a bound" or "variable below a bound".
-        if position == left:
-            bound, below = trees[right], direction < 0
-        elif position == right:
-            bound, below = trees[left], direction > 0
+        if index == position:  # quantity operator bound
+            link = _link_set(quantity, operator, trees[index + 1], variable)
+        elif index + 1 == position:  # bound operator quantity
+            link = _link_set(quantity, _FLIPPED[operator], trees[index], variable)
         else:
             raise ParseError("a relation between two constants")
-        if below:
-            high, high_closed = bound, closed
-        else:
-            low, low_closed = bound, closed
-    if len(operators) == 2 and _ORDER[operators[0]][0] != _ORDER[operators[1]][0]:
-        raise ParseError("a chain that changes direction")
-    return variable, (interval(low, low_closed, high, high_closed),)
+        result = link if result is None else intersect(result, link)
+    return name, result
 
 
 def canonical(intervals: tuple) -> tuple:
@@ -158,3 +244,10 @@ def sets_equal(first: tuple, second: tuple, ends_equal: Callable[[tuple, tuple],
             return False
     return True
 
+
+_FUNCTION_OF = re.compile(r"^\s*[a-zA-Z](?:_\{?\w+\}?)?\s*\(\s*[a-zA-Z]\s*\)\s*$")
+
+
+def _is_function_of(side: str) -> bool:
+    """Return True for a side that names a function's value (``f(x)``, ``g_1(t)``), not a product like ``x(x+1)``."""
+    return _FUNCTION_OF.match(side) is not None

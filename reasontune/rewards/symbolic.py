@@ -30,7 +30,18 @@ def _rational(value: Fraction) -> sympy.Rational:
 
 
 def to_sympy(node: tuple) -> sympy.Expr:
-    """Return the sympy expression of a parse tree, refusing results too large to build."""
+    """Return the sympy expression of a parse tree, refusing results too large to build or undefined.
+
+    A part that is undefined (``\\frac{1}{0}``, ``\\ln 0``) is refused where it appears, before
+    sympy can absorb it (``\\log_0 5`` would otherwise simplify to 0).
+    """
+    value = _to_sympy(node)
+    if value.has(sympy.zoo, sympy.nan):
+        raise Refused("an undefined value")
+    return value
+
+
+def _to_sympy(node: tuple) -> sympy.Expr:
     try:
         return _rational(rational_value(node))
     except NotRational:
@@ -79,9 +90,12 @@ def to_sympy(node: tuple) -> sympy.Expr:
 def sympy_equal(left: tuple, right: tuple) -> bool:
     """Return True when sympy proves the two trees equal (simplification of the difference is 0)."""
     try:
-        difference = to_sympy(left) - to_sympy(right)
+        left_value, right_value = to_sympy(left), to_sympy(right)
     except (Refused, ArithmeticError, ValueError, TypeError):
         return False
+    if any(side.has(sympy.zoo, sympy.nan) for side in (left_value, right_value)):
+        return False  # an undefined value (a division by zero, log base 0) equals nothing
+    difference = left_value - right_value
     if difference == 0:
         return True
     if sympy.expand(difference) == 0:

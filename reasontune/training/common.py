@@ -24,11 +24,12 @@ from typing import Any, Sequence
 import torch
 
 from reasontune import distributed
-from reasontune.checkpoint import (SHARDED_DIR, TRAINER_STATE, latest_checkpoint, load_sharded, load_trainer_state,
+from reasontune.checkpoint import (SHARDED_DIR, TRAINER_STATE, CheckpointError, check_trainer_state,
+                                   checkpoint_problem, latest_checkpoint, list_checkpoints, load_sharded, load_trainer_state,
                                    prune_checkpoints, remove_stale_temporaries, restore_rng, rng_state, save_checkpoint,
                                    set_rng_state)
 from reasontune.benchmarks import load_benchmarks
-from reasontune.config import UserError, check_config, save_config
+from reasontune.config import UserError, check_config, resume_command, save_config
 from reasontune.data import Example, load_examples, with_chat_template
 from reasontune.evaluation import EvalSet, evaluate_sets
 from reasontune.generation import Generator, SamplingOptions, VLLMServerOptions, build_generator
@@ -40,9 +41,22 @@ from reasontune.tracking import MetricsLogger
 from reasontune.training.data_parallel import SINGLE_PROCESS, generation_model
 
 
-# What a training run writes into its directory: --overwrite deletes these and nothing else.
+# What a training run writes into its directory: --overwrite replaces these and nothing else.
 RUN_ENTRIES = re.compile(r"config\.json|metrics\.jsonl(\.tmp)?|checkpoint-\d+|final|eval|report|tensorboard|wandb|"
-                         r"wandb_run_id|ei-step-\d+|\..+\.(tmp|old)-\d+")
+                         r"wandb_run_id|ei-step-\d+|\..+\.(tmp|old)-\d+|\.replaced-\d+")
+# The files inside those entries that reasontune writes (paths relative to the run directory). Anything else
+# there (a README.md added to final/, notes in eval/) is the user's: --overwrite keeps it.
+_CHECKPOINT = r"(checkpoint-\d+|final|\.[^/]+\.(tmp|old)-\d+)(/adapter)?"
+RUN_FILES = re.compile("|".join((
+    r"config\.json|metrics\.jsonl(\.tmp)?|wandb_run_id",
+    r"(.+/)?\.[^/]+\.tmp-\d+",  # a records file's temporary, left by a crash
+    _CHECKPOINT + r"/([^/]+\.(safetensors|json|jinja|model)|merges\.txt|vocab\.txt|sharded/[^/]+)",
+    r"eval(/[^/]+)*/(records\.jsonl|summary\.json|results\.(md|json)|config\.json|eval_metrics\.jsonl|[^/]+\.png)",
+    r"report/[^/]+\.(png|svg|html|md)",
+    r"ei-step-\d+/rollouts\.jsonl",
+    r"(tensorboard|wandb)/.+",
+)))
+REPLACED_RUN = ".replaced-{pid}"
 
 
 def run_started(run_dir: Path) -> bool:
@@ -57,8 +71,10 @@ def prepare_run_dir(output_dir: str | Path, resume: bool = False, overwrite: boo
     """Returns the run directory, refusing to mix a new run into an old one unless asked, and never deleting others' files.
 
     ``--resume`` wins over ``--overwrite`` (a run started with --overwrite resumes with its own
-    config.json). ``--overwrite`` deletes only what a run writes (``RUN_ENTRIES``) and refuses a
-    directory that holds anything else; a directory whose start failed before any step is reused.
+    config.json). ``--overwrite`` refuses a directory that holds anything a run does not write;
+    otherwise the old run is moved aside into ``.replaced-<pid>/`` inside the directory, to be
+    removed only once the new run's setup has succeeded (``discard_replaced_run``) or put back
+    when it fails (``restore_replaced_run``). A directory whose start failed before any step is reused.
     """
     run_dir = Path(output_dir)
     if run_dir.exists() and not run_dir.is_dir():
@@ -72,11 +88,82 @@ def prepare_run_dir(output_dir: str | Path, resume: bool = False, overwrite: boo
         if run_started(run_dir) and not overwrite:
             raise UserError(f"--output-dir {run_dir}: already holds a run; pass --resume to continue it, "
                             "--overwrite to replace it, or another --output-dir")
-        for child in entries:  # only reasontune's own files (checked above)
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+        aside = run_dir / REPLACED_RUN.format(pid=os.getpid())
+        aside.mkdir()
+        for child in entries:  # only reasontune's own entries (checked above); renames, so nothing is copied
+            child.rename(aside / child.name)
     run_dir.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(run_dir)
     return run_dir
+
+
+def restore_replaced_run(run_dir: str | Path) -> bool:
+    """Returns True after putting back the run that this process's ``--overwrite`` moved aside, removing what the failed start wrote.
+
+    Called when the new run fails before ``discard_replaced_run``: the directory is then as it
+    was before the command.
+    """
+    run_dir = Path(run_dir)
+    aside = run_dir / REPLACED_RUN.format(pid=os.getpid())
+    if not aside.is_dir():
+        return False
+    for child in run_dir.iterdir():
+        if child != aside and RUN_ENTRIES.fullmatch(child.name):
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for child in aside.iterdir():
+        if not (run_dir / child.name).exists():
+            child.rename(run_dir / child.name)
+    shutil.rmtree(aside, ignore_errors=True) if not any(aside.iterdir()) else None
+    return True
+
+
+KEPT_BY_OVERWRITE = "kept-by-overwrite"
+
+
+def _peft_model_card(path: Path, relative: str) -> bool:
+    """Returns whether ``path`` is the README.md that peft writes beside an adapter (a user's own README is not)."""
+    if path.name != "README.md" or not re.fullmatch(_CHECKPOINT + r"/README\.md", relative):
+        return False
+    if not (path.parent / "adapter_config.json").is_file():
+        return False
+    head = path.read_text(encoding="utf-8", errors="replace")[:2000]
+    return "library_name: peft" in head
+
+
+def discard_replaced_run(run_dir: str | Path) -> list[Path]:
+    """Returns the files kept in ``RUN/kept-by-overwrite/`` after deleting the replaced run's files that reasontune wrote.
+
+    Only ``RUN_FILES`` are deleted; any other file inside the old run's directories (a README
+    added to final/, notes in eval/) moves to ``kept-by-overwrite/<its old relative path>``,
+    where no later save or prune of the new run can reach it, and is listed. (Being a name no
+    run writes, that folder also makes a later ``--overwrite`` refuse until the user moves it.)
+    """
+    run_dir = Path(run_dir)
+    aside = run_dir / REPLACED_RUN.format(pid=os.getpid())
+    if not aside.is_dir():
+        return []
+    kept = []
+    for path in sorted(aside.rglob("*")):
+        if not path.is_file() and not path.is_symlink():
+            continue
+        relative = path.relative_to(aside).as_posix()
+        while re.match(r"\.replaced-\d+/", relative):  # an older replacement a killed start left inside
+            relative = relative.split("/", 1)[1]
+        if RUN_FILES.fullmatch(relative) or _peft_model_card(path, relative):
+            path.unlink()
+            continue
+        target = run_dir / KEPT_BY_OVERWRITE / relative
+        while target.exists():
+            target = target.with_name(target.name + ".kept")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
+        kept.append(target)
+    shutil.rmtree(aside)
+    if kept:
+        print(f"--overwrite: replaced the old run in {run_dir}; kept {len(kept)} file(s) reasontune did not write in "
+              f"{run_dir / KEPT_BY_OVERWRITE}: {', '.join(str(k.relative_to(run_dir / KEPT_BY_OVERWRITE)) for k in kept[:10])}",
+              file=sys.stderr)
+    return kept
 
 
 def finished_run_check(run_dir: Path, planned_steps: int | None) -> Path | None:
@@ -96,6 +183,44 @@ def finished_run_check(run_dir: Path, planned_steps: int | None) -> Path | None:
               "(--max-steps, --n-ei-steps, --n-grpo-steps) with --resume.")
         raise SystemExit(0)
     return final
+
+
+def resume_point(run_dir: Path, planned_steps: int | None, command: str) -> Path | None:
+    """Returns the checkpoint ``--resume`` continues from (final/ when it is behind the plan, else the newest checkpoint-N), None when there is none.
+
+    The chosen checkpoint is checked whole first (``checkpoint_problem``): a damaged one is
+    refused with the newest intact checkpoint and the exact commands that resume from it
+    (``command``: the resume command line), rather than silently falling back to an older one.
+    """
+    newest_first = [path for _, path in reversed(list_checkpoints(run_dir))]
+    if (run_dir / "final" / TRAINER_STATE).exists():
+        newest_first.insert(0, run_dir / "final")
+    if not newest_first:
+        return None
+    problem = checkpoint_problem(newest_first[0])
+    if problem is None:
+        final = finished_run_check(run_dir, planned_steps)
+        return final if final is not None else next(p for p in newest_first if p.name != "final")
+    refuse_damaged_checkpoint(newest_first[0], problem, command)
+
+
+def refuse_damaged_checkpoint(damaged: Path, problem: str, command: str | None = None) -> None:
+    """Raises the ``UserError`` of a checkpoint that cannot be resumed from: the problem, the newest intact older checkpoint, and how to resume from it.
+
+    ``command`` is the resume command line (None: "the same command").
+    """
+    run_dir = damaged.parent
+    numbered = re.fullmatch(r"checkpoint-(\d+)", damaged.name)
+    older = [path for number, path in reversed(list_checkpoints(run_dir))
+             if path != damaged and (numbered is None or number < int(numbered.group(1)))]
+    intact = next((path for path in older if checkpoint_problem(path) is None), None)
+    if intact is None:
+        raise UserError(f"--resume: {problem}; no intact checkpoint is left in {run_dir} to resume from; start "
+                        "afresh with --overwrite")
+    aside = damaged.with_name(f"damaged-{damaged.name}")
+    raise UserError(f"--resume: {problem}. The newest intact checkpoint is {intact}; resume from it with: "
+                    f"mv {shlex.quote(str(damaged))} {shlex.quote(str(aside))} && "
+                    f"{command or 'the same command again'}")
 
 
 def seed_and_device(seed: int, num_threads: int | None, device: str | None) -> torch.device:
@@ -137,9 +262,8 @@ def _prepare_run(config: TrainerOptions) -> Path | None:
     checkpoint = None
     if config.resume:
         planned = getattr(config, "n_grpo_steps", getattr(config, "n_ei_steps", getattr(config, "max_steps", None)))
-        checkpoint = latest_checkpoint(run_dir)
-        final = finished_run_check(run_dir, planned)
-        checkpoint = final if final is not None else checkpoint
+        checkpoint = resume_point(run_dir, planned, resume_command(COMMAND_OF_CONFIG.get(type(config).__name__, "sft"),
+                                                                   config))
         if checkpoint is None:
             print(f"no checkpoint in {run_dir}; starting from step 0")
     save_config(config, run_dir / "config.json")
@@ -160,7 +284,10 @@ def load_policy(config: TrainerOptions, device: torch.device, weights: str | Pat
             model = load_for_resume(config.model, source, dtype=dtype, attn_implementation=config.attn_implementation,
                                     device=device)
         else:
-            model = load_model(source, dtype=dtype, attn_implementation=config.attn_implementation, device=device)
+            # A checkpoint is reasontune's own: safetensors only, never a pickled .bin a crafted directory slipped in.
+            safetensors_only = {"use_safetensors": True} if weights is not None else {}
+            model = load_model(source, dtype=dtype, attn_implementation=config.attn_implementation, device=device,
+                               **safetensors_only)
     except OSError as error:  # not on the hub, no network, not a model directory: the user's to fix
         raise UserError(f"--model {source}: cannot be loaded ({str(error).splitlines()[0]})") from error
     if config.gradient_checkpointing:
@@ -188,7 +315,8 @@ def make_generator(config: TrainerOptions, model, tokenizer, device: torch.devic
     server, torchrun = None, torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
     if config.vllm_server_url:
         server = VLLMServerOptions(url=config.vllm_server_url, weight_sync=config.weight_sync_mode(trainer=True),
-                                   sync_address=config.vllm_weight_sync_address, sync_port=config.vllm_weight_sync_port)
+                                   sync_address=config.vllm_weight_sync_address, sync_port=config.vllm_weight_sync_port,
+                                   timeout_s=config.vllm_timeout)
     return build_generator(config.backend, model=model, tokenizer=tokenizer, model_name=config.model,
                            dtype=resolved_dtype(config.dtype, str(device)), seed=config.seed,
                            batch_size=config.generation_batch_size, vllm_device=config.vllm_device,
@@ -198,9 +326,15 @@ def make_generator(config: TrainerOptions, model, tokenizer, device: torch.devic
 
 
 def make_logger(run_dir: Path, config: TrainerOptions, resume: bool) -> MetricsLogger:
-    """Returns the run's metrics logger (metrics.jsonl always; wandb and TensorBoard as the logging options ask)."""
-    return MetricsLogger(run_dir, wandb_project=config.wandb, tensorboard=config.tensorboard, config=asdict(config),
-                         resume=resume)
+    """Returns the run's metrics logger (metrics.jsonl always; wandb and TensorBoard as the logging options ask).
+
+    Every trainer makes it last in its setup, once model, tokenizer, data and generator have
+    loaded: a run that ``--overwrite`` moved aside is discarded here, never earlier.
+    """
+    logger = MetricsLogger(run_dir, wandb_project=config.wandb, tensorboard=config.tensorboard, config=asdict(config),
+                           resume=resume)
+    discard_replaced_run(run_dir)
+    return logger
 
 
 def load_questions(config: TrainerOptions, needed: int = 1, tokenizer=None
@@ -388,20 +522,64 @@ def restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_o
     world size; every rank calls it); each rank restores its own RNG state when the checkpoint
     has one for its rank.
     """
+    try:
+        return _restore_training_state(checkpoint, optimizer, scheduler, fingerprint_of_steps, model=model, ctx=ctx)
+    except CheckpointError as error:  # found only now, against the live optimizer and schedule
+        if ctx is not None and ctx.is_distributed:
+            raise
+        refuse_damaged_checkpoint(Path(checkpoint), str(error))
+
+
+def _restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_of_steps=None, *, model=None,
+                            ctx: distributed.DistributedContext | None = None) -> dict:
     state = load_trainer_state(checkpoint)
-    if fingerprint_of_steps is not None and state["plan_fingerprint"] != fingerprint_of_steps(state["step"]):
+    where = str(Path(checkpoint) / TRAINER_STATE)
+    check_trainer_state(state, where)
+    if fingerprint_of_steps is not None and state.get("plan_fingerprint") != fingerprint_of_steps(state["step"]):
         raise UserError(f"--resume: {checkpoint} was trained on other data or batches than these options plan "
                         "for its steps; resume with the same data, seed and batching options")
     if model is not None and optimizer is not None and (Path(checkpoint) / SHARDED_DIR).is_dir():
         load_sharded(checkpoint, model, optimizer)
-    elif optimizer is not None and state.get("optimizer") is not None:
-        optimizer.load_state_dict(state["optimizer"])
-    if scheduler is not None and state.get("scheduler") is not None:
-        scheduler.load_state_dict(state["scheduler"])
+    try:
+        if optimizer is not None and state.get("optimizer") is not None and not (Path(checkpoint) / SHARDED_DIR).is_dir():
+            optimizer.load_state_dict(state["optimizer"])
+        if scheduler is not None and state.get("scheduler") is not None:
+            _check_like(state["scheduler"], scheduler.state_dict(), "scheduler")
+            scheduler.load_state_dict(state["scheduler"])
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as error:
+        raise CheckpointError(f"{where}: the optimizer or schedule state does not fit this run "
+                              f"({' '.join(str(error).split())[:200]})") from None
     set_rng_state(state["rng"])
     if ctx is not None and ctx.rank > 0:
         restore_rng(checkpoint, ctx.rank)
     return state
+
+
+def _check_like(saved: Any, expected: Any, where: str) -> None:
+    """Raises TypeError unless ``saved`` has ``expected``'s shape: the same keys, list lengths and value types (int for float allowed).
+
+    A scheduler's ``load_state_dict`` sets every saved key as an attribute, so a crafted value
+    would surface steps later as a crash in the schedule; checked against the fresh state first.
+    """
+    if isinstance(expected, dict):
+        if not isinstance(saved, dict) or set(saved) != set(expected):
+            raise TypeError(f"{where}: expected the fields {', '.join(sorted(map(str, expected)))}")
+        for key in expected:
+            _check_like(saved[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        if not isinstance(saved, (list, tuple)) or len(saved) != len(expected):
+            raise TypeError(f"{where}: expected a list of {len(expected)}")
+        for index, (item, reference) in enumerate(zip(saved, expected)):
+            _check_like(item, reference, f"{where}[{index}]")
+    elif expected is None or isinstance(expected, bool):
+        if saved is not None and not isinstance(saved, bool):
+            raise TypeError(f"{where}: expected {type(expected).__name__}")
+    elif isinstance(expected, (int, float)):
+        if isinstance(saved, bool) or not isinstance(saved, (int, float)) or (isinstance(expected, int) and
+                                                                               not isinstance(saved, int)):
+            raise TypeError(f"{where}: expected {type(expected).__name__}, got {type(saved).__name__}")
+    elif type(saved) is not type(expected):
+        raise TypeError(f"{where}: expected {type(expected).__name__}, got {type(saved).__name__}")
 
 
 class TrainingDiverged(RuntimeError):
@@ -490,7 +668,7 @@ def stop_for_signal(config: TrainerOptions, run_dir: Path, step: int, save, logg
     """Exits 130 after ``save(step, "checkpoint-<step>")``, logging the stop and printing the exact resume command."""
     path = save(step, f"checkpoint-{step}")  # every rank, under torchrun
     name = signal.Signals(_stop["signal"]).name if _stop["signal"] is not None else "a signal to another rank"
-    command = f"reasontune {COMMAND_OF_CONFIG.get(type(config).__name__, 'sft')} --resume --output-dir {shlex.quote(str(run_dir))}"
+    command = resume_command(COMMAND_OF_CONFIG.get(type(config).__name__, "sft"), config)
     if progress is not None:
         progress.close()
     disarm_stop_signals()

@@ -21,12 +21,14 @@ from typing import Any, Literal
 import torch
 
 from reasontune import distributed
+from reasontune.checkpoint import CheckpointError
 from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import load_template
 from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import (AdvantageBaseline, AdvantageStd, LossAggregation, PolicyLossType, RolloutCorrection,
                                compute_advantages, grpo_microbatch_train_step, mask_truncated_responses, masked_mean,
-                               overlong_penalty, rollout_correction_weights, rollout_mismatch_metrics)
+                               overlong_penalty, rollout_correction_weights, rollout_mismatch_metrics,
+                               sequences_with_loss_tokens)
 from reasontune.modeling import load_model
 from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
                                 TrainerOptions, resolved_dtype, validate_common)
@@ -42,6 +44,12 @@ from reasontune.training.common import (NonFiniteStep, PolicySession, clip_and_s
 from reasontune.training.data_parallel import (SINGLE_PROCESS, generation_model, rank_microbatches,
                                                record_launch, refuse_what_torchrun_cannot_run,
                                                shard_policy, sharded_rollouts, unsharded_replica)
+
+
+# A step whose every advantage is below this (equal rewards in every group) gives no policy gradient.
+ZERO_ADVANTAGE = 1e-8
+# After this many such steps in a row the run says so (once per streak): the run trains on nothing.
+DEGENERATE_REWARD_STEPS = 3
 
 
 @dataclasses.dataclass
@@ -229,7 +237,8 @@ def train_step(model, microbatches: list[dict], config: GRPOConfig, device: torc
     """
     real = [mb for mb in microbatches if not mb.get("filler")]
     tokens_in_step = distributed.global_sum(int(sum(int(mb["response_mask"].sum()) for mb in real)))
-    examples_in_step = distributed.global_sum(sum(int(mb["response_mask"].shape[0]) for mb in real))
+    # Responses masked out whole (--mask-truncated) are out of the loss, also out of its divisor (aggregate_loss).
+    examples_in_step = distributed.global_sum(sum(sequences_with_loss_tokens(mb["response_mask"]) for mb in real))
     sums: dict[str, float] = {"loss": 0.0, "response_tokens": 0}
     for mb in microbatches:
         input_ids, labels = mb["input_ids"].to(device), mb["labels"].to(device)
@@ -306,6 +315,7 @@ class GRPOSession(PolicySession):
     reference: Any = None  # frozen starting model for the KL penalty, or None
     start_step: int = 0
     restored_batches: list[RolloutBatch] = dataclasses.field(default_factory=list)  # --async-steps: from the checkpoint
+    steps_without_signal: list[int] = dataclasses.field(default_factory=list)  # consecutive steps, every advantage 0
 
 
 def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = None) -> GRPOSession:
@@ -348,8 +358,11 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
         state = restore_training_state(checkpoint, optimizer, scheduler, model=model, ctx=ctx)
         session.start_step = state["step"]
         pending = state.get("pending_rollouts") or {}
+        where = str(checkpoint / "trainer_state.json")
+        if not isinstance(pending, dict) or not isinstance(pending.get("batches", []), list):
+            raise CheckpointError(f"{where}: field 'pending_rollouts' must be an object with a list of batches")
         if pending.get("async_steps") == config.async_steps:
-            session.restored_batches = [RolloutBatch.from_state(batch) for batch in pending["batches"]]
+            session.restored_batches = [RolloutBatch.from_state(batch, where) for batch in pending["batches"]]
         resampled = [step for step in range(session.start_step + 1, session.start_step + config.async_steps + 1)
                      if step <= config.n_grpo_steps and step not in {b.step for b in session.restored_batches}]
         if session.logger is not None:
@@ -422,7 +435,8 @@ def training_microbatches(session: GRPOSession, rollouts: Rollouts) -> tuple[lis
             max(1, round(config.overlong_buffer_fraction * config.sampling_max_tokens)), config.overlong_penalty_factor)
     advantages = compute_advantages(raw_rewards, config.group_size, config.advantage_baseline, config.advantage_std,
                                     config.advantage_eps)
-    reward_stats = {"reward_mean": float(raw_rewards.mean()),
+    reward_stats = {"nonzero_advantage_fraction": float((advantages.abs() > ZERO_ADVANTAGE).float().mean()),
+                    "reward_mean": float(raw_rewards.mean()),
                     "reward_std": float(raw_rewards.std()) if raw_rewards.numel() > 1 else 0.0,
                     "answer_reward_mean": statistics.fmean(float(s["answer_reward"]) for s in scores),
                     "format_reward_mean": statistics.fmean(float(s["format_reward"]) for s in scores)}
@@ -495,8 +509,15 @@ class RolloutBatch:
         return {key: value for key, value in dataclasses.asdict(self).items() if key != "rollouts"}
 
     @classmethod
-    def from_state(cls, state: dict[str, Any]) -> RolloutBatch:
-        """Returns the batch ``state()`` saved."""
+    def from_state(cls, state: Any, where: str = "trainer state") -> RolloutBatch:
+        """Returns the batch ``state()`` saved; ``CheckpointError`` naming ``where`` when it is not one."""
+        fields = {f.name for f in dataclasses.fields(cls)} - {"rollouts"}
+        if not isinstance(state, dict) or not {"step", "policy_version", "sampling_counts"} <= set(state) <= fields:
+            raise CheckpointError(f"{where}: field 'pending_rollouts' holds a batch that is not one")
+        if not (isinstance(state["step"], int) and isinstance(state.get("train_batches", []), list)
+                and all(isinstance(rank, list) and all(isinstance(b, dict) for b in rank)
+                        for rank in state.get("train_batches", []))):
+            raise CheckpointError(f"{where}: field 'pending_rollouts' holds a malformed batch")
         return cls(**state)
 
 
@@ -603,6 +624,7 @@ def rollout_metrics(rollouts: Rollouts, reward_stats: dict[str, float]) -> dict[
     """Returns what a GRPO step logs of its rollouts: rewards, accuracy and response lengths (correct / incorrect / truncated)."""
     summary = rollouts.summary()
     return {"reward": reward_stats["reward_mean"], "reward_std": reward_stats["reward_std"],
+            "nonzero_advantage_fraction": reward_stats["nonzero_advantage_fraction"],
             "format_reward": reward_stats.get("format_reward_mean"), "answer_reward": reward_stats.get("answer_reward_mean"),
             **{key: summary[key] for key in ("accuracy", "pass_at_n", "mean_response_tokens",
                                              "mean_response_tokens_correct", "mean_response_tokens_incorrect",
@@ -629,12 +651,17 @@ def train_one_step(session: GRPOSession, pipeline: RolloutPipeline, step: int, p
         return
     # --- policy-gradient steps: epochs x train batches (this rank's part of each), each accumulated over its microbatches
     model.train()
-    step_metrics = []
+    step_metrics, skipped_updates = [], 0
     for _ in range(config.epochs_per_rollout_batch):
         for train_batch in batch.train_batches:
             if not train_batch:  # a dynamic-sampling batch that stayed short
                 continue
             metrics = train_step(model, train_batch, config, session.device, ctx)
+            if metrics["response_tokens"] == 0:  # every response masked out (--mask-truncated): no update at all,
+                session.optimizer.zero_grad(set_to_none=True)  # not even AdamW's momentum and weight decay
+                skipped_updates += 1
+                step_metrics.append({**metrics, "grad_norm": 0.0})
+                continue
             try:
                 grad_norm = clip_and_step(model, session.optimizer, session.scheduler, config.max_grad_norm,
                                           metrics["loss"])
@@ -651,11 +678,40 @@ def train_one_step(session: GRPOSession, pipeline: RolloutPipeline, step: int, p
     if logger is not None and (step % config.log_every == 0 or step == config.n_grpo_steps):
         overlap = ({"policy_version": batch.policy_version, "staleness": step - 1 - batch.policy_version,
                     "rollout_wait_s": waited} if config.async_steps else {})
-        logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean, optimizer_steps=len(step_metrics),
+        logger.log("train", step, lr=session.scheduler.get_last_lr()[0], **mean,
+                   optimizer_steps=len(step_metrics) - skipped_updates, **({"skipped_updates": skipped_updates}
+                                                                          if skipped_updates else {}),
                    **batch.metrics, **batch.sampling_counts,
                    rollout_s=batch.rollout_seconds, **overlap, step_s=time.perf_counter() - tick,
                    elapsed_s=time.perf_counter() - started)
     progress.update(step, loss=mean["loss"], reward=batch.metrics["reward"], accuracy=batch.metrics["accuracy"])
+    warn_when_rewards_carry_no_signal(session, step, batch.metrics, progress)
+
+
+def degenerate_rewards_message(steps: list[int], metrics: dict[str, Any]) -> str:
+    """Returns the warning for GRPO steps ``steps`` whose every advantage was 0 (``metrics``: the last one's rollout metrics)."""
+    what = ("every reward was 0" if metrics.get("reward") == 0 and not metrics.get("reward_std")
+            else "every group's rewards were equal")
+    return (f"warning: GRPO steps {steps[0]}-{steps[-1]}: {what}, so every advantage is 0 and the policy learns "
+            "nothing from them (the loss is 0 by construction, not because training converged). Check that the "
+            "prompt template and the reward agree (r1_zero wants '</think> <answer>...</answer>'; "
+            "--prompt-template/--reward), that the references are read (the data's answer/ground_truth field), and "
+            "that answers are extracted (reasontune eval on a few questions: its records show format and answer "
+            "rewards). A model that never formats its answer needs SFT first; one that always succeeds needs "
+            "harder questions.")
+
+
+def warn_when_rewards_carry_no_signal(session: GRPOSession, step: int, metrics: dict[str, Any], progress: Progress) -> None:
+    """Returns nothing; after ``DEGENERATE_REWARD_STEPS`` consecutive steps without a non-zero advantage, logs and prints a warning (once per streak)."""
+    if metrics.get("nonzero_advantage_fraction", 1.0) > 0:
+        session.steps_without_signal.clear()
+        return
+    session.steps_without_signal.append(step)
+    if len(session.steps_without_signal) != DEGENERATE_REWARD_STEPS or session.logger is None:
+        return
+    message = degenerate_rewards_message(session.steps_without_signal, metrics)
+    session.logger.log("event", step, message=message)
+    progress.write(message)
 
 
 def train_grpo(session: GRPOSession) -> Path:

@@ -19,7 +19,7 @@ from typing import Any, Literal, Sequence
 import torch
 
 from reasontune import distributed
-from reasontune.batching import pack_examples, packed_forward_kwargs, token_budget_batches
+from reasontune.batching import flatten_packed, pack_examples, packed_forward_kwargs, token_budget_batches
 from reasontune.config import help_field, raise_problems, same_field
 from reasontune.data import (Example, example_prompt, load_examples, load_template, train_validation_split,
                              with_chat_template, with_r1_zero_targets)
@@ -66,6 +66,7 @@ class SFTConfig(TrainerOptions):
     loss_aggregation: LossAggregation = help_field("sequence_sum", "sequence_sum: each sequence's summed NLL / normalize-constant, mean over the step's sequences (the design's sft_microbatch_train_step); token_mean: mean NLL over the step's response tokens; sequence_mean: mean of each sequence's mean NLL", group="optimisation")
     normalize_constant: float = help_field(1.0, "divisor of each sequence's summed NLL under sequence_sum", group="optimisation")
     packing: bool = help_field(False, "pack several examples into rows of --tokens-per-batch tokens, without attention across examples", group="optimisation")
+    packing_layout: Literal["rows", "flat"] = help_field("rows", "with --packing: rows (--batch-size rows of --max-length tokens, padded to the fullest) or flat (those rows' tokens in one row without padding, as TRL's padding-free: no compute on padding, but sdpa/eager attention spans the whole microbatch)", group="optimisation")
     tokens_per_batch: int | None = help_field(None, "with --packing (or dynamic batching): token budget of a microbatch instead of --batch-size examples", group="optimisation")
 
     def validate(self) -> None:
@@ -161,8 +162,9 @@ def plan_microbatches(data: TokenizedData, config: SFTConfig, epoch: int, pad_to
     if config.packing:
         row_width = (config.max_length or config.tokens_per_batch) - 1
         rows = max(1, (config.tokens_per_batch or config.batch_size * row_width) // row_width)
-        return pack_examples(data.prompt_ids, data.output_ids, pad_token_id, tokens_per_row=row_width,
-                             rows_per_batch=rows, max_length=config.max_length, shuffle_seed=seed)
+        packed = pack_examples(data.prompt_ids, data.output_ids, pad_token_id, tokens_per_row=row_width,
+                               rows_per_batch=rows, max_length=config.max_length, shuffle_seed=seed)
+        return [flatten_packed(batch) for batch in packed] if config.packing_layout == "flat" else packed
     lengths = [len(p) + len(o) for p, o in zip(data.prompt_ids, data.output_ids)]
     if config.tokens_per_batch:
         groups = token_budget_batches(lengths, config.tokens_per_batch, shuffle_seed=seed)

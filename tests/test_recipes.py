@@ -1,0 +1,60 @@
+"""The SmolLM2 GSM8K recipe's pieces: its prompt is the model's own chat template, its table reads a run's files."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from reasontune.data import gsm8k_to_r1_zero, load_template
+
+RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
+SMOLLM2_DIR = Path(os.environ.get("REASONTUNE_SMOLLM2_DIR", "/work/cache/smollm2-hf"))
+
+
+def test_recipe_prompt_is_smollm2_chat_template_with_r1_zero_instruction_ending_in_think():
+    if not (SMOLLM2_DIR / "tokenizer.json").exists():
+        pytest.skip(f"no SmolLM2 tokenizer at {SMOLLM2_DIR} (set REASONTUNE_SMOLLM2_DIR)")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2_DIR)
+    template = load_template(str(RECIPES / "smollm2_r1_zero_chat.prompt"))
+    system = "Think step by step in <think> </think>, then answer in <answer> </answer>."
+    expected = tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                              {"role": "user", "content": "{question}"}],
+                                             tokenize=False, add_generation_prompt=True) + "<think>"
+    assert template == expected
+    # The SFT target continues the prompt: " reasoning </think> <answer>N</answer>", annotations gone.
+    target = gsm8k_to_r1_zero("She sold 48/2 = <<48/2=24>>24 clips.\n#### 1,024")
+    assert target == " She sold 48/2 = 24 clips. </think> <answer>1024</answer>"
+    ids = tokenizer(template.replace("{question}", "Q"))["input_ids"]
+    assert ids[0] == tokenizer.convert_tokens_to_ids("<|im_start|>")  # special tokens parsed, not spelled out
+
+
+def _load_table_module():
+    spec = importlib.util.spec_from_file_location("recipe_table", RECIPES / "recipe_table.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_recipe_table_reads_minutes_summaries_and_paired_comparisons(tmp_path):
+    (tmp_path / "minutes.tsv").write_text("eval-zero-shot\t14.9\nsft\t12.0\nsft\t1.5\neval-sft\t13.2\n")
+    for stage, value, low, high, format_rate, tokens in (("zero-shot", 0.0, 0.0, 0.0, 0.0, 196.55),
+                                                         ("sft", 0.035, 0.01, 0.06, 0.955, 120.25)):
+        (tmp_path / f"eval-{stage}").mkdir()
+        (tmp_path / f"eval-{stage}" / "summary.json").write_text(json.dumps({
+            "n_examples": 200, "format_rate": format_rate, "mean_response_tokens": tokens,
+            "estimates": {"metrics": {"pass@1": {"value": value, "low": low, "high": high}}}}))
+    (tmp_path / "compare-zero-shot-sft").mkdir()
+    (tmp_path / "compare-zero-shot-sft" / "comparison.json").write_text(json.dumps(
+        {"rows": [{"differences": [{"difference": 0.035, "low": 0.01, "high": 0.06, "p_value": 0.004}]}]}))
+    lines = _load_table_module().table(tmp_path).splitlines()
+    assert lines[2] == "| eval zero-shot | 14.9 | 0.0 [0.0, 0.0] |  | 0.0 | 196.6 |"
+    assert lines[3] == "| sft training | 13.5 | | | | |"  # 12.0 + 1.5: an interrupted stage's two parts
+    assert lines[4] == "| eval sft | 13.2 | 3.5 [1.0, 6.0] | +3.5 [+1.0, +6.0] (p 0.004) | 95.5 | 120.2 |"
+    assert lines[5:7] == ["| grpo training | not run | | | | |", "| eval grpo | not run | | | | |"]
+    assert "Total wall-clock: 41.6 minutes; 200 test questions" in lines[-1]  # 14.9 + 13.5 + 13.2
