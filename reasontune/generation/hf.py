@@ -1,4 +1,4 @@
-"""The Hugging Face backend: a decode loop of its own over a causal LM, with a growing KV cache, vectorised per-row sampling and progress.
+"""The Hugging Face backend: a decode loop of its own over a causal LM, with a preallocated KV cache, vectorised per-row sampling and progress.
 
 Where ``model.generate`` spends a CPU's time on a whole-cache copy per step (its dynamic
 cache concatenates), on rows that already stopped, on padding to the longest prompt and on
@@ -123,7 +123,28 @@ def sample_tokens(scores: torch.Tensor, temperature: float, top_p: float, unifor
     (0, 1], float64): the first token whose cumulative probability reaches ``u`` times the
     total. The log-probs are those of this distribution (temperature and nucleus applied), as
     importance correction against the trainer's log-probs needs. ``scores``: (rows, vocab).
+
+    Three passes over the vocabulary (max, exp, cumsum): the CDF is left unnormalised, and a
+    token's log-prob is its shifted score minus the log of its row's total, so no log-softmax
+    over the vocabulary is needed.
     """
+    scores = scores.float()
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_p < 1.0:
+        scores = nucleus_scores(scores, top_p)
+    shift = scores.max(dim=-1, keepdim=True).values
+    cumulative = torch.sub(scores, shift).exp_().cumsum_(dim=-1)  # exp(-inf) = 0: tokens outside the support add nothing
+    total = cumulative[:, -1:]
+    targets = uniforms.to(device=cumulative.device, dtype=torch.float32).unsqueeze(1) * total
+    tokens = torch.searchsorted(cumulative, targets).clamp_(max=scores.shape[-1] - 1)
+    log_probs = scores.gather(1, tokens) - shift - total.log()
+    return tokens.squeeze(1), log_probs.squeeze(1)
+
+
+def sample_tokens_unfused(scores: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns what ``sample_tokens`` returns, through a full log-softmax first (the straightforward way; kept to measure against)."""
     scores = scores.float() / temperature
     if top_p < 1.0:
         scores = nucleus_scores(scores, top_p)
@@ -144,14 +165,16 @@ def entropy_of_scores(scores: torch.Tensor) -> torch.Tensor:
 class DecodeSettings:
     """How ``HFGenerator`` runs its decode loop; every switch exists so that ``bench/generation.py`` can measure what it buys.
 
-    ``preallocated_cache``: keys and values live in a buffer with room to grow, so a step
+    ``preallocated_cache``: keys and values live in a buffer with room for every new token, so a step
     writes one column instead of concatenating (copying) the whole cache. ``drop_finished``:
     rows that stopped leave the batch (the cache is compacted once an eighth of the batch has
     stopped). ``prefill_buckets``: prompts are prefilled in groups of similar length (padding
     ≤ ``bucket_padding`` of a group's width) instead of padded to the longest.
     ``shared_prefill``: a prompt with ``n`` samples is prefilled once and its cache repeated.
     ``shared_prefix``: the batch's common token prefix (the template) is prefilled once for all rows.
-    ``num_threads``: torch threads during generation (None: leave the process setting).
+    ``fused_sampler``: sampling and log-probs in three passes over the vocabulary instead of a
+    full log-softmax first. ``num_threads``: torch threads during generation (None: leave the
+    process setting).
     """
 
     preallocated_cache: bool = True
@@ -159,22 +182,29 @@ class DecodeSettings:
     prefill_buckets: bool = True
     shared_prefill: bool = True
     shared_prefix: bool = True
+    fused_sampler: bool = True
     bucket_padding: float = 0.1
     num_threads: int | None = None
 
 
-class _GrowingLayer(DynamicLayer):
-    """One decoder layer's keys and values in a buffer with room to grow: a step writes its column, nothing is copied.
+class _PreallocatedLayer(DynamicLayer):
+    """One decoder layer's keys and values in a buffer allocated once for the whole generation: a step writes its column.
 
     ``keys`` / ``values`` are views ``(rows, kv_heads, length, head_dim)`` of buffers with
-    ``capacity`` positions; when they fill, capacity doubles (capped at ``max_capacity``), so
-    the copies of a whole generation cost as much as one cache. Positions never written
-    (padding left of a shorter prefill bucket) hold zeros: masked out, and 0 · value is 0.
+    ``capacity`` positions (prompt width + max new tokens), allocated uninitialised: the
+    system backs their pages only as positions are written, so memory follows the tokens
+    generated, never a whole-cache copy a step (as concatenation costs) or a doubling's two
+    copies at once. Of the first ``prompt_width`` positions, those never written (padding left
+    of a shorter prefill bucket) hold zeros: masked out, and 0 · value is 0 (uninitialised
+    memory could hold NaN, and 0 · NaN is NaN). Later positions are written by their decode
+    step before any attention reads them. Should a step ever pass ``capacity``, it grows
+    (doubling, capped at ``max_capacity``).
     """
 
-    def __init__(self, capacity: int, max_capacity: int):
+    def __init__(self, capacity: int, max_capacity: int, prompt_width: int = 0):
         super().__init__()
         self.capacity, self.max_capacity, self.length = capacity, max(capacity, max_capacity), 0
+        self.prompt_width = min(prompt_width, capacity)
         self._key_buffer = self._value_buffer = None
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -186,8 +216,10 @@ class _GrowingLayer(DynamicLayer):
         if self._key_buffer is None:
             self.device = key_states.device
             shape = (total_rows, key_states.shape[1], self.capacity, key_states.shape[3])
-            self._key_buffer = key_states.new_zeros(shape)
-            self._value_buffer = value_states.new_zeros(shape[:3] + (value_states.shape[3],))
+            self._key_buffer = key_states.new_empty(shape)
+            self._value_buffer = value_states.new_empty(shape[:3] + (value_states.shape[3],))
+            self._key_buffer[:, :, :self.prompt_width].zero_()
+            self._value_buffer[:, :, :self.prompt_width].zero_()
             self.is_initialized = True
         end = start + key_states.shape[2]
         self._key_buffer[rows, :, start:end] = key_states
@@ -211,7 +243,7 @@ class _GrowingLayer(DynamicLayer):
         capacity = max(needed, min(2 * self._key_buffer.shape[2], self.max_capacity))
         for name in ("_key_buffer", "_value_buffer"):
             old = getattr(self, name)
-            new = old.new_zeros(old.shape[:2] + (capacity,) + old.shape[3:])
+            new = old.new_empty(old.shape[:2] + (capacity,) + old.shape[3:])
             new[:, :, :self.length] = old[:, :, :self.length]
             setattr(self, name, new)
 
@@ -221,8 +253,12 @@ class _GrowingLayer(DynamicLayer):
         self.values = self._value_buffer[:, :, :length]
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._key_buffer = self._key_buffer[indices]
-        self._value_buffer = self._value_buffer[indices]
+        # Only the written positions are copied: the rest of the new buffers stays untouched (unbacked).
+        for name in ("_key_buffer", "_value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty((len(indices),) + old.shape[1:])
+            new[:, :, :self.length] = old[indices, :, :self.length]
+            setattr(self, name, new)
         self._set_length(self.length)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
@@ -233,6 +269,17 @@ def _forward_cache_argument(model) -> str:
     """Returns the name under which ``model``'s forward takes the KV cache (``cache`` from transformers 5.x, else ``past_key_values``)."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes kwargs on
     return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+@dataclass(frozen=True)
+class _SharedPrefix:
+    """A token prefix common to every prompt of a ``generate`` call, with its keys and values computed once.
+
+    ``states``: per decoder layer, (keys, values) each (1, kv_heads, ``length``, head_dim).
+    """
+
+    length: int
+    states: list[tuple[torch.Tensor, torch.Tensor]]
 
 
 def _length_buckets(lengths: Sequence[int], padding: float) -> list[tuple[int, int]]:
@@ -347,12 +394,13 @@ class HFGenerator(Generator):
         self.model.eval()
         progress = GenerationProgress(len(prompts) * rows_per_prompt, options.max_new_tokens)
         try:
+            prefix = self._shared_prefix(prompt_ids)
             for start in range(0, len(order), prompts_per_batch):
                 batch = order[start:start + prompts_per_batch]
                 seeds = [row_seed(seed, options.first_prompt_index + index, sample)
                          for index in batch for sample in range(rows_per_prompt)]
                 completions = self._generate_batch([prompt_ids[i] for i in batch], options, rows_per_prompt, seeds,
-                                                   progress)
+                                                   progress, prefix)
                 for position, index in enumerate(batch):
                     group = completions[position * rows_per_prompt:(position + 1) * rows_per_prompt]
                     if rows_per_prompt < options.n:
@@ -366,12 +414,13 @@ class HFGenerator(Generator):
 
     @torch.no_grad()
     def _generate_batch(self, batch_ids: list[list[int]], options: SamplingOptions, rows_per_prompt: int,
-                        seeds: list[int], progress: GenerationProgress) -> list[Completion]:
+                        seeds: list[int], progress: GenerationProgress, prefix: _SharedPrefix | None = None
+                        ) -> list[Completion]:
         """Returns ``len(batch_ids) * rows_per_prompt`` completions, prompt-major; ``seeds``: each row's sampling seed."""
         device, settings, steps = self.device, self.settings, options.max_new_tokens
         rows = len(batch_ids) * rows_per_prompt
         lengths = torch.tensor([len(ids) for ids in batch_ids]).repeat_interleave(rows_per_prompt)
-        cache, logits, attention_mask = self._prefill(batch_ids, rows_per_prompt, steps)
+        cache, logits, attention_mask = self._prefill(batch_ids, rows_per_prompt, steps, prefix)
         positions = lengths.to(device)  # the position of each row's next token
         row_seeds = np.array(seeds, dtype=np.uint64)
 
@@ -446,42 +495,63 @@ class HFGenerator(Generator):
         """
         scores = logits.float()
         entropy = entropy_of_scores(scores) if options.return_entropy else None
-        greedy_logprobs = None
+        log_normaliser = None
         if options.greedy and options.return_logprobs:
-            greedy_logprobs = finite_log_softmax(scores)
+            # The model's own distribution, before EOS suppression: log p(token) = score - logsumexp(scores).
+            log_normaliser = torch.logsumexp(scores, dim=-1)
         if step < options.min_new_tokens and self.eos_token_ids:
             scores[:, self.eos_token_ids] = -float("inf")  # the step's logits are ours to change
         if options.greedy:
             tokens = scores.argmax(dim=-1)
-            token_logprobs = None if greedy_logprobs is None else greedy_logprobs.gather(1, tokens[:, None]).squeeze(1)
+            # A picked token is never a suppressed one, so its score is still the model's own.
+            token_logprobs = None if log_normaliser is None else scores.gather(1, tokens[:, None]).squeeze(1) - log_normaliser
             return tokens, token_logprobs, entropy
-        tokens, token_logprobs = sample_tokens(scores, options.temperature, options.top_p, row_uniforms(row_seeds, step))
+        sample = sample_tokens if self.settings.fused_sampler else sample_tokens_unfused
+        tokens, token_logprobs = sample(scores, options.temperature, options.top_p, row_uniforms(row_seeds, step))
         return tokens, token_logprobs if options.return_logprobs else None, entropy
 
-    def _prefill(self, batch_ids: list[list[int]], rows_per_prompt: int, max_new_tokens: int):
+    def _growable(self) -> bool:
+        """Returns whether our preallocated layers can hold the model's cache: every layer a plain ``DynamicLayer`` (no sliding window)."""
+        if not (self.settings.preallocated_cache and hasattr(self.model, "config")):
+            return False
+        layers = DynamicCache(config=self.model.config).layers
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    @torch.no_grad()
+    def _shared_prefix(self, prompt_ids: list[list[int]]) -> _SharedPrefix | None:
+        """Returns the call's common token prefix (a template's instructions) with its keys and values, or None where none pays.
+
+        It is run once for the whole call, however many batches and buckets follow; at least
+        one token of every prompt stays after it, as that token's logits start the response.
+        """
+        if not (self.settings.shared_prefix and len(prompt_ids) > 1 and self._growable()):
+            return None
+        tokens = os.path.commonprefix(prompt_ids)[:min(len(ids) for ids in prompt_ids) - 1]
+        if len(tokens) < 8:  # too short to pay for its own forward pass
+            return None
+        device, cache = self.device, DynamicCache()
+        self.model(input_ids=torch.tensor([tokens], device=device), position_ids=torch.arange(len(tokens), device=device)[None],
+                   use_cache=True, logits_to_keep=1, **{_forward_cache_argument(self.model): cache})
+        return _SharedPrefix(len(tokens), [(layer.keys, layer.values) for layer in cache.layers])
+
+    def _prefill(self, batch_ids: list[list[int]], rows_per_prompt: int, max_new_tokens: int,
+                 prefix: _SharedPrefix | None = None):
         """Returns (KV cache, last-position logits (rows, vocab), attention mask (rows, width)) of every row after its prompt.
 
-        The prompts' common token prefix (a template's instructions) is run once and its keys
-        and values shared by every row; the rest of each prompt (longest first) is prefilled in
-        buckets of similar length, each prompt once, and written right-aligned after the prefix
-        into one cache of ``len(batch_ids)`` rows, then repeated ``rows_per_prompt`` times per
-        prompt. A row's columns: prefix, padding, the rest of its prompt; positions skip the padding.
+        The keys and values of ``prefix`` (the call's common prefix, computed once) are shared by
+        every row; the rest of each prompt (longest first) is prefilled in buckets of similar
+        length, each prompt once, and written right-aligned after the prefix into one cache of
+        ``len(batch_ids)`` rows, then repeated ``rows_per_prompt`` times per prompt. A row's
+        columns: prefix, padding, the rest of its prompt; positions skip the padding.
         """
         settings, device = self.settings, self.device
         unique = settings.shared_prefill
         prompts = batch_ids if unique else [ids for ids in batch_ids for _ in range(rows_per_prompt)]
         cache_argument = _forward_cache_argument(self.model)
-        growable = False
-        if settings.preallocated_cache and hasattr(self.model, "config"):
-            layers = DynamicCache(config=self.model.config).layers
-            growable = bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
-        prefix: list[int] = []
-        if growable and settings.shared_prefix and len(prompts) > 1:
-            # At least one token of every prompt stays after the prefix: its logits start the response.
-            prefix = os.path.commonprefix(prompts)[:min(len(ids) for ids in prompts) - 1]
-            if len(prefix) < 8:  # too short to pay for its own forward pass
-                prefix = []
-        shared = len(prefix)
+        growable = self._growable()
+        if not growable:
+            prefix = None
+        shared = 0 if prefix is None else prefix.length
         rests = [ids[shared:] for ids in prompts]
         lengths = [len(ids) for ids in rests]
         width = shared + max(lengths)
@@ -496,13 +566,11 @@ class HFGenerator(Generator):
         cache = prefix_states = None
         if growable:
             cache = DynamicCache()
-            cache.layers = [_GrowingLayer(width + min(max_new_tokens, 256), width + max_new_tokens) for _ in layers]
+            cache.layers = [_PreallocatedLayer(width + max_new_tokens, width + max_new_tokens, width)
+                            for _ in DynamicCache(config=self.model.config).layers]
             cache.layer_class_to_replicate = None
-        if shared:
-            prefix_cache = DynamicCache()
-            self.model(input_ids=torch.tensor([prefix], device=device), position_ids=torch.arange(shared, device=device)[None],
-                       use_cache=True, logits_to_keep=1, **{cache_argument: prefix_cache})
-            prefix_states = [(layer.keys, layer.values) for layer in prefix_cache.layers]
+        if prefix is not None:
+            prefix_states = prefix.states
             for layer, (keys, values) in zip(cache.layers, prefix_states):
                 layer.place(slice(0, len(prompts)), len(prompts), 0, keys.expand(len(prompts), -1, -1, -1),
                             values.expand(len(prompts), -1, -1, -1))
