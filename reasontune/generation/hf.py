@@ -300,7 +300,7 @@ class GenerationProgress:
     line every ``every_s`` seconds when the output is a file.
     """
 
-    def __init__(self, rows: int, max_new_tokens: int, every_s: float = 10.0):
+    def __init__(self, rows: int, max_new_tokens: int, every_s: float = 5.0):
         self.rows, self.max_new_tokens = rows, max_new_tokens
         self.generated = self.rows_done = self.spent = 0
         self._started = time.monotonic()
@@ -333,16 +333,19 @@ class HFGenerator(Generator):
     previous mode; the KV cache is used even when the training config turned ``use_cache``
     off. Sampling uses exactly ``options`` (no top-k, no repetition penalty), never sampling
     defaults in the model's ``generation_config``. ``settings`` switches the loop's
-    optimisations (all on by default) for benchmarks.
+    optimisations (all on by default) for benchmarks. Progress (rows, tokens, tok/s, ETA) is
+    a bar on a terminal and a line every ``progress_every_s`` seconds otherwise (a log file).
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 32, settings: DecodeSettings | None = None):
+    def __init__(self, model, tokenizer, batch_size: int = 32, settings: DecodeSettings | None = None,
+                 progress_every_s: float = 5.0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
         self.settings = settings or DecodeSettings()
+        self.progress_every_s = progress_every_s  # between plain progress lines when stderr is not a terminal
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
@@ -392,7 +395,7 @@ class HFGenerator(Generator):
         if self.settings.num_threads is not None:
             torch.set_num_threads(self.settings.num_threads)
         self.model.eval()
-        progress = GenerationProgress(len(prompts) * rows_per_prompt, options.max_new_tokens)
+        progress = GenerationProgress(len(prompts) * rows_per_prompt, options.max_new_tokens, self.progress_every_s)
         try:
             prefix = self._shared_prefix(prompt_ids)
             for start in range(0, len(order), prompts_per_batch):
