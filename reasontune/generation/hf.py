@@ -1,13 +1,26 @@
-"""The Hugging Face backend: batched ``model.generate`` with left padding, stop strings, sampling log-probs and entropy."""
+"""The Hugging Face backend: a decode loop of its own over a causal LM, with a preallocated KV cache, vectorised per-row sampling and progress.
+
+Where ``model.generate`` spends a CPU's time on a whole-cache copy per step (its dynamic
+cache concatenates), on rows that already stopped, on padding to the longest prompt and on
+per-row Python in the logits processors, this loop prefills prompts in length buckets, writes
+each step's keys and values into preallocated room, drops finished rows from the batch and
+samples every row at once. Sampling stays a function of a row's seed alone.
+"""
 
 from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
+import os
+import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
+import numpy as np
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from transformers import DynamicCache, StoppingCriteria
+from transformers.cache_utils import DynamicLayer
 
 from reasontune.generation import Completion, Generator, SamplingOptions, cut_at_stop
 from reasontune.tracking import Progress
@@ -60,78 +73,7 @@ class _StopOnStrings(StoppingCriteria):
         return could_end
 
 
-class _SuppressEOSUntil(LogitsProcessor):
-    """Sets the EOS logits to -inf in place while fewer than ``min_new_tokens`` tokens are generated.
-
-    Replaces ``generate(min_new_tokens=...)``, whose processor clones the whole ``(rows, vocab)``
-    score matrix and rebuilds a vocab-sized EOS mask every step, even after ``min_new_tokens``:
-    three vocab-wide passes a step, more than the LM head itself at Qwen's vocab on CPU. This
-    one writes ``rows × len(eos)`` entries, and nothing once the minimum is reached.
-    """
-
-    def __init__(self, eos_token_ids: Sequence[int], prompt_width: int, min_new_tokens: int):
-        self.eos_token_ids = list(eos_token_ids)
-        self.prompt_width = prompt_width
-        self.min_new_tokens = min_new_tokens
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if input_ids.shape[1] - self.prompt_width < self.min_new_tokens:
-            scores[:, self.eos_token_ids] = -float("inf")  # generate hands us its own float32 copy of the logits
-        return scores
-
-
-class _SampledTokenLogProbs:
-    """Keeps one step's log-softmax and gathers the sampled token's entry once it is known.
-
-    The sampled token appears only at the next processor call (or after ``generate``
-    returns), so one step of ``(rows, vocab)`` log-probs is kept: memory stays
-    O(rows × vocab), never O(steps × vocab).
-    """
-
-    def __init__(self) -> None:
-        self.previous: torch.Tensor | None = None
-        self.values: list[torch.Tensor] = []  # each (rows,) float32
-
-    def remember(self, log_probs: torch.Tensor) -> None:
-        self.previous = log_probs
-
-    def record_sampled(self, tokens: torch.Tensor) -> None:
-        if self.previous is not None:
-            self.values.append(self.previous.gather(-1, tokens.unsqueeze(-1)).squeeze(-1))
-            self.previous = None
-
-    def stacked(self) -> torch.Tensor | None:
-        """Returns (rows, steps) float32 on the CPU, or None when nothing was recorded."""
-        return torch.stack(self.values, dim=1).cpu() if self.values else None
-
-
-def _finite_log_softmax(scores: torch.Tensor) -> torch.Tensor:
-    # A model may emit -inf logits itself (masked vocab rows); a finite floor keeps p·logit at 0, not NaN.
-    return torch.log_softmax(torch.nan_to_num(scores.float(), neginf=torch.finfo(torch.float32).min), dim=-1)
-
-
-class _ModelDistributionRecorder(LogitsProcessor):
-    """Records per generated position the entropy of the model's own distribution (raw logits, temperature 1).
-
-    Runs first among the processors, before EOS suppression and the sampling warper. In
-    greedy decoding it also records the sampled tokens' log-probs under this distribution
-    (greedy has no sampling distribution of its own).
-    """
-
-    def __init__(self, want_entropy: bool, want_logprobs: bool):
-        self.want_entropy = want_entropy
-        self.logprobs = _SampledTokenLogProbs() if want_logprobs else None
-        self.entropies: list[torch.Tensor] = []  # each (rows,) float32
-
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        log_probs = _finite_log_softmax(scores)
-        if self.logprobs is not None:
-            self.logprobs.record_sampled(input_ids[:, -1])
-            self.logprobs.remember(log_probs)
-        if self.want_entropy:
-            # H = -Σ p log p from the log-softmax already at hand: one pass instead of a second reduction.
-            self.entropies.append(-(log_probs.exp() * log_probs).sum(dim=-1))
-        return scores
+_GOLDEN_GAMMA = np.uint64(0x9E3779B97F4A7C15)
 
 
 def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
@@ -140,66 +82,270 @@ def row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int.from_bytes(digest, "little") >> 1
 
 
-class _SamplingWarper(LogitsProcessor):
-    """Applies temperature and top-p, samples each row with its own generator, and records the sampled tokens' log-probs.
+def row_uniforms(row_seeds: np.ndarray, step: int) -> torch.Tensor:
+    """Returns (rows,) float64 uniforms in (0, 1]: output ``step`` of the SplitMix64 stream of each row's seed.
 
-    The last processor. ``generate`` decodes greedily: this returns scores that are -inf
-    everywhere but at the token it sampled, so ``generate``'s argmax takes that token. Each row
-    has its own ``torch.Generator`` (seeded by ``row_seed`` from its question's global index and
-    its sample index) and draws one uniform per generated token, sampled by inverting the CDF of
-    ``softmax(scores)``: a row's tokens depend on its prompt and seed alone, not on which other
-    prompts share its batch or rank. The recorded log-probs are those of the distribution
-    actually sampled from (after EOS suppression too), which importance correction against the
-    trainer's log-probs needs. Top-p keeps the smallest set of most probable tokens whose mass
-    reaches ``top_p`` (at least one token).
+    A row's t-th uniform is a function of its seed and t alone (counter-based, as Philox in
+    JAX), so a whole batch draws its step in a few vectorised integer operations and a row's
+    samples never depend on the other rows of its batch. ``row_seeds``: (rows,) uint64.
+    """
+    with np.errstate(over="ignore"):  # SplitMix64 is arithmetic modulo 2^64
+        z = row_seeds + _GOLDEN_GAMMA * np.uint64(step + 1)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    # The top 53 bits, shifted by one ulp: u in (0, 1], so the token it selects has probability > 0.
+    return torch.from_numpy(((z >> np.uint64(11)) + np.uint64(1)).astype(np.float64) * 2.0 ** -53)
+
+
+def finite_log_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """Returns the float32 log-softmax of ``scores`` (rows, vocab) over the vocabulary, -inf logits floored to a finite value."""
+    # A model may emit -inf logits itself (masked vocab rows); a finite floor keeps p·logit at 0, not NaN.
+    return torch.log_softmax(torch.nan_to_num(scores.float(), neginf=torch.finfo(torch.float32).min), dim=-1)
+
+
+def nucleus_scores(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Returns ``scores`` (rows, vocab) with -inf outside each row's nucleus: the fewest most probable tokens with mass ≥ ``top_p``."""
+    sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
+    probs = torch.softmax(sorted_scores.float(), dim=-1)
+    mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the more likely tokens
+    remove_sorted = mass_before >= top_p
+    remove_sorted[:, 0] = False
+    remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
+    return scores.masked_fill(remove, -float("inf"))
+
+
+def sample_tokens(scores: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (tokens (rows,) int64, their log-probs (rows,) float32) sampled from softmax(scores / temperature) within the top-p nucleus.
+
+    Each row inverts the CDF of its distribution at its own uniform (``uniforms``: (rows,) in
+    (0, 1], float64): the first token whose cumulative probability reaches ``u`` times the
+    total. The log-probs are those of this distribution (temperature and nucleus applied), as
+    importance correction against the trainer's log-probs needs. ``scores``: (rows, vocab).
+
+    Three passes over the vocabulary (max, exp, cumsum): the CDF is left unnormalised, and a
+    token's log-prob is its shifted score minus the log of its row's total, so no log-softmax
+    over the vocabulary is needed.
+    """
+    scores = scores.float()
+    if temperature != 1.0:
+        scores = scores / temperature
+    if top_p < 1.0:
+        scores = nucleus_scores(scores, top_p)
+    shift = scores.max(dim=-1, keepdim=True).values
+    cumulative = torch.sub(scores, shift).exp_().cumsum_(dim=-1)  # exp(-inf) = 0: tokens outside the support add nothing
+    total = cumulative[:, -1:]
+    targets = uniforms.to(device=cumulative.device, dtype=torch.float32).unsqueeze(1) * total
+    tokens = torch.searchsorted(cumulative, targets).clamp_(max=scores.shape[-1] - 1)
+    log_probs = scores.gather(1, tokens) - shift - total.log()
+    return tokens.squeeze(1), log_probs.squeeze(1)
+
+
+def sample_tokens_unfused(scores: torch.Tensor, temperature: float, top_p: float, uniforms: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns what ``sample_tokens`` returns, through a full log-softmax first (the straightforward way; kept to measure against)."""
+    scores = scores.float() / temperature
+    if top_p < 1.0:
+        scores = nucleus_scores(scores, top_p)
+    log_probs = finite_log_softmax(scores)
+    cumulative = log_probs.exp().cumsum_(dim=-1)
+    targets = (uniforms.to(device=cumulative.device, dtype=torch.float32) * cumulative[:, -1]).unsqueeze(1)
+    tokens = torch.searchsorted(cumulative, targets).clamp_(max=scores.shape[-1] - 1).squeeze(1)
+    return tokens, log_probs.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def entropy_of_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Returns (rows,) float32: the entropy -Σ p log p of softmax(scores) over the vocabulary (``scores``: (rows, vocab))."""
+    log_probs = finite_log_softmax(scores)
+    return -(log_probs.exp() * log_probs).sum(dim=-1)
+
+
+@dataclass(frozen=True)
+class DecodeSettings:
+    """How ``HFGenerator`` runs its decode loop; every switch exists so that ``bench/generation.py`` can measure what it buys.
+
+    ``preallocated_cache``: keys and values live in a buffer with room for every new token, so a step
+    writes one column instead of concatenating (copying) the whole cache. ``drop_finished``:
+    rows that stopped leave the batch (the cache is compacted once an eighth of the batch has
+    stopped). ``prefill_buckets``: prompts are prefilled in groups of similar length (padding
+    ≤ ``bucket_padding`` of a group's width) instead of padded to the longest.
+    ``shared_prefill``: a prompt with ``n`` samples is prefilled once and its cache repeated.
+    ``shared_prefix``: the batch's common token prefix (the template) is prefilled once for all rows.
+    ``fused_sampler``: sampling and log-probs in three passes over the vocabulary instead of a
+    full log-softmax first. ``num_threads``: torch threads during generation (None: leave the
+    process setting).
     """
 
-    def __init__(self, temperature: float, top_p: float, want_logprobs: bool, generators: list[torch.Generator]):
-        self.temperature = temperature
-        self.top_p = top_p
-        self.logprobs = _SampledTokenLogProbs() if want_logprobs else None
-        self.generators = generators  # one per row, on the CPU
+    preallocated_cache: bool = True
+    drop_finished: bool = True
+    prefill_buckets: bool = True
+    shared_prefill: bool = True
+    shared_prefix: bool = True
+    fused_sampler: bool = True
+    bucket_padding: float = 0.1
+    num_threads: int | None = None
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        if self.logprobs is not None:
-            self.logprobs.record_sampled(input_ids[:, -1])
-        scores = scores / self.temperature
-        if self.top_p < 1.0:
-            sorted_scores, order = torch.sort(scores, dim=-1, descending=True)
-            probs = torch.softmax(sorted_scores.float(), dim=-1)
-            mass_before = torch.cumsum(probs, dim=-1) - probs  # probability of the more likely tokens
-            remove_sorted = mass_before >= self.top_p
-            remove_sorted[:, 0] = False
-            remove = torch.zeros_like(remove_sorted).scatter(-1, order, remove_sorted)
-            scores = scores.masked_fill(remove, -float("inf"))
-        log_probs = _finite_log_softmax(scores)
-        if self.logprobs is not None:
-            self.logprobs.remember(log_probs)
-        # u in (0, 1]: the first token whose cumulative probability reaches u has probability > 0.
-        uniforms = 1.0 - torch.tensor([float(torch.rand((), dtype=torch.float64, generator=g)) for g in self.generators],
-                                      dtype=torch.float32)
-        cumulative = log_probs.exp().cumsum(dim=-1)
-        targets = (uniforms.to(cumulative.device) * cumulative[:, -1]).unsqueeze(1)
-        tokens = torch.searchsorted(cumulative, targets).clamp_(max=scores.shape[-1] - 1)
-        return torch.full_like(scores, -float("inf")).scatter_(1, tokens, 0.0)
+
+class _PreallocatedLayer(DynamicLayer):
+    """One decoder layer's keys and values in a buffer allocated once for the whole generation: a step writes its column.
+
+    ``keys`` / ``values`` are views ``(rows, kv_heads, length, head_dim)`` of buffers with
+    ``capacity`` positions (prompt width + max new tokens), allocated uninitialised: the
+    system backs their pages only as positions are written, so memory follows the tokens
+    generated, never a whole-cache copy a step (as concatenation costs) or a doubling's two
+    copies at once. Of the first ``prompt_width`` positions, those never written (padding left
+    of a shorter prefill bucket) hold zeros: masked out, and 0 · value is 0 (uninitialised
+    memory could hold NaN, and 0 · NaN is NaN). Later positions are written by their decode
+    step before any attention reads them. Should a step ever pass ``capacity``, it grows
+    (doubling, capped at ``max_capacity``).
+    """
+
+    def __init__(self, capacity: int, max_capacity: int, prompt_width: int = 0):
+        super().__init__()
+        self.capacity, self.max_capacity, self.length = capacity, max(capacity, max_capacity), 0
+        self.prompt_width = min(prompt_width, capacity)
+        self._key_buffer = self._value_buffer = None
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.place(slice(0, key_states.shape[0]), key_states.shape[0], 0, key_states, value_states)
+
+    def place(self, rows: slice, total_rows: int, start: int, key_states: torch.Tensor, value_states: torch.Tensor
+              ) -> None:
+        """Writes ``key_states`` / ``value_states`` (rows, heads, positions, head_dim) into ``rows`` from position ``start``."""
+        if self._key_buffer is None:
+            self.device = key_states.device
+            shape = (total_rows, key_states.shape[1], self.capacity, key_states.shape[3])
+            self._key_buffer = key_states.new_empty(shape)
+            self._value_buffer = value_states.new_empty(shape[:3] + (value_states.shape[3],))
+            self._key_buffer[:, :, :self.prompt_width].zero_()
+            self._value_buffer[:, :, :self.prompt_width].zero_()
+            self.is_initialized = True
+        end = start + key_states.shape[2]
+        self._key_buffer[rows, :, start:end] = key_states
+        self._value_buffer[rows, :, start:end] = value_states
+        self._set_length(max(self.length, end))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            return self.keys, self.values
+        start, end = self.length, self.length + key_states.shape[2]
+        if end > self._key_buffer.shape[2]:
+            self._grow(end)
+        self._key_buffer[:, :, start:end] = key_states
+        self._value_buffer[:, :, start:end] = value_states
+        self._set_length(end)
+        return self.keys, self.values
+
+    def _grow(self, needed: int) -> None:
+        capacity = max(needed, min(2 * self._key_buffer.shape[2], self.max_capacity))
+        for name in ("_key_buffer", "_value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty(old.shape[:2] + (capacity,) + old.shape[3:])
+            new[:, :, :self.length] = old[:, :, :self.length]
+            setattr(self, name, new)
+
+    def _set_length(self, length: int) -> None:
+        self.length = length
+        self.keys = self._key_buffer[:, :, :length]
+        self.values = self._value_buffer[:, :, :length]
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        # Only the written positions are copied: the rest of the new buffers stays untouched (unbacked).
+        for name in ("_key_buffer", "_value_buffer"):
+            old = getattr(self, name)
+            new = old.new_empty((len(indices),) + old.shape[1:])
+            new[:, :, :self.length] = old[indices, :, :self.length]
+            setattr(self, name, new)
+        self._set_length(self.length)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.batch_select_indices(torch.arange(self._key_buffer.shape[0], device=self.device).repeat_interleave(repeats))
+
+
+def _forward_cache_argument(model) -> str:
+    """Returns the name under which ``model``'s forward takes the KV cache (``cache`` from transformers 5.x, else ``past_key_values``)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PEFT wrapper passes kwargs on
+    return "cache" if "cache" in inspect.signature(type(base).forward).parameters else "past_key_values"
+
+
+@dataclass(frozen=True)
+class _SharedPrefix:
+    """A token prefix common to every prompt of a ``generate`` call, with its keys and values computed once.
+
+    ``states``: per decoder layer, (keys, values) each (1, kv_heads, ``length``, head_dim).
+    """
+
+    length: int
+    states: list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def _length_buckets(lengths: Sequence[int], padding: float) -> list[tuple[int, int]]:
+    """Returns [start, end) row ranges of ``lengths`` (longest first) whose padding stays within ``padding`` of each range's width."""
+    buckets, start = [], 0
+    for row in range(1, len(lengths) + 1):
+        if row == len(lengths) or lengths[row] < (1.0 - padding) * lengths[start]:
+            buckets.append((start, row))
+            start = row
+    return buckets
+
+
+class GenerationProgress:
+    """Progress of one ``generate`` call over its token budget (rows × ``max_new_tokens``): rows and tokens done, tokens/s, ETA.
+
+    A row that stops early spends the rest of its budget at once, so the ETA (from the budget
+    spent per second) is an upper bound that tightens as rows finish. A bar on a terminal; a
+    line every ``every_s`` seconds when the output is a file.
+    """
+
+    def __init__(self, rows: int, max_new_tokens: int, every_s: float = 5.0):
+        self.rows, self.max_new_tokens = rows, max_new_tokens
+        self.generated = self.rows_done = self.spent = 0
+        self._started = time.monotonic()
+        self._progress = Progress(rows * max_new_tokens, description="generate", unit="token", leave=False,
+                                  plain_every_s=every_s, show_rate=False)
+
+    def advance(self, tokens: int, finished_rows: int, step: int) -> None:
+        """Counts one decode step: ``tokens`` generated, ``finished_rows`` of them their rows' last (at 0-based ``step``)."""
+        self.generated += tokens
+        self.rows_done += finished_rows
+        self.spent += tokens + finished_rows * (self.max_new_tokens - step - 1)
+        elapsed = time.monotonic() - self._started
+        self._progress.update(self.spent, rows=f"{self.rows_done}/{self.rows}", generated=self.generated,
+                              tokens_per_s=self.generated / elapsed if elapsed > 0 else None)
+
+    def close(self) -> None:
+        self._progress.close()
 
 
 class HFGenerator(Generator):
-    """Generates with a Hugging Face causal LM (any device) in length-sorted, left-padded batches.
+    """Generates with a Hugging Face causal LM (any device) in length-sorted, left-padded batches, with its own decode loop.
 
-    ``batch_size`` bounds the sequences per ``generate`` call: ``batch_size // n`` prompts with
-    their ``n`` samples each (at least one prompt). The model is put in eval mode for
-    generation and returned to its previous mode; the KV cache is used even when the training
-    config turned ``use_cache`` off. Sampling uses exactly ``options`` (top-k off, no
-    repetition penalty), ignoring sampling defaults in the model's ``generation_config``.
+    ``batch_size`` bounds the sequences decoded together: ``batch_size // n`` prompts with
+    their ``n`` samples each (at least one prompt). A batch is prefilled in buckets of similar
+    prompt length, each prompt once for its ``n`` samples, into one preallocated KV cache; then
+    each step runs the model on the batch's newest tokens, picks every row's next token
+    (argmax, or ``sample_tokens`` at the row's own counter-based uniform) and drops rows that
+    finished (EOS, a stop string, ``max_new_tokens``). Only per-token floats of the sampled
+    tokens are kept. The model is put in eval mode for generation and returned to its
+    previous mode; the KV cache is used even when the training config turned ``use_cache``
+    off. Sampling uses exactly ``options`` (no top-k, no repetition penalty), never sampling
+    defaults in the model's ``generation_config``. ``settings`` switches the loop's
+    optimisations (all on by default) for benchmarks. Progress (rows, tokens, tok/s, ETA) is
+    a bar on a terminal and a line every ``progress_every_s`` seconds otherwise (a log file).
     """
 
-    def __init__(self, model, tokenizer, batch_size: int = 32):
+    def __init__(self, model, tokenizer, batch_size: int = 32, settings: DecodeSettings | None = None,
+                 progress_every_s: float = 5.0):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        self.settings = settings or DecodeSettings()
+        self.progress_every_s = progress_every_s  # between plain progress lines when stderr is not a terminal
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if self.pad_token_id is None:
             raise ValueError("the tokenizer has neither a pad nor an EOS token; set tokenizer.pad_token")
@@ -242,81 +388,98 @@ class HFGenerator(Generator):
         order = sorted(range(len(prompts)), key=lambda i: -len(prompt_ids[i]))
         results: list[list[Completion] | None] = [None] * len(prompts)
 
-        # Each sampled row's own generator is seeded from this seed and its question's global index.
+        # Each sampled row's own stream is seeded from this seed and its question's global index.
         seed = options.seed if options.seed is not None else int(torch.randint(2**62, ()))
         was_training = self.model.training
+        threads = torch.get_num_threads()
+        if self.settings.num_threads is not None:
+            torch.set_num_threads(self.settings.num_threads)
         self.model.eval()
-        # prompts/s and ETA when the call spans several batches (a bar on a terminal, a line every 30 s in a log)
-        progress = Progress(len(prompts), description="generate", unit="prompt", leave=False,
-                            enabled=len(order) > prompts_per_batch)
+        progress = GenerationProgress(len(prompts) * rows_per_prompt, options.max_new_tokens, self.progress_every_s)
         try:
+            prefix = self._shared_prefix(prompt_ids)
             for start in range(0, len(order), prompts_per_batch):
-                progress.update(start)
                 batch = order[start:start + prompts_per_batch]
                 seeds = [row_seed(seed, options.first_prompt_index + index, sample)
                          for index in batch for sample in range(rows_per_prompt)]
-                completions = self._generate_batch([prompt_ids[i] for i in batch], options, rows_per_prompt, seeds)
+                completions = self._generate_batch([prompt_ids[i] for i in batch], options, rows_per_prompt, seeds,
+                                                   progress, prefix)
                 for position, index in enumerate(batch):
                     group = completions[position * rows_per_prompt:(position + 1) * rows_per_prompt]
                     if rows_per_prompt < options.n:
                         group = [copy.deepcopy(group[0]) for _ in range(options.n)]
                     results[index] = group
         finally:
-            progress.update(len(prompts))
             progress.close()
             self.model.train(was_training)
+            torch.set_num_threads(threads)
         return results  # type: ignore[return-value]
 
     @torch.no_grad()
     def _generate_batch(self, batch_ids: list[list[int]], options: SamplingOptions, rows_per_prompt: int,
-                        seeds: list[int]) -> list[Completion]:
+                        seeds: list[int], progress: GenerationProgress, prefix: _SharedPrefix | None = None
+                        ) -> list[Completion]:
         """Returns ``len(batch_ids) * rows_per_prompt`` completions, prompt-major; ``seeds``: each row's sampling seed."""
-        width = max(len(ids) for ids in batch_ids)
-        input_ids = torch.full((len(batch_ids), width), self.pad_token_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch_ids), width), dtype=torch.long)
-        for row, ids in enumerate(batch_ids):  # LEFT padding: every prompt ends at the same column
-            input_ids[row, width - len(ids):] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[row, width - len(ids):] = 1
-        stopping = StoppingCriteriaList()
+        device, settings, steps = self.device, self.settings, options.max_new_tokens
+        rows = len(batch_ids) * rows_per_prompt
+        lengths = torch.tensor([len(ids) for ids in batch_ids]).repeat_interleave(rows_per_prompt)
+        cache, logits, attention_mask = self._prefill(batch_ids, rows_per_prompt, steps, prefix)
+        positions = lengths.to(device)  # the position of each row's next token
+        row_seeds = np.array(seeds, dtype=np.uint64)
+
+        tokens = torch.full((rows, steps), self.pad_token_id, dtype=torch.long)
+        want_logprobs, want_entropy = options.return_logprobs, options.return_entropy
+        logprobs = torch.zeros(rows, steps) if want_logprobs else None
+        entropies = torch.zeros(rows, steps) if want_entropy else None
+        lengths_out = torch.full((rows,), steps, dtype=torch.long)
+        stopping = None
         if options.stop:
             last_characters = "".join(sorted({s[-1] for s in options.stop}))
-            stopping.append(_StopOnStrings(self.tokenizer, options.stop, width, options.min_new_tokens,
-                                           self._could_end_caches.setdefault(last_characters, {})))
-        processors = LogitsProcessorList()
-        model_recorder = None
-        if options.return_entropy or (options.return_logprobs and options.greedy):
-            model_recorder = _ModelDistributionRecorder(options.return_entropy, options.return_logprobs and options.greedy)
-            processors.append(model_recorder)  # first: it sees the raw distribution, before EOS suppression
-        if options.min_new_tokens and self.eos_token_ids:
-            processors.append(_SuppressEOSUntil(self.eos_token_ids, width, options.min_new_tokens))
-        warper = None
-        if not options.greedy:
-            warper = _SamplingWarper(options.temperature, options.top_p, options.return_logprobs,
-                                     [torch.Generator().manual_seed(seed) for seed in seeds])
-            processors.append(warper)  # last: it samples, and generate's argmax takes its token
-        # Greedy decoding with repetition penalty 1: generate adds no warper of its own (ours applies temperature
-        # and top-p, and samples) and ignores sampling defaults a checkpoint may carry. The samples of a prompt are
-        # its rows repeated here, as generate's num_return_sequences would.
-        device = self.device
-        sequences = self.model.generate(
-            input_ids=input_ids.repeat_interleave(rows_per_prompt, dim=0).to(device),
-            attention_mask=attention_mask.repeat_interleave(rows_per_prompt, dim=0).to(device),
-            max_new_tokens=options.max_new_tokens, min_new_tokens=None, min_length=0, repetition_penalty=1.0,
-            eos_token_id=self.eos_token_ids or None, pad_token_id=self.pad_token_id, use_cache=True,
-            stopping_criteria=stopping, logits_processor=processors, return_dict_in_generate=False, do_sample=False,
-        )
-        logprobs = entropies = None
-        for recorder in (model_recorder, warper):
-            if recorder is not None and recorder.logprobs is not None:
-                recorder.logprobs.record_sampled(sequences[:, -1])
-                logprobs = recorder.logprobs.stacked()
-        if model_recorder is not None and model_recorder.entropies:
-            entropies = torch.stack(model_recorder.entropies, dim=1).cpu()
-        generated = sequences[:, width:].cpu()
+            stopping = _StopOnStrings(self.tokenizer, options.stop, 0, options.min_new_tokens,
+                                      self._could_end_caches.setdefault(last_characters, {}))
+        eos = torch.tensor(self.eos_token_ids, dtype=torch.long)
+        present = torch.arange(rows)  # the batch's rows (original indices), finished ones among them until compacted
+        running = torch.ones(rows, dtype=torch.bool)  # per present row: not finished yet
+        cache_argument = _forward_cache_argument(self.model)
+        for step in range(steps):
+            next_tokens, token_logprobs, token_entropies = self._pick(logits, options, step, row_seeds[present.numpy()])
+            next_cpu = next_tokens.cpu()
+            live = present[running]
+            tokens[live, step] = next_cpu[running]
+            if want_logprobs:
+                logprobs[live, step] = token_logprobs.cpu()[running]
+            if want_entropy:
+                entropies[live, step] = token_entropies.cpu()[running]
+            finished = running & torch.isin(next_cpu, eos) if len(eos) else torch.zeros_like(running)
+            if stopping is not None:
+                check = running.nonzero().squeeze(1)
+                done = stopping(tokens[present[check], :step + 1], None)
+                finished[check] |= done
+            if step == steps - 1:
+                finished = running.clone()  # the rest reached max_new_tokens
+            lengths_out[present[finished]] = step + 1
+            progress.advance(int(running.sum()), int(finished.sum()), step)
+            running &= ~finished
+            if not running.any():
+                break
+            stale = int((~running).sum())
+            if settings.drop_finished and stale and stale >= max(1, len(present) // 8):
+                keep = running.nonzero().squeeze(1)
+                keep_device = keep.to(device)
+                cache.batch_select_indices(keep_device)
+                present, running = present[keep], running[keep]
+                attention_mask, positions, next_tokens = attention_mask[keep_device], positions[keep_device], next_tokens[keep_device]
+            attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(present), 1)], dim=1)
+            output = self.model(input_ids=next_tokens.unsqueeze(1), attention_mask=attention_mask,
+                                position_ids=positions.unsqueeze(1), use_cache=True, logits_to_keep=1,
+                                **{cache_argument: cache})
+            logits = output.logits[:, -1]
+            positions = positions + 1
+        del cache
         completions = []
-        for row in range(generated.shape[0]):
-            prompt_length = len(batch_ids[row // rows_per_prompt])
-            completion = self._completion(generated[row].tolist(), options, prompt_length)
+        for row in range(rows):
+            count = int(lengths_out[row])
+            completion = self._completion(tokens[row, :count].tolist(), options, len(batch_ids[row // rows_per_prompt]))
             count = completion.num_tokens
             if logprobs is not None:
                 completion.logprobs = logprobs[row, :count].tolist()
@@ -324,6 +487,127 @@ class HFGenerator(Generator):
                 completion.entropies = entropies[row, :count].tolist()
             completions.append(completion)
         return completions
+
+    def _pick(self, logits: torch.Tensor, options: SamplingOptions, step: int, row_seeds: np.ndarray
+              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Returns (next tokens (rows,), their log-probs or None, the model's entropy or None) from the step's logits (rows, vocab).
+
+        Entropy is of the model's own distribution; log-probs are under the distribution
+        sampled from (EOS suppression while ``min_new_tokens`` lasts, temperature, top-p), or
+        for greedy decoding under the model's own distribution.
+        """
+        scores = logits.float()
+        entropy = entropy_of_scores(scores) if options.return_entropy else None
+        log_normaliser = None
+        if options.greedy and options.return_logprobs:
+            # The model's own distribution, before EOS suppression: log p(token) = score - logsumexp(scores).
+            log_normaliser = torch.logsumexp(scores, dim=-1)
+        if step < options.min_new_tokens and self.eos_token_ids:
+            scores[:, self.eos_token_ids] = -float("inf")  # the step's logits are ours to change
+        if options.greedy:
+            tokens = scores.argmax(dim=-1)
+            # A picked token is never a suppressed one, so its score is still the model's own.
+            token_logprobs = None if log_normaliser is None else scores.gather(1, tokens[:, None]).squeeze(1) - log_normaliser
+            return tokens, token_logprobs, entropy
+        sample = sample_tokens if self.settings.fused_sampler else sample_tokens_unfused
+        tokens, token_logprobs = sample(scores, options.temperature, options.top_p, row_uniforms(row_seeds, step))
+        return tokens, token_logprobs if options.return_logprobs else None, entropy
+
+    def _growable(self) -> bool:
+        """Returns whether our preallocated layers can hold the model's cache: every layer a plain ``DynamicLayer`` (no sliding window)."""
+        if not (self.settings.preallocated_cache and hasattr(self.model, "config")):
+            return False
+        layers = DynamicCache(config=self.model.config).layers
+        return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
+
+    @torch.no_grad()
+    def _shared_prefix(self, prompt_ids: list[list[int]]) -> _SharedPrefix | None:
+        """Returns the call's common token prefix (a template's instructions) with its keys and values, or None where none pays.
+
+        It is run once for the whole call, however many batches and buckets follow; at least
+        one token of every prompt stays after it, as that token's logits start the response.
+        """
+        if not (self.settings.shared_prefix and len(prompt_ids) > 1 and self._growable()):
+            return None
+        tokens = os.path.commonprefix(prompt_ids)[:min(len(ids) for ids in prompt_ids) - 1]
+        if len(tokens) < 8:  # too short to pay for its own forward pass
+            return None
+        device, cache = self.device, DynamicCache()
+        self.model(input_ids=torch.tensor([tokens], device=device), position_ids=torch.arange(len(tokens), device=device)[None],
+                   use_cache=True, logits_to_keep=1, **{_forward_cache_argument(self.model): cache})
+        return _SharedPrefix(len(tokens), [(layer.keys, layer.values) for layer in cache.layers])
+
+    def _prefill(self, batch_ids: list[list[int]], rows_per_prompt: int, max_new_tokens: int,
+                 prefix: _SharedPrefix | None = None):
+        """Returns (KV cache, last-position logits (rows, vocab), attention mask (rows, width)) of every row after its prompt.
+
+        The keys and values of ``prefix`` (the call's common prefix, computed once) are shared by
+        every row; the rest of each prompt (longest first) is prefilled in buckets of similar
+        length, each prompt once, and written right-aligned after the prefix into one cache of
+        ``len(batch_ids)`` rows, then repeated ``rows_per_prompt`` times per prompt. A row's
+        columns: prefix, padding, the rest of its prompt; positions skip the padding.
+        """
+        settings, device = self.settings, self.device
+        unique = settings.shared_prefill
+        prompts = batch_ids if unique else [ids for ids in batch_ids for _ in range(rows_per_prompt)]
+        cache_argument = _forward_cache_argument(self.model)
+        growable = self._growable()
+        if not growable:
+            prefix = None
+        shared = 0 if prefix is None else prefix.length
+        rests = [ids[shared:] for ids in prompts]
+        lengths = [len(ids) for ids in rests]
+        width = shared + max(lengths)
+        if growable and settings.prefill_buckets:
+            buckets = _length_buckets(lengths, settings.bucket_padding)
+        else:  # without our own layers the cache of one bucket is the whole cache
+            buckets = [(0, len(prompts))]
+        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
+        attention_mask[:, :shared] = 1
+        for row, length in enumerate(lengths):
+            attention_mask[row, width - length:] = 1  # LEFT padding: every prompt ends at the same column
+        cache = prefix_states = None
+        if growable:
+            cache = DynamicCache()
+            cache.layers = [_PreallocatedLayer(width + max_new_tokens, width + max_new_tokens, width)
+                            for _ in DynamicCache(config=self.model.config).layers]
+            cache.layer_class_to_replicate = None
+        if prefix is not None:
+            prefix_states = prefix.states
+            for layer, (keys, values) in zip(cache.layers, prefix_states):
+                layer.place(slice(0, len(prompts)), len(prompts), 0, keys.expand(len(prompts), -1, -1, -1),
+                            values.expand(len(prompts), -1, -1, -1))
+        last_logits = []
+        for start, end in buckets:
+            bucket_width = lengths[start]
+            input_ids = torch.full((end - start, bucket_width), self.pad_token_id, dtype=torch.long)
+            for row, ids in enumerate(rests[start:end]):
+                input_ids[row, bucket_width - len(ids):] = torch.tensor(ids, dtype=torch.long)
+            bucket_mask = torch.cat([attention_mask[start:end, :shared], attention_mask[start:end, width - bucket_width:]],
+                                    dim=1)
+            position_ids = (bucket_mask.cumsum(dim=1) - 1).clamp_(min=0)[:, shared:]
+            rows = end - start
+            bucket_cache = DynamicCache() if prefix_states is None else DynamicCache(
+                ddp_cache_data=[(keys.expand(rows, -1, -1, -1), values.expand(rows, -1, -1, -1))
+                                for keys, values in prefix_states])
+            output = self.model(input_ids=input_ids.to(device), attention_mask=bucket_mask.to(device),
+                                position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1,
+                                **{cache_argument: bucket_cache})
+            last_logits.append(output.logits[:, -1])
+            if not growable:
+                cache = bucket_cache
+                break
+            for layer, filled in zip(cache.layers, bucket_cache.layers):
+                layer.place(slice(start, end), len(prompts), width - bucket_width, filled.keys[:, :, shared:],
+                            filled.values[:, :, shared:])
+            del bucket_cache, output
+        logits = torch.cat(last_logits)
+        attention_mask = attention_mask.to(device)
+        if unique and rows_per_prompt > 1:
+            index = torch.arange(len(batch_ids), device=device).repeat_interleave(rows_per_prompt)
+            cache.batch_select_indices(index)
+            logits, attention_mask = logits[index], attention_mask[index]
+        return cache, logits, attention_mask
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)
