@@ -18,8 +18,9 @@ RUNS=${RUNS:-runs/smollm2-gsm8k}
 THREADS=${THREADS:-1}                       # 1: on a loaded 2-core machine two threads fight (10x slower decoding)
 PROMPT=${PROMPT:-$(dirname "$0")/smollm2_r1_zero_chat.prompt}  # SmolLM2's chat template, R1-Zero instruction, ends in <think>
 EVAL_QUESTIONS=${EVAL_QUESTIONS:-200}       # the same seeded subset of the test split for every stage
-SFT_EXAMPLES=${SFT_EXAMPLES:-640}           # 80 steps of 8, about 35 minutes here
-GRPO_STEPS=${GRPO_STEPS:-1}                 # one step: with up to 3 draws of 4 questions x 8 samples, ~10 minutes here
+SFT_EXAMPLES=${SFT_EXAMPLES:-640}           # the seeded subset of the training split the SFT steps draw from
+SFT_STEPS=${SFT_STEPS-44}                   # optimizer steps of 8 traces (352 traces, 44 minutes at load 8); SFT_STEPS= : one pass over SFT_EXAMPLES
+GRPO_STEPS=${GRPO_STEPS:-1}                 # one step: up to 3 draws of 4 questions x 8 samples, 6 minutes at load 4.6
 REASONTUNE=${REASONTUNE:-python3 -m reasontune}
 
 mkdir -p "$RUNS"
@@ -31,13 +32,14 @@ timed() {  # timed STAGE COMMAND...: runs it; appends "STAGE<TAB>minutes<TAB>mea
     echo "== $stage: $*" >&2
     # the machine's 1-minute load average every 20 s: the minutes mean little without it
     ( while true; do cut -d' ' -f1 /proc/loadavg >> "$loads"; sleep 20; done ) &
-    local sampler=$!
-    "$@"
+    local sampler=$! status=0
+    "$@" || status=$?  # an interrupted stage still records the minutes it ran
     kill "$sampler"
     python3 -c "import sys; loads = [float(x) for x in open(sys.argv[3]).read().split()]
 print(f'{sys.argv[1]}\t{int(sys.argv[2]) / 60:.1f}\t{sum(loads) / len(loads):.1f}')" \
         "$stage" $(( SECONDS - start )) "$loads" >> "$RUNS/minutes.tsv"
     rm -f "$loads"
+    return "$status"
 }
 
 evaluate() {  # evaluate NAME MODEL_DIR
@@ -62,7 +64,7 @@ stage_sft() {
         --max-train-examples "$SFT_EXAMPLES" --prompt-template "$PROMPT" \
         --batch-size 8 --gradient-accumulation-steps 1 --learning-rate 2e-4 --warmup-ratio 0.05 \
         --max-length 512 --eval-examples 0 --save-every 16 --num-threads "$THREADS" \
-        --output-dir "$out" $(resume_flag "$out")
+        ${SFT_STEPS:+--max-steps "$SFT_STEPS"} --output-dir "$out" $(resume_flag "$out")
 }
 
 stage_eval_sft() { evaluate sft "$RUNS/sft/final"; }
