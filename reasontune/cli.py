@@ -41,7 +41,7 @@ COMMANDS: dict[str, tuple[str, str, str, str]] = {
     "filter": ("reasontune.filtering", "FilterConfig", "run_filter",
                "keep SFT examples whose response earns answer reward 1 against the reference"),
     "compare": ("reasontune.compare", "CompareConfig", "run_compare",
-                "side-by-side table of runs or evaluations over their shared benchmarks, with paired bootstrap p-values and a plot"),
+                "side-by-side table of runs or evaluations over their shared benchmarks, with paired p-values and a plot"),
     "report": ("reasontune.report", "ReportConfig", "run_report",
                "plots and a summary page for a run directory"),
     "models": ("reasontune.models", "ModelsConfig", "run_models",

@@ -10,8 +10,9 @@ A run is given as any of:
 
 Questions are matched across runs by ``question_id`` (falling back to the prompt text); only
 questions every run answered count, and how many were left out is reported. The first run is
-the baseline: each other run's difference carries a paired bootstrap interval and p-value over
-the matched questions (``estimators.paired_bootstrap``).
+the baseline: each other run's difference carries a paired interval and p-value over the matched
+questions (``estimators.paired_difference``: exact McNemar and Newcombe's interval for 0/1
+scores, else the paired bootstrap).
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ from reasontune.data import DataError
 from reasontune.estimators import (
     METRICS,
     Equivalent,
-    bootstrap_interval,
     default_equivalent,
     format_p_value,
     group_samples,
-    paired_bootstrap,
+    paired_difference,
     parse_ks,
+    proportion_interval,
     question_scores,
 )
 
@@ -141,7 +142,7 @@ class Comparison:
     """Returns nothing; the compared runs and one row per (benchmark, metric@k).
 
     Each row: ``benchmark``, ``metric`` (``pass@1`` …), ``n_questions`` (matched), ``values``
-    (one ``{"value", "low", "high"}`` per run) and ``differences`` (one ``paired_bootstrap``
+    (one ``{"value", "low", "high", "method"}`` per run) and ``differences`` (one ``paired_difference``
     dict per run after the first, against the first). ``notes`` say what was left out and why.
     ``sampling``: per benchmark, each run's ``sampling_settings``; ``warnings``: benchmarks whose
     runs were sampled differently (their differences are not the models' alone).
@@ -179,9 +180,9 @@ def _compare_benchmark(benchmark: str, grouped_runs: list[dict[str, dict]], ks: 
                       for grouped in grouped_runs]
             values = []
             for run_scores in scores:
-                low, high = bootstrap_interval(run_scores, n_bootstrap, seed)
-                values.append({"value": float(run_scores.mean()), "low": low, "high": high})
-            differences = [paired_bootstrap(scores[0], other, n_bootstrap, seed) for other in scores[1:]]
+                low, high, method = proportion_interval(run_scores, n_bootstrap, seed)
+                values.append({"value": float(run_scores.mean()), "low": low, "high": high, "method": method})
+            differences = [paired_difference(scores[0], other, n_bootstrap, seed) for other in scores[1:]]
             comparison.rows.append({"benchmark": benchmark, "metric": name, "n_questions": len(shared),
                                     "values": values, "differences": differences})
 
@@ -259,8 +260,12 @@ def format_comparison(comparison: Comparison) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in rows]
     settings = comparison.settings
-    lines.append(f"percent; [95% percentile bootstrap over matched questions, {settings.get('n_bootstrap')} resamples, "
-                 f"seed {settings.get('seed')}]; p: paired bootstrap, two-sided")
+    methods = sorted({v["method"] for row in comparison.rows for v in row["values"]}
+                     | {d["method"] for row in comparison.rows for d in row["differences"]})
+    lines.append(f"percent; [95% interval over matched questions: Wilson score and, for differences, Newcombe's "
+                 f"paired score interval where every question scores 0 or 1; else percentile bootstrap, "
+                 f"{settings.get('n_bootstrap')} resamples, seed {settings.get('seed')}]; p: exact McNemar (0/1 "
+                 f"scores) or paired bootstrap, two-sided; used here: {', '.join(methods) or 'none'}")
     lines += [f"note: {note}" for note in comparison.notes]
     for benchmark, settings in comparison.sampling.items():
         differing = set(sampling_differences(settings))
@@ -293,7 +298,7 @@ def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
     axes.set_xticks(range(len(rows)), [f"{row['benchmark']}\n{row['metric']}" for row in rows])
     axes.set_ylabel("percent of questions")
     axes.set_ylim(0, 100)
-    axes.set_title("runs compared (bars: 95% bootstrap intervals over matched questions)")
+    axes.set_title("runs compared (bars: 95% intervals over matched questions)")
     axes.grid(True, axis="y", alpha=0.35)
     axes.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside the axes: bars reach 100%
     path = Path(path)

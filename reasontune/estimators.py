@@ -22,13 +22,25 @@ Definitions, for one question with ``n`` samples of which ``c`` are correct:
 - **avg@k** is the mean accuracy of the first ``k`` samples (DeepSeek-R1's "pass@1 averaged over
   k samples"). Its expectation does not depend on k; k says how many samples went in.
 
-A figure is the mean over questions of a per-question value; its 95% interval is the percentile
-bootstrap over questions (Efron & Tibshirani, 1993), seeded. Two runs on the same questions are
-compared with a paired bootstrap over questions (Koehn, 2004; Berg-Kirkpatrick et al., 2012).
+A figure is the mean over questions of a per-question value. Its 95% interval depends on what
+the values are:
+
+- **0/1 per question** (pass@1 with one sample, the common case, and maj@k): the Wilson score
+  interval (Wilson, 1927), which stays honest at 0 and 1: 0 correct of 200 is [0, 1.9]%, where
+  a bootstrap of 200 zeros says [0, 0]. Two runs on the same questions: the exact McNemar test
+  (a two-sided binomial test on the discordant questions; McNemar, 1947) for the p-value and
+  Newcombe's hybrid score interval for the paired difference (Newcombe, 1998, method 10).
+- **fractions** (pass@k, avg@k from several samples): the percentile bootstrap over questions
+  (Efron & Tibshirani, 1993), seeded; two runs by the paired bootstrap over questions (Koehn,
+  2004; Berg-Kirkpatrick et al., 2012).
+
+``proportion_interval`` and ``paired_difference`` choose; each result says which it used.
 """
 
 from __future__ import annotations
 
+import math
+from statistics import NormalDist
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -192,6 +204,117 @@ def paired_bootstrap(values_a: Sequence[float] | np.ndarray, values_b: Sequence[
             "p_value": (1 + hits) / (1 + n_bootstrap)}
 
 
+WILSON = "Wilson score"
+BOOTSTRAP = "percentile bootstrap"
+MCNEMAR = "exact McNemar"
+PAIRED_BOOTSTRAP = "paired bootstrap"
+NEWCOMBE = "Newcombe hybrid score"
+
+
+def _z(confidence: float) -> float:
+    if not 0.0 < confidence < 1.0:
+        raise ValueError(f"need 0 < confidence < 1; got {confidence}")
+    return NormalDist().inv_cdf(0.5 + confidence / 2.0)
+
+
+def wilson_interval(successes: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
+    """Returns the (low, high) Wilson score interval of a binomial proportion ``successes / n``.
+
+    ``center ± z·sqrt(p(1-p)/n + z²/4n²)`` with ``center = (p + z²/2n) / (1 + z²/n)``, all over
+    ``1 + z²/n``; it never leaves [0, 1] and is not empty at 0 or n successes.
+    """
+    if n < 1 or not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval needs 0 <= successes <= n and n >= 1; got {successes} of {n}")
+    z = _z(confidence)
+    p = successes / n
+    scale = 1.0 + z * z / n
+    center = (p + z * z / (2 * n)) / scale
+    half = z * math.sqrt(p * (1.0 - p) / n + z * z / (4 * n * n)) / scale
+    # At 0 or n successes the bound is exactly 0 or 1; rounding must not move it past.
+    low = 0.0 if successes == 0 else max(0.0, center - half)
+    high = 1.0 if successes == n else min(1.0, center + half)
+    return low, high
+
+
+def _is_binary(values: np.ndarray) -> bool:
+    return bool(np.all((values == 0.0) | (values == 1.0)))
+
+
+def proportion_interval(values: Sequence[float] | np.ndarray, n_bootstrap: int = 1000, seed: int = 0,
+                        confidence: float = 0.95) -> tuple[float, float, str]:
+    """Returns (low, high, method) of the mean of per-question ``values`` (shape (questions,)).
+
+    All values 0 or 1: the Wilson score interval (``WILSON``); otherwise the seeded percentile
+    bootstrap over questions (``BOOTSTRAP``).
+    """
+    array = np.asarray(values, dtype=np.float64)
+    if array.ndim == 1 and array.size and _is_binary(array):
+        return (*wilson_interval(int(array.sum()), array.size, confidence), WILSON)
+    return (*bootstrap_interval(array, n_bootstrap, seed, confidence), BOOTSTRAP)
+
+
+def mcnemar_exact_p(only_first: int, only_second: int) -> float:
+    """Returns the two-sided exact McNemar p-value for ``only_first`` and ``only_second`` discordant pairs.
+
+    Under "no difference" each of the ``m = only_first + only_second`` discordant questions goes
+    either way with probability 1/2, so the smaller count is Binomial(m, 1/2): the p-value is
+    ``min(1, 2 · P(X <= min))``, computed in exact integers. No discordant question: p = 1.
+    """
+    if only_first < 0 or only_second < 0:
+        raise ValueError(f"discordant counts must be >= 0; got {only_first}, {only_second}")
+    m = only_first + only_second
+    if m == 0:
+        return 1.0
+    smaller = min(only_first, only_second)
+    tail = sum(math.comb(m, i) for i in range(smaller + 1))
+    return min(1.0, 2 * tail / 2 ** m)
+
+
+def newcombe_paired_interval(values_a: np.ndarray, values_b: np.ndarray,
+                             confidence: float = 0.95) -> tuple[float, float]:
+    """Returns the (low, high) interval of mean(b) - mean(a) for paired 0/1 values (Newcombe, 1998, method 10).
+
+    With Wilson intervals (l1, u1) of p1 = mean(a) and (l2, u2) of p2 = mean(b), the difference
+    d = p2 - p1 and the phi coefficient φ of the 2×2 table of (a, b) pairs (0 when a margin is
+    empty): low = d - sqrt((p2-l2)² - 2φ(p2-l2)(u1-p1) + (u1-p1)²) and
+    high = d + sqrt((u2-p2)² - 2φ(u2-p2)(p1-l1) + (p1-l1)²).
+    """
+    n = values_a.size
+    both = int(np.sum((values_a == 1.0) & (values_b == 1.0)))
+    only_a = int(np.sum((values_a == 1.0) & (values_b == 0.0)))
+    only_b = int(np.sum((values_a == 0.0) & (values_b == 1.0)))
+    neither = n - both - only_a - only_b
+    p1, p2 = (both + only_a) / n, (both + only_b) / n
+    l1, u1 = wilson_interval(both + only_a, n, confidence)
+    l2, u2 = wilson_interval(both + only_b, n, confidence)
+    margins = (both + only_a) * (only_b + neither) * (both + only_b) * (only_a + neither)
+    phi = (both * neither - only_a * only_b) / math.sqrt(margins) if margins else 0.0
+    difference = p2 - p1
+    below = (p2 - l2) ** 2 - 2 * phi * (p2 - l2) * (u1 - p1) + (u1 - p1) ** 2
+    above = (u2 - p2) ** 2 - 2 * phi * (u2 - p2) * (p1 - l1) + (p1 - l1) ** 2
+    return max(-1.0, difference - math.sqrt(max(below, 0.0))), min(1.0, difference + math.sqrt(max(above, 0.0)))
+
+
+def paired_difference(values_a: Sequence[float] | np.ndarray, values_b: Sequence[float] | np.ndarray,
+                      n_bootstrap: int = 1000, seed: int = 0, confidence: float = 0.95) -> dict[str, Any]:
+    """Returns ``{"difference", "low", "high", "p_value", "method"}`` for mean(b) - mean(a) over the same questions.
+
+    Both runs 0/1 per question: Newcombe's interval and the exact McNemar p-value (``method``
+    ``"exact McNemar"``); otherwise ``paired_bootstrap`` (``"paired bootstrap"``).
+    """
+    a = np.asarray(values_a, dtype=np.float64)
+    b = np.asarray(values_b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or a.size == 0:
+        raise ValueError(f"paired_difference needs two equal-length non-empty 1-D arrays, got {a.shape} and {b.shape}")
+    if not (_is_binary(a) and _is_binary(b)):
+        return {**paired_bootstrap(a, b, n_bootstrap, seed, confidence), "method": PAIRED_BOOTSTRAP}
+    low, high = newcombe_paired_interval(a, b, confidence)
+    only_a = int(np.sum((a == 1.0) & (b == 0.0)))
+    only_b = int(np.sum((a == 0.0) & (b == 1.0)))
+    return {"difference": float(b.mean() - a.mean()), "low": low, "high": high,
+            "p_value": mcnemar_exact_p(only_a, only_b), "method": MCNEMAR}
+
+
 # ---------------------------------------------------------------------------------------------
 # Records → figures
 
@@ -280,13 +403,13 @@ def summarize_samples(records: Sequence[Mapping[str, Any]], ks: Sequence[int] = 
             if metric == "maj" and not has_answers:
                 continue
             values = question_scores(metric, k, correct, answers, equivalent)
-            low, high = bootstrap_interval(values, n_bootstrap, seed, confidence)
-            metrics[f"{metric}@{k}"] = {"value": float(values.mean()), "low": low, "high": high}
+            low, high, method = proportion_interval(values, n_bootstrap, seed, confidence)
+            metrics[f"{metric}@{k}"] = {"value": float(values.mean()), "low": low, "high": high, "method": method}
     summary: dict[str, Any] = {
         "n_questions": len(grouped), "n_samples": n, "ks": ks, "metrics": metrics,
         "temperature": temperature, "prompt": prompt, "seed": seed,
         "n_bootstrap": n_bootstrap, "confidence": confidence,
-        "interval": "percentile bootstrap over questions",
+        "interval": "Wilson score for 0/1 per-question scores, else percentile bootstrap over questions",
     }
     if not has_answers:
         summary["maj_missing"] = "records carry no extracted 'answer' field"
@@ -325,7 +448,8 @@ def results_table(per_benchmark: Mapping[str, Mapping[str, Any]]) -> tuple[str, 
         lines.append("| " + " | ".join(cells) + " |")
     confidences = {summary.get("confidence", 0.95) for summary in per_benchmark.values()}
     note = (f"\nFigures in percent; brackets: {', '.join(f'{100 * c:g}%' for c in sorted(confidences))} "
-            f"percentile bootstrap interval over questions. pass@k: unbiased estimator (Chen et al., 2021); "
+            f"interval over questions: Wilson score where every question scores 0 or 1, else percentile "
+            f"bootstrap. pass@k: unbiased estimator (Chen et al., 2021); "
             f"maj@k, avg@k: first k samples per question.\n")
     markdown = "\n".join(lines) + "\n" + note
     as_json = {"columns": columns, "benchmarks": {name: dict(summary) for name, summary in per_benchmark.items()}}

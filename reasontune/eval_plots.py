@@ -13,7 +13,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from reasontune.estimators import bootstrap_interval, group_samples, question_scores
+from reasontune.estimators import group_samples, proportion_interval, question_scores
 from reasontune.report import new_axes  # the one figure style of every plot
 from reasontune.rollouts import CATEGORIES  # the one definition of the outcome categories
 
@@ -29,7 +29,7 @@ def curve_ks(n: int) -> list[int]:
 
 def pass_at_k_curve(records: Sequence[Mapping[str, Any]], ks: Sequence[int] | None = None, n_bootstrap: int = 200,
                     seed: int = 0) -> list[dict[str, float]]:
-    """Returns ``[{"k", "value", "low", "high"}]``: unbiased pass@k over questions with its bootstrap interval, per k.
+    """Returns ``[{"k", "value", "low", "high"}]``: unbiased pass@k over questions with its 95% interval (``proportion_interval``), per k.
 
     ``ks`` defaults to ``curve_ks`` of the smallest sample count of any question.
     """
@@ -40,7 +40,7 @@ def pass_at_k_curve(records: Sequence[Mapping[str, Any]], ks: Sequence[int] | No
     points = []
     for k in ks:
         values = question_scores("pass", k, correct)
-        low, high = bootstrap_interval(values, n_bootstrap, seed)
+        low, high, _ = proportion_interval(values, n_bootstrap, seed)
         points.append({"k": k, "value": float(values.mean()), "low": low, "high": high})
     return points
 

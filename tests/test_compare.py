@@ -51,13 +51,14 @@ def test_compare_eval_output_dir_against_a_run_dirs_latest_eval(tmp_path):
     assert pass1["n_questions"] == 40
     assert [v["value"] for v in pass1["values"]] == [0.5, 1.0]
     assert pass1["differences"][0]["difference"] == pytest.approx(0.5)
-    assert pass1["differences"][0]["p_value"] == pytest.approx(1 / 501)
+    # 0/1 scores: exact McNemar. b solves the 20 questions a misses, a nothing b misses: 2 · (1/2)^20.
+    assert pass1["differences"][0]["method"] == "exact McNemar"
+    assert pass1["differences"][0]["p_value"] == pytest.approx(2 * 0.5 ** 20)
     assert by_metric["maj@2"]["values"][1]["value"] == 1.0
     notes = " | ".join(comparison.notes)
     assert "gsm8k" in notes and "aime24" in notes and "1 question(s) of b not in every run" in notes
     text = format_comparison(comparison)
-    # No resample of a +0.5 difference over 40 questions reaches 0: p is its floor 1 / (1 + 500).
-    assert "b - a (p)" in text and "+50.0" in text and "(p 0.002)" in text
+    assert "b - a (p)" in text and "+50.0" in text and "(p <0.001)" in text
 
 
 def test_identical_runs_have_p_one_and_prompt_text_matches_without_ids(tmp_path):

@@ -3,8 +3,9 @@
     python3 examples/recipes/recipe_table.py runs/smollm2-gsm8k
 
 Reads what examples/recipes/smollm2_gsm8k.sh wrote under the run directory: ``minutes.tsv``
-(wall-clock minutes of each stage and the machine's mean 1-minute load average during it), ``eval-<stage>/summary.json`` (accuracy with its
-percentile-bootstrap interval over questions, format rate, mean response tokens) and
+(wall-clock minutes of each stage and the machine's mean 1-minute load average during it),
+``eval-<stage>/summary.json`` (accuracy with its 95% interval over questions (Wilson score for
+0/1 scores), format rate, mean response tokens) and
 ``compare-<a>-<b>/comparison.json`` (the paired difference of consecutive stages and its
 p-value). Stages without results yet are listed as not run.
 """
