@@ -7,7 +7,8 @@ Reads what examples/recipes/smollm2_gsm8k.sh wrote under the run directory: ``mi
 ``eval-<stage>/summary.json`` (accuracy with its 95% interval over questions (Wilson score for
 0/1 scores), format rate, mean response tokens) and
 ``compare-<a>-<b>/comparison.json`` (the paired difference of consecutive stages and its
-p-value). Stages without results yet are listed as not run.
+p-value, and each stage's interval recomputed from its records: it is preferred to the one in
+summary.json). Stages without results yet are listed as not run.
 """
 
 from __future__ import annotations
@@ -55,6 +56,15 @@ def table(runs: Path) -> str:
         spent = f"{minutes[stage]:.1f}" if stage in minutes else "?"
         return f"{spent} | {loads[stage]:.1f}" if stage in loads else f"{spent} | "
 
+    # The comparisons recompute each stage's interval from its records with the current
+    # estimator (Wilson score for 0/1 scores); summary.json holds the one of its eval run.
+    intervals: dict[str, dict[str, float]] = {}
+    for stage, previous in EVALUATED:
+        comparison = runs / f"compare-{previous}-{stage}" / "comparison.json"
+        if previous and comparison.exists():
+            values = json.loads(comparison.read_text())["rows"][0]["values"]
+            intervals.setdefault(previous, values[0])
+            intervals[stage] = values[1]
     for stage, previous in EVALUATED:
         if stage in TRAINED:
             lines.append(f"| {stage} training | {timing(stage)} | | | | |" if stage in minutes
@@ -64,7 +74,7 @@ def table(runs: Path) -> str:
             lines.append(f"| eval {stage} | not run | | | | | |")
             continue
         summary = json.loads(summary_path.read_text())
-        accuracy = summary["estimates"]["metrics"]["pass@1"]
+        accuracy = intervals.get(stage, summary["estimates"]["metrics"]["pass@1"])
         versus = ""
         comparison = runs / f"compare-{previous}-{stage}" / "comparison.json"
         if previous and comparison.exists():
