@@ -42,20 +42,24 @@ def _load_table_module():
     return module
 
 
-def test_recipe_table_reads_minutes_summaries_and_paired_comparisons(tmp_path):
-    (tmp_path / "minutes.tsv").write_text("eval-zero-shot\t14.9\nsft\t12.0\nsft\t1.5\neval-sft\t13.2\n")
+def test_recipe_table_reads_minutes_loads_summaries_and_paired_comparisons(tmp_path):
+    # sft ran in two parts (12.0 min at load 6.0, 1.5 at load 3.0); eval-sft's line has no load column (older runs).
+    (tmp_path / "minutes.tsv").write_text("eval-zero-shot\t14.9\t4.0\nsft\t12.0\t6.0\nsft\t1.5\t3.0\neval-sft\t13.2\n")
     for stage, value, low, high, format_rate, tokens in (("zero-shot", 0.0, 0.0, 0.0, 0.0, 196.55),
                                                          ("sft", 0.035, 0.01, 0.06, 0.955, 120.25)):
         (tmp_path / f"eval-{stage}").mkdir()
         (tmp_path / f"eval-{stage}" / "summary.json").write_text(json.dumps({
             "n_examples": 200, "format_rate": format_rate, "mean_response_tokens": tokens,
             "estimates": {"metrics": {"pass@1": {"value": value, "low": low, "high": high}}}}))
+    # The comparison's per-stage intervals (recomputed from the records) win over the summaries' ones.
     (tmp_path / "compare-zero-shot-sft").mkdir()
     (tmp_path / "compare-zero-shot-sft" / "comparison.json").write_text(json.dumps(
-        {"rows": [{"differences": [{"difference": 0.035, "low": 0.01, "high": 0.06, "p_value": 0.004}]}]}))
+        {"rows": [{"values": [{"value": 0.0, "low": 0.0, "high": 0.0188}, {"value": 0.035, "low": 0.0171, "high": 0.0706}],
+                   "differences": [{"difference": 0.035, "low": 0.01, "high": 0.06, "p_value": 0.004}]}]}))
     lines = _load_table_module().table(tmp_path).splitlines()
-    assert lines[2] == "| eval zero-shot | 14.9 | 0.0 [0.0, 0.0] |  | 0.0 | 196.6 |"
-    assert lines[3] == "| sft training | 13.5 | | | | |"  # 12.0 + 1.5: an interrupted stage's two parts
-    assert lines[4] == "| eval sft | 13.2 | 3.5 [1.0, 6.0] | +3.5 [+1.0, +6.0] (p 0.004) | 95.5 | 120.2 |"
-    assert lines[5:7] == ["| grpo training | not run | | | | |", "| eval grpo | not run | | | | |"]
+    assert lines[2] == "| eval zero-shot | 14.9 | 4.0 | 0.0 [0.0, 1.9] |  | 0.0 | 196.6 |"
+    # 12.0 + 1.5 minutes; load weighted by minutes: (12.0 * 6.0 + 1.5 * 3.0) / 13.5 = 5.67
+    assert lines[3] == "| sft training | 13.5 | 5.7 | | | | |"
+    assert lines[4] == "| eval sft | 13.2 |  | 3.5 [1.7, 7.1] | +3.5 [+1.0, +6.0] (p 0.004) | 95.5 | 120.2 |"
+    assert lines[5:7] == ["| grpo training | not run | | | | | |", "| eval grpo | not run | | | | | |"]
     assert "Total wall-clock: 41.6 minutes; 200 test questions" in lines[-1]  # 14.9 + 13.5 + 13.2

@@ -1,12 +1,14 @@
-"""Prints the markdown table of a recipe run: stage, minutes, accuracy [95% interval], format rate, mean response tokens.
+"""Prints the markdown table of a recipe run: stage, minutes, load, accuracy [95% interval], paired p, format rate, mean response tokens.
 
     python3 examples/recipes/recipe_table.py runs/smollm2-gsm8k
 
 Reads what examples/recipes/smollm2_gsm8k.sh wrote under the run directory: ``minutes.tsv``
-(wall-clock minutes of each stage), ``eval-<stage>/summary.json`` (accuracy with its
-95% interval over questions (Wilson score for 0/1 scores), format rate, mean response tokens) and
+(wall-clock minutes of each stage and the machine's mean 1-minute load average during it),
+``eval-<stage>/summary.json`` (accuracy with its 95% interval over questions (Wilson score for
+0/1 scores), format rate, mean response tokens) and
 ``compare-<a>-<b>/comparison.json`` (the paired difference of consecutive stages and its
-p-value). Stages without results yet are listed as not run.
+p-value, and each stage's interval recomputed from its records: it is preferred to the one in
+summary.json). Stages without results yet are listed as not run.
 """
 
 from __future__ import annotations
@@ -19,15 +21,25 @@ EVALUATED = (("zero-shot", None), ("sft", "zero-shot"), ("grpo", "sft"))
 TRAINED = {"sft", "grpo"}
 
 
-def read_minutes(runs: Path) -> dict[str, float]:
-    """Returns {stage: minutes} from minutes.tsv (an interrupted and resumed stage has one line per part; they are summed)."""
+def read_minutes(runs: Path) -> tuple[dict[str, float], dict[str, float]]:
+    """Returns ({stage: minutes}, {stage: mean load average}) from minutes.tsv.
+
+    An interrupted and resumed stage has one line per part: minutes are summed, loads averaged
+    weighted by minutes. Lines without a load column (older runs) count for minutes only.
+    """
     minutes: dict[str, float] = {}
+    load_minutes: dict[str, float] = {}
+    loaded: dict[str, float] = {}
     path = runs / "minutes.tsv"
     if path.exists():
         for line in path.read_text().splitlines():
-            stage, value = line.split("\t")
+            stage, value, *load = line.split("\t")
             minutes[stage] = minutes.get(stage, 0.0) + float(value)
-    return minutes
+            if load:
+                load_minutes[stage] = load_minutes.get(stage, 0.0) + float(value) * float(load[0])
+                loaded[stage] = loaded.get(stage, 0.0) + float(value)
+    loads = {stage: load_minutes[stage] / loaded[stage] for stage in load_minutes if loaded[stage] > 0}
+    return minutes, loads
 
 
 def percent(figure: dict[str, float]) -> str:
@@ -36,34 +48,44 @@ def percent(figure: dict[str, float]) -> str:
 
 def table(runs: Path) -> str:
     """Returns the markdown table of ``runs``."""
-    minutes = read_minutes(runs)
-    lines = ["| stage | minutes | accuracy % [95% CI] | vs previous stage (paired p) | format rate % | mean response tokens |",
-             "|---|---|---|---|---|---|"]
+    minutes, loads = read_minutes(runs)
+    lines = ["| stage | minutes | load | accuracy % [95% CI] | vs previous stage (paired p) | format rate % | mean response tokens |",
+             "|---|---|---|---|---|---|---|"]
+
+    def timing(stage: str) -> str:
+        spent = f"{minutes[stage]:.1f}" if stage in minutes else "?"
+        return f"{spent} | {loads[stage]:.1f}" if stage in loads else f"{spent} | "
+
+    # The comparisons recompute each stage's interval from its records with the current
+    # estimator (Wilson score for 0/1 scores); summary.json holds the one of its eval run.
+    intervals: dict[str, dict[str, float]] = {}
+    for stage, previous in EVALUATED:
+        comparison = runs / f"compare-{previous}-{stage}" / "comparison.json"
+        if previous and comparison.exists():
+            values = json.loads(comparison.read_text())["rows"][0]["values"]
+            intervals.setdefault(previous, values[0])
+            intervals[stage] = values[1]
     for stage, previous in EVALUATED:
         if stage in TRAINED:
-            trained = minutes.get(stage)
-            lines.append(f"| {stage} training | {trained:.1f} | | | | |" if trained is not None
-                         else f"| {stage} training | not run | | | | |")
+            lines.append(f"| {stage} training | {timing(stage)} | | | | |" if stage in minutes
+                         else f"| {stage} training | not run | | | | | |")
         summary_path = runs / f"eval-{stage}" / "summary.json"
         if not summary_path.exists():
-            lines.append(f"| eval {stage} | not run | | | | |")
+            lines.append(f"| eval {stage} | not run | | | | | |")
             continue
         summary = json.loads(summary_path.read_text())
-        accuracy = summary["estimates"]["metrics"]["pass@1"]
+        accuracy = intervals.get(stage, summary["estimates"]["metrics"]["pass@1"])
         versus = ""
         comparison = runs / f"compare-{previous}-{stage}" / "comparison.json"
         if previous and comparison.exists():
             difference = json.loads(comparison.read_text())["rows"][0]["differences"][0]
             versus = (f"{100 * difference['difference']:+.1f} [{100 * difference['low']:+.1f}, "
                       f"{100 * difference['high']:+.1f}] (p {difference['p_value']:.3f})")
-        eval_minutes = minutes.get(f"eval-{stage}")
-        lines.append(f"| eval {stage} | {eval_minutes:.1f} | {percent(accuracy)} | {versus} | "
-                     f"{100 * summary['format_rate']:.1f} | {summary['mean_response_tokens']:.1f} |"
-                     if eval_minutes is not None else
-                     f"| eval {stage} | ? | {percent(accuracy)} | {versus} | {100 * summary['format_rate']:.1f} | "
-                     f"{summary['mean_response_tokens']:.1f} |")
+        lines.append(f"| eval {stage} | {timing(f'eval-{stage}')} | {percent(accuracy)} | {versus} | "
+                     f"{100 * summary['format_rate']:.1f} | {summary['mean_response_tokens']:.1f} |")
     total = sum(minutes.values())
-    lines.append(f"\nTotal wall-clock: {total:.1f} minutes; {summary_questions(runs)} test questions per evaluation.")
+    lines.append(f"\nTotal wall-clock: {total:.1f} minutes; {summary_questions(runs)} test questions per evaluation; "
+                 "load: the machine's mean 1-minute load average during the stage (2 cores).")
     return "\n".join(lines)
 
 

@@ -8,7 +8,8 @@
 # A stage that finished (its summary.json or final/ exists) is skipped, so rerunning the
 # script after an interruption continues where it stopped: a training stage interrupted
 # mid-way resumes from its newest checkpoint-N/ (--resume), an evaluation starts over.
-# Each stage's wall-clock minutes go to $RUNS/minutes.tsv. docs/recipes.md has the numbers.
+# Each stage's wall-clock minutes and the machine's mean load average during it go to
+# $RUNS/minutes.tsv. docs/recipes.md has the numbers.
 set -euo pipefail
 
 GSM8K_DIR=${GSM8K_DIR:?set GSM8K_DIR to the directory holding GSM8K train.jsonl and test.jsonl}
@@ -17,18 +18,28 @@ RUNS=${RUNS:-runs/smollm2-gsm8k}
 THREADS=${THREADS:-1}                       # 1: on a loaded 2-core machine two threads fight (10x slower decoding)
 PROMPT=${PROMPT:-$(dirname "$0")/smollm2_r1_zero_chat.prompt}  # SmolLM2's chat template, R1-Zero instruction, ends in <think>
 EVAL_QUESTIONS=${EVAL_QUESTIONS:-200}       # the same seeded subset of the test split for every stage
-SFT_EXAMPLES=${SFT_EXAMPLES:-256}
-GRPO_STEPS=${GRPO_STEPS:-1}
+SFT_EXAMPLES=${SFT_EXAMPLES:-640}           # the seeded subset of the training split the SFT steps draw from
+SFT_STEPS=${SFT_STEPS-44}                   # optimizer steps of 8 traces (352 traces, 44 minutes at load 8); SFT_STEPS= : one pass over SFT_EXAMPLES
+GRPO_STEPS=${GRPO_STEPS:-1}                 # one step: up to 3 draws of 4 questions x 8 samples, 6 minutes at load 4.6
 REASONTUNE=${REASONTUNE:-python3 -m reasontune}
 
 mkdir -p "$RUNS"
 
-timed() {  # timed STAGE COMMAND...: runs the command, appends "STAGE<TAB>minutes" to minutes.tsv
+timed() {  # timed STAGE COMMAND...: runs it; appends "STAGE<TAB>minutes<TAB>mean load average" to minutes.tsv
     local stage=$1; shift
-    local start=$SECONDS
+    local start=$SECONDS loads
+    loads=$(mktemp)
     echo "== $stage: $*" >&2
-    "$@"
-    python3 -c "import sys; print(f'{sys.argv[1]}\t{int(sys.argv[2]) / 60:.1f}')" "$stage" $(( SECONDS - start )) >> "$RUNS/minutes.tsv"
+    # the machine's 1-minute load average every 20 s: the minutes mean little without it
+    ( while true; do cut -d' ' -f1 /proc/loadavg >> "$loads"; sleep 20; done ) &
+    local sampler=$! status=0
+    "$@" || status=$?  # an interrupted stage still records the minutes it ran
+    kill "$sampler"
+    python3 -c "import sys; loads = [float(x) for x in open(sys.argv[3]).read().split()]
+print(f'{sys.argv[1]}\t{int(sys.argv[2]) / 60:.1f}\t{sum(loads) / len(loads):.1f}')" \
+        "$stage" $(( SECONDS - start )) "$loads" >> "$RUNS/minutes.tsv"
+    rm -f "$loads"
+    return "$status"
 }
 
 evaluate() {  # evaluate NAME MODEL_DIR
@@ -51,9 +62,9 @@ stage_sft() {
     # Full fine-tuning: on this CPU it trains as many tokens/s as LoRA rank 16 and its loss falls faster.
     timed sft $REASONTUNE sft --model "$MODEL" --train-data "$GSM8K_DIR/train.jsonl" \
         --max-train-examples "$SFT_EXAMPLES" --prompt-template "$PROMPT" \
-        --batch-size 8 --gradient-accumulation-steps 1 --learning-rate 1e-4 --warmup-ratio 0.1 \
-        --max-length 512 --eval-examples 0 --save-every 8 --num-threads "$THREADS" \
-        --output-dir "$out" $(resume_flag "$out")
+        --batch-size 8 --gradient-accumulation-steps 1 --learning-rate 2e-4 --warmup-ratio 0.05 \
+        --max-length 512 --eval-examples 0 --save-every 16 --num-threads "$THREADS" \
+        ${SFT_STEPS:+--max-steps "$SFT_STEPS"} --output-dir "$out" $(resume_flag "$out")
 }
 
 stage_eval_sft() { evaluate sft "$RUNS/sft/final"; }
@@ -61,8 +72,12 @@ stage_eval_sft() { evaluate sft "$RUNS/sft/final"; }
 stage_grpo() {
     local out=$RUNS/grpo
     if [ -d "$out/final" ]; then echo "== grpo: done ($out/final)" >&2; return; fi
+    # Strict r1_zero reward (rollouts stop at </answer>); at ~2% accuracy most groups of 8 are
+    # all wrong, so dynamic sampling draws up to 3 batches of questions a step and trains only
+    # on the groups whose rewards differ.
     timed grpo $REASONTUNE grpo --model "$RUNS/sft/final" --train-data "$GSM8K_DIR/train.jsonl" \
-        --prompt-template "$PROMPT" --n-grpo-steps "$GRPO_STEPS" --rollout-batch-size 32 --group-size 8 \
+        --prompt-template "$PROMPT" --dynamic-sampling --dynamic-sampling-max-tries 3 \
+        --n-grpo-steps "$GRPO_STEPS" --rollout-batch-size 32 --group-size 8 \
         --train-batch-size 32 --gradient-accumulation-steps 4 --learning-rate 2e-5 \
         --sampling-temperature 0.8 --sampling-max-tokens 256 --generation-batch-size 32 --eval-examples 0 --save-every 1 \
         --num-threads "$THREADS" --output-dir "$out" $(resume_flag "$out")
