@@ -22,7 +22,7 @@ import torch
 from transformers import DynamicCache, StoppingCriteria
 from transformers.cache_utils import DynamicLayer
 
-from reasontune.generation import Completion, Generator, SamplingOptions, cut_at_stop
+from reasontune.generation.base import Completion, Generator, SamplingOptions, cut_at_stop
 from reasontune.tracking import Progress
 
 

@@ -40,7 +40,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from reasontune.generation import Completion, Generator, SamplingOptions
+from reasontune.generation.base import Completion, Generator, SamplingOptions
 
 _NAME_PREFIXES_TO_DROP = ("_orig_mod.", "module.", "_checkpoint_wrapped_module.", "_fsdp_wrapped_module.")
 

@@ -39,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from reasontune.generation import Completion, Generator, SamplingOptions, cut_at_stop
+from reasontune.generation.base import Completion, Generator, SamplingOptions, cut_at_stop
 from reasontune.generation.vllm import policy_weight_batches
 
 TOKEN_ID_PREFIX = "token_id:"  # vLLM's return_tokens_as_token_ids spelling of a token in logprobs.tokens
