@@ -162,7 +162,7 @@ class EvalConfig(TrackingOptions, GenerationOptions, GradingOptions, EvaluationO
     eval_n_samples: int = same_field(EvaluationOptions, "eval_n_samples", 1, aliases=("n-samples",))
     k: str = help_field("1", "comma-separated k of pass@k, maj@k and avg@k (each at most --n-samples), e.g. 1,4,16", group="evaluation")
     n_bootstrap: int = help_field(1000, "bootstrap resamples over questions for the 95% intervals", group="evaluation")
-    stop: list[str] | None = help_field(None, "stop strings, kept in the output (default: </answer> for r1_zero rewards, none otherwise)", group="evaluation")
+    stop: list[str] | None = help_field(None, "stop strings, kept in the output (default: </answer> when the reward is r1_zero or the prompt template asks for the tag, none otherwise)", group="evaluation")
     entropy: bool = help_field(True, "hf backend: record per-token entropy (mean per response in records)", group="evaluation")
     generation_batch_size: int = same_field(GenerationOptions, "generation_batch_size", 32)
     vllm_gpu_memory_utilization: float = same_field(GenerationOptions, "vllm_gpu_memory_utilization", 0.85)

