@@ -240,3 +240,6 @@ def main(argv=None) -> list[dict]:
 
 if __name__ == "__main__":
     main()
+    from reasontune.process_exit import exit_process  # a worker rank ends without the teardown of its gloo group
+
+    exit_process(0)

@@ -9,5 +9,6 @@ if not sys.flags.safe_path and sys.path and sys.path[0] in ("", os.getcwd()):
     del sys.path[0]
 
 from reasontune.cli import main  # noqa: E402
+from reasontune.process_exit import exit_process  # noqa: E402
 
-sys.exit(main())
+exit_process(main())

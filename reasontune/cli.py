@@ -25,6 +25,7 @@ from pathlib import Path
 
 from reasontune import __version__
 from reasontune.config import add_dataclass_arguments, config_from_namespace
+from reasontune.process_exit import exit_process
 from reasontune.run_layout import START_FILES, has_trained, replaced_run_dir
 
 # name -> (module, config class, entry function, one-line help)
@@ -177,6 +178,11 @@ def user_error_message(error: BaseException, command: str | None = None, config:
     if isinstance(error, SystemExit) and isinstance(error.code, str) and error.code.startswith("error:"):
         return error.code
     return None
+
+
+def entry() -> None:
+    """The ``reasontune`` console script: runs ``main`` on the process's arguments and ends with its status."""
+    exit_process(main())
 
 
 def main(argv: list[str] | None = None) -> int:

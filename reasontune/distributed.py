@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from reasontune import process_exit
 from reasontune.model_layers import decoder_layer_prefixes, decoder_layers
 
 
@@ -102,14 +103,18 @@ def init_distributed(device: str | None = None, backend: str | None = None,
 def close_distributed() -> None:
     """Destroys the process group if there is one (call once at the end of a run, on every rank).
 
-    Every rank first waits for the others: a rank that tore its gloo pairs down while another
-    still wrote its files was seen to abort ("terminate called without an active exception")
-    under load.
+    Every rank first waits for the others, so that none tears its gloo pairs down while another
+    still writes its files. The group itself outlives this call, so a process that closed a group
+    of several ranks ends through ``process_exit.exit_process`` (its docstring says why).
     """
     if dist.is_initialized():
-        if dist.get_world_size() > 1:
+        several = dist.get_world_size() > 1
+        if several:
             dist.barrier()
         dist.destroy_process_group()
+        if several:
+            # The group outlives this call (DTensor's caches hold it): the process ends through exit_process.
+            process_exit.mark_process_group_closed()
 
 
 def _active() -> bool:

@@ -398,3 +398,30 @@ def test_scaling_bench_refuses_a_global_batch_that_does_not_split():
     assert scaling.batch_sizes(scaling.parse_args(["--global-batch", "8", "--micro-batch", "2"]), [1, 2]) == (8, 2)
     with pytest.raises(SystemExit, match="does not split"):  # 6 sequences = 2 ranks x 1.5 microbatches of 2
         scaling.batch_sizes(scaling.parse_args(["--global-batch", "6", "--micro-batch", "2"]), [1, 2])
+
+
+EXIT_SCRIPT = """
+import atexit, sys
+from pathlib import Path
+from reasontune import process_exit
+atexit.register(lambda: Path(sys.argv[1]).write_text("atexit ran"))
+if sys.argv[2] == "closed":
+    process_exit.mark_process_group_closed()
+try:
+    sys.stdout.write("buffered, not flushed")
+    process_exit.exit_process(3)
+finally:
+    Path(sys.argv[1] + ".finally").write_text("finally ran")
+"""
+
+
+@pytest.mark.parametrize("state", ["closed", "open"])
+def test_exit_process_keeps_status_atexit_and_output_and_skips_teardown_only_after_a_closed_group(tmp_path, state):
+    marker = tmp_path / "marker"
+    result = subprocess.run([sys.executable, "-c", EXIT_SCRIPT, str(marker), state], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert result.returncode == 3, result.stderr
+    assert result.stdout == "buffered, not flushed"
+    assert marker.read_text() == "atexit ran"
+    # sys.exit unwinds the stack (the finally block runs); os._exit, after a closed group, leaves at once.
+    assert (tmp_path / "marker.finally").exists() == (state == "open")

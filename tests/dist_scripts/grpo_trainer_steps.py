@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from reasontune.config import check_config
 from reasontune import distributed
+from reasontune.process_exit import exit_process
 from reasontune.modeling import build_model_from_config, tiny_qwen2_config
 from reasontune.training.optimizer_step import clip_and_step
 from reasontune.training.grpo import GRPOConfig, train_step
@@ -92,3 +93,4 @@ def run(out: Path) -> None:
 
 if __name__ == "__main__":
     run(Path(sys.argv[1]))
+    exit_process(0)

@@ -10,6 +10,7 @@ import time
 import torch
 
 from reasontune import distributed
+from reasontune.process_exit import exit_process
 
 group_kind, timeout_s = sys.argv[1], float(sys.argv[2])
 ctx = distributed.init_distributed("cpu", timeout_s=timeout_s)
@@ -22,3 +23,4 @@ with distributed.stop_all_ranks_on_error(ctx):
     else:
         distributed.all_gather_objects({"rank": ctx.rank}, group=side)
 distributed.close_distributed()
+exit_process(0)

@@ -18,6 +18,7 @@ from fused_log_probs import run as run_fused_log_probs
 from invariance import run_cases
 
 from reasontune import distributed
+from reasontune.process_exit import exit_process
 
 
 def main(arguments: list[str]) -> None:
@@ -49,3 +50,4 @@ def main(arguments: list[str]) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    exit_process(0)

@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import save_file
 
 from reasontune import distributed
+from reasontune.process_exit import exit_process
 from reasontune.generation.vllm_server import VLLMServerGenerator
 from reasontune.modeling import build_model_from_config, tiny_qwen2_config
 
@@ -58,3 +59,4 @@ def main(url: str, out: Path) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], Path(sys.argv[2]))
+    exit_process(0)
