@@ -27,7 +27,8 @@ from reasontune.environments.sandbox import SandboxLimits, SandboxUnavailable, r
 from reasontune.training.expert_iteration import ExpertIterationConfig
 from reasontune.training.grpo import setup_grpo, train_step
 from reasontune.training.grpo_config import GRPOConfig
-from reasontune.training.grpo_rollouts import TOOL_METRICS, prepare_step
+from reasontune.training.grpo_rollouts import prepare_step
+from reasontune.training.policy_sampling import TOOL_METRICS
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -229,6 +230,7 @@ def test_ei_env_python_fine_tunes_on_each_model_turn_of_the_kept_trajectories(to
     kept_turns = sum(sum(turn["role"] == "model" for turn in r["turns"]) for r in records if r["answer_reward"] == 1)
     [line] = train_lines(run_dir)
     assert line["kept"] == kept_turns > 0 and line["sft_steps"] >= 1
+    assert line["tool_calls"] == sum(r["tool_calls"] for r in records) > 0
     assert json.loads((run_dir / "config.json").read_text())["env"] == "python"
 
 

@@ -26,14 +26,10 @@ from reasontune.rl_recipes import fill_batch, informative_groups
 from reasontune.rollouts import Rollouts
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.training.data_parallel import generation_model, rank_microbatches, sharded_rollouts
-from reasontune.training.policy_sampling import PolicySession, question_batch, step_seed
+from reasontune.training.policy_sampling import TOOL_METRICS, PolicySession, question_batch, step_seed
 
 # A step whose every advantage is below this (equal rewards in every group) gives no policy gradient.
 ZERO_ADVANTAGE = 1e-8
-# What a step logs of its rollouts' tool use (--env python; ``rollouts.tool_statistics``): calls in all, the share of
-# calls that failed, the share of trajectories with a call, and accuracy with and without one.
-TOOL_METRICS = ("tool_calls", "tool_error_rate", "tool_call_rate", "mean_tool_calls", "accuracy_with_tool",
-                "accuracy_without_tool")
 
 
 def rollout_microbatches(prompt_ids: list[list[int]], response_ids: list[list[int]], advantages: torch.Tensor,
