@@ -1,4 +1,4 @@
-"""GRPO and expert iteration on tool trajectories (``--env python``): a real tiny policy that calls the tool, the real sandbox.
+"""GRPO and expert iteration on tool trajectories (``--env python``): a real tiny policy calling the real sandbox.
 
 The policy (``tests/tool_policy.py``) writes ``<python>print(A*B)</python>`` calls, so every run
 here holds environment turns. What is checked: inside the trainer's own step no environment
@@ -83,10 +83,10 @@ def test_no_environment_token_carries_gradient_in_the_trainers_step(tool_policy_
     """GRPO's own rollouts and step (grpo_clip, a KL penalty, token TIS): the hidden state each label is predicted from
     gets gradient exactly at the model's tokens, never at an environment token, a prompt token or padding."""
     data = write_tool_questions(tmp_path / "questions.jsonl", 8)
-    config = GRPOConfig(model=str(tool_policy_dir), train_data=str(data), output_dir=str(tmp_path / "run"), env="python",
-                        max_tool_calls=2, tool_timeout=5.0, n_grpo_steps=1, rollout_batch_size=16, group_size=4,
-                        train_batch_size=16, gradient_accumulation_steps=2, loss_type="grpo_clip", kl_coef=0.1,
-                        rollout_correction="token_tis", reward=tool_reward, sampling_min_tokens=1,
+    config = GRPOConfig(model=str(tool_policy_dir), train_data=str(data), output_dir=str(tmp_path / "run"),
+                        env="python", max_tool_calls=2, tool_timeout=5.0, n_grpo_steps=1, rollout_batch_size=16,
+                        group_size=4, train_batch_size=16, gradient_accumulation_steps=2, loss_type="grpo_clip",
+                        kl_coef=0.1, rollout_correction="token_tis", reward=tool_reward, sampling_min_tokens=1,
                         sampling_max_tokens=40, grading_workers=0, num_threads=1, progress=False, write_report=False,
                         device="cpu", dtype="float32")
     session = setup_grpo(config)
@@ -103,7 +103,8 @@ def test_no_environment_token_carries_gradient_in_the_trainers_step(tool_policy_
         start = len(tokenizer(trajectory.prompt)["input_ids"]) - 1
         ids, trained = [], []
         for turn in trajectory.turns:
-            turn_ids = turn.token_ids if turn.role == "model" else tokenizer(turn.text, add_special_tokens=False)["input_ids"]
+            turn_ids = (turn.token_ids if turn.role == "model"
+                        else tokenizer(turn.text, add_special_tokens=False)["input_ids"])
             ids += turn_ids
             trained += [turn.role == "model"] * len(turn_ids)
         environment_tokens += trained.count(False)
@@ -140,7 +141,8 @@ def test_no_environment_token_carries_gradient_in_the_trainers_step(tool_policy_
 def test_grpo_env_python_logs_tool_use_and_resumes_bit_for_bit(tool_policy_dir, tool_reward, tmp_path):
     data = write_tool_questions(tmp_path / "questions.jsonl", 8)
     run_dir = tmp_path / "run"
-    assert main(grpo_flags(tool_policy_dir, data, run_dir, tool_reward, "--save-every", "1")) == 0
+    assert main(grpo_flags(tool_policy_dir, data, run_dir, tool_reward, "--save-every", "1", "--val-data", str(data),
+                           "--eval-examples", "3", "--eval-every", "1", "--eval-max-new-tokens", "24")) == 0
     saved = json.loads((run_dir / "config.json").read_text())
     assert (saved["env"], saved["max_tool_calls"], saved["tool_timeout"]) == ("python", 2, 5.0)
     assert load_config(run_dir / "config.json", GRPOConfig).env == "python"
@@ -150,6 +152,12 @@ def test_grpo_env_python_logs_tool_use_and_resumes_bit_for_bit(tool_policy_dir, 
         assert line["tool_calls"] == pytest.approx(16 * line["mean_tool_calls"]) and line["tool_calls"] >= 8
         assert 0 < line["tool_call_rate"] <= 1 and 0 <= line["tool_error_rate"] <= 1
         assert line["mean_response_tokens"] <= 40  # model tokens of all turns, within --sampling-max-tokens
+    # In-loop evaluation runs with the tool too: every held-out record has its turns, the eval line the tool rates.
+    evaluation = json.loads((run_dir / "eval" / "step-000001" / "summary.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "eval" / "step-000001" / "records.jsonl").open()]
+    assert evaluation["tool_calls"] == sum(r["tool_calls"] for r in records) > 0 and all(r["turns"] for r in records)
+    evals = [line for line in map(json.loads, (run_dir / "metrics.jsonl").open()) if line["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [0, 1, 2] and all("tool_call_rate" in e for e in evals)
     initial = load_file(tool_policy_dir / "model.safetensors")
     uninterrupted = final_weights(run_dir)
     assert max(float((uninterrupted[k] - initial[k]).abs().max()) for k in initial) > 1e-4
@@ -221,10 +229,11 @@ def test_ei_env_python_fine_tunes_on_each_model_turn_of_the_kept_trajectories(to
     run_dir = tmp_path / "run"
     assert main(["ei", "--model", str(tool_policy_dir), "--train-data", str(data), "--output-dir", str(run_dir),
                  "--env", "python", "--max-tool-calls", "2", "--tool-timeout", "5", "--n-ei-steps", "1",
-                 "--questions-per-step", "4", "--group-size", "2", "--reward", tool_reward, "--sampling-min-tokens", "1",
-                 "--sampling-max-tokens", "40", "--batch-size", "2", "--gradient-accumulation-steps", "1",
-                 "--learning-rate", "1e-3", "--grading-workers", "0", "--num-threads", "1", "--no-progress",
-                 "--no-write-report", "--eval-examples", "0", "--device", "cpu", "--dtype", "float32"]) == 0
+                 "--questions-per-step", "4", "--group-size", "2", "--reward", tool_reward,
+                 "--sampling-min-tokens", "1", "--sampling-max-tokens", "40", "--batch-size", "2",
+                 "--gradient-accumulation-steps", "1", "--learning-rate", "1e-3", "--grading-workers", "0",
+                 "--num-threads", "1", "--no-progress", "--no-write-report", "--eval-examples", "0", "--device", "cpu",
+                 "--dtype", "float32"]) == 0
     records = [json.loads(line) for line in (run_dir / "ei-step-1" / "rollouts.jsonl").read_text().splitlines()]
     assert len(records) == 8 and all(r["turns"] and "tool_calls" in r for r in records)
     kept_turns = sum(sum(turn["role"] == "model" for turn in r["turns"]) for r in records if r["answer_reward"] == 1)

@@ -42,7 +42,7 @@ def pairs(n: int, seed: int) -> list[tuple[int, int]]:
 
 
 def build_tool_policy(path: Path, steps: int = 60, seed: int = 0) -> Path:
-    """Returns ``path`` after saving the tokenizer and the tool-trained tiny model there (a Hugging Face model directory)."""
+    """Returns ``path`` after saving the tokenizer and the tool-trained tiny model there (a Hugging Face directory)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -78,10 +78,11 @@ def build_tool_policy(path: Path, steps: int = 60, seed: int = 0) -> Path:
 
 
 def write_tool_questions(path: Path, count: int, seed: int = 1) -> Path:
-    """Writes ``count`` held-out multiplication questions (prompt in the trace's template, reference product) as JSONL."""
+    """Writes ``count`` multiplication questions (prompt in the trace's template, the product as reference) as JSONL."""
     import json
 
     with open(path, "w") as handle:
         for a, b in pairs(count, seed):
-            handle.write(json.dumps({"prompt": TEMPLATE.format(question=question(a, b)), "ground_truth": str(a * b)}) + "\n")
+            record = {"prompt": TEMPLATE.format(question=question(a, b)), "ground_truth": str(a * b)}
+            handle.write(json.dumps(record) + "\n")
     return path

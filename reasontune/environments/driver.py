@@ -10,7 +10,8 @@ the call, so one call takes a run of consecutive open rows: one call a round whe
 trajectory continues, one per run of continuing rows otherwise. Backends take text, so each
 round re-prefills the context: the HF generator keeps no KV cache across rounds; vLLM's prefix
 caching (on in ``VLLMGenerator``) reuses the cached blocks of the shared prefix, so there the
-re-prefill costs only the new tokens. Tool calls of a round run concurrently, each in its own sandbox process.
+re-prefill costs only the new tokens. Tool calls of a round run concurrently, each in its own
+sandbox process.
 
 Budgets: ``sampling.max_new_tokens`` bounds each model turn, ``max_response_tokens`` the model
 tokens of the whole trajectory (checked between turns: an open trajectory over it ends with

@@ -25,8 +25,8 @@ from reasontune.checkpoint import restore_training_state, save_training_checkpoi
 from reasontune.config import check_config, help_field, resume_command, same_field
 from reasontune.data import Example, load_template
 from reasontune.losses import LossAggregation
-from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions, ToolOptions,
-                                TrainerOptions)
+from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
+                                ToolOptions, TrainerOptions)
 from reasontune.rollouts import reward_fn_by_name, write_jsonl
 from reasontune.run_layout import FINAL_DIR, checkpoint_name, ei_rollouts_file
 from reasontune.training.data_parallel import (SINGLE_PROCESS, generation_model, refuse_what_torchrun_cannot_run,

@@ -122,8 +122,8 @@ def training_microbatches(session: GRPOSession, rollouts: Rollouts) -> tuple[lis
         microbatches = trajectory_microbatches(trajectories, advantages, raw_rewards, micro, session.tokenizer)
         if config.mask_truncated:
             for start, mb in zip(range(0, len(completions), micro), microbatches):
-                mb["response_mask"] = mask_truncated_responses(
-                    mb["response_mask"], torch.tensor([c.finish_reason == "length" for c in completions[start:start + micro]]))
+                truncated = torch.tensor([c.finish_reason == "length" for c in completions[start:start + micro]])
+                mb["response_mask"] = mask_truncated_responses(mb["response_mask"], truncated)
         return microbatches, reward_stats
     prompt_ids = [ids for ids in session.tokenizer(rollouts.prompts, add_special_tokens=True)["input_ids"]
                   for _ in range(config.group_size)]
@@ -318,8 +318,8 @@ class RolloutPipeline:
 
 
 def rollout_metrics(rollouts: Rollouts, reward_stats: dict[str, float]) -> dict[str, Any]:
-    """Returns what a GRPO step logs of its rollouts: rewards, accuracy, response lengths (correct / incorrect / truncated)
-    and, with ``--env python``, the ``TOOL_METRICS`` (lengths count model tokens only)."""
+    """Returns what a GRPO step logs of its rollouts: rewards, accuracy, response lengths (correct / incorrect /
+    truncated) and, with ``--env python``, the ``TOOL_METRICS`` (lengths count model tokens only)."""
     summary = rollouts.summary()
     return {"reward": reward_stats["reward_mean"], "reward_std": reward_stats["reward_std"],
             "nonzero_advantage_fraction": reward_stats["nonzero_advantage_fraction"],
