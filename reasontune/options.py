@@ -306,6 +306,26 @@ class RolloutOptions:
 
 
 @dataclass
+class ToolOptions:
+    """The environment rollouts run in: the single-turn math task, or the python tool (``reasontune.environments``)."""
+
+    env: Literal["math", "python"] = help_field("math", "environment of the rollouts: math (one completion per sample, the default) or python (the model may write <python>…</python>; each program runs in a fresh sandbox and its output follows in <output>…</output>; the loss trains the model's turns only; see docs/tools.md)", group="environment")
+    max_tool_calls: int = help_field(4, "--env python: tool calls allowed per response; --sampling-max-tokens bounds the model tokens of the whole response, all turns together", group="environment")
+    tool_timeout: float = help_field(10.0, "--env python: wall-clock seconds of one program (its CPU seconds too)", group="environment")
+    tool_output_bytes: int = help_field(4096, "--env python: bytes of a program's output kept; it is killed past them", group="environment")
+
+    def problems(self) -> list[str]:
+        """Returns what is wrong with the tool bounds (checked with ``--env python`` only: math ignores them)."""
+        if self.env != "python":
+            return []
+        problems: list[str] = []
+        _range(problems, "--max-tool-calls", self.max_tool_calls, 1)
+        _range(problems, "--tool-timeout", self.tool_timeout, 0, low_open=True)
+        _range(problems, "--tool-output-bytes", self.tool_output_bytes, 1)
+        return problems
+
+
+@dataclass
 class OptimizerOptions:
     """AdamW, clipping and memory-saving recomputation."""
 

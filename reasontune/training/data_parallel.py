@@ -33,6 +33,7 @@ from reasontune.distributed import (
     is_sharded,
     rank_slice,
 )
+from reasontune.environments import Environment
 from reasontune.generation import Generator, SamplingOptions
 from reasontune.rollouts import RewardFn, Rollouts, generate_rollouts, merge_rollouts
 
@@ -119,7 +120,7 @@ def generation_model(model: torch.nn.Module, replica: UnshardedReplica | None) -
 
 def sharded_rollouts(generator: Generator, examples: Sequence[Example], template: str, sampling: SamplingOptions,
                      reward_fn: RewardFn, ctx: DistributedContext, grading_workers: int | None = None,
-                     group: Any = None) -> Rollouts:
+                     group: Any = None, environment: Environment | None = None) -> Rollouts:
     """Returns the graded ``Rollouts`` of every one of ``examples``, each rank having sampled and graded its ``rank_slice``.
 
     A question's ``sampling.n`` responses are sampled on one rank (groups are never split),
@@ -128,12 +129,19 @@ def sharded_rollouts(generator: Generator, examples: Sequence[Example], template
     the order of ``examples`` (over ``group``: default the default group), so every rank holds the
     same ``Rollouts`` afterwards. The generator must be synced first (``generation_model``). At
     world size 1 it is ``generate_rollouts`` on all the examples.
+
+    ``environment`` (None or single-turn: one completion a sample, as ever) makes each sample a
+    trajectory of model and environment turns, kept in ``Rollouts.trajectories`` and gathered
+    with the rest; ``sampling.max_new_tokens`` then bounds the model tokens of the whole
+    trajectory (the trainers' ``--sampling-max-tokens`` is a response's budget, all turns
+    together), and each turn at most what is left of it.
     """
     part = rank_slice(len(examples), ctx)
     mine = list(examples[part])
     rollouts = generate_rollouts(generator, [example_prompt(e, template) for e in mine], [e.ground_truth for e in mine],
                                  sampling.replace(first_prompt_index=sampling.first_prompt_index + part.start), reward_fn,
-                                 grading_workers=grading_workers, examples=mine)
+                                 grading_workers=grading_workers, examples=mine, environment=environment,
+                                 max_response_tokens=sampling.max_new_tokens)
     return merge_rollouts(all_gather_objects(rollouts, group)) if ctx.is_distributed else rollouts
 
 

@@ -25,21 +25,22 @@ from reasontune.checkpoint import restore_training_state, save_training_checkpoi
 from reasontune.config import check_config, help_field, resume_command, same_field
 from reasontune.data import Example, load_template
 from reasontune.losses import LossAggregation
-from reasontune.options import CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions, TrainerOptions
+from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
+                                ToolOptions, TrainerOptions)
 from reasontune.rollouts import reward_fn_by_name, write_jsonl
 from reasontune.run_layout import FINAL_DIR, checkpoint_name, ei_rollouts_file
 from reasontune.training.data_parallel import (SINGLE_PROCESS, generation_model, refuse_what_torchrun_cannot_run,
                                                shard_policy, sharded_rollouts, unsharded_replica)
 from reasontune.training.in_loop_eval import evaluation_sampling, evaluation_sets, log_evaluation
-from reasontune.training.policy_sampling import (PolicySession, load_questions, question_batch, rollout_sampling,
-                                                 step_seed)
+from reasontune.training.policy_sampling import (TOOL_METRICS, PolicySession, load_questions, question_batch,
+                                                 rollout_environment, rollout_sampling, step_seed)
 from reasontune.training.run_setup import finish_run, load_policy, log_resumed, make_generator, make_logger, start_run
 from reasontune.training.sft import SFTConfig, prepare_session, train_sft
 from reasontune.training.stop_signals import stop_for_signal
 
 
 @dataclasses.dataclass
-class ExpertIterationConfig(RolloutOptions, TrainerOptions):
+class ExpertIterationConfig(RolloutOptions, ToolOptions, TrainerOptions):
     """Options of ``reasontune ei``."""
 
     command: ClassVar[str] = "ei"
@@ -116,6 +117,7 @@ def setup_expert_iteration(config: ExpertIterationConfig, ctx: distributed.Distr
     check_config(config, environment=False)
     ctx = ctx or SINGLE_PROCESS
     refuse_what_torchrun_cannot_run(config, ctx)
+    environment = rollout_environment(config)
     run_dir, device, checkpoint, stop = start_run(config, ctx)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     questions, validation, data_counts = load_questions(config, tokenizer=tokenizer)
@@ -128,7 +130,7 @@ def setup_expert_iteration(config: ExpertIterationConfig, ctx: distributed.Distr
         template=load_template(config.prompt_template), reward_fn=reward_fn_by_name(config.reward_name),
         rollouts=rollout_sampling(config, config.reward_name, load_template(config.prompt_template), return_entropy=config.backend == "hf"), run_dir=run_dir,
         logger=make_logger(run_dir, config, resume=checkpoint is not None) if ctx.is_main else None, stop=stop,
-        ctx=ctx, replica=replica)
+        ctx=ctx, replica=replica, environment=environment)
     if checkpoint is not None:
         # EI keeps no optimizer across steps (each step's SFT starts a fresh one): weights, RNG and step come back.
         session.start_step = restore_training_state(checkpoint, None, None, ctx=ctx)["step"]
@@ -178,7 +180,7 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
         session.generator.sync_weights(generation_model(model, session.replica))
         rollouts = sharded_rollouts(session.generator, batch, session.template,
                                     session.rollouts.replace(seed=step_seed(config.seed, step)), session.reward_fn,
-                                    ctx, grading_workers=config.grading_workers)
+                                    ctx, grading_workers=config.grading_workers, environment=session.environment)
         session.generator.sleep()
         rollout_seconds = time.perf_counter() - tick
         if ctx.is_main:
@@ -208,6 +210,7 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
                        mean_response_tokens=summary["mean_response_tokens"],
                        mean_response_tokens_correct=summary["mean_response_tokens_correct"],
                        mean_response_tokens_incorrect=summary["mean_response_tokens_incorrect"],
+                       **{key: summary[key] for key in TOOL_METRICS if key in summary},
                        rollout_s=rollout_seconds, step_s=time.perf_counter() - tick,
                        elapsed_s=time.perf_counter() - started)
         entropy = "n/a" if summary["mean_entropy"] is None else f"{summary['mean_entropy']:.3f}"

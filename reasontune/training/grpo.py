@@ -35,7 +35,7 @@ from reasontune.training.grpo_config import GRPOConfig
 from reasontune.training.grpo_rollouts import GRPOSession, RolloutBatch, RolloutPipeline
 from reasontune.training.in_loop_eval import evaluation_sampling, evaluation_sets, log_evaluation
 from reasontune.training.optimizer_step import NonFiniteStep, clip_and_step, make_optimizer, stop_diverged
-from reasontune.training.policy_sampling import load_questions, rollout_sampling
+from reasontune.training.policy_sampling import load_questions, rollout_environment, rollout_sampling
 from reasontune.training.run_setup import (finish_run, load_policy, log_resumed, make_generator, make_logger,
                                            start_run)
 from reasontune.training.stop_signals import stop_for_signal
@@ -155,6 +155,7 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
     refuse_what_torchrun_cannot_run(config, ctx)
     if config.world_problems(ctx.world_size):
         raise SystemExit("error: " + "; ".join(config.world_problems(ctx.world_size)))
+    environment = rollout_environment(config)
     run_dir, device, checkpoint, stop = start_run(config, ctx)
     model, tokenizer = load_policy(config, device, weights=checkpoint)
     reference = None
@@ -174,7 +175,8 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
         template=load_template(config.prompt_template), reward_fn=reward_fn_by_name(config.reward_name),
         rollouts=rollout_sampling(config, config.reward_name, load_template(config.prompt_template)).replace(return_logprobs=True), run_dir=run_dir,
         logger=make_logger(run_dir, config, resume=checkpoint is not None) if ctx.is_main else None, stop=stop,
-        ctx=ctx, replica=replica, optimizer=optimizer, scheduler=scheduler, reference=reference)
+        ctx=ctx, replica=replica, optimizer=optimizer, scheduler=scheduler, reference=reference,
+        environment=environment)
     if checkpoint is not None:
         state = restore_training_state(checkpoint, optimizer, scheduler, model=model, ctx=ctx)
         session.start_step = state["step"]
@@ -203,7 +205,8 @@ def setup_grpo(config: GRPOConfig, ctx: distributed.DistributedContext | None = 
     print(f"GRPO on {config.model}: {config.n_grpo_steps} steps of {config.rollout_batch_size // config.group_size} "
           f"questions x {config.group_size} responses, {config.optimizer_steps_per_rollout_batch} optimizer step(s) "
           f"each; loss {config.loss_type}, aggregation {config.loss_aggregation}"
-          f"{', off-policy' if config.off_policy else ''}")
+          f"{', off-policy' if config.off_policy else ''}"
+          f"{f'; env python (up to {config.max_tool_calls} tool calls a response)' if config.env == 'python' else ''}")
     return session
 
 

@@ -7,12 +7,13 @@ from typing import Any, ClassVar, Literal
 
 from reasontune.config import help_field, same_field
 from reasontune.losses import AdvantageBaseline, AdvantageStd, LossAggregation, PolicyLossType, RolloutCorrection
-from reasontune.options import CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions, TrainerOptions
+from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
+                                ToolOptions, TrainerOptions)
 from reasontune.rl_recipes import RECIPES, expand_recipe
 
 
 @dataclasses.dataclass
-class GRPOConfig(RolloutOptions, TrainerOptions):
+class GRPOConfig(RolloutOptions, ToolOptions, TrainerOptions):
     """Options of ``reasontune grpo`` (defaults: the CS336 handout's GRPO settings for Qwen2.5-Math-1.5B)."""
 
     command: ClassVar[str] = "grpo"

@@ -19,13 +19,14 @@ import torch
 
 from reasontune import distributed
 from reasontune.checkpoint import CheckpointError
+from reasontune.environments.tokens import trajectory_microbatches
 from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import compute_advantages, mask_truncated_responses, overlong_penalty
 from reasontune.rl_recipes import fill_batch, informative_groups
 from reasontune.rollouts import Rollouts
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.training.data_parallel import generation_model, rank_microbatches, sharded_rollouts
-from reasontune.training.policy_sampling import PolicySession, question_batch, step_seed
+from reasontune.training.policy_sampling import TOOL_METRICS, PolicySession, question_batch, step_seed
 
 # A step whose every advantage is below this (equal rewards in every group) gives no policy gradient.
 ZERO_ADVANTAGE = 1e-8
@@ -78,7 +79,8 @@ def rollout_batch(session: GRPOSession, step: int, policy=None, group=None) -> t
         # Under torchrun each rank samples its slice of the questions; every rank gets all the rollouts back.
         drawn = sharded_rollouts(session.generator, batch, session.template,
                                  session.rollouts.replace(seed=step_seed(config.seed, step) + 104_729 * attempt),
-                                 session.reward_fn, session.ctx, grading_workers=config.grading_workers, group=group)
+                                 session.reward_fn, session.ctx, grading_workers=config.grading_workers, group=group,
+                                 environment=session.environment)
         rewards = torch.tensor([r["reward"] for r in drawn.flat_rewards()], dtype=torch.float32)
         keep = informative_groups(rewards, config.group_size).tolist() if config.dynamic_sampling else [True] * len(batch)
         return [drawn.select([i]) for i in range(len(batch))], keep
@@ -94,7 +96,10 @@ def training_microbatches(session: GRPOSession, rollouts: Rollouts) -> tuple[lis
 
     Rewards get DAPO's soft overlong penalty when asked; advantages come from
     ``compute_advantages`` (baseline and std as configured); truncated responses leave the
-    loss with ``--mask-truncated``.
+    loss with ``--mask-truncated``. Tool trajectories (``rollouts.trajectories``) are cut by
+    ``trajectory_microbatches``: the environment's tokens are context, outside the response
+    mask, so the loss, the old / reference log-probs and the rollout-mismatch metrics (all
+    masked means) cover the model's tokens only.
     """
     config = session.config
     completions = rollouts.flat_completions()
@@ -111,9 +116,17 @@ def training_microbatches(session: GRPOSession, rollouts: Rollouts) -> tuple[lis
                     "reward_std": float(raw_rewards.std()) if raw_rewards.numel() > 1 else 0.0,
                     "answer_reward_mean": statistics.fmean(float(s["answer_reward"]) for s in scores),
                     "format_reward_mean": statistics.fmean(float(s["format_reward"]) for s in scores)}
+    micro = config.microbatch_size(session.ctx.world_size)
+    if rollouts.trajectories is not None:  # --env python: model and environment turns, the model's alone trained
+        trajectories = [t for group in rollouts.trajectories for t in group]
+        microbatches = trajectory_microbatches(trajectories, advantages, raw_rewards, micro, session.tokenizer)
+        if config.mask_truncated:
+            for start, mb in zip(range(0, len(completions), micro), microbatches):
+                truncated = torch.tensor([c.finish_reason == "length" for c in completions[start:start + micro]])
+                mb["response_mask"] = mask_truncated_responses(mb["response_mask"], truncated)
+        return microbatches, reward_stats
     prompt_ids = [ids for ids in session.tokenizer(rollouts.prompts, add_special_tokens=True)["input_ids"]
                   for _ in range(config.group_size)]
-    micro = config.microbatch_size(session.ctx.world_size)
     microbatches = rollout_microbatches(prompt_ids, [c.token_ids for c in completions], advantages, raw_rewards,
                                         micro, pad_token_id_of(session.tokenizer))
     for start, mb in zip(range(0, len(completions), micro), microbatches):
@@ -305,12 +318,14 @@ class RolloutPipeline:
 
 
 def rollout_metrics(rollouts: Rollouts, reward_stats: dict[str, float]) -> dict[str, Any]:
-    """Returns what a GRPO step logs of its rollouts: rewards, accuracy and response lengths (correct / incorrect / truncated)."""
+    """Returns what a GRPO step logs of its rollouts: rewards, accuracy, response lengths (correct / incorrect /
+    truncated) and, with ``--env python``, the ``TOOL_METRICS`` (lengths count model tokens only)."""
     summary = rollouts.summary()
     return {"reward": reward_stats["reward_mean"], "reward_std": reward_stats["reward_std"],
             "nonzero_advantage_fraction": reward_stats["nonzero_advantage_fraction"],
             "format_reward": reward_stats.get("format_reward_mean"), "answer_reward": reward_stats.get("answer_reward_mean"),
             **{key: summary[key] for key in ("accuracy", "pass_at_n", "mean_response_tokens",
                                              "mean_response_tokens_correct", "mean_response_tokens_incorrect",
-                                             "mean_response_tokens_truncated", "truncated_fraction")}}
+                                             "mean_response_tokens_truncated", "truncated_fraction")},
+            **{key: summary[key] for key in TOOL_METRICS if key in summary}}
 

@@ -16,6 +16,7 @@ import torch
 from reasontune import distributed
 from reasontune.benchmarks import load_benchmarks
 from reasontune.data import Example
+from reasontune.environments import Environment
 from reasontune.evaluation import EvalSet, evaluate_sets
 from reasontune.generation import Generator, SamplingOptions
 from reasontune.options import TrainerOptions
@@ -42,7 +43,7 @@ def evaluation_sets(config: TrainerOptions, validation: Sequence[Example], templ
 
 def evaluate_policy(step: int, model, generator: Generator, sets: Sequence[EvalSet], run_dir: Path, *,
                     sampling: SamplingOptions, grading_workers: int | None = None,
-                    ctx: distributed.DistributedContext | None = None) -> dict:
+                    ctx: distributed.DistributedContext | None = None, environment: Environment | None = None) -> dict:
     """Returns the summary of generating and grading every evaluation set with the current weights.
 
     Writes ``eval/step-<N>/records.jsonl`` and ``summary.json`` as ``reasontune eval`` does (a
@@ -52,13 +53,14 @@ def evaluate_policy(step: int, model, generator: Generator, sets: Sequence[EvalS
     generator sleeps afterwards (giving a shared GPU back to training). Under torchrun (``ctx``)
     every rank calls it, with an unsharded ``model`` for the HF generator (a vLLM generator takes
     the sharded one, gathered layer by layer): each generates its slice of every set and rank 0
-    writes the records, gathered in the original order.
+    writes the records, gathered in the original order. ``environment`` (a trainer's ``--env``)
+    evaluates with the tool as the rollouts use it (``eval_max_new_tokens`` bounds each model turn).
     """
     generator.sync_weights(model)
     with torch.random.fork_rng(devices=[]):
         summaries = evaluate_sets(generator, sets, sampling, eval_step_dir(run_dir, step),
                                   ks=sorted({1, sampling.n}), n_bootstrap=200, seed=sampling.seed or 0,
-                                  grading_workers=grading_workers, plots=False, ctx=ctx)
+                                  grading_workers=grading_workers, plots=False, ctx=ctx, environment=environment)
     generator.sleep()
     if len(summaries) == 1:
         return next(iter(summaries.values()))
@@ -76,7 +78,8 @@ def log_evaluation(session: Any, step: int, sampling: SamplingOptions, progress:
     """
     summary = evaluate_policy(step, generation_model(session.model, session.replica), session.generator,
                               session.validation, session.run_dir, sampling=sampling,
-                              grading_workers=session.config.grading_workers, ctx=session.ctx)
+                              grading_workers=session.config.grading_workers, ctx=session.ctx,
+                              environment=getattr(session, "environment", None))
     if session.logger is not None:
         session.logger.log("eval", step, **eval_metrics(summary, step))
         line = f"step {step}: accuracy {summary['accuracy']:.3f}, format rate {summary['format_rate']:.3f}"
@@ -92,4 +95,6 @@ def eval_metrics(summary: dict, step: int) -> dict:
     per_set = {f"accuracy/{name}": each["accuracy"] for name, each in summary.get("sets", {}).items()}
     return {"accuracy": summary["accuracy"], "format_rate": summary["format_rate"],
             "mean_response_tokens": summary.get("mean_response_tokens"), "mean_entropy": summary.get("mean_entropy"),
-            **per_set, "dir": eval_step_name(step)}
+            **per_set, **{key: summary[key] for key in ("tool_call_rate", "tool_error_rate", "accuracy_with_tool",
+                                                       "accuracy_without_tool") if key in summary},
+            "dir": eval_step_name(step)}

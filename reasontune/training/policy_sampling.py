@@ -16,13 +16,21 @@ import torch
 from reasontune import distributed
 from reasontune.config import UserError
 from reasontune.data import Example, load_examples, with_chat_template
+from reasontune.environments import Environment, build_environment
+from reasontune.environments.sandbox import SandboxUnavailable, run_python
 from reasontune.evaluation import EvalSet
 from reasontune.generation import Generator, SamplingOptions
-from reasontune.options import RolloutOptions, TrainerOptions
+from reasontune.options import RolloutOptions, ToolOptions, TrainerOptions
 from reasontune.rollouts import RewardFn, stop_sequences
 from reasontune.tracking import MetricsLogger
 from reasontune.training.data_parallel import SINGLE_PROCESS
 from reasontune.training.stop_signals import StopSignals
+
+
+# What a step logs of its rollouts' tool use (--env python; ``rollouts.tool_statistics``): calls in all, the share of
+# calls that failed, the share of trajectories with a call, calls per trajectory, and accuracy with and without one.
+TOOL_METRICS = ("tool_calls", "tool_error_rate", "tool_call_rate", "mean_tool_calls", "accuracy_with_tool",
+                "accuracy_without_tool")
 
 
 def step_seed(seed: int, step: int) -> int:
@@ -71,6 +79,24 @@ def rollout_sampling(config: RolloutOptions, reward_name: str, template: str = "
                            stop=stop_sequences(reward_name, template), n=config.group_size, return_entropy=return_entropy)
 
 
+def rollout_environment(config: ToolOptions) -> Environment:
+    """Returns the environment of an RL trainer's rollouts (``--env``), after checking that its sandbox works here.
+
+    ``--env python`` runs one trivial program first: a machine without the namespaces the
+    sandbox is built from is refused before the run starts, with the reason, rather than at the
+    first tool call of step 1 (no model-written code is ever run outside the sandbox).
+    """
+    environment = build_environment(config.env, max_tool_calls=config.max_tool_calls, tool_timeout=config.tool_timeout,
+                                    tool_output_bytes=config.tool_output_bytes)
+    if environment.multi_turn:
+        try:
+            run_python("pass")
+        except SandboxUnavailable as error:
+            raise UserError(f"--env {config.env}: the sandbox that runs the model's programs cannot be built on this "
+                            f"machine ({error}); see docs/tools.md") from None
+    return environment
+
+
 @dataclass
 class PolicySession:
     """What every trainer that samples from its own policy holds (expert iteration and GRPO extend it)."""
@@ -90,3 +116,4 @@ class PolicySession:
     stop: StopSignals
     ctx: distributed.DistributedContext = SINGLE_PROCESS
     replica: Any = None  # world size > 1: the UnshardedReplica the generator samples from
+    environment: Environment | None = None  # --env: None or math, one completion a sample; python, tool trajectories
