@@ -13,11 +13,16 @@ questions every run answered count, and how many were left out is reported. The 
 the baseline: each other run's difference carries a paired interval and p-value over the matched
 questions (``estimators.paired_difference``: exact McNemar and Newcombe's interval for 0/1
 scores, else the paired bootstrap).
+
+Evaluations with tool calls (``reasontune eval --env python``) add each run's tool use
+(``tool_use``: share of trajectories calling the tool, calls per trajectory, error rate,
+accuracy with and without a call), over all of that run's records, side by side.
 """
 
 from __future__ import annotations
 
 import json
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,8 +31,11 @@ from typing import Any, ClassVar
 from reasontune.config import help_field, positional_field
 from reasontune.data import DataError
 from reasontune.estimators import (
+    BOOTSTRAP,
     METRICS,
+    WILSON,
     Equivalent,
+    bootstrap_interval,
     default_equivalent,
     format_p_value,
     group_samples,
@@ -102,6 +110,76 @@ def sampling_differences(settings: list[dict[str, Any]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Tool use
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _share(values: list[float], n_bootstrap: int, seed: int) -> dict[str, Any] | None:
+    """Returns the mean of ``values`` with its 95% interval (Wilson for 0/1 values, else bootstrap), its n and, for 0/1, its successes."""
+    if not values:
+        return None
+    low, high, method = proportion_interval(values, n_bootstrap, seed)
+    figure = {"value": sum(values) / len(values), "low": low, "high": high, "method": method, "n": len(values)}
+    if method == WILSON:
+        figure["successes"] = int(sum(values))
+    return figure
+
+
+def tool_use(records: list[dict[str, Any]], n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any] | None:
+    """Returns how multi-turn eval records used the tool, with 95% intervals; None when no record carries tool counts.
+
+    A record counts when its ``tool_calls`` and ``tool_errors`` are counts (errors at most
+    calls) and its ``answer_reward`` a number; the others are ``skipped``. Keys: ``trajectories``,
+    ``skipped``, ``with_tool`` (trajectories with a call), ``calls``, ``errors``, ``statuses``
+    (calls by sandbox status, from the turns), and the figures (``{"value", "low", "high",
+    "method", "n"}``, plus ``successes`` for a share of 0/1 values; None where n is 0):
+    ``tool_use_rate`` (trajectories with a call), ``error_rate`` (calls that did not end
+    cleanly), ``accuracy_with_tool`` / ``accuracy_without_tool`` (answer reward over the
+    trajectories with / without a call), ``calls_per_trajectory`` (bootstrap over
+    trajectories); ``seconds_per_call`` is ``{"mean", "median", "max", "n"}`` of the calls whose
+    time is recorded. Intervals treat trajectories (calls) as independent: with several samples
+    per question, or several calls per trajectory, they are narrower than an interval over
+    questions would be.
+    """
+    counted = [r for r in records if _count(r.get("tool_calls")) is not None and _count(r.get("tool_errors")) is not None
+               and r["tool_errors"] <= r["tool_calls"] and isinstance(r.get("answer_reward"), (int, float))
+               and not isinstance(r.get("answer_reward"), bool)]
+    if not counted:
+        return None
+    calls, errors = sum(r["tool_calls"] for r in counted), sum(r["tool_errors"] for r in counted)
+    statuses: dict[str, int] = {}
+    seconds: list[float] = []
+    for record in counted:
+        turns = record.get("turns") if isinstance(record.get("turns"), list) else []
+        for turn in turns:
+            if isinstance(turn, dict) and turn.get("role") == "environment" and turn.get("program") is not None:
+                status = turn.get("status") if isinstance(turn.get("status"), str) else "unrecorded"
+                statuses[status] = statuses.get(status, 0) + 1
+                time = turn.get("seconds")
+                if isinstance(time, (int, float)) and not isinstance(time, bool) and 0 <= time < float("inf"):
+                    seconds.append(float(time))
+    with_tool = [float(r["answer_reward"]) for r in counted if r["tool_calls"] > 0]
+    without_tool = [float(r["answer_reward"]) for r in counted if r["tool_calls"] == 0]
+    per_trajectory = [float(r["tool_calls"]) for r in counted]
+    low, high = bootstrap_interval(per_trajectory, n_bootstrap, seed)
+    return {
+        "trajectories": len(counted), "skipped": len(records) - len(counted), "with_tool": len(with_tool),
+        "calls": calls, "errors": errors, "statuses": statuses,
+        "tool_use_rate": _share([float(r["tool_calls"] > 0) for r in counted], n_bootstrap, seed),
+        "calls_per_trajectory": {"value": calls / len(counted), "low": low, "high": high, "method": BOOTSTRAP,
+                                 "n": len(counted)},
+        "error_rate": _share([1.0] * errors + [0.0] * (calls - errors), n_bootstrap, seed),
+        "accuracy_with_tool": _share(with_tool, n_bootstrap, seed),
+        "accuracy_without_tool": _share(without_tool, n_bootstrap, seed),
+        "seconds_per_call": {"mean": statistics.fmean(seconds), "median": statistics.median(seconds),
+                             "max": max(seconds), "n": len(seconds)} if seconds else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # The comparison
 
 
@@ -113,7 +191,8 @@ class Comparison:
     (one ``{"value", "low", "high", "method"}`` per run) and ``differences`` (one ``paired_difference``
     dict per run after the first, against the first). ``notes`` say what was left out and why.
     ``sampling``: per benchmark, each run's ``sampling_settings``; ``warnings``: benchmarks whose
-    runs were sampled differently (their differences are not the models' alone).
+    runs were sampled differently (their differences are not the models' alone). ``tools``: per
+    benchmark where some run called a tool, each run's ``tool_use`` (None for a run without tool counts).
     """
 
     runs: list[str]
@@ -122,6 +201,7 @@ class Comparison:
     settings: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    tools: dict[str, list[dict[str, Any] | None]] = field(default_factory=dict)
 
 
 def _compare_benchmark(benchmark: str, grouped_runs: list[dict[str, dict]], ks: list[int], metrics: list[str],
@@ -197,7 +277,11 @@ def compare_runs(paths: list[str | Path], ks: str | list[int] = (1,), metrics: s
                             for key in differing)
                 + "): their differences mix the models with how they were sampled; evaluate them alike "
                   "(--eval-temperature, --eval-max-new-tokens, --n-samples, --prompt-template) to compare the models")
-        grouped_runs = [group_samples(read_eval_records(found[benchmark] / RECORDS_FILE)) for found in evaluations]
+        records = [read_eval_records(found[benchmark] / RECORDS_FILE) for found in evaluations]
+        tools = [tool_use(run_records, n_bootstrap, seed) for run_records in records]
+        if any(one is not None for one in tools):
+            comparison.tools[benchmark] = tools
+        grouped_runs = [group_samples(run_records) for run_records in records]
         _compare_benchmark(benchmark, grouped_runs, ks, metrics, n_bootstrap, seed, equivalent, comparison)
     return comparison
 
@@ -244,8 +328,36 @@ def format_comparison(comparison: Comparison) -> str:
                   for key, label in SAMPLING_SETTINGS]
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines += ["", *("  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in table)]
+    for benchmark, per_run in comparison.tools.items():
+        lines += ["", *_aligned([[f"tool use ({benchmark}, all records)", *comparison.runs],
+                                 *([label, *(_tool_text(one, key) for one in per_run)] for key, label in TOOL_LINES)])]
     lines += [f"warning: {warning}" for warning in comparison.warnings]
     return "\n".join(lines)
+
+
+# The tool-use figures ``format_comparison`` and the report show side by side: (key of ``tool_use``, label).
+TOOL_LINES = (("tool_use_rate", "trajectories calling the tool"), ("calls_per_trajectory", "calls per trajectory"),
+              ("error_rate", "calls ending in an error"), ("accuracy_with_tool", "accuracy with a call"),
+              ("accuracy_without_tool", "accuracy without a call"))
+
+
+def _aligned(table: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+
+
+def tool_figure_text(figure: dict[str, Any] | None, percent: bool = True) -> str:
+    """Returns a ``tool_use`` figure as ``2/3 = 66.7% [20.8, 93.9]`` (a count: ``1.33 [0.67, 2]``), or — for None."""
+    if not figure:
+        return "—"
+    if not percent:
+        return f"{figure['value']:.3g} [{figure['low']:.3g}, {figure['high']:.3g}]"
+    counts = f"{figure['successes']}/{figure['n']} = " if "successes" in figure else f"n {figure['n']}: "
+    return f"{counts}{100 * figure['value']:.1f}% [{100 * figure['low']:.1f}, {100 * figure['high']:.1f}]"
+
+
+def _tool_text(tools: dict[str, Any] | None, key: str) -> str:
+    return tool_figure_text(tools.get(key) if tools else None, percent=key != "calls_per_trajectory")
 
 
 def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
@@ -312,7 +424,8 @@ def run_compare(config: CompareConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.txt").write_text(text + "\n", encoding="utf-8")
     payload = {"runs": comparison.runs, "rows": comparison.rows, "notes": comparison.notes,
-               "sampling": comparison.sampling, "warnings": comparison.warnings, **comparison.settings}
+               "sampling": comparison.sampling, "warnings": comparison.warnings, "tools": comparison.tools,
+               **comparison.settings}
     (out / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     if comparison.rows:
         print(f"wrote {plot_comparison(comparison, out / 'comparison.png')}")
