@@ -18,6 +18,7 @@ from reasontune.compare import plot_comparison
 from reasontune.eval_plots import accuracy_by_length_figure, length_by_category_figure, pass_at_k_figure
 from reasontune.plotting import fraction_axis, integer_steps, log_scale_if_wide, new_axes, new_figure, save, style_axes
 from reasontune.report.reading import RunData, eval_rows, graded_records, series
+from reasontune.report.tools import TOOL_METRIC_PREFIX, tool_metric_keys
 
 # Rollout curves of GRPO / EI from the train lines: (file, y label, fraction axis, title when every curve is
 # drawn or None to name the drawn ones, [(key, legend label, title part)]).
@@ -39,6 +40,7 @@ ROLLOUT_PLOTS = (
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 # Above this many points a curve is drawn faint, with its moving average over it.
 MANY_POINTS = 40
+TOOL_PANELS_PER_FIGURE = 3
 
 
 def title_of(parts: list[str]) -> str:
@@ -87,7 +89,7 @@ def build_plots(run: RunData) -> list[Plot]:
         return []  # compare draws its own bars (``write_plots``)
     if run.kind == "eval":
         return evaluation_plots(run)
-    return rollout_plots(run) + loss_plots(run) + training_curves(run) + validation_plots(run)
+    return rollout_plots(run) + tool_plots(run) + loss_plots(run) + training_curves(run) + validation_plots(run)
 
 
 def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
@@ -213,6 +215,29 @@ def rollout_plots(run: RunData) -> list[Plot]:
         if fraction:
             fraction_axis(axes)
         plots.append(_finished(figure, [axes], file_name, title))
+    return plots
+
+
+def tool_plots(run: RunData) -> list[Plot]:
+    """Returns tool_use.png (then tool_use_2.png …): one panel per ``tool_`` metric of the train lines, three to a figure.
+
+    Each metric gets its own axis, as their units differ (calls, a share, seconds); a metric
+    whose values all lie in [0, 1] and whose name says rate, fraction or share gets a percent axis.
+    """
+    keys = tool_metric_keys(run.train)
+    plots = []
+    for first in range(0, len(keys), TOOL_PANELS_PER_FIGURE):
+        chosen = keys[first:first + TOOL_PANELS_PER_FIGURE]
+        figure, panels = new_figure(len(chosen))
+        for key, axes, color in zip(chosen, panels, COLORS):
+            steps, values = series(run.train, key)
+            style_axes(axes, key.removeprefix(TOOL_METRIC_PREFIX).replace("_", " "), key, run.step_unit)
+            plot_training_curve(axes, steps, values, key, color)
+            if any(word in key for word in ("rate", "fraction", "share")) and all(0 <= v <= 1 for v in values):
+                fraction_axis(axes)
+        number = first // TOOL_PANELS_PER_FIGURE + 1
+        plots.append(_finished(figure, panels, f"tool_use{'' if number == 1 else f'_{number}'}.png",
+                               "Tool use per step: " + ", ".join(chosen)))
     return plots
 
 
