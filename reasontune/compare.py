@@ -49,7 +49,7 @@ from reasontune.run_layout import RECORDS_FILE, SUMMARY_FILE, find_evaluations, 
 # What sampled an evaluation (its summary.json), as the table names them: runs that differ here are not
 # comparable as models alone (a greedy 1,024-token evaluation beside a T=0.6 256-token one).
 SAMPLING_SETTINGS = (("temperature", "temperature"), ("top_p", "top-p"), ("max_new_tokens", "max new tokens"),
-                     ("n", "samples per question"), ("template", "prompt template"))
+                     ("n", "samples per question"), ("template", "prompt template"), ("env", "environment"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,6 +81,7 @@ def sampling_settings(directory: Path) -> dict[str, Any]:
 
     ``template`` is the template's name as given, with the prompt text itself under
     ``template_text`` when the summary holds it (two runs may name the same text differently).
+    ``env`` is the summary's environment where it names one (``python``: tool calls).
     """
     try:
         summary = json.loads((directory / SUMMARY_FILE).read_text(encoding="utf-8"))
@@ -96,6 +97,8 @@ def sampling_settings(directory: Path) -> dict[str, Any]:
     if isinstance(estimates.get("prompt"), str):
         settings["template_text"] = estimates["prompt"]
         settings.setdefault("template", "(recorded text)")
+    if isinstance(summary.get("env"), str):
+        settings["env"] = summary["env"]
     return settings
 
 
@@ -268,6 +271,9 @@ def compare_runs(paths: list[str | Path], ks: str | list[int] = (1,), metrics: s
             f"{label}: {', '.join(found)}" for label, found in zip(labels, evaluations)))
     for benchmark in benchmarks:
         settings = [sampling_settings(found[benchmark]) for found in evaluations]
+        if any("env" in one for one in settings):  # a summary naming no environment was written by the single-turn one
+            for one in settings:
+                one.setdefault("env", "math")
         comparison.sampling[benchmark] = settings
         if differing := sampling_differences(settings):
             names = dict(SAMPLING_SETTINGS)
@@ -276,7 +282,8 @@ def compare_runs(paths: list[str | Path], ks: str | list[int] = (1,), metrics: s
                 + "; ".join(f"{names[key]} " + " vs ".join(_setting_text(one, key) for one in settings)
                             for key in differing)
                 + "): their differences mix the models with how they were sampled; evaluate them alike "
-                  "(--eval-temperature, --eval-max-new-tokens, --n-samples, --prompt-template) to compare the models")
+                  "(--eval-temperature, --eval-max-new-tokens, --n-samples, --prompt-template, --env) to compare the "
+                  "models")
         records = [read_eval_records(found[benchmark] / RECORDS_FILE) for found in evaluations]
         tools = [tool_use(run_records, n_bootstrap, seed) for run_records in records]
         if any(one is not None for one in tools):

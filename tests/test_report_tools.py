@@ -62,7 +62,8 @@ def tool_turns(record: dict) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def tool_runs(tmp_path_factory, tiny_model_dir):
-    """Returns (root, records of the taught model's evaluation): eval dirs ``taught`` and ``base``, and ``cmp`` comparing them."""
+    """Returns (root, records of the taught model's evaluation): eval dirs ``taught``, ``base`` (the untaught model) and
+    ``single-turn`` (the taught model without the tool), and ``cmp`` comparing the first two."""
     import torch
 
     try:
@@ -91,9 +92,10 @@ def tool_runs(tmp_path_factory, tiny_model_dir):
                      "--batch-size", str(len(teach)), "--gradient-accumulation-steps", "1", "--max-length", "192",
                      "--warmup-ratio", "0", "--lr-scheduler", "constant", "--max-grad-norm", "1.0", "--dtype", "float32",
                      "--device", "cpu", "--num-threads", "1", "--no-progress", "--no-write-report"]) == 0
-        for name, model in (("taught", root / "teach" / "final"), ("base", tiny_model_dir)):
+        for name, model, env in (("taught", root / "teach" / "final", "python"), ("base", tiny_model_dir, "python"),
+                                 ("single-turn", root / "teach" / "final", "math")):
             assert main(["eval", "--model", str(model), "--data", str(questions), "--output-dir", str(root / name),
-                         "--env", "python", "--max-tool-calls", "2", "--tool-timeout", "5",
+                         "--env", env, "--max-tool-calls", "2", "--tool-timeout", "5",
                          "--eval-max-new-tokens", "64", "--eval-temperature", "0", "--grading-workers", "0",
                          "--n-bootstrap", "20", "--num-threads", "1"]) == 0
     finally:
@@ -187,6 +189,37 @@ def test_compare_of_real_tool_evaluations_shows_each_runs_tool_use(tool_runs, ca
     assert (f"<tr><td>trajectories calling the tool</td><td>{share_text(2, 3)}</td>"
             f"<td>{share_text(base_with_call, 3)}</td></tr>") in page
     assert "<th>eval</th><th>taught</th><th>base</th>" in page
+
+
+@pytest.mark.slow
+def test_a_tool_run_compared_with_a_single_turn_one_is_warned_about_and_shows_where_the_tool_was(tool_runs, capsys):
+    root, _ = tool_runs
+    assert main(["compare", str(root / "taught"), str(root / "single-turn"), "--n-bootstrap", "50",
+                 "--output-dir", str(root / "cmp-env")]) == 0
+    out = capsys.readouterr().out
+    assert "eval: the runs were sampled differently (environment python vs math)" in out
+    line = next(line for line in out.splitlines() if line.startswith("trajectories calling the tool"))
+    assert line.split()[-1] == "—"  # the single-turn run has no tool counts
+    assert main(["report", str(root / "cmp-env")]) == 0
+    page = (root / "cmp-env" / "report" / "index.html").read_text()
+    assert "<tr><td>environment (differs)</td><td>python</td><td>math</td></tr>" in page
+    assert f"<tr><td>trajectories calling the tool</td><td>{share_text(2, 3)}</td><td>—</td></tr>" in page
+
+
+@pytest.mark.slow
+def test_a_training_run_shows_the_tool_use_of_its_last_evaluation_with_tool_calls(tool_runs, tmp_path):
+    """A run directory whose in-loop evaluation (eval/step-N) is the real tool evaluation."""
+    import shutil
+
+    root, _ = tool_runs
+    (tmp_path / "config.json").write_text(json.dumps({"command": "grpo", "model": "m", "train_data": "q.jsonl"}))
+    (tmp_path / "metrics.jsonl").write_text(json.dumps({"kind": "train", "step": 2, "loss": 0.5}) + "\n")
+    shutil.copytree(root / "taught", tmp_path / "eval" / "step-000002", ignore=shutil.ignore_patterns("report"))
+    write_report(tmp_path)
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<h2>Tool use</h2>" in page and "Tool use of the evaluation at step 2:" in page
+    assert f"<tr><td>trajectories calling the tool</td><td>{share_text(2, 3)}</td></tr>" in page
+    assert "tool_use.png" not in page  # its train lines log no tool_ metric
 
 
 def test_hostile_text_in_turns_cannot_break_the_markdown_or_the_html():

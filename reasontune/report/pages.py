@@ -25,6 +25,8 @@ from reasontune.report.blocks import (Block, Bullets, Card, Code, Figures, FullC
 from reasontune.report.reading import EvalResult, RunData, number, outcome, outcome_counts, series
 from reasontune.report.tools import comparison_tool_sections, evaluation_tool_sections, training_tool_sections
 
+# An evaluation's tool settings, shown only where it ran with a tool environment.
+TOOL_SETTINGS = ("max_tool_calls", "tool_timeout", "tool_output_bytes")
 # The settings each kind of directory shows in its config table (the run's own fields, as given).
 CONFIG_HIGHLIGHTS = {
     "sft": ("model", "train_data", "learning_rate", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
@@ -37,7 +39,7 @@ CONFIG_HIGHLIGHTS = {
              "use_std_normalization", "cliprange", "kl_coef", "learning_rate", "sampling_temperature",
              "sampling_max_tokens", "reward", "dtype", "seed"),
     "eval": ("model", "data", "benchmarks", "prompt_template", "reward", "eval_n_samples", "eval_temperature",
-             "eval_top_p", "eval_max_new_tokens", "k", "max_examples", "backend", "seed"),
+             "eval_top_p", "eval_max_new_tokens", "k", "max_examples", "backend", "seed", "env", *TOOL_SETTINGS),
     # A config that names no trainer: its settings are in the full config below the table.
     "run": ("model", "train_data", "learning_rate", "seed"),
     "compare": (),
@@ -118,8 +120,9 @@ def _config_rows(run: RunData) -> list[tuple[str, str]]:
     if not run.config:
         return []
     # Settings are shown as given (3e-05, 1024), not rounded like measurements.
+    single_turn = run.config.get("env", "math") == "math"
     return [(key, str(run.config[key])) for key in CONFIG_HIGHLIGHTS[run.kind]
-            if key in run.config and run.config[key] not in (None, "")]
+            if key in run.config and run.config[key] not in (None, "") and not (single_turn and key in TOOL_SETTINGS)]
 
 
 def _flatten_scalars(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -250,10 +253,15 @@ def _evaluation_sampling(run: RunData) -> Grid:
         estimates = summary.get("estimates") if isinstance(summary.get("estimates"), dict) else {}
         if "template" not in settings and isinstance(estimates.get("prompt"), str):
             settings["template"] = clip_head(estimates["prompt"], 80)
+        if isinstance(summary.get("env"), str):  # a summary naming none was written by the single-turn environment
+            settings["env"] = summary["env"]
         for key in ("seed", "reward"):
             if key in sampling or key in summary:
                 settings[key] = sampling.get(key, summary.get(key))
         columns.append(settings)
+    if any("env" in one for one in columns):
+        for one in columns:
+            one.setdefault("env", "math")
     keys = [(key, label) for key, label in (*SAMPLING_SETTINGS, ("seed", "seed"), ("reward", "reward"))
             if any(key in one for one in columns)]
     return Grid(["", *(result.name or "eval" for result in run.evals)],
