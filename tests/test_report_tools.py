@@ -269,22 +269,33 @@ def test_trajectories_are_picked_from_each_kind_and_bad_counts_are_left_out():
 
 
 def test_tool_metrics_of_training_lines_are_plotted_and_tabled(tmp_path):
-    """Train lines with ``tool_`` keys (the names GRPO / EI with --env python log): one panel each, the table their ends."""
+    """Train lines with the tool metrics GRPO / EI with --env python log (``rollouts.tool_statistics``' names): the shares
+    in one percent panel with the in-loop evaluations' beside them, each count in its own, the table their ends."""
     (tmp_path / "config.json").write_text(json.dumps({"command": "grpo", "model": "m", "train_data": "q.jsonl"}))
-    lines = [{"kind": "train", "step": step, "loss": 0.5, "reward": 0.1 * step, "tool_calls_per_trajectory": 0.5 * step,
-              "tool_error_rate": 0.4 / step, "tool_use_rate": 0.2 * step, "tool_seconds": 0.3}
+    lines = [{"kind": "train", "step": step, "loss": 0.5, "reward": 0.1 * step, "tool_calls": 3 * step,
+              "tool_error_rate": 0.4 / step, "tool_call_rate": 0.2 * step, "mean_tool_calls": 0.5 * step,
+              "accuracy_with_tool": None if step == 1 else 0.25 * step, "accuracy_without_tool": 0.1}
              for step in (1, 2, 3, 4)]
+    lines += [{"kind": "eval", "step": step, "accuracy": 0.5, "tool_call_rate": 0.2 * step} for step in (2, 4)]
     (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in lines))
     plots = {plot.file_name: plot for plot in build_plots(read_run(tmp_path))}
-    first, second = plots["tool_use.png"], plots["tool_use_2.png"]
-    panels = first.figure.axes + second.figure.axes
-    assert [axes.get_ylabel() for axes in panels] == ["tool_calls_per_trajectory", "tool_error_rate", "tool_use_rate",
-                                                      "tool_seconds"]
-    assert list(panels[0].lines[0].get_ydata()) == [0.5, 1.0, 1.5, 2.0]
-    assert list(panels[1].lines[0].get_ydata()) == pytest.approx([0.4, 0.2, 0.4 / 3, 0.1])
-    assert panels[1].get_ylim() == pytest.approx((-0.03, 1.03)) and panels[0].get_ylim() != pytest.approx((-0.03, 1.03))
+    shares, calls, per_trajectory = plots["tool_use.png"].figure.axes
+    assert "tool_use_2.png" not in plots
+    # In the order they first hold a number: step 1 logged accuracy_with_tool None (no call, no accuracy).
+    assert [line.get_label() for line in shares.lines] == ["tool_error_rate", "tool_call_rate", "accuracy_without_tool",
+                                                           "accuracy_with_tool", "tool_call_rate (validation)"]
+    assert list(shares.lines[1].get_ydata()) == pytest.approx([0.2, 0.4, 0.6, 0.8])
+    assert list(shares.lines[3].get_xdata()) == [2, 3, 4]
+    assert list(shares.lines[4].get_xdata()) == [2, 4] and list(shares.lines[4].get_ydata()) == pytest.approx([0.4, 0.8])
+    assert shares.lines[4].get_color() == shares.lines[1].get_color()
+    assert shares.get_ylim() == pytest.approx((-0.03, 1.03))
+    assert (calls.get_ylabel(), list(calls.lines[0].get_ydata())) == ("tool_calls", [3, 6, 9, 12])
+    assert (per_trajectory.get_ylabel(), list(per_trajectory.lines[0].get_ydata())) == ("mean_tool_calls",
+                                                                                        [0.5, 1.0, 1.5, 2.0])
     write_report(tmp_path)
     page = (tmp_path / "report" / "index.html").read_text()
-    assert "<h2>Tool use</h2>" in page and "tool_use.png" in page and "tool_use_2.png" in page
-    assert "<tr><td>tool_calls_per_trajectory</td><td>0.5 (step 1)</td><td>2 (step 4)</td><td>0.5</td><td>2</td></tr>" in page
+    assert "<h2>Tool use</h2>" in page and "tool_use.png" in page
+    assert "<tr><td>tool_calls</td><td>3 (step 1)</td><td>12 (step 4)</td><td>3</td><td>12</td></tr>" in page
     assert "<tr><td>tool_error_rate</td><td>0.4 (step 1)</td><td>0.1 (step 4)</td><td>0.1</td><td>0.4</td></tr>" in page
+    assert "<tr><td>accuracy_with_tool</td><td>0.5 (step 2)</td><td>1 (step 4)</td><td>0.5</td><td>1</td></tr>" in page
+    assert "<td>reward</td>" not in page.split("<h2>Tool use</h2>")[1]

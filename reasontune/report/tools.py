@@ -5,8 +5,11 @@
   trajectory, calls ending in an error, seconds per call, accuracy with and without a call,
   each share with its Wilson interval and its counts) and "Tool trajectories": a few records
   shown turn by turn (each model turn, each program with its status and time, its output).
-- A training run gets a table of the numbers its metrics lines log under ``TOOL_METRIC_PREFIX``
-  (the curves are in ``plots.tool_plots``) and the tool use of its last evaluation with tool calls.
+- A training run gets a table of the tool metrics its metrics lines log (``is_tool_metric``: a
+  key one of whose underscore-separated words is ``tool``, as GRPO / EI with ``--env python``
+  log ``rollouts.tool_statistics``: ``tool_calls``, ``tool_call_rate``, ``tool_error_rate``,
+  ``mean_tool_calls``, ``accuracy_with_tool``, ``accuracy_without_tool``; the curves are in
+  ``plots.tool_plots``) and the tool use of its last evaluation with tool calls.
 - A comparison gets each run's tool use side by side (``Comparison.tools``).
 
 Programs, outputs and model turns are untrusted text: they go into ``Code`` blocks, which the
@@ -22,8 +25,9 @@ from reasontune.compare import TOOL_LINES, Comparison, tool_figure_text, tool_us
 from reasontune.report.blocks import Block, Card, Code, Grid, KeyValues, Section, Text, clip_head, clip_tail, format_number
 from reasontune.report.reading import EvalResult, RunData, number, outcome
 
-TOOL_METRIC_PREFIX = "tool_"
-"""Train-line keys starting with this are tool metrics (GRPO / EI with ``--env python``): tabled and plotted."""
+TOOL_WORD = "tool"
+"""A metrics-line key is a tool metric when one of its ``_``-separated words is this: tabled and plotted."""
+SHARE_WORDS = ("rate", "accuracy", "fraction", "share")
 TRAJECTORIES_SHOWN = 4
 TEXT_MAX_CHARS = 1500
 PROMPT_TAIL_CHARS = 300
@@ -44,10 +48,20 @@ def has_tool_counts(records: list[dict[str, Any]] | None) -> bool:
     return any(isinstance(record, dict) and "tool_calls" in record for record in records or [])
 
 
+def is_tool_metric(key: str) -> bool:
+    """Returns whether a metrics-line key is about the tool (``tool_call_rate``, ``mean_tool_calls``, ``accuracy_with_tool`` …)."""
+    return TOOL_WORD in key.split("_")
+
+
+def is_share(key: str, values: list[float]) -> bool:
+    """Returns whether a metric is a share (its name says rate, accuracy, fraction or share and every value is in [0, 1])."""
+    return any(word in key.split("_") for word in SHARE_WORDS) and all(0.0 <= value <= 1.0 for value in values)
+
+
 def tool_metric_keys(rows: list[dict[str, Any]]) -> list[str]:
-    """Returns the ``TOOL_METRIC_PREFIX`` keys that hold a number in some row, in the order they first appear."""
+    """Returns the tool metrics (``is_tool_metric``) that hold a number in some row, in the order they first appear."""
     return list(dict.fromkeys(key for row in rows for key, value in row.items()
-                              if key.startswith(TOOL_METRIC_PREFIX) and number(value) is not None))
+                              if is_tool_metric(key) and number(value) is not None))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,7 +200,7 @@ def training_tool_sections(run: RunData) -> list[Section]:
                          f"{format_number(points[-1][1])} (step {points[-1][0]})",
                          format_number(min(values)), format_number(max(values))])
         blocks += [Grid(["metric", "first", "last", "min", "max"], rows),
-                   Text(f"Every number the training metrics log under the prefix {TOOL_METRIC_PREFIX!r}, per "
+                   Text(f"Every tool metric (a name with the word {TOOL_WORD!r}) of the training metrics, per "
                         f"{run.step_unit}; their curves are under Curves.")]
     results = _with_tool_counts(run.evals)
     if results:
