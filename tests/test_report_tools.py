@@ -249,6 +249,24 @@ def test_hostile_text_in_turns_cannot_break_the_markdown_or_the_html():
     assert "Program 1 (error | <b>, 0.500 s)" in cell_texts(tokens, "paragraph_open")
 
 
+def test_a_damaged_tool_table_in_comparison_json_shows_what_is_sound_and_names_the_rest(tmp_path):
+    figure = {"value": 0.5, "low": 0.2, "high": 0.8, "n": 4, "successes": 2}
+    sound = {"trajectories": 4, "calls": 3, "with_tool": 2, "tool_use_rate": figure,
+             "error_rate": {"value": "high", "low": 0, "high": 1, "n": 3},  # not a figure: shown as —
+             "statuses": {"ok": 3, "<b>odd</b>": 1, "bad": "2"}, "seconds_per_call": {"mean": 1, "n": 3}}
+    (tmp_path / "comparison.json").write_text(json.dumps({
+        "runs": ["a", "b"], "rows": [], "n_bootstrap": 10, "seed": 0,
+        "tools": {"math500": [sound, {"trajectories": "4"}], "gsm8k": [sound], "aime": "none"}}))
+    assert main(["report", str(tmp_path)]) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert "<tr><td>trajectories calling the tool</td><td>2/4 = 50.0% [20.0, 80.0]</td><td>—</td></tr>" in page
+    assert "<tr><td>calls ending in an error</td><td>—</td><td>—</td></tr>" in page
+    assert "<tr><td>calls by status</td><td>&lt;b&gt;odd&lt;/b&gt; 1, ok 3</td><td>—</td></tr>" in page
+    assert "<tr><td>seconds per call</td><td>—</td><td>—</td></tr>" in page
+    assert "comparison.json: tool use of math500, run b not read" in page
+    assert "comparison.json: tool use of gsm8k skipped" in page and "comparison.json: tool use of aime skipped" in page
+
+
 def test_trajectories_are_picked_from_each_kind_and_bad_counts_are_left_out():
     def made(calls, errors, answer_reward, name):
         return {"name": name, "tool_calls": calls, "tool_errors": errors, "answer_reward": answer_reward,

@@ -224,9 +224,15 @@ def read_comparison(path: Path, problems: list[str]) -> Comparison | None:
         value = payload.get(key)
         setattr(comparison, key, [str(item) for item in value] if isinstance(value, list) else [])
     tools = payload.get("tools")
-    if isinstance(tools, dict):
-        comparison.tools = {str(name): [_tool_use(one) for one in per_run] for name, per_run in tools.items()
-                            if isinstance(per_run, list) and len(per_run) == len(runs)}
+    for benchmark, per_run in (tools.items() if isinstance(tools, dict) else ()):
+        if not (isinstance(per_run, list) and len(per_run) == len(runs)):
+            problems.append(f"{path.name}: tool use of {benchmark} skipped: needs one entry (or null) per run ({len(runs)})")
+            continue
+        comparison.tools[str(benchmark)] = [_tool_use(one) for one in per_run]
+        for label, one, read in zip(runs, per_run, comparison.tools[str(benchmark)]):
+            if one is not None and read is None:
+                problems.append(f"{path.name}: tool use of {benchmark}, run {label} not read: needs the counts "
+                                "trajectories, calls and with_tool")
     sampling = payload.get("sampling")
     if isinstance(sampling, dict):
         comparison.sampling = {str(name): settings for name, settings in sampling.items()
