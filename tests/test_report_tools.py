@@ -151,6 +151,13 @@ def test_report_of_a_real_tool_evaluation_shows_counts_intervals_and_every_turn(
     assert "<pre>&lt;script&gt;x&lt;/script&gt; 42</pre>" in page  # the output, escaped
     assert "<script>" not in page and "Program 1 (error, " in page and "Model turn 2 (" in page
     assert page.index("correct, 1 tool call (") < page.index("unformatted, 1 tool call, 1 failing (")
+    # How it ran: the environment among the sampling settings, the tool settings in the config table.
+    assert "<tr><td>environment</td><td>python</td></tr>" in page
+    assert "<tr><th>max_tool_calls</th><td>2</td></tr>" in page and "<tr><th>tool_timeout</th><td>5.0</td></tr>" in page
+    assert main(["report", str(root / "single-turn")]) == 0
+    single = (root / "single-turn" / "report" / "index.html").read_text()
+    assert "max_tool_calls" not in single.split("Full resolved config")[0] and "<td>environment</td>" not in single
+    assert "<h2>Tool use</h2>" not in single and "<h2>Tool trajectories</h2>" not in single
 
 
 @pytest.mark.slow
