@@ -1,11 +1,11 @@
 """The report's pages: what each kind of directory shows (a training run, an evaluation, a comparison), written as HTML and as Markdown.
 
 ``build_page`` turns a ``RunData`` into one ``Page`` of sections holding plain text (the blocks
-of ``reasontune.report.blocks``: tables, lists, figures, samples, code; an evaluation with
-tool calls adds the sections of ``reasontune.report.tools``); ``render_html`` and ``render_markdown`` write that same page, so the
-two files cannot say different things. Every value from the directory is untrusted: HTML
-escapes it, Markdown escapes it or fences model text in a code block longer than any run of
-backticks inside.
+of ``reasontune.report.blocks``: tables, lists, figures, samples, code; runs with tool calls add
+the sections of ``reasontune.report.tools``); ``render_html`` and ``render_markdown`` write that
+same page, so the two files cannot say different things. Every value from the directory is
+untrusted: HTML escapes it, Markdown escapes it or fences model text in a code block longer
+than any run of backticks inside.
 """
 
 from __future__ import annotations
