@@ -250,6 +250,8 @@ def tool_plots(run: RunData) -> list[Plot]:
         number = first // TOOL_PANELS_PER_FIGURE + 1
         plots.append(_finished(figure, axes_list, f"tool_use{'' if number == 1 else f'_{number}'}.png",
                                "Tool use per step: " + ", ".join(key for _, panel_keys in chosen for key in panel_keys)))
+        if chosen[0][0] == "shares":  # up to eight curves in one panel: a smaller legend hides less of them
+            axes_list[0].legend(loc="best", fontsize="small")
     return plots
 
 
