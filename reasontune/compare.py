@@ -26,7 +26,7 @@ import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from reasontune.config import help_field, positional_field
 from reasontune.data import DataError
@@ -42,6 +42,7 @@ from reasontune.estimators import (
     paired_difference,
     parse_ks,
     proportion_interval,
+    question_key,
     question_scores,
 )
 from reasontune.run_layout import RECORDS_FILE, SUMMARY_FILE, find_evaluations, read_jsonl
@@ -131,21 +132,38 @@ def _share(values: list[float], n_bootstrap: int, seed: int) -> dict[str, Any] |
     return figure
 
 
+def _per_question(records: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> list[float]:
+    """Returns the mean of ``value(record)`` over each question's records (``question_key``; a record naming none is its own)."""
+    groups: dict[str, list[float]] = {}
+    for position, record in enumerate(records):
+        try:
+            key = question_key(record)
+        except ValueError:
+            key = f"record {position}"
+        groups.setdefault(key, []).append(value(record))
+    return [sum(values) / len(values) for values in groups.values()]
+
+
 def tool_use(records: list[dict[str, Any]], n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any] | None:
     """Returns how multi-turn eval records used the tool, with 95% intervals; None when no record carries tool counts.
 
     A record counts when its ``tool_calls`` and ``tool_errors`` are counts (errors at most
     calls) and its ``answer_reward`` a number; the others are ``skipped``. Keys: ``trajectories``,
-    ``skipped``, ``with_tool`` (trajectories with a call), ``calls``, ``errors``, ``statuses``
-    (calls by sandbox status, from the turns), and the figures (``{"value", "low", "high",
-    "method", "n"}``, plus ``successes`` for a share of 0/1 values; None where n is 0):
-    ``tool_use_rate`` (trajectories with a call), ``error_rate`` (calls that did not end
-    cleanly), ``accuracy_with_tool`` / ``accuracy_without_tool`` (answer reward over the
-    trajectories with / without a call), ``calls_per_trajectory`` (bootstrap over
-    trajectories); ``seconds_per_call`` is ``{"mean", "median", "max", "n"}`` of the calls whose
-    time is recorded. Intervals treat trajectories (calls) as independent: with several samples
-    per question, or several calls per trajectory, they are narrower than an interval over
-    questions would be.
+    ``questions``, ``skipped``, ``with_tool`` (trajectories with a call), ``calls``, ``errors``,
+    ``statuses`` (calls by sandbox status, from the turns), and the figures (``{"value", "low",
+    "high", "method", "n"}``, plus ``successes`` for a share of 0/1 values; None where n is 0):
+
+    - ``tool_use_rate`` (trajectories with a call) and ``calls_per_trajectory``: the interval is
+      over questions (``proportion_interval`` / ``bootstrap_interval`` of each question's share or
+      mean), as a question's samples are not independent; with one sample a question it is the
+      Wilson interval of the trajectories;
+    - ``error_rate`` (calls that did not end cleanly) and ``accuracy_with_tool`` /
+      ``accuracy_without_tool`` (answer reward over the trajectories with / without a call):
+      ratios whose denominators differ by question, so the interval (Wilson for 0/1 values) is
+      over calls / trajectories as if independent: with several samples a question, or several
+      calls a trajectory, it is narrower than an interval over questions would be.
+
+    ``seconds_per_call`` is ``{"mean", "median", "max", "n"}`` of the calls whose time is recorded.
     """
     counted = [r for r in records if _count(r.get("tool_calls")) is not None and _count(r.get("tool_errors")) is not None
                and r["tool_errors"] <= r["tool_calls"] and isinstance(r.get("answer_reward"), (int, float))
@@ -166,14 +184,17 @@ def tool_use(records: list[dict[str, Any]], n_bootstrap: int = 1000, seed: int =
                     seconds.append(float(time))
     with_tool = [float(r["answer_reward"]) for r in counted if r["tool_calls"] > 0]
     without_tool = [float(r["answer_reward"]) for r in counted if r["tool_calls"] == 0]
-    per_trajectory = [float(r["tool_calls"]) for r in counted]
-    low, high = bootstrap_interval(per_trajectory, n_bootstrap, seed)
+    shares = _per_question(counted, lambda record: float(record["tool_calls"] > 0))
+    low, high, method = proportion_interval(shares, n_bootstrap, seed)
+    calls_low, calls_high = bootstrap_interval(_per_question(counted, lambda record: float(record["tool_calls"])),
+                                               n_bootstrap, seed)
     return {
-        "trajectories": len(counted), "skipped": len(records) - len(counted), "with_tool": len(with_tool),
-        "calls": calls, "errors": errors, "statuses": statuses,
-        "tool_use_rate": _share([float(r["tool_calls"] > 0) for r in counted], n_bootstrap, seed),
-        "calls_per_trajectory": {"value": calls / len(counted), "low": low, "high": high, "method": BOOTSTRAP,
-                                 "n": len(counted)},
+        "trajectories": len(counted), "questions": len(shares), "skipped": len(records) - len(counted),
+        "with_tool": len(with_tool), "calls": calls, "errors": errors, "statuses": statuses,
+        "tool_use_rate": {"value": len(with_tool) / len(counted), "low": low, "high": high, "method": method,
+                          "n": len(counted), "successes": len(with_tool)},
+        "calls_per_trajectory": {"value": calls / len(counted), "low": calls_low, "high": calls_high,
+                                 "method": BOOTSTRAP, "n": len(counted)},
         "error_rate": _share([1.0] * errors + [0.0] * (calls - errors), n_bootstrap, seed),
         "accuracy_with_tool": _share(with_tool, n_bootstrap, seed),
         "accuracy_without_tool": _share(without_tool, n_bootstrap, seed),

@@ -274,6 +274,25 @@ def test_a_damaged_tool_table_in_comparison_json_shows_what_is_sound_and_names_t
     assert "comparison.json: tool use of gsm8k skipped" in page and "comparison.json: tool use of aime skipped" in page
 
 
+def test_with_several_samples_a_question_the_tool_use_interval_is_over_questions():
+    """Two questions, two samples each: q1 calls in both (2 and 1 calls), q2 in one (1 call)."""
+    from reasontune.compare import tool_use
+    from reasontune.estimators import BOOTSTRAP, WILSON
+
+    def made(question, calls, answer_reward):
+        return {"question_id": question, "tool_calls": calls, "tool_errors": 0, "answer_reward": answer_reward}
+
+    use = tool_use([made("q1", 2, 1.0), made("q1", 1, 0.0), made("q2", 1, 1.0), made("q2", 0, 0.0)])
+    assert (use["trajectories"], use["questions"], use["with_tool"]) == (4, 2, 3)
+    rate = use["tool_use_rate"]
+    # Per question 1 and 1/2; two questions resampled give means 1, 3/4, 1/2 with chances 1/4, 1/2, 1/4: [1/2, 1].
+    # Over the four trajectories as if independent it would be Wilson(3, 4) = [30.1, 95.4]%.
+    assert (rate["value"], rate["low"], rate["high"], rate["method"]) == (0.75, 0.5, 1.0, BOOTSTRAP)
+    calls = use["calls_per_trajectory"]  # per question 3/2 and 1/2: [1/2, 3/2]
+    assert (calls["value"], calls["low"], calls["high"]) == (1.0, 0.5, 1.5)
+    assert use["accuracy_with_tool"]["method"] == WILSON and use["accuracy_with_tool"]["successes"] == 2
+
+
 def test_trajectories_are_picked_from_each_kind_and_bad_counts_are_left_out():
     def made(calls, errors, answer_reward, name):
         return {"name": name, "tool_calls": calls, "tool_errors": errors, "answer_reward": answer_reward,

@@ -33,10 +33,12 @@ TEXT_MAX_CHARS = 1500
 PROMPT_TAIL_CHARS = 300
 TURNS_SHOWN = 12
 OUTCOME_TEXT = {"correct": "correct", "formatted_wrong": "formatted but wrong", "unformatted": "unformatted"}
-INTERVALS = ("Shares in percent with their 95% Wilson score interval and counts (successes/n), calls per trajectory "
-             "with a 95% percentile bootstrap interval over trajectories. The intervals treat trajectories (and calls) "
-             "as independent: with several samples per question, or several calls per trajectory, an interval over "
-             "questions would be wider. Accuracy is the mean answer reward.")
+INTERVALS = ("Shares in percent with their counts (successes/n) and 95% intervals. Trajectories calling the tool and "
+             "calls per trajectory: over questions, as the samples of one question are not independent (with one "
+             "sample a question, the Wilson score interval of the trajectories; else a percentile bootstrap over "
+             "questions). Calls ending in an error and accuracy with or without a call: the Wilson score interval over "
+             "calls or trajectories, which treats them as independent, so with several samples a question (or calls a "
+             "trajectory) it is narrower than an interval over questions would be. Accuracy is the mean answer reward.")
 
 
 # ---------------------------------------------------------------------------------------------
