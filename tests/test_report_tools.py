@@ -132,7 +132,7 @@ def test_report_of_a_real_tool_evaluation_shows_counts_intervals_and_every_turn(
     assert summary["accuracy_with_tool"] == pytest.approx(correct_with / len(with_call))
     # 2/3 by hand: center (2/3 + 1.9208/3) / (1 + 3.8415/3) = 0.5731, half 0.3654: [20.8, 93.9]
     assert share_text(2, 3) == "2/3 = 66.7% [20.8, 93.9]"
-    for label, text in (("trajectories", "3"), ("tool calls", "2"),
+    for label, text in (("trajectories", "3"), ("questions", "3"), ("tool calls", "2"),
                         ("trajectories calling the tool", share_text(len(with_call), n)),
                         ("calls ending in an error", share_text(errors, len(calls))),
                         ("accuracy with a call", share_text(correct_with, len(with_call))),

@@ -257,6 +257,7 @@ def _tool_use(value: Any) -> dict[str, Any] | None:
         return None
     tools = {key: _as_int(value[key]) for key in ("trajectories", "calls", "with_tool")}
     tools["skipped"] = _as_int(value.get("skipped")) or 0
+    tools["questions"] = _as_int(value.get("questions"))
     statuses = value.get("statuses") if isinstance(value.get("statuses"), dict) else {}
     tools["statuses"] = {str(status): count for status, count in statuses.items() if _as_int(count) is not None}
     for key in ("tool_use_rate", "calls_per_trajectory", "error_rate", "accuracy_with_tool", "accuracy_without_tool"):

@@ -83,6 +83,7 @@ def tool_use_grid(labels: list[str], per_column: list[dict[str, Any] | None], co
         return [label, *(text(one) if one else "—" for one in per_column)]
 
     rows = [row("trajectories", lambda one: format_number(one["trajectories"])),
+            row("questions", lambda one: format_number(one["questions"]) if one.get("questions") is not None else "—"),
             row("tool calls", lambda one: format_number(one["calls"]))]
     rows += [row(label, lambda one, key=key: tool_figure_text(one.get(key), percent=key != "calls_per_trajectory"))
              for key, label in TOOL_LINES]
