@@ -22,6 +22,7 @@ accuracy with and without a call), over all of that run's records, side by side.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -148,7 +149,7 @@ def tool_use(records: list[dict[str, Any]], n_bootstrap: int = 1000, seed: int =
     """Returns how multi-turn eval records used the tool, with 95% intervals; None when no record carries tool counts.
 
     A record counts when its ``tool_calls`` and ``tool_errors`` are counts (errors at most
-    calls) and its ``answer_reward`` a number; the others are ``skipped``. Keys: ``trajectories``,
+    calls) and its ``answer_reward`` a finite number; the others are ``skipped``. Keys: ``trajectories``,
     ``questions``, ``skipped``, ``with_tool`` (trajectories with a call), ``calls``, ``errors``,
     ``statuses`` (calls by sandbox status, from the turns), and the figures (``{"value", "low",
     "high", "method", "n"}``, plus ``successes`` for a share of 0/1 values; None where n is 0):
@@ -167,7 +168,7 @@ def tool_use(records: list[dict[str, Any]], n_bootstrap: int = 1000, seed: int =
     """
     counted = [r for r in records if _count(r.get("tool_calls")) is not None and _count(r.get("tool_errors")) is not None
                and r["tool_errors"] <= r["tool_calls"] and isinstance(r.get("answer_reward"), (int, float))
-               and not isinstance(r.get("answer_reward"), bool)]
+               and not isinstance(r.get("answer_reward"), bool) and math.isfinite(r["answer_reward"])]
     if not counted:
         return None
     calls, errors = sum(r["tool_calls"] for r in counted), sum(r["tool_errors"] for r in counted)

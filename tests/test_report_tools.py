@@ -305,9 +305,10 @@ def test_trajectories_are_picked_from_each_kind_and_bad_counts_are_left_out():
     from reasontune.compare import tool_use
 
     damaged = records + [{"tool_calls": "2", "tool_errors": 0, "answer_reward": 1.0},
-                         {"tool_calls": 1, "tool_errors": 2, "answer_reward": 1.0}, {"answer_reward": 1.0}]
+                         {"tool_calls": 1, "tool_errors": 2, "answer_reward": 1.0}, {"answer_reward": 1.0},
+                         {"tool_calls": 1, "tool_errors": 0, "answer_reward": float("nan")}]
     use = tool_use(damaged)
-    assert (use["trajectories"], use["skipped"], use["calls"], use["errors"], use["with_tool"]) == (5, 3, 5, 1, 4)
+    assert (use["trajectories"], use["skipped"], use["calls"], use["errors"], use["with_tool"]) == (5, 4, 5, 1, 4)
     assert use["calls_per_trajectory"]["value"] == 1.0 and use["tool_use_rate"]["successes"] == 4
     assert use["accuracy_with_tool"]["successes"] == 2 and use["seconds_per_call"] is None
 
