@@ -15,6 +15,8 @@ import math
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from reasontune.cli import main
 from reasontune.environments.python import format_output
@@ -23,7 +25,8 @@ from reasontune.report import write_report
 from reasontune.report.blocks import Page, Section
 from reasontune.report.pages import render_html, render_markdown
 from reasontune.report.plots import build_plots
-from reasontune.report.reading import read_run
+from reasontune.report.pages import build_page
+from reasontune.report.reading import EvalResult, RunData, read_run
 from reasontune.report.tools import pick_trajectories, trajectory_card
 
 PROMPT = "User: What is {}? Assistant: <think>"
@@ -344,3 +347,26 @@ def test_tool_metrics_of_training_lines_are_plotted_and_tabled(tmp_path):
     assert "<tr><td>tool_error_rate</td><td>0.4 (step 1)</td><td>0.1 (step 4)</td><td>0.1</td><td>0.4</td></tr>" in page
     assert "<tr><td>accuracy_with_tool</td><td>0.5 (step 2)</td><td>1 (step 4)</td><td>0.5</td><td>1</td></tr>" in page
     assert "<td>reward</td>" not in page.split("<h2>Tool use</h2>")[1]
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers(-3, 3) | st.floats() | st.text(max_size=6),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=6)
+TURN = st.fixed_dictionaries({}, optional={"role": st.sampled_from(["model", "environment"]) | JSON, "text": JSON,
+                                           "program": JSON, "output": JSON, "status": JSON, "seconds": JSON,
+                                           "tokens": JSON, "finish_reason": JSON})
+RECORD = st.fixed_dictionaries(
+    {"tool_calls": st.integers(0, 3) | JSON, "answer_reward": st.sampled_from([0.0, 1.0]) | JSON},
+    optional={"tool_errors": st.integers(0, 3) | JSON, "turns": st.lists(TURN | JSON, max_size=4) | JSON,
+              "format_reward": JSON, "prompt": JSON, "question_id": JSON, "ground_truth": JSON, "answer": JSON,
+              "finish_reason": JSON, "response_tokens": JSON, "category": JSON})
+
+
+@settings(max_examples=60, deadline=5_000, derandomize=True)
+@given(st.lists(RECORD, min_size=1, max_size=5))
+def test_tool_sections_render_any_record_values(records):
+    """Records whose tool fields hold arbitrary JSON values: the page is built and rendered, never a traceback."""
+    run = RunData(run_dir=Path("eval-dir"), evals=[EvalResult(step=0, records=records, name="fuzz")],
+                  evaluation_only=True)
+    page = build_page(run, [], "now")
+    assert "<h2>Tool use</h2>" in render_html(page) and "## Tool use" in render_markdown(page)
