@@ -13,27 +13,37 @@ questions every run answered count, and how many were left out is reported. The 
 the baseline: each other run's difference carries a paired interval and p-value over the matched
 questions (``estimators.paired_difference``: exact McNemar and Newcombe's interval for 0/1
 scores, else the paired bootstrap).
+
+Evaluations with tool calls (``reasontune eval --env python``) add each run's tool use
+(``tool_use``: share of trajectories calling the tool, calls per trajectory, error rate,
+accuracy with and without a call), over all of that run's records, side by side.
 """
 
 from __future__ import annotations
 
 import json
+import math
+import statistics
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 from reasontune.config import help_field, positional_field
 from reasontune.data import DataError
 from reasontune.estimators import (
+    BOOTSTRAP,
     METRICS,
+    WILSON,
     Equivalent,
+    bootstrap_interval,
     default_equivalent,
     format_p_value,
     group_samples,
     paired_difference,
     parse_ks,
     proportion_interval,
+    question_key,
     question_scores,
 )
 from reasontune.run_layout import RECORDS_FILE, SUMMARY_FILE, find_evaluations, read_jsonl
@@ -41,7 +51,7 @@ from reasontune.run_layout import RECORDS_FILE, SUMMARY_FILE, find_evaluations, 
 # What sampled an evaluation (its summary.json), as the table names them: runs that differ here are not
 # comparable as models alone (a greedy 1,024-token evaluation beside a T=0.6 256-token one).
 SAMPLING_SETTINGS = (("temperature", "temperature"), ("top_p", "top-p"), ("max_new_tokens", "max new tokens"),
-                     ("n", "samples per question"), ("template", "prompt template"))
+                     ("n", "samples per question"), ("template", "prompt template"), ("env", "environment"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -73,6 +83,7 @@ def sampling_settings(directory: Path) -> dict[str, Any]:
 
     ``template`` is the template's name as given, with the prompt text itself under
     ``template_text`` when the summary holds it (two runs may name the same text differently).
+    ``env`` is the summary's environment where it names one (``python``: tool calls).
     """
     try:
         summary = json.loads((directory / SUMMARY_FILE).read_text(encoding="utf-8"))
@@ -88,6 +99,8 @@ def sampling_settings(directory: Path) -> dict[str, Any]:
     if isinstance(estimates.get("prompt"), str):
         settings["template_text"] = estimates["prompt"]
         settings.setdefault("template", "(recorded text)")
+    if isinstance(summary.get("env"), str):
+        settings["env"] = summary["env"]
     return settings
 
 
@@ -102,6 +115,96 @@ def sampling_differences(settings: list[dict[str, Any]]) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Tool use
+
+
+def _count(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
+
+
+def _share(values: list[float], n_bootstrap: int, seed: int) -> dict[str, Any] | None:
+    """Returns the mean of ``values`` with its 95% interval (Wilson for 0/1 values, else bootstrap), its n and, for 0/1, its successes."""
+    if not values:
+        return None
+    low, high, method = proportion_interval(values, n_bootstrap, seed)
+    figure = {"value": sum(values) / len(values), "low": low, "high": high, "method": method, "n": len(values)}
+    if method == WILSON:
+        figure["successes"] = int(sum(values))
+    return figure
+
+
+def _per_question(records: list[dict[str, Any]], value: Callable[[dict[str, Any]], float]) -> list[float]:
+    """Returns the mean of ``value(record)`` over each question's records (``question_key``; a record naming none is its own)."""
+    groups: dict[str, list[float]] = {}
+    for position, record in enumerate(records):
+        try:
+            key = question_key(record)
+        except ValueError:
+            key = f"record {position}"
+        groups.setdefault(key, []).append(value(record))
+    return [sum(values) / len(values) for values in groups.values()]
+
+
+def tool_use(records: list[dict[str, Any]], n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any] | None:
+    """Returns how multi-turn eval records used the tool, with 95% intervals; None when no record carries tool counts.
+
+    A record counts when its ``tool_calls`` and ``tool_errors`` are counts (errors at most
+    calls) and its ``answer_reward`` a finite number; the others are ``skipped``. Keys: ``trajectories``,
+    ``questions``, ``skipped``, ``with_tool`` (trajectories with a call), ``calls``, ``errors``,
+    ``statuses`` (calls by sandbox status, from the turns), and the figures (``{"value", "low",
+    "high", "method", "n"}``, plus ``successes`` for a share of 0/1 values; None where n is 0):
+
+    - ``tool_use_rate`` (trajectories with a call) and ``calls_per_trajectory``: the interval is
+      over questions (``proportion_interval`` / ``bootstrap_interval`` of each question's share or
+      mean), as a question's samples are not independent; with one sample a question it is the
+      Wilson interval of the trajectories;
+    - ``error_rate`` (calls that did not end cleanly) and ``accuracy_with_tool`` /
+      ``accuracy_without_tool`` (answer reward over the trajectories with / without a call):
+      ratios whose denominators differ by question, so the interval (Wilson for 0/1 values) is
+      over calls / trajectories as if independent: with several samples a question, or several
+      calls a trajectory, it is narrower than an interval over questions would be.
+
+    ``seconds_per_call`` is ``{"mean", "median", "max", "n"}`` of the calls whose time is recorded.
+    """
+    counted = [r for r in records if _count(r.get("tool_calls")) is not None and _count(r.get("tool_errors")) is not None
+               and r["tool_errors"] <= r["tool_calls"] and isinstance(r.get("answer_reward"), (int, float))
+               and not isinstance(r.get("answer_reward"), bool) and math.isfinite(r["answer_reward"])]
+    if not counted:
+        return None
+    calls, errors = sum(r["tool_calls"] for r in counted), sum(r["tool_errors"] for r in counted)
+    statuses: dict[str, int] = {}
+    seconds: list[float] = []
+    for record in counted:
+        turns = record.get("turns") if isinstance(record.get("turns"), list) else []
+        for turn in turns:
+            if isinstance(turn, dict) and turn.get("role") == "environment" and turn.get("program") is not None:
+                status = turn.get("status") if isinstance(turn.get("status"), str) else "unrecorded"
+                statuses[status] = statuses.get(status, 0) + 1
+                time = turn.get("seconds")
+                if isinstance(time, (int, float)) and not isinstance(time, bool) and 0 <= time < float("inf"):
+                    seconds.append(float(time))
+    with_tool = [float(r["answer_reward"]) for r in counted if r["tool_calls"] > 0]
+    without_tool = [float(r["answer_reward"]) for r in counted if r["tool_calls"] == 0]
+    shares = _per_question(counted, lambda record: float(record["tool_calls"] > 0))
+    low, high, method = proportion_interval(shares, n_bootstrap, seed)
+    calls_low, calls_high = bootstrap_interval(_per_question(counted, lambda record: float(record["tool_calls"])),
+                                               n_bootstrap, seed)
+    return {
+        "trajectories": len(counted), "questions": len(shares), "skipped": len(records) - len(counted),
+        "with_tool": len(with_tool), "calls": calls, "errors": errors, "statuses": statuses,
+        "tool_use_rate": {"value": len(with_tool) / len(counted), "low": low, "high": high, "method": method,
+                          "n": len(counted), "successes": len(with_tool)},
+        "calls_per_trajectory": {"value": calls / len(counted), "low": calls_low, "high": calls_high,
+                                 "method": BOOTSTRAP, "n": len(counted)},
+        "error_rate": _share([1.0] * errors + [0.0] * (calls - errors), n_bootstrap, seed),
+        "accuracy_with_tool": _share(with_tool, n_bootstrap, seed),
+        "accuracy_without_tool": _share(without_tool, n_bootstrap, seed),
+        "seconds_per_call": {"mean": statistics.fmean(seconds), "median": statistics.median(seconds),
+                             "max": max(seconds), "n": len(seconds)} if seconds else None,
+    }
+
+
+# ---------------------------------------------------------------------------------------------
 # The comparison
 
 
@@ -113,7 +216,8 @@ class Comparison:
     (one ``{"value", "low", "high", "method"}`` per run) and ``differences`` (one ``paired_difference``
     dict per run after the first, against the first). ``notes`` say what was left out and why.
     ``sampling``: per benchmark, each run's ``sampling_settings``; ``warnings``: benchmarks whose
-    runs were sampled differently (their differences are not the models' alone).
+    runs were sampled differently (their differences are not the models' alone). ``tools``: per
+    benchmark where some run called a tool, each run's ``tool_use`` (None for a run without tool counts).
     """
 
     runs: list[str]
@@ -122,6 +226,7 @@ class Comparison:
     settings: dict[str, Any] = field(default_factory=dict)
     sampling: dict[str, list[dict[str, Any]]] = field(default_factory=dict)
     warnings: list[str] = field(default_factory=list)
+    tools: dict[str, list[dict[str, Any] | None]] = field(default_factory=dict)
 
 
 def _compare_benchmark(benchmark: str, grouped_runs: list[dict[str, dict]], ks: list[int], metrics: list[str],
@@ -188,6 +293,9 @@ def compare_runs(paths: list[str | Path], ks: str | list[int] = (1,), metrics: s
             f"{label}: {', '.join(found)}" for label, found in zip(labels, evaluations)))
     for benchmark in benchmarks:
         settings = [sampling_settings(found[benchmark]) for found in evaluations]
+        if any("env" in one for one in settings):  # a summary naming no environment was written by the single-turn one
+            for one in settings:
+                one.setdefault("env", "math")
         comparison.sampling[benchmark] = settings
         if differing := sampling_differences(settings):
             names = dict(SAMPLING_SETTINGS)
@@ -196,8 +304,13 @@ def compare_runs(paths: list[str | Path], ks: str | list[int] = (1,), metrics: s
                 + "; ".join(f"{names[key]} " + " vs ".join(_setting_text(one, key) for one in settings)
                             for key in differing)
                 + "): their differences mix the models with how they were sampled; evaluate them alike "
-                  "(--eval-temperature, --eval-max-new-tokens, --n-samples, --prompt-template) to compare the models")
-        grouped_runs = [group_samples(read_eval_records(found[benchmark] / RECORDS_FILE)) for found in evaluations]
+                  "(--eval-temperature, --eval-max-new-tokens, --n-samples, --prompt-template, --env) to compare the "
+                  "models")
+        records = [read_eval_records(found[benchmark] / RECORDS_FILE) for found in evaluations]
+        tools = [tool_use(run_records, n_bootstrap, seed) for run_records in records]
+        if any(one is not None for one in tools):
+            comparison.tools[benchmark] = tools
+        grouped_runs = [group_samples(run_records) for run_records in records]
         _compare_benchmark(benchmark, grouped_runs, ks, metrics, n_bootstrap, seed, equivalent, comparison)
     return comparison
 
@@ -244,8 +357,36 @@ def format_comparison(comparison: Comparison) -> str:
                   for key, label in SAMPLING_SETTINGS]
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines += ["", *("  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in table)]
+    for benchmark, per_run in comparison.tools.items():
+        lines += ["", *_aligned([[f"tool use ({benchmark}, all records)", *comparison.runs],
+                                 *([label, *(_tool_text(one, key) for one in per_run)] for key, label in TOOL_LINES)])]
     lines += [f"warning: {warning}" for warning in comparison.warnings]
     return "\n".join(lines)
+
+
+# The tool-use figures ``format_comparison`` and the report show side by side: (key of ``tool_use``, label).
+TOOL_LINES = (("tool_use_rate", "trajectories calling the tool"), ("calls_per_trajectory", "calls per trajectory"),
+              ("error_rate", "calls ending in an error"), ("accuracy_with_tool", "accuracy with a call"),
+              ("accuracy_without_tool", "accuracy without a call"))
+
+
+def _aligned(table: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table]
+
+
+def tool_figure_text(figure: dict[str, Any] | None, percent: bool = True) -> str:
+    """Returns a ``tool_use`` figure as ``2/3 = 66.7% [20.8, 93.9]`` (a count: ``1.33 [0.67, 2]``), or — for None."""
+    if not figure:
+        return "—"
+    if not percent:
+        return f"{figure['value']:.3g} [{figure['low']:.3g}, {figure['high']:.3g}]"
+    counts = f"{figure['successes']}/{figure['n']} = " if "successes" in figure else f"n {figure['n']}: "
+    return f"{counts}{100 * figure['value']:.1f}% [{100 * figure['low']:.1f}, {100 * figure['high']:.1f}]"
+
+
+def _tool_text(tools: dict[str, Any] | None, key: str) -> str:
+    return tool_figure_text(tools.get(key) if tools else None, percent=key != "calls_per_trajectory")
 
 
 def plot_comparison(comparison: Comparison, path: str | Path) -> Path:
@@ -312,7 +453,8 @@ def run_compare(config: CompareConfig) -> int:
     out.mkdir(parents=True, exist_ok=True)
     (out / "comparison.txt").write_text(text + "\n", encoding="utf-8")
     payload = {"runs": comparison.runs, "rows": comparison.rows, "notes": comparison.notes,
-               "sampling": comparison.sampling, "warnings": comparison.warnings, **comparison.settings}
+               "sampling": comparison.sampling, "warnings": comparison.warnings, "tools": comparison.tools,
+               **comparison.settings}
     (out / "comparison.json").write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
     if comparison.rows:
         print(f"wrote {plot_comparison(comparison, out / 'comparison.png')}")

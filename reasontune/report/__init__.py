@@ -1,16 +1,21 @@
 """``reasontune report DIR``: plots and a one-page summary of a training run, an evaluation or a comparison.
 
-Three parts, one job each: ``reading`` (what the directory holds, read tolerantly: a malformed
+Parts, one job each: ``reading`` (what the directory holds, read tolerantly: a malformed
 line is skipped and named on the page), ``plots`` (the PNGs, drawn in ``reasontune.plotting``'s
-style, which evaluation and compare share) and ``pages`` (what each kind of directory shows,
-as ``index.html`` and ``summary.md``). Everything goes to ``DIR/report/``.
+style, which evaluation and compare share), ``blocks`` (the page's plain-text building blocks),
+``tools`` (the tool-use sections of runs with tool calls) and ``pages`` (what each kind of
+directory shows, as ``index.html`` and ``summary.md``). Everything goes to ``DIR/report/``.
 
 - a training run (``sft`` / ``ei`` / ``grpo``: config.json records which): its curves, final
   numbers, settings, events, evaluations, sample generations and checkpoints;
 - an evaluation (``reasontune eval``'s output): accuracy, outcomes and pass@k / maj@k / avg@k
-  per benchmark, how it was sampled, its plots and sample generations;
+  per benchmark, how it was sampled, its plots and sample generations; with ``--env python``
+  its tool use (calls, errors, times, accuracy with and without a call) and trajectories turn by turn;
 - a comparison (``reasontune compare``'s output): the table with its intervals and p-values,
-  how each run was sampled (differences marked) and its warnings, the bars.
+  each run's tool use where they called one, how each run was sampled (differences marked)
+  and its warnings, the bars.
+
+A training run's metrics lines that log ``tool_``-prefixed numbers get their own curves and table.
 """
 
 from __future__ import annotations

@@ -1,26 +1,32 @@
 """The report's pages: what each kind of directory shows (a training run, an evaluation, a comparison), written as HTML and as Markdown.
 
-``build_page`` turns a ``RunData`` into one ``Page`` of sections holding plain text (tables,
-lists, figures, samples); ``render_html`` and ``render_markdown`` write that same page, so the
-two files cannot say different things. Every value from the directory is untrusted: HTML
-escapes it, Markdown escapes it or fences model text in a code block longer than any run of
-backticks inside.
+``build_page`` turns a ``RunData`` into one ``Page`` of sections holding plain text (the blocks
+of ``reasontune.report.blocks``: tables, lists, figures, samples, code; runs with tool calls add
+the sections of ``reasontune.report.tools``); ``render_html`` and ``render_markdown`` write that
+same page, so the two files cannot say different things. Every value from the directory is
+untrusted: HTML escapes it, Markdown escapes it or fences model text in a code block longer
+than any run of backticks inside.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
 import math
 import re
 from numbers import Number
-from typing import Any, Union
+from typing import Any
 
 from reasontune.compare import SAMPLING_SETTINGS, sampling_differences
 from reasontune.estimators import format_p_value
+from reasontune.report.blocks import (Block, Bullets, Card, Code, Figures, FullConfig, Grid, KeyValues, Notice, Page,
+                                      Sample, Section, Text, clip_head, clip_tail, format_duration, format_figure,
+                                      format_number, format_rate)
 from reasontune.report.reading import EvalResult, RunData, number, outcome, outcome_counts, series
+from reasontune.report.tools import comparison_tool_sections, evaluation_tool_sections, training_tool_sections
 
+# An evaluation's tool settings, shown only where it ran with a tool environment.
+TOOL_SETTINGS = ("max_tool_calls", "tool_timeout", "tool_output_bytes")
 # The settings each kind of directory shows in its config table (the run's own fields, as given).
 CONFIG_HIGHLIGHTS = {
     "sft": ("model", "train_data", "learning_rate", "lr_scheduler", "batch_size", "gradient_accumulation_steps",
@@ -33,7 +39,7 @@ CONFIG_HIGHLIGHTS = {
              "use_std_normalization", "cliprange", "kl_coef", "learning_rate", "sampling_temperature",
              "sampling_max_tokens", "reward", "dtype", "seed"),
     "eval": ("model", "data", "benchmarks", "prompt_template", "reward", "eval_n_samples", "eval_temperature",
-             "eval_top_p", "eval_max_new_tokens", "k", "max_examples", "backend", "seed"),
+             "eval_top_p", "eval_max_new_tokens", "k", "max_examples", "backend", "seed", "env", *TOOL_SETTINGS),
     # A config that names no trainer: its settings are in the full config below the table.
     "run": ("model", "train_data", "learning_rate", "seed"),
     "compare": (),
@@ -42,137 +48,6 @@ TITLES = {"eval": "Evaluation report", "compare": "Comparison report"}
 SAMPLES_PER_OUTCOME = 3
 PROMPT_TAIL_CHARS = 300
 RESPONSE_MAX_CHARS = 2000
-
-
-# ---------------------------------------------------------------------------------------------
-# A page: sections of plain-text blocks
-
-
-@dataclasses.dataclass
-class Text:
-    """A paragraph; ``empty`` marks a "nothing here yet" line, ``notice`` one the reader must not miss."""
-
-    text: str
-    empty: bool = False
-    notice: bool = False
-
-
-@dataclasses.dataclass
-class KeyValues:
-    """A two-column table: (label, value) rows."""
-
-    rows: list[tuple[str, str]]
-
-
-@dataclasses.dataclass
-class Grid:
-    """A table with a header row; each row's first cell labels it."""
-
-    headers: list[str]
-    rows: list[list[str]]
-
-
-@dataclasses.dataclass
-class Bullets:
-    items: list[str]
-    lead: str = ""
-
-
-@dataclasses.dataclass
-class Notice:
-    """A highlighted box: a heading line and its items (skipped input, warnings)."""
-
-    heading: str
-    items: list[str]
-
-
-@dataclasses.dataclass
-class Figures:
-    """PNG files beside the page: (file name, caption)."""
-
-    plots: list[tuple[str, str]]
-
-
-@dataclasses.dataclass
-class FullConfig:
-    """The resolved config as JSON; only the HTML page carries it (the Markdown summary keeps to the highlights)."""
-
-    text: str
-
-
-@dataclasses.dataclass
-class Sample:
-    """One generation shown in full: its outcome, where it comes from, the end of its prompt, its response."""
-
-    outcome: str
-    source: str
-    prompt_tail: str
-    response: str
-    ground_truth: str
-    rewards: str
-    length: Any
-
-
-Block = Union[Text, KeyValues, Grid, Bullets, Notice, Figures, FullConfig, Sample]
-
-
-@dataclasses.dataclass
-class Section:
-    title: str
-    blocks: list[Block]
-
-
-@dataclasses.dataclass
-class Page:
-    title: str
-    location: str
-    notices: list[Block]
-    sections: list[Section]
-
-
-# ---------------------------------------------------------------------------------------------
-# Formatting numbers
-
-
-def format_number(value: Any) -> str:
-    """Returns a measurement as text: integers with thousands separators, floats to 4 significant digits."""
-    if isinstance(value, bool) or not isinstance(value, Number):
-        return str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if not math.isfinite(value):
-        return str(value)
-    if value != 0 and (abs(value) < 1e-3 or abs(value) >= 1e6):
-        return f"{value:.3e}"
-    return f"{value:.4g}"
-
-
-def format_rate(value: Any) -> str:
-    """Returns a 0..1 fraction as a percentage with one decimal, or — when it is not a number."""
-    rate = number(value)
-    return "—" if rate is None else f"{100 * rate:.1f}%"
-
-
-def format_figure(figure: Any) -> str:
-    """Returns an estimate ``{"value", "low", "high"}`` as ``45.0% [40.1, 50.2]``, or — when it is not one."""
-    if not (isinstance(figure, dict) and all(number(figure.get(key)) is not None for key in ("value", "low", "high"))):
-        return "—"
-    return f"{100 * figure['value']:.1f}% [{100 * figure['low']:.1f}, {100 * figure['high']:.1f}]"
-
-
-def format_duration(seconds: float) -> str:
-    """Returns seconds as H:MM:SS."""
-    seconds = int(round(seconds))
-    hours, rest = divmod(seconds, 3600)
-    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
-
-
-def _clip_tail(text: str, limit: int) -> str:
-    return text if len(text) <= limit else "…" + text[-limit:]
-
-
-def _clip_head(text: str, limit: int) -> str:
-    return text if len(text) <= limit else text[:limit] + f"… ({len(text) - limit} more characters)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,8 +120,9 @@ def _config_rows(run: RunData) -> list[tuple[str, str]]:
     if not run.config:
         return []
     # Settings are shown as given (3e-05, 1024), not rounded like measurements.
+    single_turn = run.config.get("env", "math") == "math"
     return [(key, str(run.config[key])) for key in CONFIG_HIGHLIGHTS[run.kind]
-            if key in run.config and run.config[key] not in (None, "")]
+            if key in run.config and run.config[key] not in (None, "") and not (single_turn and key in TOOL_SETTINGS)]
 
 
 def _flatten_scalars(value: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -283,8 +159,8 @@ def _samples_of(result: EvalResult, source: str) -> list[Sample]:
             outcome={"correct": "correct", "formatted_wrong": "formatted but wrong",
                      "unformatted": "unformatted"}[outcome(record)],
             source=source,
-            prompt_tail=_clip_tail(str(record.get("prompt", "")), PROMPT_TAIL_CHARS),
-            response=_clip_head(str(record.get("response", "")), RESPONSE_MAX_CHARS),
+            prompt_tail=clip_tail(str(record.get("prompt", "")), PROMPT_TAIL_CHARS),
+            response=clip_head(str(record.get("response", "")), RESPONSE_MAX_CHARS),
             ground_truth=truth if isinstance(truth, str) else json.dumps(truth, ensure_ascii=False),
             rewards=rewards,
             length=record.get("response_tokens"),
@@ -332,7 +208,7 @@ def _training_sections(run: RunData, plots: list[tuple[str, str]]) -> list[Secti
     if run.train and not run.evals:
         final.append(Text("No evaluation yet.", empty=True))
     sections = [Section("Final numbers", final), Section("Configuration", _configuration(run)),
-                Section("Events", _events(run)), Section("Curves", _curves(plots))]
+                Section("Events", _events(run)), Section("Curves", _curves(plots)), *training_tool_sections(run)]
     if (summaries := _summary_comparison(run)) is not None:
         sections.append(Section("Evaluation summaries", [summaries]))
     sections.append(Section("Sample generations", _training_samples(run)))
@@ -376,11 +252,16 @@ def _evaluation_sampling(run: RunData) -> Grid:
             settings["template"] = summary["template"]
         estimates = summary.get("estimates") if isinstance(summary.get("estimates"), dict) else {}
         if "template" not in settings and isinstance(estimates.get("prompt"), str):
-            settings["template"] = _clip_head(estimates["prompt"], 80)
+            settings["template"] = clip_head(estimates["prompt"], 80)
+        if isinstance(summary.get("env"), str):  # a summary naming none was written by the single-turn environment
+            settings["env"] = summary["env"]
         for key in ("seed", "reward"):
             if key in sampling or key in summary:
                 settings[key] = sampling.get(key, summary.get(key))
         columns.append(settings)
+    if any("env" in one for one in columns):
+        for one in columns:
+            one.setdefault("env", "math")
     keys = [(key, label) for key, label in (*SAMPLING_SETTINGS, ("seed", "seed"), ("reward", "reward"))
             if any(key in one for one in columns)]
     return Grid(["", *(result.name or "eval" for result in run.evals)],
@@ -389,14 +270,17 @@ def _evaluation_sampling(run: RunData) -> Grid:
 
 def _evaluation_sections(run: RunData, plots: list[tuple[str, str]]) -> list[Section]:
     sampling = _evaluation_sampling(run)
+    tool_sections = evaluation_tool_sections(run)
     sections = [Section("Results", [_evaluation_results(run),
                                     Text("Estimates in percent with their 95% percentile bootstrap interval over "
                                          "questions; pass@k is the unbiased estimator, maj@k and avg@k use the first "
                                          "k samples of each question.")]),
+                *tool_sections[:1],
                 Section("How it was sampled", [sampling] if sampling.rows else [
                     Text("The summaries record no sampling settings.", empty=True)]),
                 Section("Configuration", _configuration(run)),
-                Section("Plots", _curves(plots, "No graded records (records.jsonl) to plot."))]
+                Section("Plots", _curves(plots, "No graded records (records.jsonl) to plot.")),
+                *tool_sections[1:]]
     samples: list[Block] = []
     for result in run.evals:
         if result.records:
@@ -431,7 +315,7 @@ def _comparison_sections(run: RunData, plots: list[tuple[str, str]]) -> list[Sec
     paths = settings.get("paths")
     runs = ([Bullets([f"{label}: {path}" for label, path in zip(comparison.runs, paths)])]
             if isinstance(paths, list) else [])
-    return [Section("Comparison", table),
+    return [Section("Comparison", table), *comparison_tool_sections(comparison),
             Section("How each run was sampled", sampling or [Text("The evaluations record no sampling settings.",
                                                                    empty=True)]),
             Section("Plot", _curves(plots, "No rows to plot.")),
@@ -500,6 +384,12 @@ def _html_block(block: Block) -> str:
                        for name, caption in block.plots)
     if isinstance(block, FullConfig):
         return f"<details><summary>Full resolved config</summary><pre>{_e(block.text)}</pre></details>"
+    if isinstance(block, Code):
+        return f"<p>{_e(block.label)}</p><pre>{_e(block.text)}</pre>"
+    if isinstance(block, Card):
+        css = "" if block.good is None else " correct" if block.good else " incorrect"
+        return (f"<div class='sample{css}'><p><strong>{_e(block.heading)}</strong></p>"
+                + "".join(_html_block(inner) for inner in block.blocks) + "</div>")
     css = "correct" if block.outcome == "correct" else "incorrect"
     length = f", response length {_e(block.length)}" if block.length is not None else ""
     return (f"<div class='sample {css}'><p><strong>{_e(block.outcome)}</strong> ({_e(block.source)}) — rewards: "
@@ -526,9 +416,11 @@ def render_html(page: Page) -> str:
 
 
 def _md(text: Any) -> str:
-    """Escapes text for a Markdown paragraph or table cell (no raw HTML, no table breaks)."""
-    return (str(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-            .replace("|", "\\|").replace("`", "\\`").replace("\n", " "))
+    """Escapes text for a Markdown paragraph or table cell (no raw HTML, no table breaks, no links or emphasis)."""
+    text = str(text).replace("\\", "\\\\").replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    for character in "|`[]*":
+        text = text.replace(character, "\\" + character)
+    return text.replace("\r", " ").replace("\n", " ")
 
 
 def _md_code_block(text: str) -> str:
@@ -554,6 +446,13 @@ def _md_block(block: Block) -> list[str]:
         return [f"![{_md(caption)}]({name})\n" for name, caption in block.plots]
     if isinstance(block, FullConfig):
         return []
+    if isinstance(block, Code):
+        return [_md(block.label), "", _md_code_block(block.text)]
+    if isinstance(block, Card):
+        lines = [f"### {_md(block.heading)}"]
+        for inner in block.blocks:
+            lines += [""] + _md_block(inner)
+        return lines
     length = f", response length {_md(block.length)}" if block.length is not None else ""
     return [f"### {_md(block.outcome)} ({_md(block.source)}) — rewards: {_md(block.rewards or 'none recorded')}{length}",
             "", "Prompt (end):", "", _md_code_block(block.prompt_tail), "", "Response:", "",

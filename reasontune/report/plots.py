@@ -18,6 +18,7 @@ from reasontune.compare import plot_comparison
 from reasontune.eval_plots import accuracy_by_length_figure, length_by_category_figure, pass_at_k_figure
 from reasontune.plotting import fraction_axis, integer_steps, log_scale_if_wide, new_axes, new_figure, save, style_axes
 from reasontune.report.reading import RunData, eval_rows, graded_records, series
+from reasontune.report.tools import is_share, tool_metric_keys
 
 # Rollout curves of GRPO / EI from the train lines: (file, y label, fraction axis, title when every curve is
 # drawn or None to name the drawn ones, [(key, legend label, title part)]).
@@ -39,6 +40,7 @@ ROLLOUT_PLOTS = (
 COLORS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
 # Above this many points a curve is drawn faint, with its moving average over it.
 MANY_POINTS = 40
+TOOL_PANELS_PER_FIGURE = 3
 
 
 def title_of(parts: list[str]) -> str:
@@ -87,7 +89,7 @@ def build_plots(run: RunData) -> list[Plot]:
         return []  # compare draws its own bars (``write_plots``)
     if run.kind == "eval":
         return evaluation_plots(run)
-    return rollout_plots(run) + loss_plots(run) + training_curves(run) + validation_plots(run)
+    return rollout_plots(run) + tool_plots(run) + loss_plots(run) + training_curves(run) + validation_plots(run)
 
 
 def write_plots(run: RunData, out_dir: Path) -> list[tuple[str, str]]:
@@ -213,6 +215,43 @@ def rollout_plots(run: RunData) -> list[Plot]:
         if fraction:
             fraction_axis(axes)
         plots.append(_finished(figure, [axes], file_name, title))
+    return plots
+
+
+def tool_plots(run: RunData) -> list[Plot]:
+    """Returns tool_use.png (then tool_use_2.png …): the tool metrics of the train lines (``tools.is_tool_metric``), three panels a figure.
+
+    The shares (``tools.is_share``: call rate, error rate, accuracy with and without a call)
+    share one percent panel, with the in-loop evaluations' shares as dashed markers; every other
+    tool metric (calls in all, calls per trajectory, seconds) gets its own panel, as their units differ.
+    """
+    keys = tool_metric_keys(run.train)
+    evals = eval_rows(run)
+    shares = [key for key in keys if is_share(key, series(run.train, key)[1])]
+    eval_shares = [key for key in tool_metric_keys(evals) if is_share(key, series(evals, key)[1])]
+    panels = ([("shares", shares)] if shares or (keys and eval_shares) else []) + [(key, [key]) for key in keys
+                                                                                   if key not in shares]
+    plots = []
+    for first in range(0, len(panels), TOOL_PANELS_PER_FIGURE):
+        chosen = panels[first:first + TOOL_PANELS_PER_FIGURE]
+        figure, axes_list = new_figure(len(chosen))
+        for (name, panel_keys), axes in zip(chosen, axes_list):
+            if name == "shares":
+                style_axes(axes, "Tool use (shares)", "fraction", run.step_unit)
+                colors = {key: f"C{index}" for index, key in enumerate(dict.fromkeys(shares + eval_shares))}
+                for key in shares:
+                    plot_training_curve(axes, *series(run.train, key), key, colors[key])
+                for key in eval_shares:
+                    axes.plot(*series(evals, key), marker="o", linestyle="--", color=colors[key], label=f"{key} (validation)")
+                fraction_axis(axes)
+            else:
+                style_axes(axes, name.replace("_", " "), name, run.step_unit)
+                plot_training_curve(axes, *series(run.train, name), name, "tab:blue")
+        number = first // TOOL_PANELS_PER_FIGURE + 1
+        plots.append(_finished(figure, axes_list, f"tool_use{'' if number == 1 else f'_{number}'}.png",
+                               "Tool use per step: " + ", ".join(key for _, panel_keys in chosen for key in panel_keys)))
+        if chosen[0][0] == "shares":  # up to eight curves in one panel: a smaller legend hides less of them
+            axes_list[0].legend(loc="best", fontsize="small")
     return plots
 
 

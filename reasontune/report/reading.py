@@ -223,12 +223,50 @@ def read_comparison(path: Path, problems: list[str]) -> Comparison | None:
     for key in ("notes", "warnings"):
         value = payload.get(key)
         setattr(comparison, key, [str(item) for item in value] if isinstance(value, list) else [])
+    tools = payload.get("tools")
+    for benchmark, per_run in (tools.items() if isinstance(tools, dict) else ()):
+        if not (isinstance(per_run, list) and len(per_run) == len(runs)):
+            problems.append(f"{path.name}: tool use of {benchmark} skipped: needs one entry (or null) per run ({len(runs)})")
+            continue
+        comparison.tools[str(benchmark)] = [_tool_use(one) for one in per_run]
+        for label, one, read in zip(runs, per_run, comparison.tools[str(benchmark)]):
+            if one is not None and read is None:
+                problems.append(f"{path.name}: tool use of {benchmark}, run {label} not read: needs the counts "
+                                "trajectories, calls and with_tool")
     sampling = payload.get("sampling")
     if isinstance(sampling, dict):
         comparison.sampling = {str(name): settings for name, settings in sampling.items()
                                if isinstance(settings, list) and len(settings) == len(runs)
                                and all(isinstance(one, dict) for one in settings)}
     return comparison
+
+
+def _tool_figure(value: Any) -> dict[str, Any] | None:
+    if not (_is_figure(value, ("value", "low", "high")) and _as_int(value.get("n")) is not None):
+        return None
+    figure = {key: float(value[key]) for key in ("value", "low", "high")} | {"n": _as_int(value["n"])}
+    if _as_int(value.get("successes")) is not None:
+        figure["successes"] = _as_int(value["successes"])
+    return figure
+
+
+def _tool_use(value: Any) -> dict[str, Any] | None:
+    """Returns one run's ``compare.tool_use`` as comparison.json holds it, each part checked (a malformed one is None), or None."""
+    if not (isinstance(value, dict) and all(_as_int(value.get(key)) is not None
+                                            for key in ("trajectories", "calls", "with_tool"))):
+        return None
+    tools = {key: _as_int(value[key]) for key in ("trajectories", "calls", "with_tool")}
+    tools["skipped"] = _as_int(value.get("skipped")) or 0
+    tools["questions"] = _as_int(value.get("questions"))
+    statuses = value.get("statuses") if isinstance(value.get("statuses"), dict) else {}
+    tools["statuses"] = {str(status): count for status, count in statuses.items() if _as_int(count) is not None}
+    for key in ("tool_use_rate", "calls_per_trajectory", "error_rate", "accuracy_with_tool", "accuracy_without_tool"):
+        tools[key] = _tool_figure(value.get(key))
+    seconds = value.get("seconds_per_call")
+    tools["seconds_per_call"] = ({key: float(seconds[key]) for key in ("mean", "median", "max")} | {"n": _as_int(seconds["n"])}
+                                 if _is_figure(seconds, ("mean", "median", "max")) and _as_int(seconds.get("n")) is not None
+                                 else None)
+    return tools
 
 
 # ---------------------------------------------------------------------------------------------
