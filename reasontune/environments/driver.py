@@ -3,8 +3,10 @@
 Round 0 samples ``n`` first turns per prompt in one ``generate`` call, with the environment's
 stop strings added to the sampling's own (``</answer>``). Each later round continues every
 open trajectory in one call: its prompt is the original prompt followed by the text of its
-turns so far, one sample each. Backends take text, so each round re-prefills the context:
-the HF generator keeps no KV cache across rounds; vLLM's prefix caching (on in
+turns so far, one sample each. A backend whose ``open_session`` gives a session (the HF
+generator) keeps each row's KV cache instead: a continuation prefills only the new tokens (the
+environment's text) on top of it, and the row's context is its tokens as sampled. Backends
+without one take text, so each round re-prefills the context; vLLM's prefix caching (on in
 ``VLLMGenerator``) reuses the cached blocks of the shared prefix, so there the re-prefill costs
 only the new tokens. Tool calls of a round run concurrently, each in its own sandbox process.
 
@@ -15,6 +17,7 @@ tokens of the whole trajectory (checked between turns: an open trajectory over i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -49,7 +52,8 @@ def generate_trajectories(generator: Generator, prompts: Sequence[str], sampling
     stop = tuple(dict.fromkeys(sampling.stop + environment.stop))
     turn_sampling = sampling.replace(stop=stop)
     budget = max_response_tokens or sampling.max_new_tokens * (environment.max_tool_calls + 1)
-    groups = generator.generate(list(prompts), turn_sampling)
+    session = generator.open_session()  # keeps each row's KV cache between turns where the backend can
+    groups = (session or generator).generate(list(prompts), turn_sampling)
     trajectories = [[Trajectory(prompt=prompt, prompt_token_count=c.prompt_token_count) for c in group]
                     for prompt, group in zip(prompts, groups)]
     flat = [t for group in trajectories for t in group]
@@ -57,7 +61,9 @@ def generate_trajectories(generator: Generator, prompts: Sequence[str], sampling
     open_rows = list(range(len(flat)))
     workers = tool_workers or max(1, os.cpu_count() or 1)
     round_index = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool, contextlib.ExitStack() as stack:
+        if session is not None:
+            stack.callback(session.close)
         while open_rows:
             replies = {}
             for row, completion in zip(open_rows, completions):
@@ -80,6 +86,8 @@ def generate_trajectories(generator: Generator, prompts: Sequence[str], sampling
                     flat[row].turns.append(reply)
                     continuing.append(row)
             open_rows = sorted(continuing)
+            if session is not None:
+                session.retain(open_rows)
             if not open_rows:
                 break
             round_index += 1
@@ -90,6 +98,9 @@ def generate_trajectories(generator: Generator, prompts: Sequence[str], sampling
                 rows = [row for row in open_rows if caps[row] == cap]
                 options = turn_sampling.replace(n=1, seed=_round_seed(sampling.seed, round_index),
                                                 first_prompt_index=0, max_new_tokens=cap, min_new_tokens=0)
+                if session is not None:
+                    by_row.update(zip(rows, session.extend(rows, [flat[row].turns[-1].text for row in rows], options)))
+                    continue
                 contexts = [flat[row].prompt + flat[row].response for row in rows]
                 for row, group in zip(rows, generator.generate(contexts, options)):
                     by_row[row] = group[0]
