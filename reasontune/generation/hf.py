@@ -498,6 +498,7 @@ class HFGenerator(Generator):
                 eos.update(int(c) for c in candidate)
         self.eos_token_ids = sorted(eos)
         self._could_end_caches: dict[str, dict[int, bool]] = {}  # stop strings' last characters → token id → bool
+        self.last_prefill_seconds = 0.0  # wall time of the last generate call's prefills (shared prefix included)
 
     @property
     def device(self) -> torch.device:
@@ -556,7 +557,9 @@ class HFGenerator(Generator):
         progress = GenerationProgress(len(prompts) * rows_per_prompt, options.max_new_tokens, self.progress_every_s)
         with self._generating():
             try:
+                started = time.perf_counter()
                 prefix = self._shared_prefix(prompt_ids)
+                self.last_prefill_seconds = time.perf_counter() - started
                 for start in range(0, len(order), prompts_per_batch):
                     batch = order[start:start + prompts_per_batch]
                     seeds = [row_seed(seed, options.first_prompt_index + index, sample)
@@ -578,22 +581,26 @@ class HFGenerator(Generator):
         return results  # type: ignore[return-value]
 
     def _decode_step(self) -> DecodeStep | None:
-        """Returns the own decode step for the current model, or None where the settings or the model rule it out."""
-        if not (self.settings.own_decode_step and self._growable()):
+        """Returns the own decode step for the current model, or None where the settings or the model rule it out.
+
+        The model is checked on every call (a hook or adapter may have been added since); the
+        step, with its fused weights, is kept while the model object stays the same.
+        """
+        if not (self.settings.own_decode_step and self._growable()) or unsupported_reason(self.model) is not None:
             return None
-        cached = getattr(self, "_step", None)
-        if cached is None or cached.model is not self.model or cached.fused != self.settings.fused_projections:
-            cached = DecodeStep(self.model, self.settings.fused_projections) if unsupported_reason(self.model) is None \
-                else None
-            self._step = cached
-        return cached if cached is not None and cached.model is self.model else None
+        step = getattr(self, "_step", None)
+        if step is None or step.model is not self.model or step.fused != self.settings.fused_projections:
+            step = self._step = DecodeStep(self.model, self.settings.fused_projections)
+        return step
 
     @torch.no_grad()
     def _generate_batch(self, batch_ids: list[list[int]], options: SamplingOptions, rows_per_prompt: int,
                         seeds: list[int], progress: GenerationProgress, prefix: _SharedPrefix | None = None,
                         keep: dict | None = None) -> list[Completion]:
         """Returns ``len(batch_ids) * rows_per_prompt`` completions, prompt-major; ``seeds``: each row's sampling seed."""
+        started = time.perf_counter()
         cache, logits, attention_mask = self._prefill(batch_ids, rows_per_prompt, options.max_new_tokens, prefix)
+        self.last_prefill_seconds += time.perf_counter() - started
         contexts = [ids for ids in batch_ids for _ in range(rows_per_prompt)]
         return self._decode_rows(cache, logits, attention_mask, contexts, options, seeds, progress, keep)
 
