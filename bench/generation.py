@@ -72,8 +72,11 @@ def gsm8k_prompts(count: int) -> list[str]:
     return [template.replace("{question}", f"What is {i} times {i + 7}, plus {3 * i}?" * (1 + i % 4)) for i in range(count)]
 
 
-def interleaved(sides: dict, repeats: int, cpu_rates: dict | None = None) -> tuple[dict[str, float], dict[str, int]]:
+def interleaved(sides: dict, repeats: int, cpu_rates: dict | None = None, after: dict | None = None
+                ) -> tuple[dict[str, float], dict[str, int]]:
     """Returns (median tokens/s, tokens of the last run) per side; the sides alternate ``repeats`` times.
+
+    ``after``: per side, a function run (untimed) right after each of its runs.
 
     With ``cpu_rates`` (a dict), each side's median tokens per second of this process's CPU
     time goes there too: on a machine other jobs load, CPU time moves less than wall time.
@@ -87,6 +90,8 @@ def interleaved(sides: dict, repeats: int, cpu_rates: dict | None = None) -> tup
             tokens[side] = run()
             rates[side].append(tokens[side] / (time.perf_counter() - start))
             per_cpu[side].append(tokens[side] / max(time.process_time() - cpu_start, 1e-9))
+            if after and side in after:
+                after[side]()
     if cpu_rates is not None:
         cpu_rates.update({side: statistics.median(values) for side, values in per_cpu.items()})
     return {side: statistics.median(values) for side, values in rates.items()}, tokens
@@ -138,7 +143,7 @@ class Roofline:
     matmuls alone cost at these shapes on this machine, now.
     """
 
-    def __init__(self, model, repeats: int = 3):
+    def __init__(self, model, repeats: int = 1):
         config = model.config
         self.layers = [[m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
                        for layer in model.model.layers]
@@ -230,7 +235,6 @@ def smollm2_table(model, tokenizer, args) -> None:
         prompts = gsm8k_prompts(max(batch_size, args.min_prompts))
         lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
         generator = HFGenerator(model, tokenizer, batch_size=batch_size)
-        roof_prefill, roof_decode = roofline.generation_seconds(lengths, batch_size, args.max_new_tokens)
         for sampled in (False, True):
             options = fixed_length_options(sampled, args.max_new_tokens)
             seconds = {}
@@ -241,12 +245,17 @@ def smollm2_table(model, tokenizer, args) -> None:
                 seconds["total"], seconds["prefill"] = time.perf_counter() - start, generator.last_prefill_seconds
                 return count
 
+            def measure_roofline() -> None:  # right after each of our runs, untimed: under the same load as it
+                seconds["roof_prefill"], seconds["roof_decode"] = roofline.generation_seconds(
+                    lengths, batch_size, args.max_new_tokens)
+
             cpu: dict[str, float] = {}
             rates, tokens = interleaved(
                 {"generate": lambda: plain_generate(model, tokenizer, prompts, batch_size, sampled, args.max_new_tokens),
-                 "ours": timed_ours}, args.repeats, cpu)
+                 "ours": timed_ours}, args.repeats, cpu, after={"ours": measure_roofline})
             assert tokens["generate"] == tokens["ours"] == len(prompts) * args.max_new_tokens, tokens
             mode = "sampled+logprobs" if sampled else "greedy"
+            roof_prefill, roof_decode = seconds["roof_prefill"], seconds["roof_decode"]
             roofline_rate = tokens["ours"] / (roof_prefill + roof_decode)
             decode_share = 100 * roof_decode / max(seconds["total"] - seconds["prefill"], 1e-9)
             prefill_share = 100 * roof_prefill / max(seconds["prefill"], 1e-9)
