@@ -19,6 +19,9 @@ Sections (``--sections``, comma-separated; all by default):
   optimisations on, then each ``DecodeSettings`` switch off alone, and 2 threads against 1.
 - ``profile``: where ``HFGenerator``'s time goes at ``--ablation-batch`` (torch.profiler
   operators and the Python functions with the most own time).
+- ``tools``: multi-turn rollouts on SmolLM2 (``--ablation-batch`` rows, an environment that
+  answers each turn ending at '.' with a fixed output block, ``--tool-calls`` times at most):
+  each row's KV cache kept between turns (``HFSession``) against re-prefilling the whole text.
 - ``memory``: peak memory (resident set growth over the process before the call, each length in a
   fresh process) of greedy generation with entropy and log-probs recorded, against new tokens
   256 → 4,096, on a tiny random Qwen2 with the Qwen2.5 vocabulary (151,936: where anything kept
@@ -51,13 +54,15 @@ from pathlib import Path
 import torch
 
 from reasontune.data import example_prompt, load_examples, load_template
+from reasontune.environments.base import Environment, Trajectory, Turn
+from reasontune.environments.driver import generate_trajectories
 from reasontune.generation import SamplingOptions
 from reasontune.generation.hf import DecodeSettings, HFGenerator
 from reasontune.modeling import QWEN2_5_VOCAB_SIZE, build_model_from_config, qwen2_tokenizer_offline, tiny_qwen2_config
 
 GSM8K = Path(os.environ.get("REASONTUNE_GSM8K_DIR", Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k")
              ) / "test.jsonl"
-SECTIONS = ("smollm2", "ablation", "profile", "memory", "tiny", "samples")
+SECTIONS = ("smollm2", "ablation", "profile", "tools", "memory", "tiny", "samples")
 
 
 def gsm8k_prompts(count: int) -> list[str]:
@@ -67,15 +72,28 @@ def gsm8k_prompts(count: int) -> list[str]:
     return [template.replace("{question}", f"What is {i} times {i + 7}, plus {3 * i}?" * (1 + i % 4)) for i in range(count)]
 
 
-def interleaved(sides: dict, repeats: int) -> tuple[dict[str, float], dict[str, int]]:
-    """Returns (median tokens/s, tokens of the last run) per side; the sides alternate ``repeats`` times."""
+def interleaved(sides: dict, repeats: int, cpu_rates: dict | None = None, after: dict | None = None
+                ) -> tuple[dict[str, float], dict[str, int]]:
+    """Returns (median tokens/s, tokens of the last run) per side; the sides alternate ``repeats`` times.
+
+    ``after``: per side, a function run (untimed) right after each of its runs.
+
+    With ``cpu_rates`` (a dict), each side's median tokens per second of this process's CPU
+    time goes there too: on a machine other jobs load, CPU time moves less than wall time.
+    """
     rates: dict[str, list[float]] = {side: [] for side in sides}
+    per_cpu: dict[str, list[float]] = {side: [] for side in sides}
     tokens: dict[str, int] = {}
     for _ in range(repeats):
         for side, run in sides.items():
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             tokens[side] = run()
             rates[side].append(tokens[side] / (time.perf_counter() - start))
+            per_cpu[side].append(tokens[side] / max(time.process_time() - cpu_start, 1e-9))
+            if after and side in after:
+                after[side]()
+    if cpu_rates is not None:
+        cpu_rates.update({side: statistics.median(values) for side, values in per_cpu.items()})
     return {side: statistics.median(values) for side, values in rates.items()}, tokens
 
 
@@ -125,7 +143,7 @@ class Roofline:
     matmuls alone cost at these shapes on this machine, now.
     """
 
-    def __init__(self, model, repeats: int = 3):
+    def __init__(self, model, repeats: int = 1):
         config = model.config
         self.layers = [[m.weight for m in layer.modules() if isinstance(m, torch.nn.Linear)]
                        for layer in model.model.layers]
@@ -162,20 +180,22 @@ class Roofline:
             best = min(best, time.perf_counter() - start)
         return best
 
-    def generation_seconds(self, prompt_lengths: list[int], batch_size: int, max_new_tokens: int) -> float:
-        """Returns the matmul time of ``max_new_tokens`` for each of these prompts, in batches of ``batch_size``.
+    def generation_seconds(self, prompt_lengths: list[int], batch_size: int, max_new_tokens: int
+                           ) -> tuple[float, float]:
+        """Returns (prefill, decode) matmul seconds of ``max_new_tokens`` for each of these prompts, in batches of ``batch_size``.
 
         Per batch: a prefill of every prompt at the batch's mean length (no padding: the
-        linear layers' work is per token) and ``max_new_tokens - 1`` decode steps (the first
-        token comes from the prefill's logits), each priced at the context midway through.
+        linear layers' work is per token; the whole prompt, though a generator that shares the
+        template prefix runs less) and ``max_new_tokens - 1`` decode steps (the first token
+        comes from the prefill's logits), each priced at the context midway through.
         """
-        total = 0.0
+        prefill = decode = 0.0
         for start in range(0, len(prompt_lengths), batch_size):
             lengths = prompt_lengths[start:start + batch_size]
             mean_length = round(sum(lengths) / len(lengths))
-            total += self.forward_seconds(len(lengths), mean_length, mean_length)
-            total += (max_new_tokens - 1) * self.forward_seconds(len(lengths), 1, mean_length + max_new_tokens // 2)
-        return total
+            prefill += self.forward_seconds(len(lengths), mean_length, mean_length)
+            decode += (max_new_tokens - 1) * self.forward_seconds(len(lengths), 1, mean_length + max_new_tokens // 2)
+        return prefill, decode
 
 
 def smollm2_dir(args) -> Path | None:
@@ -198,31 +218,69 @@ def load_smollm2(model_dir: Path):
 
 
 def smollm2_table(model, tokenizer, args) -> None:
-    """Prints ours vs plain generate vs the roofline at each batch size, greedy and sampled with log-probs."""
+    """Prints ours vs plain generate vs the rooflines at each batch size, greedy and sampled with log-probs."""
     roofline = Roofline(model)
     print(f"\nSmolLM2-135M-Instruct ({sum(p.numel() for p in model.parameters()) / 1e6:.0f}M params, float32), "
           f"GSM8K prompts in the r1_zero template, exactly {args.max_new_tokens} new tokens a row, "
-          f"{torch.get_num_threads()} thread(s). tok/s = new tokens / wall time; roofline = the same work's "
-          "matmuls alone (torch.mm, unpadded prefill + each decode step)")
-    print(f"{'batch':>5} {'mode':<16} {'ours tok/s':>10} {'generate':>9} {'roofline':>9} {'ours/generate':>14} "
-          f"{'ours/roofline':>14}")
+          f"{torch.get_num_threads()} thread(s). tok/s = new tokens / wall time; 'cpu' = the same per second of this "
+          "process's CPU time (steadier on a loaded machine). Rooflines = the same work's matmuls alone (torch.mm), "
+          "measured here: 'all' = an unpadded prefill of every whole prompt + each decode step, 'decode' = the decode "
+          "steps alone against our time outside the prefill, 'prefill' = the whole-prompt prefill against our prefill "
+          "(which skips the shared template prefix, so it can pass 100%)")
+    print(f"{'batch':>5} {'mode':<16} {'ours tok/s':>10} {'generate':>9} {'ours/generate':>14} {'cpu ratio':>10} "
+          f"{'% roofline all':>15} {'% decode':>9} {'% prefill':>10}")
     warm = HFGenerator(model, tokenizer, batch_size=2)
     ours(warm, gsm8k_prompts(2), fixed_length_options(True, 2))  # warm-up: lazy imports, first allocations
     for batch_size in args.batch_sizes:
         prompts = gsm8k_prompts(max(batch_size, args.min_prompts))
         lengths = [len(ids) for ids in tokenizer(prompts)["input_ids"]]
         generator = HFGenerator(model, tokenizer, batch_size=batch_size)
-        roofline_rate = len(prompts) * args.max_new_tokens / roofline.generation_seconds(lengths, batch_size,
-                                                                                        args.max_new_tokens)
         for sampled in (False, True):
             options = fixed_length_options(sampled, args.max_new_tokens)
+            seconds = {}
+
+            def timed_ours() -> int:
+                start = time.perf_counter()
+                count = ours(generator, prompts, options)
+                seconds["total"], seconds["prefill"] = time.perf_counter() - start, generator.last_prefill_seconds
+                return count
+
+            def measure_roofline() -> None:  # right after each of our runs, untimed: under the same load as it
+                seconds["roof_prefill"], seconds["roof_decode"] = roofline.generation_seconds(
+                    lengths, batch_size, args.max_new_tokens)
+
+            cpu: dict[str, float] = {}
             rates, tokens = interleaved(
                 {"generate": lambda: plain_generate(model, tokenizer, prompts, batch_size, sampled, args.max_new_tokens),
-                 "ours": lambda: ours(generator, prompts, options)}, args.repeats)
+                 "ours": timed_ours}, args.repeats, cpu, after={"ours": measure_roofline})
             assert tokens["generate"] == tokens["ours"] == len(prompts) * args.max_new_tokens, tokens
             mode = "sampled+logprobs" if sampled else "greedy"
-            print(f"{batch_size:>5} {mode:<16} {rates['ours']:>10.1f} {rates['generate']:>9.1f} {roofline_rate:>9.1f} "
-                  f"{rates['ours'] / rates['generate']:>13.2f}x {100 * rates['ours'] / roofline_rate:>13.0f}%", flush=True)
+            roof_prefill, roof_decode = seconds["roof_prefill"], seconds["roof_decode"]
+            roofline_rate = tokens["ours"] / (roof_prefill + roof_decode)
+            decode_share = 100 * roof_decode / max(seconds["total"] - seconds["prefill"], 1e-9)
+            prefill_share = 100 * roof_prefill / max(seconds["prefill"], 1e-9)
+            print(f"{batch_size:>5} {mode:<16} {rates['ours']:>10.1f} {rates['generate']:>9.1f} "
+                  f"{rates['ours'] / rates['generate']:>13.2f}x {cpu['ours'] / cpu['generate']:>9.2f}x "
+                  f"{100 * rates['ours'] / roofline_rate:>14.0f}% {decode_share:>8.0f}% {prefill_share:>9.0f}%", flush=True)
+        if batch_size == args.batch_sizes[0] or batch_size == 8:
+            greedy = fixed_length_options(False, args.max_new_tokens)
+            assert [c[0].token_ids for c in generator.generate(prompts, greedy)] == \
+                plain_generate_tokens(model, tokenizer, prompts, batch_size, args.max_new_tokens), \
+                "greedy tokens differ from plain generate's"
+            print(f"{'':>5} greedy tokens equal plain generate's at batch {batch_size}")
+
+
+def plain_generate_tokens(model, tokenizer, prompts: list[str], batch_size: int, max_new_tokens: int) -> list[list[int]]:
+    """Returns plain greedy ``model.generate``'s new tokens per prompt, in left-padded batches of ``batch_size``."""
+    tokenizer.padding_side = "left"
+    rows = []
+    with torch.no_grad():
+        for start in range(0, len(prompts), batch_size):
+            encoded = tokenizer(prompts[start:start + batch_size], return_tensors="pt", padding=True)
+            out = model.generate(**encoded, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            rows += out[:, encoded["input_ids"].shape[1]:].tolist()
+    return rows
 
 
 ABLATIONS = (
@@ -233,6 +291,8 @@ ABLATIONS = (
     ("shared_prefill off", {"shared_prefill": False}),
     ("shared_prefix off", {"shared_prefix": False}),
     ("fused_sampler off", {"fused_sampler": False}),
+    ("own_decode_step off", {"own_decode_step": False}),
+    ("fused_projections off", {"fused_projections": False}),
     ("2 threads", {"num_threads": 2}),
 )
 
@@ -250,20 +310,21 @@ def ablation_table(model, tokenizer, args) -> None:
     print(f"\nAblation: SmolLM2, {len(prompts)} prompts x {args.ablation_samples} samples (batch "
           f"{args.ablation_batch}), temperature 1 with log-probs, up to {args.ablation_tokens} new tokens, EOS and "
           f"</answer> end rows; each setting alternates with all-on, medians of {args.repeats}")
-    print(f"{'setting':<24} {'tok/s':>8} {'all-on tok/s':>13} {'all-on buys':>12}")
+    print(f"{'setting':<24} {'tok/s':>8} {'all-on tok/s':>13} {'all-on buys':>12} {'(cpu time)':>11}")
     all_on = HFGenerator(model, tokenizer, batch_size=args.ablation_batch)
     threads = torch.get_num_threads()
     for name, change in ABLATIONS:
-        if not change:
+        if not change or (args.ablations and name not in args.ablations):
             continue
         if "num_threads" in change and change["num_threads"] == threads:
             continue
         settings = DecodeSettings(**change)
         other = HFGenerator(model, tokenizer, batch_size=args.ablation_batch, settings=settings)
+        cpu: dict[str, float] = {}
         rates, tokens = interleaved({"all_on": lambda: ours(all_on, prompts, options),
-                                     "other": lambda: ours(other, prompts, options)}, args.repeats)
+                                     "other": lambda: ours(other, prompts, options)}, args.repeats, cpu)
         print(f"{name:<24} {rates['other']:>8.1f} {rates['all_on']:>13.1f} {rates['all_on'] / rates['other']:>11.2f}x"
-              f"  tokens {tokens['other']}/{tokens['all_on']}", flush=True)
+              f" {cpu['all_on'] / cpu['other']:>10.2f}x  tokens {tokens['other']}/{tokens['all_on']}", flush=True)
 
 
 def profile_table(model, tokenizer, args) -> None:
@@ -303,6 +364,53 @@ def profile_table(model, tokenizer, args) -> None:
     python_profile.disable()
     print("Python functions by own time (cProfile):")
     pstats.Stats(python_profile, stream=sys.stdout).sort_stats("tottime").print_stats(10)
+
+
+# ---------------------------------------------------------------- multi-turn rollouts: kept KV cache vs re-prefill
+
+
+class ReplyAtTag(Environment):
+    """Answers every model turn that ends with ``tag`` with a fixed ``<output>`` block: a tool turn of a known size."""
+
+    def __init__(self, tag: str, reply: str, max_tool_calls: int):
+        self.stop, self.reply, self.max_tool_calls = (tag,), reply, max_tool_calls
+
+    def respond(self, model_turn: Turn, trajectory: Trajectory) -> Turn | None:
+        if model_turn.stop_string not in self.stop:
+            return None
+        return Turn(role="environment", text=self.reply, program="", output=self.reply, status="ok", seconds=0.0)
+
+
+def tools_table(model, tokenizer, args) -> None:
+    """Prints multi-turn rollout speed with each row's KV cache kept between turns against re-prefilling the whole text."""
+    reply = "<output>\n" + "\n".join(str(17 * i) for i in range(1, 6)) + "\n</output>\n"
+    environment = ReplyAtTag(".", reply, args.tool_calls)
+    prompts = gsm8k_prompts(max(1, args.ablation_batch // args.ablation_samples))
+    options = SamplingOptions(temperature=1.0, max_new_tokens=args.tool_turn_tokens, stop=("</answer>",), seed=0,
+                              n=args.ablation_samples, return_logprobs=True)
+    print(f"\nMulti-turn rollouts: SmolLM2, {len(prompts)} prompts x {args.ablation_samples} samples, temperature 1 "
+          f"with log-probs, up to {args.tool_turn_tokens} tokens a model turn; an environment answers every turn that "
+          f"ends at '.' with a {len(tokenizer(reply, add_special_tokens=False)['input_ids'])}-token output block, up "
+          f"to {args.tool_calls} times. Kept cache (HFSession: a continuation prefills only the new tokens) vs "
+          "re-prefill (keep_cache off: each round prefills its whole text again); medians of "
+          f"{args.repeats}, interleaved")
+    sides = {}
+    for name, keep in (("kept cache", True), ("re-prefill", False)):
+        generator = HFGenerator(model, tokenizer, batch_size=args.ablation_batch, settings=DecodeSettings(keep_cache=keep))
+
+        def run(generator=generator) -> int:
+            groups = generate_trajectories(generator, prompts, options, environment)
+            return sum(t.model_token_count for group in groups for t in group)
+
+        sides[name] = run
+    cpu: dict[str, float] = {}
+    rates, tokens = interleaved(sides, args.repeats, cpu)
+    print(f"{'path':<12} {'model tok/s':>12} {'tokens':>7}")
+    for name in sides:
+        print(f"{name:<12} {rates[name]:>12.1f} {tokens[name]:>7}")
+    print(f"kept cache buys {rates['kept cache'] / rates['re-prefill']:.2f}x (wall), "
+          f"{cpu['kept cache'] / cpu['re-prefill']:.2f}x (cpu time); the token counts differ where the two contexts "
+          "differ (the kept one is the sampled ids, the re-prefilled one the joined text's tokenisation)", flush=True)
 
 
 # ---------------------------------------------------------------- memory vs new tokens
@@ -467,6 +575,10 @@ def main() -> None:
     parser.add_argument("--ablation-batch", type=int, default=32, help="ablation and profile: rows decoded together")
     parser.add_argument("--ablation-samples", type=int, default=4, help="ablation and profile: samples per prompt")
     parser.add_argument("--ablation-tokens", type=int, default=64, help="ablation and profile: max new tokens")
+    parser.add_argument("--ablations", default="", help="ablation: comma-separated setting names to run (default all), "
+                        "e.g. 'own_decode_step off,fused_projections off'")
+    parser.add_argument("--tool-calls", type=int, default=3, help="tools: environment turns per rollout at most")
+    parser.add_argument("--tool-turn-tokens", type=int, default=24, help="tools: max new tokens of one model turn")
     parser.add_argument("--memory-tokens", default="256,1024,4096", help="memory table: new-token counts")
     parser.add_argument("--memory-rows", type=int, default=8, help="memory table: rows generated together")
     parser.add_argument("--prompts", type=int, default=32, help="tiny table: prompts per configuration")
@@ -483,13 +595,14 @@ def main() -> None:
     if unknown:
         parser.error(f"--sections: unknown {', '.join(unknown)}; choose from {', '.join(SECTIONS)}")
     args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    args.ablations = [a.strip() for a in args.ablations.split(",") if a.strip()]
     args.memory_tokens = [int(t) for t in args.memory_tokens.split(",")]
     torch.set_num_threads(args.threads)
 
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, load average "
           f"{os.getloadavg()[0]:.1f}, {torch.get_num_threads()} torch thread(s), torch {torch.__version__}; "
           f"median of {args.repeats} interleaved run(s)")
-    if {"smollm2", "ablation", "profile"} & set(sections):
+    if {"smollm2", "ablation", "profile", "tools"} & set(sections):
         model_dir = smollm2_dir(args)
         if model_dir is not None:
             model, tokenizer = load_smollm2(model_dir)
@@ -499,6 +612,8 @@ def main() -> None:
                 ablation_table(model, tokenizer, args)
             if "profile" in sections:
                 profile_table(model, tokenizer, args)
+            if "tools" in sections:
+                tools_table(model, tokenizer, args)
             del model
     if "memory" in sections:
         memory_table(args)

@@ -203,12 +203,13 @@ def test_the_hf_generator_stops_at_the_tool_tag_and_resumes_after_the_output(tin
     """A real (random) model: the tool tag is a piece of text it writes greedily, so the stop is certain to fire."""
     import torch
 
-    from reasontune.generation.hf import HFGenerator
+    from reasontune.generation.hf import DecodeSettings, HFGenerator
     from reasontune.modeling import load_model, load_tokenizer
 
     torch.set_num_threads(1)
     model, tokenizer = load_model(str(tiny_model_dir)), load_tokenizer(str(tiny_model_dir))
-    generator = HFGenerator(model, tokenizer, batch_size=4)
+    # The re-prefill path; the kept-cache path (the default) is tested in tests/test_generation_sessions.py.
+    generator = HFGenerator(model, tokenizer, batch_size=4, settings=DecodeSettings(keep_cache=False))
     prompt = "What is 12*34? <think>"
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=12, stop=("</answer>",), return_logprobs=True)
     [[free]] = generator.generate([prompt], greedy)

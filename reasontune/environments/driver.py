@@ -2,13 +2,15 @@
 
 Round 0 samples ``n`` first turns per prompt in one ``generate`` call, with the environment's
 stop strings added to the sampling's own (``</answer>``). Each later round continues the open
-trajectories: a context is the original prompt followed by the text of its turns so far, one
-sample each, seeded by the trajectory's index in the whole batch (``first_prompt_index × n``
-plus its row), so a trajectory samples the same turns whether one process or a rank holding
-its slice of the prompts continues it. That index is ``SamplingOptions.first_prompt_index`` of
-the call, so one call takes a run of consecutive open rows: one call a round when every
-trajectory continues, one per run of continuing rows otherwise. Backends take text, so each
-round re-prefills the context: the HF generator keeps no KV cache across rounds; vLLM's prefix
+trajectories, one sample each, seeded by the trajectory's index in the whole batch
+(``first_prompt_index × n`` plus its row), so a trajectory samples the same turns whether one
+process or a rank holding its slice of the prompts continues it. That index is
+``SamplingOptions.first_prompt_index`` of the call, so one call takes a run of consecutive open
+rows: one call a round when every trajectory continues, one per run of continuing rows
+otherwise. A backend whose ``open_session`` gives a session (the HF generator) keeps each row's
+KV cache: a continuation prefills only the new tokens (the environment's text) on top of it, and
+the row's context is its tokens as sampled. Backends without one take text: a context is the
+original prompt followed by the text of its turns so far, re-prefilled each round; vLLM's prefix
 caching (on in ``VLLMGenerator``) reuses the cached blocks of the shared prefix, so there the
 re-prefill costs only the new tokens. Tool calls of a round run concurrently, each in its own
 sandbox process.
@@ -20,6 +22,7 @@ tokens of the whole trajectory (checked between turns: an open trajectory over i
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from concurrent.futures import ThreadPoolExecutor
@@ -65,7 +68,8 @@ def generate_trajectories(generator: Generator, prompts: Sequence[str], sampling
     stop = tuple(dict.fromkeys(sampling.stop + environment.stop))
     turn_sampling = sampling.replace(stop=stop)
     budget = max_response_tokens or sampling.max_new_tokens * (environment.max_tool_calls + 1)
-    groups = generator.generate(list(prompts), turn_sampling)
+    session = generator.open_session()  # keeps each row's KV cache between turns where the backend can
+    groups = (session or generator).generate(list(prompts), turn_sampling)
     trajectories = [[Trajectory(prompt=prompt, prompt_token_count=c.prompt_token_count) for c in group]
                     for prompt, group in zip(prompts, groups)]
     flat = [t for group in trajectories for t in group]
@@ -73,7 +77,9 @@ def generate_trajectories(generator: Generator, prompts: Sequence[str], sampling
     open_rows = list(range(len(flat)))
     workers = tool_workers or max(1, os.cpu_count() or 1)
     round_index = 0
-    with ThreadPoolExecutor(max_workers=workers) as pool:
+    with ThreadPoolExecutor(max_workers=workers) as pool, contextlib.ExitStack() as stack:
+        if session is not None:
+            stack.callback(session.close)
         while open_rows:
             replies = {}
             for row, completion in zip(open_rows, completions):
@@ -96,6 +102,8 @@ def generate_trajectories(generator: Generator, prompts: Sequence[str], sampling
                     flat[row].turns.append(reply)
                     continuing.append(row)
             open_rows = sorted(continuing)
+            if session is not None:
+                session.retain(open_rows)
             if not open_rows:
                 break
             round_index += 1
@@ -109,6 +117,10 @@ def generate_trajectories(generator: Generator, prompts: Sequence[str], sampling
                     options = turn_sampling.replace(
                         n=1, seed=_round_seed(sampling.seed, round_index), max_new_tokens=cap, min_new_tokens=0,
                         first_prompt_index=sampling.first_prompt_index * sampling.n + rows[0])
+                    if session is not None:
+                        texts = [flat[row].turns[-1].text for row in rows]
+                        by_row.update(zip(rows, session.extend(rows, texts, options)))
+                        continue
                     contexts = [flat[row].prompt + flat[row].response for row in rows]
                     for row, group in zip(rows, generator.generate(contexts, options)):
                         by_row[row] = group[0]

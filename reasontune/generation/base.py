@@ -118,9 +118,46 @@ class Generator(abc.ABC):
     def close(self) -> None:
         """Returns nothing; releases the backend (the generator is unusable afterwards)."""
 
+    def open_session(self) -> "GenerationSession | None":
+        """Returns a session that keeps each row's state (its KV cache) between the turns of a multi-turn rollout, or None
+        where the backend keeps none and a continuation is a ``generate`` call on the joined text (the default)."""
+        return None
+
     def generate_flat(self, prompts: Sequence[str], options: SamplingOptions) -> list[Completion]:
         """Returns the completions as one list: prompt 0's n samples, then prompt 1's, … (GRPO's layout)."""
         return [completion for group in self.generate(prompts, options) for completion in group]
+
+
+class GenerationSession(abc.ABC):
+    """A multi-turn generation whose rows keep their state between turns (``Generator.open_session``).
+
+    ``generate`` samples the first turn as ``Generator.generate`` does, and numbers the rows
+    prompt-major (prompt ``i``'s sample ``j`` is row ``i * n + j``). ``extend`` appends a text (an
+    environment turn) to each given row and samples its next turn; a row's context is its
+    tokens as sampled, not a re-tokenisation of its text. ``retain`` forgets every other row.
+    """
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[str], options: SamplingOptions) -> list[list[Completion]]:
+        """Returns one list of ``options.n`` completions per prompt; every row stays open for ``extend``."""
+
+    @abc.abstractmethod
+    def extend(self, rows: Sequence[int], texts: Sequence[str], options: SamplingOptions) -> list[Completion]:
+        """Returns one completion per row (``options.n == 1``): its continuation after ``texts[i]`` is appended to row ``rows[i]``."""
+
+    @abc.abstractmethod
+    def retain(self, rows: Sequence[int]) -> None:
+        """Returns nothing; forgets the state of every row not in ``rows``."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Returns nothing; frees every row's state."""
+
+    def __enter__(self) -> "GenerationSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, str | None]:

@@ -9,6 +9,7 @@ samples every row at once. Sampling stays a function of a row's seed alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import inspect
@@ -22,7 +23,8 @@ import torch
 from transformers import DynamicCache, StoppingCriteria
 from transformers.cache_utils import DynamicLayer
 
-from reasontune.generation.base import Completion, Generator, SamplingOptions, cut_at_stop
+from reasontune.generation.base import Completion, GenerationSession, Generator, SamplingOptions, cut_at_stop
+from reasontune.generation.decode_step import DecodeStep, unsupported_reason
 from reasontune.tracking import Progress
 
 
@@ -173,8 +175,13 @@ class DecodeSettings:
     ``shared_prefill``: a prompt with ``n`` samples is prefilled once and its cache repeated.
     ``shared_prefix``: the batch's common token prefix (the template) is prefilled once for all rows.
     ``fused_sampler``: sampling and log-probs in three passes over the vocabulary instead of a
-    full log-softmax first. ``num_threads``: torch threads during generation (None: leave the
-    process setting).
+    full log-softmax first. ``own_decode_step``: decode steps run ``decode_step.DecodeStep`` (the
+    model's own modules, grouped attention over the cache, no per-step mask or cache objects)
+    where the model qualifies, else the model's forward. ``fused_projections``: that step runs
+    q/k/v and gate/up as one matmul each. ``keep_cache``: ``open_session`` gives an ``HFSession``
+    (multi-turn rollouts keep each row's KV cache between turns) instead of None (continuations
+    re-prefill their whole text). ``num_threads``: torch threads during generation
+    (None: leave the process setting).
     """
 
     preallocated_cache: bool = True
@@ -183,6 +190,9 @@ class DecodeSettings:
     shared_prefill: bool = True
     shared_prefix: bool = True
     fused_sampler: bool = True
+    own_decode_step: bool = True
+    fused_projections: bool = True
+    keep_cache: bool = True
     bucket_padding: float = 0.1
     num_threads: int | None = None
 
@@ -320,6 +330,137 @@ class GenerationProgress:
         self._progress.close()
 
 
+def _cached_columns(cache, mask_row: torch.Tensor, row: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Returns copies of one row's keys and values, per layer (1, kv_heads, tokens, head_dim), at the columns ``mask_row`` marks."""
+    columns = mask_row[:cache.layers[0].length].nonzero().squeeze(1)
+    return ([layer.keys[row:row + 1, :, columns] for layer in cache.layers],
+            [layer.values[row:row + 1, :, columns] for layer in cache.layers])
+
+
+@dataclass
+class _RowState:
+    """What a session keeps of one row between turns: its tokens so far, and the keys and values of the first ``cached_length``.
+
+    ``ids``: the context the row was generated from followed by its generated tokens (the
+    sampled ids, as training reads them). ``keys`` / ``values``: per decoder layer (1,
+    kv_heads, ``cached_length``, head_dim), or None where nothing is cached. At least the last
+    token is never cached, so a continuation always has a token whose logits it reads.
+    """
+
+    ids: list[int]
+    keys: list[torch.Tensor] | None = None
+    values: list[torch.Tensor] | None = None
+
+    @property
+    def cached_length(self) -> int:
+        return 0 if self.keys is None else self.keys[0].shape[2]
+
+    @property
+    def cache_bytes(self) -> int:
+        if self.keys is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    @classmethod
+    def after(cls, context: list[int], generated: list[int], columns) -> "_RowState":
+        """Returns the state of a row that generated ``generated`` after ``context``, given the cached ``columns`` (or None)."""
+        ids = list(context) + list(generated)
+        if columns is None:
+            return cls(ids)
+        keys, values = columns
+        length = min(keys[0].shape[2], len(ids) - 1)  # a completion cut short leaves fewer tokens than were fed
+        return cls(ids, [k[:, :, :length] for k in keys], [v[:, :, :length] for v in values])
+
+    def drop_cache(self) -> None:
+        self.keys = self.values = None
+
+
+class HFSession(GenerationSession):
+    """A multi-turn generation on ``HFGenerator`` that keeps each row's KV cache between turns.
+
+    ``generate`` is the generator's (rows numbered prompt-major, ``n`` per prompt); ``extend``
+    appends a text to each given row and continues it with one sample: only the tokens not in
+    the row's cache run through the model (the last sampled token, then the appended text),
+    on top of the kept keys and values. A row's context is its token ids as generated (the
+    prompt's tokenisation, the sampled ids, each appended text tokenised alone, without
+    special tokens): exactly the sequence ``environments.tokens`` trains on. Seeds follow
+    ``generate``'s rule (``extend``'s ``i``-th row samples as ``generate``'s ``i``-th prompt would).
+    Kept caches are bounded by ``max_kept_bytes``: past it, rows keep their tokens alone and
+    are prefilled again when continued.
+    """
+
+    def __init__(self, generator: "HFGenerator", max_kept_bytes: int = 2 * 2**30):
+        self.generator = generator
+        self.max_kept_bytes = max_kept_bytes
+        self._states: dict[int, _RowState] = {}
+
+    def generate(self, prompts: Sequence[str], options: SamplingOptions) -> list[list[Completion]]:
+        """Returns what ``HFGenerator.generate`` returns, keeping every row's state."""
+        states: dict[int, _RowState] = {}
+        groups = self.generator._generate(list(prompts), options, states)
+        self._states = states
+        self._bound()
+        return groups
+
+    def extend(self, rows: Sequence[int], texts: Sequence[str], options: SamplingOptions) -> list[Completion]:
+        """Returns one completion per row of ``rows``, each continuing that row after ``texts[i]`` is appended to it."""
+        if options.n != 1:
+            raise ValueError(f"extend samples one continuation per row; got n={options.n}")
+        if len(rows) != len(texts):
+            raise ValueError(f"extend got {len(rows)} rows and {len(texts)} texts")
+        unknown = [row for row in rows if row not in self._states]
+        if unknown:
+            raise KeyError(f"rows {unknown} are not open in this session")
+        generator = self.generator
+        if not rows:
+            return []
+        new_ids = generator.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+        states = [self._states[row] for row in rows]
+        order = sorted(range(len(rows)), key=lambda i: -(len(states[i].ids) + len(new_ids[i])))
+        seed = options.seed if options.seed is not None else int(torch.randint(2**62, ()))
+        results: list[Completion | None] = [None] * len(rows)
+        progress = GenerationProgress(len(rows), options.max_new_tokens, generator.progress_every_s)
+        with generator._generating():
+            try:
+                for start in range(0, len(order), generator.batch_size):
+                    batch = order[start:start + generator.batch_size]
+                    cache, logits, attention_mask = generator._prefill_continuations(
+                        [states[i] for i in batch], [new_ids[i] for i in batch], options.max_new_tokens)
+                    contexts = [states[i].ids + list(new_ids[i]) for i in batch]
+                    seeds = [row_seed(seed, options.first_prompt_index + i, 0) for i in batch]
+                    kept: dict[int, _RowState] = {}
+                    completions = generator._decode_rows(cache, logits, attention_mask, contexts, options, seeds,
+                                                         progress, kept)
+                    del cache
+                    for position, i in enumerate(batch):
+                        results[i] = completions[position]
+                        self._states[rows[i]] = kept[position]
+            finally:
+                progress.close()
+        self._bound()
+        return results  # type: ignore[return-value]
+
+    def retain(self, rows: Sequence[int]) -> None:
+        """Returns nothing; forgets every row not in ``rows``."""
+        wanted = set(rows)
+        self._states = {row: state for row, state in self._states.items() if row in wanted}
+
+    def close(self) -> None:
+        self._states = {}
+
+    def _bound(self) -> None:
+        """Drops kept caches past ``max_kept_bytes`` (those rows keep their tokens and are prefilled again)."""
+        total, seen = 0, set()
+        for state in self._states.values():
+            if id(state) in seen:
+                continue
+            seen.add(id(state))
+            total += state.cache_bytes
+            if total > self.max_kept_bytes:
+                total -= state.cache_bytes
+                state.drop_cache()
+
+
 class HFGenerator(Generator):
     """Generates with a Hugging Face causal LM (any device) in length-sorted, left-padded batches, with its own decode loop.
 
@@ -357,6 +498,7 @@ class HFGenerator(Generator):
                 eos.update(int(c) for c in candidate)
         self.eos_token_ids = sorted(eos)
         self._could_end_caches: dict[str, dict[int, bool]] = {}  # stop strings' last characters → token id → bool
+        self.last_prefill_seconds = 0.0  # wall time of the last generate call's prefills (shared prefix included)
 
     @property
     def device(self) -> torch.device:
@@ -378,7 +520,29 @@ class HFGenerator(Generator):
 
     def generate(self, prompts: Sequence[str], options: SamplingOptions) -> list[list[Completion]]:
         """Returns one list of ``options.n`` completions per prompt, in prompt order."""
-        prompts = list(prompts)
+        return self._generate(list(prompts), options)
+
+    def open_session(self) -> "HFSession | None":
+        """Returns a session that keeps every row's KV cache between turns (see ``HFSession``); None with ``keep_cache`` off."""
+        return HFSession(self) if self.settings.keep_cache else None
+
+    @contextlib.contextmanager
+    def _generating(self):
+        """Puts the model in eval mode with the settings' thread count for one call, and restores both after."""
+        was_training = self.model.training
+        threads = torch.get_num_threads()
+        if self.settings.num_threads is not None:
+            torch.set_num_threads(self.settings.num_threads)
+        self.model.eval()
+        try:
+            yield
+        finally:
+            self.model.train(was_training)
+            torch.set_num_threads(threads)
+
+    def _generate(self, prompts: list[str], options: SamplingOptions, keep: dict | None = None
+                  ) -> list[list[Completion]]:
+        """``generate``; with ``keep``, each flat row (prompt-major, ``n`` per prompt) gets its ``_RowState`` there."""
         if not prompts:
             return []
         prompt_ids: list[list[int]] = self.tokenizer(prompts, add_special_tokens=True)["input_ids"]
@@ -390,41 +554,69 @@ class HFGenerator(Generator):
 
         # Each sampled row's own stream is seeded from this seed and its question's global index.
         seed = options.seed if options.seed is not None else int(torch.randint(2**62, ()))
-        was_training = self.model.training
-        threads = torch.get_num_threads()
-        if self.settings.num_threads is not None:
-            torch.set_num_threads(self.settings.num_threads)
-        self.model.eval()
         progress = GenerationProgress(len(prompts) * rows_per_prompt, options.max_new_tokens, self.progress_every_s)
-        try:
-            prefix = self._shared_prefix(prompt_ids)
-            for start in range(0, len(order), prompts_per_batch):
-                batch = order[start:start + prompts_per_batch]
-                seeds = [row_seed(seed, options.first_prompt_index + index, sample)
-                         for index in batch for sample in range(rows_per_prompt)]
-                completions = self._generate_batch([prompt_ids[i] for i in batch], options, rows_per_prompt, seeds,
-                                                   progress, prefix)
-                for position, index in enumerate(batch):
-                    group = completions[position * rows_per_prompt:(position + 1) * rows_per_prompt]
-                    if rows_per_prompt < options.n:
-                        group = [copy.deepcopy(group[0]) for _ in range(options.n)]
-                    results[index] = group
-        finally:
-            progress.close()
-            self.model.train(was_training)
-            torch.set_num_threads(threads)
+        with self._generating():
+            try:
+                started = time.perf_counter()
+                prefix = self._shared_prefix(prompt_ids)
+                self.last_prefill_seconds = time.perf_counter() - started
+                for start in range(0, len(order), prompts_per_batch):
+                    batch = order[start:start + prompts_per_batch]
+                    seeds = [row_seed(seed, options.first_prompt_index + index, sample)
+                             for index in batch for sample in range(rows_per_prompt)]
+                    states = {} if keep is not None else None
+                    completions = self._generate_batch([prompt_ids[i] for i in batch], options, rows_per_prompt, seeds,
+                                                       progress, prefix, states)
+                    for position, index in enumerate(batch):
+                        group = completions[position * rows_per_prompt:(position + 1) * rows_per_prompt]
+                        if keep is not None:
+                            for sample in range(options.n):
+                                keep[index * options.n + sample] = states[position * rows_per_prompt
+                                                                          + sample % rows_per_prompt]
+                        if rows_per_prompt < options.n:
+                            group = [copy.deepcopy(group[0]) for _ in range(options.n)]
+                        results[index] = group
+            finally:
+                progress.close()
         return results  # type: ignore[return-value]
+
+    def _decode_step(self) -> DecodeStep | None:
+        """Returns the own decode step for the current model, or None where the settings or the model rule it out.
+
+        The model is checked on every call (a hook or adapter may have been added since); the
+        step, with its fused weights, is kept while the model object stays the same.
+        """
+        if not (self.settings.own_decode_step and self._growable()) or unsupported_reason(self.model) is not None:
+            return None
+        step = getattr(self, "_step", None)
+        if step is None or step.model is not self.model or step.fused != self.settings.fused_projections:
+            step = self._step = DecodeStep(self.model, self.settings.fused_projections)
+        return step
 
     @torch.no_grad()
     def _generate_batch(self, batch_ids: list[list[int]], options: SamplingOptions, rows_per_prompt: int,
-                        seeds: list[int], progress: GenerationProgress, prefix: _SharedPrefix | None = None
-                        ) -> list[Completion]:
+                        seeds: list[int], progress: GenerationProgress, prefix: _SharedPrefix | None = None,
+                        keep: dict | None = None) -> list[Completion]:
         """Returns ``len(batch_ids) * rows_per_prompt`` completions, prompt-major; ``seeds``: each row's sampling seed."""
+        started = time.perf_counter()
+        cache, logits, attention_mask = self._prefill(batch_ids, rows_per_prompt, options.max_new_tokens, prefix)
+        self.last_prefill_seconds += time.perf_counter() - started
+        contexts = [ids for ids in batch_ids for _ in range(rows_per_prompt)]
+        return self._decode_rows(cache, logits, attention_mask, contexts, options, seeds, progress, keep)
+
+    @torch.no_grad()
+    def _decode_rows(self, cache, logits: torch.Tensor, attention_mask: torch.Tensor, contexts: list[list[int]],
+                     options: SamplingOptions, seeds: list[int], progress: GenerationProgress,
+                     keep: dict | None = None) -> list[Completion]:
+        """Returns one completion per row, decoded from a prefilled ``cache`` (rows' contexts right-aligned, ``attention_mask``
+        (rows, width) marking the columns that hold tokens) and the logits (rows, vocab) after each row's last context token.
+
+        With ``keep`` (a dict), row ``r``'s ``_RowState`` goes to ``keep[r]`` (its context and
+        generated tokens, with the keys and values of those of them in the cache).
+        """
         device, settings, steps = self.device, self.settings, options.max_new_tokens
-        rows = len(batch_ids) * rows_per_prompt
-        lengths = torch.tensor([len(ids) for ids in batch_ids]).repeat_interleave(rows_per_prompt)
-        cache, logits, attention_mask = self._prefill(batch_ids, rows_per_prompt, steps, prefix)
-        positions = lengths.to(device)  # the position of each row's next token
+        rows = len(contexts)
+        positions = torch.tensor([len(ids) for ids in contexts], device=device)  # the position of each row's next token
         row_seeds = np.array(seeds, dtype=np.uint64)
 
         tokens = torch.full((rows, steps), self.pad_token_id, dtype=torch.long)
@@ -441,6 +633,15 @@ class HFGenerator(Generator):
         present = torch.arange(rows)  # the batch's rows (original indices), finished ones among them until compacted
         running = torch.ones(rows, dtype=torch.bool)  # per present row: not finished yet
         cache_argument = _forward_cache_argument(self.model)
+        step_function = self._decode_step()
+        growable = self._growable()
+        width = attention_mask.shape[1]
+        if step_function is not None:
+            # An additive mask for every column the loop can reach, built once: 0 where a row has a token.
+            dtype = self.model.get_input_embeddings().weight.dtype
+            mask_bias = torch.zeros((rows, width + steps), dtype=dtype, device=device)
+            mask_bias[:, :width].masked_fill_(attention_mask == 0, torch.finfo(dtype).min)
+        kept: dict[int, tuple] = {}
         for step in range(steps):
             next_tokens, token_logprobs, token_entropies = self._pick(logits, options, step, row_seeds[present.numpy()])
             next_cpu = next_tokens.cpu()
@@ -458,35 +659,95 @@ class HFGenerator(Generator):
             if step == steps - 1:
                 finished = running.clone()  # the rest reached max_new_tokens
             lengths_out[present[finished]] = step + 1
+            if keep is not None:
+                for position in finished.nonzero().squeeze(1).tolist():
+                    kept[int(present[position])] = _cached_columns(cache, attention_mask[position], position) \
+                        if growable else None
             progress.advance(int(running.sum()), int(finished.sum()), step)
             running &= ~finished
             if not running.any():
                 break
             stale = int((~running).sum())
             if settings.drop_finished and stale and stale >= max(1, len(present) // 8):
-                keep = running.nonzero().squeeze(1)
-                keep_device = keep.to(device)
+                keep_rows = running.nonzero().squeeze(1)
+                keep_device = keep_rows.to(device)
                 cache.batch_select_indices(keep_device)
-                present, running = present[keep], running[keep]
+                present, running = present[keep_rows], running[keep_rows]
                 attention_mask, positions, next_tokens = attention_mask[keep_device], positions[keep_device], next_tokens[keep_device]
+                if step_function is not None:
+                    mask_bias = mask_bias[keep_device]
             attention_mask = torch.cat([attention_mask, attention_mask.new_ones(len(present), 1)], dim=1)
-            output = self.model(input_ids=next_tokens.unsqueeze(1), attention_mask=attention_mask,
-                                position_ids=positions.unsqueeze(1), use_cache=True, logits_to_keep=1,
-                                **{cache_argument: cache})
-            logits = output.logits[:, -1]
+            if step_function is not None:
+                logits = step_function(next_tokens, positions, cache.layers, mask_bias[:, :width + step + 1])
+            else:
+                output = self.model(input_ids=next_tokens.unsqueeze(1), attention_mask=attention_mask,
+                                    position_ids=positions.unsqueeze(1), use_cache=True, logits_to_keep=1,
+                                    **{cache_argument: cache})
+                logits = output.logits[:, -1]
             positions = positions + 1
         del cache
         completions = []
         for row in range(rows):
             count = int(lengths_out[row])
-            completion = self._completion(tokens[row, :count].tolist(), options, len(batch_ids[row // rows_per_prompt]))
+            completion = self._completion(tokens[row, :count].tolist(), options, len(contexts[row]))
             count = completion.num_tokens
             if logprobs is not None:
                 completion.logprobs = logprobs[row, :count].tolist()
             if entropies is not None:
                 completion.entropies = entropies[row, :count].tolist()
             completions.append(completion)
+            if keep is not None:
+                keep[row] = _RowState.after(contexts[row], completion.token_ids, kept[row])
         return completions
+
+    @torch.no_grad()
+    def _prefill_continuations(self, states: list["_RowState"], new_ids: list[list[int]], max_new_tokens: int):
+        """Returns (KV cache, last-position logits (rows, vocab), attention mask (rows, width)) after each row's context
+        followed by ``new_ids`` of that row, reusing the keys and values of the row's ``state``.
+
+        The cached part of each row sits right-aligned before one block of the new positions, in
+        which each row's pending tokens (context tokens not cached yet, then ``new_ids``) are
+        right-aligned too; only that block runs through the model.
+        """
+        device = self.device
+        rows = len(states)
+        cached = [state.cached_length for state in states]
+        pending = [state.ids[length:] + list(ids) for state, length, ids in zip(states, cached, new_ids)]
+        old, new = max(cached), max(len(p) for p in pending)
+        attention_mask = torch.zeros((rows, old + new), dtype=torch.long)
+        input_ids = torch.full((rows, new), self.pad_token_id, dtype=torch.long)
+        for row, (length, tokens) in enumerate(zip(cached, pending)):
+            attention_mask[row, old - length:old] = 1
+            attention_mask[row, old + new - len(tokens):] = 1
+            input_ids[row, new - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
+        position_ids = (attention_mask.cumsum(dim=1) - 1).clamp_(min=0)[:, old:]
+        step_cache = DynamicCache()
+        if old:
+            layers = []
+            for layer in range(len(next(state.keys for state in states if state.cached_length))):
+                sample = next(state.keys[layer] for state in states if state.cached_length)
+                keys = sample.new_zeros((rows,) + sample.shape[1:2] + (old,) + sample.shape[3:])
+                values = torch.zeros_like(keys)
+                for row, (state, length) in enumerate(zip(states, cached)):
+                    if length:
+                        keys[row, :, old - length:] = state.keys[layer][0]
+                        values[row, :, old - length:] = state.values[layer][0]
+                layers.append((keys, values))
+            step_cache = DynamicCache(ddp_cache_data=layers)
+        output = self.model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                            position_ids=position_ids.to(device), use_cache=True, logits_to_keep=1,
+                            **{_forward_cache_argument(self.model): step_cache})
+        logits = output.logits[:, -1]
+        if not self._growable():
+            return step_cache, logits, attention_mask.to(device)
+        width = old + new
+        cache = DynamicCache()
+        cache.layers = [_PreallocatedLayer(width + max_new_tokens, width + max_new_tokens, width)
+                        for _ in DynamicCache(config=self.model.config).layers]
+        cache.layer_class_to_replicate = None
+        for layer, filled in zip(cache.layers, step_cache.layers):
+            layer.place(slice(0, rows), rows, 0, filled.keys, filled.values)
+        return cache, logits, attention_mask.to(device)
 
     def _pick(self, logits: torch.Tensor, options: SamplingOptions, step: int, row_seeds: np.ndarray
               ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:

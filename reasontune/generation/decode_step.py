@@ -1,0 +1,148 @@
+"""One decode step of a Llama-family causal LM written out over the model's own modules, for ``HFGenerator``'s loop.
+
+At a decode step (one new token per row) a small model on a CPU spends a quarter of its time
+outside the matrix multiplies: the HF forward builds a 4-D mask, runs flash attention's kernel
+for a query of length one, and calls three projections where one would do. This step calls
+the model's own embedding, norms, rotary embedding and ``apply_rotary_pos_emb`` (so those are
+the model's arithmetic exactly) and replaces three things:
+
+- the query/key/value projections and the gate/up projections run as one matrix multiply
+  each, over weights concatenated once (``fused``), rebuilt whenever a source weight changes
+  (its version counter moves on an in-place optimiser step, its storage on a reload);
+- attention over the preallocated cache is two batched products per (row, key-value head)
+  with the group's query heads stacked (no repeat of the keys), an additive mask kept by the
+  loop and one float32 softmax, as HF's eager attention computes it;
+- no mask or cache object is built per step.
+
+Only plain Llama / Qwen2 / Mistral layers qualify (``DecodeStep.unsupported_reason`` says
+why another model does not, and the loop then runs the model's own forward): SiLU MLP, no
+query/key norms, no sliding window, no adapter wrappers. Float results differ from HF's
+forward in the last bits (another attention kernel); greedy tokens and log-probs are tested
+against it.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+
+_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def unsupported_reason(model) -> str | None:
+    """Returns why ``DecodeStep`` cannot run ``model`` (None: it can)."""
+    config = getattr(model, "config", None)
+    if config is None or getattr(config, "model_type", None) not in _MODEL_TYPES:
+        return f"model type {getattr(config, 'model_type', None)!r} is not one of {', '.join(_MODEL_TYPES)}"
+    if hasattr(model, "get_base_model") or hasattr(model, "peft_config"):
+        return "an adapter-wrapped model (its projections are not plain linear layers)"
+    if getattr(config, "hidden_act", None) != "silu":
+        return f"hidden_act {config.hidden_act!r} (only silu)"
+    if getattr(config, "use_sliding_window", False) or "sliding_attention" in (getattr(config, "layer_types", None) or ()):
+        return "sliding-window attention"
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
+        return "no model.layers / model.rotary_emb"
+    for layer in base.layers:
+        attention, mlp = layer.self_attn, layer.mlp
+        projections = [getattr(attention, name, None) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        projections += [getattr(mlp, name, None) for name in ("gate_proj", "up_proj", "down_proj")]
+        if any(type(p) is not torch.nn.Linear for p in projections):
+            return "a projection that is not a plain torch.nn.Linear"
+        if hasattr(attention, "q_norm") or hasattr(attention, "k_norm"):
+            return "query/key norms"
+        if any(m._forward_hooks or m._forward_pre_hooks for m in layer.modules()):
+            return "forward hooks on a decoder layer"
+    return None
+
+
+class DecodeStep:
+    """Runs one decode step of a supported model (see the module docstring): new tokens (rows,) → logits (rows, vocab).
+
+    ``fused``: one matmul for q/k/v and one for gate/up over concatenated weights (an extra
+    copy of those weights is held); otherwise the model's own projection modules.
+    """
+
+    def __init__(self, model, fused: bool = True):
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"DecodeStep cannot run this model: {reason}")
+        self.model, self.fused = model, fused
+        base = model.model
+        first = base.layers[0].self_attn
+        self.head_dim = first.head_dim
+        self.heads = model.config.num_attention_heads
+        self.kv_heads = model.config.num_key_value_heads
+        self.scaling = first.scaling
+        self.apply_rotary = sys.modules[type(first).__module__].apply_rotary_pos_emb
+        self._fused_weights: list[tuple] | None = None
+        self._versions: list[tuple[int, int]] | None = None
+
+    def _sources(self) -> list[torch.Tensor]:
+        tensors = []
+        for layer in self.model.model.layers:
+            for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
+                           layer.mlp.gate_proj, layer.mlp.up_proj):
+                tensors.append(linear.weight)
+                if linear.bias is not None:
+                    tensors.append(linear.bias)
+        return tensors
+
+    def _weights(self) -> list[tuple]:
+        """Returns per layer (qkv weight, qkv bias or None, gate-up weight), rebuilt if any source tensor changed since."""
+        sources = self._sources()
+        versions = [(t._version, t.data_ptr()) for t in sources]
+        if self._fused_weights is None or versions != self._versions:
+            weights = []
+            for layer in self.model.model.layers:
+                attention, mlp = layer.self_attn, layer.mlp
+                projections = (attention.q_proj, attention.k_proj, attention.v_proj)
+                qkv = torch.cat([p.weight.detach() for p in projections])
+                bias = None if attention.q_proj.bias is None else torch.cat([p.bias.detach() for p in projections])
+                gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
+                weights.append((qkv, bias, gate_up))
+            self._fused_weights, self._versions = weights, versions
+        return self._fused_weights
+
+    @torch.no_grad()
+    def __call__(self, tokens: torch.Tensor, positions: torch.Tensor, layers, mask_bias: torch.Tensor) -> torch.Tensor:
+        """Returns the logits (rows, vocab) after feeding ``tokens`` (rows,) at ``positions`` (rows,).
+
+        ``layers``: the cache's ``_PreallocatedLayer`` per decoder layer (each step's keys and
+        values are written into it). ``mask_bias``: (rows, cached positions + 1) float, 0 where a
+        position may be attended to and the dtype's minimum where not (padding).
+        """
+        base = self.model.model
+        rows, d = tokens.shape[0], self.head_dim
+        q_width, kv_width = self.heads * d, self.kv_heads * d
+        group = self.heads // self.kv_heads
+        hidden = base.embed_tokens(tokens[:, None])  # (rows, 1, hidden)
+        cos, sin = base.rotary_emb(hidden, positions[:, None])
+        bias = mask_bias[:, None, None, :]
+        fused = self._weights() if self.fused else [None] * len(base.layers)
+        for layer, cache_layer, weights in zip(base.layers, layers, fused):
+            attention, mlp = layer.self_attn, layer.mlp
+            normed = layer.input_layernorm(hidden)
+            if weights is not None:
+                query, key, value = F.linear(normed, weights[0], weights[1]).split((q_width, kv_width, kv_width), dim=-1)
+            else:
+                query, key, value = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+            query = query.view(rows, 1, self.heads, d).transpose(1, 2)
+            key = key.view(rows, 1, self.kv_heads, d).transpose(1, 2)
+            value = value.view(rows, 1, self.kv_heads, d).transpose(1, 2)
+            query, key = self.apply_rotary(query, key, cos, sin)
+            keys, values = cache_layer.update(key, value)  # (rows, kv_heads, positions, d)
+            grouped = query.reshape(rows, self.kv_heads, group, d)
+            scores = torch.matmul(grouped, keys.transpose(2, 3)).mul_(self.scaling).add_(bias)
+            probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+            attended = torch.matmul(probs, values).reshape(rows, 1, q_width)
+            hidden = hidden + attention.o_proj(attended)
+            normed = layer.post_attention_layernorm(hidden)
+            if weights is not None:
+                gate, up = F.linear(normed, weights[2]).chunk(2, dim=-1)
+            else:
+                gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
+            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
+        return self.model.lm_head(base.norm(hidden))[:, -1]
