@@ -729,11 +729,16 @@ def _restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_
         raise UserError(f"--resume: {checkpoint} was trained on other data or batches than these options plan "
                         "for its steps; resume with the same data, seed and batching options")
     sharded = (Path(checkpoint) / SHARDED_DIR).is_dir()
+    # Which AdamW kernel runs is this run's choice (fused in one process, the loop over shards); the state is the same.
+    kernels = [{key: group[key] for key in ("fused", "foreach") if key in group}
+               for group in (optimizer.param_groups if optimizer is not None else [])]
     if model is not None and optimizer is not None and sharded:
         load_sharded(checkpoint, model, optimizer)
     try:
         if optimizer is not None and state.get("optimizer") is not None and not sharded:
             optimizer.load_state_dict(state["optimizer"])
+        for group, kernel in zip(optimizer.param_groups if optimizer is not None else [], kernels):
+            group.update(kernel)
         if scheduler is not None and state.get("scheduler") is not None:
             _check_like(state["scheduler"], scheduler.state_dict(), "scheduler")
             live_base_lrs = list(scheduler.base_lrs)
