@@ -308,23 +308,28 @@ def reference_loss(model, prompt_ids: list[list[int]], output_ids: list[list[int
     return total / count
 
 
-def ours_batch_loss(model, prompt_ids, output_ids, pad_token_id: int, packed: bool, max_length: int) -> float:
+def ours_batch_loss(model, prompt_ids, output_ids, pad_token_id: int, packed: bool, max_length: int,
+                    layout: str = "rows") -> float:
     """Returns our token-mean loss of one microbatch of these examples (padded, or packed into one microbatch)."""
-    from reasontune.batching import pack_examples, packed_forward_kwargs
+    from reasontune.batching import flatten_packed, pack_examples, packed_forward_kwargs
     from reasontune.logprobs import get_response_log_probs
     from reasontune.losses import sft_microbatch_train_step
+    from reasontune.packed_attention import packed_attention, packed_kernel
     from reasontune.tokenization import pad_and_shift
 
-    if packed:
+    kernel = model.config._attn_implementation
+    if packed:  # the trainer's packed path: its layout and its kernel (sdpa one example at a time)
         microbatches = pack_examples(prompt_ids, output_ids, pad_token_id, tokens_per_row=max_length - 1,
                                      rows_per_batch=len(prompt_ids), max_length=max_length)
         assert len(microbatches) == 1, "the check batch must pack into one microbatch"
-        batch = microbatches[0]
-        forward = packed_forward_kwargs(batch, model.config._attn_implementation, dtype=model.dtype)
+        batch = flatten_packed(microbatches[0]) if layout == "flat" else microbatches[0]
+        kernel = packed_kernel(kernel)
+        forward = packed_forward_kwargs(batch, kernel, dtype=model.dtype)
     else:
         batch, forward = pad_and_shift(prompt_ids, output_ids, pad_token_id, max_length=max_length), {}
-    outputs = get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy=True,
-                                     response_mask=batch["response_mask"], **forward)
+    with packed_attention(model, kernel):
+        outputs = get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy=True,
+                                         response_mask=batch["response_mask"], **forward)
     loss, _ = sft_microbatch_train_step(outputs["log_probs"], batch["response_mask"], 1, aggregation="token_mean",
                                         tokens_in_step=int(batch["response_mask"].sum()))
     model.zero_grad(set_to_none=True)
@@ -376,7 +381,7 @@ def check_first_batch(args: argparse.Namespace, workdir: Path) -> dict:
     result["check_response_tokens"] = sum(len(o) for o in output_ids)
     for layout in ("padded", "packed"):
         result[f"ours-{layout}"] = ours_batch_loss(model, prompt_ids, output_ids, pad_token_id_of(tokenizer),
-                                                   layout == "packed", args.max_length)
+                                                   layout == "packed", args.max_length, args.packing_layout)
     # TRL's collator on its first rows; packed: a trainer over just these examples, whose one batch holds them all.
     batch = padded_trainer.data_collator([padded_trainer.train_dataset[i] for i in range(size)])
     result["trl-padded"], result["trl-padded-batch"] = trl_batch_loss(padded_trainer, batch)
