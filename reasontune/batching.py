@@ -301,8 +301,9 @@ def flatten_packed(batch: dict[str, Any]) -> dict[str, Any]:
     The same examples in the same order, positions restarting at each one: with
     ``packed_forward_kwargs`` every example still attends only to itself, so log-probs and
     gradients are those of the rows layout (up to float summation order). No compute is spent
-    on padding (what TRL calls padding-free); in exchange, sdpa/eager attention spans the whole
-    microbatch, whose cost grows with its length squared (flash-attention's varlen does not).
+    on padding (what TRL calls padding-free). Under a block mask (sdpa, eager) attention spans
+    the whole microbatch, whose cost grows with its length squared; flash-attention's varlen and
+    ``VARLEN_SDPA`` (the SFT trainer's sdpa path) score each example alone.
 
     Args:
         batch: a microbatch from ``pack_examples`` ((rows, T) tensors).

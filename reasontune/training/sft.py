@@ -70,7 +70,7 @@ class SFTConfig(TrainerOptions):
     loss_aggregation: LossAggregation = help_field("sequence_sum", "sequence_sum: each sequence's summed NLL / normalize-constant, mean over the step's sequences (the design's sft_microbatch_train_step); token_mean: mean NLL over the step's response tokens; sequence_mean: mean of each sequence's mean NLL", group="optimisation")
     normalize_constant: float = help_field(1.0, "divisor of each sequence's summed NLL under sequence_sum", group="optimisation")
     packing: bool = help_field(False, "pack several examples into rows of --tokens-per-batch tokens, without attention across examples", group="optimisation")
-    packing_layout: Literal["rows", "flat"] = help_field("rows", "with --packing: rows (--batch-size rows of --max-length tokens, padded to the fullest) or flat (those rows' tokens in one row without padding, as TRL's padding-free: no compute on padding, but sdpa/eager attention spans the whole microbatch)", group="optimisation")
+    packing_layout: Literal["rows", "flat"] = help_field("rows", "with --packing: rows (--batch-size rows of --max-length tokens, padded to the fullest) or flat (those rows' tokens in one row without padding, as TRL's padding-free: no compute on padding; sdpa and flash attention still score each example alone, eager attention spans the whole microbatch)", group="optimisation")
     tokens_per_batch: int | None = help_field(None, "with --packing (or dynamic batching): token budget of a microbatch instead of --batch-size examples", group="optimisation")
 
     @property
