@@ -18,7 +18,8 @@ with the same effective batch, learning rate, optimizer settings, thread count a
 hardware, with and without packing:
 
     ours-packed   run_sft(packing=True): rows of --max-length tokens, --batch-size rows per
-                  microbatch, block-causal sdpa mask per row.
+                  microbatch (--packing-layout flat: those rows' tokens in one row, as TRL),
+                  each example through its own causal sdpa call (packed_attention.VARLEN_SDPA).
     trl-packed    SFTTrainer(packing=True): TRL's default "bfd" packing into rows of
                   --max-length tokens, which turns on padding_free: the --batch-size rows of a
                   microbatch are flattened into ONE sequence with restarting position_ids.
@@ -41,7 +42,10 @@ float64 reference that runs every example alone. The loss check must agree to rt
 
 TRL settings that differ from its defaults to match ours: gradient_checkpointing=False and
 bf16=False (TRL's SFTConfig turns both on by default), constant learning rate without warmup,
-adam_beta2=0.95, logging every step.
+adam_beta2=0.95, logging every step. Both step with fused AdamW (TRL's default optim
+adamw_torch_fused; ours in one process). The loss-check process also measures what each of our
+changes buys on the first packed microbatch: the forward+backward with the block-causal mask vs
+one causal sdpa call per example, and the AdamW step looped vs fused.
 
 Usage: python bench/sft_throughput.py [--examples 48 --max-length 512 --batch-size 4
        --gradient-accumulation-steps 2 --hidden 64 --layers 2 --threads 1 --repeats 1]
@@ -308,23 +312,28 @@ def reference_loss(model, prompt_ids: list[list[int]], output_ids: list[list[int
     return total / count
 
 
-def ours_batch_loss(model, prompt_ids, output_ids, pad_token_id: int, packed: bool, max_length: int) -> float:
+def ours_batch_loss(model, prompt_ids, output_ids, pad_token_id: int, packed: bool, max_length: int,
+                    layout: str = "rows") -> float:
     """Returns our token-mean loss of one microbatch of these examples (padded, or packed into one microbatch)."""
-    from reasontune.batching import pack_examples, packed_forward_kwargs
+    from reasontune.batching import flatten_packed, pack_examples, packed_forward_kwargs
     from reasontune.logprobs import get_response_log_probs
     from reasontune.losses import sft_microbatch_train_step
+    from reasontune.packed_attention import packed_attention, packed_kernel
     from reasontune.tokenization import pad_and_shift
 
-    if packed:
+    kernel = model.config._attn_implementation
+    if packed:  # the trainer's packed path: its layout and its kernel (sdpa one example at a time)
         microbatches = pack_examples(prompt_ids, output_ids, pad_token_id, tokens_per_row=max_length - 1,
                                      rows_per_batch=len(prompt_ids), max_length=max_length)
         assert len(microbatches) == 1, "the check batch must pack into one microbatch"
-        batch = microbatches[0]
-        forward = packed_forward_kwargs(batch, model.config._attn_implementation, dtype=model.dtype)
+        batch = flatten_packed(microbatches[0]) if layout == "flat" else microbatches[0]
+        kernel = packed_kernel(kernel)
+        forward = packed_forward_kwargs(batch, kernel, dtype=model.dtype)
     else:
         batch, forward = pad_and_shift(prompt_ids, output_ids, pad_token_id, max_length=max_length), {}
-    outputs = get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy=True,
-                                     response_mask=batch["response_mask"], **forward)
+    with packed_attention(model, kernel):
+        outputs = get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy=True,
+                                         response_mask=batch["response_mask"], **forward)
     loss, _ = sft_microbatch_train_step(outputs["log_probs"], batch["response_mask"], 1, aggregation="token_mean",
                                         tokens_in_step=int(batch["response_mask"].sum()))
     model.zero_grad(set_to_none=True)
@@ -376,7 +385,7 @@ def check_first_batch(args: argparse.Namespace, workdir: Path) -> dict:
     result["check_response_tokens"] = sum(len(o) for o in output_ids)
     for layout in ("padded", "packed"):
         result[f"ours-{layout}"] = ours_batch_loss(model, prompt_ids, output_ids, pad_token_id_of(tokenizer),
-                                                   layout == "packed", args.max_length)
+                                                   layout == "packed", args.max_length, args.packing_layout)
     # TRL's collator on its first rows; packed: a trainer over just these examples, whose one batch holds them all.
     batch = padded_trainer.data_collator([padded_trainer.train_dataset[i] for i in range(size)])
     result["trl-padded"], result["trl-padded-batch"] = trl_batch_loss(padded_trainer, batch)
@@ -384,7 +393,61 @@ def check_first_batch(args: argparse.Namespace, workdir: Path) -> dict:
                                       batch_size=size)
     batch = next(iter(packed_trainer.get_train_dataloader()))
     result["trl-packed"], result["trl-packed-batch"] = trl_batch_loss(packed_trainer, batch)
+    result["trl-settings"] = {"optim": str(packed_trainer.args.optim.value), "padding_free": getattr(packed_trainer, "padding_free", None),
+                              "gradient_checkpointing": packed_trainer.args.gradient_checkpointing,
+                              "bf16": packed_trainer.args.bf16, "attention": model.config._attn_implementation}
+    result["changes"] = measure_changes(model, data.prompt_ids, data.output_ids, pad_token_id_of(tokenizer),
+                                        args.max_length, args.batch_size)
     return result
+
+
+def measure_changes(model, prompt_ids, output_ids, pad_token_id: int, max_length: int, rows: int,
+                    repeats: int = 2) -> dict:
+    """Returns the seconds of what each of our changes replaced and of the change, best of ``repeats`` (alternating).
+
+    - packed attention: forward + backward of the first packed microbatch (``rows`` rows of
+      ``max_length`` tokens, flattened into one row: TRL's layout) under sdpa with the
+      block-causal mask vs ``VARLEN_SDPA`` (one causal sdpa call per example), same tokens,
+      same loss;
+    - the optimizer step: AdamW over the model's parameters with their gradients, the
+      per-tensor loop (torch's CPU default) vs fused (ours, and TRL's ``adamw_torch_fused``).
+    """
+    import torch
+
+    from reasontune.batching import flatten_packed, pack_examples, packed_forward_kwargs
+    from reasontune.logprobs import get_response_log_probs
+    from reasontune.packed_attention import VARLEN_SDPA, packed_attention
+
+    batch = flatten_packed(pack_examples(prompt_ids, output_ids, pad_token_id, tokens_per_row=max_length - 1,
+                                         rows_per_batch=rows, max_length=max_length)[0])
+
+    def forward_backward(kernel: str) -> float:
+        model.zero_grad(set_to_none=True)
+        started = time.perf_counter()
+        with packed_attention(model, kernel):
+            log_probs = get_response_log_probs(model, batch["input_ids"], batch["labels"], return_token_entropy=True,
+                                               response_mask=batch["response_mask"],
+                                               **packed_forward_kwargs(batch, kernel, dtype=model.dtype))["log_probs"]
+        (-log_probs[batch["response_mask"]].mean()).backward()
+        return time.perf_counter() - started
+
+    def optimizer_step(fused: bool) -> float:
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-12, betas=(0.9, 0.95), weight_decay=0.0,
+                                      foreach=False if not fused else None, fused=fused or None)
+        optimizer.step()  # the first step allocates the moments
+        started = time.perf_counter()
+        optimizer.step()
+        return time.perf_counter() - started
+
+    seconds = {"attention_mask_s": [], "attention_varlen_s": [], "adamw_loop_s": [], "adamw_fused_s": []}
+    for repeat in range(repeats):
+        for kernel in (("sdpa", VARLEN_SDPA) if repeat % 2 == 0 else (VARLEN_SDPA, "sdpa")):
+            seconds["attention_mask_s" if kernel == "sdpa" else "attention_varlen_s"].append(forward_backward(kernel))
+        for fused in ((False, True) if repeat % 2 == 0 else (True, False)):
+            seconds["adamw_fused_s" if fused else "adamw_loop_s"].append(optimizer_step(fused))
+    model.zero_grad(set_to_none=True)
+    return {"tokens": int(batch["input_ids"].numel()), "examples": int(batch["num_examples"]),
+            **{key: min(values) for key, values in seconds.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -409,6 +472,20 @@ def run_child(args: argparse.Namespace, variant: str, workdir: Path) -> dict:
     result = json.loads(result_path.read_text())
     result["process_wall_s"] = time.perf_counter() - started
     return result
+
+
+def print_changes(changes: dict, args: argparse.Namespace) -> None:
+    """Prints what each change of our SFT step buys, measured on the check batch in the loss-check process."""
+    microbatches = args.gradient_accumulation_steps
+    mask, varlen = changes["attention_mask_s"], changes["attention_varlen_s"]
+    loop, fused = changes["adamw_loop_s"], changes["adamw_fused_s"]
+    print(f"what each change buys (loss-check process, best of 2; the first packed microbatch: {changes['examples']} "
+          f"examples, {changes['tokens']} tokens in one row):")
+    print(f"  packed attention, forward+backward of a microbatch: block mask {mask:.1f} s -> one causal sdpa call "
+          f"per example {varlen:.1f} s ({mask / varlen:.2f}x; {mask - varlen:.1f} s a microbatch, "
+          f"{microbatches} microbatches a step)")
+    print(f"  AdamW step over every parameter: per-tensor loop {loop:.2f} s -> fused {fused:.2f} s "
+          f"({loop / fused:.1f}x; {loop - fused:.2f} s a step)")
 
 
 def steady_state(result: dict) -> dict:
@@ -459,7 +536,7 @@ def main() -> None:
     import transformers
     import trl
 
-    variants = args.variants.split(",")
+    variants = [variant for variant in args.variants.split(",") if variant]  # none: the equivalence check alone
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(VARIANTS)}")
@@ -490,6 +567,12 @@ def main() -> None:
             for layout in ("padded", "packed"):
                 print(f"  {layout}: ours {check[f'ours-{layout}']:.6f}, TRL {check[f'trl-{layout}']:.6f} "
                       f"(TRL batch {check[f'trl-{layout}-batch']})")
+            trl_settings = check["trl-settings"]
+            print(f"TRL runs with optim {trl_settings['optim']}, padding_free {trl_settings['padding_free']} when packed "
+                  f"(transformers builds a packed-sequence mask from position_ids for {trl_settings['attention']}), "
+                  f"gradient_checkpointing {trl_settings['gradient_checkpointing']}, bf16 {trl_settings['bf16']}; ours "
+                  "fused AdamW, packed attention one causal sdpa call per example, no gradient checkpointing, float32")
+            print_changes(check["changes"], args)
 
         throughput = {v: [] for v in variants}
         peaks = {v: [] for v in variants}

@@ -8,6 +8,8 @@ the same example run alone. Which attention arguments achieve that depends on th
 - ``flash_attention_2``/``_3`` (and hub flash kernels): ``cu_seq_lens_q/k`` and
   ``max_length_q/k``, so flash-attention runs its varlen kernel over the real segments;
   ``attention_mask`` is None. No ``(s, s)`` mask is ever built.
+- ``packed_attention.VARLEN_SDPA`` (what the SFT trainer runs a sdpa model's packed forwards
+  with): the same varlen arguments; each segment goes through its own causal sdpa call.
 - ``sdpa`` and ``eager``: an explicit 4-D block-causal mask ``(rows, 1, T, T)`` (boolean for
   sdpa, additive in the model dtype for eager, which adds the mask to the scores).
 
@@ -37,6 +39,9 @@ __all__ = [
     "token_budget_batches",
     "varlen_attention_kwargs",
 ]
+
+# The attention kernel name of reasontune.packed_attention (sdpa one packed example at a time).
+VARLEN_SDPA = "reasontune_varlen_sdpa"
 
 
 def _seeded_order(count: int, shuffle_seed: int | None) -> list[int]:
@@ -265,9 +270,10 @@ def packed_forward_kwargs(
 
     Always ``position_ids`` (rows, T). Then, by attention kernel:
 
-    - a flash kernel (name containing "flash", e.g. ``flash_attention_2``): ``attention_mask``
-      None and ``varlen_attention_kwargs`` (cu_seq_lens_q/k, max_length_q/k), which
-      transformers hands to the varlen kernel;
+    - a flash kernel (name containing "flash", e.g. ``flash_attention_2``) or
+      ``packed_attention.VARLEN_SDPA`` (sdpa one example at a time): ``attention_mask`` None
+      and ``varlen_attention_kwargs`` (cu_seq_lens_q/k, max_length_q/k), which transformers
+      hands to the kernel;
     - ``sdpa``: ``attention_mask`` = the boolean (rows, 1, T, T) ``block_causal_attention_mask``;
     - ``eager``: the same mask, additive, in ``dtype`` (the model's compute dtype).
 
@@ -279,7 +285,7 @@ def packed_forward_kwargs(
         dtype: dtype of the eager additive mask.
     """
     position_ids, sequence_ids = batch["position_ids"], batch["sequence_ids"]
-    if "flash" in attn_implementation:
+    if "flash" in attn_implementation or attn_implementation == VARLEN_SDPA:
         return {"position_ids": position_ids, "attention_mask": None, **varlen_attention_kwargs(position_ids)}
     if attn_implementation == "sdpa":
         return {"position_ids": position_ids, "attention_mask": block_causal_attention_mask(sequence_ids)}
@@ -295,8 +301,9 @@ def flatten_packed(batch: dict[str, Any]) -> dict[str, Any]:
     The same examples in the same order, positions restarting at each one: with
     ``packed_forward_kwargs`` every example still attends only to itself, so log-probs and
     gradients are those of the rows layout (up to float summation order). No compute is spent
-    on padding (what TRL calls padding-free); in exchange, sdpa/eager attention spans the whole
-    microbatch, whose cost grows with its length squared (flash-attention's varlen does not).
+    on padding (what TRL calls padding-free). Under a block mask (sdpa, eager) attention spans
+    the whole microbatch, whose cost grows with its length squared; flash-attention's varlen and
+    ``VARLEN_SDPA`` (the SFT trainer's sdpa path) score each example alone.
 
     Args:
         batch: a microbatch from ``pack_examples`` ((rows, T) tensors).

@@ -729,14 +729,21 @@ def _restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_
         raise UserError(f"--resume: {checkpoint} was trained on other data or batches than these options plan "
                         "for its steps; resume with the same data, seed and batching options")
     sharded = (Path(checkpoint) / SHARDED_DIR).is_dir()
+    # Which AdamW kernel runs is this run's choice (fused in one process, the loop over shards); the state is the same.
+    kernels = [{key: group[key] for key in ("fused", "foreach") if key in group}
+               for group in (optimizer.param_groups if optimizer is not None else [])]
     if model is not None and optimizer is not None and sharded:
         load_sharded(checkpoint, model, optimizer)
     try:
         if optimizer is not None and state.get("optimizer") is not None and not sharded:
             optimizer.load_state_dict(state["optimizer"])
+        for group, kernel in zip(optimizer.param_groups if optimizer is not None else [], kernels):
+            group.update(kernel)
         if scheduler is not None and state.get("scheduler") is not None:
             _check_like(state["scheduler"], scheduler.state_dict(), "scheduler")
+            live_base_lrs = list(scheduler.base_lrs)
             scheduler.load_state_dict(state["scheduler"])
+            follow_live_schedule(scheduler, live_base_lrs)
     except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as error:
         raise CheckpointError(f"{where}: the optimizer or schedule state does not fit this run "
                               f"({' '.join(str(error).split())[:200]})") from None
@@ -744,6 +751,19 @@ def _restore_training_state(checkpoint: Path, optimizer, scheduler, fingerprint_
     if ctx is not None and ctx.rank > 0:
         restore_rng(checkpoint, ctx.rank)
     return state
+
+
+def follow_live_schedule(scheduler, base_lrs: list[float]) -> None:
+    """Returns nothing; sets the optimizer's rates to the live schedule (its rates and multipliers) at the restored step count.
+
+    The saved state brings the step count; the rates it saved (and the optimizer's, saved with
+    its state) belong to the schedule of the interrupted run, which differs when the resume
+    plans another number of steps (a larger --max-steps): the first resumed step must take
+    the new schedule's rate at that step. With unchanged options the rates are the same.
+    """
+    scheduler.base_lrs = base_lrs
+    scheduler.last_epoch -= 1
+    scheduler.step()  # last_epoch back to the restored count; every param group's lr and get_last_lr() from the live schedule
 
 
 def _check_like(saved: Any, expected: Any, where: str) -> None:

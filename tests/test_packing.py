@@ -381,3 +381,51 @@ def test_flat_layout_by_hand_and_equal_to_each_example_alone():
             with torch.no_grad():
                 alone = alone_log_probs(model, prompts[index] + outputs[index])
             torch.testing.assert_close(pieces, alone, atol=1e-5, rtol=0)
+
+
+# --- sdpa one packed example at a time (reasontune.packed_attention) ------------------------
+
+@pytest.mark.parametrize("layout", ["rows", "flat"])
+def test_varlen_sdpa_log_probs_and_gradients_equal_each_example_alone(layout):
+    from reasontune.packed_attention import VARLEN_SDPA, packed_attention
+
+    prompts, outputs = random_examples(9, seed=5)
+    batches = pack_examples(prompts, outputs, PAD, tokens_per_row=24, rows_per_batch=2, shuffle_seed=0)
+    assert any(b["num_examples"] > b["input_ids"].shape[0] for b in batches)  # really packed
+    if layout == "flat":
+        batches = [flatten_packed(b) for b in batches]
+    model = tiny_model("sdpa")
+    with packed_attention(model, VARLEN_SDPA):
+        assert model.config._attn_implementation == VARLEN_SDPA
+        error = packed_vs_alone_error(model, batches, prompts, outputs,
+                                      lambda batch: packed_forward_kwargs(batch, VARLEN_SDPA),
+                                      reference_model=tiny_model("sdpa"))  # the same seeded weights
+    assert model.config._attn_implementation == "sdpa"
+    assert error < 1e-5
+
+    # Gradients of the summed response log-probs: packed through VARLEN_SDPA vs every example alone.
+    model.zero_grad()
+    for batch in batches:
+        with packed_attention(model, VARLEN_SDPA):
+            log_probs = label_log_probs(model, batch["input_ids"], batch["labels"],
+                                        **packed_forward_kwargs(batch, VARLEN_SDPA))
+        log_probs[batch["response_mask"]].sum().backward()
+    packed_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    for prompt, output in zip(prompts, outputs):
+        alone_log_probs(model, prompt + output)[len(prompt) - 1:].sum().backward()
+    for packed_grad, parameter in zip(packed_grads, model.parameters()):
+        torch.testing.assert_close(packed_grad, parameter.grad, rtol=1e-4, atol=1e-6)
+    assert any(float(g.abs().max()) > 0 for g in packed_grads)
+
+
+def test_varlen_sdpa_refuses_an_unpacked_forward_and_restores_the_kernel_after_an_error():
+    from reasontune.packed_attention import VARLEN_SDPA, packed_attention, packed_kernel
+
+    assert packed_kernel("sdpa") == VARLEN_SDPA and packed_kernel("eager") == "eager"
+    model = tiny_model("sdpa")
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with pytest.raises(ValueError, match="packed forwards only"):
+        with packed_attention(model, VARLEN_SDPA):
+            model(input_ids=ids)
+    assert model.config._attn_implementation == "sdpa"

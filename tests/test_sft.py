@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from safetensors.torch import load_file
 
 from reasontune.config import load_config
 from reasontune.training.optimizer_step import TrainingDiverged
-from reasontune.training.sft import SFTConfig, learning_rate_lambda, run_sft
+from reasontune.training.sft import SFTConfig, learning_rate_lambda, run_sft, setup_sft
 
 
 def write_sft_data(path: Path, count: int = 40) -> Path:
@@ -169,3 +170,32 @@ def test_run_directory_holds_config_metrics_evals_checkpoints_and_report(tiny_mo
     model = AutoModelForCausalLM.from_pretrained(run_dir / "final")
     assert model.config.model_type == "qwen2"
     assert (run_dir / "report" / "index.html").exists() and (run_dir / "report" / "loss.png").exists()
+
+
+def test_resume_with_more_max_steps_follows_the_new_schedule_from_its_first_step(tiny_model_dir, tmp_path):
+    data = write_sft_data(tmp_path / "train.jsonl", count=16)  # 16 examples / batch 4 = 4 steps an epoch
+    peak = 3e-3
+
+    def config(max_steps: int, resume: bool) -> SFTConfig:
+        return SFTConfig(model=str(tiny_model_dir), train_data=str(data), output_dir=str(tmp_path / "run"),
+                         batch_size=4, gradient_accumulation_steps=1, learning_rate=peak, lr_scheduler="cosine",
+                         warmup_ratio=0.0, max_steps=max_steps, resume=resume, progress=False,
+                         write_report=False, num_threads=1, max_length=64)
+
+    run_sft(config(2, resume=False))
+    # Cosine over 4 steps without warmup, by hand: step s (0-based) has peak * (1 + cos(pi * s / 4)) / 2.
+    # The saved 2-step schedule would give step 3 (s = 2) peak * (1 + cos(pi)) / 2 = 0.
+    expected = {3: peak * 0.5, 4: peak * (1 + math.cos(3 * math.pi / 4)) / 2}
+
+    session = setup_sft(config(4, resume=True))
+    assert session.start_step == 2
+    assert [group["lr"] for group in session.optimizer.param_groups] == pytest.approx([expected[3]], rel=1e-12)
+    assert session.scheduler.get_last_lr() == pytest.approx([expected[3]], rel=1e-12)
+    session.logger.close()
+    session.stop.disarm()
+
+    run_sft(config(4, resume=True))
+    logged = {line["step"]: line["lr"] for line in map(json.loads, (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())
+              if line["kind"] == "train"}
+    assert [logged[1], logged[2]] == pytest.approx([peak, peak * 0.5])  # the 2-step run's schedule: (1 + cos(pi * s / 2)) / 2
+    assert {step: logged[step] for step in (3, 4)} == pytest.approx(expected, rel=1e-12)

@@ -28,6 +28,7 @@ from reasontune.evaluation import EvalSet
 from reasontune.generation import Generator
 from reasontune.logprobs import get_response_log_probs
 from reasontune.losses import LossAggregation, sft_microbatch_train_step
+from reasontune.packed_attention import packed_attention, packed_kernel
 from reasontune.options import (CheckpointOptions, EvaluationOptions, GenerationOptions, InLoopEvaluationOptions,
                                 OptimizerOptions, TrainerOptions)
 from reasontune.rollouts import RewardFn, reward_fn_by_name
@@ -69,7 +70,7 @@ class SFTConfig(TrainerOptions):
     loss_aggregation: LossAggregation = help_field("sequence_sum", "sequence_sum: each sequence's summed NLL / normalize-constant, mean over the step's sequences (the design's sft_microbatch_train_step); token_mean: mean NLL over the step's response tokens; sequence_mean: mean of each sequence's mean NLL", group="optimisation")
     normalize_constant: float = help_field(1.0, "divisor of each sequence's summed NLL under sequence_sum", group="optimisation")
     packing: bool = help_field(False, "pack several examples into rows of --tokens-per-batch tokens, without attention across examples", group="optimisation")
-    packing_layout: Literal["rows", "flat"] = help_field("rows", "with --packing: rows (--batch-size rows of --max-length tokens, padded to the fullest) or flat (those rows' tokens in one row without padding, as TRL's padding-free: no compute on padding, but sdpa/eager attention spans the whole microbatch)", group="optimisation")
+    packing_layout: Literal["rows", "flat"] = help_field("rows", "with --packing: rows (--batch-size rows of --max-length tokens, padded to the fullest) or flat (those rows' tokens in one row without padding, as TRL's padding-free: no compute on padding; sdpa and flash attention still score each example alone, eager attention spans the whole microbatch)", group="optimisation")
     tokens_per_batch: int | None = help_field(None, "with --packing (or dynamic batching): token budget of a microbatch instead of --batch-size examples", group="optimisation")
 
     @property
@@ -247,8 +248,11 @@ def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch
     for mb in microbatches:
         input_ids, labels = mb["input_ids"].to(device), mb["labels"].to(device)
         response_mask = mb["response_mask"].to(device)
+        kernel = model.config._attn_implementation
         if "position_ids" in mb:
-            forward = packed_forward_kwargs(mb, model.config._attn_implementation, dtype=model.dtype)
+            # sdpa runs each packed example through its own causal call (no block mask to score).
+            kernel = packed_kernel(kernel)
+            forward = packed_forward_kwargs(mb, kernel, dtype=model.dtype)
             forward = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in forward.items()}
             tokens = int((mb["sequence_ids"] >= 0).sum())
         else:
@@ -256,8 +260,9 @@ def train_step(model, microbatches: list[dict], config: SFTConfig, device: torch
             # them, so no attention mask is needed (and sdpa keeps its fast causal kernel).
             forward = {}
             tokens = int((mb["prompt_lengths"] + mb["response_lengths"] - 1).sum())
-        outputs = get_response_log_probs(model, input_ids, labels, return_token_entropy=True,
-                                         response_mask=response_mask, **forward)
+        with packed_attention(model, kernel):
+            outputs = get_response_log_probs(model, input_ids, labels, return_token_entropy=True,
+                                             response_mask=response_mask, **forward)
         if mb.get("filler"):
             (outputs["log_probs"].sum() * 0.0).backward()  # joins the gradient reduce-scatters, adds nothing
             continue
@@ -328,7 +333,7 @@ def prepare_session(config: SFTConfig, model, tokenizer, examples: Sequence[Exam
     """
     data = tokenize_examples(examples, tokenizer, template, config.max_length)
     steps = plan_steps(data, config, pad_token_id_of(tokenizer), world_size)
-    optimizer = make_optimizer(model, config)
+    optimizer = make_optimizer(model, config, fused=world_size == 1)  # sharded parameters take the default loop
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate_lambda(config, len(steps)))
     return SFTSession(config=config, model=model, tokenizer=tokenizer, device=device, data=data, steps=steps,
                       optimizer=optimizer, scheduler=scheduler, template=template,
