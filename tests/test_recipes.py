@@ -43,8 +43,10 @@ def _load_table_module():
 
 
 def test_recipe_table_reads_minutes_loads_summaries_and_paired_comparisons(tmp_path):
-    # sft ran in two parts (12.0 min at load 6.0, 1.5 at load 3.0); eval-sft's line has no load column (older runs).
-    (tmp_path / "minutes.tsv").write_text("eval-zero-shot\t14.9\t4.0\nsft\t12.0\t6.0\nsft\t1.5\t3.0\neval-sft\t13.2\n")
+    # sft ran in two parts (12.0 min at load 6.0 with 2.5 CPU min, 1.5 at load 3.0 with 0.5);
+    # eval-sft's line has no load or CPU column (older runs).
+    (tmp_path / "minutes.tsv").write_text("eval-zero-shot\t14.9\t4.0\t6.1\nsft\t12.0\t6.0\t2.5\nsft\t1.5\t3.0\t0.5\n"
+                                          "eval-sft\t13.2\n")
     for stage, value, low, high, format_rate, tokens in (("zero-shot", 0.0, 0.0, 0.0, 0.0, 196.55),
                                                          ("sft", 0.035, 0.01, 0.06, 0.955, 120.25)):
         (tmp_path / f"eval-{stage}").mkdir()
@@ -57,9 +59,50 @@ def test_recipe_table_reads_minutes_loads_summaries_and_paired_comparisons(tmp_p
         {"rows": [{"values": [{"value": 0.0, "low": 0.0, "high": 0.0188}, {"value": 0.035, "low": 0.0171, "high": 0.0706}],
                    "differences": [{"difference": 0.035, "low": 0.01, "high": 0.06, "p_value": 0.004}]}]}))
     lines = _load_table_module().table(tmp_path).splitlines()
-    assert lines[2] == "| eval zero-shot | 14.9 | 4.0 | 0.0 [0.0, 1.9] |  | 0.0 | 196.6 |"
-    # 12.0 + 1.5 minutes; load weighted by minutes: (12.0 * 6.0 + 1.5 * 3.0) / 13.5 = 5.67
-    assert lines[3] == "| sft training | 13.5 | 5.7 | | | | |"
-    assert lines[4] == "| eval sft | 13.2 |  | 3.5 [1.7, 7.1] | +3.5 [+1.0, +6.0] (p 0.004) | 95.5 | 120.2 |"
-    assert lines[5:7] == ["| grpo training | not run | | | | | |", "| eval grpo | not run | | | | | |"]
-    assert "Total wall-clock: 41.6 minutes; 200 test questions" in lines[-1]  # 14.9 + 13.5 + 13.2
+    assert lines[2] == "| eval zero-shot | 14.9 | 4.0 | 6.1 | 0.0 [0.0, 1.9] |  | 0.0 | 196.6 |"
+    # 12.0 + 1.5 minutes, 2.5 + 0.5 CPU minutes; load weighted by minutes: (12.0 * 6.0 + 1.5 * 3.0) / 13.5 = 5.67
+    assert lines[3] == "| sft training | 13.5 | 5.7 | 3.0 | | | | |"
+    assert lines[4] == "| eval sft | 13.2 |  |  | 3.5 [1.7, 7.1] | +3.5 [+1.0, +6.0] (p 0.004) | 95.5 | 120.2 |"
+    assert lines[5:7] == ["| grpo training | not run | | | | | | |", "| eval grpo | not run | | | | | | |"]
+    # 14.9 + 13.5 + 13.2; no CPU total, since eval-sft has none
+    assert "Total wall-clock: 41.6 minutes; 200 test questions" in lines[-1]
+    (tmp_path / "minutes.tsv").write_text("eval-zero-shot\t14.9\t4.0\t6.1\nsft\t12.0\t6.0\t2.5\neval-sft\t13.2\t5.0\t4.4\n")
+    assert "Total wall-clock: 40.1 minutes; CPU: 13.0 minutes; 200" in _load_table_module().table(tmp_path)
+
+
+def _load_compact_traces_module():
+    spec = importlib.util.spec_from_file_location("compact_traces", RECIPES / "compact_traces.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compact_traces_keep_the_equations_and_filter_by_their_count(tmp_path):
+    compact = _load_compact_traces_module()
+    natalia = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\n"
+               "Natalia sold 48+24 = <<48+24=72>>72 clips altogether in April and May.\n#### 72")
+    assert compact.equations(natalia) == ["48/2=24", "48+24=72"]
+    assert compact.compact_target(natalia) == " 48/2=24\n48+24=72 </think> <answer>72</answer>"
+    # No annotation: the sentences stay; no '####': no target.
+    assert compact.compact_target("Half of 10 is 5.\n#### 5") == " Half of 10 is 5. </think> <answer>5</answer>"
+    assert compact.compact_target("no answer here") is None
+
+    three = "a <<1+1=2>>2, b <<2*3=6>>6, c <<6-1=5>>5\n#### 5"
+    source = tmp_path / "train.jsonl"
+    source.write_text("\n".join(json.dumps(r) for r in [
+        {"question": "How many clips?", "answer": natalia},
+        {"question": "Three steps?", "answer": three},
+        {"question": "Unanswered?", "answer": "no answer here"},
+    ]) + "\n")
+    template = tmp_path / "t.prompt"
+    template.write_text("Q: {question}\nA: <think>\n")
+    out = tmp_path / "out.jsonl"
+    assert compact.main([str(source), str(out), "--prompt-template", str(template), "--max-equations", "2"]) == 0
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert records == [{"prompt": "Q: How many clips?\nA: <think>",
+                        "response": " 48/2=24\n48+24=72 </think> <answer>72</answer>", "ground_truth": "72"}]
+    # reasontune reads the records as fixed prompts with their SFT targets and references.
+    example = example_from_record(records[0], str(out), 1)
+    assert (example.prompt, example.response, example.ground_truth) == (records[0]["prompt"], records[0]["response"], "72")
+    assert compact.main([str(source), str(out), "--prompt-template", str(template)]) == 0
+    assert len(out.read_text().splitlines()) == 2
