@@ -23,9 +23,9 @@ EVAL_QUESTIONS=${EVAL_QUESTIONS:-200}       # the same seeded subset of the test
 # 40 steps; measured on 40 questions only, docs/recipes.md).
 SFT_TRACES=${SFT_TRACES:-full}
 if [ "$SFT_TRACES" = compact ]; then
-    SFT_EXAMPLES=${SFT_EXAMPLES:-1000}; SFT_STEPS=${SFT_STEPS-40}; SFT_BATCH=${SFT_BATCH:-4}; SFT_LR=${SFT_LR:-1e-4}
+    SFT_EXAMPLES=${SFT_EXAMPLES:-1000}; SFT_STEPS=${SFT_STEPS-40}; SFT_BATCH=${SFT_BATCH:-4}; SFT_LR=${SFT_LR:-1e-4}; SFT_SAVE=8
 else
-    SFT_EXAMPLES=${SFT_EXAMPLES:-640}; SFT_STEPS=${SFT_STEPS-44}; SFT_BATCH=${SFT_BATCH:-8}; SFT_LR=${SFT_LR:-2e-4}
+    SFT_EXAMPLES=${SFT_EXAMPLES:-640}; SFT_STEPS=${SFT_STEPS-44}; SFT_BATCH=${SFT_BATCH:-8}; SFT_LR=${SFT_LR:-2e-4}; SFT_SAVE=16
 fi                                          # SFT_EXAMPLES: the seeded training subset; SFT_STEPS= : one pass over it
 RL_QUESTIONS=${RL_QUESTIONS:-all}           # all: GSM8K's training split; easy: its one- and two-step questions (2,674)
 GRPO_STEPS=${GRPO_STEPS:-1}                 # one step: up to 3 draws of 4 questions x 8 samples, 6 minutes at load 4.6
@@ -100,7 +100,7 @@ stage_sft() {
     # per wall-clock second its loss falls faster than LoRA's on the top 8 layers (docs/recipes.md).
     timed sft $REASONTUNE sft --model "$MODEL" $(sft_data) --max-train-examples "$SFT_EXAMPLES" \
         --batch-size "$SFT_BATCH" --gradient-accumulation-steps 1 --learning-rate "$SFT_LR" --warmup-ratio 0.05 \
-        --max-length 512 --eval-examples 0 --save-every 8 --num-threads "$THREADS" \
+        --max-length 512 --eval-examples 0 --save-every "$SFT_SAVE" --num-threads "$THREADS" \
         ${SFT_STEPS:+--max-steps "$SFT_STEPS"} --output-dir "$out" $(resume_flag "$out")
 }
 
