@@ -106,3 +106,31 @@ def test_compact_traces_keep_the_equations_and_filter_by_their_count(tmp_path):
     assert (example.prompt, example.response, example.ground_truth) == (records[0]["prompt"], records[0]["response"], "72")
     assert compact.main([str(source), str(out), "--prompt-template", str(template)]) == 0
     assert len(out.read_text().splitlines()) == 2
+
+
+@pytest.mark.slow  # about 30 s a case on a loaded 2-core machine: bash, and Python started six times
+@pytest.mark.parametrize("traces, questions", [("full", "all"), ("compact", "easy")])
+def test_recipe_script_passes_each_modes_data_and_records_cpu_minutes(tmp_path, traces, questions):
+    import subprocess
+
+    gsm8k = tmp_path / "gsm8k"
+    gsm8k.mkdir()
+    (gsm8k / "train.jsonl").write_text(json.dumps({"question": "Q?", "answer": "a <<1+1=2>>2\n#### 2"}) + "\n")
+    runs = tmp_path / "runs"
+    env = dict(os.environ, GSM8K_DIR=str(gsm8k), RUNS=str(runs), MODEL="m", REASONTUNE="echo",
+               SFT_TRACES=traces, RL_QUESTIONS=questions)
+    result = subprocess.run(["bash", str(RECIPES / "smollm2_gsm8k.sh"), "sft", "grpo"], env=env,
+                            capture_output=True, text=True, timeout=120, check=True)
+    sft, grpo = [line.split() for line in result.stdout.splitlines() if line.startswith(("sft ", "grpo "))]
+    flag = lambda command, name: command[command.index(name) + 1]
+    if traces == "compact":
+        assert flag(sft, "--train-data") == str(runs / "data" / "train_compact.jsonl") and "--prompt-template" not in sft
+        assert (flag(sft, "--batch-size"), flag(sft, "--learning-rate"), flag(sft, "--max-steps")) == ("4", "1e-4", "40")
+        assert flag(grpo, "--train-data") == str(runs / "data" / "train_easy.jsonl") and "--prompt-template" not in grpo
+    else:
+        assert flag(sft, "--train-data") == str(gsm8k / "train.jsonl") and flag(sft, "--prompt-template").endswith(".prompt")
+        assert (flag(sft, "--batch-size"), flag(sft, "--learning-rate"), flag(sft, "--max-steps")) == ("8", "2e-4", "44")
+        assert flag(grpo, "--train-data") == str(gsm8k / "train.jsonl")
+    rows = [line.split("\t") for line in (runs / "minutes.tsv").read_text().splitlines()]
+    assert [row[0] for row in rows] == ["sft", "grpo"] and all(len(row) == 4 for row in rows)
+    assert all(float(row[3]) >= 0.0 for row in rows)  # CPU minutes of `echo`: 0.0 after rounding
