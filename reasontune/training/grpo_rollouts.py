@@ -26,14 +26,10 @@ from reasontune.rl_recipes import fill_batch, informative_groups
 from reasontune.rollouts import Rollouts
 from reasontune.tokenization import pad_and_shift, pad_token_id_of
 from reasontune.training.data_parallel import generation_model, rank_microbatches, sharded_rollouts
-from reasontune.training.policy_sampling import PolicySession, question_batch, step_seed
+from reasontune.training.policy_sampling import TOOL_METRICS, PolicySession, question_batch, step_seed
 
 # A step whose every advantage is below this (equal rewards in every group) gives no policy gradient.
 ZERO_ADVANTAGE = 1e-8
-# What a step logs of its rollouts' tool use (--env python; ``rollouts.tool_statistics``): calls in all, the share of
-# calls that failed, the share of trajectories with a call, and accuracy with and without one.
-TOOL_METRICS = ("tool_calls", "tool_error_rate", "tool_call_rate", "mean_tool_calls", "accuracy_with_tool",
-                "accuracy_without_tool")
 
 
 def rollout_microbatches(prompt_ids: list[list[int]], response_ids: list[list[int]], advantages: torch.Tensor,
@@ -126,8 +122,8 @@ def training_microbatches(session: GRPOSession, rollouts: Rollouts) -> tuple[lis
         microbatches = trajectory_microbatches(trajectories, advantages, raw_rewards, micro, session.tokenizer)
         if config.mask_truncated:
             for start, mb in zip(range(0, len(completions), micro), microbatches):
-                mb["response_mask"] = mask_truncated_responses(
-                    mb["response_mask"], torch.tensor([c.finish_reason == "length" for c in completions[start:start + micro]]))
+                truncated = torch.tensor([c.finish_reason == "length" for c in completions[start:start + micro]])
+                mb["response_mask"] = mask_truncated_responses(mb["response_mask"], truncated)
         return microbatches, reward_stats
     prompt_ids = [ids for ids in session.tokenizer(rollouts.prompts, add_special_tokens=True)["input_ids"]
                   for _ in range(config.group_size)]
@@ -322,8 +318,8 @@ class RolloutPipeline:
 
 
 def rollout_metrics(rollouts: Rollouts, reward_stats: dict[str, float]) -> dict[str, Any]:
-    """Returns what a GRPO step logs of its rollouts: rewards, accuracy, response lengths (correct / incorrect / truncated)
-    and, with ``--env python``, the ``TOOL_METRICS`` (lengths count model tokens only)."""
+    """Returns what a GRPO step logs of its rollouts: rewards, accuracy, response lengths (correct / incorrect /
+    truncated) and, with ``--env python``, the ``TOOL_METRICS`` (lengths count model tokens only)."""
     summary = rollouts.summary()
     return {"reward": reward_stats["reward_mean"], "reward_std": reward_stats["reward_std"],
             "nonzero_advantage_fraction": reward_stats["nonzero_advantage_fraction"],

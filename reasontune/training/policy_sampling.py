@@ -27,6 +27,12 @@ from reasontune.training.data_parallel import SINGLE_PROCESS
 from reasontune.training.stop_signals import StopSignals
 
 
+# What a step logs of its rollouts' tool use (--env python; ``rollouts.tool_statistics``): calls in all, the share of
+# calls that failed, the share of trajectories with a call, calls per trajectory, and accuracy with and without one.
+TOOL_METRICS = ("tool_calls", "tool_error_rate", "tool_call_rate", "mean_tool_calls", "accuracy_with_tool",
+                "accuracy_without_tool")
+
+
 def step_seed(seed: int, step: int) -> int:
     """Returns the seed of everything step ``step`` of a run seeded ``seed`` draws: distinct per step, the same on a resume."""
     return seed * 1_000_003 + step
