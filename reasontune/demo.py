@@ -170,6 +170,13 @@ EI_EPOCHS = 2
 LORA_TRAINABLE_MODULES = ("embed_tokens", "norm")
 LORA_LEARNING_RATE = 3e-3
 LORA_NUM_EPOCHS = 2
+# --algorithm tools (reasontune.tool_demo) fills these in where not given: its copy task is learnt fast by a smaller
+# model at a higher rate, a step costing a fifth of the CPU time of the addition demo's model (0.22 s on one thread).
+# The copy is learnt abruptly after a plateau whose length varies with the seed (held-out accuracy with the tool from
+# 0% to >= 99% within 50 steps, at step 150-250 for seeds 0 and 1), so the schedule is long enough to hold it at a
+# high rate: 500 steps of 32 turns. Cosine over 300 steps decayed the rate before the answer's copy was learnt (4%).
+TOOL_DEMO_PRESETS = {"n_train": 16000, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "learning_rate": 3e-3}
+TOOL_GRPO_STEPS = 10
 
 
 @dataclasses.dataclass
@@ -178,7 +185,7 @@ class DemoConfig:
 
     command: ClassVar[str] = "demo"
 
-    algorithm: Literal["sft", "ei", "grpo", "tools"] = help_field("sft", "sft: SFT on the traces; ei / grpo: a deliberately under-trained SFT (--warmup-sft-steps), then expert iteration or GRPO from its final/; tools: 4-digit multiplication with a sandboxed Python tool, SFT on the traces' model turns, accuracy with and without the tool (docs/tools.md)")
+    algorithm: Literal["sft", "ei", "grpo", "tools"] = help_field("sft", "sft: SFT on the traces; ei / grpo: a deliberately under-trained SFT (--warmup-sft-steps), then expert iteration or GRPO from its final/; tools: 4-digit multiplication with a sandboxed Python tool, SFT on the traces' model turns then GRPO with the tool, accuracy with and without it (docs/tools.md; its own defaults for the options of TOOL_DEMO_PRESETS: --n-train 16000 --hidden-size 128 --num-layers 2 --num-heads 4 --learning-rate 3e-3)")
     output_dir: str = help_field("runs/demo", "directory for data/, base-model/ and the runs (sft/, and ei/ or grpo/: checkpoints, eval/, report/)")
     seed: int = help_field(0, "seed of the task, tokenizer corpus, initialisation and data order")
     n_train: int = help_field(12800, "training examples (each seen once, --lora-num-epochs times with --lora-rank: batch-size examples a step)")
@@ -215,6 +222,17 @@ class DemoConfig:
     lora_num_epochs: int = help_field(LORA_NUM_EPOCHS, "with --lora-rank: epochs over the training examples (full fine-tuning runs one)")
 
     recipe: Literal["grpo", "dr_grpo", "dapo", "gspo", "cispo", "rloo"] | None = help_field(None, "grpo: a --recipe of reasontune grpo applied under the demo's GRPO settings")
+    tool_grpo_steps: int = help_field(TOOL_GRPO_STEPS, "tools: GRPO steps with the python tool after the SFT (0: SFT only)")
+
+    @classmethod
+    def expand_presets(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """Returns ``values`` (the options given) with ``TOOL_DEMO_PRESETS`` under them for ``--algorithm tools``: a given option wins."""
+        return {**TOOL_DEMO_PRESETS, **values} if values.get("algorithm") == "tools" else values
+
+    @classmethod
+    def for_algorithm(cls, algorithm: str, **values: Any) -> DemoConfig:
+        """Returns the config of ``algorithm`` with ``values`` (explicit options) over its presets."""
+        return cls(**cls.expand_presets({**values, "algorithm": algorithm}))
 
     def problems(self) -> list[str]:
         """Returns what is wrong with the demo's sizes and options."""
@@ -227,6 +245,9 @@ class DemoConfig:
             problems.append("--evaluations must be >= 0")
         if self.algorithm == "tools" and (self.lora_rank or self.recipe):
             problems.append("--algorithm tools trains in full: drop --lora-rank / --recipe")
+        if self.algorithm == "tools" and (self.n_train < 2 * self.batch_size or self.tool_grpo_steps < 0):
+            problems.append("--algorithm tools: --n-train counts model turns, two a trace: it must be at least twice "
+                            "--batch-size; --tool-grpo-steps must be >= 0")
         if self.algorithm != "sft" and self.warmup_sft_steps < 1:
             problems.append("--warmup-sft-steps must be at least 1")
         if self.lora_rank < 0 or self.lora_num_epochs < 1 or (self.lora_rank and self.algorithm != "sft"):
@@ -237,7 +258,7 @@ class DemoConfig:
             problems.append("--num-digits must be at least 1")
             return problems
         distinct = (9 * 10 ** (self.num_digits - 1)) ** 2
-        if self.n_train + self.n_eval > distinct:
+        if self.algorithm != "tools" and self.n_train + self.n_eval > distinct:
             problems.append(f"--n-train + --n-eval ({self.n_train + self.n_eval}) exceeds the {distinct} distinct "
                             f"{self.num_digits}-digit additions; lower them or raise --num-digits")
         return problems

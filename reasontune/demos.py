@@ -1,7 +1,9 @@
 """The ``reasontune demo`` command: the demo that ``--algorithm`` names.
 
-``demo`` holds the addition task (SFT, EI, GRPO); ``tool_demo`` the multiplication task solved
-with the Python tool, built on the addition demo's tokenizer, model and SFT settings.
+``demo`` holds the addition task (SFT, EI, GRPO) and the options of both (``DemoConfig``;
+``--algorithm tools`` fills in its own sizes where not given); ``tool_demo`` the multiplication
+task solved with the Python tool (SFT on tool-calling traces, then GRPO with the tool), built on
+the addition demo's tokenizer, model and SFT settings.
 """
 
 from __future__ import annotations

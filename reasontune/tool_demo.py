@@ -1,29 +1,35 @@
 """``reasontune demo --algorithm tools``: a task the tiny model cannot do in its head but can with one Python call.
 
-The task is multiplying two 4-digit numbers. A trace calls the tool once, reads the product
-and answers:
+The task is multiplying two 4-digit numbers whose product has 8 digits (83% of all 4-digit
+pairs). A trace calls the tool once, reads the product and answers:
 
-    <think> <python>print(1234*5678)</python><output>\\n7006652\\n</output>\\n </think> <answer>7006652</answer>
+    <think> <python>print(1234*8765)</python><output>\\n10816010\\n</output>\\n </think> <answer>10816010</answer>
 
-SFT trains on the model's turns only: each trace becomes one prompt/response pair per model
-turn (the second one's prompt holds the first turn and the tool's output), so the tool's
-output is context and never a target — the same loss as the trajectory's with the environment
-masked out (``tests/test_trajectory_tokens.py``). The SFT run's own evaluations are without
-the tool (the model's "output" is then its own guess); the held-out set is then evaluated with
-the ``python`` environment, both under the same total token budget, and both accuracies printed.
+Both model turns are copies at a fixed distance: the program's digits stand a fixed number of
+tokens after the question's (every prompt has the same length), and the answer's a fixed number
+after the output's (every product has 8 digits). A tiny transformer learns a fixed-distance copy
+in a few hundred steps; with 7- and 8-digit products mixed the answer's distance varies and the
+copy takes far longer to learn (the misses then repeat or drop digits).
 
-Measured once (``reasontune demo --algorithm tools --n-train 6400 --n-eval 128``: 200 SFT steps,
-on the shared 2-core machine under a load of ~10, 30 min in all): 0.0% without the tool -> 78.1%
-with it, 128 calls, none failing. Every program copied its operands right; the misses are
-answers that miscopy the printed product (repeated or dropped digits), which more SFT steps or a
-GRPO stage on the tool rollouts (not wired into the GRPO trainer yet) should remove. The issue's
-bar (>= 90% with the tool, in <= 10 minutes) is not shown yet.
+Stages, each timed (wall and CPU seconds, sandbox processes included):
+
+1. SFT on the model's turns only: each trace becomes one prompt/response pair per model turn
+   (the second one's prompt holds the first turn and the tool's output), so the tool's output
+   is context and never a target, the same loss as the trajectory's with the environment
+   masked out (``tests/test_trajectory_tokens.py``). Its final evaluation is without the tool:
+   the model's "output" is then its own guess.
+2. The held-out questions answered with the ``python`` environment (each program in a fresh
+   sandbox), under the same total token budget.
+3. GRPO from the SFT weights with ``env="python"``: rollouts are tool trajectories, the loss
+   covers the model's tokens only; its final evaluation is with the tool, and the GRPO weights
+   are then evaluated without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
+import resource
 import time
 from pathlib import Path
 from typing import Any
@@ -31,20 +37,29 @@ from typing import Any
 import torch
 
 from reasontune.data import load_examples
-from reasontune.demo import build_demo_model, build_demo_tokenizer, claim_demo_dir, demo_sft_config, eval_summaries
+from reasontune.demo import build_demo_model, build_demo_tokenizer, claim_demo_dir, demo_sft_config
 from reasontune.environments.python import PythonEnvironment, format_output
 from reasontune.environments.sandbox import SandboxLimits
 from reasontune.generation import SamplingOptions, build_generator
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.rewards import r1_zero_reward_fn
 from reasontune.rollouts import rollouts_for_examples, write_jsonl
+from reasontune.run_layout import FINAL_DIR, eval_summaries
+from reasontune.training.grpo import GRPOConfig, run_grpo
 from reasontune.training.sft import run_sft
 
 TOOL_TAGS = ("<python>", "</python>", "<output>", "</output>")
-TOOL_TEMPLATE = ("Think in <think> </think>. Run Python in <python> </python>; its output follows in <output> </output>. "
-                 "Then answer in <answer> </answer>.\nUser: {question}\nAssistant: <think>")
-TURN_TOKENS = 24  # one model turn: " <python>print(" + 4 digits + "*" + 4 digits + ")</python>" is ~16 tokens
+TOOL_TEMPLATE = "Compute with <python> </python>, answer in <answer> </answer>.\nUser: {question}\nAssistant: <think>"
 TOOL_NUM_DIGITS = 4
+TURN_TOKENS = 24  # one model turn: " <python>print(" + 4 digits + "*" + 4 digits + ")</python>" is 17 tokens
+RESPONSE_TOKENS = 2 * TURN_TOKENS  # the whole response's model tokens, with the tool or without it
+TOOL_TIMEOUT = 10.0
+
+# GRPO from the SFT weights (see tool_grpo_config for why these settings).
+TOOL_GRPO_QUESTIONS = 8
+TOOL_GRPO_GROUP = 8
+TOOL_GRPO_LEARNING_RATE = 1e-4
+TOOL_GRPO_TEMPERATURE = 1.0
 
 
 def tool_trace(a: int, b: int) -> tuple[str, str, str]:
@@ -53,24 +68,29 @@ def tool_trace(a: int, b: int) -> tuple[str, str, str]:
     return call, format_output(f"{a * b}\n", "ok", 4096), f" </think> <answer>{a * b}</answer>"
 
 
-def make_multiplication_questions(n: int, seed: int, exclude: set[tuple[int, int]] = frozenset(),
-                                  num_digits: int = TOOL_NUM_DIGITS) -> list[tuple[int, int]]:
-    """Returns ``n`` distinct seeded operand pairs of ``num_digits`` digits, none in ``exclude``."""
-    low, high = 10 ** (num_digits - 1), 10 ** num_digits - 1
+def make_multiplication_questions(n: int, seed: int, exclude: set[tuple[int, int]] = frozenset()
+                                  ) -> list[tuple[int, int]]:
+    """Returns ``n`` distinct seeded pairs of 4-digit operands whose product has 8 digits, none in ``exclude``."""
+    low, high = 10 ** (TOOL_NUM_DIGITS - 1), 10 ** TOOL_NUM_DIGITS - 1
+    smallest_product = 10 ** (2 * TOOL_NUM_DIGITS - 1)
     rng, taken, pairs = random.Random(seed), set(exclude), []
     while len(pairs) < n:
         pair = (rng.randint(low, high), rng.randint(low, high))
-        if pair not in taken:
+        if pair not in taken and pair[0] * pair[1] >= smallest_product:
             taken.add(pair)
             pairs.append(pair)
     return pairs
+
+
+def question_prompt(a: int, b: int) -> str:
+    return TOOL_TEMPLATE.format(question=f"What is {a}*{b}?")
 
 
 def turn_records(pairs: list[tuple[int, int]]) -> list[dict[str, str]]:
     """Returns the SFT records of the traces: one ``{prompt, response, ground_truth}`` per model turn."""
     records = []
     for a, b in pairs:
-        prompt = TOOL_TEMPLATE.format(question=f"What is {a}*{b}?")
+        prompt = question_prompt(a, b)
         call, output, answer = tool_trace(a, b)
         records.append({"prompt": prompt, "response": call, "ground_truth": str(a * b)})
         records.append({"prompt": prompt + call + output, "response": answer, "ground_truth": str(a * b)})
@@ -78,66 +98,162 @@ def turn_records(pairs: list[tuple[int, int]]) -> list[dict[str, str]]:
 
 
 def question_records(pairs: list[tuple[int, int]]) -> list[dict[str, str]]:
-    """Returns ``{prompt, ground_truth}`` evaluation records of the questions."""
-    return [{"prompt": TOOL_TEMPLATE.format(question=f"What is {a}*{b}?"), "ground_truth": str(a * b)} for a, b in pairs]
+    """Returns ``{prompt, ground_truth}`` records of the questions (evaluation, GRPO rollouts)."""
+    return [{"prompt": question_prompt(a, b), "ground_truth": str(a * b)} for a, b in pairs]
 
 
-def prepare_tool_demo(config) -> tuple[Path, Path, Path]:
-    """Writes data/train.jsonl (turn records), data/val.jsonl (held-out questions) and base-model/; returns their paths."""
+@dataclasses.dataclass(frozen=True)
+class ToolDemoFiles:
+    """What ``prepare_tool_demo`` writes under the output directory."""
 
+    train: Path  # data/train.jsonl: SFT records, two per trace
+    questions: Path  # data/questions.jsonl: the training traces' questions, GRPO's rollout prompts
+    held_out: Path  # data/val.jsonl: held-out questions, disjoint from the training ones
+    template: Path  # data/tool.prompt: the prompt template (the records hold their prompts; it names the format)
+    base_model: Path  # base-model/: the tokenizer and the randomly initialised model
+
+
+def prepare_tool_demo(config) -> ToolDemoFiles:
+    """Writes the data files, the tokenizer and the tiny model under ``config.output_dir``; returns their paths."""
     output_dir = Path(config.output_dir)
     held_out = make_multiplication_questions(config.n_eval, seed=config.seed + 1)
     train = make_multiplication_questions(config.n_train // 2, seed=config.seed, exclude=set(held_out))
-    train_path, val_path = output_dir / "data" / "train.jsonl", output_dir / "data" / "val.jsonl"
+    files = ToolDemoFiles(train=output_dir / "data" / "train.jsonl", questions=output_dir / "data" / "questions.jsonl",
+                          held_out=output_dir / "data" / "val.jsonl", template=output_dir / "data" / "tool.prompt",
+                          base_model=output_dir / "base-model")
     records = turn_records(train)
     random.Random(config.seed).shuffle(records)
-    write_jsonl(records, train_path)
-    write_jsonl(question_records(held_out), val_path)
+    write_jsonl(records, files.train)
+    write_jsonl(question_records(train), files.questions)
+    write_jsonl(question_records(held_out), files.held_out)
+    files.template.write_text(TOOL_TEMPLATE)
     corpus = [TOOL_TEMPLATE] + [r["prompt"] + r["response"] for r in records[:4000]]
     tokenizer = build_demo_tokenizer(corpus, vocab_size=config.vocab_size, extra_tags=TOOL_TAGS)
     model = build_demo_model(tokenizer, hidden_size=config.hidden_size, num_layers=config.num_layers,
                              num_heads=config.num_heads, num_kv_heads=config.num_kv_heads, seed=config.seed)
-    model_dir = output_dir / "base-model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
-    return train_path, val_path, model_dir
+    model.save_pretrained(files.base_model)
+    tokenizer.save_pretrained(files.base_model)
+    return files
 
 
-def evaluate_with_tool(model_dir: Path, val_path: Path, output_dir: Path, config) -> dict[str, Any]:
-    """Returns the summary of the held-out questions answered with the ``python`` environment (written to ``output_dir``)."""
+def tool_sft_config(config, files: ToolDemoFiles):
+    """Returns the demo's SFT config on the turn records: one evaluation, at the end, without the tool and at the whole budget."""
+    return dataclasses.replace(demo_sft_config(config, files.train, files.held_out, files.base_model),
+                               prompt_template=str(files.template), eval_max_new_tokens=RESPONSE_TOKENS,
+                               eval_every=0, eval_before_training=False)
+
+
+def tool_grpo_config(config, files: ToolDemoFiles, policy_dir: Path) -> GRPOConfig:
+    """Returns the ``GRPOConfig`` of the demo's GRPO stage: tool rollouts from ``policy_dir`` (the SFT's ``final/``).
+
+    Each step samples ``TOOL_GRPO_QUESTIONS`` training questions x ``TOOL_GRPO_GROUP``
+    trajectories at temperature 1.0 (so a group of a model that is right greedily still holds
+    wrong samples to learn from) and takes one on-policy optimizer step on them. A trajectory
+    has at most one tool call and ``RESPONSE_TOKENS`` model tokens, the budget of the
+    evaluations. The held-out set is evaluated with the tool after the last step only (before
+    the first, it is the SFT's weights, evaluated in stage 2).
+    """
+    return GRPOConfig(
+        model=str(policy_dir), train_data=str(files.questions), val_data=str(files.held_out),
+        prompt_template=str(files.template), reward="r1_zero", output_dir=str(Path(config.output_dir) / "grpo"),
+        overwrite=True, dtype="float32", device="cpu", n_grpo_steps=config.tool_grpo_steps,
+        learning_rate=TOOL_GRPO_LEARNING_RATE, rollout_batch_size=TOOL_GRPO_QUESTIONS * TOOL_GRPO_GROUP,
+        group_size=TOOL_GRPO_GROUP, train_batch_size=TOOL_GRPO_QUESTIONS * TOOL_GRPO_GROUP,
+        gradient_accumulation_steps=1, epochs_per_rollout_batch=1, sampling_temperature=TOOL_GRPO_TEMPERATURE,
+        sampling_min_tokens=1, sampling_max_tokens=RESPONSE_TOKENS, max_grad_norm=1.0, loss_type="grpo_clip",
+        cliprange=0.2, advantage_std="group", loss_aggregation="sequence_mean", kl_coef=0.0,
+        env="python", max_tool_calls=1, tool_timeout=TOOL_TIMEOUT,
+        # Integer answers grade in microseconds: worker processes would only compete for the CPU.
+        grading_workers=0, backend="hf", generation_batch_size=config.eval_batch_size,
+        eval_every=0, eval_before_training=False, eval_examples=config.n_eval, eval_max_new_tokens=TURN_TOKENS,
+        eval_temperature=0.0, save_every=0, seed=config.seed, num_threads=config.num_threads,
+        progress=config.progress, write_report=True,
+    )
+
+
+def evaluate_held_out(model_dir: Path, held_out: Path, output_dir: Path, config, with_tool: bool) -> dict[str, Any]:
+    """Returns the summary of the held-out questions answered greedily by ``model_dir`` (written to ``output_dir``).
+
+    With the tool each model turn has ``TURN_TOKENS`` and the response ``RESPONSE_TOKENS``;
+    without it the response has ``RESPONSE_TOKENS`` in one turn (it stops at ``</answer>``
+    only, so a model that writes a program goes on to guess its output).
+    """
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     generator = build_generator("hf", model=load_model(str(model_dir)), tokenizer=load_tokenizer(str(model_dir)),
                                 batch_size=config.eval_batch_size)
-    examples = load_examples(str(val_path)).examples
-    sampling = SamplingOptions(temperature=0.0, max_new_tokens=TURN_TOKENS)
-    environment = PythonEnvironment(max_tool_calls=1, limits=SandboxLimits(wall_seconds=10.0, cpu_seconds=5))
-    rollouts = rollouts_for_examples(generator, examples, "{question}", sampling, r1_zero_reward_fn, grading_workers=0,
-                                     environment=environment, max_response_tokens=2 * TURN_TOKENS)
-    return rollouts.write(output_dir, extra_summary={"env": "python"})
+    examples = load_examples(str(held_out)).examples
+    if with_tool:
+        sampling = SamplingOptions(temperature=0.0, max_new_tokens=TURN_TOKENS)
+        environment = PythonEnvironment(max_tool_calls=1, limits=SandboxLimits(wall_seconds=TOOL_TIMEOUT,
+                                                                               cpu_seconds=int(TOOL_TIMEOUT)))
+        rollouts = rollouts_for_examples(generator, examples, TOOL_TEMPLATE, sampling, r1_zero_reward_fn,
+                                         grading_workers=0, environment=environment,
+                                         max_response_tokens=RESPONSE_TOKENS)
+    else:
+        sampling = SamplingOptions(temperature=0.0, max_new_tokens=RESPONSE_TOKENS)
+        rollouts = rollouts_for_examples(generator, examples, TOOL_TEMPLATE, sampling, r1_zero_reward_fn,
+                                         grading_workers=0)
+    return rollouts.write(output_dir, extra_summary={"env": "python" if with_tool else "math"})
 
 
-def tool_sft_config(config, train_path: Path, val_path: Path, model_dir: Path):
-    """Returns the demo's SFT config on the turn records; its evaluations are without the tool, at the same total budget."""
+class StageClock:
+    """Wall and CPU seconds of each stage; CPU counts this process and its finished children (the sandboxes)."""
 
-    return dataclasses.replace(demo_sft_config(config, train_path, val_path, model_dir),
-                               eval_max_new_tokens=2 * TURN_TOKENS, eval_every=0)
+    def __init__(self):
+        self.wall, self.cpu, self.stages = time.time(), self._cpu(), {}
+
+    @staticmethod
+    def _cpu() -> float:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+    def lap(self, name: str) -> str:
+        """Returns ``name``'s minutes (wall, CPU) since the last lap, after recording them."""
+        wall, cpu = time.time(), self._cpu()
+        self.stages[name] = (wall - self.wall, cpu - self.cpu)
+        self.wall, self.cpu = wall, cpu
+        return minutes(*self.stages[name])
+
+    def total(self) -> str:
+        return minutes(sum(w for w, _ in self.stages.values()), sum(c for _, c in self.stages.values()))
+
+
+def minutes(wall: float, cpu: float) -> str:
+    return f"{wall / 60:.1f} min, CPU {cpu / 60:.1f} min"
+
+
+def tool_line(summary: dict[str, Any]) -> str:
+    calls, errors = summary.get("tool_calls", 0), summary.get("tool_error_rate") or 0.0
+    return f"{summary['accuracy']:.1%} with it ({calls} calls, {errors:.1%} failing)"
 
 
 def run_tool_demo(config) -> int:
-    """Runs the tool demo: data, tiny model, SFT on the traces' model turns, then held-out accuracy with and without the tool."""
-    started = time.time()
+    """Runs the tool demo (data, tiny model, SFT, evaluations, GRPO); prints held-out accuracy with and without the tool."""
+    clock = StageClock()
     claim_demo_dir(config.output_dir)
     print(f"demo: {config.n_train // 2} traces of 4-digit multiplications that call Python once "
-          f"({config.n_train} model turns), {config.n_eval} held-out questions, under {config.output_dir}", flush=True)
-    train_path, val_path, model_dir = prepare_tool_demo(config)
-    run_dir = Path(run_sft(tool_sft_config(config, train_path, val_path, model_dir)))
-    summaries = eval_summaries(run_dir)
-    without_tool = summaries[-1][1] if summaries else {}
-    with_tool = evaluate_with_tool(run_dir / "final", val_path, run_dir / "eval-python", config)
-    elapsed = time.time() - started
-    print(f"demo: held-out accuracy after SFT, {2 * TURN_TOKENS} tokens each: {without_tool.get('accuracy', float('nan')):.1%} "
-          f"without the tool -> {with_tool['accuracy']:.1%} with it ({with_tool['tool_calls']} calls, error rate "
-          f"{with_tool['tool_error_rate'] or 0:.1%}; {elapsed / 60:.1f} min)")
-    print(f"demo: run directory {run_dir} (records with every turn: {run_dir / 'eval-python' / 'records.jsonl'})")
+          f"({config.n_train} model turns), {config.n_eval} held-out questions, {RESPONSE_TOKENS} model tokens "
+          f"an answer; under {config.output_dir}", flush=True)
+    files = prepare_tool_demo(config)
+    sft_dir = Path(run_sft(tool_sft_config(config, files)))
+    summaries = eval_summaries(sft_dir)
+    sft_without = summaries[-1][1] if summaries else {"accuracy": float("nan")}
+    sft_time = clock.lap("sft")
+    sft_with = evaluate_held_out(sft_dir / FINAL_DIR, files.held_out, sft_dir / "eval-python", config, with_tool=True)
+    eval_time = clock.lap("sft-eval")
+    print(f"demo: after SFT ({sft_time}; tool evaluation {eval_time}): held-out accuracy "
+          f"{sft_without['accuracy']:.1%} without the tool -> {tool_line(sft_with)}", flush=True)
+    if config.tool_grpo_steps:
+        grpo_dir = Path(run_grpo(tool_grpo_config(config, files, sft_dir / FINAL_DIR)))
+        grpo_summaries = eval_summaries(grpo_dir)
+        grpo_with = grpo_summaries[-1][1] if grpo_summaries else {"accuracy": float("nan")}
+        grpo_without = evaluate_held_out(grpo_dir / FINAL_DIR, files.held_out, grpo_dir / "eval-no-tool", config,
+                                         with_tool=False)
+        print(f"demo: after GRPO ({config.tool_grpo_steps} steps, {clock.lap('grpo')}): held-out accuracy "
+              f"{grpo_without['accuracy']:.1%} without the tool -> {tool_line(grpo_with)}")
+        print(f"demo: runs {sft_dir} and {grpo_dir} (records with every turn: {grpo_dir / 'eval'}); "
+              f"{clock.total()} in all")
+    else:
+        print(f"demo: run {sft_dir} (records with every turn: {sft_dir / 'eval-python'}); {clock.total()} in all")
     return 0
