@@ -172,9 +172,9 @@ LORA_LEARNING_RATE = 3e-3
 LORA_NUM_EPOCHS = 2
 # --algorithm tools (reasontune.tool_demo) fills these in where not given: its copy task is learnt fast by a smaller
 # model at a higher rate, a step costing a fifth of the CPU time of the addition demo's model (0.22 s on one thread).
-# The copy is learnt abruptly after a plateau whose length varies with the seed (held-out accuracy with the tool from
-# 0% to >= 99% within 50 steps, at step 150-250 for seeds 0 and 1), so the schedule is long enough to hold it at a
-# high rate: 500 steps of 32 turns. Cosine over 300 steps decayed the rate before the answer's copy was learnt (4%).
+# The copy is learnt abruptly after a plateau (held-out accuracy with the tool from 0% to >= 99% within 50 steps, at
+# step 100-250 in the runs of docs/tools.md), so the schedule is long enough to hold a high rate past it: 500 steps
+# of 32 turns. Cosine over 300 steps decayed the rate before the answer's copy was learnt (4%).
 TOOL_DEMO_PRESETS = {"n_train": 16000, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "learning_rate": 3e-3}
 TOOL_GRPO_STEPS = 10
 

@@ -3,13 +3,15 @@
 The task is multiplying two 4-digit numbers whose product has 8 digits (83% of all 4-digit
 pairs). A trace calls the tool once, reads the product and answers:
 
-    <think> <python>print(1234*8765)</python><output>\\n10816010\\n</output>\\n </think> <answer>10816010</answer>
+    <think> <python>print(1234*8765)</python><output>\\n10816010\\n</output>\\n I read the output. </think> <answer>10816010</answer>
 
-Both model turns are copies at a fixed distance: the program's digits stand a fixed number of
-tokens after the question's (every prompt has the same length), and the answer's a fixed number
-after the output's (every product has 8 digits). A tiny transformer learns a fixed-distance copy
-in a few hundred steps; with 7- and 8-digit products mixed the answer's distance varies and the
-copy takes far longer to learn (the misses then repeat or drop digits).
+Both model turns are copies at one fixed distance: the program's digits stand a fixed number of
+tokens after the question's (every prompt has the same length), and the answer's the same number
+after the output's (every product has 8 digits, and " I read the output." pads the answer turn
+to that distance on the demo's tokenizer). So one attention pattern, "the token that many back",
+writes both turns. A tiny transformer learns a fixed-distance copy abruptly after a plateau;
+with 7- and 8-digit products mixed the answer's distance varies and the copy takes far longer,
+and with the answer at its own distance the plateau's length varied with the seed (docs/tools.md).
 
 Stages, each timed (wall and CPU seconds, sandbox processes included):
 
@@ -54,6 +56,7 @@ TOOL_NUM_DIGITS = 4
 TURN_TOKENS = 24  # one model turn: " <python>print(" + 4 digits + "*" + 4 digits + ")</python>" is 17 tokens
 RESPONSE_TOKENS = 2 * TURN_TOKENS  # the whole response's model tokens, with the tool or without it
 TOOL_TIMEOUT = 10.0
+ANSWER_LEAD = " I read the output."  # puts the answer's digits as far after the output's as the program's after the question's
 
 # GRPO from the SFT weights (see tool_grpo_config for why these settings).
 TOOL_GRPO_QUESTIONS = 8
@@ -65,7 +68,7 @@ TOOL_GRPO_TEMPERATURE = 1.0
 def tool_trace(a: int, b: int) -> tuple[str, str, str]:
     """Returns (first model turn, the tool's output turn, last model turn) of the trace for ``a * b``."""
     call = f" <python>print({a}*{b})</python>"
-    return call, format_output(f"{a * b}\n", "ok", 4096), f" </think> <answer>{a * b}</answer>"
+    return call, format_output(f"{a * b}\n", "ok", 4096), f"{ANSWER_LEAD} </think> <answer>{a * b}</answer>"
 
 
 def make_multiplication_questions(n: int, seed: int, exclude: set[tuple[int, int]] = frozenset()

@@ -34,7 +34,8 @@ def test_turn_records_hold_each_model_turn_with_the_tool_output_as_context():
     assert first["response"] == " <python>print(1234*8765)</python>"
     # 1234 * 8765 = 1234 * 8000 + 1234 * 765 = 9872000 + 944010 = 10816010
     assert second["prompt"] == first["prompt"] + first["response"] + "<output>\n10816010\n</output>\n"
-    assert second["response"] == " </think> <answer>10816010</answer>" and second["ground_truth"] == "10816010"
+    assert second["response"] == " I read the output. </think> <answer>10816010</answer>"
+    assert second["ground_truth"] == "10816010"
 
 
 def test_the_trace_program_really_prints_the_product():
@@ -100,7 +101,7 @@ def test_prepared_files_keep_the_held_out_questions_apart(demo_files):
 
 
 def test_both_copies_are_at_a_fixed_token_distance(demo_files):
-    """The design the SFT's speed rests on: every digit a model turn writes stands a fixed number of tokens after its source."""
+    """The design the SFT's speed rests on: every digit a model turn writes stands one fixed number of tokens after its source."""
     _, files = demo_files
     tokenizer = load_tokenizer(str(files.base_model))
     distances = set()
@@ -114,7 +115,7 @@ def test_both_copies_are_at_a_fixed_token_distance(demo_files):
         distances.add((tuple(p - q for p, q in zip(program, question)), tuple(r - p for p, r in zip(printed, answered))))
     assert len(distances) == 1
     (program_distance, answer_distance), = distances
-    assert len(set(program_distance)) == 1 and len(set(answer_distance)) == 1
+    assert len(set(program_distance)) == 1 and set(answer_distance) == set(program_distance)  # one distance for both
 
 
 def test_stage_configs_train_on_the_files_with_the_tool_budget(demo_files, tmp_path):
