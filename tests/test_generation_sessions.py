@@ -21,6 +21,7 @@ from reasontune.generation.decode_step import unsupported_reason
 from reasontune.generation.hf import DecodeSettings, HFGenerator
 from reasontune.modeling import QWEN2_5_VOCAB_SIZE, build_model_from_config, load_model, load_tokenizer, tiny_qwen2_config
 
+OWN_STEP = DecodeSettings(own_decode_step=True, fused_projections=True)
 OUTPUT = "<output>\n408\n</output>\n"
 PROMPTS = ["What is 12*34? <think>", "Compute 7+8 please. <think>", "How many legs has a cat? <think>"]
 
@@ -66,9 +67,10 @@ def assert_is_the_models_own_continuation(model, context: list[int], completion,
         assert completion.token_ids == reference.argmax(dim=-1).tolist()
 
 
-def test_a_kept_cache_continues_each_row_as_the_models_forward_over_its_whole_token_sequence(tiny):
+@pytest.mark.parametrize("settings", [DecodeSettings(), OWN_STEP], ids=["model-forward", "own-step"])
+def test_a_kept_cache_continues_each_row_as_the_models_forward_over_its_whole_token_sequence(tiny, settings):
     model, tokenizer = tiny
-    generator = HFGenerator(model, tokenizer, batch_size=2)  # two batches: rows of different batches and cached lengths
+    generator = HFGenerator(model, tokenizer, batch_size=2, settings=settings)  # two batches: rows of different batches and cached lengths
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=10, stop=(), return_logprobs=True)
     free = [group[0] for group in generator.generate(PROMPTS, greedy)]
     # Stop strings taken from the rows' own greedy text end rows at different steps, some mid-token.
@@ -156,7 +158,7 @@ GSM_LIKE = ["Natalia sold clips to 48 of her friends in April, and then she sold
 
 
 def decode_both_ways(model, tokenizer, prompts, options):
-    own = HFGenerator(model, tokenizer, batch_size=8).generate(prompts, options)
+    own = HFGenerator(model, tokenizer, batch_size=8, settings=OWN_STEP).generate(prompts, options)
     theirs = HFGenerator(model, tokenizer, batch_size=8, settings=DecodeSettings(own_decode_step=False)).generate(
         prompts, options)
     return [g[0] for g in own], [g[0] for g in theirs]
@@ -192,7 +194,7 @@ def test_models_the_own_step_does_not_cover_fall_back_to_their_forward(biased_qw
     seen = []
     hooked.model.layers[0].mlp.register_forward_hook(lambda module, args, out: seen.append(out.shape[1]))
     assert "hooks" in unsupported_reason(hooked)
-    generator = HFGenerator(hooked, qwen_tokenizer, batch_size=4)
+    generator = HFGenerator(hooked, qwen_tokenizer, batch_size=4, settings=OWN_STEP)
     assert generator._decode_step() is None
     greedy = SamplingOptions(temperature=0.0, max_new_tokens=4, min_new_tokens=4, stop=())
     generator.generate(GSM_LIKE[:1], greedy)

@@ -175,10 +175,12 @@ class DecodeSettings:
     ``shared_prefill``: a prompt with ``n`` samples is prefilled once and its cache repeated.
     ``shared_prefix``: the batch's common token prefix (the template) is prefilled once for all rows.
     ``fused_sampler``: sampling and log-probs in three passes over the vocabulary instead of a
-    full log-softmax first. ``own_decode_step``: decode steps run ``decode_step.DecodeStep`` (the
+    full log-softmax first. ``own_decode_step`` (off by default: on SmolLM2 at batch 8 it measured
+    within noise of the model's forward, ``docs/generation.md``): decode steps run ``decode_step.DecodeStep`` (the
     model's own modules, grouped attention over the cache, no per-step mask or cache objects)
     where the model qualifies, else the model's forward. ``fused_projections``: that step runs
-    q/k/v and gate/up as one matmul each. ``keep_cache``: ``open_session`` gives an ``HFSession``
+    q/k/v and gate/up as one matmul each (off: it measured slower, and holds a copy of those
+    weights). ``keep_cache``: ``open_session`` gives an ``HFSession``
     (multi-turn rollouts keep each row's KV cache between turns) instead of None (continuations
     re-prefill their whole text). ``num_threads``: torch threads during generation
     (None: leave the process setting).
@@ -190,8 +192,8 @@ class DecodeSettings:
     shared_prefill: bool = True
     shared_prefix: bool = True
     fused_sampler: bool = True
-    own_decode_step: bool = True
-    fused_projections: bool = True
+    own_decode_step: bool = False
+    fused_projections: bool = False
     keep_cache: bool = True
     bucket_padding: float = 0.1
     num_threads: int | None = None
