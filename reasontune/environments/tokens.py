@@ -7,10 +7,12 @@ text without special tokens. Environment tokens are context: they are never labe
 loss, their log-probs never enter a mean, and the sampler's log-probs
 (``behaviour_log_probs``) sit at the model tokens' positions alone.
 
-The generators continue a trajectory from its text, so the context a later model turn was
-sampled in is the tokenisation of the joined text, which can differ from these joined ids at
-a turn boundary when a tokenizer merges across it; the rollout-mismatch metrics show it.
-Tags that are single tokens (as in the demo's tokenizer) leave no such difference.
+The HF generator's sessions continue a trajectory from its token ids (the kept KV cache, then
+the environment's text tokenised without special tokens), so a later model turn was sampled in
+exactly these joined ids. Backends without sessions (vLLM, the server) continue from the
+joined text, whose tokenisation can differ from these ids at a turn boundary when a tokenizer
+merges across it; the rollout-mismatch metrics show it. Tags that are single tokens (as in the
+demo's tokenizer) leave no such difference.
 """
 
 from __future__ import annotations
