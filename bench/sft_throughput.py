@@ -402,7 +402,7 @@ def check_first_batch(args: argparse.Namespace, workdir: Path) -> dict:
 
 
 def measure_changes(model, prompt_ids, output_ids, pad_token_id: int, max_length: int, rows: int,
-                    repeats: int = 2) -> dict:
+                    repeats: int = 1) -> dict:
     """Returns the seconds of what each of our changes replaced and of the change, best of ``repeats`` (alternating).
 
     - packed attention: forward + backward of the first packed microbatch (``rows`` rows of
@@ -446,7 +446,7 @@ def measure_changes(model, prompt_ids, output_ids, pad_token_id: int, max_length
         for fused in ((False, True) if repeat % 2 == 0 else (True, False)):
             seconds["adamw_fused_s" if fused else "adamw_loop_s"].append(optimizer_step(fused))
     model.zero_grad(set_to_none=True)
-    return {"tokens": int(batch["input_ids"].numel()), "examples": int(batch["num_examples"]),
+    return {"tokens": int(batch["input_ids"].numel()), "examples": int(batch["num_examples"]), "repeats": repeats,
             **{key: min(values) for key, values in seconds.items()}}
 
 
@@ -479,7 +479,7 @@ def print_changes(changes: dict, args: argparse.Namespace) -> None:
     microbatches = args.gradient_accumulation_steps
     mask, varlen = changes["attention_mask_s"], changes["attention_varlen_s"]
     loop, fused = changes["adamw_loop_s"], changes["adamw_fused_s"]
-    print(f"what each change buys (loss-check process, best of 2; the first packed microbatch: {changes['examples']} "
+    print(f"what each change buys (loss-check process, {changes['repeats']} run(s) each, alternating; the first packed microbatch: {changes['examples']} "
           f"examples, {changes['tokens']} tokens in one row):")
     print(f"  packed attention, forward+backward of a microbatch: block mask {mask:.1f} s -> one causal sdpa call "
           f"per example {varlen:.1f} s ({mask / varlen:.2f}x; {mask - varlen:.1f} s a microbatch, "
