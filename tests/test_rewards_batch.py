@@ -124,3 +124,14 @@ def test_default_workers_share_the_node_cores_among_its_ranks(monkeypatch):
     results = grade_batch([_ok(str(i)) for i in range(40)], [str(i) for i in range(40)], reward_fn=pid_reward_fn)
     assert len({result["worker_pid"] for result in results}) == 1 and results.num_errors == 0
     assert all(result["reward"] == 1.0 for result in results)
+
+
+def test_importing_the_reward_module_is_not_charged_to_an_items_timeout():
+    from slow_import_reward import slow_module_reward_fn  # 1.5 s to import, here and in each fresh worker
+
+    sandbox.POOL.shutdown()  # fresh workers: each must import the module before its first item
+    results = grade_batch([_ok("3"), _ok("4")], ["3", "5"], reward_fn=slow_module_reward_fn, workers=2, timeout=1.0)
+    assert results.num_errors == 0
+    assert [r["reward"] for r in results] == [1.0, 0.0]
+    (status, value) = sandbox.run_bounded(slow_module_reward_fn, (_ok("7"), "7"), timeout=1.0)
+    assert status == "ok" and value["reward"] == 1.0

@@ -90,8 +90,9 @@ def grade_batch(
 
     def give_work(worker: sandbox.Worker) -> None:
         indices = deque(pending.popleft() for _ in range(min(chunk_size, len(pending))))
-        worker.send(reward_fn, [(responses[index], ground_truths[index]) for index in indices])
-        assigned[worker] = (indices, time.monotonic() + timeout)
+        loading = worker.send(reward_fn, [(responses[index], ground_truths[index]) for index in indices])
+        # A worker's first chunk waits for it to import reward_fn's module, bounded as a start-up.
+        assigned[worker] = (indices, time.monotonic() + (sandbox.STARTUP_TIMEOUT_SECONDS if loading else timeout))
 
     def replace(worker: sandbox.Worker, reason: str) -> None:
         indices, _ = assigned.pop(worker)
@@ -115,6 +116,9 @@ def grade_batch(
                     replace(worker, "worker died")
                     continue
                 indices, _ = assigned[worker]
+                if status == "loaded":  # reward_fn imported: the first item's time starts now
+                    assigned[worker] = (indices, time.monotonic() + timeout)
+                    continue
                 index = indices.popleft()
                 progress.update(progress.step + 1)
                 if status == "ok":

@@ -111,6 +111,7 @@ def worker_main(fd: int, memory_limit_bytes: int) -> None:
             except Exception as error:  # noqa: BLE001 - reported to the parent, which raises
                 connection.send(("load_error", f"{type(error).__name__}: {error}"))
                 continue
+            connection.send(("loaded", None))  # the items' time bound starts now, not with the import
         for arguments in items:
             try:
                 reply = ("ok", function(*arguments))
@@ -138,6 +139,7 @@ class Worker:
         child.close()
         self.connection.send(("init", list(sys.path)))
         self.ready = False
+        self.sent_functions: set[bytes] = set()
 
     def wait_ready(self, timeout: float = STARTUP_TIMEOUT_SECONDS) -> None:
         """Block until the worker has started; raise WorkerDied when it does not."""
@@ -154,13 +156,22 @@ class Worker:
         self.kill()
         raise WorkerDied("a grading worker failed to start")
 
-    def send(self, function, items: list[tuple]) -> None:
-        """Ask the worker to run ``function(*arguments)`` for each tuple in ``items``."""
+    def send(self, function, items: list[tuple]) -> bool:
+        """Asks the worker to run ``function(*arguments)`` for each tuple in ``items``; returns True when it loads ``function`` first.
+
+        A worker loading a function (importing its module, which may be slow: a user's reward
+        module, a test module) first replies ``("loaded", None)``; the caller bounds the load by
+        ``STARTUP_TIMEOUT_SECONDS`` and each item by its own timeout from then on.
+        """
+        blob = pickle.dumps(function)
+        loading = blob not in self.sent_functions
+        self.sent_functions.add(blob)
         # The parent's search path goes along: a user's module:function (reasontune --reward) imported after the worker started.
-        self.connection.send((pickle.dumps(function), (getattr(function, "__module__", "") or "", list(sys.path)), items))
+        self.connection.send((blob, (getattr(function, "__module__", "") or "", list(sys.path)), items))
+        return loading
 
     def receive(self) -> tuple:
-        """Return the next reply, ``("ok", value)`` or ``("error", message)``; raise WorkerDied."""
+        """Return the next reply, ``("ok", value)``, ``("error", message)`` or ``("loaded", None)``; raise WorkerDied."""
         try:
             reply = self.connection.recv()
         except (EOFError, OSError) as error:
@@ -236,18 +247,22 @@ def run_bounded(function, arguments: tuple, timeout: float, memory_limit_bytes: 
     """Return ``("ok", value)``, ``("error", message)``, ``("timeout", None)`` or ``("died", None)``.
 
     Runs ``function(*arguments)`` in a pooled worker and waits at most ``timeout`` seconds
-    for it (worker start-up is not counted); an overrunning worker is killed.
+    for it (worker start-up and loading ``function`` are not counted); an overrunning worker is killed.
     """
     (worker,) = POOL.acquire(1, memory_limit_bytes)
-    worker.send(function, [arguments])
-    deadline = time.monotonic() + timeout
-    if not worker.connection.poll(max(0.0, deadline - time.monotonic())):
-        worker.kill()
-        return ("timeout", None)
-    try:
-        reply = worker.receive()
-    except WorkerDied:
-        return ("died", None)
+    loading = worker.send(function, [arguments])
+    deadline = time.monotonic() + (STARTUP_TIMEOUT_SECONDS if loading else timeout)
+    while True:
+        if not worker.connection.poll(max(0.0, deadline - time.monotonic())):
+            worker.kill()
+            return ("timeout", None)
+        try:
+            reply = worker.receive()
+        except WorkerDied:
+            return ("died", None)
+        if reply[0] != "loaded":
+            break
+        deadline = time.monotonic() + timeout
     POOL.release([worker])
     return reply
 
