@@ -40,7 +40,16 @@ def new_axes(title: str, ylabel: str, xlabel: str = "optimizer step",
 
 
 def integer_steps(axes: Axes) -> None:
-    """Returns nothing; puts the x ticks on whole numbers (a step 2.5 does not exist)."""
+    """Returns nothing; puts the x ticks on whole numbers (a step 2.5 does not exist).
+
+    Call it after drawing. A single logged step gives a view narrower than one step, where no
+    whole number but the step itself fits and the integer locator falls back to fractions:
+    such a view is widened to one step either side.
+    """
+    low, high = axes.get_xlim()
+    if high - low < 2:
+        middle = round((low + high) / 2)
+        axes.set_xlim(middle - 1, middle + 1)
     axes.xaxis.set_major_locator(MaxNLocator(integer=True))
 
 

@@ -73,12 +73,14 @@ def test_a_token_mean_loss_is_plotted_once(tmp_path):
     assert axes.get_title() == "Training loss" and list(curves(axes)) == ["loss"]
 
 
-def test_step_ticks_are_whole_numbers_on_every_curve(tmp_path):
-    """Three steps span 1..3: matplotlib's default locator would put ticks at 1.25, 1.5, ... (no such steps)."""
+@pytest.mark.parametrize("steps", [(1, 2, 3), (1,)], ids=["three steps", "one step"])
+def test_step_ticks_are_whole_numbers_on_every_curve(tmp_path, steps):
+    """Three steps span 1..3: matplotlib's default locator would put ticks at 1.25, 1.5, ... (no such steps);
+    one step spans 0.95..1.05, where even an integer locator falls back to fractions."""
     run_dir = write_run(tmp_path / "run", {"command": "grpo"}, [
         {"step": s, "loss": 0.5 / s, "lr": 1e-5, "grad_norm": 1.0 + s, "reward": 0.1 * s, "accuracy": 0.1 * s,
          "format_rate": 0.2, "clip_fraction": 0.01 * s, "mean_response_tokens": 30 + s, "token_entropy": 1.2}
-        for s in (1, 2, 3)])
+        for s in steps])
     plots = build_plots(read_run(run_dir))
     assert {plot.file_name for plot in plots} >= {"loss.png", "rollout_reward.png", "clip_fraction_kl.png"}
     for plot in plots:
