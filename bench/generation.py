@@ -294,6 +294,8 @@ ABLATIONS = (
     ("fused_sampler off", {"fused_sampler": False}),
     ("own_decode_step ON", {"own_decode_step": True}),  # off by default: below 1x here means it would help
     ("own step + fused ON", {"own_decode_step": True, "fused_projections": True}),
+    ("own step + transposed ON", {"own_decode_step": True, "transposed_weights": True}),
+    ("own+fused+transposed ON", {"own_decode_step": True, "fused_projections": True, "transposed_weights": True}),
     ("2 threads", {"num_threads": 2}),
 )
 
