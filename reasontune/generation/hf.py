@@ -175,14 +175,15 @@ class DecodeSettings:
     ``shared_prefill``: a prompt with ``n`` samples is prefilled once and its cache repeated.
     ``shared_prefix``: the batch's common token prefix (the template) is prefilled once for all rows.
     ``fused_sampler``: sampling and log-probs in three passes over the vocabulary instead of a
-    full log-softmax first. ``own_decode_step`` (off by default: on SmolLM2 at batch 8 it measured
-    within noise of the model's forward, ``docs/generation.md``): decode steps run ``decode_step.DecodeStep`` (the
+    full log-softmax first. ``own_decode_step``: decode steps run ``decode_step.DecodeStep`` (the
     model's own modules, grouped attention over the cache, no per-step mask or cache objects)
     where the model qualifies, else the model's forward. ``fused_projections``: that step runs
     q/k/v and gate/up as one matmul each (off: it measured slower, and holds a copy of those
     weights). ``transposed_weights``: that step runs every projection and the LM head as
     ``torch.mm`` over contiguous transposed copies of their weights, remade when a weight
-    changes (on SmolLM2-135M about 540 MB more memory, float32; ``decode_step`` says why it is faster).
+    changes (on SmolLM2-135M about 540 MB more memory in float32; ``decode_step`` says why it is
+    faster; turn it off where that memory matters). ``bench/generation.py --sections ablation``
+    prints what each buys.
     ``keep_cache``: ``open_session`` gives an ``HFSession``
     (multi-turn rollouts keep each row's KV cache between turns) instead of None (continuations
     re-prefill their whole text). ``num_threads``: torch threads during generation
@@ -195,9 +196,9 @@ class DecodeSettings:
     shared_prefill: bool = True
     shared_prefix: bool = True
     fused_sampler: bool = True
-    own_decode_step: bool = False
+    own_decode_step: bool = True
     fused_projections: bool = False
-    transposed_weights: bool = False
+    transposed_weights: bool = True
     keep_cache: bool = True
     bucket_padding: float = 0.1
     num_threads: int | None = None
