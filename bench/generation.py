@@ -16,8 +16,9 @@ Sections (``--sections``, comma-separated; all by default):
   batch once, which the roofline's full prefill does not, so it may pass 100% of it.
 - ``ablation``: SmolLM2 at ``--ablation-batch`` (sampled with log-probs, ``--ablation-samples``
   samples per prompt, EOS and the ``</answer>`` stop honoured as in a GRPO rollout): the default
-  settings, then each ``DecodeSettings`` switch flipped alone (the off-by-default own decode
-  step and fused projections turned on), and 2 threads against 1.
+  settings, then each ``DecodeSettings`` switch flipped alone (the off-by-default fused
+  projections turned on; ``transposed_weights off`` is what the transposed weight copies buy),
+  and 2 threads against 1.
 - ``profile``: where ``HFGenerator``'s time goes at ``--ablation-batch`` (torch.profiler
   operators and the Python functions with the most own time).
 - ``tools``: multi-turn rollouts on SmolLM2 (``--ablation-batch`` rows, an environment that
@@ -292,8 +293,9 @@ ABLATIONS = (
     ("shared_prefill off", {"shared_prefill": False}),
     ("shared_prefix off", {"shared_prefix": False}),
     ("fused_sampler off", {"fused_sampler": False}),
-    ("own_decode_step ON", {"own_decode_step": True}),  # off by default: below 1x here means it would help
-    ("own step + fused ON", {"own_decode_step": True, "fused_projections": True}),
+    ("own_decode_step off", {"own_decode_step": False}),  # the model's own forward each step
+    ("transposed_weights off", {"transposed_weights": False}),  # F.linear over the (out, in) weights
+    ("fused_projections ON", {"fused_projections": True}),  # off by default: below 1x here means it would help
     ("2 threads", {"num_threads": 2}),
 )
 

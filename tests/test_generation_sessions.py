@@ -222,3 +222,56 @@ def test_smollm2_own_decode_step_and_kept_cache_match_its_forward():
         [second] = session.extend([0], [OUTPUT], greedy)
     context = tokenizer(GSM_LIKE[0])["input_ids"] + first.token_ids + tokenizer(OUTPUT, add_special_tokens=False)["input_ids"]
     assert_is_the_models_own_continuation(model, context, second, greedy=True)
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_transposed_weights_give_the_models_logits_and_follow_weight_updates(qwen_tokenizer, fused):
+    config = tiny_qwen2_config(vocab_size=QWEN2_5_VOCAB_SIZE, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                               tie_word_embeddings=True)  # the LM head is the embedding: its copy must follow both
+    model = build_model_from_config(config, seed=3).eval()
+    settings = DecodeSettings(own_decode_step=True, fused_projections=fused, transposed_weights=True)
+    transposed = HFGenerator(model, qwen_tokenizer, batch_size=8, settings=settings)
+    reference = HFGenerator(model, qwen_tokenizer, batch_size=8, settings=DecodeSettings(own_decode_step=False))
+    greedy = SamplingOptions(temperature=0.0, max_new_tokens=10, min_new_tokens=10, stop=(), return_logprobs=True)
+    step = transposed._decode_step()
+    assert step is not None and step.transposed
+    optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
+    decoded = []
+    for update in ("none", "optimizer", "data", "head"):
+        if update == "optimizer":  # in place, bumping every parameter's version counter
+            model.train()
+            ids = torch.tensor([qwen_tokenizer(GSM_LIKE[0])["input_ids"]])
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        elif update == "data":  # through .data, which no version counter sees: sync_weights is the trainers' signal
+            for layer in model.model.layers:
+                layer.mlp.down_proj.weight.data.mul_(-4.0)
+            transposed.sync_weights(model)
+        elif update == "head":
+            with torch.no_grad():
+                model.lm_head.weight.mul_(torch.linspace(0.0, 6.0, model.lm_head.weight.shape[0])[:, None])
+        ours = [g[0] for g in transposed.generate(GSM_LIKE, greedy)]
+        theirs = [g[0] for g in reference.generate(GSM_LIKE, greedy)]
+        for a, b in zip(ours, theirs):
+            assert a.token_ids == b.token_ids
+            torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
+        decoded.append([c.token_ids for c in ours])
+    assert all(decoded[i] != decoded[i + 1] for i in range(3))  # every update changed the tokens: stale copies would show
+
+
+def test_the_transposed_step_s_logits_equal_the_models_forward(biased_qwen2):
+    from reasontune.generation.decode_step import DecodeStep
+    from reasontune.generation.hf import _PreallocatedLayer
+
+    model = biased_qwen2
+    ids = torch.tensor([[5, 17, 230, 9, 4041, 77], [12, 8, 99, 3000, 6, 41]])
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits[:, -1]
+    step = DecodeStep(model, fused=False, transposed=True)
+    layers = [_PreallocatedLayer(capacity=8, max_capacity=8) for _ in model.model.layers]
+    mask = torch.zeros(2, 0)
+    for position in range(ids.shape[1]):  # token by token through the step alone: its own cache, its own logits
+        mask = torch.cat([mask, torch.zeros(2, 1)], dim=1)
+        logits = step(ids[:, position], torch.full((2,), position), layers, mask)
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5)

@@ -14,6 +14,15 @@ the model's arithmetic exactly) and replaces three things:
   loop and one float32 softmax, as HF's eager attention computes it;
 - no mask or cache object is built per step.
 
+``transposed``: every projection (q/k/v, o, gate/up, down) and the LM head runs as
+``torch.mm(x, w_t)`` over a contiguous transposed copy ``w_t`` (in, out) of its weight, made
+once and remade when a source weight changes, as the fused ones are. On a CPU at decode
+shapes (a few to a few dozen rows) that is faster than ``F.linear`` with the (out, in) weight
+(on SmolLM2-135M the decode step spent 72% of its time in ``aten::mm``; ``bench/generation.py
+--sections ablation`` prints what the copies buy). It holds a copy of every projection weight
+and of the LM head (its own copy even when tied to the embedding): for SmolLM2-135M, 134.5M
+floats, about 540 MB in float32 (the fused copies are these transposed ones, not extra).
+
 Only plain Llama / Qwen2 / Mistral layers qualify (``DecodeStep.unsupported_reason`` says
 why another model does not, and the loop then runs the model's own forward): SiLU MLP, no
 query/key norms, no sliding window, no adapter wrappers. Float results differ from HF's
@@ -63,13 +72,14 @@ class DecodeStep:
 
     ``fused``: one matmul for q/k/v and one for gate/up over concatenated weights (an extra
     copy of those weights is held); otherwise the model's own projection modules.
+    ``transposed``: every projection and the LM head as ``torch.mm`` over transposed copies.
     """
 
-    def __init__(self, model, fused: bool = True):
+    def __init__(self, model, fused: bool = True, transposed: bool = False):
         reason = unsupported_reason(model)
         if reason is not None:
             raise ValueError(f"DecodeStep cannot run this model: {reason}")
-        self.model, self.fused = model, fused
+        self.model, self.fused, self.transposed = model, fused, transposed
         base = model.model
         first = base.layers[0].self_attn
         self.head_dim = first.head_dim
@@ -78,31 +88,63 @@ class DecodeStep:
         self.scaling = first.scaling
         self.apply_rotary = sys.modules[type(first).__module__].apply_rotary_pos_emb
         self._fused_weights: list[tuple] | None = None
+        self._head: tuple | None = None
         self._versions: list[tuple[int, int]] | None = None
 
+    def _linears(self, layer) -> tuple:
+        attention, mlp = layer.self_attn, layer.mlp
+        return (attention.q_proj, attention.k_proj, attention.v_proj, attention.o_proj,
+                mlp.gate_proj, mlp.up_proj, mlp.down_proj)
+
     def _sources(self) -> list[torch.Tensor]:
+        """Returns every tensor the held copies are made from (with ``transposed``, the o/down projections and LM head too)."""
         tensors = []
         for layer in self.model.model.layers:
-            for linear in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj,
-                           layer.mlp.gate_proj, layer.mlp.up_proj):
+            linears = self._linears(layer)
+            for linear in linears if self.transposed else linears[:3] + linears[4:6]:
                 tensors.append(linear.weight)
                 if linear.bias is not None:
                     tensors.append(linear.bias)
+        if self.transposed:
+            tensors.append(self.model.lm_head.weight)
+            if self.model.lm_head.bias is not None:
+                tensors.append(self.model.lm_head.bias)
         return tensors
 
     def _weights(self) -> list[tuple]:
-        """Returns per layer (qkv weight, qkv bias or None, gate-up weight), rebuilt if any source tensor changed since."""
+        """Returns per layer ((weight, bias) of q/k/v, of o, of gate/up, of down), rebuilt if any source tensor changed since.
+
+        Unfused, q/k/v and gate/up are tuples of (weight, bias) per projection; without
+        ``transposed``, o and down are None (their modules run) and the weights are (out, in);
+        with it, every weight is a contiguous (in, out) copy.
+        """
         sources = self._sources()
         versions = [(t._version, t.data_ptr()) for t in sources]
         if self._fused_weights is None or versions != self._versions:
+            self._fused_weights = self._head = None  # the old copies go before the new ones are made
+            orient = (lambda w: w.detach().t().contiguous()) if self.transposed else (lambda w: w.detach())
+
+            def own(linears):
+                if len(linears) == 1 or not self.fused:
+                    pairs = tuple((orient(p.weight), None if p.bias is None else p.bias.detach()) for p in linears)
+                    return pairs[0] if len(linears) == 1 else pairs
+                weight = torch.cat([p.weight.detach() for p in linears])
+                has_bias = [p.bias is not None for p in linears]
+                if any(has_bias) and not all(has_bias):
+                    raise ValueError("fused projections where only some have a bias")
+                bias = torch.cat([p.bias.detach() for p in linears]) if all(has_bias) else None
+                return orient(weight), bias
+
             weights = []
             for layer in self.model.model.layers:
-                attention, mlp = layer.self_attn, layer.mlp
-                projections = (attention.q_proj, attention.k_proj, attention.v_proj)
-                qkv = torch.cat([p.weight.detach() for p in projections])
-                bias = None if attention.q_proj.bias is None else torch.cat([p.bias.detach() for p in projections])
-                gate_up = torch.cat([mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach()])
-                weights.append((qkv, bias, gate_up))
+                q, k, v, o, gate, up, down = self._linears(layer)
+                if self.transposed:
+                    weights.append((own((q, k, v)), own((o,)), own((gate, up)), own((down,))))
+                else:
+                    weights.append((own((q, k, v)), None, own((gate, up)), None))
+            head = self.model.lm_head
+            if self.transposed:
+                self._head = (orient(head.weight), None if head.bias is None else head.bias.detach())
             self._fused_weights, self._versions = weights, versions
         return self._fused_weights
 
@@ -121,14 +163,18 @@ class DecodeStep:
         hidden = base.embed_tokens(tokens[:, None])  # (rows, 1, hidden)
         cos, sin = base.rotary_emb(hidden, positions[:, None])
         bias = mask_bias[:, None, None, :]
-        fused = self._weights() if self.fused else [None] * len(base.layers)
-        for layer, cache_layer, weights in zip(base.layers, layers, fused):
+        own = self.fused or self.transposed
+        held = self._weights() if own else [None] * len(base.layers)
+        project = self._project
+        for layer, cache_layer, weights in zip(base.layers, layers, held):
             attention, mlp = layer.self_attn, layer.mlp
             normed = layer.input_layernorm(hidden)
-            if weights is not None:
-                query, key, value = F.linear(normed, weights[0], weights[1]).split((q_width, kv_width, kv_width), dim=-1)
-            else:
+            if weights is None:
                 query, key, value = attention.q_proj(normed), attention.k_proj(normed), attention.v_proj(normed)
+            elif self.fused:
+                query, key, value = project(normed, weights[0]).split((q_width, kv_width, kv_width), dim=-1)
+            else:
+                query, key, value = (project(normed, pair) for pair in weights[0])
             query = query.view(rows, 1, self.heads, d).transpose(1, 2)
             key = key.view(rows, 1, self.kv_heads, d).transpose(1, 2)
             value = value.view(rows, 1, self.kv_heads, d).transpose(1, 2)
@@ -138,11 +184,26 @@ class DecodeStep:
             scores = torch.matmul(grouped, keys.transpose(2, 3)).mul_(self.scaling).add_(bias)
             probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
             attended = torch.matmul(probs, values).reshape(rows, 1, q_width)
-            hidden = hidden + attention.o_proj(attended)
+            hidden = hidden + (project(attended, weights[1]) if self.transposed else attention.o_proj(attended))
             normed = layer.post_attention_layernorm(hidden)
-            if weights is not None:
-                gate, up = F.linear(normed, weights[2]).chunk(2, dim=-1)
-            else:
+            if weights is None:
                 gate, up = mlp.gate_proj(normed), mlp.up_proj(normed)
-            hidden = hidden + mlp.down_proj(mlp.act_fn(gate) * up)
-        return self.model.lm_head(base.norm(hidden))[:, -1]
+            elif self.fused:
+                gate, up = project(normed, weights[2]).chunk(2, dim=-1)
+            else:
+                gate, up = (project(normed, pair) for pair in weights[2])
+            activated = mlp.act_fn(gate) * up
+            hidden = hidden + (project(activated, weights[3]) if self.transposed else mlp.down_proj(activated))
+        normed = base.norm(hidden)
+        if self.transposed:
+            return project(normed, self._head)[:, -1]
+        return self.model.lm_head(normed)[:, -1]
+
+    def _project(self, x: torch.Tensor, pair: tuple) -> torch.Tensor:
+        """Returns ``x`` (rows, 1, in) through one held (weight, bias): (in, out) with ``transposed``, else (out, in)."""
+        weight, bias = pair
+        if not self.transposed:
+            return F.linear(x, weight, bias)
+        flat = x.reshape(-1, x.shape[-1])
+        out = torch.mm(flat, weight) if bias is None else torch.addmm(bias, flat, weight)
+        return out.view(*x.shape[:-1], weight.shape[1])

@@ -175,12 +175,16 @@ class DecodeSettings:
     ``shared_prefill``: a prompt with ``n`` samples is prefilled once and its cache repeated.
     ``shared_prefix``: the batch's common token prefix (the template) is prefilled once for all rows.
     ``fused_sampler``: sampling and log-probs in three passes over the vocabulary instead of a
-    full log-softmax first. ``own_decode_step`` (off by default: on SmolLM2 at batch 8 it measured
-    within noise of the model's forward, ``docs/generation.md``): decode steps run ``decode_step.DecodeStep`` (the
+    full log-softmax first. ``own_decode_step``: decode steps run ``decode_step.DecodeStep`` (the
     model's own modules, grouped attention over the cache, no per-step mask or cache objects)
     where the model qualifies, else the model's forward. ``fused_projections``: that step runs
     q/k/v and gate/up as one matmul each (off: it measured slower, and holds a copy of those
-    weights). ``keep_cache``: ``open_session`` gives an ``HFSession``
+    weights). ``transposed_weights``: that step runs every projection and the LM head as
+    ``torch.mm`` over contiguous transposed copies of their weights, remade when a weight
+    changes (on SmolLM2-135M about 540 MB more memory in float32; ``decode_step`` says why it is
+    faster; turn it off where that memory matters). ``bench/generation.py --sections ablation``
+    prints what each buys.
+    ``keep_cache``: ``open_session`` gives an ``HFSession``
     (multi-turn rollouts keep each row's KV cache between turns) instead of None (continuations
     re-prefill their whole text). ``num_threads``: torch threads during generation
     (None: leave the process setting).
@@ -192,8 +196,9 @@ class DecodeSettings:
     shared_prefill: bool = True
     shared_prefix: bool = True
     fused_sampler: bool = True
-    own_decode_step: bool = False
+    own_decode_step: bool = True
     fused_projections: bool = False
+    transposed_weights: bool = True
     keep_cache: bool = True
     bucket_padding: float = 0.1
     num_threads: int | None = None
@@ -507,8 +512,14 @@ class HFGenerator(Generator):
         return next(self.model.parameters()).device
 
     def sync_weights(self, model) -> None:
-        """Returns nothing; samples from ``model`` from now on (the policy object itself: no copy, always in sync)."""
+        """Returns nothing; samples from ``model`` from now on (the policy object itself: no copy, always in sync).
+
+        The own decode step's weight copies are dropped here and remade at the next decode: they
+        also follow in-place updates on their own (version counters), but not writes through
+        ``p.data``, which no counter sees.
+        """
         self.model = model
+        self._step = None
 
     def sleep(self) -> None:
         """Returns nothing: the HF generator holds no memory of its own between calls."""
@@ -591,8 +602,10 @@ class HFGenerator(Generator):
         if not (self.settings.own_decode_step and self._growable()) or unsupported_reason(self.model) is not None:
             return None
         step = getattr(self, "_step", None)
-        if step is None or step.model is not self.model or step.fused != self.settings.fused_projections:
-            step = self._step = DecodeStep(self.model, self.settings.fused_projections)
+        wanted = (self.settings.fused_projections, self.settings.transposed_weights)
+        if step is None or step.model is not self.model or (step.fused, step.transposed) != wanted:
+            step = self._step = None  # its held copies go before another step makes new ones
+            step = self._step = DecodeStep(self.model, *wanted)
         return step
 
     @torch.no_grad()
