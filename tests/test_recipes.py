@@ -12,7 +12,7 @@ import pytest
 from reasontune.data import example_from_record, load_template, with_r1_zero_targets
 
 RECIPES = Path(__file__).resolve().parents[1] / "examples" / "recipes"
-SMOLLM2_DIR = Path(os.environ.get("REASONTUNE_SMOLLM2_DIR", "/work/cache/smollm2-hf"))
+SMOLLM2_DIR = Path(os.environ.get("REASONTUNE_SMOLLM2_DIR", RECIPES.parents[1] / "models" / "smollm2"))
 
 
 def test_recipe_prompt_is_smollm2_chat_template_with_r1_zero_instruction_ending_in_think():
