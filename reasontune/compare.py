@@ -354,7 +354,7 @@ def format_comparison(comparison: Comparison) -> str:
             continue
         table = [[f"sampling ({benchmark})", *comparison.runs]]
         table += [[f"{label}{' (differs)' if key in differing else ''}", *(_setting_text(one, key) for one in settings)]
-                  for key, label in SAMPLING_SETTINGS]
+                  for key, label in SAMPLING_SETTINGS if any(key in one for one in settings)]  # a row of "?" says nothing
         widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
         lines += ["", *("  ".join(cell.ljust(width) for cell, width in zip(r, widths)).rstrip() for r in table)]
     for benchmark, per_run in comparison.tools.items():

@@ -144,7 +144,7 @@ def test_runs_sampled_differently_are_marked_in_the_table_and_warned_about(tmp_p
     assert table[2] == ["top-p", "1", "1"]  # alike: shown, not marked
     assert table[3] == ["max", "new", "tokens", "(differs)", "1024", "256"]
     assert table[4] == ["samples", "per", "question", "2", "2"]
-    assert table[5] == ["prompt", "template", "?", "?"]  # recorded by neither: not compared
+    assert table[5][:1] == ["warning:"]  # the prompt template, recorded by neither, gets no row of "?"
     warning = ("warning: math500: the runs were sampled differently (temperature 0 vs 0.6; max new tokens 1024 vs 256)")
     assert warning in captured.out and warning in captured.err  # stderr too: a log of errors only still shows it
     assert (tmp_path / "out" / "comparison.txt").read_text().count("(differs)") == 2
