@@ -197,7 +197,7 @@ class EvalConfig(TrackingOptions, GenerationOptions, GradingOptions, EvaluationO
                 problems.append(f"--benchmarks: {error}")
         return problems
 
-    def own_environment_problems(self) -> list[str]:
+    def machine_problems(self) -> list[str]:
         """Returns what is wrong with --data's file and --output-dir on this machine (see ``options.environment_problems``)."""
         return data_source_problems("--data", self.data) + eval_output_problems(self.output_dir)
 

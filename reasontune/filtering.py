@@ -39,7 +39,7 @@ class FilterConfig(TrackingOptions, GradingOptions, TaskOptions):
             problems.append(f"--out {self.out}: is a directory; give a file name such as {Path(self.out) / 'kept.jsonl'}")
         return problems
 
-    def own_environment_problems(self) -> list[str]:
+    def machine_problems(self) -> list[str]:
         """Returns what is wrong with --data's file on this machine (see ``options.environment_problems``)."""
         return data_source_problems("--data", self.data)
 

@@ -54,6 +54,16 @@ class ModelOptions:
     device: str | None = help_field(None, "torch device (default: cuda when available, else cpu)", group="model")
     attn_implementation: str | None = help_field(None, "attention kernel: sdpa, flash_attention_2 or eager (default: flash_attention_2 when installed on CUDA, else sdpa)", group="model")
 
+    def machine_problems(self) -> list[str]:
+        """Returns what this machine lacks for --model and --device: the model, CUDA."""
+        problems = model_problems("--model", self.model)
+        if self.device and self.device.startswith("cuda"):
+            import torch  # lazy: only when a CUDA device is asked for
+
+            if not torch.cuda.is_available():
+                problems.append(f"--device {self.device}: CUDA is not available here; drop --device or use cpu")
+        return problems
+
 
 @dataclass
 class TaskOptions:
@@ -69,6 +79,10 @@ class TaskOptions:
     def environment_problems(self) -> list[str]:
         """Returns what the machine lacks for this config: files, the model, the reward, packages (``options.environment_problems``)."""
         return environment_problems(self)
+
+    def machine_problems(self) -> list[str]:
+        """Returns what is wrong here with --prompt-template's file and --reward's function."""
+        return template_problems(self.prompt_template) + reward_problems(self.reward)
 
     def problems(self) -> list[str]:
         """Returns what is wrong with --reward's value: neither a shipped name nor module:function."""
@@ -205,6 +219,18 @@ class GenerationOptions:
             return self.vllm_weight_sync
         return "nccl" if trainer else "none"
 
+    def machine_problems(self) -> list[str]:
+        """Returns what this machine lacks for --backend vllm: its package where this process loads or feeds the engine."""
+        # A vllm serve server without weight pushes is plain HTTP: this side needs no vllm package.
+        if self.backend != "vllm" or (self.vllm_server_url and self.weight_sync_mode(self.trains_policy) != "nccl"):
+            return []
+        problems = package_problems("--backend vllm", "vllm", "vllm")
+        model = getattr(self, "model", None)  # the config's ModelOptions, where it has them
+        if model and is_gguf_file(model):
+            problems.append(f"--backend vllm: loads --model itself, and {model} is a GGUF file; convert it once "
+                            f"with reasontune models get --gguf {model} --output-dir DIR and give --model DIR")
+        return problems
+
 
 @dataclass
 class ShardingOptions:
@@ -221,7 +247,7 @@ class ShardingOptions:
                      "a CPU run it is there already, so drop the flag")]
         return []
 
-    def sharding_environment_problems(self) -> list[str]:
+    def machine_problems(self) -> list[str]:
         """Returns what this launch lacks for the FSDP flags: torchrun with several processes, and CUDA for offload."""
         flags = [flag for flag, on in (("--fsdp-mixed-precision", self.fsdp_mixed_precision),
                                        ("--fsdp-cpu-offload", self.fsdp_cpu_offload)) if on]
@@ -268,6 +294,10 @@ class InLoopEvaluationOptions(EvaluationOptions):
     """When a trainer evaluates, and on what."""
 
     val_data: str | None = help_field(None, "held-out questions with references, evaluated before training, every --eval-every steps and at the end (none: no held-out evaluation; sft can split one off with --val-fraction)", group="evaluation", aliases=("val-data-path",))
+
+    def machine_problems(self) -> list[str]:
+        """Returns what is wrong with --val-data's file on this machine."""
+        return data_source_problems("--val-data", self.val_data)
     eval_examples: int = help_field(256, "held-out examples per evaluation (0: no evaluation)", group="evaluation")
     eval_every: int = help_field(0, "evaluate every N steps (0: only before and after training)", group="evaluation")
     eval_before_training: bool = help_field(True, "evaluate once before the first step", group="evaluation")
@@ -398,6 +428,11 @@ class TrackingOptions:
     wandb: str | None = help_field(None, "also log to this Weights & Biases project (needs the wandb extra)", group="logging", aliases=("wandb-project",))
     tensorboard: bool = help_field(False, "also write TensorBoard event files into output-dir/tensorboard (needs the tensorboard extra)", group="logging")
 
+    def machine_problems(self) -> list[str]:
+        """Returns the packages this machine lacks for --tensorboard and --wandb."""
+        return ((package_problems("--tensorboard", "tensorboard", "tensorboard") if self.tensorboard else [])
+                + (package_problems("--wandb", "wandb", "wandb") if self.wandb else []))
+
 
 @dataclass
 class LoggingOptions(TrackingOptions):
@@ -432,6 +467,10 @@ class TrainerOptions(LoggingOptions, CheckpointOptions, InLoopEvaluationOptions,
     def problems(self) -> list[str]:
         """Returns what is wrong with --train-data's value (its file is an environment check)."""
         return [] if self.train_data else ["--train-data: required; give a JSONL/JSON/Parquet file or a hub dataset name"]
+
+    def machine_problems(self) -> list[str]:
+        """Returns what is wrong with --train-data's file on this machine."""
+        return data_source_problems("--train-data", self.train_data)
 
 
 def resolved_dtype(dtype: str | None, device: str) -> str:
@@ -607,35 +646,13 @@ def environment_problems(config: Any) -> list[str]:
     """Returns every problem of ``config`` with this machine: missing or empty files, a model that is not there, packages the flags need.
 
     ``config.value_problems`` checks that the values can work together; this checks that they can work
-    here and now. Both run before a command touches its output directory.
+    here and now. Both run before a command touches its output directory. Like ``value_problems``,
+    it is the ``machine_problems()`` of each class the config is made of, base groups first: each
+    group checks the fields it declares, and a command adds its own (eval's output directory).
     """
     problems: list[str] = []
-    if isinstance(config, ModelOptions):
-        problems += model_problems("--model", config.model)
-        if config.device and config.device.startswith("cuda"):
-            import torch  # lazy: only when a CUDA device is asked for
-
-            if not torch.cuda.is_available():
-                problems.append(f"--device {config.device}: CUDA is not available here; drop --device or use cpu")
-    if isinstance(config, TaskOptions):
-        problems += template_problems(config.prompt_template) + reward_problems(config.reward)
-    # A vllm serve server without weight pushes is plain HTTP: this side needs no vllm package.
-    if isinstance(config, GenerationOptions) and config.backend == "vllm" and (
-            not config.vllm_server_url or config.weight_sync_mode(config.trains_policy) == "nccl"):
-        problems += package_problems("--backend vllm", "vllm", "vllm")
-        if isinstance(config, ModelOptions) and is_gguf_file(config.model):
-            problems.append(f"--backend vllm: loads --model itself, and {config.model} is a GGUF file; convert it once "
-                            f"with reasontune models get --gguf {config.model} --output-dir DIR and give --model DIR")
-    if isinstance(config, ShardingOptions):
-        problems += config.sharding_environment_problems()
-    if isinstance(config, InLoopEvaluationOptions):
-        problems += data_source_problems("--val-data", config.val_data)
-    if isinstance(config, TrackingOptions):
-        if config.tensorboard:
-            problems += package_problems("--tensorboard", "tensorboard", "tensorboard")
-        if config.wandb:
-            problems += package_problems("--wandb", "wandb", "wandb")
-    if isinstance(config, TrainerOptions):
-        problems += data_source_problems("--train-data", config.train_data)
-    extra = getattr(config, "own_environment_problems", None)  # a command's own checks (eval, filter)
-    return problems + (extra() if callable(extra) else [])
+    for cls in reversed(type(config).__mro__):
+        own = vars(cls).get("machine_problems")
+        if callable(own):
+            problems += [problem for problem in own(config) if problem not in problems]
+    return problems

@@ -229,3 +229,18 @@ def test_the_users_own_sft_command_line_works_unchanged(workspace, monkeypatch, 
     train = [json.loads(line) for line in (workspace / "checkpoints" / "sft" / "metrics.jsonl").read_text().splitlines()
              if '"kind": "train"' in line]
     assert [line["step"] for line in train] == [1]
+
+
+def test_every_option_groups_machine_check_runs_once_for_a_trainer(workspace, tmp_path):
+    """GRPO's config is made of many option groups; each checks its own files here (model, template, train and val
+    data), so a config with all four wrong names all four, once each, base groups first."""
+    from reasontune.options import environment_problems
+    from reasontune.training.grpo_config import GRPOConfig
+
+    config = GRPOConfig(model=str(tmp_path / "no-model"), prompt_template=str(tmp_path / "no.prompt"),
+                        train_data=str(tmp_path / "no-train.jsonl"), val_data=str(tmp_path / "no-val.jsonl"),
+                        output_dir=str(tmp_path / "out"))
+    problems = environment_problems(config)
+    flags = [problem.split(maxsplit=1)[0].rstrip(":") for problem in problems]
+    assert sorted(flags) == ["--model", "--prompt-template", "--train-data", "--val-data"], problems
+    assert flags.index("--model") < flags.index("--train-data")  # ModelOptions is a base of TrainerOptions

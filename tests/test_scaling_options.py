@@ -144,7 +144,7 @@ def test_fsdp_flags_reach_shard_model_from_setup_sft(tiny_model_dir, tmp_path, m
 
     monkeypatch.setattr(distributed, "shard_model", spy)
     # One CPU process here: the launch checks of the flags (tested above) would stop setup before it shards.
-    monkeypatch.setattr(ShardingOptions, "sharding_environment_problems", lambda self: [])
+    monkeypatch.setattr(ShardingOptions, "machine_problems", lambda self: [])
     data = tmp_path / "sft.jsonl"
     data.write_text("".join(json.dumps({"prompt": f"{i} + 1 =", "response": f" {i + 1}"}) + "\n" for i in range(4)))
     for mixed, offload in [(True, False), (False, True), (False, False)]:
