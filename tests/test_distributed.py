@@ -231,6 +231,12 @@ def relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp(min=1e-30))
 
 
+def whole_model_difference(weights: dict, reference: dict) -> float:
+    """Returns |weights - reference| / |reference| over every tensor as one float64 vector."""
+    difference = sum(float((weights[k] - reference[k]).double().square().sum()) for k in reference) ** 0.5
+    return difference / sum(float(reference[k].double().square().sum()) for k in reference) ** 0.5
+
+
 def test_world_two_accumulation_one_equals_world_one_accumulation_two(runs):
     from safetensors.torch import load_file
 
@@ -264,8 +270,12 @@ def test_sharded_checkpoint_resumes_at_another_world_size(runs, run, meaning):
     reference = load_file(str(runs / "A" / "after-3.safetensors"))  # world 1, uninterrupted
     weights = load_file(str(runs / run / "after-3.safetensors"))
     # Step 3 with AdamW needs the step-2 moments: a fresh optimizer or the wrong shard moves the
-    # weights by ~lr = 1e-2 relative; the world-size change itself costs ~1e-7.
-    assert max(relative_difference(weights[k], reference[k]) for k in reference) <= 1e-5, meaning
+    # weights by ~lr = 1e-2 relative; the world-size change itself costs ~1e-7 over the whole model.
+    # Per tensor, AdamW divides each gradient by its own running RMS, so where a gradient is tiny
+    # (the k_proj biases) it magnifies the rounding of another summation order: up to 2.2e-5
+    # measured on an AVX-512 CPU, whose kernels round differently at the two world sizes' shapes.
+    assert whole_model_difference(weights, reference) <= 1e-6, meaning
+    assert max(relative_difference(weights[k], reference[k]) for k in reference) <= 1e-4, meaning
     probe, reference_probe = (json.loads((runs / r / "probe.json").read_text()) for r in (run, "A"))
     assert probe["scheduler_epoch"] == 2 and probe["step"] == 2
     assert probe["rng_restored"] and probe["draws"] == reference_probe["draws"]  # rank 0's generators came back
@@ -280,7 +290,9 @@ def test_consolidated_checkpoint_from_two_ranks_loads_with_from_pretrained(runs)
     from_two = AutoModelForCausalLM.from_pretrained(sharded).state_dict()
     from_one = AutoModelForCausalLM.from_pretrained(runs / "A" / "checkpoint-2").state_dict()
     assert from_two.keys() == from_one.keys()
-    assert max(relative_difference(from_two[k], from_one[k]) for k in from_one) <= 1e-6
+    # As above: the whole model within 1e-6, each tensor within AdamW's magnified rounding (1.2e-5 measured).
+    assert whole_model_difference(from_two, from_one) <= 1e-6
+    assert max(relative_difference(from_two[k], from_one[k]) for k in from_one) <= 1e-4
     assert run_layout.latest_checkpoint(runs / "C") == sharded
     assert not list((runs / "C").glob(".*tmp*"))  # renamed into place, nothing left behind
 
