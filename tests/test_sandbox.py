@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reasontune.environments.sandbox import NOBODY, SandboxLimits, SandboxUnavailable, run_python
+from reasontune.environments.sandbox import SANDBOX_UID_BASE, SandboxLimits, SandboxUnavailable, run_python
 
 LIMITS = SandboxLimits(wall_seconds=6.0, cpu_seconds=2, memory_bytes=512 * 1024**2, output_bytes=2048, processes=16)
 # Start-up of the launcher and interpreter takes ~0.3 s on an idle machine; the shared one is loaded.
@@ -16,7 +16,7 @@ SLACK_SECONDS = 4.0
 
 
 def _sandbox_processes() -> list[str]:
-    """Returns a description of every live process that belongs to a sandbox: the sandbox user's, or a launcher."""
+    """Returns a description of every live process that belongs to a sandbox: a sandbox uid's, or a launcher."""
     found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
@@ -28,7 +28,7 @@ def _sandbox_processes() -> list[str]:
             continue
         uid = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("Uid:"))
         zombie = "State:\tZ" in status
-        if not zombie and (uid == NOBODY[0] and os.geteuid() == 0 or "reasontune-sandbox-" in command):
+        if not zombie and (uid >= SANDBOX_UID_BASE and os.geteuid() == 0 or "reasontune-sandbox-" in command):
             found.append(f"{entry.name} uid={uid} {command[:80]}")
     return found
 
@@ -145,3 +145,30 @@ def test_files_in_the_sandbox_are_bounded_and_private_to_one_call():
     assert first.status in ("error", "killed") and "program.py" in first.output or first.status == "killed"
     second = run_python("import os\nprint(os.path.exists('state.txt'))", LIMITS)
     assert second.output == "False\n"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="per-call uids need root; without it the caller's user is the count")
+def test_concurrent_calls_each_have_their_own_process_bound_and_uid():
+    """A call that holds every process its bound allows leaves another call, running beside it, all of its own."""
+    import concurrent.futures
+
+    # the holder forks until RLIMIT_NPROC refuses, keeps its children asleep, then reports the count and its uid
+    holder = ("import os, time\nforks = 0\nwhile True:\n    try:\n        pid = os.fork()\n    except OSError:\n"
+              "        break\n    if pid == 0:\n        time.sleep(6)\n        os._exit(0)\n    forks += 1\n"
+              "print(forks, os.getuid(), flush=True)\ntime.sleep(4)\n")
+    # the other one starts while the holder's children sleep and forks 8 children of its own
+    other = ("import os, time\ntime.sleep(1.5)\npids = []\nfor _ in range(8):\n    pid = os.fork()\n"
+             "    if pid == 0:\n        os._exit(0)\n    pids.append(pid)\nfor pid in pids:\n    os.waitpid(pid, 0)\n"
+             "print(len(pids), os.getuid())\n")
+    limits = SandboxLimits(wall_seconds=12.0, cpu_seconds=4, memory_bytes=512 * 1024**2, processes=16)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        held = pool.submit(run_python, holder, limits)
+        time.sleep(0.5)
+        beside = pool.submit(run_python, other, limits)
+        held, beside = held.result(), beside.result()
+    assert held.status == "ok" and beside.status == "ok", (held, beside)
+    held_forks, held_uid = map(int, held.output.split())
+    beside_forks, beside_uid = map(int, beside.output.split())
+    assert held_forks == 16 - 2  # the bound, less PID 1 and the program itself
+    assert beside_forks == 8  # with one uid for both calls its first fork would have been refused
+    assert held_uid != beside_uid and min(held_uid, beside_uid) >= SANDBOX_UID_BASE

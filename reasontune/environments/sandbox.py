@@ -14,7 +14,7 @@ Each call starts a small trusted launcher (``python -I -S``, no torch, no site) 
    writable place, on the same bounded tmpfs, gone when the call ends.
 3. A fork: the child is PID 1 of the new PID namespace, so when it ends, or is killed, the
    kernel kills every process left in it (a fork bomb dies with it). It ``chroot``s into the
-   new root, drops to ``nobody`` (groups cleared) when the launcher is root, sets rlimits (CPU
+   new root, drops to a uid of its own (groups cleared) when the launcher is root, sets rlimits (CPU
    seconds, address space, file size, open files, processes, no core dumps), asks to be killed
    when the launcher dies (``PR_SET_PDEATHSIG``), forks the program's process (``python -I`` on
    the program, PID 2) and waits for it.
@@ -92,9 +92,10 @@ work = new_root + "/sandbox"
 os.makedirs(work)
 with open(work + "/program.py", "wb") as handle:
     handle.write(program)
-drop = root_user and settings["drop_to"] is not None
-if drop:
-    os.chown(work, settings["drop_to"][0], settings["drop_to"][1])
+drop = root_user and settings["uid_base"] is not None
+if drop:  # a uid (and gid) of this call alone: its RLIMIT_NPROC counts its own processes, no other sandbox's
+    sandbox_id = settings["uid_base"] + os.getpid()  # the launcher's pid, unique among live launchers
+    os.chown(work, sandbox_id, sandbox_id)
 child = os.fork()
 if child == 0:
     try:
@@ -102,8 +103,8 @@ if child == 0:
         os.chdir("/sandbox")
         if drop:
             os.setgroups([])
-            os.setgid(settings["drop_to"][1])
-            os.setuid(settings["drop_to"][0])
+            os.setgid(sandbox_id)
+            os.setuid(sandbox_id)
         seconds = settings["cpu_seconds"]
         for limit, value in ((resource.RLIMIT_CPU, (seconds, seconds + 1)),
                              (resource.RLIMIT_AS, settings["memory_bytes"]),
@@ -130,7 +131,10 @@ os._exit(os.waitstatus_to_exitcode(status) & 255 if os.WIFEXITED(status) else 12
 '''
 
 SETUP_FAILED_EXIT = 125
-NOBODY = (65534, 65534)
+# Under root each call's program runs as uid = gid = SANDBOX_UID_BASE + its launcher's pid: no
+# account, no file owned on the host, and an RLIMIT_NPROC count of its own. The base is high
+# (2**31 - 2**24) so the ids are clear of every real user and of pid_max (at most 2**22) above it.
+SANDBOX_UID_BASE = 2**31 - 2**24
 
 
 class SandboxUnavailable(RuntimeError):
@@ -143,8 +147,9 @@ class SandboxLimits:
 
     ``wall_seconds`` bounds the whole call (start-up included), ``cpu_seconds`` the program's
     CPU time (``RLIMIT_CPU``), ``memory_bytes`` its address space (``RLIMIT_AS``, per process),
-    ``disk_bytes`` its tmpfs and any one file, ``processes`` the processes of the sandbox user
-    (``RLIMIT_NPROC``; counted per user across concurrent sandboxes), ``output_bytes`` the
+    ``disk_bytes`` its tmpfs and any one file, ``processes`` the processes of the call
+    (``RLIMIT_NPROC``, counted per uid: under root each call has its own; without root the
+    caller's user is the count, all its processes included), ``output_bytes`` the
     merged stdout and stderr kept (the program is killed once it prints more).
     """
 
@@ -208,7 +213,7 @@ def run_python(program: str, limits: SandboxLimits = SandboxLimits()) -> Executi
     os.chmod(mount_point, 0o700)
     python = os.path.realpath(sys.executable)
     settings = {
-        "root": mount_point, "binds": _binds(), "python": python, "drop_to": list(NOBODY),
+        "root": mount_point, "binds": _binds(), "python": python, "uid_base": SANDBOX_UID_BASE,
         "cpu_seconds": limits.cpu_seconds, "memory_bytes": limits.memory_bytes, "disk_bytes": limits.disk_bytes,
         "processes": limits.processes,
     }
