@@ -236,13 +236,16 @@ def test_transposed_weights_give_the_models_logits_and_follow_weight_updates(qwe
     step = transposed._decode_step()
     assert step is not None and step.transposed
     optimizer = torch.optim.SGD(model.parameters(), lr=5.0)
+    fused_adamw = torch.optim.AdamW(model.parameters(), lr=0.05, fused=True)
     decoded = []
-    for update in ("none", "optimizer", "data", "head"):
-        if update == "optimizer":  # in place, bumping every parameter's version counter
+    for update in ("none", "optimizer", "fused_adamw", "data", "head"):
+        if update in ("optimizer", "fused_adamw"):  # SGD bumps every version counter; fused AdamW moves none
             model.train()
             ids = torch.tensor([qwen_tokenizer(GSM_LIKE[0])["input_ids"]])
             model(input_ids=ids, labels=ids).loss.backward()
-            optimizer.step()
+            versions = [p._version for p in model.parameters()]
+            (optimizer if update == "optimizer" else fused_adamw).step()
+            assert (versions == [p._version for p in model.parameters()]) == (update == "fused_adamw")
             optimizer.zero_grad()
         elif update == "data":  # through .data, which no version counter sees: sync_weights is the trainers' signal
             for layer in model.model.layers:
@@ -257,7 +260,7 @@ def test_transposed_weights_give_the_models_logits_and_follow_weight_updates(qwe
             assert a.token_ids == b.token_ids
             torch.testing.assert_close(torch.tensor(a.logprobs), torch.tensor(b.logprobs), atol=1e-5, rtol=0)
         decoded.append([c.token_ids for c in ours])
-    assert all(decoded[i] != decoded[i + 1] for i in range(3))  # every update changed the tokens: stale copies would show
+    assert all(decoded[i] != decoded[i + 1] for i in range(4))  # every update changed the tokens: stale copies would show
 
 
 def test_the_transposed_step_s_logits_equal_the_models_forward(biased_qwen2):

@@ -7,8 +7,9 @@ the model's own embedding, norms, rotary embedding and ``apply_rotary_pos_emb`` 
 the model's arithmetic exactly) and replaces three things:
 
 - the query/key/value projections and the gate/up projections run as one matrix multiply
-  each, over weights concatenated once (``fused``), rebuilt whenever a source weight changes
-  (its version counter moves on an in-place optimiser step, its storage on a reload);
+  each, over weights concatenated once (``fused``), rebuilt on ``refresh()`` (the generator
+  calls it at the start of every ``generate``: torch's fused AdamW moves no version counter)
+  and whenever a source weight's version counter or storage changes;
 - attention over the preallocated cache is two batched products per (row, key-value head)
   with the group's query heads stacked (no repeat of the keys), an additive mask kept by the
   loop and one float32 softmax, as HF's eager attention computes it;
@@ -90,6 +91,10 @@ class DecodeStep:
         self._fused_weights: list[tuple] | None = None
         self._head: tuple | None = None
         self._versions: list[tuple[int, int]] | None = None
+
+    def refresh(self) -> None:
+        """Returns nothing; the held copies are remade from the model's weights at the next step (updates no counter saw)."""
+        self._versions = None
 
     def _linears(self, layer) -> tuple:
         attention, mlp = layer.self_attn, layer.mlp

@@ -514,9 +514,11 @@ class HFGenerator(Generator):
     def sync_weights(self, model) -> None:
         """Returns nothing; samples from ``model`` from now on (the policy object itself: no copy, always in sync).
 
-        The own decode step's weight copies are dropped here and remade at the next decode: they
-        also follow in-place updates on their own (version counters), but not writes through
-        ``p.data``, which no counter sees.
+        The own decode step's weight copies are dropped here and remade at the next decode. They
+        are also remade at the start of every ``generate`` call (and every session's first
+        turn), since version counters do not see every update: torch's fused AdamW
+        (``fused=True``, the trainers' single-process optimizer) and writes through ``p.data``
+        move none. Within a call they follow version counters.
         """
         self.model = model
         self._step = None
@@ -568,6 +570,8 @@ class HFGenerator(Generator):
         # Each sampled row's own stream is seeded from this seed and its question's global index.
         seed = options.seed if options.seed is not None else int(torch.randint(2**62, ()))
         progress = GenerationProgress(len(prompts) * rows_per_prompt, options.max_new_tokens, self.progress_every_s)
+        if getattr(self, "_step", None) is not None:
+            self._step.refresh()  # a session's later turns (``extend``) keep the copies: no step comes between turns
         with self._generating():
             try:
                 started = time.perf_counter()
