@@ -176,7 +176,7 @@ LORA_NUM_EPOCHS = 2
 # step 100-250 in the runs of docs/tools.md), so the schedule is long enough to hold a high rate past it: 500 steps
 # of 32 turns. Cosine over 300 steps decayed the rate before the answer's copy was learnt (4%).
 TOOL_DEMO_PRESETS = {"n_train": 16000, "hidden_size": 128, "num_layers": 2, "num_heads": 4, "learning_rate": 3e-3}
-TOOL_GRPO_STEPS = 10
+TOOL_GRPO_STEPS = 40
 
 
 @dataclasses.dataclass

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -16,8 +18,12 @@ from reasontune.environments.sandbox import SandboxUnavailable, run_python
 from reasontune.environments.tokens import trajectory_batch
 from reasontune.modeling import load_tokenizer
 from reasontune.tokenization import tokenize_prompt_and_output
-from reasontune.tool_demo import (RESPONSE_TOKENS, TOOL_TAGS, TOOL_TEMPLATE, TURN_TOKENS, make_multiplication_questions,
-                                  prepare_tool_demo, tool_grpo_config, tool_sft_config, tool_trace, turn_records)
+from reasontune.modeling import load_model
+from reasontune.rollouts import write_jsonl
+from reasontune.tool_demo import (RESPONSE_TOKENS, TOOL_START_TARGET, TOOL_TAGS, TOOL_TEMPLATE, TURN_TOKENS, StartPicker, evaluate_held_out,
+                                  make_multiplication_questions, prepare_tool_demo, question_records, tool_grpo_config,
+                                  tool_sft_config, tool_trace, turn_records)
+from reasontune.training.sft import run_sft
 
 
 def test_questions_are_distinct_4_digit_pairs_with_8_digit_products():
@@ -130,7 +136,55 @@ def test_stage_configs_train_on_the_files_with_the_tool_budget(demo_files, tmp_p
     assert (grpo.env, grpo.max_tool_calls, grpo.n_grpo_steps) == ("python", 1, config.tool_grpo_steps)
     # the rollouts' budget is the whole response, the evaluation's each turn: the same 2 x 24 tokens
     assert grpo.sampling_max_tokens == RESPONSE_TOKENS == 2 * grpo.eval_max_new_tokens == 2 * TURN_TOKENS
-    assert grpo.eval_temperature == 0.0 and grpo.eval_examples == config.n_eval and not grpo.eval_before_training
+    # the start is measured on the held-out set with the tool before the first step
+    assert grpo.eval_temperature == 0.0 and grpo.eval_examples == config.n_eval and grpo.eval_before_training
+    assert (grpo.group_size, grpo.rollout_batch_size, grpo.sampling_temperature) == (16, 64, 0.3)
+
+
+def test_prepared_selection_traces_are_apart_from_training_and_held_out(demo_files):
+    _, files = demo_files
+    prompts = {name: {json.loads(line)["prompt"] for line in path.read_text().splitlines()}
+               for name, path in (("selection", files.selection), ("questions", files.questions),
+                                  ("held_out", files.held_out))}
+    selection = [json.loads(line) for line in files.selection.read_text().splitlines()]
+    questions = {r["prompt"] for r in selection if r["response"].startswith(" <python>")}
+    assert len(selection) == 2 * len(questions) == 256
+    assert not questions & prompts["questions"] and not questions & prompts["held_out"]
+
+
+@pytest.mark.slow
+def test_start_picker_measures_greedy_accuracy_with_the_tool_and_keeps_the_step_nearest_its_target(tmp_path):
+    """SFT memorises 8 traces; at every step the picker's one forward pass says which of them greedy decoding with
+    the sandboxed tool answers right, checked question by question against real rollouts of the weights it kept."""
+    try:
+        run_python("pass")
+    except SandboxUnavailable as error:
+        pytest.skip(str(error))
+    config = DemoConfig.for_algorithm("tools", output_dir=str(tmp_path), n_train=64, n_eval=8, hidden_size=64,
+                                      num_layers=2, num_heads=4, num_threads=1, progress=False)
+    files = prepare_tool_demo(config)
+    pairs = make_multiplication_questions(8, seed=11)
+    write_jsonl(turn_records(pairs), files.selection)
+    write_jsonl(question_records(pairs), tmp_path / "questions.jsonl")
+    sft = dataclasses.replace(tool_sft_config(config, files), train_data=str(files.selection), val_data=None,
+                              batch_size=16, num_epochs=80, lr_scheduler="constant", warmup_ratio=0.0)
+    picker = StartPicker(files.selection, 0.5, tmp_path / "start", tmp_path / "curve.jsonl")
+    run_dir = Path(run_sft(sft, after_step=picker))
+    curve = [json.loads(line) for line in (tmp_path / "curve.jsonl").read_text().splitlines()]
+    accuracies = [point["accuracy"] for point in curve]
+    # every step is measured until one reaches twice the target (here all 8 traces), then none
+    assert [point["step"] for point in curve] == list(range(1, len(curve) + 1)) == [h["step"] for h in picker.history]
+    assert accuracies[0] == 0.0 and accuracies[-1] == 1.0 and max(accuracies[:-1]) < 1.0 and len(curve) < 80
+    nearest = min(abs(a - 0.5) for a in accuracies)
+    assert abs(picker.accuracy - 0.5) == nearest and accuracies[picker.step - 1] == picker.accuracy
+    assert 0.0 < picker.accuracy < 1.0  # so the check below sees right and wrong traces
+    assert all(abs(a - 0.5) > nearest for a in accuracies[: picker.step - 1])  # the earliest of the nearest
+    for weights in (tmp_path / "start", run_dir / "final"):
+        matches = picker.trace_matches(load_model(str(weights)), load_tokenizer(str(weights)), TOOL_TEMPLATE)
+        evaluate_held_out(weights, tmp_path / "questions.jsonl", tmp_path / f"eval-{weights.name}", config, with_tool=True)
+        records = [json.loads(line) for line in (tmp_path / f"eval-{weights.name}" / "records.jsonl").read_text().splitlines()]
+        assert [r["reward"] == 1.0 for r in sorted(records, key=lambda r: r["index"])] == matches
+        assert all(r["tool_calls"] == 1 for r in records)
 
 
 @pytest.mark.slow
@@ -150,9 +204,10 @@ def test_the_demo_runs_every_stage_and_prints_what_its_evaluations_wrote(tmp_pat
     def summary(path):
         return json.loads((tmp_path / path / "summary.json").read_text())
 
-    # 64 traces = 128 turns = 4 SFT steps of 32; the SFT's one evaluation is its last step's, GRPO's too
+    # 64 traces = 128 turns = 4 SFT steps of 32; the SFT's one evaluation is its last step's; GRPO's are its start's
+    # and its last step's
     assert [p.name for p in (tmp_path / "sft" / "eval").iterdir()] == ["step-000004"]
-    assert [p.name for p in (tmp_path / "grpo" / "eval").iterdir()] == ["step-000001"]
+    assert sorted(p.name for p in (tmp_path / "grpo" / "eval").iterdir()) == ["step-000000", "step-000001"]
     sft_without, sft_with = summary("sft/eval/step-000004"), summary("sft/eval-python")
     grpo_with, grpo_without = summary("grpo/eval/step-000001"), summary("grpo/eval-no-tool")
     for with_tool, without_tool in ((sft_with, sft_without), (grpo_with, grpo_without)):
@@ -161,10 +216,15 @@ def test_the_demo_runs_every_stage_and_prints_what_its_evaluations_wrote(tmp_pat
         assert "</python>" not in without_tool["sampling"]["stop"]  # without the tool nothing ends a turn at a call
     assert ("after SFT" in printed and f"{sft_without['accuracy']:.1%} without the tool -> "
             f"{sft_with['accuracy']:.1%} with it ({sft_with['tool_calls']} calls" in printed)
-    assert ("after GRPO (1 steps" in printed and f"{grpo_without['accuracy']:.1%} without the tool -> "
+    grpo_start = summary("grpo/eval/step-000000")
+    assert (f"after GRPO (1 steps from {grpo_start['accuracy']:.1%} with the tool" in printed
+            and f"{grpo_without['accuracy']:.1%} without the tool -> "
             f"{grpo_with['accuracy']:.1%} with it ({grpo_with['tool_calls']} calls" in printed)
+    curve = [json.loads(line) for line in (tmp_path / "sft" / "selection-curve.jsonl").read_text().splitlines()]
+    assert [point["step"] for point in curve] == [1, 2, 3, 4]
+    assert f"GRPO starts from SFT step {min(curve, key=lambda p: abs(p['accuracy'] - TOOL_START_TARGET))['step']} " in printed
     grpo = json.loads((tmp_path / "grpo" / "config.json").read_text())
-    assert grpo["env"] == "python" and grpo["model"] == str(tmp_path / "sft" / "final")
+    assert grpo["env"] == "python" and grpo["model"] == str(tmp_path / "sft" / "grpo-start")
     rollouts = [json.loads(line) for line in (tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()
                 if json.loads(line)["kind"] == "train"]
     assert len(rollouts) == 1 and "tool_calls" in rollouts[0]

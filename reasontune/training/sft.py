@@ -14,7 +14,7 @@ import hashlib
 import math
 import time
 from pathlib import Path
-from typing import Any, ClassVar, Literal, Sequence
+from typing import Any, Callable, ClassVar, Literal, Sequence
 
 import torch
 
@@ -323,6 +323,7 @@ class SFTSession:
     stop: StopSignals | None = None  # with a run directory: SIGINT/SIGTERM save and stop after a step
     ctx: distributed.DistributedContext = SINGLE_PROCESS
     replica: UnshardedReplica | None = None  # world size > 1 with evaluation: what the HF generator samples from
+    after_step: Callable[[SFTSession, int], None] | None = None  # called after each optimizer step with its number (the tool demo's start picker)
 
 
 def prepare_session(config: SFTConfig, model, tokenizer, examples: Sequence[Example], device: torch.device,
@@ -434,6 +435,8 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
         if logger is not None and (step % config.log_every == 0 or step == len(steps)):
             logger.log("train", step, **metrics)
         progress.update(step, loss=metrics["loss"], tokens_per_s=metrics["tokens_per_s"], token_loss=metrics["mean_token_nll"])
+        if session.after_step is not None:
+            session.after_step(session, step)
         # --- evaluate
         if evaluating and config.eval_every and step % config.eval_every == 0 and step != len(steps):
             evaluate_and_log(step)
@@ -453,15 +456,16 @@ def train_sft(session: SFTSession) -> list[dict[str, float]]:
     return history
 
 
-def run_sft(config: SFTConfig) -> Path:
+def run_sft(config: SFTConfig, after_step: Callable[[SFTSession, int], None] | None = None) -> Path:
     """Returns the run directory after SFT of ``config.model`` on ``config.train_data`` (``setup_sft`` then ``train_sft``).
 
-    Under ``torchrun --nproc_per_node N -m reasontune sft …`` it trains data-parallel with
+    ``after_step(session, step)``, if given, runs after each optimizer step on every rank. Under ``torchrun --nproc_per_node N -m reasontune sft …`` it trains data-parallel with
     FSDP2: the flags are checked before any process group starts, and an error on one rank
     stops every rank with one message.
     """
     def setup_and_train(ctx: distributed.DistributedContext) -> Path:
         session = setup_sft(config, ctx)
+        session.after_step = after_step
         train_sft(session)
         return session.run_dir
 
