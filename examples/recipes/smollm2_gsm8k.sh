@@ -29,6 +29,11 @@ else
 fi                                          # SFT_EXAMPLES: the seeded training subset; SFT_STEPS= : one pass over it
 RL_QUESTIONS=${RL_QUESTIONS:-all}           # all: GSM8K's training split; easy: its one- and two-step questions (2,674)
 GRPO_STEPS=${GRPO_STEPS:-1}                 # one step: up to 3 draws of 4 questions x 8 samples, 6 minutes at load 4.6
+GRPO_QUESTIONS=${GRPO_QUESTIONS:-4}         # questions a draw; GRPO_GROUP samples each
+GRPO_GROUP=${GRPO_GROUP:-8}
+GRPO_LR=${GRPO_LR:-2e-5}
+GRPO_RECIPE=${GRPO_RECIPE:-}                # e.g. dr_grpo: a constant per-token weight, so long unformatted rollouts weigh what short ones do
+GRPO_KL=${GRPO_KL:-0}                       # k3 KL to the SFT weights (a reference copy of the model is kept)
 REASONTUNE=${REASONTUNE:-python3 -m reasontune}
 
 mkdir -p "$RUNS"
@@ -115,10 +120,11 @@ stage_grpo() {
     # on the groups whose rewards differ.
     timed grpo $REASONTUNE grpo --model "$RUNS/sft/final" $(rl_data) \
         --dynamic-sampling --dynamic-sampling-max-tries 3 \
-        --n-grpo-steps "$GRPO_STEPS" --rollout-batch-size 32 --group-size 8 \
-        --train-batch-size 32 --gradient-accumulation-steps 4 --learning-rate 2e-5 \
-        --sampling-temperature 0.8 --sampling-max-tokens 256 --generation-batch-size 32 --eval-examples 0 --save-every 1 \
-        --num-threads "$THREADS" --output-dir "$out" $(resume_flag "$out")
+        --n-grpo-steps "$GRPO_STEPS" --rollout-batch-size $(( GRPO_QUESTIONS * GRPO_GROUP )) --group-size "$GRPO_GROUP" \
+        --train-batch-size $(( GRPO_QUESTIONS * GRPO_GROUP )) --gradient-accumulation-steps "$GRPO_QUESTIONS" \
+        --learning-rate "$GRPO_LR" ${GRPO_RECIPE:+--recipe "$GRPO_RECIPE"} --kl-coef "$GRPO_KL" \
+        --sampling-temperature 0.8 --sampling-max-tokens 256 --generation-batch-size $(( GRPO_QUESTIONS * GRPO_GROUP )) \
+        --eval-examples 0 --save-every 1 --num-threads "$THREADS" --output-dir "$out" $(resume_flag "$out")
 }
 
 stage_eval_grpo() { evaluate grpo "$RUNS/grpo/final"; }
