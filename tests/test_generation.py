@@ -391,8 +391,10 @@ def test_generation_memory_grows_with_the_kv_cache_not_the_vocabulary():
     # x 4 bytes = 4 KiB; over the 1408 extra tokens 5.5 MiB. Each token also keeps, per row, two Python floats in
     # lists (log-prob, entropy: 2 x 32 bytes), a token id (~36 bytes) and the step's tensors that grow with the
     # sequence (attention mask, positions): measured here 8-10 MiB besides the cache over these 1408 tokens, with
-    # the allocator's rounding. Bound: three times the KV cache's growth plus 4 MiB. Keeping anything of vocabulary
+    # the allocator's rounding, and 10.5-20.2 MiB in other runs (2026-12-04: 16.0-25.7 MiB in all, varying from run
+    # to run with no code change between, most with other jobs on the machine). Bound: three times the KV cache's
+    # growth plus 16 MiB (32.5 MiB here), over 100 times under the leak below. Keeping anything of vocabulary
     # size per step would add 8 rows x 151,936 x 4 bytes = 4.6 MiB a step, 6.5 GiB in all (a planted leak of one
     # step's logits measured 4.3 GiB), far past the bound.
     kv_growth = 2 * 2 * rows * 2 * 16 * 4 * (long - short)
-    assert extra <= 3 * kv_growth + 4 * 2**20, f"memory grew {extra / 2**20:.1f} MiB, KV cache {kv_growth / 2**20:.1f} MiB"
+    assert extra <= 3 * kv_growth + 16 * 2**20, f"memory grew {extra / 2**20:.1f} MiB, KV cache {kv_growth / 2**20:.1f} MiB"
