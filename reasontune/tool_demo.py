@@ -22,9 +22,11 @@ Stages, each timed (wall and CPU seconds, sandbox processes included):
    the model's "output" is then its own guess.
 2. The held-out questions answered with the ``python`` environment (each program in a fresh
    sandbox), under the same total token budget.
-3. GRPO from the SFT weights with ``env="python"``: rollouts are tool trajectories, the loss
-   covers the model's tokens only; its final evaluation is with the tool, and the GRPO weights
-   are then evaluated without it.
+3. GRPO with ``env="python"`` from the SFT step nearest ``TOOL_START_TARGET`` greedy accuracy
+   with the tool on the selection traces (``StartPicker``; from the SFT's end every group is
+   all right and GRPO has no signal): rollouts are tool trajectories, the loss covers the
+   model's tokens only; the held-out set is evaluated with the tool before and after it, and
+   the GRPO weights then without it.
 """
 
 from __future__ import annotations

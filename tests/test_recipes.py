@@ -125,12 +125,16 @@ def test_recipe_script_passes_each_modes_data_and_records_cpu_minutes(tmp_path, 
     flag = lambda command, name: command[command.index(name) + 1]
     if traces == "compact":
         assert flag(sft, "--train-data") == str(runs / "data" / "train_compact.jsonl") and "--prompt-template" not in sft
-        assert (flag(sft, "--batch-size"), flag(sft, "--learning-rate"), flag(sft, "--max-steps")) == ("4", "1e-4", "40")
+        assert (flag(sft, "--batch-size"), flag(sft, "--learning-rate"), flag(sft, "--max-steps")) == ("4", "1e-4", "160")
         assert flag(grpo, "--train-data") == str(runs / "data" / "train_easy.jsonl") and "--prompt-template" not in grpo
     else:
         assert flag(sft, "--train-data") == str(gsm8k / "train.jsonl") and flag(sft, "--prompt-template").endswith(".prompt")
         assert (flag(sft, "--batch-size"), flag(sft, "--learning-rate"), flag(sft, "--max-steps")) == ("8", "2e-4", "44")
         assert flag(grpo, "--train-data") == str(gsm8k / "train.jsonl")
+    # the published GRPO stage: 4 questions x 16 a draw, Dr. GRPO's constant token weight, KL to the SFT weights
+    assert (flag(grpo, "--group-size"), flag(grpo, "--rollout-batch-size"), flag(grpo, "--recipe"),
+            flag(grpo, "--kl-coef"), flag(grpo, "--n-grpo-steps")) == ("16", "64", "dr_grpo", "0.05", "4")
+    assert flag(sft, "--save-total-limit") == flag(grpo, "--save-total-limit") == "2"  # 2.2 GB a SmolLM2 checkpoint
     rows = [line.split("\t") for line in (runs / "minutes.tsv").read_text().splitlines()]
     assert [row[0] for row in rows] == ["sft", "grpo"] and all(len(row) == 4 for row in rows)
     assert all(float(row[3]) >= 0.0 for row in rows)  # CPU minutes of `echo`: 0.0 after rounding
