@@ -48,8 +48,8 @@ from reasontune.generation import SamplingOptions, build_generator
 from reasontune.modeling import load_model, load_tokenizer
 from reasontune.rewards import r1_zero_reward_fn
 from reasontune.rollouts import rollouts_for_examples, write_jsonl
-from reasontune.tokenization import pad_token_id_of
 from reasontune.run_layout import FINAL_DIR, eval_summaries
+from reasontune.tokenization import pad_token_id_of
 from reasontune.training.grpo import GRPOConfig, run_grpo
 from reasontune.training.sft import run_sft, tokenize_examples
 
