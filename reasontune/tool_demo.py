@@ -49,7 +49,7 @@ from reasontune.modeling import load_model, load_tokenizer
 from reasontune.rewards import r1_zero_reward_fn
 from reasontune.rollouts import rollouts_for_examples, write_jsonl
 from reasontune.run_layout import FINAL_DIR, eval_summaries
-from reasontune.tokenization import pad_token_id_of
+from reasontune.tokenization import pad_and_shift_segments, pad_token_id_of
 from reasontune.training.grpo import GRPOConfig, run_grpo
 from reasontune.training.sft import run_sft, tokenize_examples
 
@@ -176,42 +176,42 @@ class StartPicker:
 
     def __init__(self, selection: Path, target: float, directory: Path, curve: Path):
         self.examples, self.target, self.directory, self.curve = load_examples(str(selection)).examples, target, directory, curve
-        self.batch: tuple[torch.Tensor, torch.Tensor, list[list[tuple[int, int, int]]]] | None = None
+        self.batch: tuple[dict[str, torch.Tensor], list[int]] | None = None  # padded rows, each row's trace
         self.step, self.accuracy, self.history, self.done = 0, float("nan"), [], False
 
     def _tokenise(self, tokenizer, template: str) -> None:
         data = tokenize_examples(self.examples, tokenizer, template, max_length=None)
         if len(data.prompt_ids) != len(self.examples) or len(self.examples) % 2:
             raise ValueError(f"{len(self.examples)} selection turns, {len(data.prompt_ids)} tokenised: expected two a trace")
-        rows, traces = [], []  # traces: per trace, the (row, start, end) of each model turn's tokens
-        for first in range(0, len(self.examples), 2):
-            turns = []
-            for i in (first, first + 1):
-                prompt, output = data.prompt_ids[i], data.output_ids[i]
-                if rows and i == first + 1 and prompt[: len(rows[-1])] == rows[-1]:
-                    rows[-1] = prompt + output  # the second pair continues the first: one row for both
-                else:
-                    rows.append(prompt + output)
-                turns.append((len(rows) - 1, len(prompt), len(prompt) + len(output)))
-            traces.append(turns)
-        ids = torch.full((len(rows), max(map(len, rows))), pad_token_id_of(tokenizer), dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for row, sequence in enumerate(rows):
-            ids[row, : len(sequence)], mask[row, : len(sequence)] = torch.tensor(sequence), 1
-        self.batch = (ids, mask, traces)
+        prompts, segments, trained, traces = [], [], [], []  # traces: the trace of each row
+        for trace, first in enumerate(range(0, len(self.examples), 2)):
+            (p1, p2), (o1, o2) = data.prompt_ids[first: first + 2], data.output_ids[first: first + 2]
+            if p2[: len(p1) + len(o1)] == p1 + o1:  # the second pair continues the first: one row, the output untrained
+                rows = [(p1, [o1, p2[len(p1) + len(o1):], o2], [True, False, True])]
+            else:
+                rows = [(p1, [o1], [True]), (p2, [o2], [True])]
+            for prompt, row_segments, row_trained in rows:
+                prompts.append(prompt)
+                segments.append(row_segments)
+                trained.append(row_trained)
+                traces.append(trace)
+        self.batch = (pad_and_shift_segments(prompts, segments, trained, pad_token_id_of(tokenizer)), traces)
 
     def trace_matches(self, model, tokenizer, template: str) -> list[bool]:
         """Returns, for each selection trace, whether its every model-turn token is ``model``'s argmax given its prefix."""
         if self.batch is None:
             self._tokenise(tokenizer, template)
-        ids, mask, traces = self.batch
+        batch, traces = self.batch
         was_training = model.training
         model.eval()
-        with torch.no_grad():
-            predicted = model(input_ids=ids, attention_mask=mask).logits.argmax(dim=-1)
+        with torch.no_grad():  # right padding: a causal model's positions never see the pads after them
+            predicted = model(input_ids=batch["input_ids"]).logits.argmax(dim=-1)
         model.train(was_training)
-        return [all(torch.equal(predicted[row, start - 1: end - 1], ids[row, start:end]) for row, start, end in turns)
-                for turns in traces]
+        rows_right = ((predicted == batch["labels"]) | ~batch["response_mask"]).all(dim=1).tolist()
+        matches = [True] * (traces[-1] + 1)
+        for trace, right in zip(traces, rows_right):
+            matches[trace] = matches[trace] and right
+        return matches
 
     def accuracy_of(self, model, tokenizer, template: str) -> float:
         matches = self.trace_matches(model, tokenizer, template)
